@@ -1,0 +1,39 @@
+"""tracekit: interpretability data from Hugging Face causal language models.
+
+Every CLI verb is also a Python call; names are imported lazily so ``import tracekit`` stays
+fast and does not pull in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    "LayerSpec": "tracekit.config.types",
+    "Normalization": "tracekit.config.types",
+    "parse_layers_arg": "tracekit.config.types",
+    "TracekitError": "tracekit.errors",
+    "ModelConfig": "tracekit.models.loading",
+    "load_model": "tracekit.models.loading",
+    "LayerTaps": "tracekit.models.capture",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tracekit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["__version__", *sorted(_LAZY)]

@@ -1,0 +1,103 @@
+"""Shared CLI plumbing: options declared once, and building configs from the click context.
+
+Options are ``Annotated`` aliases so help texts agree across commands. ``build_config``
+is the single place where CLI > config file > defaults is applied: only options the user
+actually typed (click's parameter source) override the file; parser defaults never do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from tracekit.config.base import TracekitConfig, resolve_config
+
+ConfigT = TypeVar("ConfigT", bound=TracekitConfig)
+
+# names of click's ParameterSource members that mean "the user gave it"
+_EXPLICIT = frozenset({"COMMANDLINE", "ENVIRONMENT", "PROMPT"})
+
+
+def explicit_params(ctx: typer.Context) -> dict[str, Any]:
+    """The parameters of ``ctx`` that the user gave (command line or environment)."""
+    return {
+        name: value
+        for name, value in ctx.params.items()
+        if getattr(ctx.get_parameter_source(name), "name", None) in _EXPLICIT
+    }
+
+
+def build_config(
+    ctx: typer.Context, cls: type[ConfigT], section: str | None = None, **derived: Any
+) -> ConfigT:
+    """Config ``cls`` from explicit CLI options > ``--config`` file > ``cls`` defaults.
+
+    ``derived`` holds values the command computed from explicit options (e.g. a parsed pair);
+    they count as CLI values. The file section defaults to the command's name.
+    """
+    values = explicit_params(ctx)
+    values.update(derived)
+    config_file = ctx.params.get("config")
+    return resolve_config(cls, values, config_file, section or ctx.info_name)
+
+
+# --- options shared by several commands ----------------------------------------------------
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="YAML, TOML or JSON file supplying any option of this command "
+        "(a [command] table or flat keys); flags on the command line override it.",
+        dir_okay=False,
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "--gen-model",
+        help="Hugging Face hub id or local model folder. Default: the embedded "
+        "SmolLM2-135M-Instruct (no download).",
+    ),
+]
+LayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layers",
+        help="Layers like '0-5', '2,5,10', '0-2,10,15-17' or 'all'. Layer 0 is the embedding "
+        "output; layer i is the residual stream after decoder block i-1.",
+    ),
+]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", help="Rows per forward pass (positive).", min=1)
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Overwrite existing outputs / redo finished work.")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Show what would be done; write nothing.")
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the result as JSON on stdout instead of a table.")
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Device: auto, cpu, cuda, cuda:N or mps.")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="'auto' spreads a model too large for one device over all devices (accelerate).",
+    ),
+]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
+ExperimentOpt = Annotated[
+    str, typer.Option("--experiment", help="Experiment name: outputs go to experiments/EXP/.")
+]

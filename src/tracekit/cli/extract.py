@@ -1,0 +1,17 @@
+"""`tracekit extract`: a group of stage-2/3 commands, each defined in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from . import extract_activations, extract_features
+
+
+def register(app: typer.Typer) -> None:
+    extract_app = typer.Typer(
+        help="Activations for saved responses, trait vectors, and sentence feature files.",
+        no_args_is_help=True,
+    )
+    extract_activations.register(extract_app)
+    extract_features.register(extract_app)
+    app.add_typer(extract_app, name="extract")

