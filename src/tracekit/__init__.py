@@ -20,6 +20,8 @@ _LAZY: dict[str, str] = {
     "ModelConfig": "tracekit.models.loading",
     "load_model": "tracekit.models.loading",
     "LayerTaps": "tracekit.models.capture",
+    "save_generations_to_cache": "tracekit.storage.generation_cache",
+    "load_generations_from_cache": "tracekit.storage.generation_cache",
 }
 
 

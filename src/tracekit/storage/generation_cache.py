@@ -1,0 +1,345 @@
+"""The generation cache: ``<stem>_{completions,full_texts}.npy`` + JSON + Markdown + metadata.
+
+A cache is named by its *stem path*, e.g. ``experiments/m/generations/x/all/n1374_t1.0_maxtok100``;
+its files are ``<stem>_completions.npy``, ``<stem>_full_texts.npy`` (fixed-width unicode arrays,
+readable without pickle), their ``.json`` (a JSON array of strings) and ``.md`` renderings, and
+``<stem>_metadata.json``. Every file is written atomically, and the metadata file last, so a
+cache whose metadata exists is complete.
+
+This module owns the on-disk format (writing, reading, rendering); ``tracekit.storage.decode``
+walks a tree of caches and renders the ones that lack JSON/Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from tracekit.errors import InputError, UnsafeInputError
+from tracekit.storage.atomic import save_npy, write_json, write_text
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["completions", "full_texts"]
+KINDS: tuple[Kind, ...] = ("completions", "full_texts")
+RENDER_FORMATS = ("json", "md")
+
+# the markdown title and per-item heading of each kind (seed 001's shape)
+_MD_TITLES: dict[str, tuple[str, str]] = {
+    "completions": ("Completions Only", "Completion"),
+    "full_texts": ("Full Texts", "Full Text"),
+}
+# metadata keys that name the generating model / the generation time, first match wins
+# (older caches used other spellings)
+_MODEL_KEYS = ("model", "model_name", "gen_model", "model_id")
+_TIME_KEYS = ("generated", "generated_at", "timestamp", "created_at", "date")
+_SUFFIXES = (
+    "_completions.npy",
+    "_full_texts.npy",
+    "_completions.json",
+    "_full_texts.json",
+    "_completions.md",
+    "_full_texts.md",
+    "_metadata.json",
+)
+
+
+@dataclass(frozen=True)
+class CacheFiles:
+    """The paths of one generation cache, derived from its stem path."""
+
+    stem: Path
+
+    @classmethod
+    def of(cls, cache_path: str | os.PathLike[str]) -> CacheFiles:
+        """Files of the cache at ``cache_path``: its stem, or the path of any of its files."""
+        text = os.fspath(cache_path)
+        for suffix in _SUFFIXES:
+            if text.endswith(suffix):
+                text = text[: -len(suffix)]
+                break
+        return cls(Path(text))
+
+    def npy(self, kind: Kind) -> Path:
+        return self.stem.with_name(f"{self.stem.name}_{kind}.npy")
+
+    def rendered(self, kind: Kind, fmt: str) -> Path:
+        return self.stem.with_name(f"{self.stem.name}_{kind}.{fmt}")
+
+    @property
+    def metadata(self) -> Path:
+        return self.stem.with_name(f"{self.stem.name}_metadata.json")
+
+
+def kind_of(npy_path: Path) -> Kind:
+    """``completions`` or ``full_texts`` for a cache ``.npy`` file name."""
+    for kind in KINDS:
+        if npy_path.name.endswith(f"_{kind}.npy"):
+            return kind
+    raise InputError(
+        f"{npy_path} is not a generation cache file",
+        "cache files end in _completions.npy or _full_texts.npy",
+    )
+
+
+# --- rendering ------------------------------------------------------------------------------
+def model_name(metadata: Mapping[str, Any]) -> str:
+    """The generating model recorded in ``metadata`` ("unknown" when absent)."""
+    for key in _MODEL_KEYS:
+        if metadata.get(key):
+            return str(metadata[key])
+    return "unknown"
+
+
+def generated_time(metadata: Mapping[str, Any]) -> str:
+    """The generation time recorded in ``metadata`` ("unknown" when absent)."""
+    for key in _TIME_KEYS:
+        if metadata.get(key):
+            return str(metadata[key])
+    return "unknown"
+
+
+def render_markdown(
+    kind: Kind, items: Sequence[str], metadata: Mapping[str, Any], total: int | None = None
+) -> str:
+    """Markdown in seed 001's shape: title, **Model:**, **Generated:**, **Count:**, sections.
+
+    ``items`` are the items to show (already limited); ``total`` is how many the cache holds.
+    """
+    title, heading = _MD_TITLES[kind]
+    total = len(items) if total is None else total
+    lines = [
+        f"# {title}",
+        "",
+        f"**Model:** {model_name(metadata)}",
+        f"**Generated:** {generated_time(metadata)}",
+        f"**Count:** {len(items)} (showing first {len(items)} of {total})",
+        "",
+        "---",
+        "",
+    ]
+    for number, text in enumerate(items, start=1):
+        lines += [f"## {heading} {number}", "", text, "", "---", ""]
+    return "\n".join(lines)
+
+
+def render_json(items: Sequence[str]) -> str:
+    """A JSON array of the items, indented, non-ASCII kept readable."""
+    return json.dumps(list(items), indent=2, ensure_ascii=False) + "\n"
+
+
+def render(
+    kind: Kind,
+    fmt: str,
+    items: Sequence[str],
+    metadata: Mapping[str, Any],
+    total: int | None = None,
+) -> str:
+    """The ``fmt`` (``json`` or ``md``) rendering of ``items``."""
+    if fmt == "json":
+        return render_json(items)
+    if fmt == "md":
+        return render_markdown(kind, items, metadata, total)
+    raise ValueError(f"unknown render format {fmt!r}: use 'json' or 'md'")
+
+
+# --- writing --------------------------------------------------------------------------------
+def _text_array(name: str, values: Iterable[str]) -> np.ndarray:
+    import numpy as np
+
+    items = list(values)
+    bad = next((i for i, v in enumerate(items) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise InputError(
+            f"{name}[{bad}] is {type(items[bad]).__name__}, not str",
+            "pass a sequence of strings",
+        )
+    # fixed-width unicode ('<U'): loads without pickle; an empty list still gets a text dtype
+    return np.array(items, dtype=str) if items else np.array([], dtype="<U1")
+
+
+def save_generations_to_cache(
+    cache_path: str | os.PathLike[str],
+    full_texts: Sequence[str],
+    completions: Sequence[str],
+    metadata: Mapping[str, Any],
+    *,
+    formats: Iterable[str] = RENDER_FORMATS,
+    limit: int | None = None,
+) -> CacheFiles:
+    """Write a generation cache at stem path ``cache_path`` and return its file paths.
+
+    Writes ``<stem>_full_texts.npy`` and ``<stem>_completions.npy`` (fixed-width unicode, no
+    pickle), their ``.json`` / ``.md`` renderings for each of ``formats`` (the first ``limit``
+    items; all when ``None``), then ``<stem>_metadata.json``. ``cache_path`` may also be the
+    path of one of the cache's files (``..._completions.npy``). Metadata gets ``count`` and,
+    when missing, ``generated`` (local time, ``YYYY-MM-DD HH:MM:SS``). Each file is written
+    atomically and the metadata last; nothing is written when an argument is invalid.
+    """
+    files = CacheFiles.of(cache_path)
+    wanted = list(formats)
+    unknown = [f for f in wanted if f not in RENDER_FORMATS]
+    if unknown:
+        raise ValueError(f"unknown render format {unknown[0]!r}: use 'json' and/or 'md'")
+    if limit is not None and limit < 1:
+        raise ValueError("limit must be a positive number of items")
+    arrays = {
+        "full_texts": _text_array("full_texts", full_texts),
+        "completions": _text_array("completions", completions),
+    }
+    if len(arrays["full_texts"]) != len(arrays["completions"]):
+        raise InputError(
+            f"full_texts has {len(arrays['full_texts'])} items but completions has "
+            f"{len(arrays['completions'])}",
+            "pass one full text per completion",
+        )
+    meta = dict(metadata)
+    meta["count"] = len(arrays["completions"])
+    if not any(meta.get(key) for key in _TIME_KEYS):
+        meta["generated"] = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"metadata for {files.stem} cannot be written as JSON: {exc}",
+            "use str, int, float, bool, list and dict values only",
+        ) from None
+    for kind in KINDS:
+        save_npy(files.npy(kind), arrays[kind])
+    for kind in KINDS:
+        items = arrays[kind].tolist()
+        shown = items if limit is None else items[:limit]
+        for fmt in wanted:
+            write_text(files.rendered(kind, fmt), render(kind, fmt, shown, meta, len(items)))
+    write_json(files.metadata, meta)
+    logger.debug("saved generation cache %s (%d items)", files.stem, meta["count"])
+    return files
+
+
+# --- reading --------------------------------------------------------------------------------
+def read_text_array(
+    path: Path, *, limit: int | None = None, allow_pickle: bool = False
+) -> tuple[list[str], int]:
+    """The first ``limit`` strings of a cache ``.npy`` (all if ``None``) and its item count.
+
+    Fixed-width text arrays are memory-mapped, so ``limit`` reads only what it shows. Object
+    arrays (old caches) need pickle, which executes code from the file: they raise
+    :class:`UnsafeInputError` unless ``allow_pickle``.
+    """
+    import numpy as np
+
+    if not path.is_file():
+        raise InputError(f"cache file not found: {path}", "check the cache path")
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _fortran, dtype = read_header(handle)
+    except (ValueError, EOFError, OSError) as exc:
+        raise InputError(
+            f"cannot read {path}: not a valid .npy file ({_first_line(exc)})",
+            "regenerate the cache or remove the file",
+        ) from None
+    if len(shape) != 1:
+        raise InputError(
+            f"{path} holds an array of shape {tuple(shape)}, not a list of texts",
+            "a generation cache holds one text per item",
+        )
+    if dtype.hasobject and not allow_pickle:
+        raise UnsafeInputError(
+            f"{path} is an old cache saved as a pickled object array; loading it would "
+            "execute code from the file",
+            "pass --allow-pickle (allow_pickle=True) only if you trust where the file came from",
+        )
+    if not dtype.hasobject and dtype.kind not in ("U", "S"):
+        raise InputError(
+            f"{path} holds {dtype} values, not texts", "a generation cache holds strings"
+        )
+    try:
+        if dtype.hasobject:
+            array = np.load(path, allow_pickle=True)
+        else:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        total = int(array.shape[0])
+        chosen = array if limit is None else array[:limit]
+        items = [_as_text(v) for v in chosen.tolist()]
+    except (ValueError, EOFError, OSError) as exc:
+        raise InputError(
+            f"cannot read {path}: the file is truncated or corrupt ({_first_line(exc)})",
+            "regenerate the cache or remove the file",
+        ) from None
+    except Exception as exc:  # unpickling failures come in every type
+        raise InputError(
+            f"cannot read {path}: {type(exc).__name__}: {_first_line(exc)}",
+            "regenerate the cache or remove the file",
+        ) from None
+    return items, total
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else str(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_metadata(files: CacheFiles) -> dict[str, Any]:
+    """The cache's metadata; a clear :class:`InputError` when missing or malformed."""
+    path = files.metadata
+    if not path.is_file():
+        raise InputError(
+            f"metadata file missing: {path}",
+            "every cache needs <stem>_metadata.json next to its .npy files "
+            '(at least {"model": ...}); regenerate the cache or write it by hand',
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"metadata file {path} is not valid JSON ({_first_line(exc)})",
+            "fix or regenerate the metadata file",
+        ) from None
+    if not isinstance(data, dict):
+        raise InputError(
+            f"metadata file {path} must hold a JSON object, not {type(data).__name__}",
+            "fix or regenerate the metadata file",
+        )
+    return data
+
+
+def load_generations_from_cache(
+    cache_path: str | os.PathLike[str], *, allow_pickle: bool = False
+) -> tuple[list[str], list[str], dict[str, Any]]:
+    """``(full_texts, completions, metadata)`` of the cache at stem path ``cache_path``.
+
+    Reads the ``.npy`` files (the source of truth; JSON/Markdown are for people). Old caches
+    saved as object arrays are refused unless ``allow_pickle=True``, which executes code from
+    the file.
+    """
+    files = CacheFiles.of(cache_path)
+    metadata = read_metadata(files)
+    full_texts, _ = read_text_array(files.npy("full_texts"), allow_pickle=allow_pickle)
+    completions, _ = read_text_array(files.npy("completions"), allow_pickle=allow_pickle)
+    count = metadata.get("count")
+    if isinstance(count, int) and count != len(completions):
+        logger.warning(
+            "%s: metadata says %d items but the cache holds %d", files.stem, count, len(completions)
+        )
+    return full_texts, completions, metadata
