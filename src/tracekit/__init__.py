@@ -22,6 +22,8 @@ _LAZY: dict[str, str] = {
     "LayerTaps": "tracekit.models.capture",
     "save_generations_to_cache": "tracekit.storage.generation_cache",
     "load_generations_from_cache": "tracekit.storage.generation_cache",
+    "decode": "tracekit.storage.decode",
+    "DecodeConfig": "tracekit.storage.decode",
 }
 
 

@@ -1,11 +1,108 @@
-"""`tracekit decode` (placeholder until its issue lands)."""
+"""`tracekit decode`: cached generation ``.npy`` files -> JSON and Markdown (seeds 000/001)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
 import typer
 
-from ._stub import stub_command
+from tracekit.console import err_console, out_console
+from tracekit.storage.decode import DecodeFormat
+
+from ._common import ConfigOpt, DryRunOpt, ForceOpt, JsonOpt, build_config
+
+if TYPE_CHECKING:
+    from tracekit.storage.decode import DecodedFile, DecodeResult
+
+_STYLE = {"decoded": "green", "would-decode": "cyan", "skipped": "yellow", "failed": "bold red"}
+
+
+def _print_file(outcome: DecodedFile) -> None:
+    from rich.markup import escape
+
+    style = _STYLE[outcome.status]
+    label = f"[{style}]{outcome.status:<12}[/]"
+    if outcome.status == "failed":
+        err_console.print(f"{label} {escape(outcome.error or '')}", highlight=False)
+        return
+    if outcome.status == "skipped":
+        note = "outputs exist (--force to redo)"
+    else:
+        note = f"{outcome.items} of {outcome.total} items"
+    outputs = ", ".join(p.name for p in outcome.outputs)
+    err_console.print(
+        f"{label} {escape(str(outcome.source))} -> {escape(outputs)} ({note})", highlight=False
+    )
+
+
+def _print_summary(result: DecodeResult, dry_run: bool) -> None:
+    from rich.table import Table
+
+    table = Table(title="decode summary (dry run: nothing written)" if dry_run else "decode")
+    table.add_column("decoded" if not dry_run else "would decode", justify="right")
+    table.add_column("skipped (already exist)", justify="right")
+    table.add_column("failed", justify="right")
+    table.add_column("total processed", justify="right")
+    processed = result.decoded + result.skipped
+    table.add_row(
+        str(result.decoded), str(result.skipped), str(result.failed), f"{processed}/{result.total}"
+    )
+    out_console.print(table)
 
 
 def register(app: typer.Typer) -> None:
-    stub_command(app, "decode", "Decode cached generation .npy files into JSON and Markdown.")
+    @app.command("decode")
+    def decode_command(
+        ctx: typer.Context,
+        base_dir: Annotated[
+            Path,
+            typer.Option(
+                "--base-dir",
+                help="Folder searched for caches (experiments/<model>/...).",
+                file_okay=False,
+            ),
+        ] = Path("experiments"),
+        model: Annotated[
+            str | None,
+            typer.Option(
+                "--model", help="Only caches under BASE_DIR/MODEL (first folder under base dir)."
+            ),
+        ] = None,
+        limit: Annotated[
+            int | None,
+            typer.Option("--limit", min=1, help="Render only the first N items of each file."),
+        ] = None,
+        format: Annotated[
+            DecodeFormat, typer.Option("--format", help="Outputs to write: json, md or both.")
+        ] = DecodeFormat.both,
+        allow_pickle: Annotated[
+            bool,
+            typer.Option(
+                "--allow-pickle",
+                help="Read old caches saved as pickled object arrays. Unpickling EXECUTES CODE "
+                "from the file: use only on files you trust.",
+            ),
+        ] = False,
+        dry_run: DryRunOpt = False,
+        force: ForceOpt = False,
+        json_output: JsonOpt = False,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Decode cached generation .npy files into JSON and Markdown."""
+        from tracekit.errors import InputError
+        from tracekit.storage.decode import DecodeConfig, decode
+
+        cfg = build_config(ctx, DecodeConfig)
+        result = decode(cfg, on_file=None if json_output else _print_file)
+        if json_output:
+            payload = {**result.summary(), "files": [f.as_dict() for f in result.files]}
+            out_console.print_json(json.dumps(payload))
+        else:
+            _print_summary(result, cfg.dry_run)
+        if result.failed:
+            raise InputError(
+                f"{result.failed} of {result.total} cache files could not be decoded",
+                "see the 'failed' lines above; nothing was written for those files",
+            )

@@ -1,0 +1,193 @@
+"""The ``decode`` job: render every cached generation ``.npy`` under a tree as JSON / Markdown.
+
+Finds ``*_completions.npy`` and ``*_full_texts.npy`` under ``base_dir`` (optionally only under
+``base_dir/<model>``), reads each without pickle (unless allowed), and writes
+``<same name>.json`` and/or ``.md`` in seed 001's shape next to it. A file's renderings are
+built in memory before anything is written, and each is written atomically, so a bad input
+leaves no partial output. A file that cannot be decoded is reported and the job goes on with
+the others; the result says which failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from tracekit.config.base import TracekitConfig
+from tracekit.errors import InputError, TracekitError
+from tracekit.storage.atomic import write_text
+from tracekit.storage.generation_cache import (
+    KINDS,
+    CacheFiles,
+    kind_of,
+    read_metadata,
+    read_text_array,
+    render,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeFormat(StrEnum):
+    """Which renderings ``decode`` writes."""
+
+    json = "json"
+    md = "md"
+    both = "both"
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        return ("json", "md") if self is DecodeFormat.both else (self.value,)
+
+
+class DecodeConfig(TracekitConfig):
+    """Options of ``tracekit decode``."""
+
+    base_dir: Path = Path("experiments")
+    model: str | None = None
+    limit: Annotated[int, Field(ge=1, description="items rendered per file")] | None = None
+    format: DecodeFormat = DecodeFormat.both
+    dry_run: bool = False
+    force: bool = False
+    allow_pickle: bool = False
+
+
+Status = Literal["decoded", "skipped", "would-decode", "failed"]
+
+
+@dataclass(frozen=True)
+class DecodedFile:
+    """What happened to one cache ``.npy`` file."""
+
+    source: Path
+    status: Status
+    outputs: tuple[Path, ...] = ()
+    items: int = 0
+    total: int = 0
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "source": str(self.source),
+            "status": self.status,
+            "outputs": [str(p) for p in self.outputs],
+            "items": self.items,
+            "total": self.total,
+            "error": self.error,
+        }
+
+
+@dataclass
+class DecodeResult:
+    """Per-file outcomes of a ``decode`` run, in the order the files were found."""
+
+    files: list[DecodedFile] = field(default_factory=list)
+
+    def count(self, status: Status) -> int:
+        return sum(1 for f in self.files if f.status == status)
+
+    @property
+    def decoded(self) -> int:
+        return self.count("decoded") + self.count("would-decode")
+
+    @property
+    def skipped(self) -> int:
+        return self.count("skipped")
+
+    @property
+    def failed(self) -> int:
+        return self.count("failed")
+
+    @property
+    def total(self) -> int:
+        return len(self.files)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "decoded": self.decoded,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "total": self.total,
+        }
+
+
+def find_cache_files(base_dir: Path, model: str | None = None) -> list[Path]:
+    """Every cached ``*_completions.npy`` / ``*_full_texts.npy`` under ``base_dir``, sorted.
+
+    ``model`` keeps only files whose first path component under ``base_dir`` is ``model``.
+    """
+    if not base_dir.is_dir():
+        raise InputError(
+            f"base directory not found: {base_dir}",
+            "pass --base-dir pointing at the folder that holds <model>/generations/...",
+        )
+    root = base_dir / model if model else base_dir
+    found = sorted(
+        path
+        for kind in KINDS
+        for path in (root.rglob(f"*_{kind}.npy") if root.is_dir() else [])
+        if path.is_file() and not path.name.startswith(".tmp-")
+    )
+    if not found:
+        where = f"{root}" if model is None else f"{base_dir} for model '{model}'"
+        models = sorted(p.name for p in base_dir.iterdir() if p.is_dir()) if model else []
+        hint = (
+            f"models found there: {', '.join(models)}"
+            if models
+            else "generate first, or point --base-dir at the experiments folder"
+        )
+        raise InputError(
+            f"no cached generations (*_completions.npy, *_full_texts.npy) under {where}", hint
+        )
+    return found
+
+
+def decode_file(source: Path, config: DecodeConfig) -> DecodedFile:
+    """Render one cache ``.npy`` file; raises a :class:`TracekitError` when it cannot."""
+    kind = kind_of(source)
+    files = CacheFiles.of(source)
+    targets = [files.rendered(kind, ext) for ext in config.format.extensions]
+    todo = targets if config.force else [p for p in targets if not p.exists()]
+    if not todo:
+        return DecodedFile(source, "skipped", tuple(targets))
+    metadata = read_metadata(files)
+    items, total = read_text_array(source, limit=config.limit, allow_pickle=config.allow_pickle)
+    # render everything before writing anything: a failure leaves no partial output
+    rendered = {path: render(kind, path.suffix[1:], items, metadata, total) for path in todo}
+    if config.dry_run:
+        return DecodedFile(source, "would-decode", tuple(todo), len(items), total)
+    for path, text in rendered.items():
+        write_text(path, text)
+    logger.debug("decoded %d of %d items of %s", len(items), total, source)
+    return DecodedFile(source, "decoded", tuple(todo), len(items), total)
+
+
+def decode(
+    config: DecodeConfig | None = None,
+    *,
+    on_file: Callable[[DecodedFile], None] | None = None,
+) -> DecodeResult:
+    """Decode every cache under ``config.base_dir`` (see the module docstring).
+
+    ``on_file`` is called after each file (for progress output). Raises :class:`InputError`
+    when there is nothing to decode; per-file problems are recorded as ``failed``.
+    """
+    config = config or DecodeConfig()
+    sources = find_cache_files(config.base_dir, config.model)
+    result = DecodeResult()
+    for source in sources:
+        try:
+            outcome = decode_file(source, config)
+        except TracekitError as exc:
+            outcome = DecodedFile(source, "failed", error=str(exc))
+            logger.debug("cannot decode %s: %s", source, exc)
+        result.files.append(outcome)
+        if on_file is not None:
+            on_file(outcome)
+    return result

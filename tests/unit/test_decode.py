@@ -1,0 +1,179 @@
+"""`tracekit decode` through the CLI: discovery, options, skipping, errors, no partial output."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tracekit
+from tracekit.storage.decode import DecodeConfig
+from tracekit.storage.generation_cache import CacheFiles, save_generations_to_cache
+
+GEMMA = "gemma/generations/benign/all/n3_t1.0_maxtok100"
+SMOL = "smol/generations/50/50_filtered/all/n2_t1.0_maxtok10"
+
+
+def flat(text: str) -> str:
+    """Output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    """Two models' caches with only npy + metadata (as written before JSON/MD existed)."""
+    base = tmp_path / "experiments"
+    save_generations_to_cache(
+        base / GEMMA,
+        ["f1", "f2", "f3"],
+        ["c1", "c2", "c3"],
+        {"model": "google/gemma", "generated": "2025-11-13 02:52:15"},
+        formats=[],
+    )
+    save_generations_to_cache(
+        base / SMOL, ["g1", "g2"], ["d1", "d2"], {"model": "smol"}, formats=[]
+    )
+    return base
+
+
+def outputs(base: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(base))
+        for p in base.rglob("*")
+        if p.suffix in (".json", ".md") and not p.name.endswith("_metadata.json")
+    )
+
+
+def test_decodes_every_cache_with_limit(cli, tree: Path):
+    result = cli("decode", "--base-dir", tree, "--limit", "2")
+    assert result.exit_code == 0, result.output
+    assert len(outputs(tree)) == 8
+    comp = json.loads((tree / f"{GEMMA}_completions.json").read_text())
+    assert comp == ["c1", "c2"]
+    md = (tree / f"{GEMMA}_full_texts.md").read_text()
+    assert md.startswith(
+        "# Full Texts\n\n**Model:** google/gemma\n**Generated:** 2025-11-13 02:52:15\n"
+        "**Count:** 2 (showing first 2 of 3)\n\n---\n\n## Full Text 1\n\nf1\n"
+    )
+    text = flat(result.output)
+    assert "decoded" in text and "(2 of 3 items)" in text
+    # the summary table: decoded / skipped / failed / total processed
+    assert "│ 4 │ 0 │ 0 │ 4/4 │" in text.replace("  ", " ")
+
+
+def test_model_filter_and_format(cli, tree: Path):
+    result = cli("decode", "--base-dir", tree, "--model", "smol", "--format", "md")
+    assert result.exit_code == 0, result.output
+    assert outputs(tree) == [f"{SMOL}_completions.md", f"{SMOL}_full_texts.md"]
+    cli("decode", "--base-dir", tree, "--model", "smol", "--format", "json")
+    assert f"{SMOL}_completions.json" in outputs(tree)
+    assert not any(o.startswith("gemma") for o in outputs(tree))
+
+
+def test_existing_outputs_are_skipped_unless_force(cli, tree: Path):
+    assert cli("decode", "--base-dir", tree).exit_code == 0
+    target = tree / f"{GEMMA}_completions.json"
+    target.write_text("[]\n")
+    result = cli("decode", "--base-dir", tree, "--json")
+    summary = json.loads(result.stdout)
+    assert (summary["decoded"], summary["skipped"], summary["total"]) == (0, 4, 4)
+    assert target.read_text() == "[]\n"
+    result = cli("decode", "--base-dir", tree, "--force", "--json")
+    assert json.loads(result.stdout)["decoded"] == 4
+    assert json.loads(target.read_text()) == ["c1", "c2", "c3"]
+
+
+def test_dry_run_writes_nothing(cli, tree: Path):
+    result = cli("decode", "--base-dir", tree, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert outputs(tree) == []
+    assert "would-decode" in result.output and "dry run: nothing written" in flat(result.output)
+
+
+def test_json_output_lists_each_file(cli, tree: Path):
+    result = cli("decode", "--base-dir", tree, "--model", "gemma", "--limit", "1", "--json")
+    data = json.loads(result.stdout)
+    assert [f["status"] for f in data["files"]] == ["decoded", "decoded"]
+    assert data["files"][0]["items"] == 1 and data["files"][0]["total"] == 3
+
+
+def test_pickled_cache_refused_then_allowed(cli, tree: Path):
+    files = CacheFiles.of(tree / SMOL)
+    np.save(files.npy("completions"), np.array(["old1", "old2"], dtype=object), allow_pickle=True)
+    result = cli("decode", "--base-dir", tree, "--model", "smol")
+    assert result.exit_code == 1
+    text = flat(result.output)
+    assert "is an old cache saved as a pickled object array" in text
+    assert "error: 1 of 2 cache files could not be decoded" in text
+    assert not files.rendered("completions", "json").exists()
+    assert not files.rendered("completions", "md").exists()
+    assert files.rendered("full_texts", "md").exists()  # the good file of the pair still decodes
+    result = cli("decode", "--base-dir", tree, "--model", "smol", "--allow-pickle")
+    assert result.exit_code == 0, result.output
+    assert json.loads(files.rendered("completions", "json").read_text()) == ["old1", "old2"]
+
+
+def test_allow_pickle_help_warns_about_code_execution(cli):
+    text = flat(cli("decode", "--help").output)
+    assert "EXECUTES CODE" in text
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate", "the file is truncated or corrupt"),
+        ("no-metadata", "metadata file missing"),
+        ("bad-metadata", "is not valid JSON"),
+    ],
+)
+def test_bad_inputs_are_one_line_and_leave_nothing(cli, tree: Path, damage: str, message: str):
+    files = CacheFiles.of(tree / GEMMA)
+    if damage == "truncate":
+        data = files.npy("completions").read_bytes()
+        files.npy("completions").write_bytes(data[:-4])
+    elif damage == "no-metadata":
+        files.metadata.unlink()
+    else:
+        files.metadata.write_text('{"model": ')
+    result = cli("decode", "--base-dir", tree, "--model", "gemma")
+    assert result.exit_code == 1
+    assert message in flat(result.output)
+    assert not files.rendered("completions", "json").exists()
+    assert not files.rendered("completions", "md").exists()
+    assert not list(tree.rglob(".tmp-*"))
+
+
+def test_no_caches_and_missing_base_dir(cli, tmp_path: Path):
+    (tmp_path / "empty" / "m").mkdir(parents=True)
+    result = cli("decode", "--base-dir", tmp_path / "empty")
+    assert result.exit_code == 1
+    assert "error: no cached generations (*_completions.npy, *_full_texts.npy) under" in flat(
+        result.output
+    )
+    result = cli("decode", "--base-dir", tmp_path / "empty", "--model", "other")
+    assert "for model 'other'" in flat(result.output)
+    assert "models found there: m" in flat(result.output)
+    result = cli("decode", "--base-dir", tmp_path / "nope")
+    assert result.exit_code == 1 and "base directory not found" in flat(result.output)
+
+
+def test_config_file_supplies_options(cli, tree: Path, tmp_path: Path):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'[decode]\nbase_dir = "{tree}"\nlimit = 1\nformat = "json"\n')
+    result = cli("decode", "--config", cfg, "--model", "gemma")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tree / f"{GEMMA}_completions.json").read_text()) == ["c1"]
+    assert not (tree / f"{GEMMA}_completions.md").exists()
+
+
+def test_bad_limit_and_format_are_usage_errors(cli, tree: Path):
+    assert cli("decode", "--base-dir", tree, "--limit", "0").exit_code == 2
+    result = cli("decode", "--base-dir", tree, "--format", "html")
+    assert result.exit_code == 2 and "html" in result.output
+    assert outputs(tree) == []
+
+
+def test_python_api_matches_cli(tree: Path):
+    result = tracekit.decode(DecodeConfig(base_dir=tree, model="smol", format="md"))
+    assert result.summary() == {"decoded": 2, "skipped": 0, "failed": 0, "total": 2}
+    assert (tree / f"{SMOL}_completions.md").exists()
