@@ -1,0 +1,196 @@
+"""The generation engine interface: what every engine takes and returns.
+
+An engine turns a batch of prompts into responses and, when asked, pooled activations captured
+*during* generation. The reference engine (:class:`tracekit.generation.hf_engine.HFEngine`)
+is a plain PyTorch decode loop over any Hugging Face causal LM; faster engines (static KV cache,
+CUDA graphs) implement the same :class:`GenerationEngine` protocol and register a name in
+:data:`ENGINES`, so ``generate``, ``log`` and the benchmark select them with one flag.
+
+Contract every engine keeps (the tests check the reference engine against it):
+
+- prompts are token ids (already templated) or strings (tokenized as-is, no special tokens
+  added); rows are left-padded and always run with an attention mask;
+- each row stops at its own eos (any id in ``stop_token_ids``) or at ``max_new_tokens``; the
+  eos token is not part of the response; ``finish_reason`` is ``"eos"`` or ``"length"``;
+- pooled activations follow the definitions in :mod:`tracekit.generation.pooling` (layer
+  numbering of README "Layer indexing"), are float32 on the CPU, shaped
+  ``[batch, n_layers, hidden]`` per pooling, and equal a teacher-forced forward over
+  prompt + response (:func:`tracekit.generation.teacher_forced.pooled_forward`) within float
+  tolerance;
+- greedy decoding (``temperature == 0`` or ``do_sample=False``) gives a row the same tokens
+  whatever else is in its batch, up to floating-point differences between batch shapes;
+- sampling draws each row from its own random generator seeded by ``row_seeds`` (the caller
+  derives them, e.g. from the run seed and a row id), so a row's random stream does not depend
+  on batch composition or order. Tokens then match across batch sizes as long as the
+  logits match to within sampling resolution; bit-identity is only promised for the same
+  batch on the same device and build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from pydantic import Field, model_validator
+
+from tracekit.config.base import TracekitConfig
+from tracekit.errors import ConfigError
+from tracekit.generation.pooling import Pooling
+
+if TYPE_CHECKING:
+    import torch
+
+    from tracekit.models.loading import LoadedModel
+
+FinishReason = Literal["eos", "length"]
+Prompt = str | Sequence[int]
+
+
+class GenerationParams(TracekitConfig):
+    """Sampling parameters shared by every engine."""
+
+    max_new_tokens: int = Field(150, ge=1, le=1_000_000)
+    temperature: float = Field(1.0, ge=0.0)
+    """0 means greedy."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    do_sample: bool | None = None
+    """None: sample when ``temperature > 0``; False forces greedy decoding."""
+    seed: int | None = None
+    """Base seed; rows without an explicit seed use ``seed + row index`` within the call."""
+
+    @model_validator(mode="after")
+    def _sampling_consistent(self) -> GenerationParams:
+        if self.do_sample and self.temperature == 0:
+            raise ValueError("do_sample=True needs temperature > 0 (temperature 0 is greedy)")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.do_sample is False or self.temperature == 0
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Which layers (tracekit numbering) to capture and how to pool them."""
+
+    layers: tuple[int, ...]
+    poolings: tuple[Pooling, ...] = (Pooling.response_avg,)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ConfigError("capture needs at least one layer")
+        if not self.poolings:
+            raise ConfigError("capture needs at least one pooling")
+
+
+@dataclass
+class GenerationOutput:
+    """What an engine returns for one batch, row order = prompt order."""
+
+    response_ids: list[list[int]]
+    """Generated tokens per row, eos excluded."""
+    texts: list[str]
+    """Decoded responses (special tokens skipped)."""
+    finish_reasons: list[FinishReason]
+    prompt_lengths: list[int]
+    """Real (unpadded) prompt length per row, in tokens."""
+    pooled: dict[Pooling, torch.Tensor] = field(default_factory=dict)
+    """Per pooling: ``[batch, n_layers, hidden]`` float32 on the CPU (empty without capture)."""
+    layers: tuple[int, ...] = ()
+    """The captured layers, in the order of the tensors' second axis."""
+
+    @property
+    def n_new_tokens(self) -> int:
+        return sum(len(ids) for ids in self.response_ids)
+
+
+@runtime_checkable
+class GenerationEngine(Protocol):
+    """A batched, padding-correct generator with optional pooled capture."""
+
+    name: str
+    loaded: LoadedModel
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        capture: CaptureSpec | None = None,
+        row_seeds: Sequence[int] | None = None,
+    ) -> GenerationOutput:
+        """Generate for ``prompts`` (one batch; the caller chooses the batch size)."""
+        ...
+
+
+ENGINES: dict[str, str] = {
+    "hf": "tracekit.generation.hf_engine:HFEngine",
+}
+"""Engine name -> ``module:Class``; the class is built as ``Class(loaded_model)``."""
+
+
+def create_engine(name: str, loaded: LoadedModel) -> GenerationEngine:
+    """Build the engine registered as ``name`` for ``loaded``."""
+    import importlib
+
+    target = ENGINES.get(name)
+    if target is None:
+        raise ConfigError(
+            f"unknown engine '{name}'", f"available engines: {', '.join(sorted(ENGINES))}"
+        )
+    module_name, _, class_name = target.partition(":")
+    engine_cls = getattr(importlib.import_module(module_name), class_name)
+    engine: GenerationEngine = engine_cls(loaded)
+    return engine
+
+
+def stop_token_ids(loaded: LoadedModel) -> list[int]:
+    """Token ids that end a row: the tokenizer's eos plus the generation config's eos ids."""
+    ids: list[int] = []
+    eos = getattr(loaded.tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.append(eos)
+    gen_cfg = getattr(loaded.model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None)
+    if isinstance(extra, int):
+        extra = [extra]
+    for token in extra or []:
+        if isinstance(token, int) and token not in ids:
+            ids.append(token)
+    return ids
+
+
+def encode_prompts(tokenizer: object, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids for each prompt; strings are tokenized as-is (no special tokens added)."""
+    out: list[list[int]] = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+            out.append([int(t) for t in ids])
+        else:
+            out.append([int(t) for t in prompt])
+        if not out[-1]:
+            raise ConfigError("an empty prompt cannot be generated from")
+    return out
+
+
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``[batch, max_len]`` with padding on the left."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only, as HF generate derives them for left padding."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 1)

@@ -1,0 +1,150 @@
+"""Pooling of captured hidden states into one vector per row, layer and pooling.
+
+One accumulator serves both paths that must agree: capture during generation (prefill, then
+one position per decode step) and the teacher-forced forward over prompt + response
+(``tracekit extract activations``). Everything stays on the model's device as running float32
+sums; no hidden-state tuple is ever kept.
+
+Definitions (``P`` = real prompt length of a row, response tokens ``r_0 .. r_{n-1}`` exclude
+the eos token that stopped the row; a state "at" a token is the residual stream computed when
+that token is the *input* at its position):
+
+- ``prompt_last``: the state at the last prompt token (position ``P - 1``). With a chat
+  template this is the last token of the assistant header, i.e. the state that predicts the
+  first response token.
+- ``prompt_avg``: the mean of the states at the ``P`` real prompt tokens (padding excluded).
+- ``response_avg``: the mean of the states at the ``n`` response tokens ``r_0 .. r_{n-1}``
+  (positions ``P .. P + n - 1``). A row with an empty response (eos first) gets zeros.
+
+During generation the state at the last response token of a row that stopped by length is not
+computed by the decode loop, so the reference engine feeds those tokens once more (one extra
+decode step for the whole batch, only when ``response_avg`` is asked for). The teacher-forced
+path computes the same positions directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Pooling(StrEnum):
+    """How a row's hidden states at one layer are pooled into one vector."""
+
+    response_avg = "response_avg"
+    prompt_last = "prompt_last"
+    prompt_avg = "prompt_avg"
+
+
+def parse_poolings(values: Sequence[str | Pooling]) -> tuple[Pooling, ...]:
+    """Unique poolings in the order given; raises ``ValueError`` naming a bad one."""
+    out: list[Pooling] = []
+    for value in values:
+        for part in str(value).split(","):
+            name = part.strip()
+            if not name:
+                continue
+            try:
+                pooling = Pooling(name)
+            except ValueError:
+                valid = ", ".join(p.value for p in Pooling)
+                raise ValueError(f"unknown pooling '{name}': use one of {valid}") from None
+            if pooling not in out:
+                out.append(pooling)
+    if not out:
+        raise ValueError("no pooling given: use response_avg, prompt_last or prompt_avg")
+    return tuple(out)
+
+
+class PooledAccumulator:
+    """Running masked sums per pooling, shaped ``[batch, n_layers, hidden]``, on the device.
+
+    Callers hand it each layer's hidden states with masks saying which positions are real prompt
+    tokens and which are response tokens; :meth:`result` divides by the counts.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        poolings: Sequence[Pooling],
+        batch: int,
+        hidden: int,
+        device: torch.device,
+    ) -> None:
+        import torch
+
+        self.layers = tuple(layers)
+        self.poolings = tuple(poolings)
+        self._slot = {layer: i for i, layer in enumerate(self.layers)}
+        shape = (batch, len(self.layers), hidden)
+        self._sums = {p: torch.zeros(shape, dtype=torch.float32, device=device) for p in poolings}
+        # token counts per row, per pooling (layers see the same positions)
+        self._counts = {p: torch.zeros(batch, dtype=torch.float32, device=device) for p in poolings}
+        self._counted: set[tuple[Pooling, int]] = set()
+
+    @property
+    def wants_response(self) -> bool:
+        return Pooling.response_avg in self._sums
+
+    def add(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        prompt_mask: torch.Tensor | None = None,
+        response_mask: torch.Tensor | None = None,
+        prompt_last_index: torch.Tensor | None = None,
+        step: int = 0,
+    ) -> None:
+        """Accumulate ``hidden`` ``[batch, seq, hidden]`` of ``layer``.
+
+        ``prompt_mask``/``response_mask`` are ``[batch, seq]`` (1 = real prompt / response
+        token); ``prompt_last_index`` ``[batch]`` is the position of each row's last prompt
+        token. ``step`` identifies the forward call, so counts are added once per call (not once
+        per layer).
+        """
+        slot = self._slot.get(layer)
+        if slot is None:
+            return
+        h = hidden.detach().float()
+        for pooling, total in self._sums.items():
+            if pooling is Pooling.prompt_last:
+                if prompt_last_index is None:
+                    continue
+                rows = torch_arange(h.shape[0], h.device)
+                total[:, slot] += h[rows, prompt_last_index]
+                self._count(pooling, step, None, h.shape[0])
+                continue
+            mask = prompt_mask if pooling is Pooling.prompt_avg else response_mask
+            if mask is None:
+                continue
+            m = mask.to(h.dtype)
+            total[:, slot] += (h * m.unsqueeze(-1)).sum(dim=1)
+            self._count(pooling, step, m.sum(dim=1), h.shape[0])
+
+    def _count(self, pooling: Pooling, step: int, amount: torch.Tensor | None, batch: int) -> None:
+        key = (pooling, step)
+        if key in self._counted:
+            return
+        self._counted.add(key)
+        if amount is None:
+            self._counts[pooling] += 1.0
+        else:
+            self._counts[pooling] += amount
+
+    def result(self) -> dict[Pooling, torch.Tensor]:
+        """Means per pooling, ``[batch, n_layers, hidden]`` float32 on the CPU (0 where empty)."""
+        out = {}
+        for pooling, total in self._sums.items():
+            count = self._counts[pooling].clamp(min=1.0).view(-1, 1, 1)
+            out[pooling] = (total / count).cpu()
+        return out
+
+
+def torch_arange(n: int, device: torch.device) -> torch.Tensor:
+    import torch
+
+    return torch.arange(n, device=device)

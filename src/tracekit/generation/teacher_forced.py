@@ -1,0 +1,72 @@
+"""Teacher-forced pooled activations: one forward over prompt + response per batch.
+
+This is stage 2 (``tracekit extract activations``) and the reference the generation capture is
+tested against. It uses the same :class:`~tracekit.generation.pooling.PooledAccumulator` and the
+same definitions (see :mod:`tracekit.generation.pooling`): rows are ``prompt_ids + response_ids``
+left-padded into one batch; prompt and response positions get their own masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tracekit.generation.engine import CaptureSpec, left_pad, position_ids_from_mask
+from tracekit.generation.hf_engine import check_capture_layers, forward_kwargs, input_device
+from tracekit.generation.pooling import PooledAccumulator, Pooling
+
+if TYPE_CHECKING:
+    import torch
+
+    from tracekit.models.loading import LoadedModel
+
+
+def pooled_forward(
+    loaded: LoadedModel,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    capture: CaptureSpec,
+) -> dict[Pooling, torch.Tensor]:
+    """Pooled states ``[batch, n_layers, hidden]`` per pooling (float32, CPU) for one batch."""
+    import torch
+
+    from tracekit.models.capture import LayerTaps
+
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError("prompt_ids and response_ids must have the same number of rows")
+    check_capture_layers(loaded, capture)
+    device = input_device(loaded)
+    batch = len(prompt_ids)
+    rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+    pad_id = int(loaded.tokenizer.pad_token_id)
+    ids, mask = left_pad(rows, pad_id, device)
+    width = ids.shape[1]
+    positions = torch.arange(width, device=device).unsqueeze(0)
+    resp_len = torch.tensor([len(r) for r in response_ids], device=device).unsqueeze(1)
+    response_start = width - resp_len
+    response_mask = (positions >= response_start).long()
+    prompt_mask = mask * (1 - response_mask)
+    prompt_last = (response_start.squeeze(1) - 1).clamp(min=0)
+
+    acc = PooledAccumulator(capture.layers, capture.poolings, batch, loaded.hidden_size, device)
+
+    def on_layer(layer: int, hidden: torch.Tensor) -> None:
+        acc.add(
+            layer,
+            hidden.to(device),
+            prompt_mask=prompt_mask,
+            response_mask=response_mask,
+            prompt_last_index=prompt_last,
+            step=0,
+        )
+
+    kwargs: dict[str, Any] = forward_kwargs(loaded.model)
+    with torch.inference_mode(), LayerTaps(loaded.handles, capture.layers, on_layer):
+        loaded.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+            **kwargs,
+        )
+    return acc.result()
