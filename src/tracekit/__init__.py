@@ -24,6 +24,12 @@ _LAZY: dict[str, str] = {
     "load_generations_from_cache": "tracekit.storage.generation_cache",
     "decode": "tracekit.storage.decode",
     "DecodeConfig": "tracekit.storage.decode",
+    "build_dataset": "tracekit.datasets.build",
+    "BuildDatasetConfig": "tracekit.datasets.build",
+    "save_dataset": "tracekit.datasets.build",
+    "normalize_features": "tracekit.datasets.normalization",
+    "load_all_sentences": "tracekit.storage.sentences",
+    "get_final_token_data": "tracekit.storage.sentences",
 }
 
 

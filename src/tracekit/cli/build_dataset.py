@@ -1,15 +1,151 @@
-"""`tracekit build-dataset` (placeholder until its issue lands)."""
+"""`tracekit build-dataset`: classifier datasets from sentence feature NPZ files (seed 004)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
 import typer
 
-from ._stub import stub_command
+from tracekit.config.types import Normalization
+from tracekit.console import out_console, progress_bar
+from tracekit.datasets.build import Strategy
+
+from ._common import ConfigOpt, ForceOpt, JsonOpt, LayersOpt, build_config
+
+if TYPE_CHECKING:
+    from tracekit.datasets.build import BuildDatasetResult
+
+
+def _print_result(result: BuildDatasetResult) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"build-dataset: {result.strategy}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("output", str(result.output)),
+        ("input", f"{result.input_source}, layers {result.input_layers}"),
+        ("files", str(result.n_files)),
+        ("samples", str(result.n_samples)),
+        ("X", " x ".join(str(d) for d in result.x_shape)),
+        ("normalization", result.norm_method),
+    ]
+    if result.target_layer is not None:
+        l0 = "not recorded" if result.average_l0 is None else f"{result.average_l0:g}"
+        rows.append(
+            (
+                "target",
+                f"layer {result.target_layer}, feature {result.target_feature} "
+                f"(SAE width {result.sae_width}, average L0 {l0})",
+            )
+        )
+    if result.n_train is not None:
+        rows.append(("split", f"{result.n_train} train / {result.n_test} test"))
+    for field, value in rows:
+        table.add_row(field, value)
+    out_console.print(table)
 
 
 def register(app: typer.Typer) -> None:
-    stub_command(
-        app,
-        "build-dataset",
-        "Build classifier datasets (X, y, metadata) from sentence feature NPZ files.",
-    )
+    @app.command("build-dataset")
+    def build_dataset_command(
+        ctx: typer.Context,
+        strategy: Annotated[
+            Strategy | None,
+            typer.Option(
+                "--strategy",
+                help="embedding-to-feature: embeddings -> one SAE feature; hidden-to-feature: "
+                "hidden state of --target-layer -> its SAE feature; hidden-to-concept: hidden "
+                "states of --layer/--layers -> concept label. Required.",
+            ),
+        ] = None,
+        input: Annotated[
+            Path | None,
+            typer.Option(
+                "--input",
+                help="Folder of sentence_*.npz files (from `tracekit extract features`). Required.",
+                file_okay=False,
+            ),
+        ] = None,
+        output: Annotated[
+            Path | None,
+            typer.Option(
+                "--output",
+                help="Dataset .npz to write (parent folders are created). Required.",
+                dir_okay=False,
+            ),
+        ] = None,
+        normalize: Annotated[
+            Normalization,
+            typer.Option("--normalize", help="Feature scaling of X."),
+        ] = Normalization.standardize,
+        target_layer: Annotated[
+            int | None,
+            typer.Option(
+                "--target-layer", min=0, help="*-to-feature: layer whose SAE feature is y."
+            ),
+        ] = None,
+        target_feature: Annotated[
+            int | None,
+            typer.Option(
+                "--target-feature",
+                min=0,
+                help="*-to-feature: SAE feature index (checked against the SAE width in the "
+                "files).",
+            ),
+        ] = None,
+        layer: Annotated[
+            int | None,
+            typer.Option("--layer", min=0, help="hidden-to-concept: one input layer."),
+        ] = None,
+        layers: LayersOpt = None,
+        average_l0: Annotated[
+            float | None,
+            typer.Option(
+                "--average-l0",
+                help="*-to-feature: average L0 of the SAE the feature id comes from (e.g. "
+                "from ranked_features.csv); the run fails if the files' SAE at the target "
+                "layer has another (compared rounded to integers).",
+            ),
+        ] = None,
+        test_fraction: Annotated[
+            float | None,
+            typer.Option(
+                "--test-fraction",
+                help="Also split: this fraction of samples goes to X_test/y_test; the "
+                "normalization is fitted on the training part only.",
+            ),
+        ] = None,
+        seed: Annotated[
+            int, typer.Option("--seed", help="Random seed of the train/test split.")
+        ] = 0,
+        group_by: Annotated[
+            str | None,
+            typer.Option(
+                "--group-by",
+                help="Keep samples with equal FIELD on one side of the split: 'sentence' or "
+                "the name of a per-sentence scalar array in the files "
+                "(e.g. concept_strength_label).",
+            ),
+        ] = None,
+        force: ForceOpt = False,
+        json_output: JsonOpt = False,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Build classifier datasets (X, y, metadata) from sentence feature NPZ files."""
+        from tracekit.datasets.build import BuildDatasetConfig, build_dataset
+
+        cfg = build_config(ctx, BuildDatasetConfig)
+        with progress_bar(transient=True) as progress:
+            task = progress.add_task("reading sentence files", total=None, unit="files")
+
+            def on_progress(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            result = build_dataset(cfg, on_progress=on_progress)
+        if json_output:
+            out_console.print_json(json.dumps(result.as_dict()))
+        else:
+            _print_result(result)

@@ -1,0 +1,335 @@
+"""The ``build-dataset`` job: classifier datasets (X, y, metadata) from sentence feature files.
+
+Strategies (seed 004): ``embedding-to-feature`` (X = embedding output, y = one SAE feature),
+``hidden-to-feature`` (X = hidden state of the target layer, y = that layer's SAE feature) and
+``hidden-to-concept`` (X = hidden states of one or more layers, concatenated; y = the concept
+strength label). Samples are final tokens (``is_final_token``).
+
+Unlike the seed, normalization statistics are fitted on the training rows only when a
+train/test split is asked for, and inputs are read per file and sliced (see
+:mod:`tracekit.storage.sentences`), so peak memory stays near the size of the output.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import Field, NonNegativeInt, model_validator
+
+from tracekit.config.base import TracekitConfig
+from tracekit.config.types import LayerSpec, Normalization
+from tracekit.datasets.normalization import apply_normalization, fit_normalization
+from tracekit.datasets.split import split_indices
+from tracekit.errors import InputError
+from tracekit.storage.atomic import check_writable, save_npz
+from tracekit.storage.sentences import get_final_token_data, load_all_sentences
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class Strategy(StrEnum):
+    """What a dataset maps from and to."""
+
+    embedding_to_feature = "embedding-to-feature"
+    hidden_to_feature = "hidden-to-feature"
+    hidden_to_concept = "hidden-to-concept"
+
+    @property
+    def predicts_feature(self) -> bool:
+        return self is not Strategy.hidden_to_concept
+
+
+class BuildDatasetConfig(TracekitConfig):
+    """Options of ``tracekit build-dataset`` (checked together, before any file is read)."""
+
+    strategy: Strategy
+    input: Path
+    output: Path
+    normalize: Normalization = Normalization.standardize
+    target_layer: NonNegativeInt | None = None
+    target_feature: NonNegativeInt | None = None
+    layer: NonNegativeInt | None = None
+    layers: LayerSpec | None = None
+    average_l0: Annotated[float, Field(gt=0)] | None = None
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
+    seed: int = 0
+    group_by: str | None = None
+    force: bool = False
+
+    @model_validator(mode="after")
+    def _options_fit_the_strategy(self) -> BuildDatasetConfig:
+        name = self.strategy.value
+        if self.strategy.predicts_feature:
+            missing = [
+                opt
+                for opt, value in (
+                    ("--target-layer", self.target_layer),
+                    ("--target-feature", self.target_feature),
+                )
+                if value is None
+            ]
+            if missing:
+                raise ValueError(f"--strategy {name} needs {' and '.join(missing)}")
+            if self.layer is not None or self.layers is not None:
+                raise ValueError(
+                    f"--strategy {name} takes --target-layer, not --layer/--layers "
+                    "(those select inputs for hidden-to-concept)"
+                )
+        else:
+            if self.layer is not None and self.layers is not None:
+                raise ValueError("--layer and --layers are mutually exclusive: give one of them")
+            if self.layer is None and self.layers is None:
+                raise ValueError(
+                    f"--strategy {name} needs --layer L (one layer) or --layers SPEC (several)"
+                )
+            if self.target_layer is not None or self.target_feature is not None:
+                raise ValueError(
+                    f"--strategy {name} predicts the concept label: --target-layer and "
+                    "--target-feature apply to the *-to-feature strategies only"
+                )
+            if self.average_l0 is not None:
+                raise ValueError("--average-l0 applies to the *-to-feature strategies only")
+        if self.group_by is not None and self.test_fraction is None:
+            raise ValueError("--group-by needs --test-fraction (it controls the split)")
+        if self.output.suffix != ".npz":
+            raise ValueError(f"--output must be a .npz file, got '{self.output}'")
+        return self
+
+
+@dataclass
+class BuildDatasetResult:
+    """What ``build_dataset`` wrote."""
+
+    output: Path
+    strategy: str
+    input_source: str
+    input_layers: list[int]
+    n_files: int
+    n_samples: int
+    x_shape: tuple[int, ...]
+    norm_method: str
+    target_layer: int | None = None
+    target_feature: int | None = None
+    average_l0: float | None = None
+    sae_width: int | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output),
+            "strategy": self.strategy,
+            "input_source": self.input_source,
+            "input_layers": self.input_layers,
+            "n_files": self.n_files,
+            "n_samples": self.n_samples,
+            "x_shape": list(self.x_shape),
+            "norm_method": self.norm_method,
+            "target_layer": self.target_layer,
+            "target_feature": self.target_feature,
+            "average_l0": self.average_l0,
+            "sae_width": self.sae_width,
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "warnings": self.warnings,
+        }
+
+
+def dataset_arrays(metadata: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Metadata as NPZ arrays: ``norm_*`` keys as they are, every other key as ``meta_<key>``."""
+    import numpy as np
+
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in metadata.items():
+        if value is None:
+            continue
+        name = key if key.startswith("norm_") else f"meta_{key}"
+        arrays[name] = np.asarray(value)
+    return arrays
+
+
+def save_dataset(
+    X: np.ndarray,
+    y: np.ndarray,
+    metadata: Mapping[str, Any],
+    output_path: str | Path,
+    **extra: np.ndarray,
+) -> Path:
+    """Seed API: write ``X``, ``y``, ``metadata`` (as ``meta_*``/``norm_*``) to an NPZ atomically.
+
+    Parent folders are created; an existing file is replaced (``build_dataset`` refuses that
+    without ``force``). ``extra`` arrays are stored under their own names.
+    """
+    path = Path(output_path)
+    arrays: dict[str, Any] = {"X": X, "y": y, **dataset_arrays(metadata), **extra}
+    save_npz(path, **arrays)
+    return path
+
+
+def _select(config: BuildDatasetConfig) -> dict[str, Any]:
+    """What to gather from the files for ``config.strategy``."""
+    if config.strategy is Strategy.embedding_to_feature:
+        return {"layers": [], "embeddings": True, "hidden_states": False, "labels": False}
+    if config.strategy is Strategy.hidden_to_feature:
+        return {
+            "layers": [config.target_layer],
+            "embeddings": False,
+            "hidden_states": True,
+            "labels": False,
+        }
+    if config.layer is not None:
+        layers: list[int] | None = [config.layer]
+    else:
+        assert config.layers is not None
+        layers = None if config.layers.is_all else list(config.layers.layers)
+    return {"layers": layers, "embeddings": False, "hidden_states": True, "labels": True}
+
+
+def build_dataset(
+    config: BuildDatasetConfig,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> BuildDatasetResult:
+    """Build and write the dataset that ``config`` describes; return what was written.
+
+    ``on_progress(done, total)`` is called after each sentence file is read.
+    """
+    import numpy as np
+
+    check_writable(config.output, config.force)
+    sentences = load_all_sentences(config.input)
+    strategy = config.strategy
+    target = None
+    if strategy.predicts_feature:
+        assert config.target_layer is not None and config.target_feature is not None
+        target = (config.target_layer, config.target_feature)
+    group_field = config.group_by if config.test_fraction is not None else None
+    total = len(sentences)
+    data = get_final_token_data(
+        sentences,
+        **_select(config),
+        target=target,
+        group_field=group_field,
+        on_file=None if on_progress is None else (lambda i: on_progress(i + 1, total)),
+    )
+    n = data.n_samples
+    if n == 0:
+        raise InputError(
+            f"no final tokens in {total} sentence files under {config.input} "
+            "(is_final_token is never True)",
+            "re-run `tracekit extract features`; every sentence marks its last token",
+        )
+    warnings: list[str] = []
+    if data.files_without_final_token:
+        missing = data.files_without_final_token
+        warnings.append(
+            f"Only {n} samples (expected ~{total}): {len(missing)} sentence file(s) have no "
+            f"final token, e.g. {missing[0].name}"
+        )
+    if target is not None:
+        _check_average_l0(config, data.average_l0, warnings)
+
+    if strategy is Strategy.embedding_to_feature:
+        assert data.embeddings is not None
+        X, source, input_layers = data.embeddings, "embeddings", [0]
+    else:
+        assert data.hidden_states is not None
+        X = data.hidden_states.reshape(n, -1)  # a view: layers concatenated per sample
+        source, input_layers = "hidden_states", list(data.layers)
+    y = data.target_activations if target is not None else data.labels
+    assert y is not None
+
+    train = test = None
+    if config.test_fraction is not None:
+        train, test = split_indices(n, config.test_fraction, config.seed, data.groups)
+    # fitted on the training rows only: the test part must not shape the statistics
+    norm = fit_normalization(X, config.normalize, rows=train)
+    apply_normalization(X, norm, out=X)
+
+    metadata: dict[str, Any] = {
+        "strategy": strategy.value,
+        "input_source": source,
+        "input_layers": np.asarray(input_layers, dtype=np.int64),
+        "input_dims": X.shape[1],
+        "n_samples": n,
+        "sentence_indices": data.sentence_indices,
+        "input_dir": str(config.input),
+    }
+    if target is not None:
+        metadata["target_layer"] = target[0]
+        metadata["target_feature"] = target[1]
+        metadata["average_l0"] = np.nan if data.average_l0 is None else data.average_l0
+        metadata["sae_width"] = data.sae_width
+    metadata.update(norm)
+    result = BuildDatasetResult(
+        output=config.output,
+        strategy=strategy.value,
+        input_source=source,
+        input_layers=input_layers,
+        n_files=total,
+        n_samples=n,
+        x_shape=tuple(X.shape),
+        norm_method=norm["norm_method"],
+        target_layer=None if target is None else target[0],
+        target_feature=None if target is None else target[1],
+        average_l0=data.average_l0,
+        sae_width=data.sae_width,
+        warnings=warnings,
+    )
+    if train is None or test is None:
+        save_dataset(X, y, metadata, config.output)
+    else:
+        metadata.update(
+            test_fraction=config.test_fraction, seed=config.seed, group_by=config.group_by
+        )
+        split: dict[str, Any] = {
+            "X_train": X[train],
+            "y_train": y[train],
+            "X_test": X[test],
+            "y_test": y[test],
+            "train_indices": train,
+            "test_indices": test,
+        }
+        del X, data  # the split copies replace the full matrix in the output
+        split.update(dataset_arrays(metadata))
+        save_npz(config.output, **split)
+        result.n_train, result.n_test = len(train), len(test)
+    for message in warnings:
+        logger.warning(message)
+    return result
+
+
+def _check_average_l0(
+    config: BuildDatasetConfig, recorded: float | None, warnings: list[str]
+) -> None:
+    """``--average-l0`` names the SAE the feature id belongs to; the files must match it."""
+    expected = config.average_l0
+    if recorded is None:
+        note = (
+            f"the files record no average_l0s for layer {config.target_layer}; "
+            "meta_average_l0 is NaN"
+        )
+        if expected is not None:
+            raise InputError(
+                f"average_l0 mismatch: --average-l0 {expected:g} was given but {note}",
+                "drop --average-l0, or rebuild the files with an SAE that records its L0",
+            )
+        warnings.append(note)
+        return
+    # SAEs are named by their rounded average L0 (e.g. Gemma Scope's average_l0_84)
+    if expected is not None and round(expected) != round(recorded):
+        raise InputError(
+            f"average_l0 mismatch: --average-l0 {expected:g} but the files' SAE at layer "
+            f"{config.target_layer} has average L0 {recorded:g}",
+            "the feature id belongs to another SAE: use the files written with that SAE, "
+            "or take the feature id from this one",
+        )

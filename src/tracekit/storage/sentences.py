@@ -1,0 +1,550 @@
+"""Reader of sentence feature NPZ files (``sentence_000000.npz``, ...; see docs/build-dataset.md).
+
+One file per sentence holds ``embeddings`` [fragments, d], ``hidden_states`` [layers, fragments, d]
+for the tracekit layers in ``layers``, SAE activations (dense ``activations`` [layers, fragments,
+width] or the sparse CSR arrays ``act_values``/``act_indices``/``act_indptr``/``act_shape``, or
+none), ``average_l0s``, ``concept_strength_label`` and ``is_final_token``.
+
+Files are read lazily and sliced: :class:`SentenceFile` parses the ``.npy`` headers inside the
+zip and reads only the bytes of the rows asked for (the final-token row of the needed layers),
+so building a dataset never holds all layers of all files. Stored (uncompressed) members are
+read with a plain seek; compressed members are streamed up to the slice. Nothing is unpickled.
+
+:func:`get_final_token_data` gathers the final-token rows of many files into preallocated
+arrays in two passes: the first reads only headers and small arrays and validates everything
+(layers, widths, labels), the second fills the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import struct
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from tracekit.errors import InputError, UnsafeInputError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SENTENCE_GLOB = "sentence_*.npz"
+_SENTENCE_NAME = re.compile(r"^sentence_(\d+)\.npz$")
+_SPARSE_ARRAYS = ("act_values", "act_indices", "act_indptr", "act_shape")
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (30 bytes)
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """Where one array lives inside a sentence file, from its ``.npy`` header."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    fortran_order: bool
+    member: str
+    data_offset: int  # offset of the array data inside the member
+    raw_offset: int | None  # absolute offset in the zip file for stored members, else None
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+class SentenceFile(Mapping[str, "np.ndarray"]):
+    """A lazy, read-only view of one sentence NPZ: ``file["layers"]`` reads one array.
+
+    ``read_rows`` / ``read_flat`` read only the bytes of a slice. Use ``with file.opened():``
+    around many reads of the same file to keep it open in between.
+    """
+
+    def __init__(self, path: str | Path, index: int | None = None) -> None:
+        self.path = Path(path)
+        self.index = index if index is not None else sentence_index(self.path)
+        self._zip: zipfile.ZipFile | None = None
+        self._raw: BinaryIO | None = None
+        self._infos: dict[str, ArrayInfo] = {}
+        self._names: tuple[str, ...] | None = None
+
+    def __repr__(self) -> str:
+        return f"SentenceFile({str(self.path)!r}, index={self.index})"
+
+    # --- opening ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[SentenceFile]:
+        """Keep the file open for the duration of the block (reads reuse the handle)."""
+        if self._zip is not None:
+            yield self
+            return
+        try:
+            raw = self.path.open("rb")
+        except OSError as exc:
+            raise InputError(f"cannot open sentence file {self.path}: {exc.strerror}") from None
+        try:
+            self._zip = zipfile.ZipFile(raw)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raw.close()
+            raise self._corrupt(exc) from None
+        self._raw = raw
+        try:
+            yield self
+        finally:
+            self._zip.close()
+            raw.close()
+            self._zip = None
+            self._raw = None
+
+    def _corrupt(self, exc: BaseException) -> InputError:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return InputError(
+            f"cannot read sentence file {self.path}: not a valid .npz ({detail})",
+            "re-run `tracekit extract features` for it, or remove the file",
+        )
+
+    # --- mapping interface ----------------------------------------------------------------------
+    def _member_names(self) -> tuple[str, ...]:
+        if self._names is None:
+            with self.opened():
+                assert self._zip is not None
+                self._names = tuple(
+                    n[:-4] for n in self._zip.namelist() if n.endswith(".npy") and "/" not in n
+                )
+        return self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._member_names())
+
+    def __len__(self) -> int:
+        return len(self._member_names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._member_names()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        info = self.info(name)
+        return self.read_flat(name, 0, info.size).reshape(
+            info.shape, order="F" if info.fortran_order else "C"
+        )
+
+    def require(self, name: str, why: str) -> ArrayInfo:
+        """The info of ``name``; a clear :class:`InputError` naming ``why`` when it is absent."""
+        if name not in self:
+            raise InputError(
+                f"{self.path} has no '{name}' array, which {why}",
+                f"arrays in the file: {', '.join(sorted(self)) or 'none'}",
+            )
+        return self.info(name)
+
+    # --- headers and slices ---------------------------------------------------------------------
+    def info(self, name: str) -> ArrayInfo:
+        """Shape, dtype and location of array ``name`` (reads only its header)."""
+        cached = self._infos.get(name)
+        if cached is not None:
+            return cached
+        import numpy as np
+
+        if name not in self:
+            raise KeyError(name)
+        member = f"{name}.npy"
+        with self.opened():
+            assert self._zip is not None and self._raw is not None
+            try:
+                zinfo = self._zip.getinfo(member)
+                with self._zip.open(zinfo) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, fortran, dtype = read_header(handle)
+                    data_offset = handle.tell()
+                raw_offset = None
+                if zinfo.compress_type == zipfile.ZIP_STORED:
+                    self._raw.seek(zinfo.header_offset)
+                    fields = _LOCAL_HEADER.unpack(self._raw.read(_LOCAL_HEADER.size))
+                    name_len, extra_len = fields[-2], fields[-1]
+                    raw_offset = (
+                        zinfo.header_offset
+                        + _LOCAL_HEADER.size
+                        + name_len
+                        + extra_len
+                        + data_offset
+                    )
+            except (ValueError, EOFError, OSError, zipfile.BadZipFile, struct.error) as exc:
+                raise self._corrupt(exc) from None
+        if dtype.hasobject:
+            raise UnsafeInputError(
+                f"{self.path}: array '{name}' is a pickled object array; reading it would "
+                "execute code from the file",
+                "sentence files must hold numeric and fixed-width text arrays only",
+            )
+        info = ArrayInfo(tuple(shape), dtype, bool(fortran), member, data_offset, raw_offset)
+        self._infos[name] = info
+        return info
+
+    def read_flat(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements ``[start, stop)`` of array ``name`` in its storage order (a 1-D array)."""
+        import numpy as np
+
+        info = self.info(name)
+        if not 0 <= start <= stop <= info.size:
+            raise IndexError(f"{name}[{start}:{stop}] is outside {info.size} elements")
+        itemsize = info.dtype.itemsize
+        count = stop - start
+        with self.opened():
+            assert self._zip is not None and self._raw is not None
+            try:
+                if info.raw_offset is not None:
+                    self._raw.seek(info.raw_offset + start * itemsize)
+                    data = self._raw.read(count * itemsize)
+                else:
+                    with self._zip.open(info.member) as handle:
+                        handle.seek(info.data_offset + start * itemsize)
+                        data = handle.read(count * itemsize)
+            except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+                raise self._corrupt(exc) from None
+        if len(data) != count * itemsize:
+            raise InputError(
+                f"cannot read sentence file {self.path}: array '{name}' is truncated",
+                "re-run `tracekit extract features` for it, or remove the file",
+            )
+        return np.frombuffer(data, dtype=info.dtype, count=count).copy()
+
+    def read_rows(self, name: str, index: tuple[int, ...]) -> np.ndarray:
+        """``array[index]`` for leading indices, e.g. ``(layer_pos, fragment)``; reads only that."""
+        info = self.info(name)
+        if len(index) > len(info.shape):
+            raise IndexError(f"{len(index)} indices for '{name}' of shape {info.shape}")
+        for i, dim in zip(index, info.shape, strict=False):
+            if not 0 <= i < dim:
+                raise IndexError(f"index {index} out of bounds for '{name}' of shape {info.shape}")
+        rest = info.shape[len(index) :]
+        if info.fortran_order:  # rare; slicing it would need a strided read
+            return self[name][index]
+        block = 1
+        for dim in rest:
+            block *= dim
+        flat = 0
+        for i, dim in zip(index, info.shape, strict=False):
+            flat = flat * dim + i
+        return self.read_flat(name, flat * block, (flat + 1) * block).reshape(rest)
+
+    def scalar(self, name: str) -> Any:
+        """A 0-d (or one-element) array as a Python value."""
+        value = self[name]
+        if value.size != 1:
+            raise InputError(
+                f"{self.path}: '{name}' should hold one value but has shape {value.shape}",
+                "a per-sentence field holds a single value",
+            )
+        return value.reshape(()).item()
+
+
+def sentence_index(path: Path) -> int:
+    """The sentence number in ``sentence_000123.npz`` (123)."""
+    match = _SENTENCE_NAME.match(path.name)
+    if match is None:
+        raise InputError(
+            f"{path} is not named sentence_<number>.npz",
+            "sentence files are named sentence_000000.npz, sentence_000001.npz, ...",
+        )
+    return int(match.group(1))
+
+
+def load_all_sentences(input_dir: str | Path) -> list[SentenceFile]:
+    """Every ``sentence_<n>.npz`` in ``input_dir`` as lazy :class:`SentenceFile` views, by n.
+
+    Nothing is read yet: arrays are loaded (or sliced) on access, so this is cheap for any
+    number of files. Raises :class:`InputError` when the folder is missing or has no files.
+    """
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise InputError(
+            f"input directory not found: {folder}",
+            "pass --input pointing at the folder written by `tracekit extract features`",
+        )
+    files = [p for p in folder.glob(SENTENCE_GLOB) if _SENTENCE_NAME.match(p.name)]
+    if not files:
+        raise InputError(
+            f"No sentence_*.npz files found in {folder}",
+            "run `tracekit extract features` first, or check the --input path",
+        )
+    return sorted((SentenceFile(p) for p in files), key=lambda s: s.index)
+
+
+# --- final-token gathering ---------------------------------------------------------------------
+@dataclass
+class _FilePlan:
+    sentence: SentenceFile
+    finals: list[int]  # fragment positions with is_final_token
+    layer_source: list[tuple[str, int | None]]  # per requested layer: (array, layer position)
+    target_pos: int | None = None
+    label: int | None = None
+    group: Any = None
+    average_l0: float | None = None
+
+
+@dataclass
+class FinalTokenData:
+    """Final-token rows gathered from sentence files (see :func:`get_final_token_data`)."""
+
+    sentence_indices: np.ndarray
+    layers: tuple[int, ...]
+    embeddings: np.ndarray | None = None
+    hidden_states: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    target_activations: np.ndarray | None = None
+    average_l0: float | None = None
+    sae_width: int | None = None
+    groups: np.ndarray | None = None
+    n_files: int = 0
+    files_without_final_token: list[Path] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        """Seed-style access: ``data['hidden_states']``."""
+        return getattr(self, key)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.sentence_indices.shape[0])
+
+
+def _layer_sources(
+    sentence: SentenceFile, file_layers: list[int], wanted: Sequence[int]
+) -> list[tuple[str, int | None]]:
+    sources: list[tuple[str, int | None]] = []
+    for layer in wanted:
+        if layer in file_layers:
+            sources.append(("hidden_states", file_layers.index(layer)))
+        elif layer == 0 and "embeddings" in sentence:
+            # tracekit layer 0 *is* the embedding output (README, "Layer indexing")
+            sources.append(("embeddings", None))
+        else:
+            shown = _spec(file_layers)
+            raise InputError(
+                f"Layer {layer} not found in data: {sentence.path} has layers {shown}",
+                "pick layers from that list, or re-run `tracekit extract features` with them",
+            )
+    return sources
+
+
+def _spec(layers: Sequence[int]) -> str:
+    from tracekit.config.types import LayerSpec
+
+    return str(LayerSpec(layers)) if layers else "none"
+
+
+def _sae_width(sentence: SentenceFile) -> tuple[str | None, int | None, int | None]:
+    """(layout, n_layers, width) of the SAE activations in ``sentence`` (None when absent)."""
+    if "activations" in sentence:
+        shape = sentence.info("activations").shape
+        if len(shape) != 3:
+            raise InputError(
+                f"{sentence.path}: 'activations' has shape {shape}, expected "
+                "[layers, fragments, width]"
+            )
+        return "dense", shape[0], shape[2]
+    if all(name in sentence for name in _SPARSE_ARRAYS):
+        shape = tuple(int(x) for x in sentence["act_shape"].tolist())
+        if len(shape) != 3:
+            raise InputError(f"{sentence.path}: 'act_shape' must hold 3 numbers, got {shape}")
+        return "sparse", shape[0], shape[2]
+    return None, None, None
+
+
+def get_final_token_data(
+    sentences: Sequence[SentenceFile],
+    *,
+    layers: Sequence[int] | None = None,
+    embeddings: bool = True,
+    hidden_states: bool = True,
+    labels: bool = True,
+    target: tuple[int, int] | None = None,
+    group_field: str | None = None,
+    on_file: Callable[[int], None] | None = None,
+) -> FinalTokenData:
+    """The final-token rows (``is_final_token``) of ``sentences``, one sample per final token.
+
+    ``layers`` selects hidden-state layers (tracekit numbers; default: every layer of the first
+    file); ``target=(layer, feature)`` also gathers that SAE feature's activation and the
+    layer's average L0; ``group_field`` gathers a per-sentence scalar (or ``"sentence"``).
+    Everything is validated from headers before any large read; outputs are float32 and
+    preallocated, so peak memory is about the size of the result. ``on_file(i)`` is called
+    after each file of the filling pass.
+    """
+    import numpy as np
+
+    if not sentences:
+        raise InputError("no sentence files given", "load them with load_all_sentences(DIR)")
+    plans: list[_FilePlan] = []
+    want_layers: list[int] | None = list(layers) if layers is not None else None
+    embed_dim = hidden_dim = sae_width = None
+    l0s: set[float] = set()
+    for sentence in sentences:
+        with sentence.opened():
+            final_info = sentence.require("is_final_token", "marks the samples")
+            finals = [int(i) for i in np.flatnonzero(sentence["is_final_token"])]
+            n_frag = final_info.shape[0] if final_info.shape else 0
+            file_layers: list[int] = []
+            if "layers" in sentence:
+                file_layers = [int(x) for x in sentence["layers"].reshape(-1).tolist()]
+            if want_layers is None:
+                want_layers = file_layers if hidden_states else []
+            plan = _FilePlan(sentence, finals, [])
+            if hidden_states and want_layers:
+                if file_layers:
+                    sentence.require("hidden_states", "holds the hidden states of 'layers'")
+                plan.layer_source = _layer_sources(sentence, file_layers, want_layers)
+                for source, _ in plan.layer_source:
+                    shape = sentence.info(source).shape
+                    if shape[-2] != n_frag:
+                        raise InputError(
+                            f"{sentence.path}: '{source}' has {shape[-2]} fragments but "
+                            f"'is_final_token' has {n_frag}"
+                        )
+                    if hidden_dim is None:
+                        hidden_dim = shape[-1]
+                    elif shape[-1] != hidden_dim:
+                        raise InputError(
+                            f"{sentence.path}: hidden size {shape[-1]} differs from "
+                            f"{hidden_dim} in {sentences[0].path}",
+                            "all sentence files must come from one model",
+                        )
+            if embeddings:
+                shape = sentence.require("embeddings", "holds the embedding output").shape
+                if embed_dim is None:
+                    embed_dim = shape[-1]
+                elif shape[-1] != embed_dim:
+                    raise InputError(
+                        f"{sentence.path}: embedding size {shape[-1]} differs from {embed_dim} "
+                        f"in {sentences[0].path}",
+                        "all sentence files must come from one model",
+                    )
+            if labels:
+                sentence.require("concept_strength_label", "holds the sentence's label")
+                plan.label = int(sentence.scalar("concept_strength_label"))
+            if group_field is not None:
+                if group_field == "sentence":
+                    plan.group = sentence.index
+                else:
+                    sentence.require(group_field, f"--group-by {group_field} needs")
+                    plan.group = sentence.scalar(group_field)
+            if target is not None:
+                plan.target_pos, plan.average_l0, width = _plan_target(
+                    sentence, file_layers, target
+                )
+                sae_width = width
+                if plan.average_l0 is not None:
+                    l0s.add(plan.average_l0)
+        plans.append(plan)
+    n = sum(len(p.finals) for p in plans)
+    selected = tuple(want_layers or [])
+    data = FinalTokenData(
+        sentence_indices=np.empty(n, dtype=np.int64),
+        layers=selected,
+        n_files=len(plans),
+        files_without_final_token=[p.sentence.path for p in plans if not p.finals],
+    )
+    if embeddings:
+        data.embeddings = np.empty((n, embed_dim or 0), dtype=np.float32)
+    if hidden_states and selected:
+        data.hidden_states = np.empty((n, len(selected), hidden_dim or 0), dtype=np.float32)
+    if labels:
+        data.labels = np.empty(n, dtype=np.int64)
+    if target is not None:
+        data.target_activations = np.empty(n, dtype=np.float32)
+        data.sae_width = sae_width
+        if len(l0s) > 1:
+            raise InputError(
+                f"average_l0 mismatch: the files record different average L0s for layer "
+                f"{target[0]} ({', '.join(f'{v:g}' for v in sorted(l0s))})",
+                "the files were written with different SAEs; rebuild them with one SAE",
+            )
+        data.average_l0 = l0s.pop() if l0s else None
+    if group_field is not None:
+        data.groups = np.array([p.group for p in plans for _ in p.finals])
+    row = 0
+    for i, plan in enumerate(plans):
+        with plan.sentence.opened():
+            for frag in plan.finals:
+                data.sentence_indices[row] = plan.sentence.index
+                if data.embeddings is not None:
+                    data.embeddings[row] = plan.sentence.read_rows("embeddings", (frag,))
+                if data.hidden_states is not None:
+                    for j, (source, pos) in enumerate(plan.layer_source):
+                        index = (frag,) if pos is None else (pos, frag)
+                        data.hidden_states[row, j] = plan.sentence.read_rows(source, index)
+                if data.labels is not None:
+                    data.labels[row] = plan.label
+                if data.target_activations is not None and target is not None:
+                    assert plan.target_pos is not None
+                    data.target_activations[row] = _feature_value(
+                        plan.sentence, plan.target_pos, frag, target[1]
+                    )
+                row += 1
+        if on_file is not None:
+            on_file(i)
+    return data
+
+
+def _plan_target(
+    sentence: SentenceFile, file_layers: list[int], target: tuple[int, int]
+) -> tuple[int, float | None, int]:
+    """(layer position, average L0, SAE width) for ``target``, validated against the file."""
+    layer, feature = target
+    layout, n_sae_layers, width = _sae_width(sentence)
+    if layout is None or width is None:
+        raise InputError(
+            f"{sentence.path} has no SAE activations ('activations' or sparse 'act_*' arrays)",
+            "the *-to-feature strategies need files written with an SAE; "
+            "use --strategy hidden-to-concept, or re-run extract features with --sae",
+        )
+    if layer not in file_layers:
+        raise InputError(
+            f"Layer {layer} not found in data: {sentence.path} has layers {_spec(file_layers)}",
+            "pick --target-layer from that list",
+        )
+    pos = file_layers.index(layer)
+    if n_sae_layers != len(file_layers):
+        raise InputError(
+            f"{sentence.path}: SAE activations cover {n_sae_layers} layers but 'layers' "
+            f"lists {len(file_layers)}"
+        )
+    if not 0 <= feature < width:
+        raise InputError(
+            f"--target-feature {feature} is out of range: Feature index must be 0-{width - 1} "
+            f"(the SAE at layer {layer} in {sentence.path} has {width} features)",
+            "take the feature id from the same SAE that wrote the files",
+        )
+    average_l0 = None
+    if "average_l0s" in sentence:
+        values = sentence["average_l0s"].reshape(-1)
+        if values.shape[0] == len(file_layers):
+            average_l0 = float(values[pos])
+    return pos, average_l0, width
+
+
+def _feature_value(sentence: SentenceFile, layer_pos: int, frag: int, feature: int) -> float:
+    """One SAE feature's activation at (layer, fragment), dense or sparse, reading only it."""
+    if "activations" in sentence:
+        shape = sentence.info("activations").shape
+        flat = (layer_pos * shape[1] + frag) * shape[2] + feature
+        return float(sentence.read_flat("activations", flat, flat + 1)[0])
+    n_frag = int(sentence["act_shape"].reshape(-1)[1])
+    row = layer_pos * n_frag + frag
+    start, stop = (int(x) for x in sentence.read_flat("act_indptr", row, row + 2))
+    indices = sentence.read_flat("act_indices", start, stop)
+    hits = (indices == feature).nonzero()[0]
+    if hits.size == 0:
+        return 0.0  # sparse: an absent feature is inactive
+    position = start + int(hits[0])
+    return float(sentence.read_flat("act_values", position, position + 1)[0])
