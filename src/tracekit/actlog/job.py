@@ -1,0 +1,252 @@
+"""The ``tracekit log`` job: QA questions -> prompts -> batched generation -> activation store.
+
+Per batch: greedy generation through the engine interface (:mod:`tracekit.generation`), then
+one teacher-forced forward over ``[left-padded prompt | response]`` under an
+:class:`~tracekit.actlog.logger.ActivationLogger`, then one store transaction. Prompts whose key
+is already in the store are skipped before generation, so a run killed at any point (SIGKILL
+included) and restarted logs every prompt exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from tracekit.actlog.logger import SequenceMode, StoreDtype
+from tracekit.actlog.prompts import (
+    DEFAULT_TEMPLATE,
+    check_template,
+    format_prompt,
+    prompt_token_ids,
+    read_qa_jsonl,
+    render_chat,
+)
+from tracekit.config import BatchSize, LayerSpec, TracekitConfig
+from tracekit.errors import ConfigError, StoreError
+from tracekit.storage.activation_store import ActivationStore, describe_mismatch
+
+logger = logging.getLogger(__name__)
+
+
+class LogConfig(TracekitConfig):
+    """Options of ``tracekit log``."""
+
+    qa: Path
+    """QA JSONL file: one object per line, the raw question in ``question_field``."""
+    lmdb: Path
+    """Store directory (created if missing; resumed if it exists)."""
+    model: str | None = None
+    revision: str | None = None
+    prompt_template: str = DEFAULT_TEMPLATE
+    chat: bool = False
+    """Format questions with the tokenizer's chat template instead of ``prompt_template``."""
+    question_field: str = "prompt"
+    layers: LayerSpec | None = None
+    """None: the model's last layer."""
+    sequence_mode: SequenceMode = "all"
+    dtype: StoreDtype = "float16"
+    """dtype of the stored activations."""
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    batch_size: BatchSize = 8
+    max_new_tokens: int = Field(64, ge=1, le=100_000)
+    engine: str = "hf"
+    allow_mixed: bool = False
+    skip_bad_lines: bool = False
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_placeholder(cls, value: str) -> str:
+        return check_template(value)
+
+
+@dataclass
+class LogResult:
+    """What a log run did."""
+
+    store: str
+    model: str
+    layers: list[int]
+    qa_rows: int
+    unique_prompts: int
+    already_logged: int
+    logged: int
+    bad_lines: int
+    batches: int
+    bytes_written: int
+    seconds: float
+    bad_line_numbers: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "bad_line_numbers"}
+
+
+BatchCallback = Callable[[int, int, int], None]
+"""``(entries in this batch, bytes written, entries this run will log)``: called once with
+``(0, 0, total)`` before the first batch, then after each committed batch."""
+
+
+def _precheck_store(cfg: LogConfig) -> None:
+    """Refuse a store from another model before spending time on loading one."""
+    if cfg.allow_mixed or not cfg.lmdb.exists():
+        return
+    if cfg.lmdb.is_dir() and not any(cfg.lmdb.iterdir()):
+        return
+    from tracekit.models.embedded import EMBEDDED_MODEL_NAME
+
+    name = cfg.model or EMBEDDED_MODEL_NAME
+    with ActivationStore(cfg.lmdb) as store:
+        records = list(store.provenance.values())
+    if records and all(r.get("model") != name for r in records):
+        raise StoreError(
+            f"store {cfg.lmdb} was written by another setup: "
+            f"{describe_mismatch(records[0], {**records[0], 'model': name})}",
+            "log into a new --lmdb path, or pass --allow-mixed to keep both in one store",
+        )
+
+
+def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> LogResult:
+    """Run the log job described by ``cfg`` (see the module docstring)."""
+    import torch
+
+    from tracekit.actlog.logger import ActivationLogger, build_provenance
+    from tracekit.generation.engine import (
+        GenerationParams,
+        create_engine,
+        left_pad,
+        position_ids_from_mask,
+    )
+    from tracekit.generation.hf_engine import forward_kwargs, input_device
+    from tracekit.models.loading import ModelConfig, load_model
+    from tracekit.storage.activation_store import prompt_key
+
+    started = time.perf_counter()
+    qa = read_qa_jsonl(cfg.qa, cfg.question_field, cfg.skip_bad_lines)
+    _precheck_store(cfg)
+    loaded = load_model(
+        ModelConfig(
+            model=cfg.model, revision=cfg.revision, dtype=cfg.model_dtype, device=cfg.device
+        )
+    )
+    try:
+        layers = (
+            (loaded.n_layers - 1,) if cfg.layers is None else cfg.layers.resolve(loaded.n_layers)
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--layers: {exc} for {loaded.name}") from None
+    tokenizer = loaded.tokenizer
+    prompts = [
+        render_chat(tokenizer, q) if cfg.chat else format_prompt(cfg.prompt_template, q)
+        for q in qa.questions
+    ]
+    params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0)
+    provenance = build_provenance(
+        loaded.model,
+        tokenizer,
+        layers=layers,
+        sequence_mode=cfg.sequence_mode,
+        dtype=cfg.dtype,
+        model_name=loaded.name,
+        revision=cfg.revision,
+        model_arg=cfg.model,
+        prompt_template=None if cfg.chat else cfg.prompt_template,
+        chat=cfg.chat,
+        generation=params.model_dump(),
+    )
+    engine = create_engine(cfg.engine, loaded)
+    device = input_device(loaded)
+    extra = forward_kwargs(loaded.model)
+    pad_id = int(tokenizer.pad_token_id)
+
+    logged = batches = written = 0
+    with ActivationLogger(
+        cfg.lmdb,
+        loaded.model,
+        tokenizer,
+        layers=layers,
+        sequence_mode=cfg.sequence_mode,
+        dtype=cfg.dtype,
+        provenance=provenance,
+        allow_mixed=cfg.allow_mixed,
+    ) as act_log:
+        done = act_log.existing_keys()
+        todo: dict[str, int] = {}  # key -> first QA row with that prompt (duplicates log once)
+        for index, prompt in enumerate(prompts):
+            todo.setdefault(prompt_key(prompt), index)
+        unique = len(todo)
+        pending = [index for key, index in todo.items() if key not in done]
+        already = unique - len(pending)
+        if on_batch is not None:
+            on_batch(0, 0, len(pending))
+        for start in range(0, len(pending), cfg.batch_size):
+            rows = pending[start : start + cfg.batch_size]
+            texts = [prompts[i] for i in rows]
+            ids = [prompt_token_ids(tokenizer, t) for t in texts]
+            with act_log.paused():
+                out = engine.generate(ids, params)
+            prompt_ids, prompt_mask = left_pad(ids, pad_id, device)
+            full_ids, full_mask = prompt_ids, prompt_mask
+            if cfg.sequence_mode != "prompt" and max(len(r) for r in out.response_ids) > 0:
+                resp_ids, resp_mask = _right_pad(out.response_ids, pad_id, device)
+                full_ids = torch.cat([prompt_ids, resp_ids], dim=1)
+                full_mask = torch.cat([prompt_mask, resp_mask], dim=1)
+            with torch.inference_mode():
+                loaded.model(
+                    input_ids=full_ids,
+                    attention_mask=full_mask,
+                    position_ids=position_ids_from_mask(full_mask),
+                    use_cache=False,
+                    **extra,
+                )
+            metadata = [
+                {
+                    "question": qa.questions[i],
+                    "messages": [{"role": "user", "content": qa.questions[i]}]
+                    if cfg.chat
+                    else None,
+                    "trim_position": len(out.response_ids[j])
+                    if out.finish_reasons[j] == "eos"
+                    else None,
+                    "finish_reason": out.finish_reasons[j],
+                }
+                for j, i in enumerate(rows)
+            ]
+            size = act_log.log(texts, prompt_mask, out.response_ids, out.texts, metadata)
+            logged += len(rows)
+            batches += 1
+            written += size
+            if on_batch is not None:
+                on_batch(len(rows), size, len(pending))
+    return LogResult(
+        store=str(cfg.lmdb),
+        model=loaded.name,
+        layers=list(layers),
+        qa_rows=len(qa.rows),
+        unique_prompts=unique,
+        already_logged=already,
+        logged=logged,
+        bad_lines=len(qa.bad_lines),
+        batches=batches,
+        bytes_written=written,
+        seconds=time.perf_counter() - started,
+        bad_line_numbers=qa.bad_lines,
+    )
+
+
+def _right_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+    """``(ids, mask)`` with padding on the right (responses follow the left-padded prompts)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,660 @@
+"""The LMDB activation store: on-disk format, writer (batched, growing, resumable) and reader.
+
+A store is one LMDB environment (a directory holding ``data.mdb`` and ``lock.mdb``) with
+three named databases:
+
+- ``activations``: key -> one value per entry holding every logged layer as a raw array:
+  ``b"TKA1"``, a little-endian ``uint32`` header length, a JSON header
+  ``{"arrays": [[name, dtype, shape, offset, nbytes], ...], "crc32": n}``, then the array bytes
+  (each array starts at a 16-byte aligned offset). No pickle anywhere: reading a store never
+  runs code from it.
+- ``meta``: key -> UTF-8 JSON object (prompt, generation, model, input_length, timestamp, ...).
+  Kept apart so ``reconstruct`` and ``stats`` read metadata without touching activations.
+- ``info``: ``format`` and one ``provenance/<id>`` JSON record per distinct run setup (model,
+  revision, tokenizer/template hashes, generation parameters, layers, ...). A writer refuses a
+  setup the store has not seen unless told to mix.
+
+Keys are the SHA-256 hex digest of the formatted prompt (UTF-8), as the original activation
+logger wrote them, so existing tools find entries by prompt. Each :meth:`ActivationStoreWriter.
+write_batch` is one write transaction: a process killed at any point leaves every batch either
+fully written or absent, and a restart skips keys already present. ``map_size`` starts small and
+doubles on ``MapFullError`` (the failed transaction is aborted and retried).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import struct
+import warnings
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tracekit.errors import StoreError
+
+if TYPE_CHECKING:
+    import lmdb
+
+logger = logging.getLogger(__name__)
+
+STORE_FORMAT = "tracekit-activation-store/1"
+MAGIC = b"TKA1"
+_HEADER_LEN = struct.Struct("<I")
+_ALIGN = 16
+DB_ACTIVATIONS = b"activations"
+DB_META = b"meta"
+DB_INFO = b"info"
+_PROVENANCE_PREFIX = b"provenance/"
+INITIAL_MAP_SIZE = 64 << 20
+MAX_MAP_SIZE = 1 << 44  # 16 TiB: a guard against doubling forever on a broken filesystem
+DTYPES = ("float16", "bfloat16", "float32")
+
+PROVENANCE_COMPAT_FIELDS = (
+    "model",
+    "revision",
+    "tokenizer_sha256",
+    "prompt_format",
+    "prompt_format_sha256",
+    "generation",
+    "layers",
+    "sequence_mode",
+    "dtype",
+    "model_dtype",
+)
+"""Fields of a provenance record that must agree for entries to share a store."""
+
+
+def prompt_key(prompt: str) -> str:
+    """The store key of a formatted prompt: SHA-256 hex digest of its UTF-8 bytes."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def provenance_id(record: Mapping[str, Any]) -> str:
+    """Short stable id of the compatibility-relevant part of a provenance record."""
+    compat = {name: record.get(name) for name in PROVENANCE_COMPAT_FIELDS}
+    text = json.dumps(compat, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+# --- value format ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArraySpec:
+    """Where one array sits inside an activations value."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _as_bytes_and_dtype(value: Any) -> tuple[memoryview | bytes, str, tuple[int, ...]]:
+    """Raw bytes, dtype name and shape of a numpy array or torch tensor (bf16 included)."""
+    import numpy as np
+
+    if type(value).__module__.startswith("torch"):
+        tensor = value.detach().to("cpu").contiguous()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        shape = tuple(int(s) for s in tensor.shape)
+        if dtype == "bfloat16":  # numpy has no bfloat16: ship the raw 16-bit patterns
+            import torch
+
+            return tensor.view(torch.int16).numpy().tobytes(), dtype, shape
+        value = tensor.numpy()
+    arr = np.ascontiguousarray(value)
+    if arr.dtype.hasobject:
+        raise TypeError("object arrays cannot be stored (they would need pickle)")
+    return arr.data.cast("B"), arr.dtype.name, tuple(int(s) for s in arr.shape)
+
+
+def encode_arrays(arrays: Mapping[str, Any]) -> bytes:
+    """Pack named arrays (numpy or torch) into one activations value."""
+    parts: list[tuple[str, str, tuple[int, ...], memoryview | bytes]] = []
+    for name, value in arrays.items():
+        data, dtype, shape = _as_bytes_and_dtype(value)
+        parts.append((name, dtype, shape, data))
+    # Offsets are relative to the payload start; the payload is aligned after the header.
+    specs: list[list[Any]] = []
+    offset = 0
+    for name, dtype, shape, data in parts:
+        offset = -(-offset // _ALIGN) * _ALIGN
+        specs.append([name, dtype, list(shape), offset, len(data)])
+        offset += len(data)
+    payload = bytearray(offset)
+    for spec, (_, _, _, data) in zip(specs, parts, strict=True):
+        payload[spec[3] : spec[3] + spec[4]] = data
+    header = json.dumps(
+        {"arrays": specs, "crc32": zlib.crc32(payload)}, separators=(",", ":")
+    ).encode("utf-8")
+    start = len(MAGIC) + _HEADER_LEN.size + len(header)
+    pad = -start % _ALIGN
+    return b"".join([MAGIC, _HEADER_LEN.pack(len(header) + pad), header, b" " * pad, payload])
+
+
+def read_header(value: bytes | memoryview) -> tuple[list[ArraySpec], int, int]:
+    """(array specs, payload start, crc32) of an activations value; ``ValueError`` if corrupt."""
+    view = memoryview(value)
+    if len(view) < 8 or bytes(view[:4]) != MAGIC:
+        raise ValueError("not a tracekit activations value (bad magic)")
+    (length,) = _HEADER_LEN.unpack(view[4:8])
+    start = 8 + length
+    if start > len(view):
+        raise ValueError("activations header runs past the end of the value")
+    try:
+        header = json.loads(bytes(view[8:start]))
+        specs = [
+            ArraySpec(str(n), str(d), tuple(int(s) for s in shape), int(o), int(b))
+            for n, d, shape, o, b in header["arrays"]
+        ]
+        crc = int(header["crc32"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"unreadable activations header: {exc}") from None
+    for spec in specs:
+        if spec.dtype not in DTYPES and spec.dtype not in ("float64", "int64", "int32"):
+            raise ValueError(f"array {spec.name!r} has unsupported dtype {spec.dtype!r}")
+        if start + spec.offset + spec.nbytes > len(view):
+            raise ValueError(f"array {spec.name!r} runs past the end of the value")
+    return specs, start, crc
+
+
+def decode_arrays(
+    value: bytes | memoryview, verify: bool = True, as_torch: bool = False
+) -> dict[str, Any]:
+    """Named arrays of an activations value, as views of ``value`` where possible.
+
+    numpy arrays are read-only views (no copy) except bfloat16, which numpy lacks: those come
+    back as float32 copies, or as zero-copy ``torch.bfloat16`` tensors with ``as_torch=True``.
+    ``verify`` checks the payload CRC and raises ``ValueError`` on a mismatch.
+    """
+    import numpy as np
+
+    view = memoryview(value)
+    specs, start, crc = read_header(view)
+    if verify:
+        end = start + max((s.offset + s.nbytes for s in specs), default=0)
+        if zlib.crc32(view[start:end]) != crc:
+            raise ValueError("activations payload does not match its checksum")
+    out: dict[str, Any] = {}
+    if as_torch:
+        import torch
+
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+    for spec in specs:
+        raw = view[start + spec.offset : start + spec.offset + spec.nbytes]
+        if spec.dtype == "bfloat16":
+            bits = np.frombuffer(raw, dtype=np.uint16).reshape(spec.shape)
+            if as_torch:
+                out[spec.name] = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+            else:
+                out[spec.name] = (bits.astype(np.uint32) << 16).view(np.float32)
+            continue
+        arr = np.frombuffer(raw, dtype=np.dtype(spec.dtype)).reshape(spec.shape)
+        if as_torch:
+            out[spec.name] = torch.from_numpy(arr)
+        else:
+            out[spec.name] = arr
+    return out
+
+
+# --- opening ----------------------------------------------------------------------------------
+def _check_store_path(path: Path, for_writing: bool) -> None:
+    if not path.exists():
+        if for_writing:
+            return
+        raise StoreError(
+            f"activation store not found: {path}", "check the --lmdb path (a directory)"
+        )
+    if not path.is_dir():
+        raise StoreError(
+            f"{path} is not an LMDB store (it is a file, not a store directory)",
+            "point at the directory that holds data.mdb",
+        )
+    if not (path / "data.mdb").is_file():
+        if for_writing and not any(path.iterdir()):
+            return
+        raise StoreError(
+            f"{path} is not an LMDB store (no data.mdb inside)",
+            "point at the directory that holds data.mdb, or give a new path to create one",
+        )
+
+
+def _open_env(path: Path, readonly: bool, map_size: int = INITIAL_MAP_SIZE) -> lmdb.Environment:
+    import lmdb
+
+    try:
+        return lmdb.open(
+            str(path),
+            map_size=map_size,
+            max_dbs=4,
+            subdir=True,
+            readonly=readonly,
+            create=not readonly,
+            readahead=False,
+            meminit=False,
+        )
+    except lmdb.Error as exc:
+        raise StoreError(
+            f"{path} is not a readable LMDB store: {str(exc).splitlines()[0]}",
+            "check the path; a store is the directory that holds data.mdb",
+        ) from exc
+
+
+def _open_dbs(env: lmdb.Environment, path: Path, create: bool) -> tuple[Any, Any, Any]:
+    import lmdb
+
+    try:
+        if create:
+            with env.begin(write=True) as txn:
+                dbs = tuple(
+                    env.open_db(name, txn=txn) for name in (DB_ACTIVATIONS, DB_META, DB_INFO)
+                )
+                fmt = txn.get(b"format", db=dbs[2])
+                if fmt is None and txn.stat(dbs[1])["entries"] == 0:
+                    txn.put(b"format", STORE_FORMAT.encode(), db=dbs[2])
+                    fmt = STORE_FORMAT.encode()
+        else:
+            # no txn argument: py-lmdb opens and commits its own, so the handles outlive it
+            dbs = tuple(
+                env.open_db(name, create=False) for name in (DB_ACTIVATIONS, DB_META, DB_INFO)
+            )
+            with env.begin() as txn:
+                fmt = txn.get(b"format", db=dbs[2])
+    except (lmdb.NotFoundError, lmdb.IncompatibleError, lmdb.InvalidError) as exc:
+        raise StoreError(
+            f"{path} is an LMDB database but not a tracekit activation store "
+            "(no activations/meta/info databases)",
+            "stores written by other tools (e.g. pickled values) are not read; "
+            "re-log with 'tracekit log'",
+        ) from exc
+    if fmt is None or bytes(fmt).decode("utf-8", "replace") != STORE_FORMAT:
+        shown = None if fmt is None else bytes(fmt).decode("utf-8", "replace")
+        raise StoreError(
+            f"{path} has store format {shown!r}, expected {STORE_FORMAT!r}",
+            "use a tracekit version that wrote this store, or re-log",
+        )
+    return dbs  # type: ignore[return-value]
+
+
+def _read_provenance(txn: Any, info_db: Any) -> dict[str, dict[str, Any]]:
+    records: dict[str, dict[str, Any]] = {}
+    with txn.cursor(db=info_db) as cursor:
+        if not cursor.set_range(_PROVENANCE_PREFIX):
+            return records
+        for key, value in cursor:
+            key = bytes(key)
+            if not key.startswith(_PROVENANCE_PREFIX):
+                break
+            with contextlib.suppress(ValueError):
+                records[key[len(_PROVENANCE_PREFIX) :].decode()] = json.loads(bytes(value))
+    return records
+
+
+def describe_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """The first compatibility field that differs, as ``field 'old' != 'new'``."""
+    for name in PROVENANCE_COMPAT_FIELDS:
+        if old.get(name) != new.get(name):
+            return f"{name} {_short(old.get(name))} (store) != {_short(new.get(name))} (this run)"
+    return "provenance differs"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --- writer -----------------------------------------------------------------------------------
+@dataclass
+class PendingEntry:
+    """One entry to write: its key, its metadata and its named arrays (may be empty)."""
+
+    key: str
+    metadata: dict[str, Any]
+    arrays: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ActivationStoreWriter:
+    """Writes batches of entries into a store; one LMDB transaction per batch.
+
+    Opening checks ``provenance`` against the store's records: a new setup is refused unless
+    ``allow_mixed`` (then it is recorded next to the old ones). Entries carry the id of the
+    provenance they were written under (``metadata["provenance_id"]``).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        provenance: Mapping[str, Any],
+        allow_mixed: bool = False,
+        initial_map_size: int = INITIAL_MAP_SIZE,
+    ) -> None:
+        self.path = Path(path)
+        _check_store_path(self.path, for_writing=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.env = _open_env(self.path, readonly=False, map_size=initial_map_size)
+        try:
+            self._dbs = _open_dbs(self.env, self.path, create=True)
+            self.provenance = dict(provenance)
+            self.provenance_id = provenance_id(self.provenance)
+            self._register_provenance(allow_mixed)
+        except BaseException:
+            self.env.close()
+            raise
+
+    def _register_provenance(self, allow_mixed: bool) -> None:
+        with self.env.begin() as txn:
+            known = _read_provenance(txn, self._dbs[2])
+        if self.provenance_id in known:
+            return
+        if known and not allow_mixed:
+            old = next(iter(known.values()))
+            mismatch = describe_mismatch(old, self.provenance)
+            raise StoreError(
+                f"store {self.path} was written by another setup: {mismatch}",
+                "log into a new --lmdb path, or pass --allow-mixed to keep both in one store",
+            )
+        key = _PROVENANCE_PREFIX + self.provenance_id.encode()
+        value = json.dumps(self.provenance, sort_keys=True).encode("utf-8")
+        self._write(lambda txn: txn.put(key, value, db=self._dbs[2]))
+
+    def existing_keys(self) -> set[str]:
+        """Keys already in the store (entries with metadata)."""
+        with self.env.begin() as txn, txn.cursor(db=self._dbs[1]) as cursor:
+            return {bytes(k).decode("utf-8", "replace") for k in cursor.iternext(values=False)}
+
+    def write_batch(self, entries: Sequence[PendingEntry]) -> int:
+        """Write ``entries`` in one transaction (growing the map as needed); returns bytes."""
+        encoded = []
+        for entry in entries:
+            metadata = {**entry.metadata, "provenance_id": self.provenance_id}
+            meta = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
+            acts = encode_arrays(entry.arrays) if entry.arrays else None
+            encoded.append((entry.key.encode("utf-8"), meta, acts))
+        act_db, meta_db, _ = self._dbs
+
+        def put_all(txn: Any) -> None:
+            for key, meta, acts in encoded:
+                if acts is not None:
+                    txn.put(key, acts, db=act_db)
+                txn.put(key, meta, db=meta_db)
+
+        self._write(put_all)
+        return sum(len(m) + (len(a) if a else 0) for _, m, a in encoded)
+
+    def _write(self, body: Any) -> None:
+        import lmdb
+
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    body(txn)
+                return
+            except lmdb.MapFullError:
+                size = int(self.env.info()["map_size"])
+                if size * 2 > MAX_MAP_SIZE:
+                    raise StoreError(
+                        f"store {self.path} cannot grow past {size >> 20} MiB",
+                        "check free disk space",
+                    ) from None
+                logger.info(
+                    "store %s full at %d MiB: growing to %d MiB", self.path, size >> 20, size >> 19
+                )
+                self.env.set_mapsize(size * 2)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> ActivationStoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- reader -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoreEntry:
+    """One entry read from a store: key, metadata and named arrays (``None`` when absent)."""
+
+    key: str
+    metadata: dict[str, Any]
+    arrays: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """What ``tracekit log stats`` shows about a store."""
+
+    path: str
+    entries: int
+    with_activations: int
+    arrays: dict[str, dict[str, Any]]
+    activation_bytes: int
+    metadata_bytes: int
+    file_bytes: int
+    map_size: int
+    provenance: dict[str, dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "entries": self.entries,
+            "with_activations": self.with_activations,
+            "arrays": self.arrays,
+            "activation_bytes": self.activation_bytes,
+            "metadata_bytes": self.metadata_bytes,
+            "file_bytes": self.file_bytes,
+            "map_size": self.map_size,
+            "provenance": self.provenance,
+        }
+
+
+class ActivationStore:
+    """A read-only view of a store. Open with :func:`open_store`; close (or ``with``) when done.
+
+    ``get``/``get_by_prompt``/iteration return copies that outlive any transaction.
+    :meth:`view` yields zero-copy numpy views into LMDB's memory map: they are valid only
+    inside its ``with`` block (the read transaction); copy what you keep (``arr.copy()``).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        _check_store_path(self.path, for_writing=False)
+        self.env = _open_env(self.path, readonly=True)
+        try:
+            self._act_db, self._meta_db, self._info_db = _open_dbs(
+                self.env, self.path, create=False
+            )
+        except BaseException:
+            self.env.close()
+            raise
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- metadata ------------------------------------------------------------------------
+    @property
+    def provenance(self) -> dict[str, dict[str, Any]]:
+        """Provenance records by id (one per run setup that wrote into the store)."""
+        with self.env.begin() as txn:
+            return _read_provenance(txn, self._info_db)
+
+    def __len__(self) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self._meta_db)["entries"])
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        with self.env.begin(buffers=True) as txn:
+            return txn.get(key.encode(), db=self._meta_db) is not None
+
+    def keys(self) -> Iterator[str]:
+        """Every entry key, in key order."""
+        with self.env.begin() as txn, txn.cursor(db=self._meta_db) as cursor:
+            for key in cursor.iternext(values=False):
+                yield bytes(key).decode("utf-8", "replace")
+
+    def metadata(self, key: str) -> dict[str, Any] | None:
+        """The metadata of ``key``, or ``None`` when absent; ``ValueError`` when corrupt."""
+        with self.env.begin(buffers=True) as txn:
+            raw = txn.get(key.encode(), db=self._meta_db)
+            return None if raw is None else _decode_meta(raw)
+
+    def iter_raw_metadata(self) -> Iterator[tuple[str, bytes, str]]:
+        """(key, metadata bytes, activations status) for every entry, in key order.
+
+        The status is ``ok``, ``missing`` or ``corrupt`` (unreadable header); only the header
+        is read, never the arrays. For tools that count bad entries instead of stopping.
+        """
+        with (
+            self.env.begin(buffers=True) as txn,
+            txn.cursor(db=self._meta_db) as cursor,
+            txn.cursor(db=self._act_db) as acts,
+        ):
+            for key, value in cursor:
+                act = acts.get(bytes(key))
+                status = "missing"
+                if act is not None:
+                    try:
+                        read_header(act)
+                        status = "ok"
+                    except ValueError:
+                        status = "corrupt"
+                yield bytes(key).decode("utf-8", "replace"), bytes(value), status
+
+    # --- entries -------------------------------------------------------------------------
+    def get(self, key: str, verify: bool = True) -> StoreEntry | None:
+        """The entry at ``key`` with copied arrays, or ``None``; ``StoreError`` when corrupt."""
+        with self.env.begin(buffers=True) as txn:
+            raw_meta = txn.get(key.encode(), db=self._meta_db)
+            if raw_meta is None:
+                return None
+            raw_acts = txn.get(key.encode(), db=self._act_db)
+            try:
+                meta = _decode_meta(raw_meta)
+                arrays = None
+                if raw_acts is not None:
+                    views = decode_arrays(raw_acts, verify=verify)
+                    arrays = {name: _copy(arr) for name, arr in views.items()}
+            except ValueError as exc:
+                raise StoreError(f"entry {key} in {self.path} is corrupt: {exc}") from None
+        return StoreEntry(key=key, metadata=meta, arrays=arrays)
+
+    def get_by_prompt(self, prompt: str) -> StoreEntry | None:
+        """The entry logged for the formatted ``prompt`` (looked up by its SHA-256 key)."""
+        return self.get(prompt_key(prompt))
+
+    @contextlib.contextmanager
+    def view(self, key: str, as_torch: bool = False) -> Iterator[dict[str, Any] | None]:
+        """Zero-copy arrays of ``key`` (``None`` when absent), valid only inside the block.
+
+        The arrays point into LMDB's memory map through a read transaction that ends with the
+        block; using them afterwards reads freed memory. bfloat16 arrays are float32 copies
+        unless ``as_torch`` (then zero-copy ``torch.bfloat16`` tensors).
+        """
+        with self.env.begin(buffers=True) as txn:
+            raw = txn.get(key.encode(), db=self._act_db)
+            try:
+                yield None if raw is None else decode_arrays(raw, verify=False, as_torch=as_torch)
+            except ValueError as exc:
+                raise StoreError(f"entry {key} in {self.path} is corrupt: {exc}") from None
+
+    def __iter__(self) -> Iterator[StoreEntry]:
+        """Every entry (copies), in key order; corrupt entries raise :class:`StoreError`."""
+        for key in list(self.keys()):
+            entry = self.get(key)
+            if entry is not None:
+                yield entry
+
+    def stats(self) -> StoreStats:
+        """Entries, layers/dtypes/shapes, bytes and provenance, from headers only."""
+        arrays: dict[str, dict[str, Any]] = {}
+        with_acts = act_bytes = meta_bytes = 0
+        with self.env.begin(buffers=True) as txn:
+            entries = int(txn.stat(self._meta_db)["entries"])
+            with txn.cursor(db=self._meta_db) as cursor:
+                for _, value in cursor:
+                    meta_bytes += len(value)
+            with txn.cursor(db=self._act_db) as cursor:
+                for _, value in cursor:
+                    act_bytes += len(value)
+                    try:
+                        specs, _, _ = read_header(value)
+                    except ValueError:
+                        continue
+                    with_acts += 1
+                    for spec in specs:
+                        info = arrays.setdefault(
+                            spec.name,
+                            {
+                                "dtype": spec.dtype,
+                                "width": spec.shape[1:],
+                                "entries": 0,
+                                "positions": 0,
+                            },
+                        )
+                        info["entries"] += 1
+                        info["positions"] += spec.shape[0] if spec.shape else 1
+        data = self.path / "data.mdb"
+        return StoreStats(
+            path=str(self.path),
+            entries=entries,
+            with_activations=with_acts,
+            arrays={k: arrays[k] for k in sorted(arrays, key=_layer_sort_key)},
+            activation_bytes=act_bytes,
+            metadata_bytes=meta_bytes,
+            file_bytes=data.stat().st_size if data.exists() else 0,
+            map_size=int(self.env.info()["map_size"]),
+            provenance=self.provenance,
+        )
+
+
+def _layer_sort_key(name: str) -> tuple[int, str]:
+    suffix = name.rsplit("_", 1)[-1]
+    return (int(suffix), name) if suffix.isdigit() else (1 << 30, name)
+
+
+def _decode_meta(raw: bytes | memoryview) -> dict[str, Any]:
+    meta = json.loads(bytes(raw))
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a JSON object")
+    return meta
+
+
+def _copy(arr: Any) -> Any:
+    return arr.clone() if hasattr(arr, "clone") else arr.copy()
+
+
+def open_store(path: str | Path) -> ActivationStore:
+    """Open an activation store for reading (``StoreError`` if ``path`` is not one)."""
+    return ActivationStore(path)
+
+
+__all__ = [
+    "MAGIC",
+    "STORE_FORMAT",
+    "ActivationStore",
+    "ActivationStoreWriter",
+    "ArraySpec",
+    "PendingEntry",
+    "StoreEntry",
+    "StoreStats",
+    "decode_arrays",
+    "encode_arrays",
+    "open_store",
+    "prompt_key",
+    "provenance_id",
+    "read_header",
+]
