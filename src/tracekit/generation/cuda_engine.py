@@ -1,0 +1,1061 @@
+"""Fast generation with capture: static KV cache, CUDA-graph decode steps, sampling on the device.
+
+This module owns the decode loop of tracekit's CUDA engine (docs/engine.md). It works on a raw
+Hugging Face causal LM and left-padded token ids, so it can be tested and benchmarked on its own;
+the engine interface of :mod:`tracekit.generation.engine` wraps it.
+
+How one batch runs:
+
+1. **Prefill** goes through the HF model itself (one forward over the padded prompts, with
+   :class:`~tracekit.models.LayerTaps` pooling ``prompt_last`` / ``prompt_avg``), so prompt
+   numerics are exactly the reference path's. Its keys and values are copied into a preallocated
+   static cache ``[batch, kv_heads, prompt_len + max_new_tokens, head_dim]`` per layer.
+2. **Decode** runs a functional re-implementation of the Llama-family decoder block
+   (Llama, Mistral, Qwen2, Qwen3) over the static cache, one token per row per step. Every piece
+   of per-step state lives in device tensors owned by the runner (current token, step counter,
+   finished flags, pooled sums), so a whole step, sampling and capture included, is recorded once
+   as a CUDA graph and replayed ``max_new_tokens`` times with no host work but the replay call.
+   The pointwise parts are fused by ``torch.compile`` (default mode, no inductor cudagraphs: the
+   graph is captured here, so buffers the step mutates never make inductor skip it).
+3. **Stopping** is per row on the device (``alive`` flags); the host reads one flag every
+   ``check_every`` steps and stops early once every row is done.
+4. **Capture** adds each chosen layer's state, weighted by 1 for tokens that belong to the
+   response and 0 otherwise, into float32 sums in graph-owned buffers.
+
+Definitions shared with the reference engine (``response_avg``): the mean over the response
+tokens' residual states, where a token's state is the one computed when the token is fed to the
+model, so the last response token is fed once more at the end (its logits are discarded). The
+eos token that ends a row is not part of the response unless ``include_eos`` is set.
+
+Sampling uses a counter-based hash of ``(row seed, token index, vocabulary index)`` for its
+noise (Gumbel-max through exponential races), so a row's sample depends on its own seed and
+logits only, never on which rows share its batch, and is the same on CPU and CUDA for equal
+logits.
+
+On CPU (and wherever CUDA graphs are off) the same code runs eagerly; this is how the CPU tests
+check it against the HF reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from tracekit.errors import InputError, ModelError
+from tracekit.models.capture import LayerTaps
+from tracekit.models.layers import LayerHandles
+
+if TYPE_CHECKING:
+    import torch
+
+    from tracekit.generation.engine import CaptureSpec, GenerationOutput, GenerationParams, Prompt
+    from tracekit.models.loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+POOLINGS = ("response_avg", "prompt_last", "prompt_avg")
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+# --------------------------------------------------------------------------------------------
+# What the fast path supports
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Shape constants of a Llama-family decoder, read once from the model's config."""
+
+    n_blocks: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    scaling: float
+    vocab: int
+    sliding_window: int | None
+
+
+def _text_config(model: Any) -> Any:
+    cfg = model.config
+    getter = getattr(cfg, "get_text_config", None)
+    return getter() if callable(getter) else cfg
+
+
+def _rope_type(cfg: Any) -> str:
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(params, dict):
+        value = params.get("rope_type", params.get("type", "default"))
+        return str(value or "default")
+    return "default"
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why the fast decode path cannot run ``model``; ``None`` when it can."""
+    cfg = _text_config(model)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type '{model_type}' (fast path supports {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation '{cfg.hidden_act}' (fast path supports silu)"
+    if getattr(cfg, "mlp_bias", False):
+        return "MLP biases"
+    if _rope_type(cfg) in _LENGTH_DEPENDENT_ROPE:
+        return f"rope type '{_rope_type(cfg)}' (its frequencies depend on the sequence length)"
+    if hasattr(model, "hf_device_map") and len(set(model.hf_device_map.values())) > 1:
+        return "a model split over several devices (device_map)"
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None or not hasattr(base, "rotary_emb") or not hasattr(base, "embed_tokens"):
+        return f"{type(model).__name__} has no embed_tokens/rotary_emb where Llama keeps them"
+    return None
+
+
+def decoder_spec(model: Any) -> DecoderSpec:
+    """Read the decoder's shape; raise :class:`ModelError` when the fast path cannot run it."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ModelError(
+            f"the CUDA engine cannot run this model: {reason}",
+            "use --engine reference (the HF engine works with every causal LM)",
+        )
+    cfg = _text_config(model)
+    n_heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        window = None
+    if model_type_uses_window_flag(cfg) and not getattr(cfg, "use_sliding_window", False):
+        window = None
+    return DecoderSpec(
+        n_blocks=int(cfg.num_hidden_layers),
+        hidden=int(cfg.hidden_size),
+        n_heads=n_heads,
+        n_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or n_heads),
+        head_dim=head_dim,
+        eps=float(cfg.rms_norm_eps),
+        scaling=head_dim**-0.5,
+        vocab=int(cfg.vocab_size),
+        sliding_window=int(window) if window else None,
+    )
+
+
+def model_type_uses_window_flag(cfg: Any) -> bool:
+    """Qwen configs carry a ``sliding_window`` that only counts when ``use_sliding_window``."""
+    return getattr(cfg, "model_type", None) in ("qwen2", "qwen3")
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------
+class LayerWeights(NamedTuple):
+    """One decoder block's tensors, detached; ``qkv``/``gate_up`` are row-fused when available."""
+
+    ln1: torch.Tensor
+    qkv: torch.Tensor | None
+    qkv_bias: torch.Tensor | None
+    q: torch.Tensor | None
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    ln2: torch.Tensor
+    gate_up: torch.Tensor | None
+    gate: torch.Tensor | None
+    up: torch.Tensor | None
+    down: torch.Tensor
+
+
+def _adjacent_rows(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when ``tensors`` already sit back to back in one storage (fused earlier)."""
+    first = tensors[0]
+    if not all(t.is_contiguous() and t.dtype == first.dtype for t in tensors):
+        return False
+    if len({t.untyped_storage().data_ptr() for t in tensors}) != 1:
+        return False
+    offset = first.storage_offset()
+    for t in tensors:
+        if t.storage_offset() != offset:
+            return False
+        offset += t.numel()
+    return True
+
+
+def _fuse_params(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """Re-lay ``params`` (same trailing shape) into one contiguous buffer and return it.
+
+    The parameters are re-pointed at row slices of the new buffer (values unchanged), so the HF
+    model keeps working and no weight is held twice: one matrix product then reads q, k and v
+    (or gate and up) in a single pass, which matters at small batch where each launch counts.
+    """
+    import torch
+
+    tensors = [p.detach() for p in params]
+    if _adjacent_rows(tensors):
+        first = tensors[0]
+        rows = sum(t.shape[0] for t in tensors)
+        return first.new_empty(0).set_(
+            first.untyped_storage(),
+            first.storage_offset(),
+            (rows, *first.shape[1:]),
+            first.stride(),
+        )
+    fused = torch.cat(tensors, dim=0)
+    start = 0
+    for param in params:
+        rows = param.shape[0]
+        param.data = fused[start : start + rows]
+        start += rows
+    return fused
+
+
+def _detached(t: Any) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def collect_weights(model: Any, handles: LayerHandles, *, fuse: bool) -> list[LayerWeights]:
+    """Per-block weights of a Llama-family model; ``fuse`` re-lays q/k/v and gate/up rows."""
+    layers = []
+    blocks: list[Any] = list(handles.blocks)
+    for block in blocks:
+        attn, mlp = block.self_attn, block.mlp
+        q_norm = getattr(attn, "q_norm", None)
+        k_norm = getattr(attn, "k_norm", None)
+        has_bias = attn.q_proj.bias is not None
+        qkv = qkv_bias = gate_up = None
+        if fuse:
+            qkv = _fuse_params([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            if has_bias:
+                qkv_bias = _fuse_params([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            gate_up = _fuse_params([mlp.gate_proj.weight, mlp.up_proj.weight])
+        layers.append(
+            LayerWeights(
+                ln1=block.input_layernorm.weight.detach(),
+                qkv=qkv,
+                qkv_bias=qkv_bias,
+                q=None if fuse else attn.q_proj.weight.detach(),
+                k=None if fuse else attn.k_proj.weight.detach(),
+                v=None if fuse else attn.v_proj.weight.detach(),
+                q_bias=None if fuse else _detached(attn.q_proj.bias),
+                k_bias=None if fuse else _detached(attn.k_proj.bias),
+                v_bias=None if fuse else _detached(attn.v_proj.bias),
+                q_norm=None if q_norm is None else q_norm.weight.detach(),
+                k_norm=None if k_norm is None else k_norm.weight.detach(),
+                o=attn.o_proj.weight.detach(),
+                o_bias=_detached(attn.o_proj.bias),
+                ln2=block.post_attention_layernorm.weight.detach(),
+                gate_up=gate_up,
+                gate=None if fuse else mlp.gate_proj.weight.detach(),
+                up=None if fuse else mlp.up_proj.weight.detach(),
+                down=mlp.down_proj.weight.detach(),
+            )
+        )
+    return layers
+
+
+# --------------------------------------------------------------------------------------------
+# Pure step functions (compiled on CUDA)
+# --------------------------------------------------------------------------------------------
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as LlamaRMSNorm: normalise in float32, scale in the model dtype.
+    import torch
+
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _attn_in(
+    h: torch.Tensor,
+    w: LayerWeights,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm, q/k/v projections and rotary embedding for one token per row: [B, heads, head_dim]."""
+    import torch.nn.functional as F
+
+    batch = h.shape[0]
+    x = _rms_norm(h, w.ln1, eps)
+    if w.qkv is not None:
+        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    else:
+        assert w.q is not None and w.k is not None and w.v is not None
+        q = F.linear(x, w.q, w.q_bias)
+        k = F.linear(x, w.k, w.k_bias)
+        v = F.linear(x, w.v, w.v_bias)
+    q = q.reshape(batch, n_heads, head_dim)
+    k = k.reshape(batch, n_kv, head_dim)
+    v = v.reshape(batch, n_kv, head_dim)
+    if w.q_norm is not None and w.k_norm is not None:
+        q = _rms_norm(q, w.q_norm, eps)
+        k = _rms_norm(k, w.k_norm, eps)
+    c, s = cos[:, None, :], sin[:, None, :]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    return q, k, v
+
+
+def _attn_out_mlp(
+    h: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    attn_bias: torch.Tensor,
+    w: LayerWeights,
+    cap: torch.Tensor | None,
+    cap_weight: torch.Tensor,
+    eps: float,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention over the static cache (GQA without repeating K/V), o_proj, MLP, residuals.
+
+    ``cap`` (float32 [B, hidden]) receives ``state * cap_weight`` in place: the capture hook of
+    the fast path, inside the captured step.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    batch, n_kv, _, head_dim = k_cache.shape
+    group = q.shape[1] // n_kv
+    qg = q.reshape(batch, n_kv, group, head_dim)
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scaling
+    scores = scores + attn_bias[:, None, None, :]
+    probs = torch.softmax(scores, dim=-1).to(v_cache.dtype)
+    attn = torch.matmul(probs, v_cache).reshape(batch, n_kv * group * head_dim)
+    h = h + F.linear(attn, w.o, w.o_bias)
+    x = _rms_norm(h, w.ln2, eps)
+    if w.gate_up is not None:
+        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+    else:
+        assert w.gate is not None and w.up is not None
+        gate, up = F.linear(x, w.gate), F.linear(x, w.up)
+    h = h + F.linear(F.silu(gate) * up, w.down)
+    if cap is not None:
+        cap.add_(h.float() * cap_weight[:, None])
+    return h
+
+
+def _prelude(
+    cur_tok: torch.Tensor,
+    embed: torch.Tensor,
+    slot: torch.Tensor,
+    pad_len: torch.Tensor,
+    slot_range: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    cap0: torch.Tensor | None,
+    cap_weight: torch.Tensor,
+    window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embedding, this step's rotary rows and the additive attention mask over cache slots."""
+    import torch
+    import torch.nn.functional as F
+
+    h = F.embedding(cur_tok, embed)
+    pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
+    cos, sin = cos_table[pos], sin_table[pos]
+    valid = (slot_range[None, :] >= pad_len[:, None]) & (slot_range[None, :] <= slot)
+    if window is not None:
+        valid = valid & (slot_range[None, :] > slot - window)
+    bias = torch.zeros(valid.shape, dtype=torch.float32, device=h.device)
+    bias = bias.masked_fill(~valid, float("-inf"))
+    if cap0 is not None:
+        cap0.add_(h.float() * cap_weight[:, None])
+    return h, cos, sin, bias
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    # lowbias32-style integer mixer on int64 holding 32-bit values; the multipliers are below
+    # 2**31 so no product overflows int64 on any backend.
+    mask = 0xFFFFFFFF
+    x = x & mask
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & mask
+    x = x ^ (x >> 15)
+    x = (x * 0x6A09E667) & mask
+    x = x ^ (x >> 16)
+    return x
+
+
+def uniform_noise(seeds: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform (0, 1) float32 noise [B, vocab] from (row seed, token index, vocab index) only."""
+    import torch
+
+    row = _hash32(_hash32(seeds) ^ (index * 0x61C88647))
+    cols = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    bits = _hash32(row[:, None] ^ ((cols * 0x2C1B3C6D) & 0xFFFFFFFF))
+    return ((bits >> 8).float() + 0.5) * (1.0 / 16777216.0)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    index: torch.Tensor,
+    do_sample: bool,
+    use_top_p: bool,
+) -> torch.Tensor:
+    """Next token per row: argmax, or a seeded sample with temperature and top-p (nucleus).
+
+    ``temperature``/``top_p`` are per row; a row with temperature 0 is greedy. Top-p keeps the
+    smallest set of most likely tokens whose mass reaches ``top_p`` (at least one token).
+    """
+    import torch
+
+    greedy = logits.argmax(dim=-1)
+    if not do_sample:
+        return greedy
+    temp = temperature.clamp(min=1e-5)
+    probs = torch.softmax(logits / temp[:, None], dim=-1)
+    if use_top_p:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    race = -torch.log(uniform_noise(seeds, index, logits.shape[-1]))
+    sampled = (probs / race).argmax(dim=-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def _advance(
+    logits: torch.Tensor,
+    st: _State,
+    eos_ids: torch.Tensor,
+    pad_id: int,
+    max_new: int,
+    include_eos: bool,
+    do_sample: bool,
+    use_top_p: bool,
+) -> None:
+    """Pick each row's next token and update the per-row bookkeeping, all on the device."""
+    import torch
+
+    index = st.step + 1  # index of the token being emitted (0 = first response token)
+    tok = sample_tokens(logits, st.temperature, st.top_p, st.seeds, index, do_sample, use_top_p)
+    alive = st.alive
+    tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+    st.out_tokens.index_copy_(1, index, tok[:, None])
+    is_eos = (tok[:, None] == eos_ids[None, :]).any(dim=-1) & alive
+    kept = alive if include_eos else alive & ~is_eos
+    st.n_kept.add_(kept.to(st.n_kept.dtype))
+    st.eos_hit.logical_or_(is_eos)
+    st.feed_weight.copy_(kept.to(st.feed_weight.dtype))
+    st.alive.copy_(alive & ~is_eos & (index + 1 < max_new))
+    st.cur_tok.copy_(tok)
+    st.step.add_(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Runner: buffers + graph for one shape
+# --------------------------------------------------------------------------------------------
+class _State(NamedTuple):
+    """Device tensors that one decode step reads and writes (static addresses)."""
+
+    cur_tok: torch.Tensor  # [B] long, token fed next
+    step: torch.Tensor  # [1] long, decode step; -1 before the first token is emitted
+    pad_len: torch.Tensor  # [B] long, left padding of each row
+    alive: torch.Tensor  # [B] bool, row still emitting tokens
+    feed_weight: torch.Tensor  # [B] float32, 1 when the token fed next belongs to the response
+    n_kept: torch.Tensor  # [B] long, response length so far
+    eos_hit: torch.Tensor  # [B] bool
+    out_tokens: torch.Tensor  # [B, max_new + 1] long
+    temperature: torch.Tensor  # [B] float32
+    top_p: torch.Tensor  # [B] float32
+    seeds: torch.Tensor  # [B] long
+
+
+@dataclass(frozen=True)
+class RunKey:
+    batch: int
+    prompt_len: int
+    max_new_tokens: int
+    do_sample: bool
+    use_top_p: bool
+
+
+@dataclass
+class FastResult:
+    """Output of :meth:`FastDecoder.generate` (host tensors)."""
+
+    tokens: list[list[int]]
+    """Response token ids per row (eos excluded unless ``include_eos``)."""
+    finish_reasons: list[str]
+    """``"eos"`` or ``"length"`` per row."""
+    pooled: dict[str, torch.Tensor]
+    """pooling name -> float32 [B, n_layers, hidden] (layers in the order asked)."""
+    decode_steps: int
+    """Decode steps run (graph replays, or eager steps)."""
+
+
+class _Runner:
+    """Static buffers (KV cache, state, pooled sums) and the captured step for one RunKey."""
+
+    def __init__(self, dec: FastDecoder, key: RunKey) -> None:
+        import torch
+
+        self.dec = dec
+        self.key = key
+        spec, dev = dec.spec, dec.device
+        b, p, t = key.batch, key.prompt_len, key.max_new_tokens
+        self.total_len = p + t
+        if spec.sliding_window is not None and self.total_len > spec.sliding_window:
+            # The prefill cache of HF keeps only the window; re-deriving it is not worth it here.
+            raise ModelError(
+                f"prompt + new tokens ({self.total_len}) exceed the sliding window "
+                f"({spec.sliding_window}) of this model",
+                "use --engine reference for sequences longer than the window",
+            )
+        cache_shape = (b, spec.n_kv_heads, self.total_len, spec.head_dim)
+        self.k_cache = [torch.zeros(cache_shape, dtype=dec.dtype, device=dev) for _ in dec.weights]
+        self.v_cache = [torch.zeros(cache_shape, dtype=dec.dtype, device=dev) for _ in dec.weights]
+        self.slot_range = torch.arange(self.total_len, device=dev)
+        self.st = _State(
+            cur_tok=torch.zeros(b, dtype=torch.long, device=dev),
+            step=torch.zeros(1, dtype=torch.long, device=dev),
+            pad_len=torch.zeros(b, dtype=torch.long, device=dev),
+            alive=torch.zeros(b, dtype=torch.bool, device=dev),
+            feed_weight=torch.zeros(b, dtype=torch.float32, device=dev),
+            n_kept=torch.zeros(b, dtype=torch.long, device=dev),
+            eos_hit=torch.zeros(b, dtype=torch.bool, device=dev),
+            out_tokens=torch.zeros(b, t + 1, dtype=torch.long, device=dev),
+            temperature=torch.ones(b, dtype=torch.float32, device=dev),
+            top_p=torch.ones(b, dtype=torch.float32, device=dev),
+            seeds=torch.zeros(b, dtype=torch.long, device=dev),
+        )
+        n_cap = len(dec.layers) if "response_avg" in dec.poolings else 0
+        self.resp_sum = torch.zeros(n_cap, b, spec.hidden, dtype=torch.float32, device=dev)
+        # capture slot of each tracekit layer (0 = embedding output, i = after block i-1)
+        self.cap_index = {layer: j for j, layer in enumerate(dec.layers)} if n_cap else {}
+        self.graph: Any = None
+
+    # -- one decode step (eager Python that calls the compiled pieces) ------------------------
+    def step(self) -> None:
+        dec, st, spec = self.dec, self.st, self.dec.spec
+        slot = st.step + self.key.prompt_len
+        cap0 = self.resp_sum[self.cap_index[0]] if 0 in self.cap_index else None
+        h, cos, sin, bias = dec.fn_prelude(
+            st.cur_tok,
+            dec.embed,
+            slot,
+            st.pad_len,
+            self.slot_range,
+            dec.cos_table,
+            dec.sin_table,
+            cap0,
+            st.feed_weight,
+            spec.sliding_window,
+        )
+        for i, w in enumerate(dec.weights):
+            q, k, v = dec.fn_attn_in(
+                h, w, cos, sin, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.eps
+            )
+            # eager in-place writes: the cache is never copied, whatever the compiler would do
+            self.k_cache[i].index_copy_(2, slot, k[:, :, None, :])
+            self.v_cache[i].index_copy_(2, slot, v[:, :, None, :])
+            j = self.cap_index.get(i + 1)
+            cap = None if j is None else self.resp_sum[j]
+            h = dec.fn_attn_out_mlp(
+                h,
+                q,
+                self.k_cache[i],
+                self.v_cache[i],
+                bias,
+                w,
+                cap,
+                st.feed_weight,
+                spec.eps,
+                spec.scaling,
+            )
+        logits = dec.fn_head(h, dec.final_norm, dec.lm_head, spec.eps)
+        dec.fn_advance(
+            logits,
+            st,
+            dec.eos_ids,
+            dec.pad_id,
+            self.key.max_new_tokens,
+            dec.include_eos,
+            self.key.do_sample,
+            self.key.use_top_p,
+        )
+
+    def reset_dummy(self) -> None:
+        """Valid state for warm-up and capture (any token ids, step 0)."""
+        st = self.st
+        st.cur_tok.zero_()
+        st.step.zero_()
+        st.pad_len.zero_()
+        st.alive.zero_()
+        st.feed_weight.zero_()
+
+    def capture(self, warmup: int = 2) -> None:
+        import torch
+
+        stream = torch.cuda.Stream(device=self.dec.device)
+        stream.wait_stream(torch.cuda.current_stream(self.dec.device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):  # compile, autotune and allocate outside the capture
+                self.reset_dummy()
+                self.step()
+        torch.cuda.current_stream(self.dec.device).wait_stream(stream)
+        self.reset_dummy()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step()
+        self.graph = graph
+        self.reset_dummy()
+
+    def replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
+
+
+def _head(h: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.linear(_rms_norm(h, norm, eps), lm_head).float()
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder
+# --------------------------------------------------------------------------------------------
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled(name: str, fn: Any) -> Any:
+    """One ``torch.compile`` wrapper per function per process, so runners share its cache."""
+    import torch
+
+    if name not in _COMPILED:
+        dyn = torch._dynamo.config
+        # one compilation per (batch, cache length, capture on/off): raise the recompile cap
+        for attr in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dyn, attr):
+                setattr(dyn, attr, max(getattr(dyn, attr), 256))
+        if hasattr(dyn, "accumulated_recompile_limit"):
+            dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 4096)
+        elif hasattr(dyn, "accumulated_cache_size_limit"):
+            dyn.accumulated_cache_size_limit = max(dyn.accumulated_cache_size_limit, 4096)
+        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[name]
+
+
+class FastDecoder:
+    """Generate with capture from a Llama-family HF model; fast on CUDA, eager elsewhere.
+
+    ``layers`` are tracekit layers (0 = embedding output, ``i`` = after block ``i - 1``);
+    ``poolings`` a subset of :data:`POOLINGS`. ``use_graphs`` / ``compile`` default to on for
+    CUDA and off elsewhere. Building a decoder re-lays the model's q/k/v and gate/up weights
+    into fused buffers when ``fuse_weights`` (values unchanged; default on CUDA).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        layers: Sequence[int] = (),
+        poolings: Sequence[str] = (),
+        eos_token_ids: Sequence[int] = (),
+        pad_token_id: int | None = None,
+        include_eos: bool = False,
+        use_graphs: bool | None = None,
+        compile: bool | None = None,
+        fuse_weights: bool | None = None,
+        check_every: int = 8,
+        prompt_bucket: int = 16,
+        max_runners: int = 2,
+    ) -> None:
+        import torch
+
+        self.model = model
+        self.spec = decoder_spec(model)
+        self.handles = LayerHandles.of(model)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = on_cuda if use_graphs is None else use_graphs
+        self.compile = on_cuda if compile is None else compile
+        if self.use_graphs and not on_cuda:
+            raise ModelError("CUDA graphs need the model on a CUDA device")
+        bad_pool = [p for p in poolings if p not in POOLINGS]
+        if bad_pool:
+            raise ValueError(f"unknown pooling(s) {bad_pool}: choose from {', '.join(POOLINGS)}")
+        bad = [layer for layer in layers if not 0 <= layer < self.handles.n_layers]
+        if bad:
+            raise ValueError(f"layer(s) {bad} out of range 0-{self.handles.n_layers - 1}")
+        self.layers = tuple(layers) if poolings else ()
+        self.poolings = tuple(poolings) if layers else ()
+        self.include_eos = include_eos
+        self.check_every = max(1, int(check_every))
+        self.prompt_bucket = max(1, int(prompt_bucket))
+        self.max_runners = max(1, int(max_runners))
+        if not eos_token_ids:
+            raise ValueError("give at least one eos token id")
+        self.eos_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=self.device)
+        self.pad_id = int(pad_token_id if pad_token_id is not None else eos_token_ids[0])
+
+        base = getattr(model, getattr(model, "base_model_prefix", "model"))
+        self.embed = base.embed_tokens.weight.detach()
+        self.final_norm = base.norm.weight.detach()
+        self.lm_head = model.get_output_embeddings().weight.detach()
+        self.rotary = base.rotary_emb
+        fuse = on_cuda if fuse_weights is None else fuse_weights
+        with torch.no_grad():
+            self.weights = collect_weights(model, self.handles, fuse=fuse)
+        self.cos_table = self.sin_table = torch.empty(0)
+        self._runners: OrderedDict[RunKey, _Runner] = OrderedDict()
+
+        if self.compile:
+            self.fn_prelude = _compiled("prelude", _prelude)
+            self.fn_attn_in = _compiled("attn_in", _attn_in)
+            self.fn_attn_out_mlp = _compiled("attn_out_mlp", _attn_out_mlp)
+            self.fn_head = _compiled("head", _head)
+            self.fn_advance = _compiled("advance", _advance)
+        else:
+            self.fn_prelude, self.fn_attn_in, self.fn_attn_out_mlp = (
+                _prelude,
+                _attn_in,
+                _attn_out_mlp,
+            )
+            self.fn_head, self.fn_advance = _head, _advance
+
+    # -- tables and runners ------------------------------------------------------------------
+    def _ensure_rope(self, length: int) -> None:
+        import torch
+
+        if self.cos_table.shape[0] >= length:
+            return
+        # Same module and arithmetic as the model's own forward, so positions match exactly.
+        size = max(length, 2 * self.cos_table.shape[0])
+        positions = torch.arange(size, device=self.device)[None, :]
+        probe = torch.empty(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.rotary(probe, positions)
+        self.cos_table, self.sin_table = cos[0].contiguous(), sin[0].contiguous()
+        # graphs captured earlier read the old tables: drop them
+        self._runners.clear()
+
+    def _runner(self, key: RunKey) -> _Runner:
+        runner = self._runners.get(key)
+        if runner is not None:
+            self._runners.move_to_end(key)
+            return runner
+        while len(self._runners) >= self.max_runners:
+            self._runners.popitem(last=False)
+        runner = _Runner(self, key)
+        if self.use_graphs:
+            runner.capture()
+        self._runners[key] = runner
+        return runner
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float | Sequence[float] = 1.0,
+        top_p: float | Sequence[float] = 1.0,
+        seeds: Sequence[int] | None = None,
+    ) -> FastResult:
+        """Generate up to ``max_new_tokens`` per row from left-padded ``input_ids``."""
+        import torch
+
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise InputError("input_ids and attention_mask must both be [batch, seq]")
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        mask_host = attention_mask.detach().to("cpu", torch.long)
+        lengths = mask_host.sum(dim=1)
+        if bool((lengths == 0).any()):
+            raise InputError("a prompt has no tokens (attention mask all zero)")
+        seq = input_ids.shape[1]
+        expected = torch.arange(seq)[None, :] >= (seq - lengths)[:, None]
+        if not torch.equal(mask_host.bool(), expected):
+            raise InputError(
+                "prompts must be left-padded with a contiguous attention mask",
+                "tokenize with padding_side='left' (tracekit's load_model does)",
+            )
+        batch = input_ids.shape[0]
+        bucket = self.prompt_bucket
+        prompt_len = ((seq + bucket - 1) // bucket) * bucket
+        extra = prompt_len - seq
+        ids = input_ids.to(self.device)
+        mask = attention_mask.to(self.device, torch.long)
+        if extra:
+            ids = torch.cat([ids.new_full((batch, extra), self.pad_id), ids], dim=1)
+            mask = torch.cat([mask.new_zeros((batch, extra)), mask], dim=1)
+
+        sampling = bool(do_sample)
+        temps = _per_row(temperature, batch, "temperature")
+        tops = _per_row(top_p, batch, "top_p")
+        use_top_p = sampling and any(p < 1.0 for p in tops)
+        key = RunKey(batch, prompt_len, int(max_new_tokens), sampling, use_top_p)
+        with torch.no_grad():
+            self._ensure_rope(prompt_len + max_new_tokens)
+            runner = self._runner(key)
+            prompt_pooled = self._prefill(runner, ids, mask, temps, tops, seeds)
+            steps = 0
+            for steps in range(1, max_new_tokens + 1):
+                runner.replay()
+                if steps % self.check_every == 0 and steps < max_new_tokens:
+                    st = runner.st
+                    # one host sync every check_every steps: any row still emitting or with its
+                    # last response token not yet fed for capture
+                    if not bool((st.alive | (st.feed_weight > 0)).any()):
+                        break
+            return self._collect(runner, prompt_pooled, steps)
+
+    def _prefill(
+        self,
+        runner: _Runner,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        temps: list[float],
+        tops: list[float],
+        seeds: Sequence[int] | None,
+    ) -> dict[str, torch.Tensor]:
+        import torch
+
+        st, batch = runner.st, ids.shape[0]
+        prompt_len = ids.shape[1]
+        n_real = mask.sum(dim=1)
+        sums: dict[int, torch.Tensor] = {}
+        lasts: dict[int, torch.Tensor] = {}
+        maskf = mask.to(torch.float32)[:, :, None]
+
+        def pool(layer: int, hidden: torch.Tensor) -> None:
+            # left padding: the last column is every row's last prompt token
+            lasts[layer] = hidden[:, -1].float()
+            if "prompt_avg" in self.poolings:
+                sums[layer] = (hidden.float() * maskf).sum(dim=1)
+
+        # positions as HF generate builds them from the mask: 0 at each row's first real token
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        taps = LayerTaps(self.handles, self.layers, pool) if self.layers else None
+        if taps is not None:
+            taps.__enter__()
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            if taps is not None:
+                taps.__exit__(None, None, None)
+        cache = out.past_key_values
+        for i in range(self.spec.n_blocks):
+            keys, values = _cache_layer(cache, i)
+            runner.k_cache[i][:, :, :prompt_len].copy_(keys)
+            runner.v_cache[i][:, :, :prompt_len].copy_(values)
+            # later slots may hold keys of an earlier batch; the mask never lets them in
+        st.pad_len.copy_(prompt_len - n_real)
+        st.step.fill_(-1)
+        st.alive.fill_(True)
+        st.feed_weight.zero_()
+        st.n_kept.zero_()
+        st.eos_hit.zero_()
+        st.out_tokens.fill_(self.pad_id)
+        st.temperature.copy_(torch.tensor(temps, dtype=torch.float32))
+        st.top_p.copy_(torch.tensor(tops, dtype=torch.float32))
+        seed_list = list(seeds) if seeds is not None else [0] * batch
+        if len(seed_list) != batch:
+            raise InputError(f"{len(seed_list)} seeds given for {batch} rows")
+        st.seeds.copy_(torch.tensor(seed_list, dtype=torch.long))
+        runner.resp_sum.zero_()
+        logits = out.logits[:, -1].float()
+        # the first token goes through the same device bookkeeping as every decode step
+        self.fn_advance(
+            logits,
+            st,
+            self.eos_ids,
+            self.pad_id,
+            runner.key.max_new_tokens,
+            self.include_eos,
+            runner.key.do_sample,
+            runner.key.use_top_p,
+        )
+        pooled: dict[str, torch.Tensor] = {}
+        if "prompt_last" in self.poolings:
+            pooled["prompt_last"] = torch.stack([lasts[x] for x in self.layers], dim=1)
+        if "prompt_avg" in self.poolings:
+            denom = n_real.to(torch.float32)[:, None, None]
+            pooled["prompt_avg"] = torch.stack([sums[x] for x in self.layers], dim=1) / denom
+        return pooled
+
+    def _collect(self, runner: _Runner, pooled: dict[str, torch.Tensor], steps: int) -> FastResult:
+        import torch
+
+        st = runner.st
+        n_kept = st.n_kept.cpu()
+        tokens_all = st.out_tokens[:, : runner.key.max_new_tokens].cpu()
+        eos_hit = st.eos_hit.cpu()
+        tokens = [tokens_all[r, : int(n_kept[r])].tolist() for r in range(tokens_all.shape[0])]
+        reasons = ["eos" if bool(eos_hit[r]) else "length" for r in range(tokens_all.shape[0])]
+        out = {name: value.cpu() for name, value in pooled.items()}
+        if "response_avg" in self.poolings:
+            denom = n_kept.to(torch.float32).clamp(min=1)[:, None, None]
+            out["response_avg"] = runner.resp_sum.permute(1, 0, 2).cpu() / denom
+        ordered = {name: out[name] for name in self.poolings}
+        return FastResult(tokens=tokens, finish_reasons=reasons, pooled=ordered, decode_steps=steps)
+
+
+def _per_row(value: float | Sequence[float], batch: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        values = [float(value)] * batch
+    else:
+        values = [float(v) for v in value]
+    if len(values) != batch:
+        raise InputError(f"{len(values)} values of {name} given for {batch} rows")
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise InputError(f"{name} must be finite and non-negative")
+    return values
+
+
+def _cache_layer(cache: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of one layer of an HF cache (transformers >= 4.56 and 5.x layouts)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        layer = layers[index]
+        return layer.keys, layer.values
+    return cache.key_cache[index], cache.value_cache[index]
+
+
+# --------------------------------------------------------------------------------------------
+# The engine behind tracekit's interface
+# --------------------------------------------------------------------------------------------
+class CudaEngine:
+    """:class:`~tracekit.generation.engine.GenerationEngine` on :class:`FastDecoder`.
+
+    Registered as ``"cuda"``; ``"auto"`` picks it when the model sits on a CUDA device and
+    :func:`unsupported_reason` has no objection. It keeps the reference engine's contract
+    (stop ids, eos excluded, pooling definitions, per-row seeds) except how a sampled row draws
+    its randomness: a counter-based hash of its seed instead of a ``torch.Generator``, so
+    sampled text differs from the reference engine's for the same seed (greedy is identical).
+    """
+
+    name = "cuda"
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        use_graphs: bool | None = None,
+        compile: bool | None = None,
+    ) -> None:
+        from tracekit.generation.engine import stop_token_ids
+
+        self.loaded = loaded
+        reason = unsupported_reason(loaded.model)
+        if reason is not None:
+            raise ModelError(
+                f"the CUDA engine cannot run {loaded.name}: {reason}",
+                "use --engine hf (the reference engine runs every causal LM)",
+            )
+        self.stop_ids = stop_token_ids(loaded) or [-1]  # -1 never matches: run to the limit
+        self.use_graphs = use_graphs
+        self.compile = compile
+        self._decoders: OrderedDict[Any, FastDecoder] = OrderedDict()
+
+    def _decoder(self, capture: CaptureSpec | None) -> FastDecoder:
+        key = None if capture is None else (capture.layers, tuple(capture.poolings))
+        dec = self._decoders.get(key)
+        if dec is None:
+            if len(self._decoders) >= 2:  # each decoder holds KV caches: keep few alive
+                self._decoders.popitem(last=False)
+            dec = FastDecoder(
+                self.loaded.model,
+                layers=capture.layers if capture is not None else (),
+                poolings=[str(p) for p in capture.poolings] if capture is not None else (),
+                eos_token_ids=self.stop_ids,
+                pad_token_id=int(self.loaded.tokenizer.pad_token_id),
+                use_graphs=self.use_graphs,
+                compile=self.compile,
+            )
+            self._decoders[key] = dec
+        return dec
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        capture: CaptureSpec | None = None,
+        row_seeds: Sequence[int] | None = None,
+    ) -> GenerationOutput:
+        import torch
+
+        from tracekit.generation.engine import GenerationOutput, encode_prompts, left_pad
+        from tracekit.generation.hf_engine import check_capture_layers
+        from tracekit.generation.pooling import Pooling
+
+        tokenizer = self.loaded.tokenizer
+        rows = encode_prompts(tokenizer, prompts)
+        batch = len(rows)
+        if batch == 0:
+            return GenerationOutput([], [], [], [])
+        if capture is not None:
+            check_capture_layers(self.loaded, capture)
+        dec = self._decoder(capture)
+        ids, mask = left_pad(rows, int(tokenizer.pad_token_id), dec.device)
+        seeds: list[int] = [0] * batch
+        if not params.greedy:
+            if row_seeds is not None and len(row_seeds) != batch:
+                raise ValueError("row_seeds must have one seed per prompt")
+            base = params.seed if params.seed is not None else int(torch.seed() % (2**31))
+            seeds = list(row_seeds) if row_seeds is not None else [base + i for i in range(batch)]
+        res = dec.generate(
+            ids,
+            mask,
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not params.greedy,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seeds=seeds,
+        )
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in res.tokens]
+        return GenerationOutput(
+            response_ids=res.tokens,
+            texts=texts,
+            finish_reasons=res.finish_reasons,  # type: ignore[arg-type]
+            prompt_lengths=[len(r) for r in rows],
+            pooled={Pooling(name): value for name, value in res.pooled.items()},
+            layers=capture.layers if capture is not None else (),
+        )
+
+
+def auto_engine_name(loaded: LoadedModel) -> str:
+    """``"cuda"`` for a model on a CUDA device that the fast path supports, else ``"hf"``."""
+    if loaded.device.type != "cuda":
+        return "hf"
+    reason = unsupported_reason(loaded.model)
+    if reason is not None:
+        logger.info("using the reference engine: the CUDA engine does not support %s", reason)
+        return "hf"
+    return "cuda"

@@ -1,0 +1,116 @@
+"""The CUDA engine's decode path run eagerly on CPU against the reference engine.
+
+The same functions the CUDA graph replays (prelude, attention, MLP, head, device bookkeeping)
+run here without graphs or compilation on a tiny random-init Llama (float32), so token-for-token
+equality with the reference engine and the pooling definitions are checked on every CI run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tracekit.errors import InputError, ModelError
+from tracekit.generation.cuda_engine import CudaEngine, FastDecoder, auto_engine_name
+from tracekit.generation.cuda_random_model import random_llama
+from tracekit.generation.engine import CaptureSpec, GenerationParams
+from tracekit.generation.hf_engine import HFEngine
+from tracekit.generation.pooling import Pooling
+from tracekit.generation.teacher_forced import pooled_forward
+
+ALL_POOLINGS = (Pooling.response_avg, Pooling.prompt_last, Pooling.prompt_avg)
+PROMPTS = [
+    [5, 17, 99, 3, 250],
+    [7, 8],
+    [300, 301, 302, 303, 304, 305, 306, 307, 308],
+    [42, 43, 44],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_llama("tiny", device="cpu", dtype="float32", seed=0)
+
+
+def _eager(loaded) -> CudaEngine:
+    return CudaEngine(loaded, use_graphs=False, compile=False)
+
+
+def test_greedy_tokens_and_captures_equal_reference(tiny):
+    params = GenerationParams(max_new_tokens=10, temperature=0)
+    capture = CaptureSpec(layers=(0, 1, 4), poolings=ALL_POOLINGS)
+    ref = HFEngine(tiny).generate(PROMPTS, params, capture)
+    out = _eager(tiny).generate(PROMPTS, params, capture)
+    assert out.response_ids == ref.response_ids
+    assert out.finish_reasons == ref.finish_reasons
+    assert out.prompt_lengths == [5, 2, 9, 3]
+    for pooling in ALL_POOLINGS:
+        torch.testing.assert_close(out.pooled[pooling], ref.pooled[pooling], rtol=1e-4, atol=1e-4)
+
+
+def test_eos_stops_rows_and_is_excluded(tiny):
+    params = GenerationParams(max_new_tokens=10, temperature=0)
+    first = _eager(tiny).generate(PROMPTS, params).response_ids
+    stop = first[0][3]  # row 0's fourth token becomes the stop token
+    tiny.model.generation_config.eos_token_id = stop
+    try:
+        capture = CaptureSpec(layers=(2, 4), poolings=(Pooling.response_avg,))
+        ref = HFEngine(tiny).generate(PROMPTS, params, capture)
+        out = _eager(tiny).generate(PROMPTS, params, capture)
+    finally:
+        tiny.model.generation_config.eos_token_id = 0
+    assert out.response_ids[0] == first[0][: first[0].index(stop)]
+    assert out.finish_reasons[0] == "eos"
+    assert out.response_ids == ref.response_ids
+    assert out.finish_reasons == ref.finish_reasons
+    torch.testing.assert_close(
+        out.pooled[Pooling.response_avg], ref.pooled[Pooling.response_avg], rtol=1e-4, atol=1e-4
+    )
+    # and equal to a teacher-forced forward over prompt + response (the extract path)
+    forced = pooled_forward(tiny, PROMPTS, out.response_ids, capture)
+    torch.testing.assert_close(
+        out.pooled[Pooling.response_avg], forced[Pooling.response_avg], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_sampling_depends_on_row_seed_only(tiny):
+    params = GenerationParams(max_new_tokens=8, temperature=0.9, top_p=0.8, do_sample=True)
+    engine = _eager(tiny)
+    together = engine.generate(PROMPTS, params, row_seeds=[11, 12, 13, 14]).response_ids
+    alone = engine.generate(PROMPTS[2:3], params, row_seeds=[13]).response_ids
+    assert alone[0] == together[2]
+    again = engine.generate(PROMPTS, params, row_seeds=[11, 12, 13, 14]).response_ids
+    assert again == together
+    other = engine.generate(PROMPTS, params, row_seeds=[21, 22, 23, 24]).response_ids
+    assert other != together
+
+
+def test_fused_weights_keep_the_model_unchanged():
+    loaded = random_llama("tiny", device="cpu", dtype="float32", seed=1)
+    params = GenerationParams(max_new_tokens=6, temperature=0)
+    before = HFEngine(loaded).generate(PROMPTS, params).response_ids
+    q_before = loaded.model.model.layers[0].self_attn.q_proj.weight.clone()
+    dec = FastDecoder(loaded.model, eos_token_ids=[0], fuse_weights=True)
+    assert torch.equal(loaded.model.model.layers[0].self_attn.q_proj.weight, q_before)
+    assert dec.weights[0].qkv is not None
+    assert HFEngine(loaded).generate(PROMPTS, params).response_ids == before
+    # building a second decoder finds the weights already fused and shares them
+    again = FastDecoder(loaded.model, eos_token_ids=[0], fuse_weights=True)
+    assert again.weights[0].qkv.data_ptr() == dec.weights[0].qkv.data_ptr()
+    ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    res = again.generate(ids, mask, max_new_tokens=6)
+    assert res.tokens == HFEngine(loaded).generate([[5, 6], [1, 2, 3, 4]], params).response_ids
+
+
+def test_right_padding_and_unsupported_models_are_refused(tiny):
+    dec = FastDecoder(tiny.model, eos_token_ids=[0])
+    ids = torch.tensor([[5, 6, 0]])
+    with pytest.raises(InputError, match="left-padded"):
+        dec.generate(ids, torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ModelError, match="cannot run this model: model type 'gpt2'"):
+        FastDecoder(gpt2, eos_token_ids=[0])
+    assert auto_engine_name(tiny) == "hf"  # CPU: the reference engine
