@@ -1,15 +1,206 @@
-"""`tracekit log` (placeholder until its issue lands)."""
+"""`tracekit log`: log activations to an LMDB store while generating; `tracekit log stats`."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
 
-from ._stub import stub_command
+from tracekit.console import err_console, out_console, progress_bar
+
+from ._common import (
+    BatchSizeOpt,
+    ConfigOpt,
+    DeviceOpt,
+    JsonOpt,
+    LayersOpt,
+    ModelOpt,
+    build_config,
+)
+
+if TYPE_CHECKING:
+    from tracekit.actlog.job import LogResult
+    from tracekit.storage.activation_store import StoreStats
+
+PromptTemplateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt-template",
+        help="How a raw question becomes the prompt; must contain {question}. Default: "
+        "'user: Answer in one sentence. Q:{question}\\n A:' (the seed's format).",
+    ),
+]
+SkipBadLinesOpt = Annotated[
+    bool,
+    typer.Option("--skip-bad-lines", help="Skip malformed QA lines (counted) instead of stopping."),
+]
+QuestionFieldOpt = Annotated[
+    str, typer.Option("--question-field", help="QA field holding the raw question.")
+]
+
+
+def _render_result(result: LogResult) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"log -> {result.store}")
+    for name in ("QA rows", "unique prompts", "already in store", "logged now", "bad lines"):
+        table.add_column(name, justify="right")
+    table.add_column("MB written", justify="right")
+    table.add_column("entries/s", justify="right")
+    rate = result.logged / result.seconds if result.seconds > 0 else 0.0
+    table.add_row(
+        str(result.qa_rows),
+        str(result.unique_prompts),
+        str(result.already_logged),
+        str(result.logged),
+        str(result.bad_lines),
+        f"{result.bytes_written / 1e6:,.2f}",
+        f"{rate:,.2f}",
+    )
+    out_console.print(table)
+
+
+def _render_stats(stats: StoreStats) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"activation store {stats.path}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("entries", f"{stats.entries:,} ({stats.with_activations:,} with activations)")
+    for name, info in stats.arrays.items():
+        width = "x".join(str(w) for w in info["width"])
+        table.add_row(
+            name,
+            f"{info['dtype']}, width {width}, {info['positions']:,} positions "
+            f"in {info['entries']:,} entries",
+        )
+    table.add_row("activation bytes", f"{stats.activation_bytes / 1e6:,.2f} MB")
+    table.add_row("metadata bytes", f"{stats.metadata_bytes / 1e6:,.2f} MB")
+    table.add_row(
+        "file / map size", f"{stats.file_bytes / 1e6:,.2f} MB / {stats.map_size / 1e6:,.0f} MB"
+    )
+    for pid, record in stats.provenance.items():
+        gen = record.get("generation") or {}
+        table.add_row(
+            f"provenance {pid}",
+            f"model {record.get('model')} (revision {record.get('revision')}), "
+            f"layers {record.get('layers')}, sequence mode {record.get('sequence_mode')}, "
+            f"dtype {record.get('dtype')}, prompt {record.get('prompt_format')}, "
+            f"max_new_tokens {gen.get('max_new_tokens')}",
+        )
+    out_console.print(table)
 
 
 def register(app: typer.Typer) -> None:
-    stub_command(
-        app,
-        "log",
-        "Log activations to an LMDB store (keyed by prompt hash) while generating.",
+    log_app = typer.Typer(
+        invoke_without_command=True,
+        help="Log activations to an LMDB store (keyed by prompt hash) while generating; "
+        "'tracekit log stats PATH' inspects a store.",
     )
+
+    @log_app.callback()
+    def log_command(
+        ctx: typer.Context,
+        qa: Annotated[
+            Path | None,
+            typer.Option(
+                "--qa",
+                help="QA JSONL file: one object per line, raw question in 'prompt'.",
+                dir_okay=False,
+            ),
+        ] = None,
+        lmdb: Annotated[
+            Path | None,
+            typer.Option(
+                "--lmdb",
+                help="Store directory; created if missing, resumed if it exists.",
+                file_okay=False,
+            ),
+        ] = None,
+        model: ModelOpt = None,
+        revision: Annotated[
+            str | None, typer.Option("--revision", help="Model revision (hub models).")
+        ] = None,
+        prompt_template: PromptTemplateOpt = None,
+        chat: Annotated[
+            bool,
+            typer.Option("--chat", help="Format questions with the model's chat template."),
+        ] = False,
+        question_field: QuestionFieldOpt = "prompt",
+        layers: LayersOpt = None,
+        sequence_mode: Annotated[
+            str,
+            typer.Option(
+                "--sequence-mode",
+                help="Positions stored: all (prompt + response), prompt, or response "
+                "(response excludes the eos token).",
+            ),
+        ] = "all",
+        dtype: Annotated[
+            str,
+            typer.Option(
+                "--dtype", help="dtype of the stored activations: float16, bfloat16, float32."
+            ),
+        ] = "float16",
+        model_dtype: Annotated[
+            str,
+            typer.Option(
+                "--model-dtype",
+                help="Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
+            ),
+        ] = "auto",
+        device: DeviceOpt = "auto",
+        batch_size: BatchSizeOpt = 8,
+        max_new_tokens: Annotated[
+            int, typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")
+        ] = 64,
+        allow_mixed: Annotated[
+            bool,
+            typer.Option(
+                "--allow-mixed",
+                help="Let a store hold entries from another setup (model, template, layers...).",
+            ),
+        ] = False,
+        skip_bad_lines: SkipBadLinesOpt = False,
+        json_output: JsonOpt = False,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Generate for each QA question and log its activations to an LMDB store."""
+        if ctx.invoked_subcommand is not None:
+            return
+        from tracekit.actlog.job import LogConfig, log_activations
+
+        cfg = build_config(ctx, LogConfig)
+        with progress_bar() as progress:
+            task = progress.add_task("logging", total=None, unit="entries")
+
+            def on_batch(entries: int, size: int, total: int) -> None:
+                progress.update(task, advance=entries, total=total)
+
+            result = log_activations(cfg, on_batch=on_batch)
+        if result.bad_lines:
+            err_console.print(f"skipped {result.bad_lines} malformed QA line(s)")
+        if json_output:
+            out_console.print_json(json.dumps(result.to_dict()))
+        else:
+            _render_result(result)
+
+    @log_app.command("stats")
+    def stats_command(
+        path: Annotated[Path, typer.Argument(help="Store directory.")],
+        json_output: JsonOpt = False,
+    ) -> None:
+        """Show a store's entries, layers, dtype, bytes and provenance."""
+        from tracekit.storage.activation_store import open_store
+
+        with open_store(path) as store:
+            stats = store.stats()
+        if json_output:
+            payload: dict[str, Any] = stats.to_dict()
+            out_console.print_json(json.dumps(payload))
+        else:
+            _render_stats(stats)
+
+    app.add_typer(log_app, name="log")

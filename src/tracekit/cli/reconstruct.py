@@ -1,15 +1,99 @@
-"""`tracekit reconstruct` (placeholder until its issue lands)."""
+"""`tracekit reconstruct`: rebuild an inference JSONL from QA data and an activation store."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
 import typer
 
-from ._stub import stub_command
+from tracekit.console import err_console, out_console
+
+from ._common import ConfigOpt, ForceOpt, JsonOpt, ModelOpt, build_config
+from .log import PromptTemplateOpt, QuestionFieldOpt, SkipBadLinesOpt
+
+if TYPE_CHECKING:
+    from tracekit.actlog.reconstruct import ReconstructResult
+
+
+def _render(result: ReconstructResult) -> None:
+    from rich.table import Table
+
+    table = Table(title="reconstruct", show_header=False)
+    table.add_column("statistic", style="bold")
+    table.add_column("count", justify="right")
+    table.add_row("QA rows", f"{result.qa_rows:,}")
+    table.add_row("store entries", f"{result.store_entries:,}")
+    table.add_row("matched (rows written)", f"{result.matched:,}")
+    table.add_row("QA rows unmatched", f"{result.qa_unmatched:,}")
+    table.add_row("store entries unmatched", f"{result.store_unmatched:,}")
+    table.add_row("corrupted entries skipped", f"{result.corrupted:,}")
+    table.add_row("entries without activations", f"{result.without_activations:,}")
+    if result.bad_lines:
+        table.add_row("malformed QA lines skipped", f"{result.bad_lines:,}")
+    out_console.print(table)
+    err_console.print(f"prompts formatted with the {result.prompt_format}", highlight=False)
+    if result.output:
+        err_console.print(f"wrote {result.output}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
-    stub_command(
-        app,
-        "reconstruct",
-        "Rebuild an inference JSONL from QA data and an activation store.",
-    )
+    @app.command("reconstruct")
+    def reconstruct_command(
+        ctx: typer.Context,
+        qa_output_path: Annotated[
+            Path | None,
+            typer.Option("--qa-output-path", help="The original QA JSONL file.", dir_okay=False),
+        ] = None,
+        lmdb_path: Annotated[
+            Path | None,
+            typer.Option("--lmdb-path", help="The activation store written by 'tracekit log'."),
+        ] = None,
+        output_path: Annotated[
+            Path | None,
+            typer.Option("--output-path", help="Where the inference JSONL goes.", dir_okay=False),
+        ] = None,
+        prompt_template: PromptTemplateOpt = None,
+        chat: Annotated[
+            bool,
+            typer.Option(
+                "--chat",
+                help="Format questions with the chat template of --model (default: the "
+                "store's model). Stores logged with --chat use it automatically.",
+            ),
+        ] = False,
+        model: ModelOpt = None,
+        question_field: QuestionFieldOpt = "prompt",
+        skip_bad_lines: SkipBadLinesOpt = False,
+        verbose: Annotated[
+            bool, typer.Option("--verbose", help="Log matching details (counts, prompt hashes).")
+        ] = False,
+        force: ForceOpt = False,
+        json_output: JsonOpt = False,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Rebuild an inference JSONL from QA data and an activation store."""
+        import logging
+
+        from tracekit.actlog.reconstruct import ReconstructConfig, reconstruct
+        from tracekit.errors import InputError
+
+        cfg = build_config(ctx, ReconstructConfig)
+        if cfg.verbose:
+            logging.getLogger("tracekit").setLevel(logging.INFO)
+        result = reconstruct(cfg)
+        if json_output:
+            out_console.print_json(json.dumps(result.to_dict()))
+        else:
+            _render(result)
+        if result.matched == 0:
+            if result.closest is not None:
+                mine, closest = result.closest
+                err_console.print(f"first QA prompt as formatted: {mine!r}", highlight=False)
+                err_console.print(f"closest prompt in the store:  {closest!r}", highlight=False)
+            raise InputError(
+                f"no QA row matched an entry of {cfg.lmdb_path}; nothing was written",
+                "compare the two prompts above; pass the --prompt-template (or --chat) used "
+                "when logging",
+            )

@@ -249,6 +249,10 @@ def _open_dbs(env: lmdb.Environment, path: Path, create: bool) -> tuple[Any, Any
 
     try:
         if create:
+            with env.begin() as txn:
+                names = {bytes(k) for k in txn.cursor().iternext(values=False)}
+            if names - {DB_ACTIVATIONS, DB_META, DB_INFO}:
+                raise lmdb.IncompatibleError("foreign keys in the main database")
             with env.begin(write=True) as txn:
                 dbs = tuple(
                     env.open_db(name, txn=txn) for name in (DB_ACTIVATIONS, DB_META, DB_INFO)
