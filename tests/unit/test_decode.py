@@ -19,6 +19,15 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """No rich line wrapping, so messages with long temp paths stay on one line."""
+    from tracekit.console import err_console, out_console
+
+    monkeypatch.setattr(err_console, "width", 1000)
+    monkeypatch.setattr(out_console, "width", 1000)
+
+
 @pytest.fixture()
 def tree(tmp_path: Path) -> Path:
     """Two models' caches with only npy + metadata (as written before JSON/MD existed)."""
