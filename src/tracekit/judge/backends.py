@@ -1,0 +1,415 @@
+"""Judge backends: an OpenAI-compatible HTTP server, or a local Hugging Face model.
+
+Both answer one judge prompt at a time with :meth:`ask`, returning an :class:`Answered`
+(the raw answer, or the reason it failed, and how many requests it took). A row-level problem
+(a bounded number of retries exhausted, a 400) is an ``Answered`` with a failure; a problem that
+stops the whole run (401/403, unknown model, a server never reached) raises
+:class:`~tracekit.errors.JudgeError`.
+
+The API key lives only in the HTTP client's headers: it is never logged, never part of an
+error message (server error bodies are scrubbed of it), never cached and never in metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tracekit.errors import JudgeError, ModelError
+from tracekit.judge.config import DEFAULT_BASE_URL, DEFAULT_OPENAI_MODEL, JudgeConfig
+from tracekit.judge.scoring import RawAnswer, starts_with_digit
+
+if TYPE_CHECKING:
+    import httpx
+
+    from tracekit.models.loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({408, 409, 429})
+"""Besides every 5xx: statuses worth retrying (timeout, conflict, rate limit)."""
+
+
+@dataclass(frozen=True)
+class Answered:
+    """The outcome of one judge prompt: ``raw`` or ``failure`` (a reason), and requests sent."""
+
+    raw: RawAnswer | None
+    failure: str | None
+    requests: int
+
+
+class JudgeBackend(Protocol):
+    """What the judge job needs from a backend."""
+
+    name: str
+    """``openai`` or ``local`` (part of the cache key)."""
+    model_id: str
+    """The judge model as it enters the cache key."""
+
+    async def ask(self, prompt: str) -> Answered: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance for metadata (nothing secret)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+# --- OpenAI-compatible HTTP ------------------------------------------------------------------
+def chat_completions_url(base_url: str) -> str:
+    """``http://host:8000`` or ``.../v1`` -> ``.../v1/chat/completions`` (OpenAI SDK convention)."""
+    import httpx
+
+    url = httpx.URL(base_url)
+    path = url.path.rstrip("/")
+    if path == "":
+        path = "/v1"
+    return str(url.copy_with(path=path + "/chat/completions"))
+
+
+def display_url(url: str) -> str:
+    """A URL safe to print or store: no user, password or query string."""
+    import httpx
+
+    parsed = httpx.URL(url)
+    return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
+
+
+def parse_retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` (seconds or an HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            return max(0.0, float(millis) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def parse_chat_completion(data: Any) -> RawAnswer:
+    """A :class:`RawAnswer` from a chat-completions JSON body (raises KeyError/TypeError/...)."""
+    choice = data["choices"][0]
+    message = choice.get("message") or {}
+    refusal = message.get("refusal")
+    text = message.get("content") or (refusal if isinstance(refusal, str) else "") or ""
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    top: tuple[tuple[str, float], ...] | None = None
+    split = False
+    if content:
+        first = content[0]
+        alternatives = first.get("top_logprobs") or [
+            {"token": first["token"], "logprob": first["logprob"]}
+        ]
+        top = tuple((str(a["token"]), float(a["logprob"])) for a in alternatives)
+        # A tokenizer that splits "85" into "8" "5": first-token math would average 0-9.
+        split = (
+            len(content) > 1
+            and str(first["token"]).strip().isdigit()
+            and starts_with_digit(str(content[1]["token"]))
+            and not str(content[1]["token"])[:1].isspace()
+        )
+    return RawAnswer(text=str(text), top_logprobs=top, split_number=split, refused=bool(refusal))
+
+
+class OpenAIBackend:
+    """Chat completions over ``httpx.AsyncClient`` with bounded, jittered retries."""
+
+    name = "openai"
+
+    def __init__(self, config: JudgeConfig, base_url: str | None, api_key: str | None) -> None:
+        import httpx
+
+        self.config = config
+        self.model_id = config.judge_model or DEFAULT_OPENAI_MODEL
+        self.url = chat_completions_url(base_url or DEFAULT_BASE_URL)
+        self.display_url = display_url(self.url)
+        self._key = api_key or None
+        self._key_env = config.api_key_env
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(config.timeout_s),
+            limits=httpx.Limits(
+                max_connections=config.concurrency, max_keepalive_connections=config.concurrency
+            ),
+        )
+        self._succeeded = 0
+        self._rng = random.Random()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "judge_model": self.model_id,
+            "endpoint": self.display_url,
+            "api_key_env": self._key_env,
+            "api_key_set": self._key is not None,
+            "top_logprobs": self.config.top_logprobs,
+            "max_tokens": self.config.max_tokens,
+        }
+
+    def _scrub(self, text: str) -> str:
+        """Server text with the key (if echoed back) removed, one line, short."""
+        if self._key:
+            text = text.replace(self._key, "***")
+        return " ".join(text.split())[:160]
+
+    def _body(self, prompt: str) -> dict[str, Any]:
+        return {
+            "model": self.model_id,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.config.max_tokens,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": self.config.top_logprobs,
+            "seed": 0,
+        }
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.config.retry_after_max_s)
+        ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
+        return ceiling * (0.5 + 0.5 * self._rng.random())  # "equal jitter": never zero
+
+    def _fatal_status(self, response: httpx.Response) -> JudgeError | None:
+        status = response.status_code
+        if status in (401, 403):
+            return JudgeError(
+                f"the judge server at {self.display_url} rejected the API key (HTTP {status}): "
+                f"the key in ${self._key_env} is wrong or missing",
+                f"set {self._key_env}, or name another variable with --api-key-env",
+            )
+        if status == 404:
+            return JudgeError(
+                f"the judge server at {self.display_url} answered 404 for model "
+                f"'{self.model_id}': {self._error_message(response)}",
+                "check --base-url (it should end in /v1) and --judge-model",
+            )
+        return None
+
+    def _error_message(self, response: httpx.Response) -> str:
+        try:
+            data = response.json()
+            message = data.get("error", {}).get("message") if isinstance(data, dict) else None
+        except ValueError:
+            message = None
+        return self._scrub(str(message) if message else response.text or "no details")
+
+    async def ask(self, prompt: str) -> Answered:
+        import httpx
+
+        body = self._body(prompt)
+        reason = "no attempt made"
+        unreachable = False
+        for attempt in range(1, self.config.max_attempts + 1):
+            retry_after: float | None = None
+            unreachable = False
+            try:
+                response = await self._client.post(self.url, json=body)
+            except httpx.TimeoutException:
+                reason = f"timed out after {self.config.timeout_s:g} s"
+            except httpx.TransportError as exc:
+                unreachable = isinstance(exc, httpx.ConnectError)
+                reason = f"connection error ({type(exc).__name__})"
+            else:
+                status = response.status_code
+                if fatal := self._fatal_status(response):
+                    raise fatal
+                if status in RETRY_STATUSES or status >= 500:
+                    reason = f"HTTP {status}"
+                    retry_after = parse_retry_after(response.headers)
+                elif status >= 400:
+                    return Answered(
+                        None, f"HTTP {status}: {self._error_message(response)}", attempt
+                    )
+                else:
+                    try:
+                        raw = parse_chat_completion(response.json())
+                    except ValueError:
+                        reason = "malformed JSON in the response"
+                    except (KeyError, IndexError, TypeError, AttributeError):
+                        reason = "response is not a chat completion"
+                    else:
+                        self._succeeded += 1
+                        return Answered(raw, None, attempt)
+            if attempt < self.config.max_attempts:
+                delay = self._backoff(attempt, retry_after)
+                logger.debug(
+                    "judge request failed (%s); retry %d in %.2f s", reason, attempt, delay
+                )
+                await asyncio.sleep(delay)
+        if unreachable and self._succeeded == 0:
+            raise JudgeError(
+                f"cannot reach the judge server at {self.display_url} "
+                f"({self.config.max_attempts} attempts)",
+                "check --base-url / OPENAI_BASE_URL and that the server is running",
+            )
+        return Answered(None, f"{reason} after {self.config.max_attempts} attempts", attempt)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+# --- local Hugging Face model ----------------------------------------------------------------
+def local_model_id(judge_model: str | None) -> str:
+    """The local judge as it enters the cache key (the embedded model is marked as such)."""
+    if judge_model is None:
+        from tracekit.models.embedded import EMBEDDED_DISPLAY_NAME
+
+        return f"embedded:{EMBEDDED_DISPLAY_NAME}"
+    return judge_model
+
+
+def _is_embedded(model: LoadedModel) -> bool:
+    from tracekit.models.embedded import embedded_model_dir
+
+    try:
+        return model.source_path == str(embedded_model_dir())
+    except ModelError:
+        return False
+
+
+class LocalBackend:
+    """The score from a local model's exact next-token distribution over the numbers 0-100.
+
+    The answer "n" is a token sequence ``t(n)`` (several tokens when the tokenizer splits
+    digits, as SmolLM2's does). ``P(answer == n) = prod_i P(t_i | prompt, t_<i) * P(stop)``,
+    where ``P(stop)`` is the probability that the next token does not continue the number
+    (does not start with a digit). One forward pass over the prompt, then one batched pass
+    over every prefix of every ``t(n)`` on the prompt's KV cache, gives all 101 probabilities.
+    """
+
+    name = "local"
+
+    def __init__(self, config: JudgeConfig, model: LoadedModel | None = None) -> None:
+        self.config = config
+        self.model_id = local_model_id(config.judge_model)
+        if model is not None and not _is_embedded(model):
+            self.model_id = model.name
+        self._model = model
+        self._lock = asyncio.Lock()
+        self._number_tokens: list[tuple[int, ...]] = []
+        self._prefixes: list[tuple[int, ...]] = []
+        self._digit_start: Any = None
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"backend": self.name, "judge_model": self.model_id}
+        if self._model is not None:
+            info["model"] = self._model.describe()
+        return info
+
+    def _prepare(self) -> None:
+        import torch
+
+        if self._model is None:
+            from tracekit.models.loading import ModelConfig, load_model
+
+            self._model = load_model(
+                ModelConfig(
+                    model=self.config.judge_model,
+                    device=self.config.device,
+                    dtype=self.config.dtype,
+                )
+            )
+        tokenizer = self._model.tokenizer
+        self._number_tokens = [
+            tuple(tokenizer.encode(str(n), add_special_tokens=False)) for n in range(101)
+        ]
+        prefixes = {seq[:i] for seq in self._number_tokens for i in range(1, len(seq) + 1)}
+        self._prefixes = sorted(prefixes, key=lambda p: (len(p), p))
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        digit_ids = [
+            i for i, tok in enumerate(vocab) if tok and tok[:1].isascii() and tok[:1].isdigit()
+        ]
+        self._digit_start = torch.tensor(digit_ids, dtype=torch.long, device=self._model.device)
+
+    def _loaded(self) -> LoadedModel:
+        """The model, loaded (and the number tokens prepared) on first use."""
+        if self._model is None or not self._prefixes:
+            self._prepare()
+        if self._model is None:  # pragma: no cover - _prepare sets it or raises
+            raise ModelError("the local judge model did not load")
+        return self._model
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of the judge prompt as the model's user turn (chat template if any)."""
+        model = self._loaded()
+        tokenizer = model.tokenizer
+        if model.has_chat_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(prompt)["input_ids"])
+
+    def number_distribution(self, prompt: str) -> tuple[list[float], list[tuple[str, float]]]:
+        """(P(answer == n) for n = 0..100, the first token's top (text, logprob) alternatives)."""
+        import torch
+
+        model = self._loaded()
+        device = model.device
+        ids = torch.tensor([self.prompt_ids(prompt)], dtype=torch.long, device=device)
+        with torch.no_grad():
+            out = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            root = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            cache = out.past_key_values
+            depth = max(len(p) for p in self._prefixes)
+            batch = len(self._prefixes)
+            pad = model.tokenizer.pad_token_id or 0
+            suffix = torch.full((batch, depth), pad, dtype=torch.long, device=device)
+            for row, prefix in enumerate(self._prefixes):
+                suffix[row, : len(prefix)] = torch.tensor(prefix, device=device)
+            cache.batch_repeat_interleave(batch)
+            # Padding sits after each prefix's last token; causal attention never lets a
+            # position we read see it, so an all-ones mask is exact.
+            mask = torch.ones((batch, ids.shape[1] + depth), dtype=torch.long, device=device)
+            logits = model.model(
+                input_ids=suffix, attention_mask=mask, past_key_values=cache, use_cache=False
+            ).logits
+            lengths = torch.tensor([len(p) - 1 for p in self._prefixes], device=device)
+            picked = logits[torch.arange(batch, device=device), lengths].float()
+            after = torch.log_softmax(picked, dim=-1)
+        dist = {(): root, **{p: after[i] for i, p in enumerate(self._prefixes)}}
+        probs: list[float] = []
+        for seq in self._number_tokens:
+            logp = sum(float(dist[seq[:i]][tok]) for i, tok in enumerate(seq))
+            stop = 1.0 - float(dist[seq].exp()[self._digit_start].sum())
+            probs.append(float(torch.tensor(logp).exp()) * max(stop, 0.0))
+        top = torch.topk(root, k=self.config.top_logprobs)
+        tokenizer = model.tokenizer
+        alternatives = [
+            (tokenizer.decode([int(i)]), float(v))
+            for v, i in zip(top.values, top.indices, strict=True)
+        ]
+        return probs, alternatives
+
+    def _judge(self, prompt: str) -> RawAnswer:
+        probs, alternatives = self.number_distribution(prompt)
+        return RawAnswer(
+            text=alternatives[0][0], top_logprobs=tuple(alternatives), number_probs=tuple(probs)
+        )
+
+    async def ask(self, prompt: str) -> Answered:
+        async with self._lock:  # one forward at a time: the model is not shared across threads
+            raw = await asyncio.to_thread(self._judge, prompt)
+        return Answered(raw, None, 1)
+
+    async def aclose(self) -> None:
+        return None

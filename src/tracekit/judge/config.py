@@ -1,0 +1,173 @@
+"""Judge configuration: how to judge (`JudgeConfig`) and the file job (`JudgeJobConfig`).
+
+Validators are pure. Which backend runs when none is named, the API key and the base URL from
+the environment are resolved once, explicitly, by :func:`resolve_backend` and
+:func:`resolve_base_url` (the key itself never enters a config, so it cannot be dumped into
+metadata: only the *name* of the environment variable holding it does).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tracekit.config.base import TracekitConfig
+
+METRICS = ("trait", "coherence")
+"""Metrics tracekit knows: ``trait`` uses the trait's ``eval_prompt``; ``coherence`` is built in."""
+
+DEFAULT_OPENAI_MODEL = "gpt-4.1-mini"
+"""Judge model of the openai backend when ``--judge-model`` is not given (returns logprobs)."""
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+BackendName = Literal["openai", "local"]
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_COLUMN = re.compile(r"^\S(.*\S)?$")
+
+
+class JudgeConfig(TracekitConfig):
+    """How rows are judged: backend, judge model, metrics, prompts, retries and cache.
+
+    This is what ``tracekit.judge_rows`` (and ``generate --judge-model``) takes; the
+    ``judge`` command adds the input/output options in :class:`JudgeJobConfig`.
+    """
+
+    trait: str | None = None
+    """Trait name or trait JSON path whose ``eval_prompt`` scores the ``trait`` metric."""
+    experiment: str | None = None
+    """Look for the trait in ``experiments/EXP/TRAIT/trait_definition.json`` first."""
+    eval_prompt: Path | None = None
+    """A text file with the judge prompt for ``trait`` (``{question}``/``{answer}``)."""
+    metrics: tuple[str, ...] = ("trait",)
+    judge_model: str | None = None
+    """openai: model name (default gpt-4.1-mini); local: hub id or folder (default embedded)."""
+    backend: BackendName | None = None
+    """None: openai when a base URL or API key is configured, else local (see resolve_backend)."""
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable that holds the API key (never the key itself)."""
+    question_column: str = "question"
+    response_column: str = "response"
+    concurrency: Annotated[int, Field(ge=1, le=1024)] = 32
+    min_mass: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25
+    """Scores with less probability than this on the numbers 0-100 are left empty (low_mass)."""
+    top_logprobs: Annotated[int, Field(ge=1, le=20)] = 20
+    max_tokens: Annotated[int, Field(ge=1, le=64)] = 3
+    """Tokens the judge may answer with: the score uses the first; the text fallback all."""
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 6
+    backoff_base_s: Annotated[float, Field(ge=0, le=600)] = 1.0
+    backoff_max_s: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    retry_after_max_s: Annotated[float, Field(ge=0, le=3600)] = 120.0
+    """``Retry-After`` is honoured up to this many seconds per wait."""
+    cache: Path | None = None
+    """SQLite judge cache; None: ``<tracekit cache dir>/judge/cache.sqlite``."""
+    no_cache: bool = False
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _split_metrics(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError(f"give at least one metric: {', '.join(METRICS)}")
+        unknown = [m for m in value if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric '{unknown[0]}': use {', '.join(METRICS)}")
+        return tuple(dict.fromkeys(value))
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not _ENV_NAME.match(value):
+            raise ValueError(
+                f"'{value}' is not an environment variable name: give the NAME of the variable "
+                "that holds the key (e.g. OPENAI_API_KEY), never the key itself"
+            )
+        return value
+
+    @field_validator("question_column", "response_column")
+    @classmethod
+    def _column_name(cls, value: str) -> str:
+        if not _COLUMN.match(value):
+            raise ValueError("column names must be non-empty without surrounding spaces")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _url_syntax(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"base URL '{value}' must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_source(self) -> JudgeConfig:
+        if self.trait is not None and self.eval_prompt is not None:
+            raise ValueError("give either --trait or --eval-prompt, not both")
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("--backoff-max-s must be at least --backoff-base-s")
+        return self
+
+
+class JudgeJobConfig(JudgeConfig):
+    """The ``judge`` command: a :class:`JudgeConfig` plus the file to judge and where to write."""
+
+    input: Path
+    output: Path | None = None
+    """None: rewrite the input in place (atomically), adding or replacing the judge columns."""
+    force: bool = False
+    allow_failures: bool = False
+
+    @field_validator("input", "output")
+    @classmethod
+    def _table_suffix(cls, value: Path | None) -> Path | None:
+        if value is not None and value.suffix.lower() not in (".csv", ".jsonl"):
+            raise ValueError(f"'{value}' must be a .csv or .jsonl file")
+        return value
+
+    def judge_config(self) -> JudgeConfig:
+        """The judging part of this job."""
+        return JudgeConfig(**{name: getattr(self, name) for name in JudgeConfig.model_fields})
+
+
+def resolve_base_url(config: JudgeConfig, env: Mapping[str, str] | None = None) -> str | None:
+    """``--base-url`` > ``OPENAI_BASE_URL`` > None."""
+    env = os.environ if env is None else env
+    return config.base_url or env.get("OPENAI_BASE_URL") or None
+
+
+def resolve_backend(config: JudgeConfig, env: Mapping[str, str] | None = None) -> BackendName:
+    """The backend to use: ``--backend`` if given; else openai when a base URL (flag or
+    ``OPENAI_BASE_URL``) or an API key (in ``--api-key-env``'s variable) is configured; else
+    local, so that with nothing configured the whole chain runs offline on the embedded model.
+    """
+    env = os.environ if env is None else env
+    if config.backend is not None:
+        return config.backend
+    if resolve_base_url(config, env) or env.get(config.api_key_env):
+        return "openai"
+    return "local"
+
+
+def score_column(metric: str) -> str:
+    """``trait`` -> ``trait_score`` (the column name the seeds' responses CSVs use)."""
+    return f"{metric}_score"
+
+
+def judge_columns(metric: str) -> tuple[str, str, str, str]:
+    """The columns one metric adds: score, mass, status, method."""
+    return (score_column(metric), f"{metric}_mass", f"{metric}_status", f"{metric}_method")

@@ -1,0 +1,381 @@
+"""The judge job: rows in, judge columns out; the file variant reads and rewrites CSV/JSONL.
+
+:func:`judge_rows` is the library entry point (``generate --judge-model`` calls it);
+:func:`judge_file` is the ``judge`` command. For every row and metric the job adds
+``<metric>_score`` (0-100 or empty), ``<metric>_mass``, ``<metric>_status`` and
+``<metric>_method``. Answers come from the cache when present, otherwise from the backend under
+a concurrency limit; each answer is cached the moment it arrives. No row is ever dropped: a
+judgment that could not be made is a row with status ``failed: <reason>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tracekit.errors import InputError
+from tracekit.judge.backends import Answered, JudgeBackend, LocalBackend, OpenAIBackend
+from tracekit.judge.cache import JudgeCache, cache_key, default_cache_path
+from tracekit.judge.config import (
+    JudgeConfig,
+    JudgeJobConfig,
+    judge_columns,
+    resolve_backend,
+    resolve_base_url,
+)
+from tracekit.judge.prompts import fill, resolve_templates
+from tracekit.judge.scoring import RawAnswer, Verdict, score_answer
+
+if TYPE_CHECKING:
+    from tracekit.models.loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (judgments done, judgments in total) as the job advances."""
+
+
+@dataclass
+class MetricCounts:
+    """Outcomes and traffic of one metric."""
+
+    scored: int = 0
+    refused: int = 0
+    low_mass: int = 0
+    failed: int = 0
+    requests: int = 0
+    retries: int = 0
+    cache_hits: int = 0
+
+    def add(self, other: MetricCounts) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class JudgeSummary:
+    """What a judge run did: per-metric counts, time, and the judge's provenance."""
+
+    rows: int
+    metrics: dict[str, MetricCounts]
+    seconds: float
+    judge: dict[str, Any]
+    cache: str | None
+    output: str | None = None
+    mean_scores: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def total(self) -> MetricCounts:
+        total = MetricCounts()
+        for counts in self.metrics.values():
+            total.add(counts)
+        return total
+
+    @property
+    def failed(self) -> int:
+        return self.total.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "metrics": {m: asdict(c) for m, c in self.metrics.items()},
+            "total": asdict(self.total),
+            "mean_scores": self.mean_scores,
+            "seconds": round(self.seconds, 3),
+            "judge": self.judge,
+            "cache": self.cache,
+            "output": self.output,
+        }
+
+
+@dataclass
+class JudgeResult:
+    """Judged rows (input columns plus the judge columns) and the run's summary."""
+
+    rows: list[dict[str, Any]]
+    summary: JudgeSummary
+
+
+# --- the core --------------------------------------------------------------------------------
+def make_backend(config: JudgeConfig, model: LoadedModel | None = None) -> JudgeBackend:
+    """The backend ``config`` asks for (see :func:`~tracekit.judge.config.resolve_backend`)."""
+    if resolve_backend(config) == "openai":
+        return OpenAIBackend(
+            config, resolve_base_url(config), os.environ.get(config.api_key_env) or None
+        )
+    return LocalBackend(config, model)
+
+
+def check_columns(columns: Sequence[str], config: JudgeConfig, source: str) -> None:
+    """Raise :class:`InputError` naming the first missing question/response column."""
+    for option, name in (
+        ("--question-column", config.question_column),
+        ("--response-column", config.response_column),
+    ):
+        if name not in columns:
+            shown = ", ".join(columns[:12]) or "none"
+            raise InputError(
+                f"{source} has no column '{name}' (columns: {shown})",
+                f"name the right column with {option}",
+            )
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+async def ajudge_rows(
+    rows: Sequence[Mapping[str, Any]],
+    config: JudgeConfig,
+    *,
+    trait_prompt: str | None = None,
+    model: LoadedModel | None = None,
+    progress: ProgressFn | None = None,
+) -> JudgeResult:
+    """Async :func:`judge_rows` (use it from inside a running event loop)."""
+    started = time.perf_counter()
+    templates = resolve_templates(config, trait_prompt)
+    if rows:
+        check_columns(list(rows[0].keys()), config, "the input")
+    backend = make_backend(config, model)
+    cache_path = None if config.no_cache else (config.cache or default_cache_path())
+    cache = JudgeCache(cache_path) if cache_path is not None else None
+    counts = {metric: MetricCounts() for metric in config.metrics}
+    # (row, metric) -> key; key -> (metric, prompt) for the unique judgments to make
+    keys: list[dict[str, str]] = []
+    todo: dict[str, tuple[str, str]] = {}
+    for row in rows:
+        question, response = (
+            _text(row.get(config.question_column)),
+            _text(row.get(config.response_column)),
+        )
+        row_keys = {}
+        for metric, template in templates.items():
+            key = cache_key(backend.name, backend.model_id, metric, template, question, response)
+            row_keys[metric] = key
+            todo.setdefault(key, (metric, fill(template, question, response)))
+        keys.append(row_keys)
+    total = len(rows) * len(templates)
+    try:
+        answers: dict[str, RawAnswer | str] = dict(cache.get_many(todo) if cache else {})
+        done = sum(1 for row_keys in keys for key in row_keys.values() if key in answers)
+        for row_keys in keys:
+            for metric, key in row_keys.items():
+                counts[metric].cache_hits += key in answers
+        if progress:
+            progress(done, total)
+        per_key_rows: dict[str, int] = {}
+        for row_keys in keys:
+            for key in row_keys.values():
+                per_key_rows[key] = per_key_rows.get(key, 0) + 1
+        limit = asyncio.Semaphore(config.concurrency)
+
+        async def one(key: str, metric: str, prompt: str) -> None:
+            nonlocal done
+            async with limit:
+                answered: Answered = await backend.ask(prompt)
+            counts[metric].requests += answered.requests
+            counts[metric].retries += max(0, answered.requests - 1)
+            if answered.raw is not None:
+                answers[key] = answered.raw
+                if cache is not None:
+                    cache.put(key, backend.name, backend.model_id, metric, answered.raw)
+            else:
+                answers[key] = answered.failure or "unknown failure"
+            done += per_key_rows[key]
+            if progress:
+                progress(done, total)
+
+        misses = [
+            (key, metric, prompt) for key, (metric, prompt) in todo.items() if key not in answers
+        ]
+        if misses:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for key, metric, prompt in misses:
+                        group.create_task(one(key, metric, prompt))
+            except BaseExceptionGroup as errors:
+                # the first real error (e.g. a bad API key) stops the run; others are echoes
+                raise errors.exceptions[0] from None
+    finally:
+        await backend.aclose()
+        if cache is not None:
+            cache.close()
+    judged = _apply(rows, keys, answers, config, counts)
+    summary = JudgeSummary(
+        rows=len(rows),
+        metrics=counts,
+        seconds=time.perf_counter() - started,
+        judge={
+            **backend.describe(),
+            "metrics": list(templates),
+            "prompt_sha256": {
+                m: hashlib.sha256(t.encode("utf-8")).hexdigest() for m, t in templates.items()
+            },
+            "min_mass": config.min_mass,
+        },
+        cache=None if cache_path is None else str(cache_path),
+        mean_scores=_means(judged, list(templates)),
+    )
+    return JudgeResult(rows=judged, summary=summary)
+
+
+def _apply(
+    rows: Sequence[Mapping[str, Any]],
+    keys: list[dict[str, str]],
+    answers: Mapping[str, RawAnswer | str],
+    config: JudgeConfig,
+    counts: dict[str, MetricCounts],
+) -> list[dict[str, Any]]:
+    judged = []
+    for row, row_keys in zip(rows, keys, strict=True):
+        out = dict(row)
+        for metric, key in row_keys.items():
+            answer = answers.get(key, "not judged")
+            verdict = (
+                score_answer(answer, config.min_mass)
+                if isinstance(answer, RawAnswer)
+                else Verdict.failed(answer)
+            )
+            kind = verdict.kind
+            bucket = counts[metric]
+            if kind == "ok":
+                bucket.scored += 1
+            elif kind == "refused":
+                bucket.refused += 1
+            elif kind == "low_mass":
+                bucket.low_mass += 1
+            else:
+                bucket.failed += 1
+            score_col, mass_col, status_col, method_col = judge_columns(metric)
+            out[score_col] = verdict.score
+            out[mass_col] = verdict.mass
+            out[status_col] = verdict.status
+            out[method_col] = verdict.method
+        judged.append(out)
+    return judged
+
+
+def _means(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, float | None]:
+    means: dict[str, float | None] = {}
+    for metric in metrics:
+        column = judge_columns(metric)[0]
+        values = [r[column] for r in rows if r[column] is not None]
+        means[metric] = sum(values) / len(values) if values else None
+    return means
+
+
+def judge_rows(
+    rows: Sequence[Mapping[str, Any]],
+    config: JudgeConfig,
+    *,
+    trait_prompt: str | None = None,
+    model: LoadedModel | None = None,
+    progress: ProgressFn | None = None,
+) -> JudgeResult:
+    """Judge ``rows`` (mappings with the question/response columns) and return them with the
+    judge columns added, plus a :class:`JudgeSummary`.
+
+    ``trait_prompt`` overrides ``config.trait``/``config.eval_prompt`` for the ``trait`` metric
+    (pass a loaded trait's ``eval_prompt``); ``model`` lends an already loaded model to the local
+    backend. Runs its own event loop; inside one, await :func:`ajudge_rows` instead.
+    """
+    return asyncio.run(
+        ajudge_rows(rows, config, trait_prompt=trait_prompt, model=model, progress=progress)
+    )
+
+
+# --- files -----------------------------------------------------------------------------------
+def read_table(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows and column names of a ``.csv`` (all values text) or ``.jsonl`` file."""
+    if not path.is_file():
+        raise InputError(f"input file not found: {path}", "check --input")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    if not text.strip():
+        raise InputError(f"input file {path} is empty", "judge a CSV or JSONL file with rows")
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines(keepends=True))
+        columns = list(reader.fieldnames or [])
+        rows: list[dict[str, Any]] = [dict(row) for row in reader]
+    else:
+        rows, columns = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path} line {number} is not valid JSON: {exc.msg}") from None
+            if not isinstance(item, dict):
+                raise InputError(f"{path} line {number} is not a JSON object")
+            rows.append(item)
+            columns.extend(k for k in item if k not in columns)
+    if not rows:
+        raise InputError(f"input file {path} has no rows", "judge a CSV or JSONL file with rows")
+    return rows, columns
+
+
+def write_table(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Write rows atomically as CSV (None -> empty cell) or JSONL (None -> null)."""
+    from tracekit.storage import atomic_open
+
+    with atomic_open(path, "w") as handle:
+        if path.suffix.lower() == ".csv":
+            writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+        else:
+            for row in rows:
+                handle.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+
+
+def metadata_path(output: Path) -> Path:
+    """The judge metadata written beside an output: ``<output>.judge.json``."""
+    return output.with_name(output.name + ".judge.json")
+
+
+def judge_file(
+    config: JudgeJobConfig,
+    *,
+    model: LoadedModel | None = None,
+    progress: ProgressFn | None = None,
+) -> JudgeResult:
+    """Judge a CSV/JSONL file and write it (in place when ``config.output`` is None) with the
+    judge columns, plus ``<output>.judge.json`` metadata. Returns the rows and the summary."""
+    from tracekit import __version__
+    from tracekit.storage import check_writable, write_json
+
+    output = config.output or config.input
+    if output.resolve() != config.input.resolve():
+        check_writable([output, metadata_path(output)], config.force)
+    rows, columns = read_table(config.input)
+    check_columns(columns, config, str(config.input))
+    result = judge_rows(rows, config.judge_config(), model=model, progress=progress)
+    new_columns = [c for metric in config.metrics for c in judge_columns(metric)]
+    write_table(output, result.rows, [*[c for c in columns if c not in new_columns], *new_columns])
+    result.summary.output = str(output)
+    write_json(
+        metadata_path(output),
+        {
+            "tracekit_version": __version__,
+            "input": str(config.input),
+            "output": str(output),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "columns": new_columns,
+            **result.summary.to_dict(),
+        },
+    )
+    return result
