@@ -1,0 +1,389 @@
+"""The ``extract features`` job: sentence feature files from one forward pass per batch.
+
+For each batch of sentences (sorted by length, so little padding), one left-padded forward
+pass with an attention mask and explicit position ids captures the embedding output (layer 0)
+and every chosen layer at every token position through :class:`tracekit.models.LayerTaps`;
+the pass stops after the last needed block (later blocks, the final norm and the LM head never
+run). Each layer's states are encoded by that layer's SAE on the model's device, and each
+sentence is written atomically as ``sentence_{row:06d}.npz`` (:mod:`tracekit.features.files`).
+
+Fragments are the sentence's own tokens: special tokens the tokenizer adds (a BOS) are fed to
+the model, since it expects them, but not saved. Fragment j is the state at token j, which in a
+causal model equals the last state of the prefix ending at token j (the "cumulative fragments").
+
+Resumption: ``features.json`` records the settings; a rerun with the same settings skips
+sentences whose file exists, a rerun with other settings is refused, and ``--force`` deletes the
+old sentence files first, so one folder never mixes two runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tracekit import __version__
+from tracekit.errors import ConfigError, InputError, OutputExistsError
+from tracekit.features.config import FeaturesConfig
+from tracekit.features.files import (
+    MANIFEST_NAME,
+    SaeMeta,
+    existing_sentence_files,
+    sentence_file,
+    to_csr,
+    write_sentence_file,
+)
+from tracekit.features.inputs import Sentences, read_sentences
+from tracekit.storage.atomic import write_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from tracekit.models.loading import LoadedModel
+    from tracekit.sae.model import SparseAutoencoder
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as ``(sentences_just_done, total_to_do)``; first with 0 before any work."""
+
+FRAGMENTS = "sentence tokens; special tokens added by the tokenizer are fed but not saved"
+
+
+@dataclass
+class FeaturesResult:
+    """What a run did: counts, layers, SAE summary and throughput."""
+
+    output: Path
+    n_sentences: int
+    written: int
+    skipped: int
+    layers: list[int]
+    model: str
+    seconds: float
+    tokens: int
+    sae_width: int | None = None
+    sae_storage: str | None = None
+    average_l0s: list[float] | None = None
+    sae_formats: list[str] = field(default_factory=list)
+
+    @property
+    def sentences_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["output"] = str(self.output)
+        data["sentences_per_second"] = round(self.sentences_per_second, 3)
+        return data
+
+
+class _StopForward(Exception):
+    """Raised by the last needed tap: the rest of the model's forward pass is not needed."""
+
+
+@dataclass
+class _Tokenized:
+    ids: list[int]
+    keep: list[bool]  # True at the sentence's own tokens (not special)
+
+    @property
+    def n_fragments(self) -> int:
+        return sum(self.keep)
+
+
+def _tokenize(tokenizer: Any, sentences: Sentences) -> list[_Tokenized]:
+    encoded = tokenizer(
+        sentences.texts, add_special_tokens=True, return_special_tokens_mask=True, padding=False
+    )
+    items: list[_Tokenized] = []
+    for row, (ids, special) in enumerate(
+        zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True), start=1
+    ):
+        item = _Tokenized(ids=list(ids), keep=[not s for s in special])
+        if item.n_fragments == 0:
+            raise InputError(f"sentence in row {row} has no tokens besides special tokens")
+        items.append(item)
+    return items
+
+
+def _resolve_layers(config: FeaturesConfig, n_layers: int) -> list[int]:
+    from tracekit.sae.layout import default_sae_layers
+
+    if config.layers is None:
+        if config.sae is not None:
+            layers = default_sae_layers(config.sae)
+            bad = [layer for layer in layers if layer >= n_layers]
+            if bad:
+                raise InputError(
+                    f"{config.sae} has SAEs for tracekit layers up to {max(bad)}, but the model "
+                    f"has layers 0-{n_layers - 1}",
+                    "these SAEs belong to another model; choose --layers or another --sae",
+                )
+            return layers
+        return list(range(n_layers))
+    try:
+        return list(config.layers.resolve(n_layers))
+    except ValueError as exc:
+        raise ConfigError(f"--layers: {exc}") from None
+
+
+def _load_saes(
+    config: FeaturesConfig, layers: list[int], hidden_size: int, device: torch.device
+) -> dict[int, SparseAutoencoder]:
+    from tracekit.sae.layout import load_saes
+
+    assert config.sae is not None
+    saes = load_saes(config.sae, layers, config.sae_width, config.sae_l0)
+    for layer, sae in saes.items():
+        if sae.d_in != hidden_size:
+            raise InputError(
+                f"SAE for tracekit layer {layer} (SAE release layer {layer - 1}) encodes "
+                f"{sae.d_in}-wide vectors, but the model's hidden size is {hidden_size} "
+                f"({sae.path})",
+                "use SAEs trained on this model's residual stream",
+            )
+    return {layer: sae.to(device) for layer, sae in saes.items()}
+
+
+def _settings(
+    config: FeaturesConfig,
+    loaded: LoadedModel,
+    layers: list[int],
+    saes: dict[int, SparseAutoencoder] | None,
+    sentences: Sentences,
+) -> dict[str, Any]:
+    """What must match for a rerun to resume into the same folder."""
+    return {
+        "model": loaded.name,
+        "revision": loaded.revision,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "layers": layers,
+        "fragments": FRAGMENTS,
+        "text_column": config.text_column,
+        "label_column": config.label_column,
+        "n_sentences": len(sentences),
+        "sentences_sha256": sentences.digest(),
+        "sae_storage": config.sae_storage if saes else None,
+        "saes": (
+            [
+                {"layer": layer, "release_layer": layer - 1, **sae.describe()}
+                for layer, sae in saes.items()
+            ]
+            if saes
+            else None
+        ),
+    }
+
+
+def _prepare_output(output: Path, settings: dict[str, Any], force: bool) -> None:
+    """Refuse to mix runs; with ``force`` clear the old run's files first."""
+    import json
+
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"--output {output} is a file", "give a folder path")
+    manifest = output / MANIFEST_NAME
+    existing = existing_sentence_files(output)
+    if force:
+        for path in existing:
+            path.unlink()
+        manifest.unlink(missing_ok=True)
+        return
+    if manifest.is_file():
+        try:
+            previous = json.loads(manifest.read_text(encoding="utf-8")).get("settings")
+        except (OSError, ValueError, AttributeError):
+            previous = None
+        if previous != settings:
+            changed = sorted(
+                key
+                for key in set(settings) | set(previous or {})
+                if (previous or {}).get(key) != settings.get(key)
+            )
+            raise OutputExistsError(
+                f"{output} holds features made with other settings "
+                f"(differs in: {', '.join(changed) or 'unreadable manifest'})",
+                "pass --force to redo them, or choose another --output",
+            )
+    elif existing:
+        raise OutputExistsError(
+            f"{output} already holds {len(existing)} sentence files from an unknown run",
+            "pass --force to replace them, or choose another --output",
+        )
+
+
+def _write_manifest(
+    output: Path, settings: dict[str, Any], complete: bool, written: int, config: FeaturesConfig
+) -> None:
+    write_json(
+        output / MANIFEST_NAME,
+        {
+            "kind": "tracekit sentence features",
+            "tracekit_version": __version__,
+            "settings": settings,
+            "sentences": str(config.sentences),
+            "complete": complete,
+            "files": written,
+        },
+    )
+
+
+def _batch_inputs(
+    items: Sequence[_Tokenized], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, attention mask, position ids and the keep mask of one batch."""
+    import torch
+
+    width = max(len(item.ids) for item in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    keep = torch.zeros((len(items), width), dtype=torch.bool)
+    for row, item in enumerate(items):
+        n = len(item.ids)
+        ids[row, width - n :] = torch.tensor(item.ids)
+        mask[row, width - n :] = 1
+        keep[row, width - n :] = torch.tensor(item.keep)
+    # positions count real tokens only, so a left-padded row sees the positions it would alone
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device), keep.to(device)
+
+
+def _capture(
+    loaded: LoadedModel, items: Sequence[_Tokenized], capture_layers: list[int]
+) -> dict[int, torch.Tensor]:
+    """``{layer: [n_tokens_in_batch, d]}`` at the kept positions, rows in batch order."""
+    import torch
+
+    from tracekit.models.capture import LayerTaps
+
+    pad_id = loaded.tokenizer.pad_token_id
+    ids, mask, positions, keep = _batch_inputs(items, int(pad_id or 0), loaded.device)
+    last = max(capture_layers)
+    captured: dict[int, torch.Tensor] = {}
+
+    def on_layer(layer: int, hidden: torch.Tensor) -> None:
+        captured[layer] = hidden[keep]  # boolean indexing copies: later blocks cannot alias it
+        if layer == last:
+            raise _StopForward
+
+    taps = LayerTaps(loaded.handles, capture_layers, on_layer)
+    with torch.inference_mode(), taps, contextlib.suppress(_StopForward):
+        loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    missing = [layer for layer in capture_layers if layer not in captured]
+    if missing:  # a model whose blocks were skipped; never silently write zeros
+        raise RuntimeError(f"layers {missing} were not captured in the forward pass")
+    return captured
+
+
+def _token_strings(tokenizer: Any, item: _Tokenized) -> list[str]:
+    kept = [tok for tok, keep in zip(item.ids, item.keep, strict=True) if keep]
+    return [str(text) for text in tokenizer.batch_decode([[tok] for tok in kept])]
+
+
+def extract_features(
+    config: FeaturesConfig,
+    *,
+    loaded: LoadedModel | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> FeaturesResult:
+    """Write one feature file per sentence of ``config.sentences`` into ``config.output``.
+
+    ``loaded`` reuses an already loaded model (then ``config.model``/``dtype``/``device`` are
+    not consulted). Everything is checked (CSV, layers, SAEs against the model) before the first
+    file is written.
+    """
+    import numpy as np
+    import torch
+
+    from tracekit.models.loading import load_model
+
+    started = time.perf_counter()
+    sentences = read_sentences(
+        config.sentences, config.text_column, config.label_column, config.label_range
+    )
+    loaded = loaded or load_model(config.model_config_())
+    layers = _resolve_layers(config, loaded.n_layers)
+    saes = _load_saes(config, layers, loaded.hidden_size, loaded.device) if config.sae else None
+    tokenized = _tokenize(loaded.tokenizer, sentences)
+    settings = _settings(config, loaded, layers, saes, sentences)
+    output = config.output
+    _prepare_output(output, settings, config.force)
+
+    pending = [i for i in range(len(sentences)) if not sentence_file(output, i).is_file()]
+    skipped = len(sentences) - len(pending)
+    if skipped:
+        logger.info("resuming: %d of %d sentence files already written", skipped, len(sentences))
+    output.mkdir(parents=True, exist_ok=True)
+    _write_manifest(output, settings, complete=False, written=skipped, config=config)
+    if on_progress is not None:
+        on_progress(0, len(pending))
+
+    sae_meta = None
+    if saes:
+        known = any(sae.average_l0 is not None for sae in saes.values())
+        sae_meta = SaeMeta(
+            width=next(iter(saes.values())).width,
+            # an unknown L0 is NaN; with none known the array is left out (readers: "not recorded")
+            average_l0s=[saes[layer].average_l0_or_nan for layer in layers] if known else None,
+            release_layers=[layer - 1 for layer in layers],
+            formats=",".join(sorted({sae.format for sae in saes.values()})),
+            storage=config.sae_storage,
+        )
+    capture_layers = sorted({0, *layers})
+    pending.sort(key=lambda i: len(tokenized[i].ids))  # similar lengths -> little padding
+    written = tokens = 0
+    for start in range(0, len(pending), config.batch_size):
+        batch = pending[start : start + config.batch_size]
+        items = [tokenized[i] for i in batch]
+        captured = _capture(loaded, items, capture_layers)
+        hidden = torch.stack([captured[layer] for layer in layers])  # [L, N, d]
+        hidden_np = hidden.float().cpu().numpy()
+        embeddings_np = captured[0].float().cpu().numpy()
+        acts = None
+        if saes:
+            acts = torch.stack([saes[layer].encode(captured[layer]) for layer in layers])
+        acts_np = acts.cpu().numpy() if acts is not None and config.sae_storage == "dense" else None
+        offset = 0
+        for index, item in zip(batch, items, strict=True):
+            n = item.n_fragments
+            rows = slice(offset, offset + n)
+            sparse = None
+            if acts is not None and config.sae_storage == "sparse":
+                sparse = to_csr(acts[:, rows].reshape(len(layers) * n, -1))
+            write_sentence_file(
+                sentence_file(output, index),
+                embeddings=embeddings_np[rows],
+                hidden_states=hidden_np[:, rows],
+                layers=layers,
+                label=sentences.labels[index],
+                sentence=sentences.texts[index],
+                tokens=_token_strings(loaded.tokenizer, item),
+                model=loaded.name,
+                sae=sae_meta,
+                activations=None if acts_np is None else np.ascontiguousarray(acts_np[:, rows]),
+                sparse=sparse,
+            )
+            offset += n
+            tokens += n
+        written += len(batch)
+        if on_progress is not None:
+            on_progress(len(batch), len(pending))
+    _write_manifest(output, settings, complete=True, written=len(sentences), config=config)
+    return FeaturesResult(
+        output=output,
+        n_sentences=len(sentences),
+        written=written,
+        skipped=skipped,
+        layers=layers,
+        model=loaded.name,
+        seconds=time.perf_counter() - started,
+        tokens=tokens,
+        sae_width=sae_meta.width if sae_meta else None,
+        sae_storage=sae_meta.storage if sae_meta else None,
+        average_l0s=sae_meta.average_l0s if sae_meta else None,
+        sae_formats=sorted({sae.format for sae in saes.values()}) if saes else [],
+    )
