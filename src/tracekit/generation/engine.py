@@ -50,10 +50,10 @@ Prompt = str | Sequence[int]
 class GenerationParams(TracekitConfig):
     """Sampling parameters shared by every engine."""
 
-    max_new_tokens: int = Field(150, ge=1, le=1_000_000)
-    temperature: float = Field(1.0, ge=0.0)
+    max_new_tokens: int = Field(default=150, ge=1, le=1_000_000)
+    temperature: float = Field(default=1.0, ge=0.0)
     """0 means greedy."""
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     do_sample: bool | None = None
     """None: sample when ``temperature > 0``; False forces greedy decoding."""
     seed: int | None = None

@@ -1,0 +1,322 @@
+"""The experiment layout: responses CSVs, activation files, metadata and resume bookkeeping.
+
+One trait of one experiment lives in ``<experiments_dir>/<EXP>/<TRAIT>/``::
+
+    trait_definition.json          the trait exactly as the run used it
+    metadata.json                  model, template, generation parameters, layers, versions
+    responses/pos.csv, neg.csv     final responses, rows sorted by id (written atomically)
+    responses/parts/               resume journal: one JSON file per finished batch
+    activations/metadata.json      layers, poolings, shapes, file names, source
+    activations/{pos,neg}_{pooling}.npy   float32 [n_rows, n_layers, hidden], rows = CSV order
+    activations/{pos,neg}_{pooling}.pt    the same tensor for torch.load(weights_only=True)
+    activations/{pos,neg}_ids.npy         int64 row ids, the first axis of the files above
+    activations/parts/             per-batch activation parts (npz), next to the journal
+
+Resume: each batch writes its activation part (when captured) and then its response part,
+each atomically; a row is finished exactly when a response part holds it. A killed run,
+started again, reads the parts, skips finished ids and loses none; the final CSV and
+activation files are rebuilt from all parts at the end of every run. The parts are kept (they
+are the journal); ``--force`` removes them together with the outputs.
+
+Row ids pair the polarities: pos row ``k`` and neg row ``k`` share the question and the
+instruction pair. Anything that combines pos and neg pairs by id, never by row order.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from tracekit.errors import InputError, OutputExistsError
+from tracekit.storage.atomic import save_npy, save_npz, write_bytes, write_json, write_text
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Polarity = Literal["pos", "neg"]
+POLARITIES: tuple[Polarity, Polarity] = ("pos", "neg")
+
+RESPONSE_COLUMNS = (
+    "id",
+    "question",
+    "instruction",
+    "prompt",
+    "response",
+    "finish_reason",
+    "n_tokens",
+)
+"""Columns ``generate`` writes; ``trait_score`` (and ``coherence``) follow when judged."""
+REQUIRED_COLUMNS = ("question", "prompt", "response")
+"""Columns ``extract activations`` needs in a CSV that came from elsewhere."""
+
+
+@dataclass(frozen=True)
+class TraitPaths:
+    """Every path of one trait in one experiment."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, experiments_dir: str | Path, experiment: str, trait: str) -> TraitPaths:
+        return cls(Path(experiments_dir) / experiment / trait)
+
+    @property
+    def trait_definition(self) -> Path:
+        return self.root / "trait_definition.json"
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "metadata.json"
+
+    @property
+    def responses_dir(self) -> Path:
+        return self.root / "responses"
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.responses_dir / "parts"
+
+    def responses_csv(self, polarity: Polarity) -> Path:
+        return self.responses_dir / f"{polarity}.csv"
+
+    @property
+    def activations_dir(self) -> Path:
+        return self.root / "activations"
+
+    @property
+    def activation_parts_dir(self) -> Path:
+        return self.activations_dir / "parts"
+
+    @property
+    def activations_metadata(self) -> Path:
+        return self.activations_dir / "metadata.json"
+
+    def activation_file(self, polarity: Polarity, pooling: str, suffix: str = ".npy") -> Path:
+        return self.activations_dir / f"{polarity}_{pooling}{suffix}"
+
+    def ids_file(self, polarity: Polarity) -> Path:
+        return self.activations_dir / f"{polarity}_ids.npy"
+
+    @property
+    def vectors_dir(self) -> Path:
+        return self.root / "vectors"
+
+    @property
+    def run_file(self) -> Path:
+        """Settings of the run that wrote the parts (resume must use the same ones)."""
+        return self.parts_dir / "run.json"
+
+
+# --- resume journal -------------------------------------------------------------------------
+def _part_name(polarity: Polarity, first_id: int) -> str:
+    return f"{polarity}-{first_id:07d}"
+
+
+def write_batch_part(
+    paths: TraitPaths,
+    polarity: Polarity,
+    rows: Sequence[Mapping[str, Any]],
+    pooled: Mapping[str, np.ndarray] | None = None,
+) -> None:
+    """Record one finished batch: activations first, then the response rows (the commit)."""
+    import numpy as np
+
+    if not rows:
+        return
+    name = _part_name(polarity, min(int(r["id"]) for r in rows))
+    if pooled:
+        ids = np.array([int(r["id"]) for r in rows], dtype=np.int64)
+        arrays: dict[str, Any] = {"ids": ids, **pooled}
+        save_npz(paths.activation_parts_dir / f"{name}.npz", **arrays)
+    write_json(paths.parts_dir / f"{name}.json", {"polarity": polarity, "rows": list(rows)})
+
+
+def read_parts(paths: TraitPaths, polarity: Polarity) -> dict[int, dict[str, Any]]:
+    """Finished rows of ``polarity`` by id, from the journal."""
+    rows: dict[int, dict[str, Any]] = {}
+    if not paths.parts_dir.is_dir():
+        return rows
+    for part in sorted(paths.parts_dir.glob(f"{polarity}-*.json")):
+        try:
+            data = json.loads(part.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(
+                f"resume journal file {part} is unreadable: {exc}",
+                "delete it to regenerate that batch, or pass --force to start over",
+            ) from None
+        for row in data.get("rows", []):
+            rows[int(row["id"])] = row
+    return rows
+
+
+def read_activation_parts(
+    paths: TraitPaths, polarity: Polarity, poolings: Iterable[str]
+) -> dict[str, dict[int, np.ndarray]]:
+    """Per pooling: row id -> ``[n_layers, hidden]`` from the activation parts."""
+    import numpy as np
+
+    wanted = list(poolings)
+    out: dict[str, dict[int, np.ndarray]] = {p: {} for p in wanted}
+    if not paths.activation_parts_dir.is_dir():
+        return out
+    for part in sorted(paths.activation_parts_dir.glob(f"{polarity}-*.npz")):
+        with np.load(part, allow_pickle=False) as data:
+            ids = data["ids"].tolist()
+            for pooling in wanted:
+                if pooling not in data:
+                    continue
+                values = data[pooling]
+                for i, row_id in enumerate(ids):
+                    out[pooling][int(row_id)] = values[i]
+    return out
+
+
+def check_run_settings(paths: TraitPaths, settings: Mapping[str, Any], force: bool) -> bool:
+    """Compare ``settings`` with those of an earlier partial run; True if resuming.
+
+    Writes the settings when there is nothing to resume. A different earlier run is an error
+    unless ``force`` (the caller then clears the trait with :func:`clear_outputs`).
+    """
+    canonical = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    if paths.run_file.is_file():
+        previous = json.loads(paths.run_file.read_text(encoding="utf-8"))
+        if previous != canonical:
+            changed = sorted(
+                k for k in set(previous) | set(canonical) if previous.get(k) != canonical.get(k)
+            )
+            raise OutputExistsError(
+                f"{paths.root} holds results of a run with different settings "
+                f"({', '.join(changed)})",
+                "pass --force to discard them, or use another --experiment",
+            )
+        return True
+    write_json(paths.run_file, canonical)
+    return False
+
+
+def clear_outputs(paths: TraitPaths) -> None:
+    """Remove responses, activations, metadata and the journal of one trait (``--force``)."""
+    for folder in (paths.responses_dir, paths.activations_dir):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    for file in (paths.metadata,):
+        file.unlink(missing_ok=True)
+
+
+# --- final files ----------------------------------------------------------------------------
+def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    columns = list(RESPONSE_COLUMNS)
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    return columns
+
+
+def write_responses_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write rows (sorted by id) as CSV atomically; extra keys become extra columns."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_columns(rows), extrasaction="ignore")
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: int(r["id"])):
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    write_text(path, buffer.getvalue())
+
+
+def read_responses_csv(path: Path, required: Sequence[str] = REQUIRED_COLUMNS) -> list[dict]:
+    """Rows of a responses CSV (``generate``'s or one made elsewhere, e.g. by vLLM).
+
+    Without an ``id`` column rows get ids ``0..n-1`` in file order (pairing then relies on the
+    pos and neg files listing the same questions in the same order; say so in the docs).
+    """
+    if not path.is_file():
+        raise InputError(f"responses file not found: {path}", "run 'tracekit generate' first")
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise InputError(
+                f"{path} is missing column(s) {', '.join(missing)}",
+                f"a responses CSV needs the columns {', '.join(required)} (id optional)",
+            )
+        rows = [dict(row) for row in reader]
+    seen: set[int] = set()
+    for index, row in enumerate(rows):
+        raw = row.get("id")
+        try:
+            row_id = int(raw) if raw not in (None, "") else index
+        except ValueError:
+            raise InputError(f"{path}: row {index + 1} has a non-integer id '{raw}'") from None
+        if row_id in seen:
+            raise InputError(f"{path}: id {row_id} appears twice", "ids must be unique per file")
+        seen.add(row_id)
+        row["id"] = row_id
+    return rows
+
+
+def save_activations(
+    paths: TraitPaths,
+    polarity: Polarity,
+    ids: Sequence[int],
+    pooled: Mapping[str, np.ndarray],
+) -> list[Path]:
+    """Write ``{polarity}_{pooling}.npy`` and ``.pt`` plus ``{polarity}_ids.npy``; return paths."""
+    import numpy as np
+    import torch
+
+    written = []
+    save_npy(paths.ids_file(polarity), np.asarray(list(ids), dtype=np.int64))
+    written.append(paths.ids_file(polarity))
+    for pooling, array in pooled.items():
+        arr = np.ascontiguousarray(array, dtype=np.float32)
+        npy = paths.activation_file(polarity, pooling, ".npy")
+        save_npy(npy, arr)
+        buffer = io.BytesIO()
+        torch.save(torch.from_numpy(arr), buffer)
+        pt = paths.activation_file(polarity, pooling, ".pt")
+        write_bytes(pt, buffer.getvalue())
+        written += [npy, pt]
+    return written
+
+
+def load_activations(paths: TraitPaths, polarity: Polarity, pooling: str) -> tuple[Any, Any]:
+    """``(ids [n], activations [n, n_layers, hidden])`` as numpy arrays, without pickle."""
+    import numpy as np
+
+    npy = paths.activation_file(polarity, pooling)
+    if not npy.is_file():
+        raise InputError(
+            f"activations not found: {npy}",
+            "run 'tracekit generate --extract-activations' or 'tracekit extract activations' "
+            f"with --pooling {pooling}",
+        )
+    acts = np.load(npy, allow_pickle=False)
+    ids_path = paths.ids_file(polarity)
+    ids = np.load(ids_path, allow_pickle=False) if ids_path.is_file() else np.arange(len(acts))
+    if len(ids) != len(acts):
+        raise InputError(f"{ids_path} has {len(ids)} ids but {npy} has {len(acts)} rows")
+    return ids, acts
+
+
+def ensure_trait_definition(paths: TraitPaths, trait_json: str, force: bool) -> None:
+    """Save the trait definition; refuse to replace a different one without ``force``."""
+    target = paths.trait_definition
+    if target.is_file() and not force:
+        existing = json.loads(target.read_text(encoding="utf-8"))
+        if existing != json.loads(trait_json):
+            raise OutputExistsError(
+                f"{target} differs from the trait definition given",
+                "pass --force to replace it (and regenerate), or use another --experiment",
+            )
+        return
+    write_text(target, trait_json)
