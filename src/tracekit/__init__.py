@@ -30,6 +30,14 @@ _LAZY: dict[str, str] = {
     "normalize_features": "tracekit.datasets.normalization",
     "load_all_sentences": "tracekit.storage.sentences",
     "get_final_token_data": "tracekit.storage.sentences",
+    "TraitDefinition": "tracekit.traits",
+    "load_trait": "tracekit.traits",
+    "GenerationParams": "tracekit.generation.engine",
+    "CaptureSpec": "tracekit.generation.engine",
+    "create_engine": "tracekit.generation.engine",
+    "Pooling": "tracekit.generation.pooling",
+    "generate": "tracekit.generation.run",
+    "GenerateConfig": "tracekit.generation.run",
 }
 
 
