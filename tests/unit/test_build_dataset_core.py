@@ -191,3 +191,44 @@ def test_group_split_keeps_groups_together():
         split_indices(4, 0.5, groups=[1, 1, 1, 1])
     with pytest.raises(InputError, match="cannot split 1 sample"):
         split_indices(1, 0.5)
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_reads_files_from_the_extract_features_writer(tmp_path: Path, storage: str):
+    """Contract: what `tracekit extract features` writes is what build-dataset reads."""
+    import torch
+
+    from tracekit.features.files import SaeMeta, to_csr, write_sentence_file
+
+    rng = np.random.default_rng(11)
+    arrays = ex.sentence_arrays(rng, label=2, n_fragments=4, layers=[0, 3, 6])
+    acts = arrays["activations"]
+    sae = SaeMeta(
+        width=ex.SAE_WIDTH,
+        average_l0s=[9.0, 9.0, 9.0],
+        release_layers=[0, 2, 5],
+        formats="example",
+        storage=storage,
+    )
+    sparse = (
+        to_csr(torch.from_numpy(acts.reshape(-1, acts.shape[-1]))) if storage == "sparse" else None
+    )
+    write_sentence_file(
+        tmp_path / "sentence_000000.npz",
+        embeddings=arrays["embeddings"],
+        hidden_states=arrays["hidden_states"],
+        layers=[0, 3, 6],
+        label=2,
+        sentence="a b c d",
+        tokens=["a", "b", "c", "d"],
+        model="m",
+        sae=sae,
+        activations=acts if storage == "dense" else None,
+        sparse=sparse,
+    )
+    data = tracekit.get_final_token_data(
+        tracekit.load_all_sentences(tmp_path), layers=[3, 6], target=(6, 3)
+    )
+    np.testing.assert_array_equal(data.hidden_states[0], arrays["hidden_states"][1:, -1])
+    assert data.target_activations[0] == acts[2, -1, 3]
+    assert data.labels.tolist() == [2] and data.average_l0 == 9.0 and data.sae_width == ex.SAE_WIDTH
