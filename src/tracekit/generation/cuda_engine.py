@@ -766,7 +766,12 @@ class FastDecoder:
             self._runners.popitem(last=False)
         runner = _Runner(self, key)
         if self.use_graphs:
-            runner.capture()
+            try:
+                runner.capture()
+            except Exception as exc:  # a capture failure must not lose the user's run
+                logger.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
+                runner.graph = None
+                runner.reset_dummy()
         self._runners[key] = runner
         return runner
 

@@ -75,8 +75,9 @@ def random_llama(
     )
     # transformers 5 reads rope_parameters; 4.x reads rope_theta: set both
     config.rope_theta = rope_theta
-    if isinstance(getattr(config, "rope_parameters", None), dict):
-        config.rope_parameters["rope_theta"] = rope_theta
+    rope_parameters: Any = getattr(config, "rope_parameters", None)
+    if isinstance(rope_parameters, dict):
+        rope_parameters["rope_theta"] = rope_theta
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
     with torch.device(device):

@@ -1,0 +1,254 @@
+"""GPU benchmark of tracekit's CUDA engine against ``model.generate`` (issue 5's table).
+
+Random-init Llama-3.2-1B-shaped model (bf16), prompt 64 random tokens, 128 new tokens, no early
+stop (eos never matches). For each batch size it times, in one process:
+
+- ``tracekit cuda +capture``: CudaEngine, all layers, response_avg + prompt_last + prompt_avg;
+- ``tracekit cuda``: CudaEngine without capture;
+- ``tracekit hf +capture``: the reference engine with the same capture (``--with-reference``);
+- ``generate dynamic``: ``model.generate`` with the default dynamic cache;
+- ``generate static+compile``: ``model.generate(cache_implementation="static")`` (transformers
+  compiles the decode step itself) — slow to compile, so only with ``--with-static``.
+
+The floor per decode step is (weight bytes + KV-cache bytes the step must read) over the HBM
+bandwidth measured here with a device-to-device copy of ~2 GB (bytes read + written). Decode
+time per step is (end-to-end time - prefill time) / steps, prefill timed separately as one HF
+forward over the prompts. ``--teacher-forced`` also times the teacher-forced pooled forward over
+all layers (batch 32 x 256 tokens) against the bf16 matmul rate measured here.
+
+Run: ``python benchmarks/bench_engine_gpu.py [--batches 1,8,32,128] [--with-static]``.
+``--shape tiny`` runs the same on a tiny model (a smoke check; CPU works with ``--device cpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tracekit.generation.cuda_engine import CudaEngine  # noqa: E402
+from tracekit.generation.cuda_random_model import random_llama  # noqa: E402
+from tracekit.generation.engine import CaptureSpec, GenerationParams  # noqa: E402
+from tracekit.generation.hf_engine import HFEngine  # noqa: E402
+from tracekit.generation.pooling import Pooling  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any, device: str, reps: int) -> tuple[float, Any]:
+    """Median wall seconds of ``fn`` over ``reps`` runs after one warm-up run."""
+    result = fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def hbm_bandwidth(device: str) -> float:
+    """Bytes/s of a ~2 GB device-to-device copy, counting bytes read plus written."""
+    n = (2 << 30) // 2
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def matmul_rate(device: str) -> float:
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 10 * 2 * n**3 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama-3.2-1b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batches", default="1,8,32,128")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--with-static", action="store_true")
+    ap.add_argument("--with-reference", action="store_true")
+    ap.add_argument("--teacher-forced", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    dev = args.device
+    dtype = "bfloat16" if dev.startswith("cuda") else "float32"
+    loaded = random_llama(args.shape, device=dev, dtype=dtype, seed=0)
+    model = loaded.model
+    model.generation_config.eos_token_id = None  # every row runs to the limit
+    model.generation_config.pad_token_id = 0
+    cfg = model.config
+    n_layers = loaded.n_layers
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes_per_token = (
+        cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
+    )  # bf16 keys + values
+    bw = hbm_bandwidth(dev) if dev.startswith("cuda") else float("nan")
+    mm = matmul_rate(dev) if dev.startswith("cuda") else float("nan")
+    device_name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
+    print(
+        f"device {device_name}  torch {torch.__version__}  HBM {bw / 1e12:.2f} TB/s  "
+        f"bf16 matmul {mm / 1e12:.0f} TFLOP/s  weights {weight_bytes / 1e9:.2f} GB",
+        flush=True,
+    )
+    capture = CaptureSpec(layers=tuple(range(n_layers)), poolings=tuple(Pooling))
+    params = GenerationParams(max_new_tokens=args.new_tokens, temperature=0)
+    cuda_engine = CudaEngine(loaded)
+    cuda_engine.stop_ids = [-1]  # no early stop: every row makes max_new_tokens
+    ref_engine = HFEngine(loaded)
+    ref_engine.stop_ids = []
+    rows: list[dict[str, Any]] = []
+    T, P = args.new_tokens, args.prompt_len
+    for batch in [int(b) for b in args.batches.split(",")]:
+        gen = torch.Generator().manual_seed(batch)
+        ids = torch.randint(2, cfg.vocab_size, (batch, P), generator=gen)
+        prompts = ids.tolist()
+        ids, mask = ids.to(dev), torch.ones_like(ids).to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        tokens = batch * T
+        # floor: every decode step reads all weights once plus the KV cache written so far
+        kv_avg = batch * kv_bytes_per_token * (P + (T - 1) / 2)
+        floor_step = (weight_bytes + kv_avg) / bw
+
+        def prefill(ids: Any = ids, mask: Any = mask, pos: Any = pos) -> Any:
+            with torch.no_grad():
+                return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+
+        t_prefill, _ = timed(prefill, dev, args.reps)
+        methods: list[tuple[str, Any]] = [
+            ("tracekit cuda +capture", lambda p=prompts: cuda_engine.generate(p, params, capture)),
+            ("tracekit cuda", lambda p=prompts: cuda_engine.generate(p, params)),
+        ]
+        if args.with_reference:
+            methods.append(
+                ("tracekit hf +capture", lambda p=prompts: ref_engine.generate(p, params, capture))
+            )
+
+        def hf_generate(static: bool, ids: Any = ids, mask: Any = mask) -> Any:
+            kwargs: dict[str, Any] = {"cache_implementation": "static"} if static else {}
+            with torch.no_grad():
+                return model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=T,
+                    do_sample=False,
+                    pad_token_id=0,
+                    **kwargs,
+                )
+
+        methods.append(("generate dynamic", lambda: hf_generate(False)))
+        if args.with_static:
+            methods.append(("generate static+compile", lambda: hf_generate(True)))
+        results: dict[str, float] = {}
+        for name, fn in methods:
+            start = time.perf_counter()
+            seconds, out = timed(fn, dev, args.reps)
+            setup = time.perf_counter() - start - seconds * args.reps
+            made = out.n_new_tokens if hasattr(out, "n_new_tokens") else tokens
+            results[name] = seconds
+            step = max(seconds - t_prefill, 1e-9) / T
+            row = {
+                "batch": batch,
+                "method": name,
+                "seconds": seconds,
+                "tokens": made,
+                "tok_s": made / seconds,
+                "step_ms": step * 1e3,
+                "floor_frac": floor_step / step,
+                "floor_frac_e2e": floor_step * T / seconds,
+                "first_call_s": setup,
+            }
+            rows.append(row)
+            print(
+                f"b={batch:<4d} {name:<24s} {row['tok_s']:>9.0f} tok/s  step "
+                f"{row['step_ms']:.2f} ms  floor {100 * row['floor_frac']:.0f}%  "
+                f"(e2e {100 * row['floor_frac_e2e']:.0f}%)  first call {setup:.1f}s",
+                flush=True,
+            )
+        base = results["generate dynamic"]
+        for row in rows:
+            if row["batch"] == batch:
+                row["x_generate"] = base / row["seconds"]
+        print(
+            f"b={batch:<4d} prefill {t_prefill * 1e3:.1f} ms  floor step {floor_step * 1e3:.3f} ms"
+        )
+
+    tf: dict[str, Any] = {}
+    if args.teacher_forced:
+        from tracekit.generation.teacher_forced import pooled_forward
+
+        b, s = 32, 256
+        gen = torch.Generator().manual_seed(7)
+        prompt_ids = torch.randint(2, cfg.vocab_size, (b, s // 2), generator=gen).tolist()
+        resp_ids = torch.randint(2, cfg.vocab_size, (b, s // 2), generator=gen).tolist()
+        seconds, _ = timed(lambda: pooled_forward(loaded, prompt_ids, resp_ids, capture), dev, 3)
+        non_embed = weight_bytes / 2 - cfg.vocab_size * cfg.hidden_size
+        flops = 2 * non_embed * b * s + 4 * cfg.num_hidden_layers * b * s * s * cfg.hidden_size / 2
+        tf = {"batch": b, "seq": s, "seconds": seconds, "tflops": flops / seconds / 1e12}
+        tf["matmul_frac"] = flops / seconds / mm
+        print(
+            f"teacher-forced pooled forward, all {n_layers} layers, b={b} x {s}: "
+            f"{tf['tflops']:.0f} TFLOP/s = {100 * tf['matmul_frac']:.0f}% of bf16 matmul rate"
+        )
+
+    print("\n| batch | method | tok/s | x generate | step ms | floor (decode) | floor (e2e) |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['batch']} | {row['method']} | {row['tok_s']:.0f} | "
+            f"{row.get('x_generate', float('nan')):.1f}x | {row['step_ms']:.2f} | "
+            f"{100 * row['floor_frac']:.0f}% | {100 * row['floor_frac_e2e']:.0f}% |"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": device_name,
+                    "torch": torch.__version__,
+                    "hbm_bytes_per_s": bw,
+                    "matmul_flops": mm,
+                    "weight_bytes": weight_bytes,
+                    "rows": rows,
+                    "teacher_forced": tf,
+                },
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
