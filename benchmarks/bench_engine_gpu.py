@@ -5,6 +5,7 @@ stop (eos never matches). For each batch size it times, in one process:
 
 - ``tracekit cuda +capture``: CudaEngine, all layers, response_avg + prompt_last + prompt_avg;
 - ``tracekit cuda``: CudaEngine without capture;
+- ``tracekit cuda graph-eager``: CUDA graphs without torch.compile (``--with-eager-graph``);
 - ``tracekit hf +capture``: the reference engine with the same capture (``--with-reference``);
 - ``generate dynamic``: ``model.generate`` with the default dynamic cache;
 - ``generate static+compile``: ``model.generate(cache_implementation="static")`` (transformers
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--with-static", action="store_true")
     ap.add_argument("--with-reference", action="store_true")
+    ap.add_argument("--with-eager-graph", action="store_true")
     ap.add_argument("--teacher-forced", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -129,6 +131,9 @@ def main() -> None:
     params = GenerationParams(max_new_tokens=args.new_tokens, temperature=0)
     cuda_engine = CudaEngine(loaded)
     cuda_engine.stop_ids = [-1]  # no early stop: every row makes max_new_tokens
+    # CUDA graphs over eager kernels (no torch.compile): shows what the compiler adds
+    eager_graph = CudaEngine(loaded, compile=False)
+    eager_graph.stop_ids = [-1]
     ref_engine = HFEngine(loaded)
     ref_engine.stop_ids = []
     rows: list[dict[str, Any]] = []
@@ -153,6 +158,10 @@ def main() -> None:
             ("tracekit cuda +capture", lambda p=prompts: cuda_engine.generate(p, params, capture)),
             ("tracekit cuda", lambda p=prompts: cuda_engine.generate(p, params)),
         ]
+        if args.with_eager_graph:
+            methods.append(
+                ("tracekit cuda graph-eager", lambda p=prompts: eager_graph.generate(p, params))
+            )
         if args.with_reference:
             methods.append(
                 ("tracekit hf +capture", lambda p=prompts: ref_engine.generate(p, params, capture))
