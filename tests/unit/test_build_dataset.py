@@ -697,3 +697,77 @@ def test_python_api_and_save_dataset(tmp_path: Path, data):
     d = np.load(path)
     assert str(d["meta_strategy"]) == "custom" and str(d["norm_method"]) == "minmax"
     assert d["norm_min"].tolist() == [1, 1, 1] and d["X"].tolist() == [[0, 0, 0]] * 2
+
+
+def _damage(arrays: dict, how: str) -> dict:
+    if how == "fragments":
+        arrays["is_final_token"] = np.array([False] * 5 + [True])
+    elif how == "embedding-size":
+        arrays["embeddings"] = np.zeros((arrays["embeddings"].shape[0], 3), dtype=np.float32)
+    elif how == "activations-ndim":
+        arrays["activations"] = arrays["activations"][0]
+    elif how == "sae-layers":
+        arrays["activations"] = arrays["activations"][:2]
+    elif how == "label-shape":
+        arrays["concept_strength_label"] = np.array([1, 2])
+    return arrays
+
+
+@pytest.mark.parametrize(
+    ("how", "strategy_args", "message"),
+    [
+        (
+            "fragments",
+            ["hidden-to-concept", "--layer", "1"],
+            "'hidden_states' has 2 fragments but 'is_final_token' has 6",
+        ),
+        (
+            "embedding-size",
+            ["embedding-to-feature", "--target-layer", "1", "--target-feature", "0"],
+            "embedding size 3 differs from 16",
+        ),
+        (
+            "activations-ndim",
+            ["hidden-to-feature", "--target-layer", "1", "--target-feature", "0"],
+            "expected [layers, fragments, width]",
+        ),
+        (
+            "sae-layers",
+            ["hidden-to-feature", "--target-layer", "1", "--target-feature", "0"],
+            "SAE activations cover 2 layers but 'layers' lists 7",
+        ),
+        (
+            "label-shape",
+            ["hidden-to-concept", "--layer", "1"],
+            "'concept_strength_label' should hold one value but has shape (2,)",
+        ),
+    ],
+)
+def test_malformed_second_file(cli, tmp_path: Path, how, strategy_args, message):
+    arrays = make(tmp_path / "d", n=2)
+    np.savez(tmp_path / "d" / "sentence_000001.npz", **_damage(arrays[0], how))
+    text = run_err(
+        cli, "--strategy", *strategy_args, "--input", tmp_path / "d", "--output", tmp_path / "x.npz"
+    )
+    assert message in text
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_group_split_impossible(cli, tmp_path: Path):
+    make(tmp_path / "one", n=2)
+    text = run_err(
+        cli,
+        "--strategy",
+        "hidden-to-concept",
+        "--input",
+        tmp_path / "one",
+        "--layer",
+        "1",
+        "--test-fraction",
+        "0.5",
+        "--group-by",
+        "model",
+        "--output",
+        tmp_path / "x.npz",
+    )
+    assert "cannot split by group: all 2 samples share one group" in text

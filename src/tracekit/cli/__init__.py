@@ -30,9 +30,12 @@ def report_error(exc: BaseException) -> int:
     from tracekit.errors import TracekitError
 
     if isinstance(exc, TracekitError):
-        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True)
+        from rich.markup import escape
+
+        # messages quote paths and shapes: '[...]' in them is text, not rich markup
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
         if exc.hint:
-            err_console.print(f"  [dim]hint: {exc.hint}[/]", highlight=False)
+            err_console.print(f"  [dim]hint: {escape(exc.hint)}[/]", highlight=False)
         return exc.exit_code
     if isinstance(exc, ValidationError):
         err_console.print(f"[bold red]error:[/] {format_validation_error(exc)}", highlight=False)
