@@ -771,3 +771,41 @@ def test_group_split_impossible(cli, tmp_path: Path):
         tmp_path / "x.npz",
     )
     assert "cannot split by group: all 2 samples share one group" in text
+
+
+def test_example_data_walkthrough(cli, tmp_path: Path):
+    """README's walk-through: example data -> decode -> all three dataset kinds, both layouts."""
+    assert ex.main([str(tmp_path), "--sentences", "6"]) == 0
+    assert cli("decode", "--base-dir", tmp_path / "experiments").exit_code == 0
+    assert len(list((tmp_path / "experiments").rglob("*_completions.md"))) == 2
+    runs = {
+        "emb": ["embedding-to-feature", "--target-layer", "2", "--target-feature", "3"],
+        "hid": ["hidden-to-feature", "--target-layer", "2", "--target-feature", "3"],
+        "con": ["hidden-to-concept", "--layers", "0-6"],
+    }
+    for name, args in runs.items():
+        outs = []
+        for folder in ("features", "features_sparse"):
+            out = tmp_path / "ds" / f"{name}_{folder}.npz"
+            run_ok(cli, "--strategy", *args, "--input", tmp_path / folder, "--output", out)
+            outs.append(np.load(out))
+        np.testing.assert_array_equal(outs[0]["X"], outs[1]["X"])
+        np.testing.assert_array_equal(outs[0]["y"], outs[1]["y"])
+    run_ok(
+        cli,
+        "--strategy",
+        *runs["con"],
+        "--input",
+        tmp_path / "features_no_sae",
+        "--output",
+        tmp_path / "ds" / "plain.npz",
+    )
+    assert "has no SAE activations" in run_err(
+        cli,
+        "--strategy",
+        *runs["emb"],
+        "--input",
+        tmp_path / "features_no_sae",
+        "--output",
+        tmp_path / "ds" / "x.npz",
+    )
