@@ -152,7 +152,7 @@ def test_log_stats_table_and_json(cli, tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert "2 (2 with activations)" in result.output and "org/model-a" in result.output
     result = cli("log", "stats", path, "--json")
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["entries"] == 2 and data["arrays"]["layer_2"]["dtype"] == "float32"
     bad = cli("log", "stats", tmp_path / "nope")
     assert bad.exit_code == 1 and "activation store not found" in " ".join(bad.output.split())

@@ -120,7 +120,7 @@ def reconstruct(cfg: ReconstructConfig) -> ReconstructResult:
             meta = _valid_meta(key, raw)
             if meta is None or status == "corrupt":
                 corrupted += 1
-                logger.warning("skipping corrupt store entry %s", key)
+                logger.info("skipping corrupt store entry %s", key)
                 continue
             if len(stored_prompts) < _CLOSEST_POOL:
                 stored_prompts.append(meta["prompt"])

@@ -1,0 +1,154 @@
+"""`tracekit log` on the embedded model: stored positions, SIGKILL + restart, reconstruct."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tracekit.actlog.logger import ActivationLogger
+from tracekit.actlog.prompts import DEFAULT_TEMPLATE, format_prompt
+from tracekit.errors import StoreError
+from tracekit.storage.activation_store import open_store, prompt_key
+
+pytestmark = pytest.mark.integration
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who wrote Hamlet?",
+    "What is two plus two?",
+    "Name a primary color.",
+    "What do bees make?",
+    "Who painted the Mona Lisa?",
+]
+
+
+def _unpadded_hidden(loaded, ids: list[int], layer: int) -> np.ndarray:
+    """HF hidden_states[layer] (layer < n_blocks, so before the final norm) of one row."""
+    with torch.inference_mode():
+        out = loaded.model(torch.tensor([ids]), output_hidden_states=True)
+    return out.hidden_states[layer][0].float().numpy()
+
+
+def test_logger_around_a_users_forward_stores_unpadded_states(embedded_model, tmp_path: Path):
+    tok = embedded_model.tokenizer
+    prompts = ["Hi", "A much longer prompt with quite a few more tokens in it"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    mask = enc["attention_mask"]
+    with ActivationLogger(
+        tmp_path / "s.lmdb", embedded_model.model, tok, layers=[0, 12], dtype="float32"
+    ) as act_log:
+        with torch.inference_mode():
+            embedded_model.model(
+                **enc, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False
+            )
+        act_log.log(prompts, mask)
+    with open_store(tmp_path / "s.lmdb") as store:
+        entry = store.get_by_prompt("Hi")
+        assert entry is not None and entry.metadata["positions"] == {"prompt": 1, "response": 0}
+        ids = tok("Hi")["input_ids"]
+        for layer in (0, 12):
+            expected = _unpadded_hidden(embedded_model, ids, layer)
+            np.testing.assert_allclose(
+                entry.arrays[f"layer_{layer}"], expected, rtol=1e-4, atol=1e-3
+            )
+        assert set(store.provenance.values().__iter__().__next__()["layers"]) == {0, 12}
+
+
+def test_log_response_positions_equal_an_unpadded_forward(cli, embedded_model, tmp_path: Path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi?", QUESTIONS[5]]))
+    store_path = tmp_path / "s.lmdb"
+    result = cli(
+        "log", "--qa", qa, "--lmdb", store_path, "--layers", "5", "--sequence-mode", "response",
+        "--dtype", "float32", "--max-new-tokens", "3", "--batch-size", "2", "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tok = embedded_model.tokenizer
+    with open_store(store_path) as store:
+        assert len(store) == 2
+        for question in ["Hi?", QUESTIONS[5]]:
+            entry = store.get_by_prompt(format_prompt(DEFAULT_TEMPLATE, question))
+            meta, acts = entry.metadata, entry.arrays["layer_5"]
+            response = meta["response_token_ids"]
+            assert meta["positions"] == {"prompt": 0, "response": len(response)}
+            assert acts.shape == (len(response), 576) and len(response) > 0
+            assert meta["generation"] == tok.decode(response, skip_special_tokens=True)
+            prompt_ids = tok(meta["prompt"])["input_ids"]
+            assert meta["input_length"] == len(prompt_ids)
+            full = _unpadded_hidden(embedded_model, prompt_ids + response, 5)
+            np.testing.assert_allclose(acts, full[len(prompt_ids) :], rtol=1e-4, atol=1e-3)
+
+
+def _wait_and_kill(proc: subprocess.Popen, store: Path, at_least: int, timeout: float) -> int:
+    """SIGKILL ``proc`` once the store holds ``at_least`` entries; returns the count then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with open_store(store) as reader:
+                count = len(reader)
+        except StoreError:  # not created yet, or created but its databases not yet committed
+            count = 0
+        if count >= at_least:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            with open_store(store) as after:
+                return len(after)
+        time.sleep(0.1)
+    proc.kill()
+    out = proc.communicate()[0]
+    pytest.fail(f"log never reached {at_least} entries before ending: {out[-2000:]}")
+
+
+def test_sigkill_mid_run_then_restart_logs_every_entry_once(cli, tmp_path: Path):
+    qa = tmp_path / "qa.jsonl"
+    rows = [{"index": i, "prompt": q, "answer": "?"} for i, q in enumerate(QUESTIONS)]
+    rows.append({"index": len(rows), "prompt": QUESTIONS[0], "answer": "dup"})
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = tmp_path / "acts.lmdb"
+    args = [
+        sys.executable, "-m", "tracekit", "log", "--qa", str(qa), "--lmdb", str(store),
+        "--layers", "0,30", "--max-new-tokens", "3", "--batch-size", "2", "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "TRACEKIT_PROGRESS": "0"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    logged_before = _wait_and_kill(proc, store, at_least=2, timeout=240)
+    assert proc.returncode == -signal.SIGKILL
+    assert 2 <= logged_before < len(QUESTIONS)  # killed mid-run, whole batches only
+    assert logged_before % 2 == 0
+
+    done = subprocess.run([*args, "--json"], capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["unique_prompts"] == len(QUESTIONS) and summary["qa_rows"] == len(rows)
+    assert summary["already_logged"] == logged_before
+    assert summary["logged"] == len(QUESTIONS) - logged_before
+
+    expected_keys = {prompt_key(format_prompt(DEFAULT_TEMPLATE, q)) for q in QUESTIONS}
+    with open_store(store) as reader:
+        assert set(reader.keys()) == expected_keys and len(reader) == len(QUESTIONS)
+        assert len(reader.provenance) == 1
+        for entry in reader:  # every entry whole: metadata and arrays agree
+            pos = entry.metadata["positions"]
+            for layer in ("layer_0", "layer_30"):
+                assert entry.arrays[layer].shape == (pos["prompt"] + pos["response"], 576)
+            assert pos["prompt"] == entry.metadata["input_length"]
+
+    out = tmp_path / "inference.jsonl"
+    result = cli(
+        "reconstruct", "--qa-output-path", qa, "--lmdb-path", store, "--output-path", out, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["matched"] == len(rows)
+    rebuilt = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rebuilt] == list(range(len(rows)))
+    assert rebuilt[0]["generation"] == rebuilt[-1]["generation"]  # the duplicate, logged once
+    assert all(r["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" for r in rebuilt)
