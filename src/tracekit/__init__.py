@@ -13,6 +13,12 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _LAZY: dict[str, str] = {
+    "log_activations": "tracekit.actlog.job",
+    "LogConfig": "tracekit.actlog.job",
+    "ActivationLogger": "tracekit.actlog.logger",
+    "reconstruct": "tracekit.actlog.reconstruct",
+    "ReconstructConfig": "tracekit.actlog.reconstruct",
+    "open_store": "tracekit.storage.activation_store",
     "LayerSpec": "tracekit.config.types",
     "Normalization": "tracekit.config.types",
     "parse_layers_arg": "tracekit.config.types",
