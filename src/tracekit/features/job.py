@@ -111,34 +111,45 @@ def _tokenize(tokenizer: Any, sentences: Sentences) -> list[_Tokenized]:
     return items
 
 
-def _resolve_layers(config: FeaturesConfig, n_layers: int) -> list[int]:
+def _sae_layers(config: FeaturesConfig) -> list[int]:
+    """The layers of an SAE run, known before the model loads (so SAE errors come first)."""
     from tracekit.sae.layout import default_sae_layers
 
+    assert config.sae is not None
     if config.layers is None:
-        if config.sae is not None:
-            layers = default_sae_layers(config.sae)
-            bad = [layer for layer in layers if layer >= n_layers]
-            if bad:
-                raise InputError(
-                    f"{config.sae} has SAEs for tracekit layers up to {max(bad)}, but the model "
-                    f"has layers 0-{n_layers - 1}",
-                    "these SAEs belong to another model; choose --layers or another --sae",
-                )
-            return layers
-        return list(range(n_layers))
-    try:
-        return list(config.layers.resolve(n_layers))
-    except ValueError as exc:
-        raise ConfigError(f"--layers: {exc}") from None
+        return default_sae_layers(config.sae)
+    if config.layers.is_all:
+        raise ConfigError(
+            "--layers all includes layer 0 (the embedding output), which has no SAE",
+            "with --sae, leave --layers out (every layer the SAE folder has) or list layers >= 1",
+        )
+    return list(config.layers.layers)
 
 
-def _load_saes(
-    config: FeaturesConfig, layers: list[int], hidden_size: int, device: torch.device
-) -> dict[int, SparseAutoencoder]:
+def _check_layers(layers: list[int], n_layers: int, config: FeaturesConfig) -> None:
+    bad = [layer for layer in layers if layer >= n_layers]
+    if not bad:
+        return
+    if config.layers is None and config.sae is not None:
+        raise InputError(
+            f"{config.sae} has SAEs for tracekit layers up to {max(bad)}, but the model "
+            f"has layers 0-{n_layers - 1}",
+            "these SAEs belong to another model; choose --layers or another --sae",
+        )
+    shown = ", ".join(str(b) for b in bad[:5])
+    raise ConfigError(f"--layers: layer(s) {shown} out of range: valid layers are 0-{n_layers - 1}")
+
+
+def _load_saes(config: FeaturesConfig, layers: list[int]) -> dict[int, SparseAutoencoder]:
     from tracekit.sae.layout import load_saes
 
     assert config.sae is not None
-    saes = load_saes(config.sae, layers, config.sae_width, config.sae_l0)
+    return load_saes(config.sae, layers, config.sae_width, config.sae_l0)
+
+
+def _saes_for_model(
+    saes: dict[int, SparseAutoencoder], hidden_size: int, device: torch.device
+) -> dict[int, SparseAutoencoder]:
     for layer, sae in saes.items():
         if sae.d_in != hidden_size:
             raise InputError(
@@ -305,9 +316,22 @@ def extract_features(
     sentences = read_sentences(
         config.sentences, config.text_column, config.label_column, config.label_range
     )
+    saes = None
+    if config.sae is not None:
+        layers = _sae_layers(config)
+        saes = _load_saes(config, layers)  # on the CPU: a bad SAE fails before the model loads
     loaded = loaded or load_model(config.model_config_())
-    layers = _resolve_layers(config, loaded.n_layers)
-    saes = _load_saes(config, layers, loaded.hidden_size, loaded.device) if config.sae else None
+    if saes is None:
+        if config.layers is None:
+            layers = list(range(loaded.n_layers))
+        else:
+            try:
+                layers = list(config.layers.resolve(loaded.n_layers))
+            except ValueError as exc:
+                raise ConfigError(f"--layers: {exc}") from None
+    _check_layers(layers, loaded.n_layers, config)
+    if saes is not None:
+        saes = _saes_for_model(saes, loaded.hidden_size, loaded.device)
     tokenized = _tokenize(loaded.tokenizer, sentences)
     settings = _settings(config, loaded, layers, saes, sentences)
     output = config.output
