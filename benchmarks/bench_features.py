@@ -1,0 +1,224 @@
+"""Sentences/s of `extract features`: tracekit's one pass vs one forward pass per layer.
+
+    python benchmarks/bench_features.py [--sentences 48] [--baseline-sentences 8]
+                                        [--sae-width 1024] [--batch-size 16]
+    python benchmarks/bench_features.py --gpu --random-init [--shape llama-3.2-1b]
+                                        [--sae-width 16384] [--sentences 512]
+    python benchmarks/bench_features.py --random-init --shape tiny    # quick CPU check
+
+Every decoder block gets a random JumpReLU SAE (Gemma Scope layout, written to a temp folder),
+so all layers 1..L are saved with SAE activations (dense storage), as the original stage did.
+
+* ``baseline``: the original stage's way: per sentence, per layer, one forward pass
+  (``output_hidden_states=True``, batch 1) keeping that layer, SAE-encoding it, then one file
+  per sentence (same writer). Measured on ``--baseline-sentences`` sentences (it is slow).
+* ``tracekit b=1``: ``tracekit.extract_features`` with batch size 1 (one pass per sentence).
+* ``tracekit``: ``tracekit.extract_features`` with ``--batch-size`` (one batched pass per batch).
+
+All three include writing the files. The embedded SmolLM2-135M runs on CPU; ``--random-init``
+uses a random Llama of ``--shape`` (tracekit.generation.cuda_random_model) with word-level
+random sentences; ``--gpu`` puts it on CUDA in bf16. Ratios are against the baseline of the
+same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EXAMPLE_CSV = Path(__file__).resolve().parents[1] / "examples" / "sentences.csv"
+
+
+def write_sentences(path: Path, n: int, random_words: int | None) -> None:
+    rng = np.random.default_rng(0)
+    if random_words is None:
+        with EXAMPLE_CSV.open() as handle:
+            rows = list(csv.DictReader(handle))
+        texts = [
+            (rows[i % len(rows)]["sentence"], rows[i % len(rows)]["concept_strength_label"])
+            for i in range(n)
+        ]
+    else:
+        texts = [
+            (
+                " ".join(f"w{w}" for w in rng.integers(2, random_words, rng.integers(8, 40))),
+                int(i % 4),
+            )
+            for i in range(n)
+        ]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sentence", "concept_strength_label"])
+        writer.writerows(texts)
+
+
+def write_saes(root: Path, n_blocks: int, d_in: int, width: int) -> None:
+    """Random JumpReLU SAEs, Gemma Scope layout, one per block (W_dec omitted: never read)."""
+    rng = np.random.default_rng(1)
+    for block in range(n_blocks):
+        folder = root / f"layer_{block}" / f"width_{width}" / "average_l0_64"
+        folder.mkdir(parents=True)
+        w_enc = (rng.standard_normal((d_in, width), dtype=np.float32) / np.sqrt(d_in)).astype(
+            np.float32
+        )
+        np.savez(
+            folder / "params.npz",
+            W_enc=w_enc,
+            b_enc=np.zeros(width, np.float32),
+            b_dec=np.zeros(d_in, np.float32),
+            threshold=np.full(width, 1.5, np.float32),
+        )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def baseline(loaded, saes, sentences, output: Path) -> None:
+    """One forward pass per layer per sentence (batch 1), as the original stage did."""
+    from tracekit.features.files import SaeMeta, write_sentence_file
+
+    layers = sorted(saes)
+    meta = SaeMeta(
+        width=saes[layers[0]].width,
+        average_l0s=[64.0] * len(layers),
+        release_layers=[layer - 1 for layer in layers],
+        formats="gemma-scope",
+        storage="dense",
+    )
+    tok = loaded.tokenizer
+    for index, (text, label) in enumerate(zip(sentences.texts, sentences.labels, strict=True)):
+        ids = tok(text, return_tensors="pt").to(loaded.device)
+        hidden, acts, embeddings = [], [], None
+        with torch.inference_mode():
+            for layer in layers:
+                states = loaded.model(**ids, output_hidden_states=True).hidden_states
+                h = states[layer][0]
+                hidden.append(h.float().cpu().numpy())
+                acts.append(saes[layer].encode(h).cpu().numpy())
+                embeddings = states[0][0].float().cpu().numpy()
+        write_sentence_file(
+            output / f"sentence_{index:06d}.npz",
+            embeddings=embeddings,
+            hidden_states=np.stack(hidden),
+            layers=layers,
+            label=label,
+            sentence=text,
+            tokens=tok.convert_ids_to_tokens(ids["input_ids"][0].tolist()),
+            model=loaded.name,
+            sae=meta,
+            activations=np.stack(acts),
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--sentences", type=int, default=None)
+    parser.add_argument("--baseline-sentences", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--sae-width", type=int, default=None)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--random-init", action="store_true")
+    parser.add_argument("--shape", default=None, help="random-init shape: tiny or llama-3.2-1b")
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+
+    from tracekit.features import FeaturesConfig, extract_features
+    from tracekit.features.inputs import read_sentences
+    from tracekit.models import ModelConfig, load_model
+    from tracekit.sae import load_saes
+
+    device = "cuda" if args.gpu else "cpu"
+    if args.random_init:
+        from tracekit.generation.cuda_random_model import SHAPES, random_llama
+
+        shape = args.shape or ("llama-3.2-1b" if args.gpu else "tiny")
+        loaded = random_llama(shape, device=device, dtype="bfloat16" if args.gpu else "float32")
+        vocab = SHAPES[shape]["vocab_size"]
+    else:
+        loaded = load_model(ModelConfig(device=device, dtype="auto"))
+        vocab = None
+    n = args.sentences or (512 if args.gpu else 48)
+    batch = args.batch_size or (64 if args.gpu else 16)
+    width = args.sae_width or (16384 if args.gpu else 1024)
+    n_blocks = loaded.handles.n_blocks
+
+    with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp_text:
+        tmp = Path(tmp_text)
+        csv_path = tmp / "sentences.csv"
+        write_sentences(csv_path, n, vocab)
+        write_saes(tmp / "saes", n_blocks, loaded.hidden_size, width)
+
+        def run(name: str, batch_size: int, limit: int | None = None) -> dict[str, float]:
+            path = csv_path
+            if limit is not None:
+                path = tmp / f"first_{limit}.csv"
+                lines = csv_path.read_text().splitlines(keepends=True)
+                path.write_text("".join(lines[: limit + 1]))
+            cfg = FeaturesConfig(
+                sentences=path,
+                output=tmp / name,
+                sae=tmp / "saes",
+                force=True,
+                batch_size=batch_size,
+            )
+            sync(loaded.device)
+            start = time.perf_counter()
+            result = extract_features(cfg, loaded=loaded)
+            sync(loaded.device)
+            seconds = time.perf_counter() - start
+            return {"sentences": result.written, "seconds": seconds, "tokens": result.tokens}
+
+        run("warmup", batch, limit=min(n, 2 * batch))  # kernels, allocator, page cache
+        results = {}
+        k = min(args.baseline_sentences, n)
+        cfg = FeaturesConfig(sentences=csv_path, output=tmp / "unused", sae=tmp / "saes")
+        sentences = read_sentences(csv_path, "sentence", "concept_strength_label", (0, 3))
+        subset = type(sentences)(texts=sentences.texts[:k], labels=sentences.labels[:k])
+        layers = list(range(1, n_blocks + 1))
+        saes = {layer: sae.to(loaded.device) for layer, sae in load_saes(cfg.sae, layers).items()}
+        (tmp / "baseline").mkdir()
+        sync(loaded.device)
+        start = time.perf_counter()
+        baseline(loaded, saes, subset, tmp / "baseline")
+        sync(loaded.device)
+        results["baseline (one forward pass per layer, b=1)"] = {
+            "sentences": k,
+            "seconds": time.perf_counter() - start,
+        }
+        results["tracekit b=1 (one pass, all layers)"] = run("tracekit_b1", 1, limit=k)
+        results[f"tracekit b={batch} (one pass, all layers)"] = run("tracekit", batch)
+
+    base = results["baseline (one forward pass per layer, b=1)"]
+    base_rate = base["sentences"] / base["seconds"]
+    device_name = torch.cuda.get_device_name() if args.gpu else "CPU"
+    print(
+        f"model: {loaded.name} ({n_blocks} blocks, d={loaded.hidden_size}, {loaded.dtype}) "
+        f"on {device_name}; {n_blocks} layers saved, SAE width {width}, dense storage"
+    )
+    print("| approach | sentences | seconds | sentences/s | vs baseline |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        rate = r["sentences"] / r["seconds"]
+        r["sentences_per_s"] = rate
+        r["speedup"] = rate / base_rate
+        speedup = rate / base_rate
+        print(f"| {name} | {r['sentences']} | {r['seconds']:.2f} | {rate:.2f} | {speedup:.1f}x |")
+    if args.json_out:
+        args.json_out.write_text(
+            json.dumps({"device": device_name, "model": loaded.name, "results": results}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
