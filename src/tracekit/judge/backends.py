@@ -292,8 +292,10 @@ class LocalBackend:
     The answer "n" is a token sequence ``t(n)`` (several tokens when the tokenizer splits
     digits, as SmolLM2's does). ``P(answer == n) = prod_i P(t_i | prompt, t_<i) * P(stop)``,
     where ``P(stop)`` is the probability that the next token does not continue the number
-    (does not start with a digit). One forward pass over the prompt, then one batched pass
-    over every prefix of every ``t(n)`` on the prompt's KV cache, gives all 101 probabilities.
+    (does not start with a digit). One forward pass over the prompt, then one pass over the
+    trie of all ``t(n)`` prefixes (tree attention on the prompt's KV cache: each prefix token
+    sees the prompt and its ancestors), gives all 101 probabilities; the second pass costs
+    about as much as a prompt of one token per trie node (101 for SmolLM2).
     """
 
     name = "local"
@@ -308,6 +310,9 @@ class LocalBackend:
         self._number_tokens: list[tuple[int, ...]] = []
         self._prefixes: list[tuple[int, ...]] = []
         self._digit_start: Any = None
+        self._tree_tokens: Any = None
+        self._tree_depths: Any = None
+        self._tree_ancestors: Any = None
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.name, "judge_model": self.model_id}
@@ -334,11 +339,30 @@ class LocalBackend:
         ]
         prefixes = {seq[:i] for seq in self._number_tokens for i in range(1, len(seq) + 1)}
         self._prefixes = sorted(prefixes, key=lambda p: (len(p), p))
+        index = {p: i for i, p in enumerate(self._prefixes)}
+        self._tree_tokens = torch.tensor([p[-1] for p in self._prefixes], dtype=torch.long)
+        self._tree_depths = torch.tensor([len(p) - 1 for p in self._prefixes], dtype=torch.long)
+        ancestors = torch.zeros((len(self._prefixes), len(self._prefixes)), dtype=torch.bool)
+        for i, p in enumerate(self._prefixes):
+            for k in range(1, len(p) + 1):
+                ancestors[i, index[p[:k]]] = True
+        self._tree_ancestors = ancestors
         vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         digit_ids = [
             i for i, tok in enumerate(vocab) if tok and tok[:1].isascii() and tok[:1].isdigit()
         ]
         self._digit_start = torch.tensor(digit_ids, dtype=torch.long, device=self._model.device)
+
+    def _tree_mask(self, length: int, dtype: Any, device: Any) -> Any:
+        """Additive 4D mask [1, 1, tree, prompt + tree]: prompt and own ancestors visible."""
+        import torch
+
+        tree = len(self._prefixes)
+        allowed = torch.ones((tree, length + tree), dtype=torch.bool)
+        allowed[:, length:] = self._tree_ancestors
+        mask = torch.zeros((tree, length + tree), dtype=dtype)
+        mask[~allowed] = torch.finfo(dtype).min
+        return mask.to(device)[None, None]
 
     def _loaded(self) -> LoadedModel:
         """The model, loaded (and the number tokens prepared) on first use."""
@@ -366,26 +390,23 @@ class LocalBackend:
         model = self._loaded()
         device = model.device
         ids = torch.tensor([self.prompt_ids(prompt)], dtype=torch.long, device=device)
+        length = ids.shape[1]
         with torch.no_grad():
-            out = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            out = model.model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1
+            )
             root = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            cache = out.past_key_values
-            depth = max(len(p) for p in self._prefixes)
-            batch = len(self._prefixes)
-            pad = model.tokenizer.pad_token_id or 0
-            suffix = torch.full((batch, depth), pad, dtype=torch.long, device=device)
-            for row, prefix in enumerate(self._prefixes):
-                suffix[row, : len(prefix)] = torch.tensor(prefix, device=device)
-            cache.batch_repeat_interleave(batch)
-            # Padding sits after each prefix's last token; causal attention never lets a
-            # position we read see it, so an all-ones mask is exact.
-            mask = torch.ones((batch, ids.shape[1] + depth), dtype=torch.long, device=device)
+            # Tree attention: every prefix of every number is one token after the prompt that
+            # sees the prompt and its own ancestors only, at the position it would have in a
+            # plain sequence. One pass gives the distribution after every prefix.
             logits = model.model(
-                input_ids=suffix, attention_mask=mask, past_key_values=cache, use_cache=False
+                input_ids=self._tree_tokens.to(device)[None],
+                position_ids=(self._tree_depths.to(device) + length)[None],
+                attention_mask=self._tree_mask(length, model.dtype, device),
+                past_key_values=out.past_key_values,
+                use_cache=True,
             ).logits
-            lengths = torch.tensor([len(p) - 1 for p in self._prefixes], device=device)
-            picked = logits[torch.arange(batch, device=device), lengths].float()
-            after = torch.log_softmax(picked, dim=-1)
+            after = torch.log_softmax(logits[0].float(), dim=-1)
         dist = {(): root, **{p: after[i] for i, p in enumerate(self._prefixes)}}
         probs: list[float] = []
         for seq in self._number_tokens:

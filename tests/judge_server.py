@@ -1,0 +1,201 @@
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1 for judge tests and benchmarks.
+
+Each judge prompt carries its own script inside the answer under review, as
+``<<key=value;key=value>>`` (the response column text ends up in the prompt), so concurrent
+requests stay deterministic:
+
+- ``lp=85:0.5,90:0.25,REF:0.1``: the first token's ``top_logprobs`` (token:probability);
+- ``text=...``: the message content (default: the most likely ``lp`` token, else ``50``);
+- ``nolp``: answer without ``logprobs`` (``"logprobs": null``);
+- ``split``: the content tokens are ``8``, ``5`` (a tokenizer that splits digits);
+- ``fault=KIND`` or ``fault=KINDxN``: the first N attempts of this prompt (default 1) fail with
+  KIND: ``429``/``500``/``503``/``408``/``400``/``404`` (that status), ``slow`` (answer after
+  ``slow_s``, longer than the client's timeout), ``badjson`` (truncated JSON body), ``shape``
+  (valid JSON that is not a completion), ``drop`` (close the connection without answering);
+- ``ra=SECONDS``: the ``Retry-After`` header sent with 429/503.
+
+The server checks ``Authorization: Bearer <api_key>`` when built with ``api_key`` and answers
+401 with an error body that echoes the key it got (as careless servers do), so tests can check
+that tracekit scrubs it. ``latency`` delays every answer (benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_SCRIPT = re.compile(r"<<(.*?)>>", re.DOTALL)
+
+
+def parse_script(prompt: str) -> dict[str, str]:
+    match = _SCRIPT.search(prompt)
+    if match is None:
+        return {}
+    items: dict[str, str] = {}
+    for part in match.group(1).split(";"):
+        key, _, value = part.partition("=")
+        items[key.strip()] = value.strip()
+    return items
+
+
+def completion(model: str, script: dict[str, str]) -> dict[str, Any]:
+    top: list[tuple[str, float]] = []
+    if script.get("lp"):
+        for item in script["lp"].split(","):
+            token, _, prob = item.rpartition(":")
+            top.append((token, float(prob)))
+    best = max(top, key=lambda t: t[1])[0] if top else "50"
+    text = script.get("text", best)
+    tokens = ["8", "5"] if "split" in script else [text]
+    logprobs = None
+    if "nolp" not in script:
+        content = []
+        for i, token in enumerate(tokens):
+            alternatives = top if i == 0 and top else [(token, 1.0)]
+            content.append(
+                {
+                    "token": token,
+                    "logprob": math.log(max(dict(alternatives).get(token, 1.0), 1e-12)),
+                    "top_logprobs": [
+                        {"token": t, "logprob": math.log(p), "bytes": list(t.encode())}
+                        for t, p in alternatives
+                    ],
+                }
+            )
+        logprobs = {"content": content}
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": len(tokens), "total_tokens": 12},
+    }
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # many simultaneous connects: the default backlog of 5 drops SYNs
+    daemon_threads = True
+
+
+class JudgeServer:
+    """Start with ``with JudgeServer(...) as server:``; ``server.base_url`` ends in ``/v1``."""
+
+    def __init__(
+        self, latency: float = 0.0, api_key: str | None = None, slow_s: float = 1.0
+    ) -> None:
+        self.latency = latency
+        self.api_key = api_key
+        self.slow_s = slow_s
+        self.lock = threading.Lock()
+        self.attempts: Counter[str] = Counter()  # prompt -> attempts seen
+        self.log: list[dict[str, Any]] = []  # one entry per request
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._server = _Server(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    @property
+    def requests(self) -> int:
+        with self.lock:
+            return len(self.log)
+
+    def __enter__(self) -> JudgeServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = json.loads(self.rfile.read(length))
+                prompt = body["messages"][-1]["content"]
+                auth = self.headers.get("Authorization")
+                with server.lock:
+                    server.attempts[prompt] += 1
+                    attempt = server.attempts[prompt]
+                    server.log.append(
+                        {"time": time.monotonic(), "body": body, "auth": auth, "path": self.path}
+                    )
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._answer(body, prompt, auth, attempt)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout): nothing to answer
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _answer(self, body: dict[str, Any], prompt: str, auth: str | None, attempt: int):
+                if server.latency:
+                    time.sleep(server.latency)
+                if self.path != "/v1/chat/completions":
+                    self._send(404, b'{"error": {"message": "no such route"}}')
+                    return
+                if server.api_key is not None and auth != f"Bearer {server.api_key}":
+                    got = (auth or "").removeprefix("Bearer ")
+                    message = {"error": {"message": f"Incorrect API key provided: {got}"}}
+                    self._send(401, json.dumps(message).encode())
+                    return
+                script = parse_script(prompt)
+                kind, _, times = script.get("fault", "").partition("x")
+                if kind and attempt <= int(times or 1):
+                    headers = {"Retry-After": script["ra"]} if "ra" in script else {}
+                    if kind.isdigit():
+                        error = {"error": {"message": f"injected {kind}"}}
+                        self._send(int(kind), json.dumps(error).encode(), headers)
+                        return
+                    if kind == "slow":
+                        time.sleep(server.slow_s)
+                    elif kind == "badjson":
+                        self._send(200, b'{"choices": [{"message": {"content": "8')
+                        return
+                    elif kind == "shape":
+                        self._send(200, b'{"object": "error", "detail": "overloaded"}')
+                        return
+                    elif kind == "drop":
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                        return
+                self._send(200, json.dumps(completion(body["model"], script)).encode())
+
+        return Handler

@@ -1,0 +1,324 @@
+"""The openai backend against a real chat-completions server on 127.0.0.1 (tests/judge_server.py):
+exact scores from known logprobs, retries on injected faults, Retry-After, bounded attempts,
+the cache, the API key never leaking, and one clear line for each bad input."""
+
+import csv
+import json
+import socket
+
+import pytest
+
+from judge_server import JudgeServer
+from tracekit.console import err_console, out_console
+from tracekit.judge import JudgeConfig, judge_rows
+
+TEMPLATE = "Rate this.\nQuestion: {question}\nAnswer: {answer}\nScore:"
+SECRET = "sk-test-SECRET-4242-do-not-leak"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """No judge settings from the developer's shell; no rich wrapping of long messages."""
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TRACEKIT_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(err_console, "width", 1000)
+    monkeypatch.setattr(out_console, "width", 1000)
+
+
+@pytest.fixture()
+def server():
+    with JudgeServer(slow_s=1.0) as srv:
+        yield srv
+
+
+def fast(server, tmp_path, **overrides):
+    """A config with short timeouts and tiny backoff so fault tests stay fast."""
+    values = {
+        "backend": "openai",
+        "base_url": server.base_url,
+        "timeout_s": 0.3,
+        "max_attempts": 4,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.02,
+        "cache": tmp_path / "cache.sqlite",
+    }
+    values.update(overrides)
+    return JudgeConfig(**values)
+
+
+def row(script: str, question: str = "q") -> dict:
+    return {"id": script, "question": question, "response": f"<<{script}>>"}
+
+
+def test_exact_scores_through_every_fault_and_no_row_lost(server, tmp_path):
+    rows = [
+        row("lp=85:0.5,90:0.25,Hi:0.25"),
+        row("lp=10:0.6,20:0.2;fault=429x2;ra=0"),
+        row("lp=50:1.0;fault=500"),
+        row("lp=30:0.5,40:0.5;fault=503x2"),
+        row("lp=70:0.9;fault=slow"),
+        row("lp=0:0.4,100:0.4;fault=badjson"),
+        row("lp=60:0.3;fault=shape"),
+        row("fault=drop"),
+        row("text=Score: 64;nolp"),
+        row("lp=REF:0.9,5:0.1"),
+        row("lp=The:0.9,5:0.1"),
+        row("split;text=85;lp=8:0.9,9:0.1"),
+    ]
+    result = judge_rows(rows, fast(server, tmp_path), trait_prompt=TEMPLATE)
+    by_id = {r["id"]: r for r in result.rows}
+    assert len(result.rows) == len(rows) and [r["id"] for r in result.rows] == [
+        r["id"] for r in rows
+    ]
+    expected_scores = {
+        "lp=85:0.5,90:0.25,Hi:0.25": (85 * 0.5 + 90 * 0.25) / 0.75,
+        "lp=10:0.6,20:0.2;fault=429x2;ra=0": 12.5,
+        "lp=50:1.0;fault=500": 50.0,
+        "lp=30:0.5,40:0.5;fault=503x2": 35.0,
+        "lp=70:0.9;fault=slow": 70.0,
+        "lp=0:0.4,100:0.4;fault=badjson": 50.0,
+        "lp=60:0.3;fault=shape": 60.0,
+        "fault=drop": 50.0,
+    }
+    for key, score in expected_scores.items():
+        got = by_id[key]
+        assert (got["trait_status"], got["trait_method"]) == ("ok", "logprobs"), key
+        assert got["trait_score"] == pytest.approx(score), key
+    assert by_id["lp=85:0.5,90:0.25,Hi:0.25"]["trait_mass"] == pytest.approx(0.75)
+    text = by_id["text=Score: 64;nolp"]
+    assert (text["trait_score"], text["trait_method"], text["trait_mass"]) == (64, "text", None)
+    assert by_id["lp=REF:0.9,5:0.1"]["trait_status"] == "refused"
+    low = by_id["lp=The:0.9,5:0.1"]
+    assert (low["trait_status"], low["trait_score"], low["trait_mass"]) == (
+        "low_mass",
+        None,
+        pytest.approx(0.1),
+    )
+    split = by_id["split;text=85;lp=8:0.9,9:0.1"]
+    assert (split["trait_score"], split["trait_method"]) == (85, "text")
+    counts = result.summary.metrics["trait"]
+    assert (counts.scored, counts.refused, counts.low_mass, counts.failed) == (10, 1, 1, 0)
+    assert counts.retries == 2 + 1 + 2 + 1 + 1 + 1 + 1, {
+        k[-40:]: v for k, v in server.attempts.items()
+    }  # 429x2 500 503x2 slow json shape drop
+    assert counts.requests == len(rows) + counts.retries == server.requests
+    sent = server.log[0]["body"]
+    assert (sent["model"], sent["logprobs"], sent["top_logprobs"], sent["temperature"]) == (
+        "gpt-4.1-mini",
+        True,
+        20,
+        0,
+    )
+    assert sent["messages"][0]["content"].startswith("Rate this.\nQuestion: q\nAnswer: <<")
+
+
+def test_retry_after_is_honoured(server, tmp_path):
+    result = judge_rows(
+        [row("lp=50:1.0;fault=429;ra=0.4")], fast(server, tmp_path), trait_prompt=TEMPLATE
+    )
+    assert result.rows[0]["trait_score"] == 50
+    first, second = (entry["time"] for entry in server.log)
+    assert second - first >= 0.35  # the backoff alone would wait at most 0.02 s
+
+
+def test_concurrency_limit_holds(tmp_path):
+    with JudgeServer(latency=0.05) as server:
+        rows = [row(f"lp={n}:1.0") for n in range(8)]
+        result = judge_rows(rows, fast(server, tmp_path, concurrency=2), trait_prompt=TEMPLATE)
+        assert [r["trait_score"] for r in result.rows] == list(range(8))
+        assert server.max_in_flight <= 2
+
+
+def write_csv(path, rows, columns=("id", "question", "instruction", "prompt", "response")):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({c: r.get(c, f"{c}-{r['id']}") for c in columns})
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def cli_args(server, tmp_path, *extra):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(TEMPLATE)
+    return [
+        "judge",
+        "--backend",
+        "openai",
+        "--base-url",
+        server.base_url,
+        "--eval-prompt",
+        prompt,
+        "--timeout",
+        "0.3",
+        "--max-attempts",
+        "3",
+        "--backoff",
+        "0.01",
+        "--cache",
+        tmp_path / "cache.sqlite",
+        *extra,
+    ]
+
+
+def test_cli_in_place_then_rerun_is_all_cache_hits(cli, server, tmp_path):
+    data = tmp_path / "pos.csv"
+    rows = [row("lp=20:0.5,40:0.5"), row("lp=90:1.0", question='a "quoted", multi\nline q')]
+    write_csv(data, rows)
+    before = read_csv(data)
+    result = cli(*cli_args(server, tmp_path, "--input", data))
+    assert result.exit_code == 0, result.output
+    after = read_csv(data)
+    assert [r["trait_score"] for r in after] == ["30.0", "90.0"]
+    assert [r["trait_status"] for r in after] == ["ok", "ok"]
+    for old, new in zip(before, after, strict=True):  # generate's columns are untouched
+        assert {k: new[k] for k in old} == old
+    assert list(after[0])[:5] == ["id", "question", "instruction", "prompt", "response"]
+    meta = json.loads((tmp_path / "pos.csv.judge.json").read_text())
+    assert meta["judge"]["judge_model"] == "gpt-4.1-mini" and meta["total"]["scored"] == 2
+    assert server.requests == 2
+    again = cli(*cli_args(server, tmp_path, "--input", data, "--json"))
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert summary["total"]["cache_hits"] == 2 and summary["total"]["requests"] == 0
+    assert server.requests == 2  # the rerun sent nothing
+    assert read_csv(data) == after
+
+
+def test_cli_failed_rows_are_kept_and_set_the_exit_code(cli, server, tmp_path):
+    data = tmp_path / "r.csv"
+    write_csv(data, [row("lp=10:1.0"), row("fault=500x99"), row("lp=30:1.0")])
+    out = tmp_path / "judged.csv"
+    result = cli(*cli_args(server, tmp_path, "--input", data, "--output", out))
+    assert result.exit_code == 1
+    assert "error: 1 judgment(s) failed" in result.output
+    judged = read_csv(out)
+    assert [r["trait_status"] for r in judged] == ["ok", "failed: HTTP 500 after 3 attempts", "ok"]
+    assert [r["trait_score"] for r in judged] == ["10.0", "", "30.0"]
+    assert server.requests == 2 + 3
+    exists = cli(*cli_args(server, tmp_path, "--input", data, "--output", out))
+    assert exists.exit_code == 1 and "output already exists" in exists.output
+    # the retry of a failed row goes to the server again; the others come from the cache
+    allowed = cli(
+        *cli_args(server, tmp_path, "--input", data, "--output", out, "--force", "--allow-failures")
+    )
+    assert allowed.exit_code == 0, allowed.output
+    assert server.requests == 5 + 3
+
+
+def test_jsonl_with_other_column_names_and_coherence(cli, server, tmp_path):
+    data = tmp_path / "r.jsonl"
+    data.write_text(
+        json.dumps({"q": "why?", "a": "<<lp=75:1.0>>", "n": 3})
+        + "\n\n"
+        + json.dumps({"q": "how?", "a": "<<lp=25:1.0>>", "n": 4})
+        + "\n"
+    )
+    result = cli(
+        *cli_args(
+            server,
+            tmp_path,
+            "--input",
+            data,
+            "--question-column",
+            "q",
+            "--response-column",
+            "a",
+            "--metrics",
+            "trait,coherence",
+        )
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    assert [(r["n"], r["trait_score"], r["coherence_score"]) for r in lines] == [
+        (3, 75.0, 75.0),
+        (4, 25.0, 25.0),
+    ]
+    prompts = [entry["body"]["messages"][0]["content"] for entry in server.log]
+    assert sum("coherence" in p for p in prompts) == 2 and server.requests == 4
+
+
+def test_api_key_is_sent_but_never_written_anywhere(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with JudgeServer(api_key=SECRET) as server:
+        data = tmp_path / "r.csv"
+        write_csv(data, [row("lp=40:1.0"), row("lp=60:1.0;fault=429")])
+        result = cli("-vv", *cli_args(server, tmp_path, "--input", data, "--json"))
+        assert result.exit_code == 0, result.output
+        assert {entry["auth"] for entry in server.log} == {f"Bearer {SECRET}"}
+        assert SECRET not in result.output
+        assert "retry 1" in result.output  # debug logging was on, and still no key in it
+        # wrong key: the server echoes it back in its error body; tracekit must not print it
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-KEY-999")
+        wrong = cli(*cli_args(server, tmp_path, "--input", data, "--no-cache"))
+        assert wrong.exit_code == 1
+        assert (
+            "rejected the API key (HTTP 401): the key in $OPENAI_API_KEY is wrong or missing"
+            in (wrong.output)
+        )
+        assert "sk-wrong-KEY-999" not in wrong.output
+        monkeypatch.delenv("OPENAI_API_KEY")
+        missing = cli(*cli_args(server, tmp_path, "--input", data, "--no-cache"))
+        assert missing.exit_code == 1 and "is wrong or missing" in missing.output
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"r.csv", "r.csv.judge.json", "cache.sqlite"}
+    for path in written:
+        content = path.read_bytes()
+        assert SECRET.encode() not in content and b"sk-wrong-KEY-999" not in content, path
+
+
+def test_unreachable_server_is_one_line(cli, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = tmp_path / "r.csv"
+    write_csv(data, [row("lp=40:1.0")])
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(TEMPLATE)
+    result = cli(
+        "judge",
+        "--input",
+        data,
+        "--eval-prompt",
+        prompt,
+        "--base-url",
+        f"http://127.0.0.1:{port}/v1",
+        "--max-attempts",
+        "2",
+        "--backoff",
+        "0.01",
+        "--no-cache",
+    )
+    assert result.exit_code == 1
+    assert (
+        f"error: cannot reach the judge server at http://127.0.0.1:{port}/v1/chat/completions"
+        in (result.output)
+    )
+
+
+def test_bad_inputs_are_one_clear_line(cli, server, tmp_path):
+    data = tmp_path / "r.csv"
+    write_csv(data, [{"id": "1", "question": "q"}], columns=("id", "question", "answer"))
+    missing = cli(*cli_args(server, tmp_path, "--input", data))
+    assert missing.exit_code == 1
+    assert f"error: {data} has no column 'response' (columns: id, question, answer)" in (
+        missing.output
+    )
+    assert "--response-column" in missing.output
+    write_csv(data, [row("lp=1:1")])
+    unknown = cli("judge", "--input", data, "--trait", "nope", "--base-url", server.base_url)
+    assert unknown.exit_code == 1 and "error: unknown trait 'nope'" in unknown.output
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    result = cli(*cli_args(server, tmp_path, "--input", empty))
+    assert result.exit_code == 1 and f"error: input file {empty} is empty" in result.output
+    empty.write_text("question,response\n")
+    result = cli(*cli_args(server, tmp_path, "--input", empty))
+    assert result.exit_code == 1 and f"error: input file {empty} has no rows" in result.output
+    bad = cli(*cli_args(server, tmp_path, "--input", data, "--metrics", "trait,style"))
+    assert bad.exit_code == 2 and "unknown metric 'style'" in bad.output
+    assert server.requests == 0
