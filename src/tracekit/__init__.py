@@ -49,6 +49,10 @@ _LAZY: dict[str, str] = {
     "Pooling": "tracekit.generation.pooling",
     "generate": "tracekit.generation.run",
     "GenerateConfig": "tracekit.generation.run",
+    "judge_rows": "tracekit.judge.job",
+    "judge_file": "tracekit.judge.job",
+    "JudgeConfig": "tracekit.judge.config",
+    "JudgeJobConfig": "tracekit.judge.config",
 }
 
 
