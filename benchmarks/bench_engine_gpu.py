@@ -5,7 +5,7 @@ stop (eos never matches). For each batch size it times, in one process:
 
 - ``tracekit cuda +capture``: CudaEngine, all layers, response_avg + prompt_last + prompt_avg;
 - ``tracekit cuda``: CudaEngine without capture;
-- ``tracekit cuda graph-eager``: CUDA graphs without torch.compile (``--with-eager-graph``);
+- ``tracekit cuda <variant>``: engine variants without capture (``--variants``);
 - ``tracekit hf +capture``: the reference engine with the same capture (``--with-reference``);
 - ``generate dynamic``: ``model.generate`` with the default dynamic cache;
 - ``generate static+compile``: ``model.generate(cache_implementation="static")`` (transformers
@@ -92,6 +92,29 @@ def matmul_rate(device: str) -> float:
     return 10 * 2 * n**3 / (time.perf_counter() - start)
 
 
+def profile(fn: Any, steps: int, device: str) -> None:
+    """Kernel table of one call (CUDA graph kernels included) and kernels per decode step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    sync(device)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.device_time for e in events)
+    print(
+        f"profile: {len(events)} kernels ({len(events) / steps:.0f} per step), "
+        f"{total_us / steps:.0f} us kernel time per step"
+    )
+    print(
+        prof.key_averages().table(
+            sort_by="device_time_total", row_limit=30, max_name_column_width=70
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-3.2-1b")
@@ -102,7 +125,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--with-static", action="store_true")
     ap.add_argument("--with-reference", action="store_true")
-    ap.add_argument("--with-eager-graph", action="store_true")
+    ap.add_argument("--variants", default="", help="graph-eager,kv-eager,sdpa (no capture)")
+    ap.add_argument("--static-batches", default=None, help="batches for static (default all)")
+    ap.add_argument("--profile", type=int, default=0, help="profile one capture run at batch B")
     ap.add_argument("--teacher-forced", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -131,9 +156,16 @@ def main() -> None:
     params = GenerationParams(max_new_tokens=args.new_tokens, temperature=0)
     cuda_engine = CudaEngine(loaded)
     cuda_engine.stop_ids = [-1]  # no early stop: every row makes max_new_tokens
-    # CUDA graphs over eager kernels (no torch.compile): shows what the compiler adds
-    eager_graph = CudaEngine(loaded, compile=False)
-    eager_graph.stop_ids = [-1]
+    # variants without capture, to see what each choice is worth
+    variant_options: dict[str, dict[str, Any]] = {
+        "graph-eager": {"compile": False},  # CUDA graphs over eager kernels
+        "kv-eager": {"write_kv_in_graph": False},  # KV written outside the compiled code
+        "sdpa": {"sdpa_attention": True},  # scaled_dot_product_attention for decode
+    }
+    variants: dict[str, CudaEngine] = {}
+    for name in filter(None, args.variants.split(",")):
+        variants[f"tracekit cuda {name}"] = CudaEngine(loaded, **variant_options[name])
+        variants[f"tracekit cuda {name}"].stop_ids = [-1]
     ref_engine = HFEngine(loaded)
     ref_engine.stop_ids = []
     rows: list[dict[str, Any]] = []
@@ -158,10 +190,8 @@ def main() -> None:
             ("tracekit cuda +capture", lambda p=prompts: cuda_engine.generate(p, params, capture)),
             ("tracekit cuda", lambda p=prompts: cuda_engine.generate(p, params)),
         ]
-        if args.with_eager_graph:
-            methods.append(
-                ("tracekit cuda graph-eager", lambda p=prompts: eager_graph.generate(p, params))
-            )
+        for label, engine in variants.items():
+            methods.append((label, lambda p=prompts, e=engine: e.generate(p, params)))
         if args.with_reference:
             methods.append(
                 ("tracekit hf +capture", lambda p=prompts: ref_engine.generate(p, params, capture))
@@ -180,7 +210,8 @@ def main() -> None:
                 )
 
         methods.append(("generate dynamic", lambda: hf_generate(False)))
-        if args.with_static:
+        static_batches = args.static_batches or args.batches
+        if args.with_static and str(batch) in static_batches.split(","):
             methods.append(("generate static+compile", lambda: hf_generate(True)))
         results: dict[str, float] = {}
         for name, fn in methods:
@@ -212,6 +243,8 @@ def main() -> None:
         for row in rows:
             if row["batch"] == batch:
                 row["x_generate"] = base / row["seconds"]
+        if args.profile == batch:
+            profile(lambda p=prompts: cuda_engine.generate(p, params, capture), T, dev)
         print(
             f"b={batch:<4d} prefill {t_prefill * 1e3:.1f} ms  floor step {floor_step * 1e3:.3f} ms"
         )

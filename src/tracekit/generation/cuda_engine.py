@@ -290,8 +290,12 @@ def _attn_in(
     n_kv: int,
     head_dim: int,
     eps: float,
+    write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Norm, q/k/v projections and rotary embedding for one token per row: [B, heads, head_dim]."""
+    """Norm, q/k/v projections and rotary embedding for one token per row: [B, heads, head_dim].
+
+    ``write`` = ``(k_cache, v_cache, slot)`` also stores k and v at cache slot ``slot``.
+    """
     import torch.nn.functional as F
 
     batch = h.shape[0]
@@ -313,6 +317,11 @@ def _attn_in(
     c, s = cos[:, None, :], sin[:, None, :]
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
+    if write is not None:
+        # inside the compiled region the write fuses into the rotary kernel
+        k_cache, v_cache, slot = write
+        k_cache.index_copy_(2, slot, k[:, :, None, :])
+        v_cache.index_copy_(2, slot, v[:, :, None, :])
     return q, k, v
 
 
@@ -327,6 +336,7 @@ def _attn_out_mlp(
     cap_weight: torch.Tensor,
     eps: float,
     scaling: float,
+    sdpa: bool = False,
 ) -> torch.Tensor:
     """Attention over the static cache (GQA without repeating K/V), o_proj, MLP, residuals.
 
@@ -339,10 +349,16 @@ def _attn_out_mlp(
     batch, n_kv, _, head_dim = k_cache.shape
     group = q.shape[1] // n_kv
     qg = q.reshape(batch, n_kv, group, head_dim)
-    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scaling
-    scores = scores + attn_bias[:, None, None, :]
-    probs = torch.softmax(scores, dim=-1).to(v_cache.dtype)
-    attn = torch.matmul(probs, v_cache).reshape(batch, n_kv * group * head_dim)
+    if sdpa:
+        # the G query heads of one kv head act as G query positions: plain SDPA, no repeat
+        mask = attn_bias[:, None, None, :].to(q.dtype)
+        attn = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=mask, scale=scaling)
+    else:
+        scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scaling
+        scores = scores + attn_bias[:, None, None, :]
+        probs = torch.softmax(scores, dim=-1).to(v_cache.dtype)
+        attn = torch.matmul(probs, v_cache)
+    attn = attn.reshape(batch, n_kv * group * head_dim)
     h = h + F.linear(attn, w.o, w.o_bias)
     x = _rms_norm(h, w.ln2, eps)
     if w.gate_up is not None:
@@ -544,18 +560,24 @@ class _Runner:
             top_p=torch.ones(b, dtype=torch.float32, device=dev),
             seeds=torch.zeros(b, dtype=torch.long, device=dev),
         )
-        n_cap = len(dec.layers) if "response_avg" in dec.poolings else 0
-        self.resp_sum = torch.zeros(n_cap, b, spec.hidden, dtype=torch.float32, device=dev)
-        # capture slot of each tracekit layer (0 = embedding output, i = after block i-1)
-        self.cap_index = {layer: j for j, layer in enumerate(dec.layers)} if n_cap else {}
+        # response sums per tracekit layer (0 = embedding output, i = after block i-1); separate
+        # allocations, not views of one tensor, so compiled code updates each one in place
+        cap_layers = dec.layers if "response_avg" in dec.poolings else ()
+        self.caps: dict[int, torch.Tensor] = {
+            layer: torch.zeros(b, spec.hidden, dtype=torch.float32, device=dev)
+            for layer in cap_layers
+        }
         self.graph: Any = None
 
     # -- one decode step (eager Python that calls the compiled pieces) ------------------------
     def step(self) -> None:
-        dec, st, spec = self.dec, self.st, self.dec.spec
-        slot = st.step + self.key.prompt_len
-        cap0 = self.resp_sum[self.cap_index[0]] if 0 in self.cap_index else None
-        h, cos, sin, bias = dec.fn_prelude(
+        dec, st, key = self.dec, self.st, self.key
+        d = dec.dims
+        slot = st.step + key.prompt_len
+        caches = [_Caches(k, v) for k, v in zip(self.k_cache, self.v_cache, strict=True)]
+        weights = dec.weights
+        last = len(weights) - 1
+        h, q, k, v, cos, sin, bias = dec.fn_first(
             st.cur_tok,
             dec.embed,
             slot,
@@ -563,42 +585,56 @@ class _Runner:
             self.slot_range,
             dec.cos_table,
             dec.sin_table,
-            cap0,
+            self.caps.get(0),
             st.feed_weight,
-            spec.sliding_window,
+            weights[0],
+            caches[0],
+            d,
         )
-        for i, w in enumerate(dec.weights):
-            q, k, v = dec.fn_attn_in(
-                h, w, cos, sin, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.eps
-            )
-            # eager in-place writes: the cache is never copied, whatever the compiler would do
-            self.k_cache[i].index_copy_(2, slot, k[:, :, None, :])
-            self.v_cache[i].index_copy_(2, slot, v[:, :, None, :])
-            j = self.cap_index.get(i + 1)
-            cap = None if j is None else self.resp_sum[j]
-            h = dec.fn_attn_out_mlp(
+        for i in range(last):
+            if not d.write_kv:
+                self._write_kv(caches[i], k, v, slot)
+            h, q, k, v = dec.fn_middle(
                 h,
                 q,
-                self.k_cache[i],
-                self.v_cache[i],
+                caches[i],
                 bias,
-                w,
-                cap,
+                weights[i],
+                self.caps.get(i + 1),
                 st.feed_weight,
-                spec.eps,
-                spec.scaling,
+                weights[i + 1],
+                caches[i + 1],
+                slot,
+                cos,
+                sin,
+                d,
             )
-        logits = dec.fn_head(h, dec.final_norm, dec.lm_head, spec.eps)
-        dec.fn_advance(
-            logits,
+        if not d.write_kv:
+            self._write_kv(caches[last], k, v, slot)
+        dec.fn_last(
+            h,
+            q,
+            caches[last],
+            bias,
+            weights[last],
+            self.caps.get(last + 1),
+            st.feed_weight,
+            dec.final_norm,
+            dec.lm_head,
             st,
             dec.eos_ids,
             dec.pad_id,
-            self.key.max_new_tokens,
+            key.max_new_tokens,
             dec.include_eos,
-            self.key.do_sample,
-            self.key.use_top_p,
+            key.do_sample,
+            key.use_top_p,
+            d,
         )
+
+    @staticmethod
+    def _write_kv(cache: _Caches, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> None:
+        cache.k.index_copy_(2, slot, k[:, :, None, :])
+        cache.v.index_copy_(2, slot, v[:, :, None, :])
 
     def reset_dummy(self) -> None:
         """Valid state for warm-up and capture (any token ids, step 0)."""
@@ -637,6 +673,101 @@ def _head(h: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float
     import torch.nn.functional as F
 
     return F.linear(_rms_norm(h, norm, eps), lm_head).float()
+
+
+class Dims(NamedTuple):
+    """Python constants the step functions specialise on (one compilation per value set)."""
+
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    eps: float
+    scaling: float
+    window: int | None
+    write_kv: bool
+    """True: compiled code writes the KV cache; False: the caller writes it eagerly."""
+    sdpa_attention: bool
+    """True: ``scaled_dot_product_attention``; False: two matmuls and a softmax."""
+
+
+class _Caches(NamedTuple):
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def _first(
+    cur_tok: torch.Tensor,
+    embed: torch.Tensor,
+    slot: torch.Tensor,
+    pad_len: torch.Tensor,
+    slot_range: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    cap0: torch.Tensor | None,
+    cap_weight: torch.Tensor,
+    w0: LayerWeights,
+    cache0: _Caches,
+    d: Dims,
+) -> tuple[torch.Tensor, ...]:
+    """Embedding, rotary rows, mask, and block 0 up to its attention input."""
+    h, cos, sin, bias = _prelude(
+        cur_tok, embed, slot, pad_len, slot_range, cos_table, sin_table, cap0, cap_weight, d.window
+    )
+    write = (cache0.k, cache0.v, slot) if d.write_kv else None
+    q, k, v = _attn_in(h, w0, cos, sin, d.n_heads, d.n_kv, d.head_dim, d.eps, write)
+    return h, q, k, v, cos, sin, bias
+
+
+def _middle(
+    h: torch.Tensor,
+    q: torch.Tensor,
+    cache: _Caches,
+    bias: torch.Tensor,
+    w: LayerWeights,
+    cap: torch.Tensor | None,
+    cap_weight: torch.Tensor,
+    w_next: LayerWeights,
+    cache_next: _Caches,
+    slot: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    d: Dims,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rest of block i and block i+1 up to its attention input: one compiled region per
+    boundary, so the residual add, the capture and the next norm fuse into one kernel."""
+    h = _attn_out_mlp(
+        h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention
+    )
+    write = (cache_next.k, cache_next.v, slot) if d.write_kv else None
+    q, k, v = _attn_in(h, w_next, cos, sin, d.n_heads, d.n_kv, d.head_dim, d.eps, write)
+    return h, q, k, v
+
+
+def _last(
+    h: torch.Tensor,
+    q: torch.Tensor,
+    cache: _Caches,
+    bias: torch.Tensor,
+    w: LayerWeights,
+    cap: torch.Tensor | None,
+    cap_weight: torch.Tensor,
+    final_norm: torch.Tensor,
+    lm_head: torch.Tensor,
+    st: _State,
+    eos_ids: torch.Tensor,
+    pad_id: int,
+    max_new: int,
+    include_eos: bool,
+    do_sample: bool,
+    use_top_p: bool,
+    d: Dims,
+) -> None:
+    """Rest of the last block, final norm, logits, sampling and the per-row bookkeeping."""
+    h = _attn_out_mlp(
+        h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention
+    )
+    logits = _head(h, final_norm, lm_head, d.eps)
+    _advance(logits, st, eos_ids, pad_id, max_new, include_eos, do_sample, use_top_p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -684,6 +815,8 @@ class FastDecoder:
         use_graphs: bool | None = None,
         compile: bool | None = None,
         fuse_weights: bool | None = None,
+        write_kv_in_graph: bool | None = None,
+        sdpa_attention: bool = False,
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
@@ -728,19 +861,25 @@ class FastDecoder:
         self.cos_table = self.sin_table = torch.empty(0)
         self._runners: OrderedDict[RunKey, _Runner] = OrderedDict()
 
+        spec = self.spec
+        self.dims = Dims(
+            n_heads=spec.n_heads,
+            n_kv=spec.n_kv_heads,
+            head_dim=spec.head_dim,
+            eps=spec.eps,
+            scaling=spec.scaling,
+            window=spec.sliding_window,
+            write_kv=self.compile if write_kv_in_graph is None else write_kv_in_graph,
+            sdpa_attention=sdpa_attention,
+        )
         if self.compile:
-            self.fn_prelude = _compiled("prelude", _prelude)
-            self.fn_attn_in = _compiled("attn_in", _attn_in)
-            self.fn_attn_out_mlp = _compiled("attn_out_mlp", _attn_out_mlp)
-            self.fn_head = _compiled("head", _head)
+            self.fn_first = _compiled("first", _first)
+            self.fn_middle = _compiled("middle", _middle)
+            self.fn_last = _compiled("last", _last)
             self.fn_advance = _compiled("advance", _advance)
         else:
-            self.fn_prelude, self.fn_attn_in, self.fn_attn_out_mlp = (
-                _prelude,
-                _attn_in,
-                _attn_out_mlp,
-            )
-            self.fn_head, self.fn_advance = _head, _advance
+            self.fn_first, self.fn_middle, self.fn_last = _first, _middle, _last
+            self.fn_advance = _advance
 
     # -- tables and runners ------------------------------------------------------------------
     def _ensure_rope(self, length: int) -> None:
@@ -894,7 +1033,8 @@ class FastDecoder:
         if len(seed_list) != batch:
             raise InputError(f"{len(seed_list)} seeds given for {batch} rows")
         st.seeds.copy_(torch.tensor(seed_list, dtype=torch.long))
-        runner.resp_sum.zero_()
+        for buf in runner.caps.values():
+            buf.zero_()
         logits = out.logits[:, -1].float()
         # the first token goes through the same device bookkeeping as every decode step
         self.fn_advance(
@@ -927,7 +1067,8 @@ class FastDecoder:
         out = {name: value.cpu() for name, value in pooled.items()}
         if "response_avg" in self.poolings:
             denom = n_kept.to(torch.float32).clamp(min=1)[:, None, None]
-            out["response_avg"] = runner.resp_sum.permute(1, 0, 2).cpu() / denom
+            sums = torch.stack([runner.caps[layer] for layer in self.layers], dim=1)
+            out["response_avg"] = sums.cpu() / denom
         ordered = {name: out[name] for name in self.poolings}
         return FastResult(tokens=tokens, finish_reasons=reasons, pooled=ordered, decode_steps=steps)
 
@@ -974,6 +1115,7 @@ class CudaEngine:
         *,
         use_graphs: bool | None = None,
         compile: bool | None = None,
+        **decoder_options: Any,
     ) -> None:
         from tracekit.generation.engine import stop_token_ids
 
@@ -987,6 +1129,7 @@ class CudaEngine:
         self.stop_ids = stop_token_ids(loaded) or [-1]  # -1 never matches: run to the limit
         self.use_graphs = use_graphs
         self.compile = compile
+        self.decoder_options = decoder_options  # further FastDecoder keywords (benchmarks)
         self._decoders: OrderedDict[Any, FastDecoder] = OrderedDict()
 
     def _decoder(self, capture: CaptureSpec | None) -> FastDecoder:
@@ -1003,6 +1146,7 @@ class CudaEngine:
                 pad_token_id=int(self.loaded.tokenizer.pad_token_id),
                 use_graphs=self.use_graphs,
                 compile=self.compile,
+                **self.decoder_options,
             )
             self._decoders[key] = dec
         return dec
