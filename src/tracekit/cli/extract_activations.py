@@ -1,12 +1,126 @@
-"""`tracekit extract activations` and `extract vectors` (placeholders until their issue lands)."""
+"""`tracekit extract activations` (stage 2) and `tracekit extract vectors` (stage 3)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
 import typer
 
-from ._stub import stub_command
+from tracekit.console import err_console, out_console
+
+from ._common import (
+    BatchSizeOpt,
+    ConfigOpt,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ExperimentOpt,
+    ForceOpt,
+    JsonOpt,
+    LayersOpt,
+    ModelOpt,
+    build_config,
+)
+from .generate import ChatTemplateOpt, ExperimentsDirOpt, PoolingOpt, batch_progress
+
+if TYPE_CHECKING:
+    from tracekit.vectors.mean_diff import ExtractVectorsResult
+
+TraitOpt = Annotated[str, typer.Option("--trait", help="Trait folder name inside the experiment.")]
+
+
+def _print_vectors(result: ExtractVectorsResult) -> None:
+    from rich.table import Table
+
+    best = result.best_layer
+    table = Table(
+        title=f"{result.trait} · {result.method} · {result.pooling} · {result.n_pairs} pairs"
+    )
+    for column in ("layer", "vector norm", "Cohen's d", "AUROC"):
+        table.add_column(column, justify="right")
+    for s in result.layers:
+        mark = " *" if s.layer == best else ""
+        table.add_row(f"{s.layer}{mark}", f"{s.norm:.3f}", f"{s.cohen_d:.2f}", f"{s.auroc:.3f}")
+    table.caption = "* best separation (AUROC, then d), in-sample over the pairs used"
+    out_console.print(table)
+    out_console.print(f"vectors [n_layers, hidden]: {result.files[0]}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
-    stub_command(app, "activations", "Stage 2: teacher-forced activations for saved responses.")
-    stub_command(app, "vectors", "Stage 3: per-layer trait vectors (mean difference pos - neg).")
+    @app.command("activations")
+    def activations_command(
+        ctx: typer.Context,
+        experiment: ExperimentOpt,
+        trait: TraitOpt,
+        experiments_dir: ExperimentsDirOpt = Path("experiments"),
+        model: ModelOpt = None,
+        dtype: DtypeOpt = "auto",
+        device: DeviceOpt = "auto",
+        device_map: DeviceMapOpt = None,
+        chat_template: ChatTemplateOpt = True,
+        batch_size: BatchSizeOpt = 8,
+        layers: LayersOpt = None,
+        pooling: PoolingOpt = None,
+        force: ForceOpt = False,
+        json_output: JsonOpt = False,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Stage 2: teacher-forced activations for saved responses (responses/{pos,neg}.csv)."""
+        from tracekit.generation.extract import ExtractActivationsConfig, extract_activations
+
+        cfg = build_config(ctx, ExtractActivationsConfig)
+        with batch_progress() as (on_total, on_batch):
+            result = extract_activations(cfg, on_batch=on_batch, on_total=on_total)
+        if json_output:
+            out_console.print_json(json.dumps(result.to_dict()))
+            return
+        out_console.print(
+            f"{result.trait}: pos {result.rows.get('pos', 0)} rows, neg "
+            f"{result.rows.get('neg', 0)} rows, {len(result.layers)} layers, "
+            f"{', '.join(result.poolings)} in {result.seconds:.1f} s -> "
+            f"{result.files[-1].parent}",
+            highlight=False,
+        )
+
+    @app.command("vectors")
+    def vectors_command(
+        ctx: typer.Context,
+        experiment: ExperimentOpt,
+        trait: TraitOpt,
+        experiments_dir: ExperimentsDirOpt = Path("experiments"),
+        method: Annotated[
+            str, typer.Option("--method", help="mean_diff: mean(pos) - mean(neg) per layer.")
+        ] = "mean_diff",
+        pooling: Annotated[
+            str, typer.Option("--pooling", help="Which saved activations to use.")
+        ] = "response_avg",
+        threshold: Annotated[
+            float,
+            typer.Option("--threshold", help="Judge filter: pos score >= T, neg score < T."),
+        ] = 50.0,
+        min_coherence: Annotated[
+            float, typer.Option("--min-coherence", help="Drop pairs with coherence below this.")
+        ] = 50.0,
+        force: ForceOpt = False,
+        json_output: JsonOpt = False,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Stage 3: per-layer trait vectors (mean difference pos - neg) and a separation table."""
+        from tracekit.vectors.mean_diff import ExtractVectorsConfig, extract_vectors
+
+        cfg = build_config(ctx, ExtractVectorsConfig)
+        result = extract_vectors(cfg)
+        if not result.judged:
+            err_console.print(
+                f"no judge scores found: using all {result.n_pairs} pairs "
+                "(run 'tracekit judge' first to filter by trait score)"
+            )
+        elif result.dropped:
+            shown = ", ".join(f"{n} {why}" for why, n in result.dropped.items())
+            err_console.print(f"left out: {shown}; {result.n_pairs} pairs used")
+        if json_output:
+            out_console.print_json(json.dumps(result.to_dict()))
+        else:
+            _print_vectors(result)

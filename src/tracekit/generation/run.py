@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 _NAME_HINT = "use letters, digits, '_', '-' or '.'"
 
 
-def _check_name(value: str, what: str) -> str:
+def check_name(value: str, what: str) -> str:
     value = value.strip()
     if not value or "/" in value or "\\" in value or value.startswith("."):
         raise ValueError(f"invalid {what} name '{value}': {_NAME_HINT}")
@@ -91,7 +91,7 @@ class GenerateConfig(RuntimeOptions):
     @field_validator("experiment")
     @classmethod
     def _experiment_name(cls, value: str) -> str:
-        return _check_name(value, "experiment")
+        return check_name(value, "experiment")
 
     @field_validator("traits", mode="before")
     @classmethod
@@ -441,7 +441,12 @@ def _finalize(
         store.write_json(
             paths.activations_metadata,
             activation_metadata(
-                loaded, layers, [p.value for p in config.pooling], result.rows, "generate"
+                loaded,
+                layers,
+                [p.value for p in config.pooling],
+                result.rows,
+                "generate",
+                previous=paths.activations_metadata,
             ),
         )
         files.append(paths.activations_metadata)
@@ -482,21 +487,38 @@ def activation_metadata(
     poolings: list[str],
     rows: dict[str, int],
     source: str,
+    previous: Path | None = None,
 ) -> dict[str, Any]:
-    """``activations/metadata.json``: what the activation files hold and how they were made."""
+    """``activations/metadata.json``: what each pooling's files hold and how they were made.
+
+    Entries for poolings not written now are kept from ``previous`` (an earlier metadata
+    file), since their files stay; each pooling records its own layers and source.
+    """
+    import json
+
+    entries: dict[str, Any] = {}
+    if previous is not None and previous.is_file():
+        try:
+            entries = dict(json.loads(previous.read_text(encoding="utf-8")).get("poolings", {}))
+        except (OSError, ValueError, AttributeError):
+            entries = {}
+    for pooling in poolings:
+        entries[pooling] = {
+            "source": source,
+            "layers": list(layers),
+            "shape": {p: [n, len(layers), loaded.hidden_size] for p, n in rows.items()},
+            "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
     return {
-        "source": source,
         "model": loaded.name,
         "dtype": str(loaded.dtype).removeprefix("torch."),
-        "layers": list(layers),
         "layer_indexing": "0 = embedding output; i = residual stream after decoder block i-1 "
         "(before the final norm)",
-        "poolings": poolings,
-        "shape": {p: [n, len(layers), loaded.hidden_size] for p, n in rows.items()},
         "files": {
             "activations": "{polarity}_{pooling}.npy and .pt (float32 [n_rows, n_layers, hidden])",
-            "ids": "{polarity}_ids.npy (row ids; pos and neg pair by id)",
+            "ids": "{polarity}_{pooling}_ids.npy (int64 row ids; pos and neg pair by id)",
         },
+        "poolings": entries,
     }
 
 

@@ -9,7 +9,7 @@ One trait of one experiment lives in ``<experiments_dir>/<EXP>/<TRAIT>/``::
     activations/metadata.json      layers, poolings, shapes, file names, source
     activations/{pos,neg}_{pooling}.npy   float32 [n_rows, n_layers, hidden], rows = CSV order
     activations/{pos,neg}_{pooling}.pt    the same tensor for torch.load(weights_only=True)
-    activations/{pos,neg}_ids.npy         int64 row ids, the first axis of the files above
+    activations/{pos,neg}_{pooling}_ids.npy   int64 row ids: the first axis of those files
     activations/parts/             per-batch activation parts (npz), next to the journal
 
 Resume: each batch writes its activation part (when captured) and then its response part,
@@ -103,8 +103,8 @@ class TraitPaths:
     def activation_file(self, polarity: Polarity, pooling: str, suffix: str = ".npy") -> Path:
         return self.activations_dir / f"{polarity}_{pooling}{suffix}"
 
-    def ids_file(self, polarity: Polarity) -> Path:
-        return self.activations_dir / f"{polarity}_ids.npy"
+    def ids_file(self, polarity: Polarity, pooling: str) -> Path:
+        return self.activations_dir / f"{polarity}_{pooling}_ids.npy"
 
     @property
     def vectors_dir(self) -> Path:
@@ -270,14 +270,14 @@ def save_activations(
     ids: Sequence[int],
     pooled: Mapping[str, np.ndarray],
 ) -> list[Path]:
-    """Write ``{polarity}_{pooling}.npy`` and ``.pt`` plus ``{polarity}_ids.npy``; return paths."""
+    """Write ``{polarity}_{pooling}.npy``, ``.pt`` and ``_ids.npy`` per pooling; return paths."""
     import numpy as np
     import torch
 
     written = []
-    save_npy(paths.ids_file(polarity), np.asarray(list(ids), dtype=np.int64))
-    written.append(paths.ids_file(polarity))
     for pooling, array in pooled.items():
+        save_npy(paths.ids_file(polarity, pooling), np.asarray(list(ids), dtype=np.int64))
+        written.append(paths.ids_file(polarity, pooling))
         arr = np.ascontiguousarray(array, dtype=np.float32)
         npy = paths.activation_file(polarity, pooling, ".npy")
         save_npy(npy, arr)
@@ -301,7 +301,7 @@ def load_activations(paths: TraitPaths, polarity: Polarity, pooling: str) -> tup
             f"with --pooling {pooling}",
         )
     acts = np.load(npy, allow_pickle=False)
-    ids_path = paths.ids_file(polarity)
+    ids_path = paths.ids_file(polarity, pooling)
     ids = np.load(ids_path, allow_pickle=False) if ids_path.is_file() else np.arange(len(acts))
     if len(ids) != len(acts):
         raise InputError(f"{ids_path} has {len(ids)} ids but {npy} has {len(acts)} rows")
