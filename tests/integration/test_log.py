@@ -152,3 +152,24 @@ def test_sigkill_mid_run_then_restart_logs_every_entry_once(cli, tmp_path: Path)
     assert [r["index"] for r in rebuilt] == list(range(len(rows)))
     assert rebuilt[0]["generation"] == rebuilt[-1]["generation"]  # the duplicate, logged once
     assert all(r["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" for r in rebuilt)
+
+
+def test_chat_store_is_reconstructed_with_the_recorded_chat_template(cli, tmp_path: Path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "a", "prompt": QUESTIONS[1]}) + "\n")
+    store = tmp_path / "chat.lmdb"
+    result = cli(
+        "log", "--qa", qa, "--lmdb", store, "--chat", "--layers", "1",
+        "--max-new-tokens", "2", "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with open_store(store) as reader:
+        (entry,) = list(reader)
+    assert entry.metadata["prompt"].startswith("<|im_start|>")
+    assert entry.metadata["messages"] == [{"role": "user", "content": QUESTIONS[1]}]
+    out = tmp_path / "out.jsonl"
+    result = cli("reconstruct", "--qa-output-path", qa, "--lmdb-path", store, "--output-path", out)
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["id"] == "a" and row["generation"] == entry.metadata["generation"]
+    assert row["messages"] == entry.metadata["messages"]

@@ -44,21 +44,22 @@ QuestionFieldOpt = Annotated[
 def _render_result(result: LogResult) -> None:
     from rich.table import Table
 
-    table = Table(title=f"log -> {result.store}")
-    for name in ("QA rows", "unique prompts", "already in store", "logged now", "bad lines"):
-        table.add_column(name, justify="right")
-    table.add_column("MB written", justify="right")
-    table.add_column("entries/s", justify="right")
+    table = Table(title=f"log -> {result.store}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", justify="right")
     rate = result.logged / result.seconds if result.seconds > 0 else 0.0
-    table.add_row(
-        str(result.qa_rows),
-        str(result.unique_prompts),
-        str(result.already_logged),
-        str(result.logged),
-        str(result.bad_lines),
-        f"{result.bytes_written / 1e6:,.2f}",
-        f"{rate:,.2f}",
-    )
+    for name, value in [
+        ("model", result.model),
+        ("layers", ",".join(str(layer) for layer in result.layers)),
+        ("QA rows", f"{result.qa_rows:,}"),
+        ("unique prompts", f"{result.unique_prompts:,}"),
+        ("already in store (skipped)", f"{result.already_logged:,}"),
+        ("logged now", f"{result.logged:,} in {result.batches:,} batches"),
+        ("malformed lines skipped", f"{result.bad_lines:,}"),
+        ("written", f"{result.bytes_written / 1e6:,.2f} MB"),
+        ("time", f"{result.seconds:,.1f} s ({rate:,.2f} entries/s)"),
+    ]:
+        table.add_row(name, value)
     out_console.print(table)
 
 
@@ -156,6 +157,9 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: Annotated[
             int, typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")
         ] = 64,
+        engine: Annotated[
+            str, typer.Option("--engine", help="Generation engine (hf = reference decode loop).")
+        ] = "hf",
         allow_mixed: Annotated[
             bool,
             typer.Option(

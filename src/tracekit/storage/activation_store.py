@@ -162,6 +162,14 @@ def read_header(value: bytes | memoryview) -> tuple[list[ArraySpec], int, int]:
     return specs, start, crc
 
 
+def _quick_status(value: bytes | memoryview) -> str:
+    """``ok`` when a value starts like an activations value, else ``corrupt`` (no parsing)."""
+    if len(value) < 8 or bytes(value[:4]) != MAGIC:
+        return "corrupt"
+    (length,) = _HEADER_LEN.unpack(bytes(value[4:8]))
+    return "ok" if 8 + length <= len(value) else "corrupt"
+
+
 def decode_arrays(
     value: bytes | memoryview, verify: bool = True, as_torch: bool = False
 ) -> dict[str, Any]:
@@ -519,8 +527,9 @@ class ActivationStore:
     def iter_raw_metadata(self) -> Iterator[tuple[str, bytes, str]]:
         """(key, metadata bytes, activations status) for every entry, in key order.
 
-        The status is ``ok``, ``missing`` or ``corrupt`` (unreadable header); only the header
-        is read, never the arrays. For tools that count bad entries instead of stopping.
+        The status is ``ok``, ``missing`` or ``corrupt`` (bad magic, or a header length past
+        the value's end); only the first bytes are read, never the arrays or the header JSON
+        (:meth:`get` checks those). For tools that count bad entries instead of stopping.
         """
         with (
             self.env.begin(buffers=True) as txn,
@@ -529,13 +538,7 @@ class ActivationStore:
         ):
             for key, value in cursor:
                 act = acts.get(bytes(key))
-                status = "missing"
-                if act is not None:
-                    try:
-                        read_header(act)
-                        status = "ok"
-                    except ValueError:
-                        status = "corrupt"
+                status = "missing" if act is None else _quick_status(act)
                 yield bytes(key).decode("utf-8", "replace"), bytes(value), status
 
     # --- entries -------------------------------------------------------------------------
