@@ -25,7 +25,7 @@ from pydantic import field_validator
 from tracekit.config.types import BatchSize, LayerSpec
 from tracekit.errors import ConfigError, InputError
 from tracekit.generation.engine import CaptureSpec
-from tracekit.generation.pooling import Pooling, parse_poolings
+from tracekit.generation.pooling import Pooling, Poolings
 from tracekit.generation.run import RuntimeOptions, check_name
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import check_writable, write_json
@@ -45,20 +45,13 @@ class ExtractActivationsConfig(RuntimeOptions):
     experiments_dir: Path = Path("experiments")
     batch_size: BatchSize = 8
     layers: LayerSpec = LayerSpec(None)
-    pooling: tuple[Pooling, ...] = (Pooling.response_avg,)
+    pooling: Poolings = (Pooling.response_avg,)
     force: bool = False
 
     @field_validator("experiment", "trait")
     @classmethod
     def _names(cls, value: str) -> str:
         return check_name(value, "experiment or trait")
-
-    @field_validator("pooling", mode="before")
-    @classmethod
-    def _parse_pooling(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [value]
-        return parse_poolings(value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass

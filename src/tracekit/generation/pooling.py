@@ -26,7 +26,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BeforeValidator
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +60,16 @@ def parse_poolings(values: Sequence[str | Pooling]) -> tuple[Pooling, ...]:
     if not out:
         raise ValueError("no pooling given: use response_avg, prompt_last or prompt_avg")
     return tuple(out)
+
+
+def _poolings_field(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [value]
+    return parse_poolings(value) if isinstance(value, (list, tuple)) else value
+
+
+Poolings = Annotated[tuple[Pooling, ...], BeforeValidator(_poolings_field)]
+"""Config field type: ``"response_avg,prompt_last"`` or a list, parsed by :func:`parse_poolings`."""
 
 
 class PooledAccumulator:

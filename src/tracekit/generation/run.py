@@ -23,7 +23,7 @@ from tracekit.config.base import TracekitConfig
 from tracekit.config.types import BatchSize, LayerSpec
 from tracekit.errors import ConfigError, ModelError
 from tracekit.generation.engine import CaptureSpec, GenerationParams, create_engine
-from tracekit.generation.pooling import Pooling, parse_poolings
+from tracekit.generation.pooling import Pooling, Poolings
 from tracekit.models.loading import DtypeName, ModelConfig
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import write_json
@@ -81,7 +81,7 @@ class GenerateConfig(RuntimeOptions):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
     layers: LayerSpec = LayerSpec(None)
-    pooling: tuple[Pooling, ...] = (Pooling.response_avg,)
+    pooling: Poolings = (Pooling.response_avg,)
     extract_activations: bool = True
     judge_model: str | None = None
     threshold: float = Field(default=50.0, ge=0.0, le=100.0)
@@ -104,13 +104,6 @@ class GenerateConfig(RuntimeOptions):
                 raise ValueError("empty trait name in the trait list (look for ',,')")
             return tuple(dict.fromkeys(items))
         return value
-
-    @field_validator("pooling", mode="before")
-    @classmethod
-    def _parse_pooling(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [value]
-        return parse_poolings(value) if isinstance(value, (list, tuple)) else value
 
     def generation_params(self) -> GenerationParams:
         return GenerationParams(
@@ -292,6 +285,7 @@ def generate(
     except ValueError as exc:
         raise ConfigError(f"--layers: {exc} for {loaded.name}") from None
     capture = CaptureSpec(layers, config.pooling) if config.extract_activations else None
+    template = _template_kind(loaded, config)  # a missing chat template fails before any write
     engine = create_engine(config.engine, loaded)
     params = config.generation_params()
 
@@ -361,9 +355,7 @@ def generate(
                 on_output,
             )
         total_tokens += result.tokens
-        _finalize(
-            config, loaded, trait, paths, layers, result, template=_template_kind(loaded, config)
-        )
+        _finalize(config, loaded, trait, paths, layers, result, template=template)
         results.append(result)
     return GenerateResult(
         model=loaded.name,
