@@ -119,21 +119,24 @@ def encode_arrays(arrays: Mapping[str, Any]) -> bytes:
         data, dtype, shape = _as_bytes_and_dtype(value)
         parts.append((name, dtype, shape, data))
     # Offsets are relative to the payload start; the payload is aligned after the header.
+    # The payload is never assembled on its own: CRC runs over the pieces and one join copies.
     specs: list[list[Any]] = []
-    offset = 0
+    payload: list[memoryview | bytes] = []
+    crc = offset = 0
     for name, dtype, shape, data in parts:
-        offset = -(-offset // _ALIGN) * _ALIGN
+        pad = -offset % _ALIGN
+        if pad:
+            payload.append(bytes(pad))
+            crc = zlib.crc32(payload[-1], crc)
+            offset += pad
         specs.append([name, dtype, list(shape), offset, len(data)])
+        payload.append(data)
+        crc = zlib.crc32(data, crc)
         offset += len(data)
-    payload = bytearray(offset)
-    for spec, (_, _, _, data) in zip(specs, parts, strict=True):
-        payload[spec[3] : spec[3] + spec[4]] = data
-    header = json.dumps(
-        {"arrays": specs, "crc32": zlib.crc32(payload)}, separators=(",", ":")
-    ).encode("utf-8")
+    header = json.dumps({"arrays": specs, "crc32": crc}, separators=(",", ":")).encode("utf-8")
     start = len(MAGIC) + _HEADER_LEN.size + len(header)
     pad = -start % _ALIGN
-    return b"".join([MAGIC, _HEADER_LEN.pack(len(header) + pad), header, b" " * pad, payload])
+    return b"".join([MAGIC, _HEADER_LEN.pack(len(header) + pad), header, b" " * pad, *payload])
 
 
 def read_header(value: bytes | memoryview) -> tuple[list[ArraySpec], int, int]:
