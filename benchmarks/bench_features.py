@@ -82,9 +82,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def baseline(loaded, saes, sentences, output: Path) -> None:
+def baseline(loaded, saes, sentences, output: Path, storage: str) -> None:
     """One forward pass per layer per sentence (batch 1), as the original stage did."""
-    from tracekit.features.files import SaeMeta, write_sentence_file
+    from tracekit.features.files import SaeMeta, to_csr, write_sentence_file
 
     layers = sorted(saes)
     meta = SaeMeta(
@@ -92,7 +92,7 @@ def baseline(loaded, saes, sentences, output: Path) -> None:
         average_l0s=[64.0] * len(layers),
         release_layers=[layer - 1 for layer in layers],
         formats="gemma-scope",
-        storage="dense",
+        storage=storage,
     )
     tok = loaded.tokenizer
     for index, (text, label) in enumerate(zip(sentences.texts, sentences.labels, strict=True)):
@@ -103,8 +103,10 @@ def baseline(loaded, saes, sentences, output: Path) -> None:
                 states = loaded.model(**ids, output_hidden_states=True).hidden_states
                 h = states[layer][0]
                 hidden.append(h.float().cpu().numpy())
-                acts.append(saes[layer].encode(h).cpu().numpy())
+                acts.append(saes[layer].encode(h))
                 embeddings = states[0][0].float().cpu().numpy()
+        stacked = torch.stack(acts)
+        sparse = to_csr(stacked.flatten(0, 1)) if storage == "sparse" else None
         write_sentence_file(
             output / f"sentence_{index:06d}.npz",
             embeddings=embeddings,
@@ -115,7 +117,8 @@ def baseline(loaded, saes, sentences, output: Path) -> None:
             tokens=tok.convert_ids_to_tokens(ids["input_ids"][0].tolist()),
             model=loaded.name,
             sae=meta,
-            activations=np.stack(acts),
+            activations=None if sparse else stacked.cpu().numpy(),
+            sparse=sparse,
         )
 
 
@@ -127,6 +130,7 @@ def main() -> None:
     parser.add_argument("--baseline-sentences", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--sae-width", type=int, default=None)
+    parser.add_argument("--storage", choices=["dense", "sparse"], default=None)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--random-init", action="store_true")
     parser.add_argument("--shape", default=None, help="random-init shape: tiny or llama-3.2-1b")
@@ -151,6 +155,7 @@ def main() -> None:
     n = args.sentences or (512 if args.gpu else 48)
     batch = args.batch_size or (64 if args.gpu else 16)
     width = args.sae_width or (16384 if args.gpu else 1024)
+    storage = args.storage or ("sparse" if args.gpu else "dense")
     n_blocks = loaded.handles.n_blocks
 
     with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp_text:
@@ -190,7 +195,7 @@ def main() -> None:
         (tmp / "baseline").mkdir()
         sync(loaded.device)
         start = time.perf_counter()
-        baseline(loaded, saes, subset, tmp / "baseline")
+        baseline(loaded, saes, subset, tmp / "baseline", storage)
         sync(loaded.device)
         results["baseline (one forward pass per layer, b=1)"] = {
             "sentences": k,
@@ -198,13 +203,24 @@ def main() -> None:
         }
         results["tracekit b=1 (one pass, all layers)"] = run("tracekit_b1", 1, limit=k)
         results[f"tracekit b={batch} (one pass, all layers)"] = run("tracekit", batch)
+        # same numbers, not just the same speed: compare the first file of each approach
+        # (all but the last layer: HF's last hidden state is after the final norm, tracekit's
+        # is before it, by the README's layer convention)
+        ours = np.load(tmp / "tracekit" / "sentence_000000.npz")["hidden_states"][:-1]
+        theirs = np.load(tmp / "baseline" / "sentence_000000.npz")["hidden_states"][:-1]
+        scale = float(np.abs(theirs).max())
+        diff = float(np.abs(ours - theirs[:, -ours.shape[1] :]).max())
 
     base = results["baseline (one forward pass per layer, b=1)"]
     base_rate = base["sentences"] / base["seconds"]
     device_name = torch.cuda.get_device_name() if args.gpu else "CPU"
     print(
         f"model: {loaded.name} ({n_blocks} blocks, d={loaded.hidden_size}, {loaded.dtype}) "
-        f"on {device_name}; {n_blocks} layers saved, SAE width {width}, dense storage"
+        f"on {device_name}; {n_blocks} layers saved, SAE width {width}, {storage} storage"
+    )
+    print(
+        f"sentence 0 hidden states, tracekit vs baseline: max |diff| {diff:.3g} "
+        f"(max |x| {scale:.3g})"
     )
     print("| approach | sentences | seconds | sentences/s | vs baseline |")
     print("|---|---|---|---|---|")
