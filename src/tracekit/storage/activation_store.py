@@ -249,6 +249,11 @@ def _open_env(path: Path, readonly: bool, map_size: int = INITIAL_MAP_SIZE) -> l
             meminit=False,
         )
     except lmdb.Error as exc:
+        if "already open in this process" in str(exc):
+            raise StoreError(
+                f"store {path} is already open in this process (LMDB allows one handle)",
+                "close the other reader, writer or ActivationLogger of this store first",
+            ) from exc
         raise StoreError(
             f"{path} is not a readable LMDB store: {str(exc).splitlines()[0]}",
             "check the path; a store is the directory that holds data.mdb",
@@ -492,6 +497,17 @@ class ActivationStore:
     def close(self) -> None:
         self.env.close()
 
+    def _begin(self, buffers: bool = False) -> Any:
+        """A read transaction; adopts a map a writer in another process grew meanwhile."""
+        import lmdb
+
+        begin: Any = self.env.begin  # typed per literal ``buffers`` value; one call site here
+        try:
+            return begin(buffers=buffers)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)  # 0: take the size the data file has now
+            return begin(buffers=buffers)
+
     def __enter__(self) -> ActivationStore:
         return self
 
@@ -502,28 +518,28 @@ class ActivationStore:
     @property
     def provenance(self) -> dict[str, dict[str, Any]]:
         """Provenance records by id (one per run setup that wrote into the store)."""
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             return _read_provenance(txn, self._info_db)
 
     def __len__(self) -> int:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             return int(txn.stat(self._meta_db)["entries"])
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
             return False
-        with self.env.begin(buffers=True) as txn:
+        with self._begin(buffers=True) as txn:
             return txn.get(key.encode(), db=self._meta_db) is not None
 
     def keys(self) -> Iterator[str]:
         """Every entry key, in key order."""
-        with self.env.begin() as txn, txn.cursor(db=self._meta_db) as cursor:
+        with self._begin() as txn, txn.cursor(db=self._meta_db) as cursor:
             for key in cursor.iternext(values=False):
                 yield bytes(key).decode("utf-8", "replace")
 
     def metadata(self, key: str) -> dict[str, Any] | None:
         """The metadata of ``key``, or ``None`` when absent; ``ValueError`` when corrupt."""
-        with self.env.begin(buffers=True) as txn:
+        with self._begin(buffers=True) as txn:
             raw = txn.get(key.encode(), db=self._meta_db)
             return None if raw is None else _decode_meta(raw)
 
@@ -535,7 +551,7 @@ class ActivationStore:
         (:meth:`get` checks those). For tools that count bad entries instead of stopping.
         """
         with (
-            self.env.begin(buffers=True) as txn,
+            self._begin(buffers=True) as txn,
             txn.cursor(db=self._meta_db) as cursor,
             txn.cursor(db=self._act_db) as acts,
         ):
@@ -547,7 +563,7 @@ class ActivationStore:
     # --- entries -------------------------------------------------------------------------
     def get(self, key: str, verify: bool = True) -> StoreEntry | None:
         """The entry at ``key`` with copied arrays, or ``None``; ``StoreError`` when corrupt."""
-        with self.env.begin(buffers=True) as txn:
+        with self._begin(buffers=True) as txn:
             raw_meta = txn.get(key.encode(), db=self._meta_db)
             if raw_meta is None:
                 return None
@@ -574,7 +590,7 @@ class ActivationStore:
         block; using them afterwards reads freed memory. bfloat16 arrays are float32 copies
         unless ``as_torch`` (then zero-copy ``torch.bfloat16`` tensors).
         """
-        with self.env.begin(buffers=True) as txn:
+        with self._begin(buffers=True) as txn:
             raw = txn.get(key.encode(), db=self._act_db)
             try:
                 yield None if raw is None else decode_arrays(raw, verify=False, as_torch=as_torch)
@@ -592,7 +608,7 @@ class ActivationStore:
         """Entries, layers/dtypes/shapes, bytes and provenance, from headers only."""
         arrays: dict[str, dict[str, Any]] = {}
         with_acts = act_bytes = meta_bytes = 0
-        with self.env.begin(buffers=True) as txn:
+        with self._begin(buffers=True) as txn:
             entries = int(txn.stat(self._meta_db)["entries"])
             with txn.cursor(db=self._meta_db) as cursor:
                 for _, value in cursor:
