@@ -45,7 +45,7 @@ def _print_vectors(result: ExtractVectorsResult) -> None:
         table.add_row(f"{s.layer}{mark}", f"{s.norm:.3f}", f"{s.cohen_d:.2f}", f"{s.auroc:.3f}")
     table.caption = "* best separation (AUROC, then d), in-sample over the pairs used"
     out_console.print(table)
-    out_console.print(f"vectors [n_layers, hidden]: {result.files[0]}", highlight=False)
+    out_console.print(f"vectors (n_layers x hidden): {result.files[0]}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -65,7 +65,7 @@ def _print_result(result: GenerateResult) -> None:
         ("new tokens", "right"),
         ("folder", "left"),
     ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for trait in result.traits:
         table.add_row(
             trait.trait,
