@@ -54,6 +54,24 @@ def test_values_round_trip_without_pickle_and_views_do_not_copy():
         encode_arrays({"x": np.array([{"a": 1}], dtype=object)})
 
 
+def test_empty_arrays_round_trip():
+    """A row whose response is empty (eos first) logs zero response positions."""
+    value = encode_arrays(
+        {"a": np.zeros((0, 4), np.float16), "b": torch.zeros(0, 3, dtype=torch.bfloat16)}
+    )
+    arrays = decode_arrays(value)
+    assert arrays["a"].shape == (0, 4) and arrays["a"].dtype == np.float16
+    assert arrays["b"].shape == (0, 3)
+
+
+def test_a_store_open_in_this_process_is_one_clear_error(tmp_path: Path):
+    with (
+        ActivationStoreWriter(tmp_path / "s", PROV),
+        pytest.raises(StoreError, match="already open in this process"),
+    ):
+        open_store(tmp_path / "s")
+
+
 def test_batches_grow_the_map_and_reader_gets_by_key_prompt_and_view(tmp_path: Path):
     path = tmp_path / "acts.lmdb"
     with ActivationStoreWriter(path, PROV, initial_map_size=64 << 10) as writer:

@@ -109,7 +109,10 @@ def _as_bytes_and_dtype(value: Any) -> tuple[memoryview | bytes, str, tuple[int,
     arr = np.ascontiguousarray(value)
     if arr.dtype.hasobject:
         raise TypeError("object arrays cannot be stored (they would need pickle)")
-    return arr.data.cast("B"), arr.dtype.name, tuple(int(s) for s in arr.shape)
+    shape = tuple(int(s) for s in arr.shape)
+    # memoryview cannot cast a view with a zero in its shape (an empty response, say)
+    data = arr.data.cast("B") if arr.size else b""
+    return data, arr.dtype.name, shape
 
 
 def encode_arrays(arrays: Mapping[str, Any]) -> bytes:
