@@ -173,3 +173,30 @@ def test_chat_store_is_reconstructed_with_the_recorded_chat_template(cli, tmp_pa
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["id"] == "a" and row["generation"] == entry.metadata["generation"]
     assert row["messages"] == entry.metadata["messages"]
+
+
+def test_logger_around_hf_generate_captures_decode_steps(embedded_model, tmp_path: Path):
+    """Prefill + one position per decode step line up with an unpadded forward."""
+    tok, model = embedded_model.tokenizer, embedded_model.model
+    prompts = ["Hello", "Write one word about the sea"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    width = enc["input_ids"].shape[1]
+    with ActivationLogger(tmp_path / "s.lmdb", model, tok, layers=[7], dtype="float32") as act_log:
+        with torch.inference_mode():
+            out = model.generate(
+                **enc,
+                max_new_tokens=3,
+                min_new_tokens=3,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        responses = [row[width:].tolist() for row in out]
+        act_log.log(prompts, enc["attention_mask"], response_ids=responses)
+    with open_store(tmp_path / "s.lmdb") as store:
+        for prompt, response in zip(prompts, responses, strict=True):
+            entry = store.get_by_prompt(prompt)
+            ids = tok(prompt)["input_ids"]
+            # the last generated token is never fed back: 2 of 3 response positions exist
+            assert entry.metadata["positions"] == {"prompt": len(ids), "response": 2}
+            expected = _unpadded_hidden(embedded_model, ids + response, 7)[: len(ids) + 2]
+            np.testing.assert_allclose(entry.arrays["layer_7"], expected, rtol=1e-4, atol=1e-3)
