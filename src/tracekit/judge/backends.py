@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+POOL_SIZE = 8
+"""Connections per HTTP client; concurrency above it spreads over several clients."""
+
 RETRY_STATUSES = frozenset({408, 409, 429})
 """Besides every 5xx: statuses worth retrying (timeout, conflict, rate limit)."""
 
@@ -144,13 +147,23 @@ class OpenAIBackend:
         self._key = api_key or None
         self._key_env = config.api_key_env
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(config.timeout_s),
-            limits=httpx.Limits(
-                max_connections=config.concurrency, max_keepalive_connections=config.concurrency
-            ),
-        )
+        # httpcore's pool scans every connection on each request (O(pool size)); several
+        # small pools, each lent out at most its size at a time, keep that cost flat at high
+        # concurrency (benchmarks/bench_judge.py).
+        sizes = [
+            min(POOL_SIZE, config.concurrency - start)
+            for start in range(0, config.concurrency, POOL_SIZE)
+        ]
+        self._clients = [
+            httpx.AsyncClient(
+                headers=headers,
+                timeout=httpx.Timeout(config.timeout_s),
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+            )
+            for size in sizes
+        ]
+        self._slots: asyncio.Queue[httpx.AsyncClient] | None = None
+        self._sizes = sizes
         self._succeeded = 0
         self._rng = random.Random()
 
@@ -212,6 +225,18 @@ class OpenAIBackend:
             message = None
         return self._scrub(str(message) if message else response.text or "no details")
 
+    async def _post(self, body: dict[str, Any]) -> httpx.Response:
+        if self._slots is None:  # created here: a Queue binds to the running loop
+            self._slots = asyncio.Queue()
+            for client, size in zip(self._clients, self._sizes, strict=True):
+                for _ in range(size):
+                    self._slots.put_nowait(client)
+        client = await self._slots.get()
+        try:
+            return await client.post(self.url, json=body)
+        finally:
+            self._slots.put_nowait(client)
+
     async def ask(self, prompt: str) -> Answered:
         import httpx
 
@@ -222,7 +247,7 @@ class OpenAIBackend:
             retry_after: float | None = None
             unreachable = False
             try:
-                response = await self._client.post(self.url, json=body)
+                response = await self._post(body)
             except httpx.TimeoutException:
                 reason = f"timed out after {self.config.timeout_s:g} s"
             except httpx.TransportError as exc:
@@ -264,7 +289,8 @@ class OpenAIBackend:
         return Answered(None, f"{reason} after {self.config.max_attempts} attempts", attempt)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for client in self._clients:
+            await client.aclose()
 
 
 # --- local Hugging Face model ----------------------------------------------------------------
