@@ -125,18 +125,32 @@ class GenerationEngine(Protocol):
 
 ENGINES: dict[str, str] = {
     "hf": "tracekit.generation.hf_engine:HFEngine",
+    "cuda": "tracekit.generation.cuda_engine:CudaEngine",
 }
 """Engine name -> ``module:Class``; the class is built as ``Class(loaded_model)``."""
 
 
+def resolve_engine_name(name: str, loaded: LoadedModel) -> str:
+    """``auto`` -> ``cuda`` for a model on one CUDA device that the fast path supports, else
+    ``hf``; any other name is returned as given."""
+    if name != "auto":
+        return name
+    if loaded.device.type != "cuda":
+        return "hf"
+    from tracekit.generation.cuda_engine import unsupported_reason
+
+    return "cuda" if unsupported_reason(loaded.model) is None else "hf"
+
+
 def create_engine(name: str, loaded: LoadedModel) -> GenerationEngine:
-    """Build the engine registered as ``name`` for ``loaded``."""
+    """Build the engine registered as ``name`` (or ``auto``) for ``loaded``."""
     import importlib
 
+    name = resolve_engine_name(name, loaded)
     target = ENGINES.get(name)
     if target is None:
         raise ConfigError(
-            f"unknown engine '{name}'", f"available engines: {', '.join(sorted(ENGINES))}"
+            f"unknown engine '{name}'", f"available engines: auto, {', '.join(sorted(ENGINES))}"
         )
     module_name, _, class_name = target.partition(":")
     engine_cls = getattr(importlib.import_module(module_name), class_name)
