@@ -322,3 +322,14 @@ def test_bad_inputs_are_one_clear_line(cli, server, tmp_path):
     bad = cli(*cli_args(server, tmp_path, "--input", data, "--metrics", "trait,style"))
     assert bad.exit_code == 2 and "unknown metric 'style'" in bad.output
     assert server.requests == 0
+
+
+def test_existing_judge_columns_keep_their_place(cli, server, tmp_path):
+    data = tmp_path / "r.csv"
+    columns = ("id", "question", "response", "trait_score", "extra")
+    write_csv(data, [{**row("lp=33:1.0"), "trait_score": ""}], columns=columns)
+    result = cli(*cli_args(server, tmp_path, "--input", data))
+    assert result.exit_code == 0, result.output
+    judged = read_csv(data)
+    assert list(judged[0]) == [*columns, "trait_mass", "trait_status", "trait_method"]
+    assert (judged[0]["trait_score"], judged[0]["extra"]) == ("33.0", "extra-lp=33:1.0")

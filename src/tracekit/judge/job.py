@@ -130,7 +130,10 @@ def check_columns(columns: Sequence[str], config: JudgeConfig, source: str) -> N
 
 
 def _text(value: Any) -> str:
-    return "" if value is None else str(value)
+    """A cell as text: None and NaN (a missing cell from pandas) are empty."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value)
 
 
 async def ajudge_rows(
@@ -365,7 +368,8 @@ def judge_file(
     check_columns(columns, config, str(config.input))
     result = judge_rows(rows, config.judge_config(), model=model, progress=progress)
     new_columns = [c for metric in config.metrics for c in judge_columns(metric)]
-    write_table(output, result.rows, [*[c for c in columns if c not in new_columns], *new_columns])
+    # judge columns already present (a rerun) keep their place; new ones go at the end
+    write_table(output, result.rows, [*columns, *[c for c in new_columns if c not in columns]])
     result.summary.output = str(output)
     write_json(
         metadata_path(output),
