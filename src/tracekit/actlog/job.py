@@ -113,16 +113,9 @@ def _precheck_store(cfg: LogConfig) -> None:
 
 def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> LogResult:
     """Run the log job described by ``cfg`` (see the module docstring)."""
-    import torch
 
     from tracekit.actlog.logger import ActivationLogger, build_provenance
-    from tracekit.generation.engine import (
-        GenerationParams,
-        create_engine,
-        left_pad,
-        position_ids_from_mask,
-    )
-    from tracekit.generation.hf_engine import forward_kwargs, input_device
+    from tracekit.generation.engine import GenerationParams, create_engine
     from tracekit.models.loading import ModelConfig, load_model
     from tracekit.storage.activation_store import prompt_key
 
@@ -160,9 +153,6 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
         generation=params.model_dump(),
     )
     engine = create_engine(cfg.engine, loaded)
-    device = input_device(loaded)
-    extra = forward_kwargs(loaded.model)
-    pad_id = int(tokenizer.pad_token_id)
 
     logged = batches = written = 0
     with ActivationLogger(
@@ -187,37 +177,8 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
         for start in range(0, len(pending), cfg.batch_size):
             rows = pending[start : start + cfg.batch_size]
             texts = [prompts[i] for i in rows]
-            ids = [prompt_token_ids(tokenizer, t) for t in texts]
-            with act_log.paused():
-                out = engine.generate(ids, params)
-            prompt_ids, prompt_mask = left_pad(ids, pad_id, device)
-            full_ids, full_mask = prompt_ids, prompt_mask
-            if cfg.sequence_mode != "prompt" and max(len(r) for r in out.response_ids) > 0:
-                resp_ids, resp_mask = _right_pad(out.response_ids, pad_id, device)
-                full_ids = torch.cat([prompt_ids, resp_ids], dim=1)
-                full_mask = torch.cat([prompt_mask, resp_mask], dim=1)
-            with torch.inference_mode():
-                loaded.model(
-                    input_ids=full_ids,
-                    attention_mask=full_mask,
-                    position_ids=position_ids_from_mask(full_mask),
-                    use_cache=False,
-                    **extra,
-                )
-            metadata = [
-                {
-                    "question": qa.questions[i],
-                    "messages": [{"role": "user", "content": qa.questions[i]}]
-                    if cfg.chat
-                    else None,
-                    "trim_position": len(out.response_ids[j])
-                    if out.finish_reasons[j] == "eos"
-                    else None,
-                    "finish_reason": out.finish_reasons[j],
-                }
-                for j, i in enumerate(rows)
-            ]
-            size = act_log.log(texts, prompt_mask, out.response_ids, out.texts, metadata)
+            questions = [qa.questions[i] for i in rows]
+            size = _log_batch(loaded, engine, act_log, params, cfg, texts, questions)
             logged += len(rows)
             batches += 1
             written += size
@@ -237,6 +198,61 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
         seconds=time.perf_counter() - started,
         bad_line_numbers=qa.bad_lines,
     )
+
+
+def _log_batch(
+    loaded: Any,
+    engine: Any,
+    act_log: Any,
+    params: Any,
+    cfg: LogConfig,
+    texts: list[str],
+    questions: list[str],
+) -> int:
+    """Generate for one batch, teacher-force prompt + response under ``act_log``, write it.
+
+    The forward runs over ``[left-padded prompt | right-padded response]`` with position ids
+    from the mask, so each row's states equal an unpadded forward, and the layout is the one
+    :meth:`ActivationLogger.log` expects (response positions start at the prompt width).
+    """
+    import torch
+
+    from tracekit.generation.engine import left_pad, position_ids_from_mask
+    from tracekit.generation.hf_engine import forward_kwargs, input_device
+
+    tokenizer = loaded.tokenizer
+    device = input_device(loaded)
+    pad_id = int(tokenizer.pad_token_id)
+    ids = [prompt_token_ids(tokenizer, t) for t in texts]
+    with act_log.paused():
+        out = engine.generate(ids, params)
+    prompt_ids, prompt_mask = left_pad(ids, pad_id, device)
+    full_ids, full_mask = prompt_ids, prompt_mask
+    if cfg.sequence_mode != "prompt" and max(len(r) for r in out.response_ids) > 0:
+        resp_ids, resp_mask = _right_pad(out.response_ids, pad_id, device)
+        full_ids = torch.cat([prompt_ids, resp_ids], dim=1)
+        full_mask = torch.cat([prompt_mask, resp_mask], dim=1)
+    with torch.inference_mode():
+        loaded.model(
+            input_ids=full_ids,
+            attention_mask=full_mask,
+            position_ids=position_ids_from_mask(full_mask),
+            use_cache=False,
+            **forward_kwargs(loaded.model),
+        )
+    metadata = [
+        {
+            "question": question,
+            "messages": [{"role": "user", "content": question}] if cfg.chat else None,
+            # where the response was cut at eos (in response tokens); None: hit max_new_tokens
+            "trim_position": len(response) if reason == "eos" else None,
+            "finish_reason": reason,
+        }
+        for question, response, reason in zip(
+            questions, out.response_ids, out.finish_reasons, strict=True
+        )
+    ]
+    return int(act_log.log(texts, prompt_mask, out.response_ids, out.texts, metadata))
 
 
 def _right_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
