@@ -176,30 +176,33 @@ def judge(
 
 
 def _table(summary: JudgeSummary) -> Any:
+    from rich import box
     from rich.table import Table
 
     judge = summary.judge
     table = Table(
         title=f"judge: {judge.get('judge_model')} ({judge.get('backend')}), {summary.rows} rows",
         caption=f"time {summary.seconds:.1f} s",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+        collapse_padding=True,
     )
+    table.add_column("metric", no_wrap=True)
     for name in (
-        "metric",
         "scored",
         "refused",
-        "low mass",
+        "low\nmass",
         "failed",
         "requests",
         "retries",
-        "cache hits",
-        "mean score",
+        "cache\nhits",
+        "mean\nscore",
     ):
-        table.add_column(name, justify="left" if name == "metric" else "right")
-    rows = (
-        [*summary.metrics.items(), ("total", summary.total)]
-        if len(summary.metrics) > 1
-        else [*summary.metrics.items()]
-    )
+        table.add_column(name, justify="right", no_wrap=True)
+    rows = list(summary.metrics.items())
+    if len(rows) > 1:
+        rows.append(("total", summary.total))
     for metric, c in rows:
         mean = summary.mean_scores.get(metric)
         table.add_row(

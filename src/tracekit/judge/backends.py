@@ -144,7 +144,7 @@ class OpenAIBackend:
         self.model_id = config.judge_model or DEFAULT_OPENAI_MODEL
         self.url = chat_completions_url(base_url or DEFAULT_BASE_URL)
         self.display_url = display_url(self.url)
-        self._key = api_key or None
+        self._key = (api_key or "").strip() or None
         self._key_env = config.api_key_env
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         # httpcore's pool scans every connection on each request (O(pool size)); several
