@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--with-static", action="store_true")
     ap.add_argument("--with-reference", action="store_true")
-    ap.add_argument("--variants", default="", help="graph-eager,kv-eager,sdpa (no capture)")
+    ap.add_argument("--variants", default="", help="graph-eager,kv-eager,sdpa,no-gemv,gemv-on")
     ap.add_argument("--static-batches", default=None, help="batches for static (default all)")
     ap.add_argument("--profile", type=int, default=0, help="profile one capture run at batch B")
     ap.add_argument("--teacher-forced", action="store_true")
@@ -161,6 +161,8 @@ def main() -> None:
         "graph-eager": {"compile": False},  # CUDA graphs over eager kernels
         "kv-eager": {"write_kv_in_graph": False},  # KV written outside the compiled code
         "sdpa": {"sdpa_attention": True},  # scaled_dot_product_attention for decode
+        "no-gemv": {"gemv": "off"},  # cuBLAS for every linear layer
+        "gemv-on": {"gemv": "on"},  # the Triton kernel for every linear layer it serves
     }
     variants: dict[str, CudaEngine] = {}
     for name in filter(None, args.variants.split(",")):
@@ -275,6 +277,9 @@ def main() -> None:
             f"{row.get('x_generate', float('nan')):.1f}x | {row['step_ms']:.2f} | "
             f"{100 * row['floor_frac']:.0f}% | {100 * row['floor_frac_e2e']:.0f}% |"
         )
+    from tracekit.generation import cuda_gemv
+
+    print("gemv choices (rows, N, K, dtype) -> triton:", cuda_gemv.choices())
     if args.json:
         args.json.write_text(
             json.dumps(

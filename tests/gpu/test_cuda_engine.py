@@ -98,3 +98,40 @@ def test_bf16_captures_match_teacher_forced():
     forced = pooled_forward(loaded, prompts, out.response_ids, capture)
     for pooling in ALL_POOLINGS:
         assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
+
+
+@pytest.mark.parametrize("rows", [1, 8, 32, 64])
+def test_triton_gemv_matches_linear(rows):
+    from tracekit.generation import cuda_gemv
+
+    gemv = cuda_gemv._build()
+    assert gemv is not None
+    for n, k in [(384, 256), (3072, 2048), (100, 130)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        y = gemv(x, w)
+        assert _rel(y.float(), x.float() @ w.float().T) < 1e-2
+
+
+def test_two_stage_argmax_matches_argmax():
+    from tracekit.generation.cuda_engine import _argmax, argmax_chunk_for
+
+    chunk = argmax_chunk_for(128256)
+    values = torch.randn(9, 128256, device="cuda")
+    values[3, 17] = values[3, 90000] = 1e4  # ties resolve to the first maximum
+    assert torch.equal(_argmax(values, chunk), values.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("gemv", ["on", "off"])
+def test_bf16_gemv_engine_matches_teacher_forced(gemv):
+    loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=6)
+    prompts = _prompts(8, seed=6)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    params = GenerationParams(max_new_tokens=24, temperature=0)
+    engine = CudaEngine(loaded, gemv=gemv)
+    out = engine.generate(prompts, params, capture)
+    choice = next(iter(engine._decoder(capture)._runners.values())).dims.gemv
+    assert all(choice) == (gemv == "on")
+    forced = pooled_forward(loaded, prompts, out.response_ids, capture)
+    for pooling in ALL_POOLINGS:
+        assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracekit.errors import InputError, ModelError
+from tracekit.generation.cuda_gemv import linear
 from tracekit.models.capture import LayerTaps
 from tracekit.models.layers import LayerHandles
 
@@ -291,6 +292,7 @@ def _attn_in(
     head_dim: int,
     eps: float,
     write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    gemv_qkv: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Norm, q/k/v projections and rotary embedding for one token per row: [B, heads, head_dim].
 
@@ -301,7 +303,9 @@ def _attn_in(
     batch = h.shape[0]
     x = _rms_norm(h, w.ln1, eps)
     if w.qkv is not None:
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        qkv = linear(x, w.qkv, gemv_qkv)
+        if w.qkv_bias is not None:
+            qkv = qkv + w.qkv_bias
         q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     else:
         assert w.q is not None and w.k is not None and w.v is not None
@@ -337,6 +341,7 @@ def _attn_out_mlp(
     eps: float,
     scaling: float,
     sdpa: bool = False,
+    gemv: GemvChoice | None = None,
 ) -> torch.Tensor:
     """Attention over the static cache (GQA without repeating K/V), o_proj, MLP, residuals.
 
@@ -346,6 +351,7 @@ def _attn_out_mlp(
     import torch
     import torch.nn.functional as F
 
+    gemv = gemv or NO_GEMV
     batch, n_kv, _, head_dim = k_cache.shape
     group = q.shape[1] // n_kv
     qg = q.reshape(batch, n_kv, group, head_dim)
@@ -359,14 +365,15 @@ def _attn_out_mlp(
         probs = torch.softmax(scores, dim=-1).to(v_cache.dtype)
         attn = torch.matmul(probs, v_cache)
     attn = attn.reshape(batch, n_kv * group * head_dim)
-    h = h + F.linear(attn, w.o, w.o_bias)
+    out = linear(attn, w.o, gemv.o)
+    h = h + (out if w.o_bias is None else out + w.o_bias)
     x = _rms_norm(h, w.ln2, eps)
     if w.gate_up is not None:
-        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+        gate, up = linear(x, w.gate_up, gemv.gate_up).chunk(2, dim=-1)
     else:
         assert w.gate is not None and w.up is not None
         gate, up = F.linear(x, w.gate), F.linear(x, w.up)
-    h = h + F.linear(F.silu(gate) * up, w.down)
+    h = h + linear(F.silu(gate) * up, w.down, gemv.down)
     if cap is not None:
         cap.add_(h.float() * cap_weight[:, None])
     return h
@@ -424,6 +431,26 @@ def uniform_noise(seeds: torch.Tensor, index: torch.Tensor, vocab: int) -> torch
     return ((bits >> 8).float() + 0.5) * (1.0 / 16777216.0)
 
 
+def argmax_chunk_for(vocab: int) -> int:
+    """A divisor of ``vocab`` near 1000 for a two-stage argmax; 0 when there is none."""
+    for size in sorted(range(256, 4097), key=lambda d: abs(d - 1000)):
+        if vocab % size == 0 and vocab // size >= 8:
+            return size
+    return 0
+
+
+def _argmax(values: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Row argmax (first maximum) in two stages: a one-pass reduction over a 128k vocabulary
+    with only a few rows runs on a few multiprocessors; chunks spread it over all of them."""
+
+    if chunk <= 0:
+        return values.argmax(dim=-1)
+    rows, vocab = values.shape
+    best, where = values.view(rows, vocab // chunk, chunk).max(dim=-1)
+    block = best.argmax(dim=-1, keepdim=True)
+    return (block * chunk + where.gather(-1, block)).squeeze(-1)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -432,6 +459,7 @@ def sample_tokens(
     index: torch.Tensor,
     do_sample: bool,
     use_top_p: bool,
+    argmax_chunk: int = 0,
 ) -> torch.Tensor:
     """Next token per row: argmax, or a seeded sample with temperature and top-p (nucleus).
 
@@ -440,7 +468,7 @@ def sample_tokens(
     """
     import torch
 
-    greedy = logits.argmax(dim=-1)
+    greedy = _argmax(logits, argmax_chunk)
     if not do_sample:
         return greedy
     temp = temperature.clamp(min=1e-5)
@@ -451,7 +479,7 @@ def sample_tokens(
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p[:, None], 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     race = -torch.log(uniform_noise(seeds, index, logits.shape[-1]))
-    sampled = (probs / race).argmax(dim=-1)
+    sampled = _argmax(probs / race, argmax_chunk)
     return torch.where(temperature > 0, sampled, greedy)
 
 
@@ -464,12 +492,15 @@ def _advance(
     include_eos: bool,
     do_sample: bool,
     use_top_p: bool,
+    argmax_chunk: int = 0,
 ) -> None:
     """Pick each row's next token and update the per-row bookkeeping, all on the device."""
     import torch
 
     index = st.step + 1  # index of the token being emitted (0 = first response token)
-    tok = sample_tokens(logits, st.temperature, st.top_p, st.seeds, index, do_sample, use_top_p)
+    tok = sample_tokens(
+        logits, st.temperature, st.top_p, st.seeds, index, do_sample, use_top_p, argmax_chunk
+    )
     alive = st.alive
     tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
     st.out_tokens.index_copy_(1, index, tok[:, None])
@@ -567,12 +598,13 @@ class _Runner:
             layer: torch.zeros(b, spec.hidden, dtype=torch.float32, device=dev)
             for layer in cap_layers
         }
+        self.dims = dec.dims._replace(gemv=dec.gemv_choice(b))
         self.graph: Any = None
 
     # -- one decode step (eager Python that calls the compiled pieces) ------------------------
     def step(self) -> None:
         dec, st, key = self.dec, self.st, self.key
-        d = dec.dims
+        d = self.dims
         slot = st.step + key.prompt_len
         caches = [_Caches(k, v) for k, v in zip(self.k_cache, self.v_cache, strict=True)]
         weights = dec.weights
@@ -669,10 +701,23 @@ class _Runner:
             self.step()
 
 
-def _head(h: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float) -> torch.Tensor:
-    import torch.nn.functional as F
+def _head(
+    h: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float, gemv: bool = False
+) -> torch.Tensor:
+    return linear(_rms_norm(h, norm, eps), lm_head, gemv).float()
 
-    return F.linear(_rms_norm(h, norm, eps), lm_head).float()
+
+class GemvChoice(NamedTuple):
+    """Per linear layer: True = Triton matrix-vector kernel, False = ``F.linear`` (cuBLAS)."""
+
+    qkv: bool = False
+    o: bool = False
+    gate_up: bool = False
+    down: bool = False
+    head: bool = False
+
+
+NO_GEMV = GemvChoice()
 
 
 class Dims(NamedTuple):
@@ -688,6 +733,10 @@ class Dims(NamedTuple):
     """True: compiled code writes the KV cache; False: the caller writes it eagerly."""
     sdpa_attention: bool
     """True: ``scaled_dot_product_attention``; False: two matmuls and a softmax."""
+    gemv: GemvChoice
+    """Which linear layers use the Triton matrix-vector kernel (per batch size)."""
+    argmax_chunk: int
+    """Chunk length of the two-stage argmax over the vocabulary (0: one stage)."""
 
 
 class _Caches(NamedTuple):
@@ -714,7 +763,7 @@ def _first(
         cur_tok, embed, slot, pad_len, slot_range, cos_table, sin_table, cap0, cap_weight, d.window
     )
     write = (cache0.k, cache0.v, slot) if d.write_kv else None
-    q, k, v = _attn_in(h, w0, cos, sin, d.n_heads, d.n_kv, d.head_dim, d.eps, write)
+    q, k, v = _attn_in(h, w0, cos, sin, d.n_heads, d.n_kv, d.head_dim, d.eps, write, d.gemv.qkv)
     return h, q, k, v, cos, sin, bias
 
 
@@ -736,10 +785,10 @@ def _middle(
     """Rest of block i and block i+1 up to its attention input: one compiled region per
     boundary, so the residual add, the capture and the next norm fuse into one kernel."""
     h = _attn_out_mlp(
-        h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention
+        h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention, d.gemv
     )
     write = (cache_next.k, cache_next.v, slot) if d.write_kv else None
-    q, k, v = _attn_in(h, w_next, cos, sin, d.n_heads, d.n_kv, d.head_dim, d.eps, write)
+    q, k, v = _attn_in(h, w_next, cos, sin, d.n_heads, d.n_kv, d.head_dim, d.eps, write, d.gemv.qkv)
     return h, q, k, v
 
 
@@ -764,10 +813,12 @@ def _last(
 ) -> None:
     """Rest of the last block, final norm, logits, sampling and the per-row bookkeeping."""
     h = _attn_out_mlp(
-        h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention
+        h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention, d.gemv
     )
-    logits = _head(h, final_norm, lm_head, d.eps)
-    _advance(logits, st, eos_ids, pad_id, max_new, include_eos, do_sample, use_top_p)
+    logits = _head(h, final_norm, lm_head, d.eps, d.gemv.head)
+    _advance(
+        logits, st, eos_ids, pad_id, max_new, include_eos, do_sample, use_top_p, d.argmax_chunk
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -817,6 +868,7 @@ class FastDecoder:
         fuse_weights: bool | None = None,
         write_kv_in_graph: bool | None = None,
         sdpa_attention: bool = False,
+        gemv: str = "auto",
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
@@ -871,7 +923,13 @@ class FastDecoder:
             window=spec.sliding_window,
             write_kv=self.compile if write_kv_in_graph is None else write_kv_in_graph,
             sdpa_attention=sdpa_attention,
+            gemv=NO_GEMV,
+            argmax_chunk=argmax_chunk_for(spec.vocab) if on_cuda else 0,
         )
+        if gemv not in ("auto", "on", "off"):
+            raise ValueError(f"gemv must be auto, on or off, not {gemv!r}")
+        # auto: per shape, where the Triton kernel is correct and faster; on: wherever correct
+        self.gemv_mode = gemv if on_cuda and fuse else "off"
         if self.compile:
             self.fn_first = _compiled("first", _first)
             self.fn_middle = _compiled("middle", _middle)
@@ -882,6 +940,22 @@ class FastDecoder:
             self.fn_advance = _advance
 
     # -- tables and runners ------------------------------------------------------------------
+    def gemv_choice(self, batch: int) -> GemvChoice:
+        """Which linear layers run the Triton matrix-vector kernel at ``batch`` rows."""
+        if self.gemv_mode == "off":
+            return NO_GEMV
+        from tracekit.generation import cuda_gemv
+
+        force = self.gemv_mode == "on"
+        w = self.weights[0]
+        return GemvChoice(
+            qkv=w.qkv is not None and cuda_gemv.choose(batch, w.qkv, force),
+            o=cuda_gemv.choose(batch, w.o, force),
+            gate_up=w.gate_up is not None and cuda_gemv.choose(batch, w.gate_up, force),
+            down=cuda_gemv.choose(batch, w.down, force),
+            head=cuda_gemv.choose(batch, self.lm_head, force),
+        )
+
     def _ensure_rope(self, length: int) -> None:
         import torch
 
@@ -1046,6 +1120,7 @@ class FastDecoder:
             self.include_eos,
             runner.key.do_sample,
             runner.key.use_top_p,
+            runner.dims.argmax_chunk,
         )
         pooled: dict[str, torch.Tensor] = {}
         if "prompt_last" in self.poolings:
@@ -1064,13 +1139,26 @@ class FastDecoder:
         eos_hit = st.eos_hit.cpu()
         tokens = [tokens_all[r, : int(n_kept[r])].tolist() for r in range(tokens_all.shape[0])]
         reasons = ["eos" if bool(eos_hit[r]) else "length" for r in range(tokens_all.shape[0])]
-        out = {name: value.cpu() for name, value in pooled.items()}
+        device_out = dict(pooled)
         if "response_avg" in self.poolings:
-            denom = n_kept.to(torch.float32).clamp(min=1)[:, None, None]
+            denom = st.n_kept.to(torch.float32).clamp(min=1)[:, None, None]
             sums = torch.stack([runner.caps[layer] for layer in self.layers], dim=1)
-            out["response_avg"] = sums.cpu() / denom
+            device_out["response_avg"] = sums / denom
+        out = {name: _to_host(value) for name, value in device_out.items()}
         ordered = {name: out[name] for name in self.poolings}
         return FastResult(tokens=tokens, finish_reasons=reasons, pooled=ordered, decode_steps=steps)
+
+
+def _to_host(value: torch.Tensor) -> torch.Tensor:
+    """Device -> host through pinned memory (pageable copies of tens of MB are slow)."""
+    import torch
+
+    if value.device.type != "cuda":
+        return value.cpu()
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    torch.cuda.current_stream(value.device).synchronize()
+    return host
 
 
 def _per_row(value: float | Sequence[float], batch: int, name: str) -> list[float]:
