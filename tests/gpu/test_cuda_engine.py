@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tracekit.generation.cuda_engine import CudaEngine, auto_engine_name
+from tracekit.generation.cuda_engine import CudaEngine
 from tracekit.generation.cuda_random_model import random_llama
-from tracekit.generation.engine import CaptureSpec, GenerationParams
+from tracekit.generation.engine import CaptureSpec, GenerationParams, resolve_engine_name
 from tracekit.generation.hf_engine import HFEngine
 from tracekit.generation.pooling import Pooling
 from tracekit.generation.teacher_forced import pooled_forward
@@ -47,7 +47,7 @@ def test_greedy_equals_reference_with_graphs(fp32_model, batch):
     capture = CaptureSpec(layers=(0, 1, 3, 4), poolings=ALL_POOLINGS)
     ref = HFEngine(fp32_model).generate(prompts, params, capture)
     engine = CudaEngine(fp32_model)
-    assert auto_engine_name(fp32_model) == "cuda"
+    assert resolve_engine_name("auto", fp32_model) == "cuda"
     out = engine.generate(prompts, params, capture)
     runners = list(engine._decoder(capture)._runners.values())
     assert runners and all(r.graph is not None for r in runners)  # replayed, not eager

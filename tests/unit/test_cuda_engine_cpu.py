@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tracekit.errors import InputError, ModelError
-from tracekit.generation.cuda_engine import CudaEngine, FastDecoder, auto_engine_name
+from tracekit.generation.cuda_engine import CudaEngine, FastDecoder
 from tracekit.generation.cuda_random_model import random_llama
-from tracekit.generation.engine import CaptureSpec, GenerationParams
+from tracekit.generation.engine import CaptureSpec, GenerationParams, resolve_engine_name
 from tracekit.generation.hf_engine import HFEngine
 from tracekit.generation.pooling import Pooling
 from tracekit.generation.teacher_forced import pooled_forward
@@ -113,4 +113,4 @@ def test_right_padding_and_unsupported_models_are_refused(tiny):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ModelError, match="cannot run this model: model type 'gpt2'"):
         FastDecoder(gpt2, eos_token_ids=[0])
-    assert auto_engine_name(tiny) == "hf"  # CPU: the reference engine
+    assert resolve_engine_name("auto", tiny) == "hf"  # CPU: the reference engine

@@ -1189,10 +1189,11 @@ class CudaEngine:
     """:class:`~tracekit.generation.engine.GenerationEngine` on :class:`FastDecoder`.
 
     Registered as ``"cuda"``; ``"auto"`` picks it when the model sits on a CUDA device and
-    :func:`unsupported_reason` has no objection. It keeps the reference engine's contract
-    (stop ids, eos excluded, pooling definitions, per-row seeds) except how a sampled row draws
-    its randomness: a counter-based hash of its seed instead of a ``torch.Generator``, so
-    sampled text differs from the reference engine's for the same seed (greedy is identical).
+    :func:`unsupported_reason` has no objection
+    (:func:`tracekit.generation.engine.resolve_engine_name`). It keeps the reference engine's
+    contract (stop ids, eos excluded, pooling definitions, per-row seeds) except how a sampled
+    row draws its randomness: a counter-based hash of its seed instead of a ``torch.Generator``,
+    so sampled text differs from the reference engine's for the same seed (greedy is identical).
     """
 
     name = "cuda"
@@ -1285,14 +1286,3 @@ class CudaEngine:
             pooled={Pooling(name): value for name, value in res.pooled.items()},
             layers=capture.layers if capture is not None else (),
         )
-
-
-def auto_engine_name(loaded: LoadedModel) -> str:
-    """``"cuda"`` for a model on a CUDA device that the fast path supports, else ``"hf"``."""
-    if loaded.device.type != "cuda":
-        return "hf"
-    reason = unsupported_reason(loaded.model)
-    if reason is not None:
-        logger.info("using the reference engine: the CUDA engine does not support %s", reason)
-        return "hf"
-    return "cuda"
