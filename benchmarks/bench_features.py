@@ -206,10 +206,12 @@ def main() -> None:
         # same numbers, not just the same speed: compare the first file of each approach
         # (all but the last layer: HF's last hidden state is after the final norm, tracekit's
         # is before it, by the README's layer convention)
-        ours = np.load(tmp / "tracekit" / "sentence_000000.npz")["hidden_states"][:-1]
         theirs = np.load(tmp / "baseline" / "sentence_000000.npz")["hidden_states"][:-1]
         scale = float(np.abs(theirs).max())
-        diff = float(np.abs(ours - theirs[:, -ours.shape[1] :]).max())
+        diffs = {}
+        for name in ("tracekit_b1", "tracekit"):
+            ours = np.load(tmp / name / "sentence_000000.npz")["hidden_states"][:-1]
+            diffs[name] = float(np.abs(ours - theirs[:, -ours.shape[1] :]).max())
 
     base = results["baseline (one forward pass per layer, b=1)"]
     base_rate = base["sentences"] / base["seconds"]
@@ -219,8 +221,8 @@ def main() -> None:
         f"on {device_name}; {n_blocks} layers saved, SAE width {width}, {storage} storage"
     )
     print(
-        f"sentence 0 hidden states, tracekit vs baseline: max |diff| {diff:.3g} "
-        f"(max |x| {scale:.3g})"
+        f"sentence 0 hidden states vs baseline: max |diff| b=1 {diffs['tracekit_b1']:.3g}, "
+        f"b={batch} {diffs['tracekit']:.3g} (max |x| {scale:.3g})"
     )
     print("| approach | sentences | seconds | sentences/s | vs baseline |")
     print("|---|---|---|---|---|")

@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +36,7 @@ from tracekit.features.files import (
     SaeMeta,
     existing_sentence_files,
     sentence_file,
+    take_csr_rows,
     to_csr,
     write_sentence_file,
 )
@@ -80,6 +83,40 @@ class FeaturesResult:
         data["output"] = str(self.output)
         data["sentences_per_second"] = round(self.sentences_per_second, 3)
         return data
+
+
+class _FileWriter:
+    """Writes sentence files on a few threads, so disk time overlaps the next forward pass.
+
+    Files are atomic, so a crash leaves whole files only; at most ``limit`` writes are queued,
+    which bounds the memory held by pending arrays. The first failed write is re-raised.
+    """
+
+    def __init__(self, workers: int = 4, limit: int = 64) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tracekit-write")
+        self._pending: deque[Future[None]] = deque()
+        self._limit = limit
+
+    def submit(self, path: Path, **arrays: Any) -> None:
+        while len(self._pending) >= self._limit:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(write_sentence_file, path, **arrays))
+
+    def __enter__(self) -> _FileWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            while self._pending:  # also on error: let started writes finish (they are atomic)
+                future = self._pending.popleft()
+                if exc_type is None:
+                    future.result()
+                else:
+                    future.exception()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 class _StopForward(Exception):
@@ -307,7 +344,6 @@ def extract_features(
     not consulted). Everything is checked (CSV, layers, SAEs against the model) before the first
     file is written.
     """
-    import numpy as np
     import torch
 
     from tracekit.models.loading import load_model
@@ -360,42 +396,50 @@ def extract_features(
     capture_layers = sorted({0, *layers})
     pending.sort(key=lambda i: len(tokenized[i].ids))  # similar lengths -> little padding
     written = tokens = 0
-    for start in range(0, len(pending), config.batch_size):
-        batch = pending[start : start + config.batch_size]
-        items = [tokenized[i] for i in batch]
-        captured = _capture(loaded, items, capture_layers)
-        hidden = torch.stack([captured[layer] for layer in layers])  # [L, N, d]
-        hidden_np = hidden.float().cpu().numpy()
-        embeddings_np = captured[0].float().cpu().numpy()
-        acts = None
-        if saes:
-            acts = torch.stack([saes[layer].encode(captured[layer]) for layer in layers])
-        acts_np = acts.cpu().numpy() if acts is not None and config.sae_storage == "dense" else None
-        offset = 0
-        for index, item in zip(batch, items, strict=True):
-            n = item.n_fragments
-            rows = slice(offset, offset + n)
-            sparse = None
-            if acts is not None and config.sae_storage == "sparse":
-                sparse = to_csr(acts[:, rows].reshape(len(layers) * n, -1))
-            write_sentence_file(
-                sentence_file(output, index),
-                embeddings=embeddings_np[rows],
-                hidden_states=hidden_np[:, rows],
-                layers=layers,
-                label=sentences.labels[index],
-                sentence=sentences.texts[index],
-                tokens=_token_strings(loaded.tokenizer, item),
-                model=loaded.name,
-                sae=sae_meta,
-                activations=None if acts_np is None else np.ascontiguousarray(acts_np[:, rows]),
-                sparse=sparse,
-            )
-            offset += n
-            tokens += n
-        written += len(batch)
-        if on_progress is not None:
-            on_progress(len(batch), len(pending))
+    with _FileWriter() as writer:
+        for start in range(0, len(pending), config.batch_size):
+            batch = pending[start : start + config.batch_size]
+            items = [tokenized[i] for i in batch]
+            captured = _capture(loaded, items, capture_layers)
+            hidden_np = torch.stack([captured[layer] for layer in layers]).float().cpu().numpy()
+            embeddings_np = captured[0].float().cpu().numpy()
+            n_batch = embeddings_np.shape[0]  # kept tokens of the whole batch
+            acts_np = csr = None
+            if saes:
+                acts = torch.stack([saes[layer].encode(captured[layer]) for layer in layers])
+                if config.sae_storage == "sparse":
+                    csr = to_csr(acts.reshape(len(layers) * n_batch, -1))  # rows: (layer, token)
+                else:
+                    acts_np = acts.cpu().numpy()
+            offset = 0
+            for index, item in zip(batch, items, strict=True):
+                n = item.n_fragments
+                rows = slice(offset, offset + n)
+                sparse = None
+                if csr is not None:  # this sentence's rows of every layer, layer-major
+                    ranges = [
+                        (lp * n_batch + offset, lp * n_batch + offset + n)
+                        for lp in range(len(layers))
+                    ]
+                    sparse = take_csr_rows(csr, ranges)
+                writer.submit(
+                    sentence_file(output, index),
+                    embeddings=embeddings_np[rows],
+                    hidden_states=hidden_np[:, rows],
+                    layers=layers,
+                    label=sentences.labels[index],
+                    sentence=sentences.texts[index],
+                    tokens=_token_strings(loaded.tokenizer, item),
+                    model=loaded.name,
+                    sae=sae_meta,
+                    activations=None if acts_np is None else acts_np[:, rows],
+                    sparse=sparse,
+                )
+                offset += n
+                tokens += n
+            written += len(batch)
+            if on_progress is not None:
+                on_progress(len(batch), len(pending))
     _write_manifest(output, settings, complete=True, written=len(sentences), config=config)
     return FeaturesResult(
         output=output,
