@@ -186,3 +186,22 @@ def test_store_path_that_is_not_a_store(cli, tmp_path: Path):
     (tmp_path / "acts.lmdb").write_text("not a store")
     result = _run(cli, tmp_path)
     assert result.exit_code == 1 and "is not an LMDB store" in _flat(result.output)
+
+
+def test_options_from_a_config_file_and_cli_overrides(cli, tmp_path: Path):
+    _store(tmp_path / "acts.lmdb", QUESTIONS)
+    _qa(tmp_path / "qa.jsonl", QUESTIONS)
+    config = tmp_path / "tracekit.toml"
+    config.write_text(
+        f'[reconstruct]\nqa_output_path = "{tmp_path / "qa.jsonl"}"\n'
+        f'lmdb-path = "{tmp_path / "acts.lmdb"}"\nprompt_template = "Q: {{question}}"\n'
+    )
+    out = tmp_path / "from-config.jsonl"
+    miss = cli("reconstruct", "--config", config, "--output-path", out)
+    assert miss.exit_code == 1 and "no QA row matched" in _flat(miss.output)  # file's template
+    hit = cli(
+        "reconstruct", "--config", config, "--output-path", out,
+        "--prompt-template", DEFAULT_TEMPLATE,
+    )  # fmt: skip
+    assert hit.exit_code == 0, hit.output
+    assert len(out.read_text().splitlines()) == 3
