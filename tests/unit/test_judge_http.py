@@ -218,19 +218,13 @@ def test_jsonl_with_other_column_names_and_coherence(cli, server, tmp_path):
         + json.dumps({"q": "how?", "a": "<<lp=25:1.0>>", "n": 4})
         + "\n"
     )
+    options = tmp_path / "judge.toml"
+    options.write_text('[judge]\nquestion_column = "q"\nresponse-column = "a"\nmetrics = "trait"\n')
+    # the config file supplies the column names; the flag overrides its metrics
     result = cli(
-        *cli_args(
-            server,
-            tmp_path,
-            "--input",
-            data,
-            "--question-column",
-            "q",
-            "--response-column",
-            "a",
-            "--metrics",
-            "trait,coherence",
-        )
+        *cli_args(server, tmp_path, "--input", data, "--config", options),
+        "--metrics",
+        "trait,coherence",
     )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in data.read_text().splitlines()]
