@@ -197,7 +197,7 @@ def test_extract_vectors_applies_judge_filter_by_id(tmp_path, cli):
         (["--trait", "refusal", "--layers", "0,31"], 2, "--layers: layer(s) 31 out of range"),
         (["--trait", "refusal", "--batch-size", "0"], 2, "--batch-size"),
         (["--trait", "refusal", "--pooling", "max"], 2, "unknown pooling 'max'"),
-        (["--trait", "refusal", "--judge-model", "x"], 2, "judge is not available"),
+        (["--trait", "refusal", "--judge-metrics", "tone"], 2, "--judge-metrics: Input should be"),
         ([], 2, "missing option --trait"),
     ],
 )
@@ -207,6 +207,32 @@ def test_bad_generate_input_is_one_line_and_writes_nothing(tmp_path, cli, args, 
     assert result.exit_code == code, result.output
     assert fragment in _flat(result)
     assert not base.exists()
+
+
+def test_generate_with_judge_scores_every_row(tmp_path, cli):
+    """--judge-model goes through tracekit.judge to a real OpenAI-compatible server on loopback
+    (tests/judge_server.py answers 50 to every prompt)."""
+    import uuid
+
+    from judge_server import JudgeServer
+
+    base = tmp_path / "experiments"
+    with JudgeServer() as server:
+        judge = ["--judge-model", f"judge-{uuid.uuid4().hex}", "--judge-base-url", server.base_url]
+        result = cli("generate", "--experiment", "e", "--trait", "refusal", "--n-examples", "2",
+                     "--max-new-tokens", "3", "--no-extract-activations", "--no-generation-cache",
+                     "--experiments-dir", base, *judge, "--threshold", "40", "--json")  # fmt: skip
+        requests = server.requests
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["traits"][0]["passing"] == {"pos": 2, "neg": 0}
+    asked = set()
+    for polarity in ("pos", "neg"):
+        rows = _rows(base / "e" / "refusal" / "responses" / f"{polarity}.csv")
+        asked |= {(r["question"], r["response"]) for r in rows}
+        assert [float(r["trait_score"]) for r in rows] == [50.0, 50.0]
+        assert {r["trait_status"] for r in rows} == {"ok"}
+        assert all(r["response"] for r in rows)
+    assert requests == len(asked)  # one call per distinct (question, answer): the judge caches
 
 
 def test_invalid_trait_file_names_the_field(tmp_path, cli):

@@ -63,6 +63,7 @@ def _print_result(result: GenerateResult) -> None:
         ("neg rows", "right"),
         ("new rows", "right"),
         ("new tokens", "right"),
+        ("judge: pos>=T / neg<T", "right"),
         ("folder", "left"),
     ):
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
@@ -73,6 +74,9 @@ def _print_result(result: GenerateResult) -> None:
             str(trait.rows.get("neg", 0)),
             str(trait.generated),
             f"{trait.tokens:,}",
+            "-"
+            if trait.passing is None
+            else f"{trait.passing.get('pos', 0)} / {trait.passing.get('neg', 0)}",
             str(trait.root),
         )
     rate = result.tokens / result.seconds if result.seconds > 0 else 0.0
@@ -101,7 +105,13 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = "auto",
         device_map: DeviceMapOpt = None,
         chat_template: ChatTemplateOpt = True,
-        engine: Annotated[str, typer.Option("--engine", help="Generation engine.")] = "hf",
+        engine: Annotated[
+            str,
+            typer.Option(
+                "--engine",
+                help="hf (reference, any model/device), cuda (fast NVIDIA path) or auto.",
+            ),
+        ] = "hf",
         batch_size: BatchSizeOpt = 8,
         n_examples: Annotated[
             int, typer.Option("--n-examples", min=1, help="Rows per polarity.")
@@ -122,7 +132,20 @@ def register(app: typer.Typer) -> None:
             ),
         ] = True,
         judge_model: Annotated[
-            str | None, typer.Option("--judge-model", help="Judge responses with this model.")
+            str | None,
+            typer.Option(
+                "--judge-model",
+                help="Score each response with this judge (API model name, or a local model "
+                "when no --judge-base-url / OPENAI_BASE_URL is set). See 'tracekit judge'.",
+            ),
+        ] = None,
+        judge_metrics: Annotated[
+            str | None,
+            typer.Option("--judge-metrics", help="trait and/or coherence (default: trait)."),
+        ] = None,
+        judge_base_url: Annotated[
+            str | None,
+            typer.Option("--judge-base-url", help="OpenAI-compatible server for the judge."),
         ] = None,
         threshold: Annotated[
             float, typer.Option("--threshold", help="Judge score threshold (0-100).")
