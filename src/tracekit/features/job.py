@@ -67,7 +67,8 @@ class FeaturesResult:
     skipped: int
     layers: list[int]
     model: str
-    seconds: float
+    seconds: float  # the whole call, model and SAE loading included
+    extract_seconds: float  # tokenizing, forward passes, encoding and writing only
     tokens: int
     sae_width: int | None = None
     sae_storage: str | None = None
@@ -76,7 +77,7 @@ class FeaturesResult:
 
     @property
     def sentences_per_second(self) -> float:
-        return self.written / self.seconds if self.seconds > 0 else 0.0
+        return self.written / self.extract_seconds if self.extract_seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -368,6 +369,7 @@ def extract_features(
     _check_layers(layers, loaded.n_layers, config)
     if saes is not None:
         saes = _saes_for_model(saes, loaded.hidden_size, loaded.device)
+    extract_started = time.perf_counter()
     tokenized = _tokenize(loaded.tokenizer, sentences)
     settings = _settings(config, loaded, layers, saes, sentences)
     output = config.output
@@ -449,6 +451,7 @@ def extract_features(
         layers=layers,
         model=loaded.name,
         seconds=time.perf_counter() - started,
+        extract_seconds=time.perf_counter() - extract_started,
         tokens=tokens,
         sae_width=sae_meta.width if sae_meta else None,
         sae_storage=sae_meta.storage if sae_meta else None,
