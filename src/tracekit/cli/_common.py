@@ -101,3 +101,11 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for sam
 ExperimentOpt = Annotated[
     str, typer.Option("--experiment", help="Experiment name: outputs go to experiments/EXP/.")
 ]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="Generation engine: hf (reference decode loop, any model and device) or another "
+        "registered in tracekit.generation.engine.ENGINES.",
+    ),
+]

@@ -14,6 +14,7 @@ from ._common import (
     BatchSizeOpt,
     ConfigOpt,
     DeviceOpt,
+    EngineOpt,
     JsonOpt,
     LayersOpt,
     ModelOpt,
@@ -157,9 +158,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: Annotated[
             int, typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")
         ] = 64,
-        engine: Annotated[
-            str, typer.Option("--engine", help="Generation engine (hf = reference decode loop).")
-        ] = "hf",
+        engine: EngineOpt = "hf",
         allow_mixed: Annotated[
             bool,
             typer.Option(
