@@ -109,5 +109,11 @@ def test_misuse_is_refused(tiny, tmp_path: Path):
         _teacher_forced(tiny)
         with pytest.raises(ValueError, match="right-padded"):
             act_log.log(["p0", "p1"], torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+        _teacher_forced(tiny)
         with pytest.raises(ValueError, match="1 prompts for a batch of 2 rows"):
             act_log.log(["p0"], PROMPT_MASK)
+        with pytest.raises(ValueError, match="no forward pass was captured"):  # nothing leaked
+            act_log.log(["p0", "p1"], PROMPT_MASK)
+        _teacher_forced(tiny)
+        with pytest.raises(ValueError, match="the captured forward had 2 rows, the mask 1"):
+            act_log.log(["p0"], PROMPT_MASK[:1])

@@ -224,16 +224,21 @@ class ActivationLogger:
         import torch
 
         writer = self._require_writer()
+        # take the captured states first: a failed call must not leak them into the next one
+        captured = {layer: list(states) for layer, states in self._captured.items()}
+        self.reset()
         mask = torch.as_tensor(attention_mask).cpu()
         batch, width = int(mask.shape[0]), int(mask.shape[1])
         if len(prompts) != batch:
             raise ValueError(f"{len(prompts)} prompts for a batch of {batch} rows")
         if batch and bool((mask[:, -1] == 0).any()):
             raise ValueError("the prompt batch is right-padded: tracekit logs left-padded batches")
-        if any(not states for states in self._captured.values()):
+        if any(not states for states in captured.values()):
             raise ValueError("no forward pass was captured since the last log() call")
-        hidden = {layer: torch.cat(states, dim=1) for layer, states in self._captured.items()}
-        total = next(iter(hidden.values())).shape[1]
+        hidden = {layer: torch.cat(states, dim=1) for layer, states in captured.items()}
+        captured_batch, total = next(iter(hidden.values())).shape[:2]
+        if captured_batch != batch:
+            raise ValueError(f"the captured forward had {captured_batch} rows, the mask {batch}")
         real = mask.sum(dim=1).tolist()
         responses = [list(r) for r in response_ids] if response_ids is not None else [[]] * batch
         entries = []
@@ -268,5 +273,4 @@ class ActivationLogger:
             if metadata is not None:
                 meta.update(metadata[row])
             entries.append(PendingEntry(prompt_key(prompts[row]), meta, arrays))
-        self.reset()
         return writer.write_batch(entries)
