@@ -16,7 +16,8 @@ requests stay deterministic:
 
 The server checks ``Authorization: Bearer <api_key>`` when built with ``api_key`` and answers
 401 with an error body that echoes the key it got (as careless servers do), so tests can check
-that tracekit scrubs it. ``latency`` delays every answer (benchmarks).
+that tracekit scrubs it. ``reject_logprobs`` answers 400 to requests asking for logprobs (as
+some models do). ``latency`` delays every answer (benchmarks).
 """
 
 from __future__ import annotations
@@ -95,9 +96,14 @@ class JudgeServer:
     """Start with ``with JudgeServer(...) as server:``; ``server.base_url`` ends in ``/v1``."""
 
     def __init__(
-        self, latency: float = 0.0, api_key: str | None = None, slow_s: float = 1.0
+        self,
+        latency: float = 0.0,
+        api_key: str | None = None,
+        slow_s: float = 1.0,
+        reject_logprobs: bool = False,
     ) -> None:
         self.latency = latency
+        self.reject_logprobs = reject_logprobs
         self.api_key = api_key
         self.slow_s = slow_s
         self.lock = threading.Lock()
@@ -179,6 +185,10 @@ class JudgeServer:
                     got = (auth or "").removeprefix("Bearer ")
                     message = {"error": {"message": f"Incorrect API key provided: {got}"}}
                     self._send(401, json.dumps(message).encode())
+                    return
+                if server.reject_logprobs and body.get("logprobs"):
+                    error = {"error": {"message": "logprobs is not supported for this model"}}
+                    self._send(400, json.dumps(error).encode())
                     return
                 script = parse_script(prompt)
                 kind, _, times = script.get("fault", "").partition("x")

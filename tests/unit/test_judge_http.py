@@ -121,6 +121,17 @@ def test_retry_after_is_honoured(server, tmp_path):
     assert second - first >= 0.35  # the backoff alone would wait at most 0.02 s
 
 
+def test_a_server_rejecting_logprobs_is_asked_without_them(tmp_path):
+    with JudgeServer(reject_logprobs=True) as server:
+        rows = [row("text=72;nolp"), row("text=I'm sorry, I can't;nolp"), row("text=5;nolp")]
+        config = fast(server, tmp_path, concurrency=1)
+        result = judge_rows(rows, config, trait_prompt=TEMPLATE)
+        got = [(r["trait_score"], r["trait_status"], r["trait_method"]) for r in result.rows]
+        assert got == [(72, "ok", "text"), (None, "refused", "text"), (5, "ok", "text")]
+        # one rejected request, then none with logprobs
+        assert [bool(e["body"].get("logprobs")) for e in server.log] == [True] + [False] * 3
+
+
 def test_concurrency_limit_holds(tmp_path):
     with JudgeServer(latency=0.05) as server:
         rows = [row(f"lp={n}:1.0") for n in range(8)]

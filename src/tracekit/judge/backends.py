@@ -167,6 +167,7 @@ class OpenAIBackend:
         self._slots: asyncio.Queue[httpx.AsyncClient] | None = None
         self._sizes = sizes
         self._succeeded = 0
+        self._logprobs = True
         self._rng = random.Random()
 
     def describe(self) -> dict[str, Any]:
@@ -187,15 +188,29 @@ class OpenAIBackend:
         return " ".join(text.split())[:160]
 
     def _body(self, prompt: str) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "model": self.model_id,
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": self.config.max_tokens,
             "temperature": 0,
-            "logprobs": True,
-            "top_logprobs": self.config.top_logprobs,
             "seed": 0,
         }
+        if self._logprobs:
+            body.update(logprobs=True, top_logprobs=self.config.top_logprobs)
+        return body
+
+    def _rejects_logprobs(self, response: httpx.Response) -> bool:
+        """Whether a 400 rejects logprobs (some models and servers do). If so, every later
+        request goes without them and scores come from the answer text (method ``text``)."""
+        if "logprob" not in self._error_message(response).lower():
+            return False
+        if self._logprobs:
+            self._logprobs = False
+            logger.warning(
+                "the judge server rejects logprobs for '%s'; scoring from the answer text",
+                self.model_id,
+            )
+        return True
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -262,6 +277,10 @@ class OpenAIBackend:
                 if status in RETRY_STATUSES or status >= 500:
                     reason = f"HTTP {status}"
                     retry_after = parse_retry_after(response.headers)
+                elif status == 400 and body.get("logprobs") and self._rejects_logprobs(response):
+                    reason = "the server rejected logprobs"
+                    body = self._body(prompt)
+                    continue
                 elif status >= 400:
                     return Answered(
                         None, f"HTTP {status}: {self._error_message(response)}", attempt
