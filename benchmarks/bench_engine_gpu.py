@@ -279,7 +279,11 @@ def main() -> None:
         )
     from tracekit.generation import cuda_gemv
 
-    print("gemv choices (rows, N, K, dtype) -> triton:", cuda_gemv.choices())
+    modes = ("linear", "transposed", "triton")
+    print("linear layers (rows, N, K): chosen mode, microseconds per candidate")
+    for key, mode in cuda_gemv.choices().items():
+        times = ", ".join(f"{k} {v:.1f}" for k, v in cuda_gemv.timings().get(key, {}).items())
+        print(f"  {key[:3]}: {modes[mode]}  ({times})")
     if args.json:
         args.json.write_text(
             json.dumps(

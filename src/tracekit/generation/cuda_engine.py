@@ -292,7 +292,7 @@ def _attn_in(
     head_dim: int,
     eps: float,
     write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    gemv_qkv: bool = False,
+    gemv_qkv: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Norm, q/k/v projections and rotary embedding for one token per row: [B, heads, head_dim].
 
@@ -702,19 +702,19 @@ class _Runner:
 
 
 def _head(
-    h: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float, gemv: bool = False
+    h: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float, gemv: int = 0
 ) -> torch.Tensor:
     return linear(_rms_norm(h, norm, eps), lm_head, gemv).float()
 
 
 class GemvChoice(NamedTuple):
-    """Per linear layer: True = Triton matrix-vector kernel, False = ``F.linear`` (cuBLAS)."""
+    """Per linear layer, how it runs (:mod:`tracekit.generation.cuda_gemv` modes; 0 = F.linear)."""
 
-    qkv: bool = False
-    o: bool = False
-    gate_up: bool = False
-    down: bool = False
-    head: bool = False
+    qkv: int = 0
+    o: int = 0
+    gate_up: int = 0
+    down: int = 0
+    head: int = 0
 
 
 NO_GEMV = GemvChoice()
@@ -949,9 +949,9 @@ class FastDecoder:
         force = self.gemv_mode == "on"
         w = self.weights[0]
         return GemvChoice(
-            qkv=w.qkv is not None and cuda_gemv.choose(batch, w.qkv, force),
+            qkv=0 if w.qkv is None else cuda_gemv.choose(batch, w.qkv, force),
             o=cuda_gemv.choose(batch, w.o, force),
-            gate_up=w.gate_up is not None and cuda_gemv.choose(batch, w.gate_up, force),
+            gate_up=0 if w.gate_up is None else cuda_gemv.choose(batch, w.gate_up, force),
             down=cuda_gemv.choose(batch, w.down, force),
             head=cuda_gemv.choose(batch, self.lm_head, force),
         )

@@ -27,7 +27,7 @@ MAX_ROWS = 64
 """Largest batch (rows of x) the kernel serves; larger batches are matrix products."""
 
 _STATE: dict[str, Any] = {}
-_CHOICES: dict[tuple[int, int, int, str], bool] = {}
+_CHOICES: dict[tuple[int, int, int, str], int] = {}
 
 
 def _build() -> Any:
@@ -129,13 +129,22 @@ def _build() -> Any:
     return gemv
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, use_gemv: bool) -> torch.Tensor:
-    """``F.linear(x, w)``; through the Triton kernel when ``use_gemv`` (see :func:`choose`)."""
+LINEAR, TRANSPOSED, TRITON = 0, 1, 2
+"""How a linear layer runs: ``F.linear``; ``(w @ x.T).T`` (cuBLAS sees the tall-skinny
+orientation and picks other kernels); the Triton kernel."""
+
+_TIMINGS: dict[tuple[int, int, int, str], dict[str, float]] = {}
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, mode: int) -> torch.Tensor:
+    """``x @ w.T`` the way :func:`choose` picked for this shape."""
     import torch
     import torch.nn.functional as F
 
-    if use_gemv:
+    if mode == TRITON:
         return torch.ops.tracekit.gemv(x, w)
+    if mode == TRANSPOSED:
+        return torch.mm(w, x.t()).t()
     return F.linear(x, w)
 
 
@@ -157,11 +166,13 @@ def _time(fn: Any, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
-def choose(rows: int, w: torch.Tensor, force: bool = False) -> bool:
-    """True when the Triton kernel computes ``x @ w.T`` for ``rows`` rows correctly and faster.
+def choose(rows: int, w: torch.Tensor, force: bool = False) -> int:
+    """How to compute ``x @ w.T`` for ``rows`` rows: the fastest correct of ``F.linear``,
+    the transposed product and (up to :data:`MAX_ROWS` rows, bf16/fp16) the Triton kernel.
 
-    ``force`` skips the timing (correctness is still checked). Decided once per
-    (rows, N, K, dtype, force) and process; called outside CUDA graph capture.
+    ``force`` picks the Triton kernel whenever it is correct, without timing (tests). Decided
+    once per (rows, N, K, dtype, force) and process; called outside CUDA graph capture. Timing
+    cycles over copies of ``w`` larger than L2 together: decode steps stream weights from HBM.
     """
     import torch
     import torch.nn.functional as F
@@ -169,41 +180,50 @@ def choose(rows: int, w: torch.Tensor, force: bool = False) -> bool:
     key = (rows, w.shape[0], w.shape[1], str(w.dtype) + ("/force" if force else ""))
     if key in _CHOICES:
         return _CHOICES[key]
-    use = False
-    if (
-        w.device.type == "cuda"
-        and rows <= MAX_ROWS
-        and w.dtype in (torch.bfloat16, torch.float16)
-        and w.is_contiguous()
-    ):
+    if w.device.type != "cuda" or not w.is_contiguous():
+        _CHOICES[key] = LINEAR
+        return LINEAR
+    x = torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device)
+    want = F.linear(x, w).float()
+    candidates = {LINEAR: F.linear, TRANSPOSED: lambda a, b: linear(a, b, TRANSPOSED)}
+    if rows <= MAX_ROWS and w.dtype in (torch.bfloat16, torch.float16):
         gemv = _build()
         if gemv is not None:
-            try:
-                x = torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device)
-                want = F.linear(x, w).float()
-                got = gemv(x, w).float()
-                err = float((got - want).norm() / want.norm().clamp(min=1e-12))
-                if err > 1e-2:
-                    logger.warning("Triton gemv off by %.2e for %s: using cuBLAS", err, key)
-                elif force:
-                    use = True
-                else:
-                    # time over enough weight copies that L2 cannot hold them: decode steps
-                    # stream every weight from HBM
-                    copies = [w] + [w.clone() for _ in range(min(15, (256 << 20) // _nbytes(w)))]
-                    t_gemv = _time(lambda: [gemv(x, c) for c in copies]) / len(copies)
-                    t_blas = _time(lambda: [F.linear(x, c) for c in copies]) / len(copies)
-                    del copies
-                    use = t_gemv < 0.97 * t_blas
-                    logger.debug(
-                        "gemv %s: triton %.1f us, cuBLAS %.1f us", key, 1e3 * t_gemv, 1e3 * t_blas
-                    )
-            except Exception as exc:  # a kernel that does not build must not stop generation
-                logger.warning("Triton gemv unavailable (%s): using cuBLAS", exc)
-    _CHOICES[key] = use
-    return use
+            candidates[TRITON] = gemv
+    for mode in list(candidates):
+        if mode == LINEAR:
+            continue
+        try:
+            got = candidates[mode](x, w).float()
+            err = float((got - want).norm() / want.norm().clamp(min=1e-12))
+        except Exception as exc:  # a kernel that does not build must not stop generation
+            logger.warning("linear mode %d unavailable for %s (%s)", mode, key, exc)
+            err = float("inf")
+        if not err <= 1e-2:
+            logger.warning("linear mode %d off by %.2e for %s: not used", mode, err, key)
+            del candidates[mode]
+    if force:
+        choice = TRITON if TRITON in candidates else LINEAR
+    else:
+        copies = [w] + [w.clone() for _ in range(min(15, (256 << 20) // _nbytes(w)))]
+        times = {
+            mode: _time(lambda fn=fn: [fn(x, c) for c in copies]) / len(copies)
+            for mode, fn in candidates.items()
+        }
+        del copies
+        best = min(times, key=lambda m: times[m])
+        # a faster alternative must beat cuBLAS' default clearly, not by timing noise
+        choice = best if times[best] < 0.95 * times[LINEAR] else LINEAR
+        _TIMINGS[key] = {("linear", "transposed", "triton")[m]: 1e3 * t for m, t in times.items()}
+    _CHOICES[key] = choice
+    return choice
 
 
-def choices() -> dict[tuple[int, int, int, str], bool]:
+def choices() -> dict[tuple[int, int, int, str], int]:
     """The decisions made so far (for benchmarks and logs)."""
     return dict(_CHOICES)
+
+
+def timings() -> dict[tuple[int, int, int, str], dict[str, float]]:
+    """Microseconds per product per candidate, for the shapes timed so far."""
+    return dict(_TIMINGS)
