@@ -338,3 +338,18 @@ def test_existing_judge_columns_keep_their_place(cli, server, tmp_path):
     judged = read_csv(data)
     assert list(judged[0]) == [*columns, "trait_mass", "trait_status", "trait_method"]
     assert (judged[0]["trait_score"], judged[0]["extra"]) == ("33.0", "extra-lp=33:1.0")
+
+
+def test_a_run_stopped_midway_keeps_every_answer_it_got(server, tmp_path):
+    from tracekit.errors import JudgeError
+
+    rows = [row(f"lp={n}:1.0") for n in range(3)] + [row("lp=50:1.0;fault=401")]
+    rows += [row(f"lp={n}:1.0") for n in range(10, 13)]
+    config = fast(server, tmp_path, concurrency=1)
+    with pytest.raises(JudgeError, match="rejected the API key"):
+        judge_rows(rows, config, trait_prompt=TEMPLATE)
+    assert server.requests == 4  # three answers, then the stop
+    result = judge_rows(rows, config, trait_prompt=TEMPLATE)
+    assert result.summary.metrics["trait"].cache_hits == 3
+    assert server.requests == 4 + 4  # only the four not answered before
+    assert [r["trait_score"] for r in result.rows] == [0, 1, 2, 50, 10, 11, 12]
