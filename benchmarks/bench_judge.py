@@ -48,7 +48,7 @@ def measure(latency: float, concurrency: int, n: int) -> dict[str, float]:
             base_url=base_url,
             concurrency=concurrency,
             no_cache=True,
-            timeout_s=30,
+            timeout=30,
         )
         rows = [
             {"question": f"q{i}", "response": f"<<lp={i % 101}:0.6,{(i + 7) % 101}:0.3>>"}

@@ -36,10 +36,10 @@ def fast(server, tmp_path, **overrides):
     values = {
         "backend": "openai",
         "base_url": server.base_url,
-        "timeout_s": 0.3,
+        "timeout": 0.3,
         "max_attempts": 4,
-        "backoff_base_s": 0.01,
-        "backoff_max_s": 0.02,
+        "backoff": 0.01,
+        "backoff_max": 0.02,
         "cache": tmp_path / "cache.sqlite",
     }
     values.update(overrides)

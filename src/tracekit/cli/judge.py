@@ -106,7 +106,7 @@ def judge(
             "--concurrency", min=1, help="Requests in flight (default 32).", rich_help_panel=_NET
         ),
     ] = None,
-    timeout_s: Annotated[
+    timeout: Annotated[
         float | None,
         typer.Option("--timeout", help="Seconds per request (default 60).", rich_help_panel=_NET),
     ] = None,
@@ -119,7 +119,7 @@ def judge(
             rich_help_panel=_NET,
         ),
     ] = None,
-    backoff_base_s: Annotated[
+    backoff: Annotated[
         float | None,
         typer.Option(
             "--backoff",

@@ -159,7 +159,7 @@ class OpenAIBackend:
             httpx.AsyncClient(
                 verify=tls,
                 headers=headers,
-                timeout=httpx.Timeout(config.timeout_s),
+                timeout=httpx.Timeout(config.timeout),
                 limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
             )
             for size in sizes
@@ -214,8 +214,8 @@ class OpenAIBackend:
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
-            return min(retry_after, self.config.retry_after_max_s)
-        ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
+            return min(retry_after, self.config.retry_after_max)
+        ceiling = min(self.config.backoff_max, self.config.backoff * 2 ** (attempt - 1))
         return ceiling * (0.5 + 0.5 * self._rng.random())  # "equal jitter": never zero
 
     def _fatal_status(self, response: httpx.Response) -> JudgeError | None:
@@ -266,7 +266,7 @@ class OpenAIBackend:
             try:
                 response = await self._post(body)
             except httpx.TimeoutException:
-                reason = f"timed out after {self.config.timeout_s:g} s"
+                reason = f"timed out after {self.config.timeout:g} s"
             except httpx.TransportError as exc:
                 unreachable = isinstance(exc, httpx.ConnectError)
                 reason = f"connection error ({type(exc).__name__})"

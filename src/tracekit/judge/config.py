@@ -61,11 +61,13 @@ class JudgeConfig(TracekitConfig):
     top_logprobs: Annotated[int, Field(ge=1, le=20)] = 20
     max_tokens: Annotated[int, Field(ge=1, le=64)] = 3
     """Tokens the judge may answer with: the score uses the first; the text fallback all."""
-    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """Seconds per request (connect, write, read, pool wait)."""
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 6
-    backoff_base_s: Annotated[float, Field(ge=0, le=600)] = 1.0
-    backoff_max_s: Annotated[float, Field(ge=0, le=3600)] = 60.0
-    retry_after_max_s: Annotated[float, Field(ge=0, le=3600)] = 120.0
+    backoff: Annotated[float, Field(ge=0, le=600)] = 1.0
+    """Seconds before the first retry; doubles per attempt (with jitter) up to backoff_max."""
+    backoff_max: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    retry_after_max: Annotated[float, Field(ge=0, le=3600)] = 120.0
     """``Retry-After`` is honoured up to this many seconds per wait."""
     cache: Path | None = None
     """SQLite judge cache; None: ``<tracekit cache dir>/judge/cache.sqlite``."""
@@ -118,8 +120,11 @@ class JudgeConfig(TracekitConfig):
     def _prompt_source(self) -> JudgeConfig:
         if self.trait is not None and self.eval_prompt is not None:
             raise ValueError("give either --trait or --eval-prompt, not both")
-        if self.backoff_max_s < self.backoff_base_s:
-            raise ValueError("--backoff-max-s must be at least --backoff-base-s")
+        if self.backoff_max < self.backoff:
+            raise ValueError(
+                f"backoff_max ({self.backoff_max:g} s) must be at least --backoff "
+                f"({self.backoff:g} s)"
+            )
         return self
 
 
