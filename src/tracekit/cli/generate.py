@@ -63,10 +63,9 @@ def _print_result(result: GenerateResult) -> None:
         ("neg rows", "right"),
         ("new rows", "right"),
         ("new tokens", "right"),
-        ("judge: pos>=T / neg<T", "right"),
-        ("folder", "left"),
+        ("judged pos>=T / neg<T", "right"),
     ):
-        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for trait in result.traits:
         table.add_row(
             trait.trait,
@@ -77,7 +76,6 @@ def _print_result(result: GenerateResult) -> None:
             "-"
             if trait.passing is None
             else f"{trait.passing.get('pos', 0)} / {trait.passing.get('neg', 0)}",
-            str(trait.root),
         )
     rate = result.tokens / result.seconds if result.seconds > 0 else 0.0
     table.caption = (
@@ -85,6 +83,8 @@ def _print_result(result: GenerateResult) -> None:
         f"final batch size {result.batch_size}"
     )
     out_console.print(table)
+    for trait in result.traits:
+        out_console.print(f"{trait.trait}: {trait.root}", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
