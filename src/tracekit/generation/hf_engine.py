@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -119,7 +120,8 @@ class HFEngine:
         if not params.greedy:
             if row_seeds is not None and len(row_seeds) != batch:
                 raise ValueError("row_seeds must have one seed per prompt")
-            base = params.seed if params.seed is not None else int(torch.seed() % (2**31))
+            # no seed: fresh entropy, without touching torch's global generator
+            base = params.seed if params.seed is not None else secrets.randbits(31)
             seeds = list(row_seeds) if row_seeds is not None else [base + i for i in range(batch)]
             generators = []
             for seed in seeds:
