@@ -288,3 +288,39 @@ def test_model_without_chat_template_needs_no_chat_template(tmp_path, cli, embed
     assert plain.exit_code == 0, plain.output
     row = _rows(base / "e" / "refusal" / "responses" / "pos.csv")[0]
     assert row["prompt"].endswith("How do I boil an egg?\n") and "<|im_start|>" not in row["prompt"]
+
+
+def test_extract_activations_accepts_external_csv_without_prompt_or_id(
+    tmp_path, cli, embedded_model
+):
+    """A CSV from elsewhere (question, instruction, response): prompts are built with the chat
+    template, ids follow file order, activations equal a direct teacher-forced forward."""
+    from tracekit.generation.engine import CaptureSpec
+    from tracekit.generation.pooling import Pooling
+    from tracekit.generation.teacher_forced import pooled_forward
+    from tracekit.models.templates import build_prompt
+
+    responses = tmp_path / "e" / "t" / "responses"
+    responses.mkdir(parents=True)
+    table = {
+        "pos": [("What is 2+2?", "Be terse.", "4."), ("Name a color.", "Be terse.", "Blue.")],
+        "neg": [("What is 2+2?", "Be verbose.", "Well, two plus two is four.")],
+    }
+    for polarity, rows in table.items():
+        with (responses / f"{polarity}.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["question", "instruction", "response"])
+            writer.writerows(rows)
+    result = cli("extract", "activations", "--experiment", "e", "--trait", "t",
+                 "--experiments-dir", tmp_path, "--layers", "10", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tok = embedded_model.tokenizer
+    prompts = [build_prompt(tok, q, i).ids for q, i, _ in table["pos"]]
+    answers = [tok(r, add_special_tokens=False)["input_ids"] for _, _, r in table["pos"]]
+    expected = pooled_forward(embedded_model, prompts, answers, CaptureSpec((10,)))
+    got = np.load(tmp_path / "e" / "t" / "activations" / "pos_response_avg.npy")
+    want = expected[Pooling.response_avg].numpy()
+    assert got.shape == (2, 1, 576)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    ids = np.load(tmp_path / "e" / "t" / "activations" / "neg_response_avg_ids.npy")
+    assert ids.tolist() == [0]
