@@ -59,21 +59,40 @@ def write_sentences(path: Path, n: int, random_words: int | None) -> None:
         writer.writerows(texts)
 
 
-def write_saes(root: Path, n_blocks: int, d_in: int, width: int) -> None:
-    """Random JumpReLU SAEs, Gemma Scope layout, one per block (W_dec omitted: never read)."""
-    rng = np.random.default_rng(1)
-    for block in range(n_blocks):
-        folder = root / f"layer_{block}" / f"width_{width}" / "average_l0_64"
+def layer_states(loaded, texts: list[str]) -> dict[int, torch.Tensor]:
+    """Residual states of tracekit layers 1..L (pre final norm) over ``texts``, all tokens."""
+    from tracekit.models import LayerTaps
+
+    states: dict[int, list[torch.Tensor]] = {i: [] for i in range(1, loaded.handles.n_blocks + 1)}
+    taps = LayerTaps(loaded.handles, list(states), lambda i, h: states[i].append(h[0].float()))
+    with torch.inference_mode(), taps:
+        for text in texts:
+            loaded.model(**loaded.tokenizer(text, return_tensors="pt").to(loaded.device))
+    return {i: torch.cat(parts) for i, parts in states.items()}
+
+
+def write_saes(root: Path, loaded, texts: list[str], width: int, l0: int = 64) -> None:
+    """Random JumpReLU SAEs, Gemma Scope layout, one per block (W_dec omitted: never read).
+
+    Each threshold is calibrated on the model's own states so that about ``l0`` of ``width``
+    features fire per token, as in a real SAE (random thresholds would fire on half of them and
+    turn the benchmark into a disk benchmark).
+    """
+    states = layer_states(loaded, texts)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    d_in = loaded.hidden_size
+    for block in range(loaded.handles.n_blocks):
+        folder = root / f"layer_{block}" / f"width_{width}" / f"average_l0_{l0}"
         folder.mkdir(parents=True)
-        w_enc = (rng.standard_normal((d_in, width), dtype=np.float32) / np.sqrt(d_in)).astype(
-            np.float32
-        )
+        w_enc = torch.randn(d_in, width, generator=gen) / d_in**0.5
+        pre = states[block + 1] @ w_enc.to(states[block + 1].device)
+        cut = torch.quantile(pre.flatten()[: 2**24], 1 - l0 / width).item()
         np.savez(
             folder / "params.npz",
-            W_enc=w_enc,
+            W_enc=w_enc.numpy(),
             b_enc=np.zeros(width, np.float32),
             b_dec=np.zeros(d_in, np.float32),
-            threshold=np.full(width, 1.5, np.float32),
+            threshold=np.full(width, max(cut, 1e-6), np.float32),
         )
 
 
@@ -162,7 +181,9 @@ def main() -> None:
         tmp = Path(tmp_text)
         csv_path = tmp / "sentences.csv"
         write_sentences(csv_path, n, vocab)
-        write_saes(tmp / "saes", n_blocks, loaded.hidden_size, width)
+        with csv_path.open() as handle:
+            calibration = [row["sentence"] for row in csv.DictReader(handle)][:16]
+        write_saes(tmp / "saes", loaded, calibration, width)
 
         def run(name: str, batch_size: int, limit: int | None = None) -> dict[str, float]:
             path = csv_path
@@ -200,6 +221,17 @@ def main() -> None:
         }
         results["tracekit b=1 (one pass, all layers)"] = run("tracekit_b1", 1, limit=k)
         results[f"tracekit b={batch} (one pass, all layers)"] = run("tracekit", batch)
+        first = np.load(tmp / "tracekit" / "sentence_000000.npz")
+        if "act_shape" in first:
+            measured_l0 = first["act_values"].size / (first["act_shape"][0] * first["act_shape"][1])
+        else:
+            measured_l0 = float((first["activations"] > 0).sum(-1).mean())
+        files = sorted((tmp / "tracekit").glob("sentence_*.npz"))
+        size_mb = sum(p.stat().st_size for p in files) / 2**20
+        largest = max(files, key=lambda p: p.stat().st_size)
+        with np.load(largest) as data:
+            breakdown = {k: f"{data[k].shape} {data[k].nbytes / 2**20:.2f} MiB" for k in data.files}
+        print(f"{len(files)} files; largest {largest.name}: {breakdown}")
         # same numbers, not just the same speed: compare the first file of each approach
         # (all but the last layer: HF's last hidden state is after the final norm, tracekit's
         # is before it, by the README's layer convention)
@@ -221,6 +253,8 @@ def main() -> None:
         f"sentence 0 hidden states vs baseline: max |diff| b=1 {diffs['tracekit_b1']:.3g}, "
         f"b={batch} {diffs['tracekit']:.3g} (max |x| {scale:.3g})"
     )
+    print(f"measured L0 (sentence 0): {measured_l0:.1f}; files: {size_mb / n:.2f} MiB per sentence")
+    print("(times leave out loading the model and the SAEs, for every approach)")
     print("| approach | sentences | seconds | sentences/s | vs baseline |")
     print("|---|---|---|---|---|")
     for name, r in results.items():

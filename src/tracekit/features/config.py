@@ -92,6 +92,6 @@ class FeaturesConfig(TracekitConfig):
                 raise ValueError(f"{option} chooses among SAEs, so it needs --sae DIR")
         return self
 
-    def model_config_(self) -> ModelConfig:
+    def to_model_config(self) -> ModelConfig:
         """The model to load, as the model runtime wants it."""
         return ModelConfig(model=self.model, dtype=self.dtype, device=self.device)

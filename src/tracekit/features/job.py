@@ -357,7 +357,7 @@ def extract_features(
     if config.sae is not None:
         layers = _sae_layers(config)
         saes = _load_saes(config, layers)  # on the CPU: a bad SAE fails before the model loads
-    loaded = loaded or load_model(config.model_config_())
+    loaded = loaded or load_model(config.to_model_config())
     if saes is None:
         if config.layers is None:
             layers = list(range(loaded.n_layers))
