@@ -200,7 +200,11 @@ def main() -> None:
             )
             result = extract_features(cfg, loaded=loaded)  # returns after the last write
             # extract_seconds leaves out reading the SAE files, as the baseline's time does
-            return {"sentences": result.written, "seconds": result.extract_seconds}
+            return {
+                "sentences": result.written,
+                "seconds": result.extract_seconds,
+                "tokens_per_sentence": result.tokens / max(result.written, 1),
+            }
 
         run("warmup", batch, limit=min(n, 2 * batch))  # kernels, allocator, page cache
         results = {}
@@ -254,7 +258,11 @@ def main() -> None:
         f"b={batch} {diffs['tracekit']:.3g} (max |x| {scale:.3g})"
     )
     print(f"measured L0 (sentence 0): {measured_l0:.1f}; files: {size_mb / n:.2f} MiB per sentence")
-    print("(times leave out loading the model and the SAEs, for every approach)")
+    print(
+        "(times leave out loading the model and the SAEs, for every approach; "
+        f"{results[f'tracekit b={batch} (one pass, all layers)']['tokens_per_sentence']:.1f} "
+        "tokens per sentence)"
+    )
     print("| approach | sentences | seconds | sentences/s | vs baseline |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
