@@ -328,6 +328,18 @@ def _capture(
     return captured
 
 
+def _sae_meta(saes: dict[int, SparseAutoencoder], layers: list[int], storage: str) -> SaeMeta:
+    known = any(sae.average_l0 is not None for sae in saes.values())
+    return SaeMeta(
+        width=next(iter(saes.values())).width,
+        # an unknown L0 is NaN; with none known the array is left out (readers: "not recorded")
+        average_l0s=[saes[layer].average_l0_or_nan for layer in layers] if known else None,
+        release_layers=[layer - 1 for layer in layers],
+        formats=",".join(sorted({sae.format for sae in saes.values()})),
+        storage=storage,
+    )
+
+
 def _token_strings(tokenizer: Any, item: _Tokenized) -> list[str]:
     kept = [tok for tok, keep in zip(item.ids, item.keep, strict=True) if keep]
     return [str(text) for text in tokenizer.batch_decode([[tok] for tok in kept])]
@@ -384,17 +396,7 @@ def extract_features(
     if on_progress is not None:
         on_progress(0, len(pending))
 
-    sae_meta = None
-    if saes:
-        known = any(sae.average_l0 is not None for sae in saes.values())
-        sae_meta = SaeMeta(
-            width=next(iter(saes.values())).width,
-            # an unknown L0 is NaN; with none known the array is left out (readers: "not recorded")
-            average_l0s=[saes[layer].average_l0_or_nan for layer in layers] if known else None,
-            release_layers=[layer - 1 for layer in layers],
-            formats=",".join(sorted({sae.format for sae in saes.values()})),
-            storage=config.sae_storage,
-        )
+    sae_meta = _sae_meta(saes, layers, config.sae_storage) if saes else None
     capture_layers = sorted({0, *layers})
     pending.sort(key=lambda i: len(tokenized[i].ids))  # similar lengths -> little padding
     written = tokens = 0
