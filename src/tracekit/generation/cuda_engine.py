@@ -16,7 +16,9 @@ How one batch runs:
    finished flags, pooled sums), so a whole step, sampling and capture included, is recorded once
    as a CUDA graph and replayed ``max_new_tokens`` times with no host work but the replay call.
    The pointwise parts are fused by ``torch.compile`` (default mode, no inductor cudagraphs: the
-   graph is captured here, so buffers the step mutates never make inductor skip it).
+   graph is captured here, so buffers the step mutates never make inductor skip it), one
+   compiled region per block boundary; each linear layer runs the way
+   :func:`tracekit.generation.cuda_gemv.choose` timed fastest for the batch size.
 3. **Stopping** is per row on the device (``alive`` flags); the host reads one flag every
    ``check_every`` steps and stops early once every row is done.
 4. **Capture** adds each chosen layer's state, weighted by 1 for tokens that belong to the
@@ -852,6 +854,15 @@ class FastDecoder:
     ``poolings`` a subset of :data:`POOLINGS`. ``use_graphs`` / ``compile`` default to on for
     CUDA and off elsewhere. Building a decoder re-lays the model's q/k/v and gate/up weights
     into fused buffers when ``fuse_weights`` (values unchanged; default on CUDA).
+
+    Tuning knobs (defaults are what the benchmarks chose): ``write_kv_in_graph`` (KV-cache
+    writes inside the compiled code; default with ``compile``), ``sdpa_attention`` (decode
+    attention through ``scaled_dot_product_attention`` instead of two matmuls), ``gemv``
+    (``auto``: per shape the fastest correct of ``F.linear``, the transposed product and the
+    Triton kernel; ``on``: the Triton kernel wherever correct; ``off``: ``F.linear``),
+    ``check_every`` (decode steps between host checks for "all rows done"), ``prompt_bucket``
+    (prompt lengths are padded up to a multiple, so batches share captured graphs) and
+    ``max_runners`` (captured shapes kept alive, each with its own KV cache).
     """
 
     def __init__(
