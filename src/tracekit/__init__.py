@@ -46,6 +46,7 @@ _LAZY: dict[str, str] = {
     "GenerationParams": "tracekit.generation.engine",
     "CaptureSpec": "tracekit.generation.engine",
     "create_engine": "tracekit.generation.engine",
+    "CudaEngine": "tracekit.generation.cuda_engine",
     "Pooling": "tracekit.generation.pooling",
     "generate": "tracekit.generation.run",
     "GenerateConfig": "tracekit.generation.run",
