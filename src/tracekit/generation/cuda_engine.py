@@ -993,6 +993,8 @@ class FastDecoder:
             try:
                 runner.capture()
             except Exception as exc:  # a capture failure must not lose the user's run
+                if _is_oom(exc):
+                    raise  # the caller halves the batch; eager decoding would not fit either
                 logger.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
                 runner.graph = None
                 runner.reset_dummy()
@@ -1044,6 +1046,27 @@ class FastDecoder:
         tops = _per_row(top_p, batch, "top_p")
         use_top_p = sampling and any(p < 1.0 for p in tops)
         key = RunKey(batch, prompt_len, int(max_new_tokens), sampling, use_top_p)
+        try:
+            return self._generate(key, ids, mask, temps, tops, seeds)
+        except Exception as exc:
+            if _is_oom(exc):
+                # free every cache and graph now, so a retry at a smaller batch can fit
+                self._runners.clear()
+                torch.cuda.empty_cache()
+            raise
+
+    def _generate(
+        self,
+        key: RunKey,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        temps: list[float],
+        tops: list[float],
+        seeds: Sequence[int] | None,
+    ) -> FastResult:
+        import torch
+
+        prompt_len, max_new_tokens = key.prompt_len, key.max_new_tokens
         with torch.no_grad():
             self._ensure_rope(prompt_len + max_new_tokens)
             runner = self._runner(key)
@@ -1172,6 +1195,14 @@ def _to_host(value: torch.Tensor) -> torch.Tensor:
     return host
 
 
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
 def _per_row(value: float | Sequence[float], batch: int, name: str) -> list[float]:
     if isinstance(value, (int, float)):
         values = [float(value)] * batch
@@ -1279,15 +1310,22 @@ class CudaEngine:
                 raise ValueError("row_seeds must have one seed per prompt")
             base = params.seed if params.seed is not None else int(torch.seed() % (2**31))
             seeds = list(row_seeds) if row_seeds is not None else [base + i for i in range(batch)]
-        res = dec.generate(
-            ids,
-            mask,
-            max_new_tokens=params.max_new_tokens,
-            do_sample=not params.greedy,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seeds=seeds,
-        )
+        try:
+            res = dec.generate(
+                ids,
+                mask,
+                max_new_tokens=params.max_new_tokens,
+                do_sample=not params.greedy,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seeds=seeds,
+            )
+        except Exception as exc:
+            if _is_oom(exc):  # the caller retries smaller: drop every decoder's caches too
+                for other in self._decoders.values():
+                    other._runners.clear()
+                torch.cuda.empty_cache()
+            raise
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in res.tokens]
         return GenerationOutput(
             response_ids=res.tokens,
