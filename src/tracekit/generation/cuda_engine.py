@@ -123,7 +123,7 @@ def decoder_spec(model: Any) -> DecoderSpec:
     if reason is not None:
         raise ModelError(
             f"the CUDA engine cannot run this model: {reason}",
-            "use --engine reference (the HF engine works with every causal LM)",
+            "use --engine hf (the reference engine runs every causal LM)",
         )
     cfg = _text_config(model)
     n_heads = int(cfg.num_attention_heads)
@@ -574,7 +574,7 @@ class _Runner:
             raise ModelError(
                 f"prompt + new tokens ({self.total_len}) exceed the sliding window "
                 f"({spec.sliding_window}) of this model",
-                "use --engine reference for sequences longer than the window",
+                "use --engine hf for sequences longer than the window",
             )
         cache_shape = (b, spec.n_kv_heads, self.total_len, spec.head_dim)
         self.k_cache = [torch.zeros(cache_shape, dtype=dec.dtype, device=dev) for _ in dec.weights]
