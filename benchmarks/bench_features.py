@@ -7,7 +7,8 @@
     python benchmarks/bench_features.py --random-init --shape tiny    # quick CPU check
 
 Every decoder block gets a random JumpReLU SAE (Gemma Scope layout, written to a temp folder),
-so all layers 1..L are saved with SAE activations (dense storage), as the original stage did.
+so all layers 1..L are saved with SAE activations (``--storage``, dense by default on CPU as
+the original stage did, sparse by default on GPU).
 
 * ``baseline``: the original stage's way: per sentence, per layer, one forward pass
   (``output_hidden_states=True``, batch 1) keeping that layer, SAE-encoding it, then one file
@@ -195,6 +196,7 @@ def main() -> None:
                 sentences=path,
                 output=tmp / name,
                 sae=tmp / "saes",
+                sae_storage=storage,
                 force=True,
                 batch_size=batch_size,
             )
