@@ -114,3 +114,42 @@ def test_right_padding_and_unsupported_models_are_refused(tiny):
     with pytest.raises(ModelError, match="cannot run this model: model type 'gpt2'"):
         FastDecoder(gpt2, eos_token_ids=[0])
     assert resolve_engine_name("auto", tiny) == "hf"  # CPU: the reference engine
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_other_supported_families_match_generate(family):
+    # q/k/v biases (Qwen2), per-head q/k norms (Qwen3), Mistral's config: fused and unfused
+    import transformers
+
+    from tracekit.generation.engine import left_pad
+
+    names = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    config_cls = getattr(transformers, f"{names}Config")
+    model_cls = getattr(transformers, f"{names}ForCausalLM")
+    extra = {"head_dim": 16} if family == "qwen3" else {}
+    config = config_cls(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=1,
+        initializer_range=0.2,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    model.generation_config.eos_token_id = None  # both sides run to the limit
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0, torch.device("cpu"))
+    with torch.no_grad():
+        ref = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0
+        )
+    want = ref[:, ids.shape[1] :].tolist()
+    for fuse in (False, True):
+        dec = FastDecoder(model, eos_token_ids=[-1], pad_token_id=0, fuse_weights=fuse)
+        assert dec.generate(ids, mask, max_new_tokens=8).tokens == want
