@@ -22,7 +22,7 @@ LAYERS = (0, 15, 30)
 
 def test_embedded_model_greedy_and_captures_equal_reference(embedded_model):
     prompts = [build_prompt(embedded_model.tokenizer, q).ids for q in QUESTIONS]
-    params = GenerationParams(max_new_tokens=12, temperature=0)
+    params = GenerationParams(max_new_tokens=10, temperature=0)
     capture = CaptureSpec(LAYERS, tuple(Pooling))
     ptr = embedded_model.model.model.layers[0].self_attn.q_proj.weight.data_ptr()
     ref = HFEngine(embedded_model).generate(prompts, params, capture)
