@@ -257,6 +257,17 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, files, tmp_path, embedded
         and "--layers: layer(s) 99 out of range: valid layers are 0-30" in one_line(result)
     )
 
+    result = cli("extract", "features", "--sentences", bad_csv, "--output", out, "--sae-l0", "10")
+    assert result.exit_code == 2
+    assert "--sae-l0 chooses among SAEs, so it needs --sae DIR" in one_line(result)
+    result = cli(
+        "extract", "features", "--sentences", bad_csv, "--output", out, "--label-range", "3-1"
+    )
+    assert (
+        result.exit_code == 2
+        and "invalid label range '3-1': MIN is greater than MAX" in one_line(result)
+    )
+
     corrupt = tmp_path / "corrupt"
     saes_example.write_gemma_scope(corrupt, 0, saes_example.random_sae(HIDDEN, WIDTH, 1), 8)
     (corrupt / "layer_0" / "width_96" / "average_l0_8" / "params.npz").write_bytes(b"garbage")
