@@ -47,8 +47,10 @@ def _print_result(result: FeaturesResult) -> None:
         ("layers", str(LayerSpec(result.layers))),
         ("SAE", sae),
         ("sentences", f"{result.written} written, {result.skipped} already done (resumed)"),
-        ("speed", f"{result.sentences_per_second:.1f} sentences/s, {result.tokens} tokens"),
     ]
+    if result.written:
+        rate = f"{result.sentences_per_second:.1f} sentences/s, {result.tokens} tokens"
+        rows.append(("speed", f"{rate} (model and SAE loading not counted)"))
     for field, value in rows:
         table.add_row(field, value)
     out_console.print(table)
