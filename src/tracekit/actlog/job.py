@@ -56,7 +56,7 @@ class LogConfig(TracekitConfig):
     device: str = "auto"
     batch_size: BatchSize = 8
     max_new_tokens: int = Field(64, ge=1, le=100_000)
-    engine: str = "hf"
+    engine: str = "auto"
     allow_mixed: bool = False
     skip_bad_lines: bool = False
 

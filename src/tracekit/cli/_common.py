@@ -105,7 +105,7 @@ EngineOpt = Annotated[
     str,
     typer.Option(
         "--engine",
-        help="Generation engine: hf (reference decode loop, any model and device) or another "
-        "registered in tracekit.generation.engine.ENGINES.",
+        help="Generation engine: auto (cuda on a supported model on one NVIDIA GPU, else hf), "
+        "hf (reference decode loop, any model and device) or cuda (static KV cache + CUDA graphs).",
     ),
 ]

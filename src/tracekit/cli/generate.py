@@ -18,6 +18,7 @@ from ._common import (
     DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     ExperimentOpt,
     ForceOpt,
     JsonOpt,
@@ -105,13 +106,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = "auto",
         device_map: DeviceMapOpt = None,
         chat_template: ChatTemplateOpt = True,
-        engine: Annotated[
-            str,
-            typer.Option(
-                "--engine",
-                help="hf (reference, any model/device), cuda (fast NVIDIA path) or auto.",
-            ),
-        ] = "hf",
+        engine: EngineOpt = "auto",
         batch_size: BatchSizeOpt = 8,
         n_examples: Annotated[
             int, typer.Option("--n-examples", min=1, help="Rows per polarity.")
@@ -147,6 +142,16 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option("--judge-base-url", help="OpenAI-compatible server for the judge."),
         ] = None,
+        judge_min_mass: Annotated[
+            float,
+            typer.Option(
+                "--judge-min-mass",
+                min=0.0,
+                max=1.0,
+                help="Leave a score empty (low_mass) when the judge puts less probability than "
+                "this on number tokens. The embedded 135M judge needs 0 (plumbing only).",
+            ),
+        ] = 0.25,
         threshold: Annotated[
             float, typer.Option("--threshold", help="Judge score threshold (0-100).")
         ] = 50.0,

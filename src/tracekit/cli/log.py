@@ -158,7 +158,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: Annotated[
             int, typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")
         ] = 64,
-        engine: EngineOpt = "hf",
+        engine: EngineOpt = "auto",
         allow_mixed: Annotated[
             bool,
             typer.Option(

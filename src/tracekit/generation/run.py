@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -73,7 +73,7 @@ class GenerateConfig(RuntimeOptions):
     experiment: str
     traits: tuple[str, ...] = Field(min_length=1)
     experiments_dir: Path = Path("experiments")
-    engine: str = "hf"
+    engine: str = "auto"
     batch_size: BatchSize = 8
     n_examples: int = Field(default=100, ge=1, le=1_000_000)
     max_new_tokens: int = Field(default=150, ge=1, le=100_000)
@@ -87,6 +87,7 @@ class GenerateConfig(RuntimeOptions):
     """Judge each response with this model (tracekit.judge; backend from the options below)."""
     judge_metrics: tuple[Literal["trait", "coherence"], ...] = ("trait",)
     judge_base_url: str | None = None
+    judge_min_mass: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25
     """OpenAI-compatible server; None: ``OPENAI_BASE_URL``, else the local backend."""
     threshold: float = Field(default=50.0, ge=0.0, le=100.0)
     generation_cache: bool = True
@@ -488,6 +489,7 @@ def _judge_config(config: GenerateConfig) -> Any:
             judge_model=config.judge_model,
             metrics=config.judge_metrics,
             base_url=config.judge_base_url,
+            min_mass=config.judge_min_mass,
             device=config.device,
         )
     except ValidationError as exc:
