@@ -1,18 +1,49 @@
 #!/usr/bin/env bash
 # The main job, end to end, on the embedded default model (SmolLM2-135M-Instruct, CPU).
-# Writes under ./demo/ and is safe to re-run: finished work is resumed, not redone.
+# Every verb of tracekit runs once on small inputs; everything is written under ./demo/
+# (DEMO_DIR moves it). Safe to re-run: finished work is resumed or skipped, not redone.
 set -euo pipefail
-EXP_DIR="${DEMO_DIR:-demo}/experiments"
+D="${DEMO_DIR:-demo}"
+EXP_DIR="$D/experiments"
+step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 tracekit --version
 
-# 1. contrastive generations for a shipped trait, with pooled activations captured on the fly
-#    (6 pos + 6 neg rows; every layer 0-30; mean over response tokens and last prompt token)
+step "1. generate: contrastive pos/neg responses for the shipped 'refusal' trait, capturing"
+step "   pooled activations of every layer (0-30) during generation"
 tracekit generate --experiments-dir "$EXP_DIR" --experiment demo --trait refusal \
   --n-examples 6 --batch-size 6 --max-new-tokens 24 --seed 0 \
   --pooling response_avg,prompt_last
 
-# 2. trait vectors per layer (mean difference pos - neg, paired by row id) + separation table
+step "2. extract vectors: per-layer mean difference pos - neg (paired by row id) + separation table"
 tracekit extract vectors --experiments-dir "$EXP_DIR" --experiment demo --trait refusal --force
 
-# files: responses/{pos,neg}.csv, activations/*.npy|.pt, vectors/mean_diff_response_avg.npy
-find "$EXP_DIR/demo/refusal" -maxdepth 2 -name '*.csv' -o -maxdepth 2 -name 'mean_diff_*.npy' | sort
+step "3. judge: score the positive responses 0-100 with the local embedded judge"
+step "   (a 135M judge is for plumbing, not for research conclusions; --min-mass 0 keeps its scores)"
+tracekit judge --input "$EXP_DIR/demo/refusal/responses/pos.csv" --trait refusal \
+  --backend local --min-mass 0 --output "$D/judged/pos_scored.csv" --force
+
+step "4. decode: the generation cache (.npy) -> JSON and Markdown"
+tracekit decode --base-dir "$EXP_DIR" --limit 3 --force
+
+step "5. extract features: one forward pass per batch over labelled sentences, SAE-encoded"
+python "$(dirname "$0")/make_example_saes.py" "$D/saes" --release-layers 0-4 --width 256 --l0 16 \
+  --sentences "$(dirname "$0")/sentences.csv"
+tracekit extract features --sentences "$(dirname "$0")/sentences.csv" --layers 1-5 \
+  --sae "$D/saes" --sae-storage sparse --output "$D/features" --force
+
+step "6. build-dataset: classifier datasets from the feature files (all three strategies)"
+tracekit build-dataset --strategy hidden-to-concept --input "$D/features" --layers 1-5 \
+  --test-fraction 0.25 --seed 0 --output "$D/datasets/h1-5_to_concept.npz" --force
+tracekit build-dataset --strategy hidden-to-feature --input "$D/features" \
+  --target-layer 3 --target-feature 7 --output "$D/datasets/h3_to_f7.npz" --force
+tracekit build-dataset --strategy embedding-to-feature --input "$D/features" \
+  --target-layer 3 --target-feature 7 --normalize minmax --output "$D/datasets/emb_to_f7.npz" --force
+
+step "7. log + reconstruct: activations to LMDB keyed by prompt hash, then the inference JSONL"
+tracekit log --qa "$(dirname "$0")/qa.jsonl" --lmdb "$D/acts.lmdb" --layers 15,30 \
+  --max-new-tokens 16 --batch-size 6
+tracekit log stats "$D/acts.lmdb"
+tracekit reconstruct --qa-output-path "$(dirname "$0")/qa.jsonl" --lmdb-path "$D/acts.lmdb" \
+  --output-path "$D/reconstructed.jsonl" --force
+
+step "done: outputs under $D/"

@@ -554,6 +554,16 @@ def test_average_l0_differs_between_files(cli, tmp_path: Path):
     )
 
 
+def test_nan_average_l0_means_not_recorded_not_a_mismatch(cli, tmp_path: Path):
+    make(tmp_path / "mix", n=2)
+    make(tmp_path / "nan", n=1, average_l0s=np.full(len(ex.LAYERS), np.nan, dtype=np.float32))
+    (tmp_path / "nan" / "sentence_000000.npz").rename(tmp_path / "mix" / "sentence_000002.npz")
+    args = ["--strategy", "hidden-to-feature", "--input", tmp_path / "mix"]
+    args += ["--target-layer", "1", "--target-feature", "3", "--output", tmp_path / "ok.npz"]
+    run_ok(cli, *args)
+    assert float(np.load(tmp_path / "ok.npz")["meta_average_l0"]) == 12.0
+
+
 def test_missing_average_l0s_warns_or_fails(cli, tmp_path: Path):
     arrays = make(tmp_path / "nol0", n=3)
     for i, a in enumerate(arrays):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import struct
 import zipfile
@@ -528,8 +529,8 @@ def _plan_target(
     average_l0 = None
     if "average_l0s" in sentence:
         values = sentence["average_l0s"].reshape(-1)
-        if values.shape[0] == len(file_layers):
-            average_l0 = float(values[pos])
+        if values.shape[0] == len(file_layers) and math.isfinite(float(values[pos])):
+            average_l0 = float(values[pos])  # NaN is how writers say "not recorded"
     return pos, average_l0, width
 
 
