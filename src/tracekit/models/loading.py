@@ -8,6 +8,8 @@ never inside config validators. ``auto`` dtype is bfloat16 on CUDA and float32 e
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -134,6 +136,21 @@ def _model_source(cfg: ModelConfig) -> tuple[str, str]:
     return cfg.model, cfg.model
 
 
+@contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Silence transformers' own tqdm bars ("Loading weights") while tracekit loads a model:
+    tracekit reports progress through its own console; the caller's setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(source: str, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
@@ -149,10 +166,15 @@ def load_tokenizer(source: str, cfg: ModelConfig) -> Any:
 
 def load_model(cfg: ModelConfig | None = None) -> LoadedModel:
     """Load the model and tokenizer ``cfg`` names (the embedded default when ``model`` is None)."""
+    cfg = cfg or ModelConfig()
+    with quiet_hf_progress():
+        return _load_model(cfg)
+
+
+def _load_model(cfg: ModelConfig) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = cfg or ModelConfig()
     name, source = _model_source(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
