@@ -109,3 +109,12 @@ EngineOpt = Annotated[
         "hf (reference decode loop, any model and device) or cuda (static KV cache + CUDA graphs).",
     ),
 ]
+NumProcessesOpt = Annotated[
+    int,
+    typer.Option(
+        "--num-processes",
+        min=1,
+        help="Data-parallel: run N processes (one per GPU; gloo on CPU) through torchrun, rows "
+        "sharded by id, one merge at the end. Same outputs as one process. See docs/multi-gpu.md.",
+    ),
+]

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -24,6 +24,7 @@ from ._common import (
     JsonOpt,
     LayersOpt,
     ModelOpt,
+    NumProcessesOpt,
     SeedOpt,
     build_config,
 )
@@ -163,6 +164,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = True,
         force: ForceOpt = False,
+        num_processes: NumProcessesOpt = 1,
         json_output: JsonOpt = False,
         config: ConfigOpt = None,
     ) -> None:
@@ -178,12 +180,32 @@ def register(app: typer.Typer) -> None:
         if trait is None and traits is None and config is None:
             raise ConfigError("missing option --trait (or --traits a,b,c)")
         cfg = build_config(ctx, GenerateConfig, **derived)
+        if num_processes > 1:
+            # the config file carries every option but the ones the parser requires
+            args = ["--experiment", cfg.experiment] + (["--json"] if json_output else [])
+            raise typer.Exit(launch_processes(["generate"], cfg, num_processes, args))
         with batch_progress() as (on_total, on_batch):
             result = generate(cfg, on_batch=on_batch, on_total=on_total)
+        if not is_main_process():
+            return  # the main process reports the merged result
         if json_output:
             out_console.print_json(json.dumps(result.to_dict()))
         else:
             _print_result(result)
+
+
+def launch_processes(verb: list[str], cfg: Any, num_processes: int, args: list[str]) -> int:
+    """Run ``tracekit VERB ARGS`` with ``cfg`` in ``num_processes`` processes; their exit code."""
+    from tracekit.distributed import launch
+
+    return launch(verb, cfg, num_processes, args)
+
+
+def is_main_process() -> bool:
+    """False in the non-main processes of a data-parallel run (they print nothing)."""
+    from tracekit.distributed import process_info
+
+    return process_info().is_main
 
 
 @contextmanager
@@ -191,6 +213,9 @@ def batch_progress() -> Iterator[tuple[Callable[[int], None], Callable[[int, int
     """Rows and tokens/s bars on stderr, fed by the core's ``on_total``/``on_batch`` hooks."""
     from tracekit.console import progress_bar
 
+    if not is_main_process():  # one set of bars per data-parallel run: the main process's
+        yield (lambda total: None), (lambda n_rows, n_tokens: None)
+        return
     with progress_bar() as progress:
         rows = progress.add_task("rows", total=None, unit="rows")
         tokens = progress.add_task("new tokens", total=None, unit="tok")

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from tracekit.config.base import TracekitConfig
 from tracekit.config.types import BatchSize, LayerSpec
+from tracekit.distributed import ProcessInfo, all_gather, barrier, process_device, process_info
 from tracekit.errors import ConfigError, ModelError
 from tracekit.generation.engine import CaptureSpec, GenerationParams, create_engine
 from tracekit.generation.pooling import Pooling, Poolings
@@ -288,9 +289,10 @@ def generate(
     from tracekit.models.loading import load_model
 
     started = time.perf_counter()
+    info = process_info()
     traits = [load_trait(t, config.experiment, config.experiments_dir) for t in config.traits]
     judge_config = _judge_config(config)  # bad judge options fail before any generation
-    loaded = loaded or load_model(config.model_settings())
+    loaded = loaded or load_model(model_settings_for(config, info))
     try:
         layers = config.layers.resolve(loaded.n_layers)
     except ValueError as exc:
@@ -300,20 +302,27 @@ def generate(
     engine = create_engine(config.engine, loaded)
     params = config.generation_params()
 
-    # plan every trait first, so bad state is reported before any generation
+    # plan every trait first, so bad state is reported before any generation; when
+    # data-parallel, the main process clears (--force) and writes the run settings, the others
+    # then only check them (one writer per file)
+    all_paths = [TraitPaths.of(config.experiments_dir, config.experiment, t.name) for t in traits]
+    for turn in ("main", "others"):
+        if (turn == "main") == info.is_main:
+            force = config.force and info.is_main
+            for trait, paths in zip(traits, all_paths, strict=True):
+                if force:
+                    store.clear_outputs(paths)
+                store.ensure_trait_definition(paths, trait.to_json(), force)
+                store.check_run_settings(paths, run_settings(config, loaded, layers, trait), force)
+        if turn == "main":
+            barrier(info)
     plans = []
-    for trait in traits:
-        paths = TraitPaths.of(config.experiments_dir, config.experiment, trait.name)
-        if config.force:
-            store.clear_outputs(paths)
-        store.ensure_trait_definition(paths, trait.to_json(), config.force)
-        store.check_run_settings(paths, run_settings(config, loaded, layers, trait), config.force)
+    for trait, paths in zip(traits, all_paths, strict=True):
         todo = {}
         for polarity in POLARITIES:
             done = store.read_parts(paths, polarity)
-            todo[polarity] = [
-                r for r in plan_rows(trait, polarity, config.n_examples) if r.id not in done
-            ]
+            planned = plan_rows(trait, polarity, config.n_examples)
+            todo[polarity] = info.shard([r for r in planned if r.id not in done])
         plans.append((trait, paths, todo))
     if on_total is not None:
         on_total(sum(len(rows) for _, _, todo in plans for rows in todo.values()))
@@ -352,7 +361,9 @@ def generate(
                         }
                     )
                 pooled = {p.value: t.numpy() for p, t in out.pooled.items()}
-                store.write_batch_part(_paths, _polarity, records, pooled or None)
+                store.write_batch_part(
+                    _paths, _polarity, records, pooled or None, tag=info.part_tag()
+                )
                 _result.generated += len(records)
                 _result.tokens += out.n_new_tokens
                 if on_batch is not None:
@@ -365,8 +376,15 @@ def generate(
                 capture,
                 on_output,
             )
+        if info.distributed:
+            # every shard is journaled: the main process merges them into the final files
+            counts = all_gather(info, (result.generated, result.tokens))
+            barrier(info)
+            result.generated = sum(c[0] for c in counts)
+            result.tokens = sum(c[1] for c in counts)
         total_tokens += result.tokens
-        _finalize(config, loaded, trait, paths, layers, result, template, judge_config)
+        if info.is_main:
+            _finalize(config, loaded, trait, paths, layers, result, template, judge_config)
         results.append(result)
     return GenerateResult(
         model=loaded.name,
@@ -375,6 +393,20 @@ def generate(
         tokens=total_tokens,
         batch_size=batcher.batch_size,
     )
+
+
+def model_settings_for(config: RuntimeOptions, info: ProcessInfo) -> ModelConfig:
+    """The model options of ``config`` for this process (its own GPU when data-parallel)."""
+    settings = config.model_settings()
+    if not info.distributed:
+        return settings
+    if config.device_map is not None:
+        raise ConfigError(
+            "--device-map auto cannot be combined with several processes (each process would "
+            "spread the model over every GPU)",
+            "run one process with --device-map auto, or several without it",
+        )
+    return settings.model_copy(update={"device": process_device(info, config.device)})
 
 
 def _build(loaded: LoadedModel, config: RuntimeOptions, question: str, instruction: str) -> Any:

@@ -126,13 +126,18 @@ def write_batch_part(
     polarity: Polarity,
     rows: Sequence[Mapping[str, Any]],
     pooled: Mapping[str, np.ndarray] | None = None,
+    tag: str = "",
 ) -> None:
-    """Record one finished batch: activations first, then the response rows (the commit)."""
+    """Record one finished batch: activations first, then the response rows (the commit).
+
+    ``tag`` is appended to the part's name (data-parallel runs name the process that wrote it;
+    readers glob ``{polarity}-*``, so tagged and untagged parts are read alike).
+    """
     import numpy as np
 
     if not rows:
         return
-    name = _part_name(polarity, min(int(r["id"]) for r in rows))
+    name = _part_name(polarity, min(int(r["id"]) for r in rows)) + tag
     if pooled:
         ids = np.array([int(r["id"]) for r in rows], dtype=np.int64)
         arrays: dict[str, Any] = {"ids": ids, **pooled}

@@ -1,0 +1,181 @@
+"""Data-parallel runs: which process am I, which rows are mine, and launching N processes.
+
+A run is data-parallel when it was started by ``accelerate launch`` or ``torchrun`` (the
+``WORLD_SIZE`` environment variable is above 1), or by a verb's ``--num-processes N``, which
+starts ``python -m torch.distributed.run --standalone --nproc-per-node N -m tracekit VERB
+--config <resolved options>`` (offline, any device; gloo on CPU, nccl on CUDA). Each process
+loads the model, takes its shard of the rows, journals its own batches, and the main process
+(rank 0) merges every shard into exactly the files a single-process run writes.
+
+Sharding is **strided by row id**: process ``r`` of ``n`` owns the rows whose id satisfies
+``id % n == r``. It depends only on the id (not on what is already done), so a restarted process
+finds its own finished batches in the journal and resumes its shard. Without ``WORLD_SIZE`` every
+helper here is the trivial single-process version and nothing distributed is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from tracekit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tracekit.config.base import TracekitConfig
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """This process's place in a data-parallel run (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, row_id: int) -> bool:
+        """Whether row ``row_id`` belongs to this process's shard (strided by id)."""
+        return row_id % self.world_size == self.rank
+
+    def shard(self, items: Sequence[T], key: Any = None) -> list[T]:
+        """The items this process owns; ``key(item)`` gives the row id (default: ``item.id``)."""
+        get = key if key is not None else (lambda item: item.id)
+        return [item for item in items if self.owns(int(get(item)))]
+
+    def part_tag(self) -> str:
+        """Suffix naming this process's journal parts (empty for a single process)."""
+        return f"-rank{self.rank}" if self.distributed else ""
+
+
+def _env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def process_info() -> ProcessInfo:
+    """Discover rank and world size; joins the process group on first use when distributed.
+
+    The group is set up through accelerate's ``PartialState`` (the launcher's environment
+    variables; gloo on CPU, nccl on CUDA, and on CUDA this process's GPU becomes the current
+    device).
+    """
+    if _env_world_size() <= 1:
+        return ProcessInfo()
+    import torch
+    from accelerate import PartialState
+
+    # accelerate only sets up gloo (multi-CPU) when told the run is on CPU
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes != _env_world_size():
+        raise ConfigError(
+            f"WORLD_SIZE is {_env_world_size()} but accelerate set up {state.num_processes} "
+            "process(es)",
+            "start tracekit with accelerate launch, torchrun or --num-processes",
+        )
+    return ProcessInfo(
+        rank=state.process_index,
+        world_size=state.num_processes,
+        local_rank=state.local_process_index,
+    )
+
+
+def process_device(info: ProcessInfo, device: str) -> str:
+    """This process's device: ``auto``/``cuda`` become ``cuda:<local rank>`` when distributed."""
+    if not info.distributed or device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{info.local_rank}"
+    return device
+
+
+def barrier(info: ProcessInfo) -> None:
+    """Wait until every process gets here (no-op for a single process)."""
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_gather(info: ProcessInfo, value: T) -> list[T]:
+    """Every process's ``value`` (picklable, small), in rank order; ``[value]`` when single."""
+    if not info.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _write_config_file(config: TracekitConfig) -> Path:
+    """The resolved config as a temporary JSON file (the launcher deletes it afterwards)."""
+    fd, name = tempfile.mkstemp(suffix=".json", prefix="tracekit-launch-")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(config.model_dump(mode="json"), handle)
+    return Path(name)
+
+
+def launch(
+    verb: Sequence[str],
+    config: TracekitConfig,
+    num_processes: int,
+    extra_args: Sequence[str] = (),
+) -> int:
+    """Run ``tracekit VERB`` in ``num_processes`` processes with ``config``; return the exit code.
+
+    The resolved config travels as a JSON ``--config`` file, so every process sees exactly the
+    options this one resolved. Outputs and errors of the processes go to this process's stdout
+    and stderr; the launcher stops every process when one fails.
+    """
+    if num_processes < 2:
+        raise ConfigError("--num-processes must be at least 2 to launch", "omit it to run here")
+    if _env_world_size() > 1:
+        raise ConfigError(
+            "--num-processes inside an already distributed run",
+            "drop --num-processes when starting tracekit with accelerate launch or torchrun",
+        )
+    config_file = _write_config_file(config)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={num_processes}",
+        "-m",
+        "tracekit",
+        *verb,
+        "--config",
+        str(config_file),
+        *extra_args,
+    ]
+    logger.info("launching: %s", " ".join(command))
+    env = dict(os.environ)
+    # --standalone picks a free rendezvous port on loopback; split the CPU threads between ranks
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    try:
+        return subprocess.run(command, env=env, check=False).returncode
+    finally:
+        config_file.unlink(missing_ok=True)

@@ -1,0 +1,112 @@
+"""Data-parallel `generate`: 2 processes (torchrun, gloo on CPU) on the embedded model merge into
+the same files a single-process run writes, and a lost shard resumes on its own."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+N = 4  # rows per polarity: ids 0, 2 go to rank 0 and 1, 3 to rank 1
+COMMON = [
+    "generate", "--trait", "refusal", "--n-examples", str(N), "--max-new-tokens", "6",
+    "--temperature", "0", "--layers", "0,5,30", "--pooling", "response_avg,prompt_last",
+    "--batch-size", "4", "--device", "cpu", "--no-generation-cache",
+]  # fmt: skip
+POOLINGS = ("response_avg", "prompt_last")
+# activations of one row computed in a batch of 2 (each shard) or of 4 (one process): padding
+# differs, so float32 sums may differ in the last bits; 1e-5 of the largest magnitude
+REL_TOL = 1e-5
+
+
+def _run_two_processes(base: Path, experiment: str) -> dict:
+    command = [sys.executable, "-m", "tracekit", *COMMON, "--experiment", experiment]
+    command += ["--experiments-dir", str(base), "--num-processes", "2", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _assert_same_outputs(single: Path, multi: Path) -> None:
+    for polarity in ("pos", "neg"):
+        csv_single = (single / "responses" / f"{polarity}.csv").read_text(encoding="utf-8")
+        csv_multi = (multi / "responses" / f"{polarity}.csv").read_text(encoding="utf-8")
+        assert csv_multi == csv_single
+        for pooling in POOLINGS:
+            act = multi / "activations" / f"{polarity}_{pooling}"
+            ref = single / "activations" / f"{polarity}_{pooling}"
+            ids = np.load(f"{act}_ids.npy", allow_pickle=False)
+            assert ids.tolist() == list(range(N))
+            got = np.load(f"{act}.npy", allow_pickle=False)
+            want = np.load(f"{ref}.npy", allow_pickle=False)
+            assert got.shape == want.shape == (N, 3, 576)
+            np.testing.assert_allclose(got, want, rtol=0, atol=REL_TOL * np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from tracekit.cli import app
+
+    base = tmp_path_factory.mktemp("mp") / "experiments"
+    single = CliRunner().invoke(
+        app, [*COMMON, "--experiment", "single", "--experiments-dir", str(base)]
+    )
+    assert single.exit_code == 0, single.output
+    summary = _run_two_processes(base, "multi")
+    return base, summary
+
+
+def test_two_processes_merge_into_the_single_process_outputs(runs):
+    base, summary = runs
+    multi = base / "multi" / "refusal"
+    assert summary["traits"][0]["rows"] == {"pos": N, "neg": N}
+    assert summary["traits"][0]["generated"] == 2 * N  # both shards counted by the main process
+    _assert_same_outputs(base / "single" / "refusal", multi)
+    # each process journaled its own shard (strided by id), under its own name
+    parts = sorted(p.name for p in (multi / "responses" / "parts").glob("*.json"))
+    assert parts == [
+        "neg-0000000-rank0.json",
+        "neg-0000001-rank1.json",
+        "pos-0000000-rank0.json",
+        "pos-0000001-rank1.json",
+        "run.json",
+    ]
+    rank1 = json.loads((multi / "responses" / "parts" / "pos-0000001-rank1.json").read_text())
+    assert [r["id"] for r in rank1["rows"]] == [1, 3]
+    metadata = json.loads((multi / "metadata.json").read_text())
+    assert metadata["rows"] == {"pos": N, "neg": N}
+
+
+def test_a_lost_shard_is_regenerated_alone_and_merged_again(runs):
+    base, _ = runs
+    multi = base / "multi" / "refusal"
+    # as if process 1 had crashed before journaling anything: its parts and the merged files go
+    lost = [
+        *multi.glob("responses/parts/*-rank1.json"),
+        *multi.glob("activations/parts/*-rank1.npz"),
+    ]
+    assert len(lost) == 4
+    for part in lost:
+        part.unlink()
+    for polarity in ("pos", "neg"):
+        (multi / "responses" / f"{polarity}.csv").unlink()
+    rank0_part = multi / "responses" / "parts" / "pos-0000000-rank0.json"
+    before = rank0_part.stat().st_mtime_ns
+
+    summary = _run_two_processes(base, "multi")
+
+    assert summary["traits"][0]["generated"] == N  # ids 1 and 3 of each polarity only
+    assert rank0_part.stat().st_mtime_ns == before  # rank 0's finished shard was not redone
+    _assert_same_outputs(base / "single" / "refusal", multi)
