@@ -1,5 +1,6 @@
-"""Data-parallel `generate`: 2 processes (torchrun, gloo on CPU) on the embedded model merge into
-the same files a single-process run writes, and a lost shard resumes on its own."""
+"""Data-parallel `generate` and `extract activations`: 2 processes (torchrun, gloo on CPU) on the
+embedded model merge into the same files a single-process run writes, and a lost generate shard
+resumes on its own."""
 
 import csv
 import json
@@ -110,3 +111,39 @@ def test_a_lost_shard_is_regenerated_alone_and_merged_again(runs):
     assert summary["traits"][0]["generated"] == N  # ids 1 and 3 of each polarity only
     assert rank0_part.stat().st_mtime_ns == before  # rank 0's finished shard was not redone
     _assert_same_outputs(base / "single" / "refusal", multi)
+
+
+def test_extract_activations_on_two_processes_equals_one(runs):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from tracekit.cli import app
+
+    base, _ = runs
+    for name in ("x_single", "x_multi"):
+        shutil.copytree(base / "single", base / name)
+    args = ["extract", "activations", "--trait", "refusal", "--experiments-dir", str(base)]
+    args += ["--layers", "0,5,30", "--pooling", "prompt_avg", "--batch-size", "4"]
+    args += ["--device", "cpu"]
+    one = CliRunner().invoke(app, [*args, "--experiment", "x_single"])
+    assert one.exit_code == 0, one.output
+    command = [sys.executable, "-m", "tracekit", *args, "--experiment", "x_multi"]
+    done = subprocess.run(
+        [*command, "--num-processes", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["rows"] == {"pos": N, "neg": N}
+    for polarity in ("pos", "neg"):
+        act = base / "x_multi" / "refusal" / "activations" / f"{polarity}_prompt_avg"
+        ref = base / "x_single" / "refusal" / "activations" / f"{polarity}_prompt_avg"
+        assert np.load(f"{act}_ids.npy", allow_pickle=False).tolist() == list(range(N))
+        got = np.load(f"{act}.npy", allow_pickle=False)
+        want = np.load(f"{ref}.npy", allow_pickle=False)
+        assert got.shape == want.shape == (N, 3, 576)
+        np.testing.assert_allclose(got, want, rtol=0, atol=REL_TOL * np.abs(want).max())
+    assert not (base / "x_multi" / "refusal" / "activations" / "shards").exists()

@@ -21,9 +21,17 @@ from ._common import (
     JsonOpt,
     LayersOpt,
     ModelOpt,
+    NumProcessesOpt,
     build_config,
 )
-from .generate import ChatTemplateOpt, ExperimentsDirOpt, PoolingOpt, batch_progress
+from .generate import (
+    ChatTemplateOpt,
+    ExperimentsDirOpt,
+    PoolingOpt,
+    batch_progress,
+    is_main_process,
+    launch_processes,
+)
 
 if TYPE_CHECKING:
     from tracekit.vectors.mean_diff import ExtractVectorsResult
@@ -64,6 +72,7 @@ def register(app: typer.Typer) -> None:
         layers: LayersOpt = None,
         pooling: PoolingOpt = None,
         force: ForceOpt = False,
+        num_processes: NumProcessesOpt = 1,
         json_output: JsonOpt = False,
         config: ConfigOpt = None,
     ) -> None:
@@ -71,8 +80,14 @@ def register(app: typer.Typer) -> None:
         from tracekit.generation.extract import ExtractActivationsConfig, extract_activations
 
         cfg = build_config(ctx, ExtractActivationsConfig)
+        if num_processes > 1:
+            args = ["--experiment", cfg.experiment, "--trait", cfg.trait]
+            args += ["--json"] if json_output else []
+            raise typer.Exit(launch_processes(["extract", "activations"], cfg, num_processes, args))
         with batch_progress() as (on_total, on_batch):
             result = extract_activations(cfg, on_batch=on_batch, on_total=on_total)
+        if not is_main_process():
+            return  # the main process reports the merged result
         if json_output:
             out_console.print_json(json.dumps(result.to_dict()))
             return

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import field_validator
 
 from tracekit.config.types import BatchSize, LayerSpec
+from tracekit.distributed import barrier, process_info
 from tracekit.errors import ConfigError, InputError
 from tracekit.generation.engine import CaptureSpec
 from tracekit.generation.pooling import Pooling, Poolings
-from tracekit.generation.run import RuntimeOptions, check_name
+from tracekit.generation.run import RuntimeOptions, check_name, model_settings_for
 from tracekit.storage import experiment as store
-from tracekit.storage.atomic import check_writable, write_json
+from tracekit.storage.atomic import check_writable, save_npz, write_json
 from tracekit.storage.experiment import POLARITIES, TraitPaths
 
 if TYPE_CHECKING:
@@ -104,23 +105,27 @@ def extract_activations(
 
     started = time.perf_counter()
     paths = TraitPaths.of(config.experiments_dir, config.experiment, config.trait)
-    tables = {
+    all_tables = {
         p: store.read_responses_csv(paths.responses_csv(p), ("question", "response"))
         for p in POLARITIES
     }
     poolings = tuple(p.value for p in config.pooling)
     outputs = [paths.activation_file(pol, pooling) for pol in POLARITIES for pooling in poolings]
     check_writable(outputs, config.force)
-    loaded = loaded or load_model(config.model_settings())
+    info = process_info()
+    loaded = loaded or load_model(model_settings_for(config, info))
     try:
         layers = config.layers.resolve(loaded.n_layers)
     except ValueError as exc:
         raise ConfigError(f"--layers: {exc} for {loaded.name}") from None
     capture = CaptureSpec(layers, config.pooling)
+    # data-parallel: each process takes the rows it owns (strided by id)
+    tables = {p: info.shard(rows, key=lambda r: int(r["id"])) for p, rows in all_tables.items()}
     if on_total is not None:
         on_total(sum(len(rows) for rows in tables.values()))
 
     result = ExtractActivationsResult(config.trait, {}, layers, poolings, 0.0)
+    shards = paths.activations_dir / "shards"
     for polarity, rows in tables.items():
         rows = sorted(rows, key=lambda r: int(r["id"]))
         prompts = [_prompt_ids(loaded, config, r) for r in rows]
@@ -143,12 +148,21 @@ def extract_activations(
                 on_batch(len(rows[start:end]), sum(len(r) for r in responses[start:end]))
         empty = np.zeros((0, len(layers), loaded.hidden_size), dtype=np.float32)
         arrays = {p: np.concatenate(c) if c else empty for p, c in chunks.items()}
-        result.files += store.save_activations(
-            paths, polarity, [int(r["id"]) for r in rows], arrays
-        )
-        result.rows[polarity] = len(rows)
+        ids = [int(r["id"]) for r in rows]
+        result.rows[polarity] = len(all_tables[polarity])
+        if info.distributed:
+            shard: dict[str, Any] = {"ids": np.asarray(ids, dtype=np.int64), **arrays}
+            save_npz(shards / f"{polarity}-rank{info.rank}.npz", **shard)
+        else:
+            result.files += store.save_activations(paths, polarity, ids, arrays)
     if not any(result.rows.values()):
         raise InputError(f"no responses in {paths.responses_dir}", "run 'tracekit generate' first")
+    if info.distributed:
+        barrier(info)  # every shard file is written
+        if not info.is_main:
+            result.seconds = time.perf_counter() - started
+            return result
+        result.files += _merge_shards(paths, shards, info.world_size, poolings)
 
     from tracekit.generation.run import activation_metadata
 
@@ -166,3 +180,28 @@ def extract_activations(
     result.files.append(paths.activations_metadata)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _merge_shards(
+    paths: TraitPaths, shards: Path, world_size: int, poolings: tuple[str, ...]
+) -> list[Path]:
+    """Merge the processes' shard files into the single-process activation files (rows by id)."""
+    import shutil
+
+    import numpy as np
+
+    files: list[Path] = []
+    for polarity in POLARITIES:
+        ids: list[np.ndarray] = []
+        arrays: dict[str, list[np.ndarray]] = {p: [] for p in poolings}
+        for rank in range(world_size):
+            with np.load(shards / f"{polarity}-rank{rank}.npz", allow_pickle=False) as data:
+                ids.append(data["ids"])
+                for pooling in poolings:
+                    arrays[pooling].append(data[pooling])
+        all_ids = np.concatenate(ids)
+        order = np.argsort(all_ids, kind="stable")
+        merged = {p: np.concatenate(a)[order] for p, a in arrays.items()}
+        files += store.save_activations(paths, polarity, all_ids[order].tolist(), merged)
+    shutil.rmtree(shards)
+    return files
