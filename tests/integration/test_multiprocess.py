@@ -1,6 +1,6 @@
-"""Data-parallel `generate` and `extract activations`: 2 processes (torchrun, gloo on CPU) on the
-embedded model merge into the same files a single-process run writes, and a lost generate shard
-resumes on its own."""
+"""Data-parallel `generate`, `extract activations` and `log`: 2 processes (torchrun, gloo on CPU)
+on the embedded model merge into the same outputs a single-process run writes, and lost or
+leftover shards resume."""
 
 import csv
 import json
@@ -147,3 +147,48 @@ def test_extract_activations_on_two_processes_equals_one(runs):
         assert got.shape == want.shape == (N, 3, 576)
         np.testing.assert_allclose(got, want, rtol=0, atol=REL_TOL * np.abs(want).max())
     assert not (base / "x_multi" / "refusal" / "activations" / "shards").exists()
+
+
+def test_log_on_two_processes_merges_shard_stores_into_one(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from tracekit import open_store
+    from tracekit.cli import app
+
+    questions = ["Hi?", "What is 2+2?", "Name a color.", "Say hello."]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
+    args = ["log", "--qa", str(qa), "--layers", "5", "--max-new-tokens", "3"]
+    args += ["--device", "cpu", "--batch-size", "4"]
+    one = CliRunner().invoke(app, [*args, "--lmdb", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    # a shard store left by a crashed data-parallel run: merged first, its entry not redone
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps({"prompt": questions[0]}) + "\n")
+    leftover = [*args[:2], str(first), *args[3:], "--lmdb", str(tmp_path / "two.rank1")]
+    assert CliRunner().invoke(app, leftover).exit_code == 0
+
+    command = [sys.executable, "-m", "tracekit", *args, "--lmdb", str(tmp_path / "two")]
+    done = subprocess.run(
+        [*command, "--num-processes", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert (summary["already_logged"], summary["logged"]) == (1, 3)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]
+    with open_store(tmp_path / "one") as ref, open_store(tmp_path / "two") as merged:
+        assert sorted(merged.keys()) == sorted(ref.keys())
+        assert len(merged.provenance) == 1
+        for key in sorted(ref.keys()):
+            want, got = ref.get(key), merged.get(key)
+            for field in ("prompt", "response_token_ids", "finish_reason", "positions"):
+                assert got.metadata[field] == want.metadata[field]
+            x = want.arrays["layer_5"].astype(np.float32)
+            y = got.arrays["layer_5"].astype(np.float32)
+            assert x.shape == y.shape
+            # stored as float16: allow a few float16 steps of the largest magnitude
+            np.testing.assert_allclose(y, x, rtol=0, atol=1e-3 * np.abs(x).max())

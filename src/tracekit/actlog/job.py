@@ -28,6 +28,7 @@ from tracekit.actlog.prompts import (
     render_chat,
 )
 from tracekit.config import BatchSize, LayerSpec, TracekitConfig
+from tracekit.distributed import all_gather, barrier, process_device, process_info
 from tracekit.errors import ConfigError, StoreError
 from tracekit.storage.activation_store import ActivationStore, describe_mismatch
 
@@ -120,11 +121,16 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
     from tracekit.storage.activation_store import prompt_key
 
     started = time.perf_counter()
+    info = process_info()
     qa = read_qa_jsonl(cfg.qa, cfg.question_field, cfg.skip_bad_lines)
-    _precheck_store(cfg)
+    if info.is_main:
+        _precheck_store(cfg)
     loaded = load_model(
         ModelConfig(
-            model=cfg.model, revision=cfg.revision, dtype=cfg.model_dtype, device=cfg.device
+            model=cfg.model,
+            revision=cfg.revision,
+            dtype=cfg.model_dtype,
+            device=process_device(info, cfg.device),
         )
     )
     try:
@@ -154,9 +160,16 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
     )
     engine = create_engine(cfg.engine, loaded)
 
+    if info.distributed:
+        # LMDB has one writer: each process logs into its own store, the main process merges
+        # (first any shard stores a crashed run left, so their entries count as done)
+        if info.is_main:
+            _merge_shard_stores(cfg, provenance)
+        barrier(info)
+    store_path = shard_store_path(cfg.lmdb, info.rank) if info.distributed else cfg.lmdb
     logged = batches = written = 0
     with ActivationLogger(
-        cfg.lmdb,
+        store_path,
         loaded.model,
         tokenizer,
         layers=layers,
@@ -166,12 +179,16 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
         allow_mixed=cfg.allow_mixed,
     ) as act_log:
         done = act_log.existing_keys()
+        if info.distributed:
+            with ActivationStore(cfg.lmdb) as merged:
+                done |= set(merged.keys())
         todo: dict[str, int] = {}  # key -> first QA row with that prompt (duplicates log once)
         for index, prompt in enumerate(prompts):
             todo.setdefault(prompt_key(prompt), index)
         unique = len(todo)
         pending = [index for key, index in todo.items() if key not in done]
         already = unique - len(pending)
+        pending = [index for index in pending if info.owns(index)]  # strided by QA row
         if on_batch is not None:
             on_batch(0, 0, len(pending))
         for start in range(0, len(pending), cfg.batch_size):
@@ -184,6 +201,12 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
             written += size
             if on_batch is not None:
                 on_batch(len(rows), size, len(pending))
+    if info.distributed:
+        counts = all_gather(info, (logged, batches, written))
+        barrier(info)  # every shard store is closed
+        logged, batches, written = (sum(c[i] for c in counts) for i in range(3))
+        if info.is_main:
+            _merge_shard_stores(cfg, provenance)
     return LogResult(
         store=str(cfg.lmdb),
         model=loaded.name,
@@ -198,6 +221,27 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
         seconds=time.perf_counter() - started,
         bad_line_numbers=qa.bad_lines,
     )
+
+
+def shard_store_path(store: Path, rank: int) -> Path:
+    """Where process ``rank`` of a data-parallel run logs (a sibling of the final store)."""
+    return store.with_name(f"{store.name}.rank{rank}")
+
+
+def _merge_shard_stores(cfg: LogConfig, provenance: dict[str, Any]) -> None:
+    """Copy every shard store's entries into ``cfg.lmdb`` and delete the shard stores."""
+    import shutil
+
+    from tracekit.storage.activation_store import ActivationStoreWriter
+
+    shards = sorted(cfg.lmdb.parent.glob(f"{cfg.lmdb.name}.rank*"))
+    with ActivationStoreWriter(cfg.lmdb, provenance, cfg.allow_mixed) as writer:
+        for shard in shards:
+            if (shard / "data.mdb").is_file():
+                copied = writer.merge_from(shard, allow_mixed=cfg.allow_mixed)
+                logger.info("merged %d entries from %s", copied, shard)
+    for shard in shards:
+        shutil.rmtree(shard)
 
 
 def _log_batch(

@@ -18,6 +18,7 @@ from ._common import (
     JsonOpt,
     LayersOpt,
     ModelOpt,
+    NumProcessesOpt,
     build_config,
 )
 
@@ -167,6 +168,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
         skip_bad_lines: SkipBadLinesOpt = False,
+        num_processes: NumProcessesOpt = 1,
         json_output: JsonOpt = False,
         config: ConfigOpt = None,
     ) -> None:
@@ -175,7 +177,15 @@ def register(app: typer.Typer) -> None:
             return
         from tracekit.actlog.job import LogConfig, log_activations
 
+        from .generate import is_main_process, launch_processes
+
         cfg = build_config(ctx, LogConfig)
+        if num_processes > 1:
+            args = ["--json"] if json_output else []
+            raise typer.Exit(launch_processes(["log"], cfg, num_processes, args))
+        if not is_main_process():  # data-parallel: the main process shows progress and result
+            log_activations(cfg)
+            return
         with progress_bar() as progress:
             task = progress.add_task("logging", total=None, unit="entries")
 

@@ -408,6 +408,61 @@ class ActivationStoreWriter:
         self._write(put_all)
         return sum(len(m) + (len(a) if a else 0) for _, m, a in encoded)
 
+    def merge_from(self, source: str | Path, allow_mixed: bool = False, batch: int = 256) -> int:
+        """Copy every entry of the store at ``source`` that this store lacks; returns entries.
+
+        Values are copied byte for byte (activations and metadata), in transactions of
+        ``batch`` entries, with the source's provenance records; a source written by a setup
+        this store has not seen is refused unless ``allow_mixed``. Used by data-parallel
+        ``log``, where each process writes its own store and the main process merges them.
+        """
+        with ActivationStore(source) as src:
+            records = src.provenance
+            with self.env.begin() as txn:
+                known = _read_provenance(txn, self._dbs[2])
+            for pid, record in records.items():
+                if pid in known:
+                    continue
+                if known and not allow_mixed:
+                    mismatch = describe_mismatch(next(iter(known.values())), record)
+                    raise StoreError(
+                        f"store {source} was written by another setup than {self.path}: {mismatch}",
+                        "merge into a new store, or pass --allow-mixed",
+                    )
+                key = _PROVENANCE_PREFIX + pid.encode()
+                value = json.dumps(record, sort_keys=True).encode("utf-8")
+                self._write(lambda txn, k=key, v=value: txn.put(k, v, db=self._dbs[2]))
+            have = self.existing_keys()
+            act_db, meta_db, _ = self._dbs
+            copied = 0
+            pending: list[tuple[bytes, bytes, bytes | None]] = []
+
+            def flush() -> None:
+                items = list(pending)
+
+                def put_all(txn: Any) -> None:
+                    for key, meta, acts in items:
+                        if acts is not None:
+                            txn.put(key, acts, db=act_db)
+                        txn.put(key, meta, db=meta_db)
+
+                self._write(put_all)
+                pending.clear()
+
+            with src._begin(buffers=False) as txn, txn.cursor(db=src._meta_db) as cursor:
+                for key, meta in cursor:
+                    key_bytes = bytes(key)
+                    if key_bytes.decode("utf-8", "replace") in have:
+                        continue
+                    acts = txn.get(key_bytes, db=src._act_db)
+                    pending.append((key_bytes, bytes(meta), None if acts is None else bytes(acts)))
+                    copied += 1
+                    if len(pending) >= batch:
+                        flush()
+            if pending:
+                flush()
+        return copied
+
     def _write(self, body: Any) -> None:
         import lmdb
 
