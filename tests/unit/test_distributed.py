@@ -28,3 +28,39 @@ def test_launch_refuses_inside_a_distributed_run(monkeypatch):
     config = GenerateConfig(experiment="e", traits=("refusal",))
     with pytest.raises(ConfigError, match="--num-processes inside an already distributed run"):
         launch(["generate"], config, 2)
+
+
+PROV = {"model": "org/model-a", "layers": [1], "sequence_mode": "all", "dtype": "float16"}
+
+
+def _entry(key: str, value: float):
+    import numpy as np
+
+    from tracekit.storage.activation_store import PendingEntry
+
+    arrays = {"layer_1": np.full((2, 3), value, dtype=np.float16)}
+    return PendingEntry(key=key, metadata={"prompt": key}, arrays=arrays)
+
+
+def test_merge_from_copies_missing_entries_and_refuses_another_setup(tmp_path):
+    from tracekit.errors import StoreError
+    from tracekit.storage.activation_store import ActivationStoreWriter, open_store
+
+    with ActivationStoreWriter(tmp_path / "shard", {**PROV, "created": 2.0}) as shard:
+        shard.write_batch([_entry("a", 1.0), _entry("b", 2.0)])
+    with ActivationStoreWriter(tmp_path / "main", PROV) as main:
+        main.write_batch([_entry("a", 9.0)])  # already merged: kept as it is
+        assert main.merge_from(tmp_path / "shard", batch=1) == 1
+    with open_store(tmp_path / "main") as store:
+        assert sorted(store.keys()) == ["a", "b"]
+        assert store.get("a").arrays["layer_1"][0, 0] == 9.0
+        assert store.get("b").arrays["layer_1"].tolist() == [[2.0] * 3] * 2
+        assert store.get("b").metadata["prompt"] == "b"
+        assert len(store.provenance) == 1
+
+    with ActivationStoreWriter(tmp_path / "other", {**PROV, "model": "org/model-b"}) as other:
+        other.write_batch([_entry("c", 3.0)])
+    with ActivationStoreWriter(tmp_path / "main", PROV) as main:
+        with pytest.raises(StoreError, match="was written by another setup than"):
+            main.merge_from(tmp_path / "other")
+        assert main.merge_from(tmp_path / "other", allow_mixed=True) == 1
