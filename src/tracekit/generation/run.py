@@ -306,16 +306,16 @@ def generate(
     # data-parallel, the main process clears (--force) and writes the run settings, the others
     # then only check them (one writer per file)
     all_paths = [TraitPaths.of(config.experiments_dir, config.experiment, t.name) for t in traits]
-    for turn in ("main", "others"):
-        if (turn == "main") == info.is_main:
-            force = config.force and info.is_main
-            for trait, paths in zip(traits, all_paths, strict=True):
-                if force:
-                    store.clear_outputs(paths)
-                store.ensure_trait_definition(paths, trait.to_json(), force)
-                store.check_run_settings(paths, run_settings(config, loaded, layers, trait), force)
-        if turn == "main":
-            barrier(info)
+    if not info.is_main:
+        barrier(info)  # wait for the main process to prepare the folders
+    force = config.force and info.is_main
+    for trait, paths in zip(traits, all_paths, strict=True):
+        if force:
+            store.clear_outputs(paths)
+        store.ensure_trait_definition(paths, trait.to_json(), force)
+        store.check_run_settings(paths, run_settings(config, loaded, layers, trait), force)
+    if info.is_main:
+        barrier(info)  # (no-op for a single process)
     plans = []
     for trait, paths in zip(traits, all_paths, strict=True):
         todo = {}
@@ -377,9 +377,8 @@ def generate(
                 on_output,
             )
         if info.distributed:
-            # every shard is journaled: the main process merges them into the final files
+            # returns once every process journaled its shard: the main process then merges them
             counts = all_gather(info, (result.generated, result.tokens))
-            barrier(info)
             result.generated = sum(c[0] for c in counts)
             result.tokens = sum(c[1] for c in counts)
         total_tokens += result.tokens
