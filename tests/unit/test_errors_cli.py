@@ -48,3 +48,14 @@ def test_unexpected_exception_is_one_line_unless_debug(monkeypatch):
     monkeypatch.setenv("TRACEKIT_DEBUG", "1")
     result = CliRunner().invoke(_app(RuntimeError("kaput")), ["boom"])
     assert isinstance(result.exception, RuntimeError)  # re-raised, so a traceback is shown
+
+
+def test_brackets_in_messages_are_printed_literally(monkeypatch):
+    monkeypatch.delenv("TRACEKIT_DEBUG", raising=False)
+    result = CliRunner().invoke(
+        _app(InputError("shape [3, 576] in [bold]x.npz", "see [docs]")), ["boom"]
+    )
+    assert "error: shape [3, 576] in [bold]x.npz" in result.output
+    assert "hint: see [docs]" in result.output
+    result = CliRunner().invoke(_app(KeyError("[red]k")), ["boom"])
+    assert "unexpected KeyError: '[red]k'" in result.output

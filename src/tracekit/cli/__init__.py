@@ -25,30 +25,28 @@ def normalize_token(token: str) -> str:
 def report_error(exc: BaseException) -> int:
     """Print ``exc`` as one red line (plus a hint line); return the exit code."""
     from pydantic import ValidationError
+    from rich.markup import escape
 
     from tracekit.config.base import format_validation_error
     from tracekit.errors import TracekitError
 
-    if isinstance(exc, TracekitError):
-        from rich.markup import escape
+    # messages quote paths, shapes and user text: '[...]' in them is text, not rich markup
+    def line(message: str, hint: str | None = None) -> None:
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        if hint:
+            err_console.print(f"  [dim]hint: {escape(hint)}[/]", highlight=False)
 
-        # messages quote paths and shapes: '[...]' in them is text, not rich markup
-        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
-        if exc.hint:
-            err_console.print(f"  [dim]hint: {escape(exc.hint)}[/]", highlight=False)
+    if isinstance(exc, TracekitError):
+        line(exc.message, exc.hint)
         return exc.exit_code
     if isinstance(exc, ValidationError):
-        err_console.print(f"[bold red]error:[/] {format_validation_error(exc)}", highlight=False)
+        line(format_validation_error(exc))
         return 2
     if isinstance(exc, KeyboardInterrupt):
         err_console.print("[bold red]interrupted[/] (finished work is kept; rerun to resume)")
         return 130
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    err_console.print(
-        f"[bold red]error:[/] unexpected {type(exc).__name__}: {message}",
-        highlight=False,
-    )
-    err_console.print("  [dim]hint: set TRACEKIT_DEBUG=1 to see the traceback[/]")
+    line(f"unexpected {type(exc).__name__}: {message}", "set TRACEKIT_DEBUG=1 to see the traceback")
     return 1
 
 
