@@ -88,16 +88,14 @@ def _formatter(cfg: ReconstructConfig, provenance: dict[str, dict[str, Any]]) ->
     if cfg.prompt_template is not None:
         template = cfg.prompt_template
     elif cfg.chat or recorded_chat:
-        from tracekit.models.loading import ModelConfig, _model_source, load_tokenizer
+        from tracekit.models.loading import ModelConfig, load_tokenizer_only
 
         model_arg = (
             cfg.model
             if cfg.model is not None
             else (records[0].get("model_arg") if records else None)
         )
-        mcfg = ModelConfig(model=model_arg)
-        name, source = _model_source(mcfg)
-        tokenizer = load_tokenizer(source, mcfg)
+        name, tokenizer = load_tokenizer_only(ModelConfig(model=model_arg))
         return (lambda q: render_chat(tokenizer, q)), f"chat template of {name}"
     else:
         recorded = [str(r["prompt_template"]) for r in records if r.get("prompt_template")]

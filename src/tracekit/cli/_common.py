@@ -7,6 +7,8 @@ actually typed (click's parameter source) override the file; parser defaults nev
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -118,3 +120,54 @@ NumProcessesOpt = Annotated[
         "sharded by id, one merge at the end. Same outputs as one process. See docs/multi-gpu.md.",
     ),
 ]
+# options shared by generate and extract activations
+ExperimentsDirOpt = Annotated[
+    Path,
+    typer.Option("--experiments-dir", help="Folder holding experiments.", file_okay=False),
+]
+PoolingOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--pooling",
+        help="response_avg (mean over response tokens), prompt_last, prompt_avg; repeat or "
+        "comma-separate for several. Default: response_avg.",
+    ),
+]
+ChatTemplateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--chat-template/--no-chat-template",
+        help="Wrap prompts in the tokenizer's chat template (instruction as system prompt); "
+        "--no-chat-template for base models.",
+    ),
+]
+
+
+# --- data-parallel runs and progress -----------------------------------------------------
+def is_main_process() -> bool:
+    """False in the non-main processes of a data-parallel run (they print nothing)."""
+    from tracekit.distributed import process_info
+
+    return process_info().is_main
+
+
+@contextmanager
+def batch_progress() -> Iterator[tuple[Callable[[int], None], Callable[[int, int], None]]]:
+    """Rows and tokens/s bars on stderr, fed by the core's ``on_total``/``on_batch`` hooks."""
+    from tracekit.console import progress_bar
+
+    if not is_main_process():  # one set of bars per data-parallel run: the main process's
+        yield (lambda total: None), (lambda n_rows, n_tokens: None)
+        return
+    with progress_bar() as progress:
+        rows = progress.add_task("rows", total=None, unit="rows")
+        tokens = progress.add_task("new tokens", total=None, unit="tok")
+
+        def on_total(total: int) -> None:
+            progress.update(rows, total=total)
+
+        def on_batch(n_rows: int, n_tokens: int) -> None:
+            progress.advance(rows, n_rows)
+            progress.advance(tokens, n_tokens)
+
+        yield on_total, on_batch

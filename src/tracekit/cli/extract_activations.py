@@ -12,25 +12,22 @@ from tracekit.console import err_console, out_console
 
 from ._common import (
     BatchSizeOpt,
+    ChatTemplateOpt,
     ConfigOpt,
     DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ExperimentOpt,
+    ExperimentsDirOpt,
     ForceOpt,
     JsonOpt,
     LayersOpt,
     ModelOpt,
     NumProcessesOpt,
-    build_config,
-)
-from .generate import (
-    ChatTemplateOpt,
-    ExperimentsDirOpt,
     PoolingOpt,
     batch_progress,
+    build_config,
     is_main_process,
-    launch_processes,
 )
 
 if TYPE_CHECKING:
@@ -77,13 +74,14 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
     ) -> None:
         """Stage 2: teacher-forced activations for saved responses (responses/{pos,neg}.csv)."""
+        from tracekit.distributed import launch
         from tracekit.generation.extract import ExtractActivationsConfig, extract_activations
 
         cfg = build_config(ctx, ExtractActivationsConfig)
         if num_processes > 1:
             args = ["--experiment", cfg.experiment, "--trait", cfg.trait]
             args += ["--json"] if json_output else []
-            raise typer.Exit(launch_processes(["extract", "activations"], cfg, num_processes, args))
+            raise typer.Exit(launch(["extract", "activations"], cfg, num_processes, args))
         with batch_progress() as (on_total, on_batch):
             result = extract_activations(cfg, on_batch=on_batch, on_total=on_total)
         if not is_main_process():

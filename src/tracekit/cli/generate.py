@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -14,45 +12,28 @@ from tracekit.console import out_console
 
 from ._common import (
     BatchSizeOpt,
+    ChatTemplateOpt,
     ConfigOpt,
     DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     EngineOpt,
     ExperimentOpt,
+    ExperimentsDirOpt,
     ForceOpt,
     JsonOpt,
     LayersOpt,
     ModelOpt,
     NumProcessesOpt,
+    PoolingOpt,
     SeedOpt,
+    batch_progress,
     build_config,
+    is_main_process,
 )
 
 if TYPE_CHECKING:
     from tracekit.generation.run import GenerateResult
-
-# options declared once for generate and extract activations
-ExperimentsDirOpt = Annotated[
-    Path,
-    typer.Option("--experiments-dir", help="Folder holding experiments.", file_okay=False),
-]
-PoolingOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--pooling",
-        help="response_avg (mean over response tokens), prompt_last, prompt_avg; repeat or "
-        "comma-separate for several. Default: response_avg.",
-    ),
-]
-ChatTemplateOpt = Annotated[
-    bool,
-    typer.Option(
-        "--chat-template/--no-chat-template",
-        help="Wrap prompts in the tokenizer's chat template (instruction as system prompt); "
-        "--no-chat-template for base models.",
-    ),
-]
 
 
 def _print_result(result: GenerateResult) -> None:
@@ -169,6 +150,7 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
     ) -> None:
         """Generate positive/negative trait responses with activation capture."""
+        from tracekit.distributed import launch
         from tracekit.errors import ConfigError
         from tracekit.generation.run import GenerateConfig, generate
 
@@ -183,7 +165,7 @@ def register(app: typer.Typer) -> None:
         if num_processes > 1:
             # the config file carries every option but the ones the parser requires
             args = ["--experiment", cfg.experiment] + (["--json"] if json_output else [])
-            raise typer.Exit(launch_processes(["generate"], cfg, num_processes, args))
+            raise typer.Exit(launch(["generate"], cfg, num_processes, args))
         with batch_progress() as (on_total, on_batch):
             result = generate(cfg, on_batch=on_batch, on_total=on_total)
         if not is_main_process():
@@ -192,39 +174,3 @@ def register(app: typer.Typer) -> None:
             out_console.print_json(json.dumps(result.to_dict()))
         else:
             _print_result(result)
-
-
-def launch_processes(verb: list[str], cfg: Any, num_processes: int, args: list[str]) -> int:
-    """Run ``tracekit VERB ARGS`` with ``cfg`` in ``num_processes`` processes; their exit code."""
-    from tracekit.distributed import launch
-
-    return launch(verb, cfg, num_processes, args)
-
-
-def is_main_process() -> bool:
-    """False in the non-main processes of a data-parallel run (they print nothing)."""
-    from tracekit.distributed import process_info
-
-    return process_info().is_main
-
-
-@contextmanager
-def batch_progress() -> Iterator[tuple[Callable[[int], None], Callable[[int, int], None]]]:
-    """Rows and tokens/s bars on stderr, fed by the core's ``on_total``/``on_batch`` hooks."""
-    from tracekit.console import progress_bar
-
-    if not is_main_process():  # one set of bars per data-parallel run: the main process's
-        yield (lambda total: None), (lambda n_rows, n_tokens: None)
-        return
-    with progress_bar() as progress:
-        rows = progress.add_task("rows", total=None, unit="rows")
-        tokens = progress.add_task("new tokens", total=None, unit="tok")
-
-        def on_total(total: int) -> None:
-            progress.update(rows, total=total)
-
-        def on_batch(n_rows: int, n_tokens: int) -> None:
-            progress.advance(rows, n_rows)
-            progress.advance(tokens, n_tokens)
-
-        yield on_total, on_batch

@@ -20,6 +20,7 @@ from ._common import (
     ModelOpt,
     NumProcessesOpt,
     build_config,
+    is_main_process,
 )
 
 if TYPE_CHECKING:
@@ -176,13 +177,12 @@ def register(app: typer.Typer) -> None:
         if ctx.invoked_subcommand is not None:
             return
         from tracekit.actlog.job import LogConfig, log_activations
-
-        from .generate import is_main_process, launch_processes
+        from tracekit.distributed import launch
 
         cfg = build_config(ctx, LogConfig)
         if num_processes > 1:
             args = ["--json"] if json_output else []
-            raise typer.Exit(launch_processes(["log"], cfg, num_processes, args))
+            raise typer.Exit(launch(["log"], cfg, num_processes, args))
         if not is_main_process():  # data-parallel: the main process shows progress and result
             log_activations(cfg)
             return

@@ -151,6 +151,13 @@ def quiet_hf_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def load_tokenizer_only(cfg: ModelConfig) -> tuple[str, Any]:
+    """(display name, tokenizer) of the model ``cfg`` names, without loading its weights."""
+    name, source = _model_source(cfg)
+    with quiet_hf_progress():
+        return name, load_tokenizer(source, cfg)
+
+
 def load_tokenizer(source: str, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
