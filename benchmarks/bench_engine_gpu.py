@@ -92,6 +92,73 @@ def matmul_rate(device: str) -> float:
     return 10 * 2 * n**3 / (time.perf_counter() - start)
 
 
+def teacher_forced_rows(
+    loaded: Any, prompt_ids: Any, resp_ids: Any, capture: Any, dev: str, with_compile: bool
+) -> dict[str, float]:
+    """Seconds per teacher-forced batch: tracekit's pooled forward, and what bounds it (the
+    same forward without capture, compiled, and the model's matrix products alone)."""
+    import torch.nn.functional as F
+
+    from tracekit.generation.engine import left_pad, position_ids_from_mask
+    from tracekit.generation.teacher_forced import HostCopy, pooled_forward
+
+    model = loaded.model
+    out: dict[str, float] = {}
+    out["tracekit pooled_forward (extract activations)"], _ = timed(
+        lambda: pooled_forward(loaded, prompt_ids, resp_ids, capture), dev, 3
+    )
+
+    def pipelined(n: int = 4) -> None:  # the extract loop: next batch queued before the copy
+        pending = None
+        for _ in range(n):
+            copy = HostCopy(pooled_forward(loaded, prompt_ids, resp_ids, capture, to_host=False))
+            if pending is not None:
+                pending.wait()
+            pending = copy
+        assert pending is not None
+        pending.wait()
+
+    seconds, _ = timed(pipelined, dev, 2)
+    out["same, 4 batches pipelined (per batch)"] = seconds / 4
+    rows = [p + r for p, r in zip(prompt_ids, resp_ids, strict=True)]
+    ids, mask = left_pad(rows, 0, torch.device(dev))
+    positions = position_ids_from_mask(mask)
+
+    def plain(m: Any = model) -> Any:
+        with torch.inference_mode():
+            return m(input_ids=ids, attention_mask=mask, position_ids=positions,
+                     use_cache=False, logits_to_keep=1)  # fmt: skip
+
+    out["HF forward, no capture"], _ = timed(plain, dev, 3)
+    if with_compile:
+        compiled = torch.compile(model)
+        started = time.perf_counter()
+        plain(compiled)
+        sync(dev)
+        print(f"(torch.compile of the forward: {time.perf_counter() - started:.0f} s)")
+        out["HF forward, no capture, torch.compile"], _ = timed(lambda: plain(compiled), dev, 3)
+        torch._dynamo.reset()
+    # the matrix products alone: every linear layer of every block at b*s rows
+    x = torch.randn(ids.numel(), model.config.hidden_size, device=dev, dtype=model.dtype)
+    mlp_in = torch.randn(ids.numel(), model.config.intermediate_size, device=dev,
+                         dtype=model.dtype)  # fmt: skip
+    linears = []
+    for layer in model.model.layers:
+        for sub in (layer.self_attn, layer.mlp):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"):
+                if hasattr(sub, name):
+                    linears.append((x, getattr(sub, name).weight))
+            if hasattr(sub, "down_proj"):
+                linears.append((mlp_in, sub.down_proj.weight))
+
+    def products() -> None:
+        for a, w in linears:
+            F.linear(a, w)
+
+    out["its matrix products alone (cuBLAS)"], _ = timed(products, dev, 3)
+    return out
+
+
 def profile(fn: Any, steps: int, device: str) -> None:
     """Kernel table of one call (CUDA graph kernels included) and kernels per decode step."""
     from torch.profiler import ProfilerActivity
@@ -129,6 +196,7 @@ def main() -> None:
     ap.add_argument("--static-batches", default=None, help="batches for static (default all)")
     ap.add_argument("--profile", type=int, default=0, help="profile one capture run at batch B")
     ap.add_argument("--teacher-forced", action="store_true")
+    ap.add_argument("--tf-compile", action="store_true", help="also time a compiled HF forward")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     dev = args.device
@@ -253,21 +321,29 @@ def main() -> None:
 
     tf: dict[str, Any] = {}
     if args.teacher_forced:
-        from tracekit.generation.teacher_forced import pooled_forward
-
         b, s = 32, 256
         gen = torch.Generator().manual_seed(7)
         prompt_ids = torch.randint(2, cfg.vocab_size, (b, s // 2), generator=gen).tolist()
         resp_ids = torch.randint(2, cfg.vocab_size, (b, s // 2), generator=gen).tolist()
-        seconds, _ = timed(lambda: pooled_forward(loaded, prompt_ids, resp_ids, capture), dev, 3)
         non_embed = weight_bytes / 2 - cfg.vocab_size * cfg.hidden_size
         flops = 2 * non_embed * b * s + 4 * cfg.num_hidden_layers * b * s * s * cfg.hidden_size / 2
-        tf = {"batch": b, "seq": s, "seconds": seconds, "tflops": flops / seconds / 1e12}
-        tf["matmul_frac"] = flops / seconds / mm
-        print(
-            f"teacher-forced pooled forward, all {n_layers} layers, b={b} x {s}: "
-            f"{tf['tflops']:.0f} TFLOP/s = {100 * tf['matmul_frac']:.0f}% of bf16 matmul rate"
-        )
+        tf = {
+            "batch": b,
+            "seq": s,
+            "flops": flops,
+            "rows": teacher_forced_rows(
+                loaded, prompt_ids, resp_ids, capture, dev, args.tf_compile
+            ),
+        }
+        print(f"\nteacher-forced, all {n_layers} layers, three poolings, b={b} x {s} tokens")
+        print("| what | ms | TFLOP/s | of bf16 matmul rate |\n|---|---|---|---|")
+        for name, seconds in tf["rows"].items():
+            print(
+                f"| {name} | {1e3 * seconds:.1f} | {flops / seconds / 1e12:.0f} | "
+                f"{100 * flops / seconds / mm:.0f}% |"
+            )
+        tf["seconds"] = tf["rows"]["tracekit pooled_forward (extract activations)"]
+        tf["matmul_frac"] = flops / tf["seconds"] / mm
 
     print("\n| batch | method | tok/s | x generate | step ms | floor (decode) | floor (e2e) |")
     print("|---|---|---|---|---|---|---|")
@@ -279,7 +355,7 @@ def main() -> None:
         )
     from tracekit.generation import cuda_gemv
 
-    modes = ("linear", "transposed", "triton")
+    modes = cuda_gemv.MODE_NAMES
     print("linear layers (rows, N, K): chosen mode, microseconds per candidate")
     for key, mode in cuda_gemv.choices().items():
         times = ", ".join(f"{k} {v:.1f}" for k, v in cuda_gemv.timings().get(key, {}).items())

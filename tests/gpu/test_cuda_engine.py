@@ -110,7 +110,18 @@ def test_triton_gemv_matches_linear(rows):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         y = gemv(x, w)
-        assert _rel(y.float(), x.float() @ w.float().T) < 1e-2
+        want = x.float() @ w.float().T
+        assert _rel(y.float(), want) < 1e-2
+        for mode in (cuda_gemv.SPLIT_K2, cuda_gemv.SPLIT_K4, cuda_gemv.SPLIT_K8):
+            splits = cuda_gemv.splits_of(mode)
+            if k % splits:
+                continue
+            partials = torch.ops.tracekit.gemv_splitk(x, w, splits)
+            assert partials.shape == (splits, rows, n) and partials.dtype == torch.float32
+            # each slice is its own product over K / splits columns
+            part = x[:, : k // splits].float() @ w[:, : k // splits].float().T
+            assert _rel(partials[0], part) < 1e-2
+            assert _rel(cuda_gemv.linear(x, w, mode).float(), want) < 1e-2
 
 
 def test_two_stage_argmax_matches_argmax():
@@ -122,7 +133,7 @@ def test_two_stage_argmax_matches_argmax():
     assert torch.equal(_argmax(values, chunk), values.argmax(dim=-1))
 
 
-@pytest.mark.parametrize("gemv", ["on", "off"])
+@pytest.mark.parametrize("gemv", ["on", "splitk", "off"])
 def test_bf16_gemv_engine_matches_teacher_forced(gemv):
     loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=6)
     prompts = _prompts(8, seed=6)
@@ -131,7 +142,11 @@ def test_bf16_gemv_engine_matches_teacher_forced(gemv):
     engine = CudaEngine(loaded, gemv=gemv)
     out = engine.generate(prompts, params, capture)
     choice = next(iter(engine._decoder(capture)._runners.values())).dims.gemv
-    assert all(choice) == (gemv == "on")
+    assert all(choice) == (gemv != "off")
+    if gemv == "splitk":  # every K of the tiny model splits in two
+        from tracekit.generation import cuda_gemv
+
+        assert set(choice) == {cuda_gemv.SPLIT_K2}
     forced = pooled_forward(loaded, prompts, out.response_ids, capture)
     for pooling in ALL_POOLINGS:
         assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling

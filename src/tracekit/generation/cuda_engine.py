@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracekit.errors import InputError, ModelError
 from tracekit.generation.cuda_gemv import linear
+from tracekit.generation.pooling import masked_sum
 from tracekit.models.capture import LayerTaps
 from tracekit.models.layers import LayerHandles
 
@@ -859,7 +861,8 @@ class FastDecoder:
     writes inside the compiled code; default with ``compile``), ``sdpa_attention`` (decode
     attention through ``scaled_dot_product_attention`` instead of two matmuls), ``gemv``
     (``auto``: per shape the fastest correct of ``F.linear``, the transposed product and the
-    Triton kernel; ``on``: the Triton kernel wherever correct; ``off``: ``F.linear``),
+    Triton kernels; ``on``: the split-N Triton kernel wherever correct; ``splitk``: the split-K
+    one in two slices wherever correct; ``off``: ``F.linear``),
     ``check_every`` (decode steps between host checks for "all rows done"), ``prompt_bucket``
     (prompt lengths are padded up to a multiple, so batches share captured graphs) and
     ``max_runners`` (captured shapes kept alive, each with its own KV cache).
@@ -923,6 +926,8 @@ class FastDecoder:
             self.weights = collect_weights(model, self.handles, fuse=fuse)
         self.cos_table = self.sin_table = torch.empty(0)
         self._runners: OrderedDict[RunKey, _Runner] = OrderedDict()
+        self.setup_seconds = 0.0
+        """Time spent preparing decode steps (kernel choice, compilation, graph capture)."""
 
         spec = self.spec
         self.dims = Dims(
@@ -937,9 +942,10 @@ class FastDecoder:
             gemv=NO_GEMV,
             argmax_chunk=argmax_chunk_for(spec.vocab) if on_cuda else 0,
         )
-        if gemv not in ("auto", "on", "off"):
-            raise ValueError(f"gemv must be auto, on or off, not {gemv!r}")
-        # auto: per shape, where the Triton kernel is correct and faster; on: wherever correct
+        if gemv not in ("auto", "on", "splitk", "off"):
+            raise ValueError(f"gemv must be auto, on, splitk or off, not {gemv!r}")
+        # auto: per shape, where a Triton kernel is correct and faster; on: the split-N kernel
+        # wherever correct; splitk: the two-slice split-K kernel wherever correct (tests)
         self.gemv_mode = gemv if on_cuda and fuse else "off"
         if self.compile:
             self.fn_first = _compiled("first", _first)
@@ -957,7 +963,7 @@ class FastDecoder:
             return NO_GEMV
         from tracekit.generation import cuda_gemv
 
-        force = self.gemv_mode == "on"
+        force = {"on": cuda_gemv.TRITON, "splitk": cuda_gemv.SPLIT_K2}.get(self.gemv_mode)
         w = self.weights[0]
         return GemvChoice(
             qkv=0 if w.qkv is None else cuda_gemv.choose(batch, w.qkv, force),
@@ -988,6 +994,7 @@ class FastDecoder:
             return runner
         while len(self._runners) >= self.max_runners:
             self._runners.popitem(last=False)
+        started = time.perf_counter()
         runner = _Runner(self, key)
         if self.use_graphs:
             try:
@@ -999,6 +1006,9 @@ class FastDecoder:
                 runner.graph = None
                 runner.reset_dummy()
         self._runners[key] = runner
+        seconds = time.perf_counter() - started
+        self.setup_seconds += seconds
+        logger.info("decode step for %s ready in %.1f s", key, seconds)
         return runner
 
     # -- generation ----------------------------------------------------------------------------
@@ -1098,13 +1108,12 @@ class FastDecoder:
         n_real = mask.sum(dim=1)
         sums: dict[int, torch.Tensor] = {}
         lasts: dict[int, torch.Tensor] = {}
-        maskf = mask.to(torch.float32)[:, :, None]
 
         def pool(layer: int, hidden: torch.Tensor) -> None:
             # left padding: the last column is every row's last prompt token
             lasts[layer] = hidden[:, -1].float()
             if "prompt_avg" in self.poolings:
-                sums[layer] = (hidden.float() * maskf).sum(dim=1)
+                sums[layer] = masked_sum(hidden, mask)
 
         # positions as HF generate builds them from the mask: 0 at each row's first real token
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -1262,13 +1271,21 @@ class CudaEngine:
         self.compile = compile
         self.decoder_options = decoder_options  # further FastDecoder keywords (benchmarks)
         self._decoders: OrderedDict[Any, FastDecoder] = OrderedDict()
+        self._retired_setup_seconds = 0.0
+
+    @property
+    def setup_seconds(self) -> float:
+        """One-time work so far: kernel choice, compilation and CUDA graph capture of the
+        decode steps (the rest of the time is generation proper)."""
+        return self._retired_setup_seconds + sum(d.setup_seconds for d in self._decoders.values())
 
     def _decoder(self, capture: CaptureSpec | None) -> FastDecoder:
         key = None if capture is None else (capture.layers, tuple(capture.poolings))
         dec = self._decoders.get(key)
         if dec is None:
             if len(self._decoders) >= 2:  # each decoder holds KV caches: keep few alive
-                self._decoders.popitem(last=False)
+                _, retired = self._decoders.popitem(last=False)
+                self._retired_setup_seconds += retired.setup_seconds
             dec = FastDecoder(
                 self.loaded.model,
                 layers=capture.layers if capture is not None else (),

@@ -7,6 +7,12 @@ each program a thin slab of weight rows and a pipelined loop over K, so every mu
 streams. It is registered as the custom op ``tracekit::gemv`` so ``torch.compile`` treats it
 like a cuBLAS call, and CUDA graphs capture it.
 
+The same kernel, launched as ``tracekit::gemv_splitk``, also splits K into 2, 4 or 8 slices
+(more programs, more bytes in flight for matrices with few output rows, such as ``o_proj`` and
+``down_proj``) and returns the float32 partial products ``[splits, M, N]``; :func:`linear`
+sums them, and inside the compiled decode step that sum fuses into the kernel that consumes
+the product (the residual add, SiLU or rotary), so the split costs no extra kernel.
+
 Nothing here is trusted blindly: :func:`choose` runs the kernel once per shape against
 ``F.linear`` (result within bf16 rounding) and times both; the engine uses the kernel only
 where it is correct and faster. Without Triton or CUDA every shape keeps ``F.linear``.
@@ -31,7 +37,7 @@ _CHOICES: dict[tuple[int, int, int, str], int] = {}
 
 
 def _build() -> Any:
-    """Define the Triton kernel and the custom op once per process; ``None`` without Triton."""
+    """Define the Triton kernel and the custom ops once per process; ``None`` without Triton."""
     if "op" in _STATE:
         return _STATE["op"]
     _STATE["op"] = None
@@ -41,17 +47,6 @@ def _build() -> Any:
         import triton.language as tl
     except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
         return None
-
-    configs = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [
-            (16, 256, 4, 4),
-            (16, 512, 4, 3),
-            (32, 256, 4, 4),
-            (32, 128, 4, 5),
-            (64, 128, 4, 4),
-        ]
-    ]
 
     @triton.jit
     def gemv_kernel(  # pragma: no cover - runs on the GPU (or the Triton interpreter)
@@ -63,75 +58,137 @@ def _build() -> Any:
         K: tl.constexpr,
         stride_xm,
         stride_wn,
-        stride_ym,
+        SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        """``y[k_slice] = x[:, slice] @ w[:, slice].T`` for program (n block, K slice);
+        ``y`` is contiguous ``[SPLIT_K, M, N]`` (``[M, N]`` for one slice), cast on store."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        k_len: tl.constexpr = K // SPLIT_K
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
+        for k0 in range(0, k_len, BLOCK_K):
+            kk = pid_k * k_len + k0 + offs_k
+            k_ok = (k0 + offs_k) < k_len
             x = tl.load(
                 x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                mask=(offs_m[:, None] < M) & (kk[None, :] < K),
+                mask=(offs_m[:, None] < M) & k_ok[None, :],
                 other=0.0,
             )
             w = tl.load(
                 w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                mask=(offs_n[:, None] < N) & (kk[None, :] < K),
+                mask=(offs_n[:, None] < N) & k_ok[None, :],
                 other=0.0,
             )
             acc += tl.dot(x, tl.trans(w))
         tl.store(
-            y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+            y_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :],
             acc.to(y_ptr.dtype.element_ty),
             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
         )
 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    # the CPU interpreter has no benchmarker: one fixed configuration there
-    tuned = (
-        None if interpret else triton.autotune(configs=configs, key=["M", "N", "K"])(gemv_kernel)
+
+    def autotune(cfgs: list[tuple[int, int, int, int]], key: list[str]) -> Any:
+        """The kernel under Triton's autotuner over ``cfgs`` (BLOCK_N, BLOCK_K, warps, stages),
+        with timings kept on disk (a second process or run reuses them) and short benchmarks:
+        the kernel takes microseconds, 20 ms of repetitions is plenty (the default 125 ms per
+        configuration costs seconds per shape and process). ``None`` under the CPU
+        interpreter, which has no benchmarker (one fixed configuration there)."""
+        if interpret:
+            return None
+        configs = [
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in cfgs
+        ]
+
+        def bench(kernel_call: Any, quantiles: Any) -> Any:
+            return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+        try:
+            tuner = triton.autotune(configs=configs, key=key, do_bench=bench, cache_results=True)
+        except TypeError:  # pragma: no cover - an older Triton
+            tuner = triton.autotune(configs=configs, key=key)
+        return tuner(gemv_kernel)
+
+    # split N only: thin slabs of rows, long pipelined loops over K
+    tuned = autotune(
+        [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4)],
+        ["M", "N", "K"],
+    )
+    # split K too: shorter loops, so smaller K blocks
+    split_tuned = autotune(
+        [(16, 256, 4, 3), (16, 128, 4, 4), (32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3)],
+        ["M", "N", "K", "SPLIT_K"],
     )
 
-    def launch(grid: Any, *args: Any, **kwargs: Any) -> None:
-        if tuned is None:
-            gemv_kernel[grid](*args, BLOCK_N=16, BLOCK_K=128, **kwargs)
-        else:
-            tuned[grid](*args, **kwargs)
+    def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, splits: int) -> None:
+        m, k = x.shape
+        n = w.shape[0]
 
-    # explicit schema: this module's annotations are strings (``from __future__``)
+        def grid(meta: dict[str, Any]) -> tuple[int, int]:
+            return (triton.cdiv(n, meta["BLOCK_N"]), splits)
+
+        args = (x, w, y, m, n, k, x.stride(0), w.stride(0))
+        block_m = max(16, triton.next_power_of_2(m))
+        kernel = tuned if splits == 1 else split_tuned
+        if kernel is None:
+            gemv_kernel[grid](*args, SPLIT_K=splits, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=64)
+        else:
+            kernel[grid](*args, SPLIT_K=splits, BLOCK_M=block_m)
+
+    # explicit schemas: this module's annotations are strings (``from __future__``)
     @torch.library.custom_op(
         "tracekit::gemv", mutates_args=(), schema="(Tensor x, Tensor w) -> Tensor"
     )
     def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``x @ w.T`` for ``x`` [M <= 64, K] and ``w`` [N, K], both contiguous in K."""
-        m, k = x.shape
-        n = w.shape[0]
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        block_m = max(16, triton.next_power_of_2(m))
-
-        def grid(meta: dict[str, Any]) -> tuple[int]:
-            return (triton.cdiv(n, meta["BLOCK_N"]),)
-
-        launch(grid, x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), BLOCK_M=block_m)
+        y = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+        launch(x, w, y, 1)
         return y
 
     @gemv.register_fake
     def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], w.shape[0]))
 
+    @torch.library.custom_op(
+        "tracekit::gemv_splitk",
+        mutates_args=(),
+        schema="(Tensor x, Tensor w, int splits) -> Tensor",
+    )
+    def gemv_splitk(x: torch.Tensor, w: torch.Tensor, splits: int) -> torch.Tensor:
+        """Partial products ``[splits, M, N]`` (float32) of ``x @ w.T`` over K slices."""
+        if x.shape[1] % splits:
+            raise ValueError(f"K={x.shape[1]} is not a multiple of {splits} slices")
+        y = torch.empty((splits, x.shape[0], w.shape[0]), dtype=torch.float32, device=x.device)
+        launch(x, w, y, splits)
+        return y
+
+    @gemv_splitk.register_fake
+    def _(x: torch.Tensor, w: torch.Tensor, splits: int) -> torch.Tensor:
+        return x.new_empty((splits, x.shape[0], w.shape[0]), dtype=torch.float32)
+
+    _STATE["splitk"] = gemv_splitk
     _STATE["op"] = gemv
     return gemv
 
 
-LINEAR, TRANSPOSED, TRITON = 0, 1, 2
+LINEAR, TRANSPOSED, TRITON, SPLIT_K2, SPLIT_K4, SPLIT_K8 = range(6)
 """How a linear layer runs: ``F.linear``; ``(w @ x.T).T`` (cuBLAS sees the tall-skinny
-orientation and picks other kernels); the Triton kernel."""
+orientation and picks other kernels); the Triton kernel; the split-K Triton kernel with K in
+2, 4 or 8 slices."""
+MODE_NAMES = ("linear", "transposed", "triton", "splitk2", "splitk4", "splitk8")
+
+
+def splits_of(mode: int) -> int:
+    """K slices of a split-K mode (``SPLIT_K2`` -> 2, ...)."""
+    return 2 ** (mode - SPLIT_K2 + 1)
+
 
 _TIMINGS: dict[tuple[int, int, int, str], dict[str, float]] = {}
 
@@ -143,6 +200,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, mode: int) -> torch.Tensor:
 
     if mode == TRITON:
         return torch.ops.tracekit.gemv(x, w)
+    if mode >= SPLIT_K2:
+        # compiled, the sum and the cast fuse into whatever consumes the product
+        return torch.ops.tracekit.gemv_splitk(x, w, splits_of(mode)).sum(0).to(x.dtype)
     if mode == TRANSPOSED:
         return torch.mm(w, x.t()).t()
     return F.linear(x, w)
@@ -181,18 +241,75 @@ def _time(fn: Any, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
-def choose(rows: int, w: torch.Tensor, force: bool = False) -> int:
-    """How to compute ``x @ w.T`` for ``rows`` rows: the fastest correct of ``F.linear``,
-    the transposed product and (up to :data:`MAX_ROWS` rows, bf16/fp16) the Triton kernel.
+def _decisions_file() -> Any:
+    """Where decisions are kept across processes and runs: one JSON file per GPU model and
+    software versions under tracekit's cache directory."""
+    import re
 
-    ``force`` picks the Triton kernel whenever it is correct, without timing (tests). Decided
-    once per (rows, N, K, dtype, force) and process; called outside CUDA graph capture. Timing
-    cycles over copies of ``w`` larger than L2 together: decode steps stream weights from HBM.
+    import torch
+
+    from tracekit.models.embedded import cache_root
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover
+        triton_version = "none"
+    name = re.sub(r"[^A-Za-z0-9.]+", "-", torch.cuda.get_device_name())
+    return cache_root() / "gemv" / f"{name}-torch{torch.__version__}-triton{triton_version}.json"
+
+
+def _load_decisions() -> dict[str, int]:
+    import json
+
+    if "decisions" not in _STATE:
+        _STATE["decisions"] = {}
+        try:
+            loaded = json.loads(_decisions_file().read_text(encoding="utf-8"))
+            if isinstance(loaded, dict):
+                _STATE["decisions"] = {
+                    str(k): int(v) for k, v in loaded.items() if v in range(len(MODE_NAMES))
+                }
+        except (OSError, ValueError):
+            pass  # no file yet, or an unreadable one: decide again
+    return dict(_STATE["decisions"])
+
+
+def _save_decision(name: str, mode: int) -> None:
+    from tracekit.storage.atomic import write_json
+
+    decisions = _load_decisions()
+    decisions[name] = mode
+    _STATE["decisions"] = decisions
+    path = _decisions_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, decisions)
+    except OSError as exc:  # a read-only cache costs only the timing next time
+        logger.info("could not keep linear-layer decisions in %s (%s)", path, exc)
+
+
+def choose(rows: int, w: torch.Tensor, force: int | None = None) -> int:
+    """How to compute ``x @ w.T`` for ``rows`` rows: the fastest correct of ``F.linear``,
+    the transposed product and (up to :data:`MAX_ROWS` rows, bf16/fp16) the Triton kernels.
+
+    ``force`` (a mode) picks that mode whenever it is correct, without timing (tests); where it
+    is not (or K does not split), ``F.linear``.
+    Decided once per (rows, N, K, dtype, force) and process; called outside CUDA graph capture.
+    Timed decisions are kept on disk (:func:`_decisions_file`) and reused, after the same
+    correctness check, by later processes on the same kind of GPU: the processes of a
+    data-parallel run, and later runs, then pick the same kernels and so compute the same
+    numbers (and skip the timing).
+    Timing cycles over copies of ``w`` larger than L2 together: decode steps stream weights from
+    HBM. A split-K candidate is timed without the sum of its partial products, which the decode
+    step fuses into the product's consumer.
     """
     import torch
     import torch.nn.functional as F
 
-    key = (rows, w.shape[0], w.shape[1], str(w.dtype) + ("/force" if force else ""))
+    forced = "" if force is None else f"/{MODE_NAMES[force]}"
+    key = (rows, w.shape[0], w.shape[1], str(w.dtype) + forced)
     if key in _CHOICES:
         return _CHOICES[key]
     if w.device.type != "cuda" or not w.is_contiguous():
@@ -200,16 +317,27 @@ def choose(rows: int, w: torch.Tensor, force: bool = False) -> int:
         return LINEAR
     x = torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device)
     want = F.linear(x, w).float()
-    candidates = {LINEAR: F.linear, TRANSPOSED: lambda a, b: linear(a, b, TRANSPOSED)}
+    # mode -> (the product as the decode step uses it, what to time)
+    candidates: dict[int, tuple[Any, Any]] = {
+        LINEAR: (F.linear, F.linear),
+        TRANSPOSED: ((lambda a, b: linear(a, b, TRANSPOSED)),) * 2,
+    }
     if rows <= MAX_ROWS and w.dtype in (torch.bfloat16, torch.float16):
         gemv = _build()
         if gemv is not None:
-            candidates[TRITON] = gemv
+            candidates[TRITON] = (gemv, gemv)
+            for mode in (SPLIT_K2, SPLIT_K4, SPLIT_K8):
+                if w.shape[1] % (splits_of(mode) * 64) == 0:
+                    partials = torch.ops.tracekit.gemv_splitk
+                    candidates[mode] = (
+                        lambda a, b, m=mode: linear(a, b, m),
+                        lambda a, b, s=splits_of(mode), op=partials: op(a, b, s),
+                    )
     for mode in list(candidates):
         if mode == LINEAR:
             continue
         try:
-            got = candidates[mode](x, w).float()
+            got = candidates[mode][0](x, w).float()
             err = float((got - want).norm() / want.norm().clamp(min=1e-12))
         except Exception as exc:  # a kernel that does not build must not stop generation
             logger.warning("linear mode %d unavailable for %s (%s)", mode, key, exc)
@@ -217,12 +345,16 @@ def choose(rows: int, w: torch.Tensor, force: bool = False) -> int:
         if not err <= 1e-2:
             logger.warning("linear mode %d off by %.2e for %s: not used", mode, err, key)
             del candidates[mode]
-    if force:
-        choice = TRITON if TRITON in candidates else LINEAR
+    disk_key = f"{rows}x{w.shape[0]}x{w.shape[1]}:{str(w.dtype).removeprefix('torch.')}"
+    kept = None if force is not None else _load_decisions().get(disk_key)
+    if force is not None:
+        choice = force if force in candidates else LINEAR
+    elif kept is not None and (kept in candidates or kept == LINEAR):
+        choice = kept
     else:
         copies = [w] + [w.clone() for _ in range(min(15, (256 << 20) // _nbytes(w)))]
         times: dict[int, float] = {}
-        for mode, fn in candidates.items():
+        for mode, (_, fn) in candidates.items():
             try:
                 times[mode] = _time(lambda fn=fn: [fn(x, c) for c in copies]) / len(copies)
             except Exception as exc:  # e.g. a capture failure: that mode is not used
@@ -234,7 +366,8 @@ def choose(rows: int, w: torch.Tensor, force: bool = False) -> int:
         best = min(times, key=lambda m: times[m])
         # a faster alternative must beat cuBLAS' default clearly, not by timing noise
         choice = best if times[best] < 0.95 * times[LINEAR] else LINEAR
-        _TIMINGS[key] = {("linear", "transposed", "triton")[m]: 1e3 * t for m, t in times.items()}
+        _TIMINGS[key] = {MODE_NAMES[m]: 1e3 * t for m, t in times.items()}
+        _save_decision(disk_key, choice)
     _CHOICES[key] = choice
     return choice
 

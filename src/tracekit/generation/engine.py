@@ -201,7 +201,18 @@ def left_pad(
         if row:
             ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
             mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
+    return to_device(ids, device), to_device(mask, device)
+
+
+def to_device(value: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory without waiting, so the
+    copy queues behind the work already on the stream instead of blocking the host."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return value.to(device)
+    return value.pin_memory().to(device, non_blocking=True)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,7 @@ def extract_activations(
     """Teacher-forced activations for both polarities of one trait; see the module docstring."""
     import numpy as np
 
-    from tracekit.generation.teacher_forced import pooled_forward
+    from tracekit.generation.teacher_forced import HostCopy, pooled_forward
     from tracekit.models.loading import load_model
 
     started = time.perf_counter()
@@ -119,8 +119,10 @@ def extract_activations(
     except ValueError as exc:
         raise ConfigError(f"--layers: {exc} for {loaded.name}") from None
     capture = CaptureSpec(layers, config.pooling)
-    # data-parallel: each process takes the rows it owns (strided by id)
-    tables = {p: info.shard(rows, key=lambda r: int(r["id"])) for p, rows in all_tables.items()}
+    # data-parallel: each process takes a contiguous block of the rows (in id order)
+    tables = {
+        p: info.block(sorted(rows, key=lambda r: int(r["id"]))) for p, rows in all_tables.items()
+    }
     if on_total is not None:
         on_total(sum(len(rows) for rows in tables.values()))
 
@@ -139,13 +141,25 @@ def extract_activations(
             for r in rows
         ]
         chunks: dict[str, list[Any]] = {p: [] for p in poolings}
-        for start in range(0, len(rows), config.batch_size):
+        # one batch in flight: batch i+1 is queued on the GPU before batch i's results are
+        # waited for, so the host copy and the bookkeeping overlap the next forward
+        pending: tuple[HostCopy, int, int] | None = None
+        for start in range(0, len(rows) + config.batch_size, config.batch_size):
             end = start + config.batch_size
-            pooled = pooled_forward(loaded, prompts[start:end], responses[start:end], capture)
-            for pooling, tensor in pooled.items():
-                chunks[pooling.value].append(tensor.numpy())
-            if on_batch is not None:
-                on_batch(len(rows[start:end]), sum(len(r) for r in responses[start:end]))
+            queued = None
+            if start < len(rows):
+                pooled = pooled_forward(
+                    loaded, prompts[start:end], responses[start:end], capture, to_host=False
+                )
+                n_tokens = sum(len(r) for r in responses[start:end])
+                queued = (HostCopy(pooled), len(rows[start:end]), n_tokens)
+            if pending is not None:
+                copy, n_rows, n_tokens_done = pending
+                for pooling, tensor in copy.wait().items():
+                    chunks[pooling.value].append(tensor.numpy())
+                if on_batch is not None:
+                    on_batch(n_rows, n_tokens_done)
+            pending = queued
         empty = np.zeros((0, len(layers), loaded.hidden_size), dtype=np.float32)
         arrays = {p: np.concatenate(c) if c else empty for p, c in chunks.items()}
         ids = [int(r["id"]) for r in rows]

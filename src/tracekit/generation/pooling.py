@@ -121,21 +121,20 @@ class PooledAccumulator:
         slot = self._slot.get(layer)
         if slot is None:
             return
-        h = hidden.detach().float()
+        h = hidden.detach()
         for pooling, total in self._sums.items():
             if pooling is Pooling.prompt_last:
                 if prompt_last_index is None:
                     continue
                 rows = torch_arange(h.shape[0], h.device)
-                total[:, slot] += h[rows, prompt_last_index]
+                total[:, slot] += h[rows, prompt_last_index].float()
                 self._count(pooling, step, None, h.shape[0])
                 continue
             mask = prompt_mask if pooling is Pooling.prompt_avg else response_mask
             if mask is None:
                 continue
-            m = mask.to(h.dtype)
-            total[:, slot] += (h * m.unsqueeze(-1)).sum(dim=1)
-            self._count(pooling, step, m.sum(dim=1), h.shape[0])
+            total[:, slot] += masked_sum(h, mask)
+            self._count(pooling, step, mask.float().sum(dim=1), h.shape[0])
 
     def _count(self, pooling: Pooling, step: int, amount: torch.Tensor | None, batch: int) -> None:
         key = (pooling, step)
@@ -147,13 +146,44 @@ class PooledAccumulator:
         else:
             self._counts[pooling] += amount
 
-    def result(self) -> dict[Pooling, torch.Tensor]:
-        """Means per pooling, ``[batch, n_layers, hidden]`` float32 on the CPU (0 where empty)."""
+    def result(self, to_host: bool = True) -> dict[Pooling, torch.Tensor]:
+        """Means per pooling, ``[batch, n_layers, hidden]`` float32 (0 where empty), on the CPU
+        or (``to_host=False``) still on the device, so the caller can overlap the copy."""
         out = {}
         for pooling, total in self._sums.items():
             count = self._counts[pooling].clamp(min=1.0).view(-1, 1, 1)
-            out[pooling] = (total / count).cpu()
+            mean = total / count
+            out[pooling] = mean.cpu() if to_host else mean
         return out
+
+
+def masked_sum(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(hidden * mask[..., None]).sum(dim=1)`` in float32: ``[batch, hidden]``.
+
+    One batched matrix product ``mask[:, None, :] @ hidden`` instead of a float32 copy of the
+    whole ``[batch, seq, hidden]`` tensor and a product: on CUDA a bf16/fp16 ``hidden`` is read
+    once, in its own dtype, with float32 accumulation and output (0/1 mask values are exact in
+    any float type), so pooling every layer of a long teacher-forced batch costs one read of
+    each layer's states.
+    """
+    import torch
+
+    if hidden.shape[1] == 1:  # a decode step: nothing to reduce
+        return hidden[:, 0].float() * mask.to(torch.float32)
+    weights = mask.unsqueeze(1)
+    if hidden.dtype == torch.float32:
+        return torch.bmm(weights.to(torch.float32), hidden).squeeze(1)
+    if hidden.is_cuda and _BMM_OUT_DTYPE.get("ok", True):
+        try:
+            out = torch.bmm(weights.to(hidden.dtype), hidden, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without ``bmm(..., out_dtype=)``
+            _BMM_OUT_DTYPE["ok"] = False
+        else:
+            return out.squeeze(1)
+    return torch.bmm(weights.to(torch.float32), hidden.float()).squeeze(1)
+
+
+_BMM_OUT_DTYPE: dict[str, bool] = {}
 
 
 def torch_arange(n: int, device: torch.device) -> torch.Tensor:

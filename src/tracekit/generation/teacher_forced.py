@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tracekit.generation.engine import CaptureSpec, left_pad, position_ids_from_mask
+from tracekit.generation.engine import CaptureSpec, left_pad, position_ids_from_mask, to_device
 from tracekit.generation.hf_engine import check_capture_layers, forward_kwargs, input_device
 from tracekit.generation.pooling import PooledAccumulator, Pooling
 
@@ -26,8 +26,11 @@ def pooled_forward(
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
     capture: CaptureSpec,
+    to_host: bool = True,
 ) -> dict[Pooling, torch.Tensor]:
-    """Pooled states ``[batch, n_layers, hidden]`` per pooling (float32, CPU) for one batch."""
+    """Pooled states ``[batch, n_layers, hidden]`` per pooling (float32) for one batch: on the
+    CPU, or with ``to_host=False`` on the model's device, the work possibly still queued (hand
+    them to :class:`HostCopy` to overlap the copy with the next batch)."""
     import torch
 
     from tracekit.models.capture import LayerTaps
@@ -42,7 +45,7 @@ def pooled_forward(
     ids, mask = left_pad(rows, pad_id, device)
     width = ids.shape[1]
     positions = torch.arange(width, device=device).unsqueeze(0)
-    resp_len = torch.tensor([len(r) for r in response_ids], device=device).unsqueeze(1)
+    resp_len = to_device(torch.tensor([len(r) for r in response_ids]), device).unsqueeze(1)
     response_start = width - resp_len
     response_mask = (positions >= response_start).long()
     prompt_mask = mask * (1 - response_mask)
@@ -69,4 +72,30 @@ def pooled_forward(
             use_cache=False,
             **kwargs,
         )
-    return acc.result()
+    return acc.result(to_host=to_host)
+
+
+class HostCopy:
+    """Device results copied to the host without blocking: the copies queue on the stream
+    behind the forward that makes them, and :meth:`wait` returns them once they landed. A
+    caller that starts the next batch before waiting keeps the GPU busy meanwhile."""
+
+    def __init__(self, values: dict[Pooling, torch.Tensor]) -> None:
+        import torch
+
+        self._event: Any = None
+        if not any(v.is_cuda for v in values.values()):
+            self._values = {k: v.cpu() for k, v in values.items()}
+            return
+        self._values = {}
+        for key, value in values.items():
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self._values[key] = host.copy_(value, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def wait(self) -> dict[Pooling, torch.Tensor]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._values
