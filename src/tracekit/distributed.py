@@ -61,9 +61,52 @@ class ProcessInfo:
         get = key if key is not None else (lambda item: item.id)
         return [item for item in items if self.owns(int(get(item)))]
 
+    def block(self, items: Sequence[T]) -> list[T]:
+        """This process's contiguous block of ``items`` (sizes differ by at most one).
+
+        Generation shards this way: with rows per process a multiple of the batch size, each
+        process's batches are exactly the batches a single process runs, so even bf16 outputs
+        (whose numerics depend on which rows share a batch and its padding) come out the same.
+        """
+        n = len(items)
+        return list(
+            items[n * self.rank // self.world_size : n * (self.rank + 1) // self.world_size]
+        )
+
     def part_tag(self) -> str:
         """Suffix naming this process's journal parts (empty for a single process)."""
         return f"-rank{self.rank}" if self.distributed else ""
+
+
+GPU_PER_PROCESS_ENV = "TRACEKIT_GPU_PER_PROCESS"
+"""Set to ``1`` by :func:`launch`: each process then sees only its own GPU (see
+:func:`isolate_gpu`)."""
+
+
+def isolate_gpu() -> None:
+    """In a process started by :func:`launch`, show CUDA only this process's GPU.
+
+    ``CUDA_VISIBLE_DEVICES`` becomes the ``LOCAL_RANK``-th entry of the launcher's list (or the
+    ``LOCAL_RANK``-th GPU), so every process runs on its ``cuda:0``. Two things follow: no
+    process creates a context on another's GPU, and compiled code (torch.compile's on-disk
+    cache keys on the device index) and kernel decisions are shared by all processes instead
+    of each GPU index compiling its own. Must run before CUDA is initialized: ``python -m
+    tracekit`` calls it first thing. Does nothing outside such a process or with the variable
+    set to anything but ``1``.
+    """
+    if os.environ.get(GPU_PER_PROCESS_ENV) != "1" or "LOCAL_RANK" not in os.environ:
+        return
+    try:
+        local = int(os.environ["LOCAL_RANK"])
+    except ValueError:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(local)
+        return
+    ids = [part.strip() for part in visible.split(",") if part.strip()]
+    if local < len(ids):  # fewer GPUs than processes: leave it (processes share GPUs)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[local]
 
 
 def _env_world_size() -> int:
@@ -107,7 +150,8 @@ def process_device(info: ProcessInfo, device: str) -> str:
     import torch
 
     if torch.cuda.is_available():
-        return f"cuda:{info.local_rank}"
+        # one visible GPU per process (isolate_gpu) -> cuda:0; else the local rank's GPU
+        return f"cuda:{info.local_rank % torch.cuda.device_count()}"
     return device
 
 
@@ -175,6 +219,7 @@ def launch(
     env = dict(os.environ)
     # --standalone picks a free rendezvous port on loopback; split the CPU threads between ranks
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    env.setdefault(GPU_PER_PROCESS_ENV, "1")  # each process sees only its own GPU
     try:
         return subprocess.run(command, env=env, check=False).returncode
     finally:

@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-N = 4  # rows per polarity: ids 0, 2 go to rank 0 and 1, 3 to rank 1
+N = 4  # rows per polarity: ids 0, 1 go to rank 0 and 2, 3 to rank 1
 COMMON = [
     "generate", "--trait", "refusal", "--n-examples", str(N), "--max-new-tokens", "6",
     "--temperature", "0", "--layers", "0,5,30", "--pooling", "response_avg,prompt_last",
@@ -75,17 +75,17 @@ def test_two_processes_merge_into_the_single_process_outputs(runs):
     assert summary["traits"][0]["rows"] == {"pos": N, "neg": N}
     assert summary["traits"][0]["generated"] == 2 * N  # both shards counted by the main process
     _assert_same_outputs(base / "single" / "refusal", multi)
-    # each process journaled its own shard (strided by id), under its own name
+    # each process journaled its own shard (a contiguous block of ids), under its own name
     parts = sorted(p.name for p in (multi / "responses" / "parts").glob("*.json"))
     assert parts == [
         "neg-0000000-rank0.json",
-        "neg-0000001-rank1.json",
+        "neg-0000002-rank1.json",
         "pos-0000000-rank0.json",
-        "pos-0000001-rank1.json",
+        "pos-0000002-rank1.json",
         "run.json",
     ]
-    rank1 = json.loads((multi / "responses" / "parts" / "pos-0000001-rank1.json").read_text())
-    assert [r["id"] for r in rank1["rows"]] == [1, 3]
+    rank1 = json.loads((multi / "responses" / "parts" / "pos-0000002-rank1.json").read_text())
+    assert [r["id"] for r in rank1["rows"]] == [2, 3]
     metadata = json.loads((multi / "metadata.json").read_text())
     assert metadata["rows"] == {"pos": N, "neg": N}
 
@@ -108,7 +108,7 @@ def test_a_lost_shard_is_regenerated_alone_and_merged_again(runs):
 
     summary = _run_two_processes(base, "multi")
 
-    assert summary["traits"][0]["generated"] == N  # ids 1 and 3 of each polarity only
+    assert summary["traits"][0]["generated"] == N  # ids 2 and 3 of each polarity only
     assert rank0_part.stat().st_mtime_ns == before  # rank 0's finished shard was not redone
     _assert_same_outputs(base / "single" / "refusal", multi)
 

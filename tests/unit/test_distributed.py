@@ -1,8 +1,10 @@
 """Sharding and launch guards of tracekit.distributed (no process group, no model)."""
 
+import os
+
 import pytest
 
-from tracekit.distributed import ProcessInfo, launch, process_info
+from tracekit.distributed import GPU_PER_PROCESS_ENV, ProcessInfo, isolate_gpu, launch, process_info
 from tracekit.errors import ConfigError
 from tracekit.generation.run import GenerateConfig
 
@@ -21,6 +23,40 @@ def test_shards_are_strided_by_id_disjoint_and_complete():
     assert shards == [[0, 3, 6, 9], [7], [2, 5]]
     assert sorted(i for s in shards for i in s) == ids
     assert ProcessInfo(rank=2, world_size=3).part_tag() == "-rank2"
+
+
+def test_blocks_are_contiguous_disjoint_complete_and_balanced():
+    rows = [0, 2, 3, 5, 6, 7, 9]  # e.g. what is left after a resume
+    blocks = [ProcessInfo(rank=r, world_size=3).block(rows) for r in range(3)]
+    assert blocks == [[0, 2], [3, 5], [6, 7, 9]]
+    assert ProcessInfo().block(rows) == rows
+    # 2 processes over 256 rows in batches of 64: each process's batches are single-run batches
+    halves = [ProcessInfo(rank=r, world_size=2).block(list(range(256))) for r in range(2)]
+    single = [list(range(i, i + 64)) for i in range(0, 256, 64)]
+    assert [h[i : i + 64] for h in halves for i in range(0, 128, 64)] == single
+
+
+@pytest.mark.parametrize(
+    ("flag", "local_rank", "visible", "expected"),
+    [
+        ("1", "1", None, "1"),  # the local rank's GPU
+        ("1", "1", "4,6", "6"),  # the local rank's entry of the launcher's list
+        ("1", "2", "4,6", "4,6"),  # more processes than GPUs: left alone
+        ("0", "1", "4,6", "4,6"),  # opted out
+        (None, "1", "4,6", "4,6"),  # not started by tracekit's launcher
+    ],
+)
+def test_isolate_gpu_shows_each_launched_process_its_own_gpu(
+    monkeypatch, flag, local_rank, visible, expected
+):
+    for name, value in ((GPU_PER_PROCESS_ENV, flag), ("CUDA_VISIBLE_DEVICES", visible)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    isolate_gpu()
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == expected
 
 
 def test_launch_refuses_inside_a_distributed_run(monkeypatch):

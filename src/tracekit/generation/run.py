@@ -153,11 +153,19 @@ class GenerateResult:
     tokens: int
     batch_size: int
     """Batch size at the end (smaller than asked if out-of-memory halved it)."""
+    generation_seconds: float = 0.0
+    """From the first batch (every process started) to the merged outputs: ``seconds`` less
+    loading the model and planning."""
+    processes: list[dict[str, Any]] = field(default_factory=list)
+    """Per process (rank order): its device, rows, new tokens, seconds in the engine and,
+    of those, one-time engine setup (kernel choice, compilation, graph capture)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "seconds": round(self.seconds, 3),
+            "generation_seconds": round(self.generation_seconds, 3),
+            "processes": self.processes,
             "tokens": self.tokens,
             "batch_size": self.batch_size,
             "traits": [
@@ -257,6 +265,37 @@ class _Batcher:
             logger.info("out of memory again: batch size %d", self.batch_size)
 
 
+class _Journal:
+    """Writes journal parts on a background thread, one part in flight.
+
+    The GPU goes on with the next batch while the previous batch's part (hundreds of KB to tens
+    of MB with every layer captured, plus an fsync) is written. At most one finished batch is
+    not yet on disk at any time; :meth:`drain` waits for it (before a merge, and on the way out
+    of a failed run, so a finished batch is not lost to a crash of the next one).
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracekit-journal")
+        self._pending: Any = None
+
+    def submit(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        self.drain()  # raises the previous write's error, if any
+        self._pending = self._pool.submit(fn, *args, **kwargs)
+
+    def drain(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def run_settings(
     config: GenerateConfig, loaded: LoadedModel, layers: tuple[int, ...], trait: TraitDefinition
 ) -> dict[str, Any]:
@@ -322,7 +361,8 @@ def generate(
         for polarity in POLARITIES:
             done = store.read_parts(paths, polarity)
             planned = plan_rows(trait, polarity, config.n_examples)
-            todo[polarity] = info.shard([r for r in planned if r.id not in done])
+            # contiguous blocks of the rows still to do (batches as a single process runs them)
+            todo[polarity] = info.block([r for r in planned if r.id not in done])
         plans.append((trait, paths, todo))
     if on_total is not None:
         on_total(sum(len(rows) for _, _, todo in plans for rows in todo.values()))
@@ -330,6 +370,10 @@ def generate(
     batcher = _Batcher(engine, config.batch_size)
     results = []
     total_tokens = 0
+    barrier(info)  # every process starts generating together (no-op for a single process)
+    generation_started = time.perf_counter()
+    engine_seconds, own_rows, own_tokens = 0.0, 0, 0
+    journal = _Journal()
     for trait, paths, todo in plans:
         result = TraitResult(trait=trait.name, root=paths.root, rows={})
         for polarity in POLARITIES:
@@ -361,21 +405,33 @@ def generate(
                         }
                     )
                 pooled = {p.value: t.numpy() for p, t in out.pooled.items()}
-                store.write_batch_part(
-                    _paths, _polarity, records, pooled or None, tag=info.part_tag()
+                journal.submit(
+                    store.write_batch_part,
+                    _paths,
+                    _polarity,
+                    records,
+                    pooled or None,
+                    tag=info.part_tag(),
                 )
                 _result.generated += len(records)
                 _result.tokens += out.n_new_tokens
                 if on_batch is not None:
                     on_batch(len(records), out.n_new_tokens)
 
-            batcher.run(
-                [b.ids for b in built],
-                [row_seed(config.seed, polarity, row.id) for row in rows],
-                params,
-                capture,
-                on_output,
-            )
+            batch_started = time.perf_counter()
+            try:
+                batcher.run(
+                    [b.ids for b in built],
+                    [row_seed(config.seed, polarity, row.id) for row in rows],
+                    params,
+                    capture,
+                    on_output,
+                )
+            finally:
+                journal.drain()  # every finished batch on disk, also when the run failed
+            engine_seconds += time.perf_counter() - batch_started
+            own_rows += len(rows)
+        own_tokens += result.tokens
         if info.distributed:
             # returns once every process journaled its shard: the main process then merges them
             counts = all_gather(info, (result.generated, result.tokens))
@@ -385,13 +441,37 @@ def generate(
         if info.is_main:
             _finalize(config, loaded, trait, paths, layers, result, template, judge_config)
         results.append(result)
+    journal.close()
+    processes = all_gather(
+        info,
+        {
+            "rank": info.rank,
+            "device": _device_label(loaded),
+            "rows": own_rows,
+            "tokens": own_tokens,
+            "engine_seconds": round(engine_seconds, 3),
+            "setup_seconds": round(float(getattr(engine, "setup_seconds", 0.0)), 3),
+        },
+    )
     return GenerateResult(
         model=loaded.name,
         traits=results,
         seconds=time.perf_counter() - started,
         tokens=total_tokens,
         batch_size=batcher.batch_size,
+        generation_seconds=time.perf_counter() - generation_started,
+        processes=processes,
     )
+
+
+def _device_label(loaded: LoadedModel) -> str:
+    """``cuda:0``, with the physical GPU when each process sees only its own."""
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if loaded.device.type == "cuda" and visible is not None and "," not in visible:
+        return f"{loaded.device} (GPU {visible})"
+    return str(loaded.device)
 
 
 def model_settings_for(config: RuntimeOptions, info: ProcessInfo) -> ModelConfig:

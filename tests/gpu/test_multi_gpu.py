@@ -1,0 +1,162 @@
+"""Several GPUs: data-parallel runs over NCCL, and ``--device-map auto`` splitting one model.
+
+Needs 2+ CUDA GPUs (skipped otherwise). A random-init tiny Llama in float32 (TF32 off in the
+engines' default settings) is saved to a folder and used through the real CLI:
+
+- ``generate``, ``extract activations`` and ``log`` with ``--num-processes 2`` (torchrun, one
+  GPU per process, nccl) merge into the files a single-GPU run writes (the ``hf`` engine: these
+  tests are about the processes, and it needs no compilation; the CUDA engine's data-parallel
+  run is ``benchmarks/bench_multigpu.py``);
+- ``--device-map auto`` places the model's blocks on both GPUs, and generation, capture and the
+  teacher-forced forward give what the same model on one GPU gives.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tracekit.generation.cuda_random_model import random_llama
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"
+    ),
+]
+
+N = 12  # rows per polarity
+LAYERS = "0,2,4"
+POOLINGS = ("response_avg", "prompt_last")
+# a row's activations come from batches of different composition (and padding) in the two
+# runs: float32 sums agree to a few units in the last places of the largest magnitude
+REL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    loaded = random_llama("tiny", device="cpu", dtype="float32", seed=3)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _tracekit(*args: str) -> dict:
+    command = [sys.executable, "-m", "tracekit", *args, "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+def _generate(
+    model: Path, base: Path, experiment: str, *extra: str, poolings: tuple[str, ...] = POOLINGS
+) -> dict:
+    return _tracekit(
+        "generate", "--model", str(model), "--no-chat-template", "--trait", "refusal",
+        "--experiment", experiment, "--experiments-dir", str(base), "--n-examples", str(N),
+        "--max-new-tokens", "12", "--temperature", "0", "--layers", LAYERS,
+        "--pooling", ",".join(poolings), "--batch-size", "8", "--dtype", "float32",
+        "--no-generation-cache", "--engine", "hf", *extra,
+    )  # fmt: skip
+
+
+def _assert_same(single: Path, other: Path, poolings: tuple[str, ...] = POOLINGS) -> None:
+    for polarity in ("pos", "neg"):
+        want_csv = (single / "responses" / f"{polarity}.csv").read_text(encoding="utf-8")
+        got_csv = (other / "responses" / f"{polarity}.csv").read_text(encoding="utf-8")
+        assert got_csv == want_csv
+        assert len(list(csv.DictReader(got_csv.splitlines()))) == N
+        for pooling in poolings:
+            want = np.load(single / "activations" / f"{polarity}_{pooling}.npy")
+            got = np.load(other / "activations" / f"{polarity}_{pooling}.npy")
+            assert got.shape == want.shape == (N, 3, 128)
+            np.testing.assert_allclose(got, want, rtol=0, atol=REL_TOL * np.abs(want).max())
+
+
+def test_two_gpu_processes_merge_into_the_single_gpu_outputs(model_dir: Path, tmp_path: Path):
+    base = tmp_path / "experiments"
+    single = _generate(model_dir, base, "one")
+    multi = _generate(model_dir, base, "two", "--num-processes", "2")
+    assert multi["traits"][0]["rows"] == {"pos": N, "neg": N}
+    assert multi["tokens"] == single["tokens"]
+    _assert_same(base / "one" / "refusal", base / "two" / "refusal")
+
+    # stage 2 over the merged responses, on both GPUs
+    args = ["extract", "activations", "--trait", "refusal", "--experiments-dir", str(base)]
+    args += ["--model", str(model_dir), "--no-chat-template", "--layers", LAYERS]
+    args += ["--pooling", "prompt_avg", "--dtype", "float32", "--batch-size", "4"]
+    _tracekit(*args, "--experiment", "one")
+    _tracekit(*args, "--experiment", "two", "--num-processes", "2")
+    for polarity in ("pos", "neg"):
+        want = np.load(base / "one" / "refusal" / "activations" / f"{polarity}_prompt_avg.npy")
+        got = np.load(base / "two" / "refusal" / "activations" / f"{polarity}_prompt_avg.npy")
+        assert got.shape == want.shape == (N, 3, 128)
+        np.testing.assert_allclose(got, want, rtol=0, atol=REL_TOL * np.abs(want).max())
+
+
+def test_log_on_two_gpus_equals_one(model_dir: Path, tmp_path: Path):
+    from tracekit import open_store
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 7} w9"}) + "\n" for i in range(6)))
+    args = ["log", "--model", str(model_dir), "--qa", str(qa), "--layers", "2"]
+    args += ["--max-new-tokens", "4", "--dtype", "float32", "--model-dtype", "float32"]
+    args += ["--engine", "hf"]
+    _tracekit(*args, "--lmdb", str(tmp_path / "one"))
+    summary = _tracekit(*args, "--lmdb", str(tmp_path / "two"), "--num-processes", "2")
+    assert summary["logged"] == 6
+    with open_store(tmp_path / "one") as ref, open_store(tmp_path / "two") as merged:
+        assert sorted(merged.keys()) == sorted(ref.keys())
+        for key in sorted(ref.keys()):
+            want, got = ref.get(key), merged.get(key)
+            assert got.metadata["response_token_ids"] == want.metadata["response_token_ids"]
+            x = want.arrays["layer_2"].astype(np.float32)
+            y = got.arrays["layer_2"].astype(np.float32)
+            np.testing.assert_allclose(y, x, rtol=0, atol=1e-3 * np.abs(x).max())
+
+
+def test_device_map_auto_splits_the_model_and_matches_one_gpu(model_dir: Path, tmp_path: Path):
+    from tracekit.generation.engine import CaptureSpec, GenerationParams, resolve_engine_name
+    from tracekit.generation.hf_engine import HFEngine
+    from tracekit.generation.pooling import Pooling
+    from tracekit.generation.teacher_forced import pooled_forward
+    from tracekit.models import ModelConfig, load_model
+
+    split = load_model(ModelConfig(model=str(model_dir), dtype="float32", device_map="auto"))
+    whole = load_model(ModelConfig(model=str(model_dir), dtype="float32", device="cuda:0"))
+    devices = {str(d) for d in split.model.hf_device_map.values()}
+    assert len(devices) == 2, split.model.hf_device_map  # blocks on both GPUs
+    assert resolve_engine_name("auto", split) == "hf"  # the CUDA engine serves one device
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 512, (int(k),), generator=gen).tolist() for k in (5, 17, 9, 30)]
+    capture = CaptureSpec(layers=(0, 1, 2, 3, 4), poolings=tuple(Pooling))
+    params = GenerationParams(max_new_tokens=16, temperature=0)
+    ref = HFEngine(whole).generate(prompts, params, capture)
+    out = HFEngine(split).generate(prompts, params, capture)
+    assert out.response_ids == ref.response_ids
+    for pooling in Pooling:
+        want, got = ref.pooled[pooling], out.pooled[pooling]
+        assert got.device.type == "cpu" and got.shape == want.shape == (4, 5, 128)
+        torch.testing.assert_close(got, want, rtol=0, atol=REL_TOL * float(want.abs().max()))
+    forced_ref = pooled_forward(whole, prompts, ref.response_ids, capture)
+    forced = pooled_forward(split, prompts, ref.response_ids, capture)
+    for pooling in Pooling:
+        want = forced_ref[pooling]
+        atol = REL_TOL * float(want.abs().max())
+        torch.testing.assert_close(forced[pooling], want, rtol=0, atol=atol)
+
+    # and the CLI end to end: the same files as a one-GPU run
+    base = tmp_path / "experiments"
+    every = ("response_avg", "prompt_last", "prompt_avg")
+    _generate(model_dir, base, "one", "--device", "cuda:0", poolings=every)
+    _generate(model_dir, base, "split", "--device-map", "auto", poolings=every)
+    _assert_same(base / "one" / "refusal", base / "split" / "refusal", every)
