@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracekit.errors import InputError, ModelError
 from tracekit.generation.cuda_gemv import linear
+from tracekit.generation.engine import HostCopy
 from tracekit.generation.pooling import masked_sum
 from tracekit.models.capture import LayerTaps
 from tracekit.models.layers import LayerHandles
@@ -1187,21 +1188,9 @@ class FastDecoder:
             denom = st.n_kept.to(torch.float32).clamp(min=1)[:, None, None]
             sums = torch.stack([runner.caps[layer] for layer in self.layers], dim=1)
             device_out["response_avg"] = sums / denom
-        out = {name: _to_host(value) for name, value in device_out.items()}
+        out = HostCopy(device_out).wait()
         ordered = {name: out[name] for name in self.poolings}
         return FastResult(tokens=tokens, finish_reasons=reasons, pooled=ordered, decode_steps=steps)
-
-
-def _to_host(value: torch.Tensor) -> torch.Tensor:
-    """Device -> host through pinned memory (pageable copies of tens of MB are slow)."""
-    import torch
-
-    if value.device.type != "cuda":
-        return value.cpu()
-    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-    host.copy_(value, non_blocking=True)
-    torch.cuda.current_stream(value.device).synchronize()
-    return host
 
 
 def _is_oom(exc: BaseException) -> bool:

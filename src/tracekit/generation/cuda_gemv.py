@@ -260,32 +260,28 @@ def _decisions_file() -> Any:
     return cache_root() / "gemv" / f"{name}-torch{torch.__version__}-triton{triton_version}.json"
 
 
-def _load_decisions() -> dict[str, int]:
+def _read_decisions() -> dict[str, int]:
+    """The decisions on disk now (empty without a readable file: decide again)."""
     import json
 
-    if "decisions" not in _STATE:
-        _STATE["decisions"] = {}
-        try:
-            loaded = json.loads(_decisions_file().read_text(encoding="utf-8"))
-            if isinstance(loaded, dict):
-                _STATE["decisions"] = {
-                    str(k): int(v) for k, v in loaded.items() if v in range(len(MODE_NAMES))
-                }
-        except (OSError, ValueError):
-            pass  # no file yet, or an unreadable one: decide again
-    return dict(_STATE["decisions"])
+    try:
+        loaded = json.loads(_decisions_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(loaded, dict):
+        return {}
+    return {str(k): v for k, v in loaded.items() if v in range(len(MODE_NAMES))}
 
 
 def _save_decision(name: str, mode: int) -> None:
+    """Add one decision to the file, re-read first: the other processes of a data-parallel run
+    may have added theirs since this one started."""
     from tracekit.storage.atomic import write_json
 
-    decisions = _load_decisions()
-    decisions[name] = mode
-    _STATE["decisions"] = decisions
     path = _decisions_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, decisions)
+        write_json(path, {**_read_decisions(), name: mode})
     except OSError as exc:  # a read-only cache costs only the timing next time
         logger.info("could not keep linear-layer decisions in %s (%s)", path, exc)
 
@@ -300,7 +296,8 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None) -> int:
     Timed decisions are kept on disk (:func:`_decisions_file`) and reused, after the same
     correctness check, by later processes on the same kind of GPU: the processes of a
     data-parallel run, and later runs, then pick the same kernels and so compute the same
-    numbers (and skip the timing).
+    numbers, and skip the timing and the building of the kernels they do not use. A decided
+    mode that fails its check falls back to ``F.linear`` (delete the file to time again).
     Timing cycles over copies of ``w`` larger than L2 together: decode steps stream weights from
     HBM. A split-K candidate is timed without the sum of its partial products, which the decode
     step fuses into the product's consumer.
@@ -333,6 +330,12 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None) -> int:
                         lambda a, b, m=mode: linear(a, b, m),
                         lambda a, b, s=splits_of(mode), op=partials: op(a, b, s),
                     )
+    disk_key = f"{rows}x{w.shape[0]}x{w.shape[1]}:{str(w.dtype).removeprefix('torch.')}"
+    # a forced or already decided mode is the only one checked: checking a Triton candidate
+    # builds and autotunes it, seconds per process that nothing would use
+    settled = force if force is not None else _read_decisions().get(disk_key)
+    if settled is not None:
+        candidates = {m: c for m, c in candidates.items() if m in (LINEAR, settled)}
     for mode in list(candidates):
         if mode == LINEAR:
             continue
@@ -345,12 +348,8 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None) -> int:
         if not err <= 1e-2:
             logger.warning("linear mode %d off by %.2e for %s: not used", mode, err, key)
             del candidates[mode]
-    disk_key = f"{rows}x{w.shape[0]}x{w.shape[1]}:{str(w.dtype).removeprefix('torch.')}"
-    kept = None if force is not None else _load_decisions().get(disk_key)
-    if force is not None:
-        choice = force if force in candidates else LINEAR
-    elif kept is not None and (kept in candidates or kept == LINEAR):
-        choice = kept
+    if settled is not None:
+        choice = settled if settled in candidates else LINEAR
     else:
         copies = [w] + [w.clone() for _ in range(min(15, (256 << 20) // _nbytes(w)))]
         times: dict[int, float] = {}

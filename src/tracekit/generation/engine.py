@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import Field, model_validator
 
@@ -213,6 +213,37 @@ def to_device(value: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type != "cuda":
         return value.to(device)
     return value.pin_memory().to(device, non_blocking=True)
+
+
+class HostCopy:
+    """Device tensors copied to the host through pinned memory without blocking.
+
+    The copies queue on the stream behind the work that produces the values; :meth:`wait`
+    returns the host tensors once they landed. A caller that queues its next batch before
+    waiting keeps the GPU busy meanwhile. CPU tensors are simply moved.
+    """
+
+    def __init__(self, values: dict[Any, torch.Tensor]) -> None:
+        import torch
+
+        self._event: Any = None
+        cuda = [v for v in values.values() if v.is_cuda]
+        if not cuda:
+            self._values = {k: v.cpu() for k, v in values.items()}
+            return
+        self._values = {}
+        for key, value in values.items():
+            # pinned: pageable copies of tens of MB are slow, and they block the host
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self._values[key] = host.copy_(value, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record(torch.cuda.current_stream(cuda[0].device))
+
+    def wait(self) -> dict[Any, torch.Tensor]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._values
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:

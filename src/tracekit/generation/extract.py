@@ -100,7 +100,7 @@ def extract_activations(
     """Teacher-forced activations for both polarities of one trait; see the module docstring."""
     import numpy as np
 
-    from tracekit.generation.teacher_forced import HostCopy, pooled_forward
+    from tracekit.generation.teacher_forced import pooled_batches
     from tracekit.models.loading import load_model
 
     started = time.perf_counter()
@@ -129,7 +129,6 @@ def extract_activations(
     result = ExtractActivationsResult(config.trait, {}, layers, poolings, 0.0)
     shards = paths.activations_dir / "shards"
     for polarity, rows in tables.items():
-        rows = sorted(rows, key=lambda r: int(r["id"]))
         prompts = [_prompt_ids(loaded, config, r) for r in rows]
         responses = [
             [
@@ -141,25 +140,13 @@ def extract_activations(
             for r in rows
         ]
         chunks: dict[str, list[Any]] = {p: [] for p in poolings}
-        # one batch in flight: batch i+1 is queued on the GPU before batch i's results are
-        # waited for, so the host copy and the bookkeeping overlap the next forward
-        pending: tuple[HostCopy, int, int] | None = None
-        for start in range(0, len(rows) + config.batch_size, config.batch_size):
-            end = start + config.batch_size
-            queued = None
-            if start < len(rows):
-                pooled = pooled_forward(
-                    loaded, prompts[start:end], responses[start:end], capture, to_host=False
-                )
-                n_tokens = sum(len(r) for r in responses[start:end])
-                queued = (HostCopy(pooled), len(rows[start:end]), n_tokens)
-            if pending is not None:
-                copy, n_rows, n_tokens_done = pending
-                for pooling, tensor in copy.wait().items():
-                    chunks[pooling.value].append(tensor.numpy())
-                if on_batch is not None:
-                    on_batch(n_rows, n_tokens_done)
-            pending = queued
+        for start, end, pooled in pooled_batches(
+            loaded, prompts, responses, capture, config.batch_size
+        ):
+            for pooling, tensor in pooled.items():
+                chunks[pooling.value].append(tensor.numpy())
+            if on_batch is not None:
+                on_batch(end - start, sum(len(r) for r in responses[start:end]))
         empty = np.zeros((0, len(layers), loaded.hidden_size), dtype=np.float32)
         arrays = {p: np.concatenate(c) if c else empty for p, c in chunks.items()}
         ids = [int(r["id"]) for r in rows]

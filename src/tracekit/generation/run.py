@@ -11,6 +11,7 @@ stopped. On CUDA out-of-memory the batch size halves and the batch is retried.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -466,8 +467,6 @@ def generate(
 
 def _device_label(loaded: LoadedModel) -> str:
     """``cuda:0``, with the physical GPU when each process sees only its own."""
-    import os
-
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if loaded.device.type == "cuda" and visible is not None and "," not in visible:
         return f"{loaded.device} (GPU {visible})"

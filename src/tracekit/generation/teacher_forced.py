@@ -8,10 +8,16 @@ left-padded into one batch; prompt and response positions get their own masks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tracekit.generation.engine import CaptureSpec, left_pad, position_ids_from_mask, to_device
+from tracekit.generation.engine import (
+    CaptureSpec,
+    HostCopy,
+    left_pad,
+    position_ids_from_mask,
+    to_device,
+)
 from tracekit.generation.hf_engine import check_capture_layers, forward_kwargs, input_device
 from tracekit.generation.pooling import PooledAccumulator, Pooling
 
@@ -30,7 +36,7 @@ def pooled_forward(
 ) -> dict[Pooling, torch.Tensor]:
     """Pooled states ``[batch, n_layers, hidden]`` per pooling (float32) for one batch: on the
     CPU, or with ``to_host=False`` on the model's device, the work possibly still queued (hand
-    them to :class:`HostCopy` to overlap the copy with the next batch)."""
+    them to :class:`~tracekit.generation.engine.HostCopy`, as :func:`pooled_batches` does)."""
     import torch
 
     from tracekit.models.capture import LayerTaps
@@ -75,27 +81,28 @@ def pooled_forward(
     return acc.result(to_host=to_host)
 
 
-class HostCopy:
-    """Device results copied to the host without blocking: the copies queue on the stream
-    behind the forward that makes them, and :meth:`wait` returns them once they landed. A
-    caller that starts the next batch before waiting keeps the GPU busy meanwhile."""
+def pooled_batches(
+    loaded: LoadedModel,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    capture: CaptureSpec,
+    batch_size: int,
+) -> Iterator[tuple[int, int, dict[Pooling, torch.Tensor]]]:
+    """:func:`pooled_forward` over consecutive batches: ``(start, end, pooled on the CPU)``.
 
-    def __init__(self, values: dict[Pooling, torch.Tensor]) -> None:
-        import torch
-
-        self._event: Any = None
-        if not any(v.is_cuda for v in values.values()):
-            self._values = {k: v.cpu() for k, v in values.items()}
-            return
-        self._values = {}
-        for key, value in values.items():
-            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            self._values[key] = host.copy_(value, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
-
-    def wait(self) -> dict[Pooling, torch.Tensor]:
-        if self._event is not None:
-            self._event.synchronize()
-            self._event = None
-        return self._values
+    One batch in flight: batch *i + 1* is queued on the device before batch *i*'s results are
+    waited for, so their host copy (and whatever the caller does with them) overlaps the next
+    forward.
+    """
+    pending: tuple[int, int, HostCopy] | None = None
+    for start in range(0, len(prompt_ids), batch_size):
+        end = min(start + batch_size, len(prompt_ids))
+        pooled = pooled_forward(
+            loaded, prompt_ids[start:end], response_ids[start:end], capture, to_host=False
+        )
+        queued = (start, end, HostCopy(pooled))
+        if pending is not None:
+            yield pending[0], pending[1], pending[2].wait()
+        pending = queued
+    if pending is not None:
+        yield pending[0], pending[1], pending[2].wait()
