@@ -95,8 +95,9 @@ def matmul_rate(device: str) -> float:
 def teacher_forced_rows(
     loaded: Any, prompt_ids: Any, resp_ids: Any, capture: Any, dev: str, with_compile: bool
 ) -> dict[str, float]:
-    """Seconds per teacher-forced batch: tracekit's pooled forward, and what bounds it (the
-    same forward without capture, compiled, and the model's matrix products alone)."""
+    """Seconds per teacher-forced batch: tracekit's pooled forward (fast ``cuda`` path and the
+    ``hf`` reference path), and what bounds it (the same forward without capture, compiled, and
+    the model's matrix products alone)."""
     import torch.nn.functional as F
 
     from tracekit.generation.engine import left_pad, position_ids_from_mask
@@ -104,17 +105,46 @@ def teacher_forced_rows(
 
     model = loaded.model
     out: dict[str, float] = {}
-    out["tracekit pooled_forward (extract activations)"], _ = timed(
-        lambda: pooled_forward(loaded, prompt_ids, resp_ids, capture), dev, 3
-    )
+    started = time.perf_counter()
+    pooled_forward(loaded, prompt_ids, resp_ids, capture, engine="cuda")
+    sync(dev)
+    print(f"(first call of the cuda forward, compilation included: "
+          f"{time.perf_counter() - started:.0f} s)")  # fmt: skip
+    for engine in ("cuda", "hf"):
+        out[f"tracekit pooled_forward, {engine} (one batch, to host)"], _ = timed(
+            lambda e=engine: pooled_forward(loaded, prompt_ids, resp_ids, capture, engine=e),
+            dev,
+            3,
+        )
 
-    def pipelined(n: int = 4) -> None:  # as extract activations runs: one batch in flight
+        def pipelined(n: int = 4, e: str = engine) -> None:  # as extract activations runs them
+            b = len(prompt_ids)
+            for _ in pooled_batches(loaded, prompt_ids * n, resp_ids * n, capture, b, e):
+                pass
+
+        seconds, _ = timed(pipelined, dev, 2)
+        out[f"same, {engine}, 4 batches pipelined (per batch)"] = seconds / 4
+    # batches of other lengths, as a real dataset has them: the compiled block is shape-generic
+    cuts = (8, 24, 40, 56)
+    varied = [([p[: len(p) - c // 2] for p in prompt_ids], [r[: len(r) - c // 2] for r in resp_ids])
+              for c in cuts]  # fmt: skip
+    for p_ids, r_ids in varied:  # the first batch of each new length
+        pooled_forward(loaded, p_ids, r_ids, capture, engine="cuda")
+
+    def varied_batches() -> None:
         b = len(prompt_ids)
-        for _ in pooled_batches(loaded, prompt_ids * n, resp_ids * n, capture, b):
+        p_all = [p for p_ids, _ in varied for p in p_ids]
+        r_all = [r for _, r_ids in varied for r in r_ids]
+        for _ in pooled_batches(loaded, p_all, r_all, capture, b, "cuda"):
             pass
 
-    seconds, _ = timed(pipelined, dev, 2)
-    out["same, 4 batches pipelined (per batch)"] = seconds / 4
+    seconds, _ = timed(varied_batches, dev, 2)
+    full = len(prompt_ids[0]) + len(resp_ids[0])
+    mean_len = full - sum(cuts) / len(cuts)
+    # stored as the time a full-length batch takes at this rate (FLOPs ~ proportional to length)
+    out[f"cuda, 4 batches of {full - cuts[-1]}-{full - cuts[0]} tokens per row, pipelined "
+        f"(per batch, scaled to {full})"] = seconds / len(cuts) * full / mean_len  # fmt: skip
+
     rows = [p + r for p, r in zip(prompt_ids, resp_ids, strict=True)]
     ids, mask = left_pad(rows, 0, torch.device(dev))
     positions = position_ids_from_mask(mask)
@@ -192,6 +222,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="profile one capture run at batch B")
     ap.add_argument("--teacher-forced", action="store_true")
     ap.add_argument("--tf-compile", action="store_true", help="also time a compiled HF forward")
+    ap.add_argument("--tf-profile", action="store_true", help="profile one teacher-forced batch")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     dev = args.device
@@ -235,7 +266,7 @@ def main() -> None:
     ref_engine.stop_ids = []
     rows: list[dict[str, Any]] = []
     T, P = args.new_tokens, args.prompt_len
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in [int(b) for b in args.batches.split(",") if b]:
         gen = torch.Generator().manual_seed(batch)
         ids = torch.randint(2, cfg.vocab_size, (batch, P), generator=gen)
         prompts = ids.tolist()
@@ -337,7 +368,11 @@ def main() -> None:
                 f"| {name} | {1e3 * seconds:.1f} | {flops / seconds / 1e12:.0f} | "
                 f"{100 * flops / seconds / mm:.0f}% |"
             )
-        tf["seconds"] = tf["rows"]["tracekit pooled_forward (extract activations)"]
+        if args.tf_profile:
+            from tracekit.generation.teacher_forced import pooled_forward
+
+            profile(lambda: pooled_forward(loaded, prompt_ids, resp_ids, capture), 1, dev)
+        tf["seconds"] = tf["rows"]["same, cuda, 4 batches pipelined (per batch)"]
         tf["matmul_frac"] = flops / tf["seconds"] / mm
 
     print("\n| batch | method | tok/s | x generate | step ms | floor (decode) | floor (e2e) |")

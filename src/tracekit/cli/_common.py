@@ -111,6 +111,15 @@ EngineOpt = Annotated[
         "hf (reference decode loop, any model and device) or cuda (static KV cache + CUDA graphs).",
     ),
 ]
+ForwardEngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="Teacher-forced forward: auto (cuda on a supported model on one NVIDIA GPU, else "
+        "hf), hf (the model's own forward, any model and device) or cuda (compiled blocks, "
+        "flash attention, right padding).",
+    ),
+]
 NumProcessesOpt = Annotated[
     int,
     typer.Option(

@@ -287,6 +287,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def project_qkv(
+    x: torch.Tensor, w: LayerWeights, q_width: int, kv_width: int, gemv: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v of normed states ``x`` (last dimension ``q_width`` / ``kv_width``): one fused
+    product where the weights are fused, else three."""
+    import torch.nn.functional as F
+
+    if w.qkv is not None:
+        qkv = linear(x, w.qkv, gemv)
+        if w.qkv_bias is not None:
+            qkv = qkv + w.qkv_bias
+        q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
+        return q, k, v
+    assert w.q is not None and w.k is not None and w.v is not None
+    return F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
+
+
 def _attn_in(
     h: torch.Tensor,
     w: LayerWeights,
@@ -303,20 +320,9 @@ def _attn_in(
 
     ``write`` = ``(k_cache, v_cache, slot)`` also stores k and v at cache slot ``slot``.
     """
-    import torch.nn.functional as F
-
     batch = h.shape[0]
     x = _rms_norm(h, w.ln1, eps)
-    if w.qkv is not None:
-        qkv = linear(x, w.qkv, gemv_qkv)
-        if w.qkv_bias is not None:
-            qkv = qkv + w.qkv_bias
-        q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
-    else:
-        assert w.q is not None and w.k is not None and w.v is not None
-        q = F.linear(x, w.q, w.q_bias)
-        k = F.linear(x, w.k, w.k_bias)
-        v = F.linear(x, w.v, w.v_bias)
+    q, k, v = project_qkv(x, w, n_heads * head_dim, n_kv * head_dim, gemv_qkv)
     q = q.reshape(batch, n_heads, head_dim)
     k = k.reshape(batch, n_kv, head_dim)
     v = v.reshape(batch, n_kv, head_dim)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import field_validator
 
@@ -47,6 +47,9 @@ class ExtractActivationsConfig(RuntimeOptions):
     batch_size: BatchSize = 8
     layers: LayerSpec = LayerSpec(None)
     pooling: Poolings = (Pooling.response_avg,)
+    engine: Literal["auto", "hf", "cuda"] = "auto"
+    """Teacher-forced forward: ``cuda`` = compiled blocks + flash attention
+    (:mod:`tracekit.generation.cuda_forward`), ``hf`` = the model's own forward."""
     force: bool = False
 
     @field_validator("experiment", "trait")
@@ -141,7 +144,7 @@ def extract_activations(
         ]
         chunks: dict[str, list[Any]] = {p: [] for p in poolings}
         for start, end, pooled in pooled_batches(
-            loaded, prompts, responses, capture, config.batch_size
+            loaded, prompts, responses, capture, config.batch_size, config.engine
         ):
             for pooling, tensor in pooled.items():
                 chunks[pooling.value].append(tensor.numpy())

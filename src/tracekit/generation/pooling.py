@@ -160,27 +160,33 @@ class PooledAccumulator:
 def masked_sum(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(hidden * mask[..., None]).sum(dim=1)`` in float32: ``[batch, hidden]``.
 
-    One batched matrix product ``mask[:, None, :] @ hidden`` instead of a float32 copy of the
-    whole ``[batch, seq, hidden]`` tensor and a product: on CUDA a bf16/fp16 ``hidden`` is read
-    once, in its own dtype, with float32 accumulation and output (0/1 mask values are exact in
-    any float type), so pooling every layer of a long teacher-forced batch costs one read of
-    each layer's states.
+    One batched matrix product ``mask[:, None, :] @ hidden`` (see :func:`masked_sums`) instead of
+    a float32 copy of the whole ``[batch, seq, hidden]`` tensor and a product.
+    """
+    if hidden.shape[1] == 1:  # a decode step: nothing to reduce
+        import torch
+
+        return hidden[:, 0].float() * mask.to(torch.float32)
+    return masked_sums(hidden, mask.unsqueeze(1)).squeeze(1)
+
+
+def masked_sums(hidden: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``masks @ hidden`` in float32: ``[batch, k, hidden]`` for ``masks`` ``[batch, k, seq]``.
+
+    On CUDA a bf16/fp16 ``hidden`` is read once, in its own dtype, with float32 accumulation and
+    output (0/1 mask values are exact in any float type), so pooling every layer of a long
+    teacher-forced batch costs one read of each layer's states, whatever the number of masks.
     """
     import torch
 
-    if hidden.shape[1] == 1:  # a decode step: nothing to reduce
-        return hidden[:, 0].float() * mask.to(torch.float32)
-    weights = mask.unsqueeze(1)
     if hidden.dtype == torch.float32:
-        return torch.bmm(weights.to(torch.float32), hidden).squeeze(1)
+        return torch.bmm(masks.to(torch.float32), hidden)
     if hidden.is_cuda and _BMM_OUT_DTYPE.get("ok", True):
         try:
-            out = torch.bmm(weights.to(hidden.dtype), hidden, out_dtype=torch.float32)
+            return torch.bmm(masks.to(hidden.dtype), hidden, out_dtype=torch.float32)
         except (RuntimeError, TypeError):  # a torch without ``bmm(..., out_dtype=)``
             _BMM_OUT_DTYPE["ok"] = False
-        else:
-            return out.squeeze(1)
-    return torch.bmm(weights.to(torch.float32), hidden.float()).squeeze(1)
+    return torch.bmm(masks.to(torch.float32), hidden.float())
 
 
 _BMM_OUT_DTYPE: dict[str, bool] = {}

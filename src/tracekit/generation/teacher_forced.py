@@ -4,6 +4,10 @@ This is stage 2 (``tracekit extract activations``) and the reference the generat
 tested against. It uses the same :class:`~tracekit.generation.pooling.PooledAccumulator` and the
 same definitions (see :mod:`tracekit.generation.pooling`): rows are ``prompt_ids + response_ids``
 left-padded into one batch; prompt and response positions get their own masks.
+
+``engine="cuda"`` (what ``auto`` picks for a supported model on a CUDA device) runs the compiled
+forward of :mod:`tracekit.generation.cuda_forward` instead: same definitions, right padding and
+causal flash attention, equal within floating-point tolerance.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from tracekit.errors import ConfigError, ModelError
 from tracekit.generation.engine import (
     CaptureSpec,
     HostCopy,
@@ -27,16 +32,43 @@ if TYPE_CHECKING:
     from tracekit.models.loading import LoadedModel
 
 
+TEACHER_FORCED_ENGINES = ("auto", "hf", "cuda")
+
+
+def resolve_forward_engine(name: str, loaded: LoadedModel) -> str:
+    """``auto`` -> ``cuda`` for a supported model on one CUDA device, else ``hf``; ``cuda`` on
+    a model the fast forward cannot run raises :class:`ModelError` saying why."""
+    from tracekit.generation.cuda_engine import unsupported_reason
+
+    if name not in TEACHER_FORCED_ENGINES:
+        raise ConfigError(
+            f"unknown engine '{name}'", f"choose one of {', '.join(TEACHER_FORCED_ENGINES)}"
+        )
+    if name == "hf":
+        return name
+    reason = unsupported_reason(loaded.model)
+    if name == "auto":
+        return "cuda" if loaded.device.type == "cuda" and reason is None else "hf"
+    if reason is not None:
+        raise ModelError(
+            f"the fast teacher-forced forward cannot run this model: {reason}",
+            "use --engine hf (the reference path runs every causal LM)",
+        )
+    return name
+
+
 def pooled_forward(
     loaded: LoadedModel,
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
     capture: CaptureSpec,
     to_host: bool = True,
+    engine: str = "auto",
 ) -> dict[Pooling, torch.Tensor]:
     """Pooled states ``[batch, n_layers, hidden]`` per pooling (float32) for one batch: on the
     CPU, or with ``to_host=False`` on the model's device, the work possibly still queued (hand
-    them to :class:`~tracekit.generation.engine.HostCopy`, as :func:`pooled_batches` does)."""
+    them to :class:`~tracekit.generation.engine.HostCopy`, as :func:`pooled_batches` does).
+    ``engine``: see :func:`resolve_forward_engine`."""
     import torch
 
     from tracekit.models.capture import LayerTaps
@@ -44,6 +76,14 @@ def pooled_forward(
     if len(prompt_ids) != len(response_ids):
         raise ValueError("prompt_ids and response_ids must have the same number of rows")
     check_capture_layers(loaded, capture)
+    if resolve_forward_engine(engine, loaded) == "cuda":
+        from tracekit.generation.cuda_forward import fast_forward
+
+        pad_id = int(loaded.tokenizer.pad_token_id or 0)
+        pooled = fast_forward(loaded.model).pooled(
+            prompt_ids, response_ids, capture.layers, capture.poolings, pad_id
+        )
+        return HostCopy(pooled).wait() if to_host else pooled
     device = input_device(loaded)
     batch = len(prompt_ids)
     rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
@@ -78,7 +118,8 @@ def pooled_forward(
             use_cache=False,
             **kwargs,
         )
-    return acc.result(to_host=to_host)
+    pooled = acc.result(to_host=False)
+    return HostCopy(pooled).wait() if to_host else pooled
 
 
 def pooled_batches(
@@ -87,6 +128,7 @@ def pooled_batches(
     response_ids: Sequence[Sequence[int]],
     capture: CaptureSpec,
     batch_size: int,
+    engine: str = "auto",
 ) -> Iterator[tuple[int, int, dict[Pooling, torch.Tensor]]]:
     """:func:`pooled_forward` over consecutive batches: ``(start, end, pooled on the CPU)``.
 
@@ -98,7 +140,12 @@ def pooled_batches(
     for start in range(0, len(prompt_ids), batch_size):
         end = min(start + batch_size, len(prompt_ids))
         pooled = pooled_forward(
-            loaded, prompt_ids[start:end], response_ids[start:end], capture, to_host=False
+            loaded,
+            prompt_ids[start:end],
+            response_ids[start:end],
+            capture,
+            to_host=False,
+            engine=engine,
         )
         queued = (start, end, HostCopy(pooled))
         if pending is not None:

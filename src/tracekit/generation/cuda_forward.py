@@ -1,0 +1,258 @@
+"""Teacher-forced pooled forward for Llama-family models: compiled blocks, causal flash attention.
+
+The fast path of ``tracekit extract activations`` (and of
+:func:`tracekit.generation.teacher_forced.pooled_forward` with ``engine="cuda"``). It runs the
+same functional decoder block as the CUDA engine (:mod:`tracekit.generation.cuda_engine`: fused
+q/k/v and gate/up products, the model's own rotary tables) over whole sequences, and pools each
+chosen layer's states as the block that makes them finishes.
+
+Two choices make it fast:
+
+- **Right padding, no attention mask.** Rows are ``prompt + response`` padded on the *right*, so
+  every real token sits at positions ``0 .. n-1`` and every pad token comes after all of them.
+  Under a causal mask no real token can see a pad token, so plain causal attention is exact for
+  the real tokens (the pad positions compute values nobody reads), and
+  ``scaled_dot_product_attention`` can take its flash kernel. The reference path
+  (:mod:`tracekit.generation.teacher_forced`) pads on the left and passes a mask.
+- **One compiled block.** Every block runs the same function, compiled once by ``torch.compile``
+  with the batch and sequence dimensions dynamic, so the norms, rotary embedding, SiLU and the
+  residual adds fuse into a few kernels around cuBLAS products. Batches of any length reuse it.
+
+Pooling reads each chosen layer's ``[batch, seq, hidden]`` states once: one batched product with
+the ``[batch, 2, seq]`` prompt/response masks (float32 accumulation) and one gather for
+``prompt_last``. Only the blocks up to the deepest chosen layer run.
+
+On CPU the same code runs eagerly; the tests check it there against the reference path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tracekit.generation.cuda_engine import (
+    LayerWeights,
+    _rms_norm,
+    _rotate_half,
+    collect_weights,
+    decoder_spec,
+    project_qkv,
+)
+from tracekit.generation.pooling import Pooling, masked_sums
+from tracekit.models.layers import LayerHandles
+
+if TYPE_CHECKING:
+    import torch
+
+SEQ_MULTIPLE = 8
+"""Sequence lengths are padded up to a multiple of this (pad positions are never read)."""
+
+
+def _block(
+    h: torch.Tensor,
+    w: LayerWeights,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    window_mask: torch.Tensor | None,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    eps: float,
+    scaling: float,
+) -> torch.Tensor:
+    """One decoder block over ``h`` ``[batch, seq, hidden]`` (causal; ``window_mask`` for a
+    sliding window). Same arithmetic as the HF Llama block, with q/k/v (and gate/up) products
+    fused where the weights are."""
+    import torch.nn.functional as F
+
+    batch, seq, _ = h.shape
+    x = _rms_norm(h, w.ln1, eps)
+    q, k, v = project_qkv(x, w, n_heads * head_dim, n_kv * head_dim)
+    q = q.reshape(batch, seq, n_heads, head_dim)
+    k = k.reshape(batch, seq, n_kv, head_dim)
+    v = v.reshape(batch, seq, n_kv, head_dim)
+    if w.q_norm is not None and w.k_norm is not None:
+        q = _rms_norm(q, w.q_norm, eps)
+        k = _rms_norm(k, w.k_norm, eps)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    c, s = cos[None, None], sin[None, None]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    attn = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=window_mask,
+        is_causal=window_mask is None,
+        scale=scaling,
+        enable_gqa=n_kv != n_heads,
+    )
+    attn = attn.transpose(1, 2).reshape(batch, seq, n_heads * head_dim)
+    out = F.linear(attn, w.o, w.o_bias)
+    h = h + out
+    x = _rms_norm(h, w.ln2, eps)
+    if w.gate_up is not None:
+        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+    else:
+        assert w.gate is not None and w.up is not None
+        gate, up = F.linear(x, w.gate), F.linear(x, w.up)
+    return h + F.linear(F.silu(gate) * up, w.down)
+
+
+_COMPILED_BLOCK: list[Any] = []
+
+
+def _compiled_block() -> Any:
+    """``_block`` compiled once per process (batch and sequence dimensions dynamic)."""
+    import torch
+
+    if not _COMPILED_BLOCK:
+        _COMPILED_BLOCK.append(torch.compile(_block, dynamic=None, fullgraph=True))
+    return _COMPILED_BLOCK[0]
+
+
+class FastForward:
+    """Pooled teacher-forced states of a Llama-family HF model (see the module docstring).
+
+    ``compile`` defaults to on for CUDA and off elsewhere. Building one re-lays the model's
+    q/k/v and gate/up weights into fused buffers on CUDA (values unchanged; the HF model keeps
+    working and shares them), as the CUDA engine does.
+    """
+
+    def __init__(self, model: Any, *, compile: bool | None = None) -> None:
+        import torch
+
+        self.model = model
+        self.spec = decoder_spec(model)  # raises ModelError for unsupported models
+        self.handles = LayerHandles.of(model)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        on_cuda = self.device.type == "cuda"
+        self.compile = on_cuda if compile is None else compile
+        base = getattr(model, getattr(model, "base_model_prefix", "model"))
+        self.embed = base.embed_tokens.weight.detach()
+        self.rotary = base.rotary_emb
+        with torch.no_grad():
+            self.weights = collect_weights(model, self.handles, fuse=on_cuda)
+        self.cos_table = self.sin_table = torch.empty(0)
+        self.fn_block = _compiled_block() if self.compile else _block
+
+    def _ensure_rope(self, length: int) -> None:
+        import torch
+
+        if self.cos_table.shape[0] >= length:
+            return
+        # the model's own rotary module, so the tables are the reference path's
+        size = max(length, 2 * self.cos_table.shape[0], 256)
+        positions = torch.arange(size, device=self.device)[None, :]
+        probe = torch.empty(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.rotary(probe, positions)
+        self.cos_table, self.sin_table = cos[0].contiguous(), sin[0].contiguous()
+
+    def pooled(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        layers: Sequence[int],
+        poolings: Sequence[Pooling],
+        pad_id: int = 0,
+    ) -> dict[Pooling, torch.Tensor]:
+        """Per pooling, ``[batch, len(layers), hidden]`` float32 on the model's device (the
+        work possibly still queued). Definitions as in :mod:`tracekit.generation.pooling`."""
+        import torch
+
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError("prompt_ids and response_ids must have the same number of rows")
+        bad = [layer for layer in layers if not 0 <= layer < self.handles.n_layers]
+        if bad:
+            raise ValueError(f"layer(s) {bad} out of range 0-{self.handles.n_layers - 1}")
+        spec, dev = self.spec, self.device
+        batch = len(prompt_ids)
+        p_len = [len(p) for p in prompt_ids]
+        n_len = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+        width = max(max(n_len, default=1), 1)
+        width = -(-width // SEQ_MULTIPLE) * SEQ_MULTIPLE
+        host_ids = torch.full((batch, width), int(pad_id), dtype=torch.long)
+        for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+            row = list(p) + list(r)
+            if row:
+                host_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        # masks [batch, 2, width]: row 0 = real prompt tokens, row 1 = response tokens
+        cols = torch.arange(width)
+        p_t, n_t = torch.tensor(p_len)[:, None], torch.tensor(n_len)[:, None]
+        masks = torch.stack([cols[None] < p_t, (cols[None] >= p_t) & (cols[None] < n_t)], dim=1)
+        last = (torch.tensor(p_len) - 1).clamp(min=0)
+        pinned = dev.type == "cuda"
+        if pinned:
+            host_ids, masks, last = (t.pin_memory() for t in (host_ids, masks, last))
+        ids = host_ids.to(dev, non_blocking=pinned)
+        masks = masks.to(dev, non_blocking=pinned).to(self.dtype)
+        last = last.to(dev, non_blocking=pinned)
+        counts = masks.float().sum(dim=2).clamp(min=1.0)  # [batch, 2]
+
+        self._ensure_rope(width)
+        cos, sin = self.cos_table[:width], self.sin_table[:width]
+        window_mask = None
+        if spec.sliding_window is not None and width > spec.sliding_window:
+            pos = torch.arange(width, device=dev)
+            near = pos[None, :] > pos[:, None] - spec.sliding_window
+            window_mask = (pos[None, :] <= pos[:, None]) & near
+
+        slots = {layer: n for n, layer in enumerate(layers)}
+        want_avg = [p for p in poolings if p is not Pooling.prompt_last]
+        out = {
+            p: torch.zeros(batch, len(layers), spec.hidden, dtype=torch.float32, device=dev)
+            for p in poolings
+        }
+        rows = torch.arange(batch, device=dev)
+
+        def pool(layer: int, h: torch.Tensor) -> None:
+            slot = slots.get(layer)
+            if slot is None:
+                return
+            if want_avg:
+                sums = masked_sums(h, masks) / counts[:, :, None]  # [batch, 2, hidden]
+                for p in want_avg:
+                    out[p][:, slot] = sums[:, 0 if p is Pooling.prompt_avg else 1]
+            if Pooling.prompt_last in out:
+                out[Pooling.prompt_last][:, slot] = h[rows, last].float()
+
+        if self.compile:
+            torch._dynamo.maybe_mark_dynamic(ids, 0)
+            torch._dynamo.maybe_mark_dynamic(ids, 1)
+        deepest = max(layers, default=0)
+        with torch.inference_mode():
+            h = torch.nn.functional.embedding(ids, self.embed)
+            pool(0, h)
+            for i in range(deepest):
+                if self.compile:
+                    for t, dims in ((h, (0, 1)), (cos, (0,)), (sin, (0,))):
+                        for d in dims:
+                            torch._dynamo.maybe_mark_dynamic(t, d)
+                h = self.fn_block(
+                    h,
+                    self.weights[i],
+                    cos,
+                    sin,
+                    window_mask,
+                    spec.n_heads,
+                    spec.n_kv_heads,
+                    spec.head_dim,
+                    spec.eps,
+                    spec.scaling,
+                )
+                pool(i + 1, h)
+        # an empty prompt (or response) has count 0: its mean is 0, as in the reference path
+        return out
+
+
+_FORWARDS: weakref.WeakKeyDictionary[Any, FastForward] = weakref.WeakKeyDictionary()
+
+
+def fast_forward(model: Any) -> FastForward:
+    """The :class:`FastForward` of ``model``, built once per model object."""
+    ff = _FORWARDS.get(model)
+    if ff is None:
+        ff = _FORWARDS[model] = FastForward(model)
+    return ff
