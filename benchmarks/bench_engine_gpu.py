@@ -217,7 +217,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--with-static", action="store_true")
     ap.add_argument("--with-reference", action="store_true")
-    ap.add_argument("--variants", default="", help="graph-eager,kv-eager,sdpa,no-gemv,gemv-on")
+    ap.add_argument(
+        "--variants", default="", help="graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused"
+    )
     ap.add_argument("--static-batches", default=None, help="batches for static (default all)")
     ap.add_argument("--profile", type=int, default=0, help="profile one capture run at batch B")
     ap.add_argument("--teacher-forced", action="store_true")
@@ -257,6 +259,7 @@ def main() -> None:
         "sdpa": {"sdpa_attention": True},  # scaled_dot_product_attention for decode
         "no-gemv": {"gemv": "off"},  # cuBLAS for every linear layer
         "gemv-on": {"gemv": "on"},  # the Triton kernel for every linear layer it serves
+        "unfused": {"fused_attention": "off"},  # attention as two products and a softmax
     }
     variants: dict[str, CudaEngine] = {}
     for name in filter(None, args.variants.split(",")):
@@ -385,6 +388,10 @@ def main() -> None:
         )
     from tracekit.generation import cuda_gemv
 
+    for dec in cuda_engine._decoders.values():
+        for key, runner in dec._runners.items():
+            print(f"decode step b={key.batch} len={runner.total_len}: fused attention "
+                  f"{'on' if runner.dims.fused_attention else 'off'}")  # fmt: skip
     modes = cuda_gemv.MODE_NAMES
     print("linear layers (rows, N, K): chosen mode, microseconds per candidate")
     for key, mode in cuda_gemv.choices().items():

@@ -150,3 +150,47 @@ def test_bf16_gemv_engine_matches_teacher_forced(gemv):
     forced = pooled_forward(loaded, prompts, out.response_ids, capture)
     for pooling in ALL_POOLINGS:
         assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
+
+
+@pytest.mark.parametrize(
+    "heads,kv,head_dim,splits,bias,window,dtype",
+    [
+        (32, 8, 64, 1, False, None, torch.bfloat16),  # Llama-3.2-1B's attention
+        (32, 8, 64, 4, False, None, torch.bfloat16),  # split-K partials summed in the kernel
+        (14, 2, 64, 2, True, None, torch.bfloat16),  # a group of 7 heads, q/k/v bias (Qwen2)
+        (8, 8, 80, 1, False, 40, torch.float16),  # head_dim not a power of 2, sliding window
+        (12, 4, 64, 8, True, None, torch.float32),
+    ],
+)
+def test_fused_attention_kernel_matches_reference(heads, kv, head_dim, splits, bias, window, dtype):
+    from tracekit.generation import cuda_attention
+
+    for batch, length in ((1, 7), (5, 150), (3, 700)):  # one slot block, several, many
+        assert cuda_attention.works(
+            batch=batch,
+            length=length,
+            n_heads=heads,
+            n_kv=kv,
+            head_dim=head_dim,
+            splits=splits,
+            has_bias=bias,
+            window=window,
+            dtype=dtype,
+            device=torch.device("cuda"),
+        ), (batch, length)
+
+
+def test_fused_attention_step_equals_unfused(fp32_model):
+    prompts = _prompts(8, seed=9)
+    params = GenerationParams(max_new_tokens=32, temperature=0)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    fused_engine = CudaEngine(fp32_model, fused_attention="on")
+    fused = fused_engine.generate(prompts, params, capture)
+    plain_engine = CudaEngine(fp32_model, fused_attention="off")
+    plain = plain_engine.generate(prompts, params, capture)
+    used = [r.dims.fused_attention for r in fused_engine._decoder(capture)._runners.values()]
+    assert used == [True]
+    assert not any(r.dims.fused_attention for r in plain_engine._decoder(capture)._runners.values())
+    assert fused.response_ids == plain.response_ids
+    for pooling in ALL_POOLINGS:
+        assert _rel(fused.pooled[pooling], plain.pooled[pooling]) < 1e-4, pooling

@@ -362,7 +362,6 @@ def _attn_out_mlp(
     import torch
     import torch.nn.functional as F
 
-    gemv = gemv or NO_GEMV
     batch, n_kv, _, head_dim = k_cache.shape
     group = q.shape[1] // n_kv
     qg = q.reshape(batch, n_kv, group, head_dim)
@@ -376,6 +375,22 @@ def _attn_out_mlp(
         probs = torch.softmax(scores, dim=-1).to(v_cache.dtype)
         attn = torch.matmul(probs, v_cache)
     attn = attn.reshape(batch, n_kv * group * head_dim)
+    return _out_mlp(h, attn, w, cap, cap_weight, eps, gemv)
+
+
+def _out_mlp(
+    h: torch.Tensor,
+    attn: torch.Tensor,
+    w: LayerWeights,
+    cap: torch.Tensor | None,
+    cap_weight: torch.Tensor,
+    eps: float,
+    gemv: GemvChoice | None = None,
+) -> torch.Tensor:
+    """o_proj of the attention output ``[B, heads * head_dim]``, MLP, residuals, capture."""
+    import torch.nn.functional as F
+
+    gemv = gemv or NO_GEMV
     out = linear(attn, w.o, gemv.o)
     h = h + (out if w.o_bias is None else out + w.o_bias)
     x = _rms_norm(h, w.ln2, eps)
@@ -388,6 +403,24 @@ def _attn_out_mlp(
     if cap is not None:
         cap.add_(h.float() * cap_weight[:, None])
     return h
+
+
+def _qkv_product(h: torch.Tensor, w: LayerWeights, eps: float, gemv_qkv: int) -> torch.Tensor:
+    """Norm and fused q/k/v product for the fused attention kernel, bias not added: the
+    product ``[B, N]``, or for a split-K mode its float32 partials ``[splits, B, N]`` (the
+    kernel sums them, so no kernel here does)."""
+    import torch
+
+    from tracekit.generation import cuda_gemv
+
+    assert w.qkv is not None
+    x = _rms_norm(h, w.ln1, eps)
+    if gemv_qkv >= cuda_gemv.SPLIT_K2:
+        parts: torch.Tensor = torch.ops.tracekit.gemv_splitk(
+            x, w.qkv, cuda_gemv.splits_of(gemv_qkv)
+        )
+        return parts
+    return linear(x, w.qkv, gemv_qkv)
 
 
 def _prelude(
@@ -609,13 +642,18 @@ class _Runner:
             layer: torch.zeros(b, spec.hidden, dtype=torch.float32, device=dev)
             for layer in cap_layers
         }
-        self.dims = dec.dims._replace(gemv=dec.gemv_choice(b))
+        gemv = dec.gemv_choice(b)
+        fused = dec.fused_attention_for(b, self.total_len, gemv.qkv)
+        self.dims = dec.dims._replace(gemv=gemv, fused_attention=fused)
         self.graph: Any = None
 
     # -- one decode step (eager Python that calls the compiled pieces) ------------------------
     def step(self) -> None:
         dec, st, key = self.dec, self.st, self.key
         d = self.dims
+        if d.fused_attention:
+            self._step_fused()
+            return
         slot = st.step + key.prompt_len
         caches = [_Caches(k, v) for k, v in zip(self.k_cache, self.v_cache, strict=True)]
         weights = dec.weights
@@ -654,13 +692,57 @@ class _Runner:
             )
         if not d.write_kv:
             self._write_kv(caches[last], k, v, slot)
+        self._last(h, q, caches[last], bias)
+
+    def _step_fused(self) -> None:
+        """One decode step with the fused attention kernel between the compiled pieces."""
+        from tracekit.generation.cuda_attention import AttentionShape, decode_attention
+
+        dec, st, key, d = self.dec, self.st, self.key, self.dims
+        shape = AttentionShape(d.n_heads, d.n_kv, d.head_dim, d.scaling, d.window)
+        slot = st.step + key.prompt_len
+        weights = dec.weights
+        last = len(weights) - 1
+        h, qkv, cos, sin = dec.fn_first_fused(
+            st.cur_tok,
+            dec.embed,
+            slot,
+            st.pad_len,
+            dec.cos_table,
+            dec.sin_table,
+            self.caps.get(0),
+            st.feed_weight,
+            weights[0],
+            d,
+        )
+        for i, w in enumerate(weights):
+            attn = decode_attention(
+                qkv,
+                w.qkv_bias,
+                cos,
+                sin,
+                self.k_cache[i],
+                self.v_cache[i],
+                slot,
+                st.pad_len,
+                shape,
+            )
+            if i < last:
+                cap = self.caps.get(i + 1)
+                h, qkv = dec.fn_middle_fused(h, attn, w, cap, st.feed_weight, weights[i + 1], d)
+        self._last(h, attn, None, None)
+
+    def _last(
+        self, h: torch.Tensor, q: torch.Tensor, cache: _Caches | None, bias: torch.Tensor | None
+    ) -> None:
+        dec, st, key = self.dec, self.st, self.key
         dec.fn_last(
             h,
             q,
-            caches[last],
+            cache,
             bias,
-            weights[last],
-            self.caps.get(last + 1),
+            dec.weights[-1],
+            self.caps.get(len(dec.weights)),
             st.feed_weight,
             dec.final_norm,
             dec.lm_head,
@@ -671,7 +753,7 @@ class _Runner:
             dec.include_eos,
             key.do_sample,
             key.use_top_p,
-            d,
+            self.dims,
         )
 
     @staticmethod
@@ -748,6 +830,9 @@ class Dims(NamedTuple):
     """Which linear layers use the Triton matrix-vector kernel (per batch size)."""
     argmax_chunk: int
     """Chunk length of the two-stage argmax over the vocabulary (0: one stage)."""
+    fused_attention: bool = False
+    """True: rotary, KV write and attention in one Triton kernel per block
+    (:mod:`tracekit.generation.cuda_attention`), called between the compiled pieces."""
 
 
 class _Caches(NamedTuple):
@@ -806,8 +891,8 @@ def _middle(
 def _last(
     h: torch.Tensor,
     q: torch.Tensor,
-    cache: _Caches,
-    bias: torch.Tensor,
+    cache: _Caches | None,
+    bias: torch.Tensor | None,
     w: LayerWeights,
     cap: torch.Tensor | None,
     cap_weight: torch.Tensor,
@@ -822,20 +907,67 @@ def _last(
     use_top_p: bool,
     d: Dims,
 ) -> None:
-    """Rest of the last block, final norm, logits, sampling and the per-row bookkeeping."""
-    h = _attn_out_mlp(
-        h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention, d.gemv
-    )
+    """Rest of the last block, final norm, logits, sampling and the per-row bookkeeping.
+
+    With ``d.fused_attention``, ``q`` is the block's attention output (``cache``/``bias``
+    unused): the fused kernel ran before this piece."""
+    if d.fused_attention:
+        h = _out_mlp(h, q, w, cap, cap_weight, d.eps, d.gemv)
+    else:
+        assert cache is not None and bias is not None
+        h = _attn_out_mlp(
+            h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention,
+            d.gemv,
+        )  # fmt: skip
     logits = _head(h, final_norm, lm_head, d.eps, d.gemv.head)
     _advance(
         logits, st, eos_ids, pad_id, max_new, include_eos, do_sample, use_top_p, d.argmax_chunk
     )
 
 
+def _first_fused(
+    cur_tok: torch.Tensor,
+    embed: torch.Tensor,
+    slot: torch.Tensor,
+    pad_len: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    cap0: torch.Tensor | None,
+    cap_weight: torch.Tensor,
+    w0: LayerWeights,
+    d: Dims,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused-attention step: embedding, this step's rotary rows, block 0's q/k/v product."""
+    import torch.nn.functional as F
+
+    h = F.embedding(cur_tok, embed)
+    pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
+    if cap0 is not None:
+        cap0.add_(h.float() * cap_weight[:, None])
+    return h, _qkv_product(h, w0, d.eps, d.gemv.qkv), cos_table[pos], sin_table[pos]
+
+
+def _middle_fused(
+    h: torch.Tensor,
+    attn: torch.Tensor,
+    w: LayerWeights,
+    cap: torch.Tensor | None,
+    cap_weight: torch.Tensor,
+    w_next: LayerWeights,
+    d: Dims,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused-attention step: rest of block i after its attention, block i+1's q/k/v product."""
+    h = _out_mlp(h, attn, w, cap, cap_weight, d.eps, d.gemv)
+    return h, _qkv_product(h, w_next, d.eps, d.gemv.qkv)
+
+
 # --------------------------------------------------------------------------------------------
 # The decoder
 # --------------------------------------------------------------------------------------------
 _COMPILED: dict[str, Any] = {}
+
+FUSED_ATTENTION_MAX_LEN = 1024
+"""Longest cache (prompt + new tokens) for which ``fused_attention="auto"`` uses the kernel."""
 
 
 def _compiled(name: str, fn: Any) -> Any:
@@ -890,6 +1022,7 @@ class FastDecoder:
         write_kv_in_graph: bool | None = None,
         sdpa_attention: bool = False,
         gemv: str = "auto",
+        fused_attention: str = "auto",
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
@@ -954,14 +1087,24 @@ class FastDecoder:
         # auto: per shape, where a Triton kernel is correct and faster; on: the split-N kernel
         # wherever correct; splitk: the two-slice split-K kernel wherever correct (tests)
         self.gemv_mode = gemv if on_cuda and fuse else "off"
+        if fused_attention not in ("auto", "on", "off"):
+            raise ValueError(f"fused_attention must be auto, on or off, not {fused_attention!r}")
+        # "on" also off CUDA (the Triton interpreter runs it there, for tests); "auto" on CUDA
+        self.fused_attention = fused_attention if fuse else "off"
+        if fused_attention == "auto" and not on_cuda:
+            self.fused_attention = "off"
+        self._fused_ok: dict[int, bool] = {}
         if self.compile:
             self.fn_first = _compiled("first", _first)
             self.fn_middle = _compiled("middle", _middle)
             self.fn_last = _compiled("last", _last)
             self.fn_advance = _compiled("advance", _advance)
+            self.fn_first_fused = _compiled("first_fused", _first_fused)
+            self.fn_middle_fused = _compiled("middle_fused", _middle_fused)
         else:
             self.fn_first, self.fn_middle, self.fn_last = _first, _middle, _last
             self.fn_advance = _advance
+            self.fn_first_fused, self.fn_middle_fused = _first_fused, _middle_fused
 
     # -- tables and runners ------------------------------------------------------------------
     def gemv_choice(self, batch: int) -> GemvChoice:
@@ -979,6 +1122,36 @@ class FastDecoder:
             down=cuda_gemv.choose(batch, w.down, force),
             head=cuda_gemv.choose(batch, self.lm_head, force),
         )
+
+    def fused_attention_for(self, batch: int, length: int, gemv_qkv: int) -> bool:
+        """Whether decode steps of ``batch`` rows over a cache of ``length`` slots use the
+        fused attention kernel: ``on``/``auto`` on CUDA with fused q/k/v weights and no q/k
+        norm, where the kernel agreed with its reference on this model's shape; ``auto`` only
+        up to :data:`FUSED_ATTENTION_MAX_LEN` slots (one program per row and kv head walks the
+        whole cache: long caches want a split over the cache, which it does not do)."""
+        w = self.weights[0]
+        if self.fused_attention == "off" or w.qkv is None or w.q_norm is not None:
+            return False
+        if self.fused_attention == "auto" and length > FUSED_ATTENTION_MAX_LEN:
+            return False
+        from tracekit.generation import cuda_attention, cuda_gemv
+
+        splits = cuda_gemv.splits_of(gemv_qkv) if gemv_qkv >= cuda_gemv.SPLIT_K2 else 1
+        if splits not in self._fused_ok:
+            spec = self.spec
+            self._fused_ok[splits] = cuda_attention.works(
+                batch=min(batch, 4),
+                length=min(length, 200),
+                n_heads=spec.n_heads,
+                n_kv=spec.n_kv_heads,
+                head_dim=spec.head_dim,
+                splits=splits,
+                has_bias=w.qkv_bias is not None,
+                window=spec.sliding_window,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        return self._fused_ok[splits]
 
     def _ensure_rope(self, length: int) -> None:
         import torch

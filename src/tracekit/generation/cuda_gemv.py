@@ -201,11 +201,25 @@ def linear(x: torch.Tensor, w: torch.Tensor, mode: int) -> torch.Tensor:
     if mode == TRITON:
         return torch.ops.tracekit.gemv(x, w)
     if mode >= SPLIT_K2:
-        # compiled, the sum and the cast fuse into whatever consumes the product
-        return torch.ops.tracekit.gemv_splitk(x, w, splits_of(mode)).sum(0).to(x.dtype)
+        return sum_partials(torch.ops.tracekit.gemv_splitk(x, w, splits_of(mode))).to(x.dtype)
     if mode == TRANSPOSED:
         return torch.mm(w, x.t()).t()
     return F.linear(x, w)
+
+
+def sum_partials(parts: torch.Tensor) -> torch.Tensor:
+    """``parts.sum(0)`` for split-K partial products ``[splits, M, N]``, as a chain of adds.
+
+    Compiled, a chain of adds is a pointwise expression that fuses into whatever consumes the
+    product (the residual add, SiLU, rotary). A ``sum(0)`` is a reduction over a strided
+    dimension of length 2-8: in the decode step inductor made it (with the residual add) a
+    reduction kernel of its own that took ~10 us per call on an H200, as long as the product.
+    The order of the adds is fixed, so results stay deterministic.
+    """
+    out = parts[0]
+    for i in range(1, parts.shape[0]):
+        out = out + parts[i]
+    return out
 
 
 def _nbytes(w: torch.Tensor) -> int:

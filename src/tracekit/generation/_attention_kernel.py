@@ -1,0 +1,138 @@
+"""Triton source of :mod:`tracekit.generation.cuda_attention` (imported only where Triton is).
+
+Kept in a module of its own: Triton resolves a kernel's helper functions through the module's
+globals, and the rest of tracekit must import without Triton.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_sum(  # pragma: no cover - GPU or interpreter
+    qkv_ptr,
+    bias_ptr,
+    row,
+    cols,
+    mask,
+    stride_s,
+    S: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    dtype: tl.constexpr,
+):
+    """Columns ``cols`` of row ``row`` of the q/k/v product: partials summed in order,
+    rounded to ``dtype``, bias added (and rounded), returned in float32."""
+    x = tl.load(qkv_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, S):
+        x += tl.load(qkv_ptr + s * stride_s + row + cols, mask=mask, other=0.0).to(tl.float32)
+    x = x.to(dtype).to(tl.float32)
+    if HAS_BIAS:
+        x = x + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
+def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
+    qkv_ptr,
+    bias_ptr,
+    cos_ptr,
+    sin_ptr,
+    k_ptr,
+    v_ptr,
+    slot_ptr,
+    pad_ptr,
+    out_ptr,
+    stride_s,
+    L,
+    B,
+    scaling,
+    S: tl.constexpr,
+    H: tl.constexpr,
+    KV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    G: tl.constexpr = H // KV
+    HALF: tl.constexpr = D // 2
+    N: tl.constexpr = (H + 2 * KV) * D
+    dtype: tl.constexpr = k_ptr.dtype.element_ty
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < G
+    d_ok = d < D
+    d_rot = tl.where(d < HALF, d + HALF, d - HALF)  # rotate_half: [-x2, x1]
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    cos = tl.load(cos_ptr + b * D + d, mask=d_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + b * D + d, mask=d_ok, other=0.0).to(tl.float32)
+    row = b * N
+
+    # query heads of this kv head: [BLOCK_G, BLOCK_D], rotated, in the model dtype
+    q_base = (kvh * G + g)[:, None] * D
+    q_mask = g_ok[:, None] & d_ok[None, :]
+    q = _load_sum(qkv_ptr, bias_ptr, row, q_base + d[None, :], q_mask, stride_s, S, HAS_BIAS,
+                  dtype)  # fmt: skip
+    q_r = _load_sum(qkv_ptr, bias_ptr, row, q_base + d_rot[None, :], q_mask, stride_s, S,
+                    HAS_BIAS, dtype)  # fmt: skip
+    q = (q * cos[None, :] + sign[None, :] * q_r * sin[None, :]).to(dtype)
+    # the new key (rotated) and value
+    k_base = H * D + kvh * D
+    k = _load_sum(qkv_ptr, bias_ptr, row, k_base + d, d_ok, stride_s, S, HAS_BIAS, dtype)
+    k_r = _load_sum(qkv_ptr, bias_ptr, row, k_base + d_rot, d_ok, stride_s, S, HAS_BIAS,
+                    dtype)  # fmt: skip
+    k = (k * cos + sign * k_r * sin).to(dtype)
+    v_base = (H + KV) * D + kvh * D
+    v = _load_sum(qkv_ptr, bias_ptr, row, v_base + d, d_ok, stride_s, S, HAS_BIAS, dtype)
+    v = v.to(dtype)
+
+    slot = tl.load(slot_ptr)
+    cache = (b * KV + kvh).to(tl.int64) * L * D
+    tl.store(k_ptr + cache + slot * D + d, k, mask=d_ok)
+    tl.store(v_ptr + cache + slot * D + d, v, mask=d_ok)
+
+    start = tl.load(pad_ptr + b)
+    if WINDOW > 0:
+        start = tl.maximum(start, slot - WINDOW + 1)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    # earlier slots from the cache; every block starts at a valid slot, so m stays finite
+    for n0 in range(start, slot, BLOCK_N):
+        j = n0 + n
+        j_ok = j < slot
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+        offs = cache + j[:, None] * D + d[None, :]
+        kb = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
+        if IEEE:  # noqa: SIM108 - a constexpr branch: Triton compiles only one side
+            s = tl.dot(q, tl.trans(kb), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kb))
+        s = tl.where(j_ok[None, :], s * scaling, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        vb = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
+        if IEEE:  # noqa: SIM108
+            pv = tl.dot(p.to(dtype), vb, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(dtype), vb)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    # the new token itself, from registers
+    s_cur = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scaling
+    m_new = tl.maximum(m, s_cur)
+    alpha = tl.exp(m - m_new)
+    p_cur = tl.exp(s_cur - m_new)
+    total = total * alpha + p_cur
+    acc = acc * alpha[:, None] + p_cur[:, None] * v.to(tl.float32)[None, :]
+    out = acc / total[:, None]
+    tl.store(out_ptr + b * H * D + q_base + d[None, :], out.to(dtype), mask=q_mask)

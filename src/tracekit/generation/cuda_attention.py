@@ -1,0 +1,250 @@
+"""One Triton kernel for a decode step's attention: rotary, KV-cache write and attention.
+
+In the CUDA engine's decode step (:mod:`tracekit.generation.cuda_engine`) the attention of one
+block took six kernels: the q/k/v product's sum and rotary embedding (two or three pointwise
+kernels), the score product, the softmax and the value product, ~11 us per block at batch 8 on
+an H200 for a few KB of work. This kernel does all of it in one launch, one program per
+(row, kv head):
+
+1. sums the q/k/v product (the split-K partials of :mod:`tracekit.generation.cuda_gemv`, or
+   the product itself), rounds it to the model dtype and adds the bias, as the product would;
+2. applies the rotary embedding to the group's query heads and to the key;
+3. writes the new key and value into the static cache at ``slot``;
+4. attends over the row's valid cache slots (from ``pad_len`` up to ``slot``, within the sliding
+   window if any) with an online softmax, the new token included.
+
+The grouped query heads of a kv head share one program and one read of its keys and values.
+Rounding follows the reference step: q, k and v are rounded to the model dtype after the
+product and after the rotary embedding, scores and sums are float32.
+
+It is checked against :func:`reference` (plain torch) before the engine uses it
+(:func:`works`); the step falls back to the unfused path where it fails or Triton is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from tracekit.generation.cuda_gemv import sum_partials
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+_STATE: dict[str, Any] = {}
+
+
+class AttentionShape(NamedTuple):
+    """The attention's shape constants (the kernel specialises on them)."""
+
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    scaling: float
+    window: int | None
+
+
+def _build() -> Any:
+    """Define the kernel once per process; ``None`` without Triton."""
+    if "kernel" in _STATE:
+        return _STATE["kernel"]
+    _STATE["kernel"] = None
+    try:
+        import triton
+
+        from tracekit.generation._attention_kernel import decode_attention_kernel
+    except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
+        return None
+    _STATE["triton"] = triton
+    _STATE["kernel"] = decode_attention_kernel
+    _STATE["tuned"] = None
+    if os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter has no benchmarker
+        # (slots per loop step, warps, pipeline stages), timed per cache length, batch and split:
+        # a step replays one choice thousands of times; re-running the kernel while timing is
+        # harmless (it writes the same key and value to the same slot)
+        configs = [
+            triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
+            for n, w, st in (
+                (32, 4, 2),
+                (64, 4, 2),
+                (64, 4, 3),
+                (128, 4, 2),
+                (128, 8, 2),
+                (256, 8, 2),
+            )  # fmt: skip
+        ]
+
+        def bench(kernel_call: Any, quantiles: Any) -> Any:
+            return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+        key = ["L", "B", "S"]
+        try:
+            tuner = triton.autotune(configs=configs, key=key, do_bench=bench, cache_results=True)
+        except TypeError:  # pragma: no cover - an older Triton
+            tuner = triton.autotune(configs=configs, key=key)
+        _STATE["tuned"] = tuner(decode_attention_kernel)
+    return decode_attention_kernel
+
+
+def available() -> bool:
+    """True when the kernel can be built (Triton importable)."""
+    return _build() is not None
+
+
+def decode_attention(
+    qkv: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+    pad_len: torch.Tensor,
+    shape: AttentionShape,
+) -> torch.Tensor:
+    """Attention output ``[batch, n_heads * head_dim]`` of one decode step (see the module
+    docstring); writes the new key and value into ``k_cache``/``v_cache`` at ``slot``.
+
+    ``qkv``: the q/k/v product ``[batch, N]`` or its split-K partials ``[splits, batch, N]``
+    (``N = (n_heads + 2 * n_kv) * head_dim``); ``cos``/``sin``: this step's rotary rows
+    ``[batch, head_dim]``; caches ``[batch, n_kv, length, head_dim]``; ``slot``: int64 ``[1]``;
+    ``pad_len``: int64 ``[batch]`` (first valid slot of each row).
+    """
+    import torch
+
+    kernel = _build()
+    if kernel is None:
+        raise RuntimeError("the fused decode attention needs Triton")
+    triton = _STATE["triton"]
+    n_heads, n_kv, head_dim, scaling, window = shape
+    parts = qkv if qkv.dim() == 3 else qkv.unsqueeze(0)
+    parts = parts.contiguous()
+    batch, _, length, _ = k_cache.shape
+    out = torch.empty((batch, n_heads * head_dim), dtype=k_cache.dtype, device=k_cache.device)
+    group = n_heads // n_kv
+    tuned = _STATE.get("tuned")
+    launch = tuned if tuned is not None else kernel
+    launch[(batch, n_kv)](
+        parts,
+        parts if bias is None else bias,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        slot,
+        pad_len,
+        out,
+        parts.stride(0),
+        length,
+        batch,
+        float(scaling),
+        S=parts.shape[0],
+        H=n_heads,
+        KV=n_kv,
+        D=head_dim,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        WINDOW=int(window or 0),
+        HAS_BIAS=bias is not None,
+        IEEE=k_cache.dtype == torch.float32,
+        **({} if tuned is not None else {"BLOCK_N": 64}),
+    )
+    return out
+
+
+def reference(
+    qkv: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+    pad_len: torch.Tensor,
+    shape: AttentionShape,
+) -> torch.Tensor:
+    """:func:`decode_attention` in plain torch (the same arithmetic as the unfused step)."""
+    import torch
+
+    from tracekit.generation.cuda_engine import _rotate_half
+
+    n_heads, n_kv, head_dim, scaling, window = shape
+    dtype = k_cache.dtype
+    x = (sum_partials(qkv) if qkv.dim() == 3 else qkv).to(dtype)
+    if bias is not None:
+        x = x + bias
+    batch = x.shape[0]
+    q, k, v = x.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.reshape(batch, n_heads, head_dim)
+    k = k.reshape(batch, n_kv, head_dim)
+    v = v.reshape(batch, n_kv, head_dim)
+    c, s = cos[:, None, :], sin[:, None, :]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    k_cache.index_copy_(2, slot, k[:, :, None, :])
+    v_cache.index_copy_(2, slot, v[:, :, None, :])
+    slots = torch.arange(k_cache.shape[2], device=k_cache.device)
+    valid = (slots[None, :] >= pad_len[:, None]) & (slots[None, :] <= slot)
+    if window is not None:
+        valid = valid & (slots[None, :] > slot - window)
+    bias_mask = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    bias_mask = bias_mask.masked_fill(~valid, float("-inf"))
+    qg = q.reshape(batch, n_kv, n_heads // n_kv, head_dim)
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scaling
+    probs = torch.softmax(scores + bias_mask[:, None, None, :], dim=-1).to(dtype)
+    return torch.matmul(probs, v_cache).reshape(batch, n_heads * head_dim)
+
+
+def works(
+    *,
+    batch: int,
+    length: int,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    splits: int,
+    has_bias: bool,
+    window: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> bool:
+    """Run the kernel once on random inputs of this shape against :func:`reference`: outputs
+    and cache writes within the dtype's rounding. ``False`` (logged) on any failure."""
+    import torch
+
+    if not available():
+        return False
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
+
+    width = (n_heads + 2 * n_kv) * head_dim
+    qkv = rand(splits, batch, width, dt=torch.float32) if splits > 1 else rand(batch, width)
+    bias = rand(width) if has_bias else None
+    angles = torch.rand(batch, head_dim // 2, generator=gen).to(device) * 6.3
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    k_cache, v_cache = rand(batch, n_kv, length, head_dim), rand(batch, n_kv, length, head_dim)
+    slot = torch.tensor([length - 2], dtype=torch.long, device=device)
+    pad_len = torch.randint(0, max(1, length // 2), (batch,), generator=gen).to(device)
+    shape = AttentionShape(n_heads, n_kv, head_dim, head_dim**-0.5, window)
+    try:
+        k1, v1 = k_cache.clone(), v_cache.clone()
+        got = decode_attention(qkv, bias, cos, sin, k1, v1, slot, pad_len, shape)
+        k2, v2 = k_cache.clone(), v_cache.clone()
+        want = reference(qkv, bias, cos, sin, k2, v2, slot, pad_len, shape)
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel
+        logger.warning("fused decode attention unavailable (%s); using the unfused step", exc)
+        return False
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    ok = True
+    for a, b in ((got, want), (k1, k2), (v1, v2)):
+        err = float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+        ok = ok and err < tol
+    if not ok:
+        logger.warning("fused decode attention disagrees with its reference: unfused step used")
+    return ok
