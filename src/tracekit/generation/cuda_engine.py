@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracekit.errors import InputError, ModelError
 from tracekit.generation.cuda_gemv import linear
-from tracekit.generation.engine import HostCopy
+from tracekit.generation.engine import HostCopy, to_device
 from tracekit.generation.pooling import masked_sum
 from tracekit.models.capture import LayerTaps
 from tracekit.models.layers import LayerHandles
@@ -1262,14 +1262,11 @@ class FastDecoder:
             runner = self._runner(key)
             prompt_pooled = self._prefill(runner, ids, mask, temps, tops, seeds)
             steps = 0
+            check = _DoneCheck(runner.st, self.device)
             for steps in range(1, max_new_tokens + 1):
                 runner.replay()
-                if steps % self.check_every == 0 and steps < max_new_tokens:
-                    st = runner.st
-                    # one host sync every check_every steps: any row still emitting or with its
-                    # last response token not yet fed for capture
-                    if not bool((st.alive | (st.feed_weight > 0)).any()):
-                        break
+                if steps % self.check_every == 0 and steps < max_new_tokens and check.done():
+                    break
             return self._collect(runner, prompt_pooled, steps)
 
     def _prefill(
@@ -1284,6 +1281,9 @@ class FastDecoder:
         import torch
 
         st, batch = runner.st, ids.shape[0]
+        seed_list = list(seeds) if seeds is not None else [0] * batch
+        if len(seed_list) != batch:
+            raise InputError(f"{len(seed_list)} seeds given for {batch} rows")
         prompt_len = ids.shape[1]
         n_real = mask.sum(dim=1)
         sums: dict[int, torch.Tensor] = {}
@@ -1324,12 +1324,10 @@ class FastDecoder:
         st.n_kept.zero_()
         st.eos_hit.zero_()
         st.out_tokens.fill_(self.pad_id)
-        st.temperature.copy_(torch.tensor(temps, dtype=torch.float32))
-        st.top_p.copy_(torch.tensor(tops, dtype=torch.float32))
-        seed_list = list(seeds) if seeds is not None else [0] * batch
-        if len(seed_list) != batch:
-            raise InputError(f"{len(seed_list)} seeds given for {batch} rows")
-        st.seeds.copy_(torch.tensor(seed_list, dtype=torch.long))
+        # pinned, non-blocking: a pageable copy would make the host wait for the prefill here
+        st.temperature.copy_(to_device(torch.tensor(temps, dtype=torch.float32), self.device))
+        st.top_p.copy_(to_device(torch.tensor(tops, dtype=torch.float32), self.device))
+        st.seeds.copy_(to_device(torch.tensor(seed_list, dtype=torch.long), self.device))
         for buf in runner.caps.values():
             buf.zero_()
         logits = out.logits[:, -1].float()
@@ -1370,6 +1368,42 @@ class FastDecoder:
         out = HostCopy(device_out).wait()
         ordered = {name: out[name] for name in self.poolings}
         return FastResult(tokens=tokens, finish_reasons=reasons, pooled=ordered, decode_steps=steps)
+
+
+class _DoneCheck:
+    """Whether every row is done (none still emitting, none with its last response token still
+    to be fed for capture), asked every ``check_every`` decode steps.
+
+    On CUDA the answer is copied to pinned memory without blocking, and :meth:`done` returns
+    the answer queued at the *previous* check: by then it has long landed, so the host never
+    waits for the GPU and the GPU never waits for the host between steps. The loop stops one
+    check later than a blocking check would; the extra steps change nothing (finished rows are
+    frozen on the device). Elsewhere the check is a plain blocking read.
+    """
+
+    def __init__(self, st: _State, device: torch.device) -> None:
+
+        self.st = st
+        self.cuda = device.type == "cuda"
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def done(self) -> bool:
+        import torch
+
+        st = self.st
+        busy = (st.alive | (st.feed_weight > 0)).any()
+        if not self.cuda:
+            return not bool(busy)
+        previous = self._pending
+        flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
+        flag.copy_(busy.reshape(1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (event, flag)
+        if previous is None:
+            return False
+        previous[0].synchronize()
+        return not bool(previous[1][0])
 
 
 def _is_oom(exc: BaseException) -> bool:
