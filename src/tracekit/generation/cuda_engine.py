@@ -53,6 +53,7 @@ from tracekit.generation.cuda_gemv import linear
 from tracekit.generation.engine import HostCopy, to_device
 from tracekit.generation.pooling import masked_sum
 from tracekit.models.capture import LayerTaps
+from tracekit.models.compat import output_cache
 from tracekit.models.layers import LayerHandles
 
 if TYPE_CHECKING:
@@ -1311,7 +1312,7 @@ class FastDecoder:
         finally:
             if taps is not None:
                 taps.__exit__(None, None, None)
-        cache = out.past_key_values
+        cache = output_cache(out)
         for i in range(self.spec.n_blocks):
             keys, values = _cache_layer(cache, i)
             runner.k_cache[i][:, :, :prompt_len].copy_(keys)

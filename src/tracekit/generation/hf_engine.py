@@ -30,6 +30,7 @@ from tracekit.generation.engine import (
     stop_token_ids,
 )
 from tracekit.generation.pooling import PooledAccumulator
+from tracekit.models.compat import cache_kwarg, output_cache
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +95,7 @@ class HFEngine:
         if not self.stop_ids:
             logger.warning("the tokenizer has no eos token: every row runs to max_new_tokens")
         self._forward_kwargs = forward_kwargs(loaded.model)
+        self._cache_key = cache_kwarg(loaded.model)
 
     def generate(
         self,
@@ -146,6 +148,7 @@ class HFEngine:
             taps = LayerTaps(loaded.handles, capture.layers, on_layer)
 
         stop = torch.tensor(self.stop_ids or [-1], device=device)
+        cache_key = self._cache_key
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         hit_eos = torch.zeros(batch, dtype=torch.bool, device=device)
         n_response = torch.zeros(batch, dtype=torch.long, device=device)
@@ -169,7 +172,7 @@ class HFEngine:
                     use_cache=True,
                     **self._forward_kwargs,
                 )
-                cache = out.past_key_values
+                cache = output_cache(out)
                 logits = out.logits[:, -1, :]
                 for step in range(params.max_new_tokens):
                     token = sample_next(logits, params, generators)
@@ -194,11 +197,11 @@ class HFEngine:
                         input_ids=token.unsqueeze(1),
                         attention_mask=mask,
                         position_ids=(mask.sum(dim=1, keepdim=True) - 1),
-                        past_key_values=cache,
                         use_cache=True,
+                        **{cache_key: cache},
                         **self._forward_kwargs,
                     )
-                    cache = out.past_key_values
+                    cache = output_cache(out)
                     logits = out.logits[:, -1, :]
                 # the state at the last response token of rows stopped by length is not
                 # computed by the loop; response_avg includes it, so feed it once more
@@ -214,8 +217,8 @@ class HFEngine:
                         input_ids=generated[-1].unsqueeze(1),
                         attention_mask=mask,
                         position_ids=(mask.sum(dim=1, keepdim=True) - 1),
-                        past_key_values=cache,
                         use_cache=True,
+                        **{cache_key: cache},
                         **self._forward_kwargs,
                     )
             finally:

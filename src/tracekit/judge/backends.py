@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tracekit.errors import JudgeError, ModelError
 from tracekit.judge.config import DEFAULT_BASE_URL, DEFAULT_OPENAI_MODEL, JudgeConfig
 from tracekit.judge.scoring import RawAnswer, starts_with_digit
+from tracekit.models.compat import cache_kwarg, output_cache
 
 if TYPE_CHECKING:
     import httpx
@@ -450,8 +451,8 @@ class LocalBackend:
                 input_ids=self._tree_tokens.to(device)[None],
                 position_ids=(self._tree_depths.to(device) + length)[None],
                 attention_mask=self._tree_mask(length, model.dtype, device),
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **{cache_kwarg(model.model): output_cache(out)},
             ).logits
             after = torch.log_softmax(logits[0].float(), dim=-1)
         dist = {(): root, **{p: after[i] for i, p in enumerate(self._prefixes)}}
