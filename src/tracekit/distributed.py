@@ -7,10 +7,13 @@ starts ``python -m torch.distributed.run --standalone --nproc-per-node N -m trac
 loads the model, takes its shard of the rows, journals its own batches, and the main process
 (rank 0) merges every shard into exactly the files a single-process run writes.
 
-Sharding is **strided by row id**: process ``r`` of ``n`` owns the rows whose id satisfies
-``id % n == r``. It depends only on the id (not on what is already done), so a restarted process
-finds its own finished batches in the journal and resumes its shard. Without ``WORLD_SIZE`` every
-helper here is the trivial single-process version and nothing distributed is imported.
+Sharding is by **contiguous blocks** of the rows still to do, cut at multiples of the batch
+size (:meth:`ProcessInfo.block`): process ``r`` of ``n`` runs the ``r``-th block, so its batches
+are batches a single process would run. ``generate`` blocks the rows not yet journaled (every
+process reads the same journal, so all agree on them); ``extract`` and ``log`` block all rows
+(or unique prompts) and skip what their own shard or the merged output already holds, so a
+restarted process resumes its shard. Without ``WORLD_SIZE`` every helper here is the trivial
+single-process version and nothing distributed is imported.
 """
 
 from __future__ import annotations
@@ -52,26 +55,19 @@ class ProcessInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def owns(self, row_id: int) -> bool:
-        """Whether row ``row_id`` belongs to this process's shard (strided by id)."""
-        return row_id % self.world_size == self.rank
+    def block(self, items: Sequence[T], multiple: int = 1) -> list[T]:
+        """This process's contiguous block of ``items``, block edges on multiples of
+        ``multiple`` (block sizes differ by at most one ``multiple``).
 
-    def shard(self, items: Sequence[T], key: Any = None) -> list[T]:
-        """The items this process owns; ``key(item)`` gives the row id (default: ``item.id``)."""
-        get = key if key is not None else (lambda item: item.id)
-        return [item for item in items if self.owns(int(get(item)))]
-
-    def block(self, items: Sequence[T]) -> list[T]:
-        """This process's contiguous block of ``items`` (sizes differ by at most one).
-
-        Generation shards this way: with rows per process a multiple of the batch size, each
-        process's batches are exactly the batches a single process runs, so even bf16 outputs
+        Generation, extraction and logging shard this way with ``multiple`` = the batch size:
+        each process's batches are exactly batches a single process runs, so even bf16 outputs
         (whose numerics depend on which rows share a batch and its padding) come out the same.
         """
-        n = len(items)
-        return list(
-            items[n * self.rank // self.world_size : n * (self.rank + 1) // self.world_size]
-        )
+        n, step = len(items), max(1, int(multiple))
+        chunks = -(-n // step)
+        start = chunks * self.rank // self.world_size * step
+        end = chunks * (self.rank + 1) // self.world_size * step
+        return list(items[start : min(end, n)])
 
     def part_tag(self) -> str:
         """Suffix naming this process's journal parts (empty for a single process)."""

@@ -14,14 +14,7 @@ def test_single_process_without_world_size(monkeypatch):
     info = process_info()
     assert (info.rank, info.world_size, info.distributed, info.is_main) == (0, 1, False, True)
     assert info.part_tag() == ""
-    assert info.shard(list(range(5)), key=int) == [0, 1, 2, 3, 4]
-
-
-def test_shards_are_strided_by_id_disjoint_and_complete():
-    ids = [0, 2, 3, 5, 6, 7, 9]  # e.g. what is left after a resume
-    shards = [ProcessInfo(rank=r, world_size=3).shard(ids, key=int) for r in range(3)]
-    assert shards == [[0, 3, 6, 9], [7], [2, 5]]
-    assert sorted(i for s in shards for i in s) == ids
+    assert info.block(list(range(5)), multiple=2) == [0, 1, 2, 3, 4]
     assert ProcessInfo(rank=2, world_size=3).part_tag() == "-rank2"
 
 
@@ -34,6 +27,21 @@ def test_blocks_are_contiguous_disjoint_complete_and_balanced():
     halves = [ProcessInfo(rank=r, world_size=2).block(list(range(256))) for r in range(2)]
     single = [list(range(i, i + 64)) for i in range(0, 256, 64)]
     assert [h[i : i + 64] for h in halves for i in range(0, 128, 64)] == single
+
+
+@pytest.mark.parametrize(("n", "world", "batch"), [(100, 2, 8), (13, 3, 4), (5, 4, 4), (0, 2, 8)])
+def test_blocks_cut_at_batch_multiples(n, world, batch):
+    """Whatever the row count, each process's batches are batches of the single run."""
+    rows = list(range(n))
+    blocks = [
+        ProcessInfo(rank=r, world_size=world).block(rows, multiple=batch) for r in range(world)
+    ]
+    assert [i for b in blocks for i in b] == rows  # disjoint, complete, in order
+    single = [rows[i : i + batch] for i in range(0, n, batch)]
+    per_process = [b[i : i + batch] for b in blocks for i in range(0, len(b), batch)]
+    assert per_process == single
+    sizes = [len(b) for b in blocks]
+    assert max(sizes) - min(sizes) <= batch
 
 
 @pytest.mark.parametrize(

@@ -186,9 +186,11 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
         for index, prompt in enumerate(prompts):
             todo.setdefault(prompt_key(prompt), index)
         unique = len(todo)
-        pending = [index for key, index in todo.items() if key not in done]
-        already = unique - len(pending)
-        pending = [index for index in pending if info.owns(index)]  # strided by QA row
+        already = sum(1 for key in todo if key in done)
+        # this process's contiguous block of the unique prompts (batch-aligned, so its batches
+        # are a single run's), less what its shard or the merged store already holds
+        mine = info.block(list(todo.items()), multiple=cfg.batch_size)
+        pending = [index for key, index in mine if key not in done]
         if on_batch is not None:
             on_batch(0, 0, len(pending))
         for start in range(0, len(pending), cfg.batch_size):

@@ -124,7 +124,8 @@ def extract_activations(
     capture = CaptureSpec(layers, config.pooling)
     # data-parallel: each process takes a contiguous block of the rows (in id order)
     tables = {
-        p: info.block(sorted(rows, key=lambda r: int(r["id"]))) for p, rows in all_tables.items()
+        p: info.block(sorted(rows, key=lambda r: int(r["id"])), multiple=config.batch_size)
+        for p, rows in all_tables.items()
     }
     if on_total is not None:
         on_total(sum(len(rows) for rows in tables.values()))

@@ -363,7 +363,9 @@ def generate(
             done = store.read_parts(paths, polarity)
             planned = plan_rows(trait, polarity, config.n_examples)
             # contiguous blocks of the rows still to do (batches as a single process runs them)
-            todo[polarity] = info.block([r for r in planned if r.id not in done])
+            todo[polarity] = info.block(
+                [r for r in planned if r.id not in done], multiple=config.batch_size
+            )
         plans.append((trait, paths, todo))
     if on_total is not None:
         on_total(sum(len(rows) for _, _, todo in plans for rows in todo.values()))
