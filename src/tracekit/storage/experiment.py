@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tracekit.errors import InputError, OutputExistsError
-from tracekit.storage.atomic import save_npy, save_npz, write_bytes, write_json, write_text
+from tracekit.storage.atomic import atomic_open, save_npy, save_npz, write_json, write_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -290,9 +290,9 @@ def save_activations(
     def write_pt(path: Path, arr: np.ndarray) -> None:
         import torch
 
-        buffer = io.BytesIO()
-        torch.save(torch.from_numpy(arr), buffer)
-        write_bytes(path, buffer.getvalue())
+        # streamed into the temp file: no in-memory copy of a file that can be GBs
+        with atomic_open(path, "wb") as handle:
+            torch.save(torch.from_numpy(arr), handle)
 
     jobs: list[tuple[Any, Path, np.ndarray]] = []
     for pooling, array in pooled.items():
