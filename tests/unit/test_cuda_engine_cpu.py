@@ -153,3 +153,55 @@ def test_other_supported_families_match_generate(family):
     for fuse in (False, True):
         dec = FastDecoder(model, eos_token_ids=[-1], pad_token_id=0, fuse_weights=fuse)
         assert dec.generate(ids, mask, max_new_tokens=8).tokens == want
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fast_teacher_forced_forward_matches_reference(family, fuse):
+    """cuda_forward (eager on CPU) against the HF forward: q/k/v biases (Qwen2), q/k norms
+    (Qwen3), a sliding window shorter than the rows (Mistral), fused and separate weights."""
+    import transformers
+
+    from tracekit.generation.cuda_forward import FastForward
+    from tracekit.generation.cuda_random_model import word_tokenizer
+    from tracekit.models.layers import LayerHandles
+    from tracekit.models.loading import LoadedModel
+
+    names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    extra: dict = {"head_dim": 16} if family == "qwen3" else {}
+    if family == "mistral":
+        extra["sliding_window"] = 6
+    config = getattr(transformers, f"{names}Config")(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=1,
+        initializer_range=0.2,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{names}ForCausalLM")(config).eval()
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=word_tokenizer(300),
+        name=family,
+        revision=None,
+        source_path="random-init",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        handles=LayerHandles.of(model),
+    )
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
+    responses = [[30, 31, 32, 33, 34, 35, 36, 37, 38], [40], []]
+    capture = CaptureSpec((0, 1, 3), ALL_POOLINGS)
+    ref = pooled_forward(loaded, prompts, responses, capture, engine="hf")
+    fast = FastForward(model, fuse_weights=fuse).pooled(prompts, responses, (0, 1, 3), ALL_POOLINGS)
+    for pooling in ALL_POOLINGS:
+        scale = ref[pooling].abs().max()
+        assert (fast[pooling] - ref[pooling]).abs().max() <= 1e-5 * scale, pooling

@@ -115,12 +115,14 @@ def _compiled_block() -> Any:
 class FastForward:
     """Pooled teacher-forced states of a Llama-family HF model (see the module docstring).
 
-    ``compile`` defaults to on for CUDA and off elsewhere. Building one re-lays the model's
-    q/k/v and gate/up weights into fused buffers on CUDA (values unchanged; the HF model keeps
-    working and shares them), as the CUDA engine does.
+    ``compile`` and ``fuse_weights`` default to on for CUDA and off elsewhere. Fusing re-lays
+    the model's q/k/v and gate/up weights into one buffer each (values unchanged; the HF model
+    keeps working and shares them), as the CUDA engine does.
     """
 
-    def __init__(self, model: Any, *, compile: bool | None = None) -> None:
+    def __init__(
+        self, model: Any, *, compile: bool | None = None, fuse_weights: bool | None = None
+    ) -> None:
         import torch
 
         self.model = model
@@ -134,7 +136,8 @@ class FastForward:
         self.embed = base.embed_tokens.weight.detach()
         self.rotary = base.rotary_emb
         with torch.no_grad():
-            self.weights = collect_weights(model, self.handles, fuse=on_cuda)
+            fuse = on_cuda if fuse_weights is None else fuse_weights
+            self.weights = collect_weights(model, self.handles, fuse=fuse)
         self.cos_table = self.sin_table = torch.empty(0)
         self.fn_block = _compiled_block() if self.compile else _block
 
