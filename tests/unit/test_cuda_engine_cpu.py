@@ -116,22 +116,15 @@ def test_right_padding_and_unsupported_models_are_refused(tiny):
     assert resolve_engine_name("auto", tiny) == "hf"  # CPU: the reference engine
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
-def test_other_supported_families_match_generate(family):
-    # q/k/v biases (Qwen2), per-head q/k norms (Qwen3), Mistral's config: fused and unfused
+def _tiny_family(family: str, **overrides):
+    """A tiny random-init model of a supported family (float32, CPU, seed 0)."""
     import transformers
 
-    from tracekit.generation.engine import left_pad
-
-    names = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
-    config_cls = getattr(transformers, f"{names}Config")
-    model_cls = getattr(transformers, f"{names}ForCausalLM")
-    extra = {"head_dim": 16} if family == "qwen3" else {}
-    config = config_cls(
+    names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    options = dict(
         vocab_size=300,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -139,10 +132,21 @@ def test_other_supported_families_match_generate(family):
         pad_token_id=0,
         bos_token_id=1,
         initializer_range=0.2,
-        **extra,
     )
+    if family == "qwen3":
+        options["head_dim"] = 16
+    config = getattr(transformers, f"{names}Config")(**{**options, **overrides})
     torch.manual_seed(0)
-    model = model_cls(config).eval()
+    return getattr(transformers, f"{names}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_other_supported_families_match_generate(family):
+    # q/k/v biases (Qwen2), per-head q/k norms (Qwen3), Mistral's config: fused and unfused
+
+    from tracekit.generation.engine import left_pad
+
+    model = _tiny_family(family, num_hidden_layers=2)
     model.generation_config.eos_token_id = None  # both sides run to the limit
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0, torch.device("cpu"))
     with torch.no_grad():
@@ -160,33 +164,14 @@ def test_other_supported_families_match_generate(family):
 def test_fast_teacher_forced_forward_matches_reference(family, fuse):
     """cuda_forward (eager on CPU) against the HF forward: q/k/v biases (Qwen2), q/k norms
     (Qwen3), a sliding window shorter than the rows (Mistral), fused and separate weights."""
-    import transformers
 
     from tracekit.generation.cuda_forward import FastForward
     from tracekit.generation.cuda_random_model import word_tokenizer
     from tracekit.models.layers import LayerHandles
     from tracekit.models.loading import LoadedModel
 
-    names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
-    extra: dict = {"head_dim": 16} if family == "qwen3" else {}
-    if family == "mistral":
-        extra["sliding_window"] = 6
-    config = getattr(transformers, f"{names}Config")(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=0,
-        pad_token_id=0,
-        bos_token_id=1,
-        initializer_range=0.2,
-        **extra,
-    )
-    torch.manual_seed(0)
-    model = getattr(transformers, f"{names}ForCausalLM")(config).eval()
+    extra = {"sliding_window": 6} if family == "mistral" else {}
+    model = _tiny_family(family, num_hidden_layers=3, **extra)
     loaded = LoadedModel(
         model=model,
         tokenizer=word_tokenizer(300),
