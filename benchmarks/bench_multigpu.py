@@ -157,6 +157,18 @@ def main() -> None:
                 f"{p['tokens'] / busy:.0f} |"
             )
         steady[label] = s["tokens"] / slowest if slowest else float("nan")
+    print("\nper process: model loading and the parts of the one-time engine setup (seconds)")
+    print("| run | rank | load | kernel choice | compile + warm-up | graph capture |")
+    print("|---|---|---|---|---|---|")
+    for label, s in (("1 process", single), (f"{n} processes", multi)):
+        for p in s.get("processes", []):
+            parts = p.get("setup_parts", {})
+            print(
+                f"| {label} | {p['rank']} | {p.get('load_seconds', float('nan')):.1f} | "
+                f"{parts.get('kernel_choice', float('nan')):.1f} | "
+                f"{parts.get('compile_warmup', float('nan')):.1f} | "
+                f"{parts.get('graph_capture', float('nan')):.1f} |"
+            )
     e2e = (multi["tokens"] / multi["seconds"]) / (single["tokens"] / single["seconds"])
     steady_ratio = steady[f"{n} processes"] / steady["1 process"]
     print(f"\nthroughput ratio {n} vs 1: {rate_n / rate_1:.2f}x (target on 2 GPUs: >= 1.8x)")

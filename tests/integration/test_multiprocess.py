@@ -74,6 +74,13 @@ def test_two_processes_merge_into_the_single_process_outputs(runs):
     multi = base / "multi" / "refusal"
     assert summary["traits"][0]["rows"] == {"pos": N, "neg": N}
     assert summary["traits"][0]["generated"] == 2 * N  # both shards counted by the main process
+    # per-process report gathered from both ranks: each did its block of both polarities
+    procs = summary["processes"]
+    assert [p["rank"] for p in procs] == [0, 1]
+    assert [p["rows"] for p in procs] == [N, N]
+    assert sum(p["tokens"] for p in procs) == summary["tokens"] and all(p["tokens"] for p in procs)
+    assert all(p["load_seconds"] > 0 and p["engine_seconds"] > 0 for p in procs)
+    assert all(p["setup_parts"] == {} for p in procs)  # the hf engine has no one-time setup
     _assert_same_outputs(base / "single" / "refusal", multi)
     # each process journaled its own shard (a contiguous block of ids), under its own name
     parts = sorted(p.name for p in (multi / "responses" / "parts").glob("*.json"))

@@ -40,10 +40,15 @@ def test_greedy_tokens_and_captures_equal_reference(tiny):
     params = GenerationParams(max_new_tokens=10, temperature=0)
     capture = CaptureSpec(layers=(0, 1, 4), poolings=ALL_POOLINGS)
     ref = HFEngine(tiny).generate(PROMPTS, params, capture)
-    out = _eager(tiny).generate(PROMPTS, params, capture)
+    engine = _eager(tiny)
+    out = engine.generate(PROMPTS, params, capture)
     assert out.response_ids == ref.response_ids
     assert out.finish_reasons == ref.finish_reasons
     assert out.prompt_lengths == [5, 2, 9, 3]
+    # one-time setup, by part: eager on CPU, so no compilation and no graph capture
+    parts = engine.setup_parts
+    assert parts["kernel_choice"] > 0 and parts["compile_warmup"] == parts["graph_capture"] == 0
+    assert sum(parts.values()) <= engine.setup_seconds + 1e-6
     for pooling in ALL_POOLINGS:
         torch.testing.assert_close(out.pooled[pooling], ref.pooled[pooling], rtol=1e-4, atol=1e-4)
 

@@ -771,9 +771,12 @@ class _Runner:
         st.alive.zero_()
         st.feed_weight.zero_()
 
-    def capture(self, warmup: int = 2) -> None:
+    def capture(self, warmup: int = 2) -> tuple[float, float]:
+        """Warm up (compile, autotune, allocate) and record the step as a CUDA graph; returns
+        the seconds of each part."""
         import torch
 
+        started = time.perf_counter()
         stream = torch.cuda.Stream(device=self.dec.device)
         stream.wait_stream(torch.cuda.current_stream(self.dec.device))
         with torch.cuda.stream(stream):
@@ -781,12 +784,15 @@ class _Runner:
                 self.reset_dummy()
                 self.step()
         torch.cuda.current_stream(self.dec.device).wait_stream(stream)
+        torch.cuda.synchronize(self.dec.device)
+        warmed = time.perf_counter()
         self.reset_dummy()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.step()
         self.graph = graph
         self.reset_dummy()
+        return warmed - started, time.perf_counter() - warmed
 
     def replay(self) -> None:
         if self.graph is not None:
@@ -967,6 +973,8 @@ def _middle_fused(
 # --------------------------------------------------------------------------------------------
 _COMPILED: dict[str, Any] = {}
 
+SETUP_PARTS = ("kernel_choice", "compile_warmup", "graph_capture")
+
 FUSED_ATTENTION_MAX_LEN = 1024
 """Longest cache (prompt + new tokens) for which ``fused_attention="auto"`` uses the kernel."""
 
@@ -1069,6 +1077,10 @@ class FastDecoder:
         self._runners: OrderedDict[RunKey, _Runner] = OrderedDict()
         self.setup_seconds = 0.0
         """Time spent preparing decode steps (kernel choice, compilation, graph capture)."""
+        self.setup_parts = dict.fromkeys(SETUP_PARTS, 0.0)
+        """:attr:`setup_seconds` by part: kernel choice (timing the linear-layer kernels,
+        checking the attention kernel, allocating buffers), compile + warm-up steps, graph
+        capture."""
 
         spec = self.spec
         self.dims = Dims(
@@ -1177,9 +1189,12 @@ class FastDecoder:
             self._runners.popitem(last=False)
         started = time.perf_counter()
         runner = _Runner(self, key)
+        self.setup_parts["kernel_choice"] += time.perf_counter() - started
         if self.use_graphs:
             try:
-                runner.capture()
+                warm, record = runner.capture()
+                self.setup_parts["compile_warmup"] += warm
+                self.setup_parts["graph_capture"] += record
             except Exception as exc:  # a capture failure must not lose the user's run
                 if _is_oom(exc):
                     raise  # the caller halves the batch; eager decoding would not fit either
@@ -1475,12 +1490,22 @@ class CudaEngine:
         self.decoder_options = decoder_options  # further FastDecoder keywords (benchmarks)
         self._decoders: OrderedDict[Any, FastDecoder] = OrderedDict()
         self._retired_setup_seconds = 0.0
+        self._retired_setup_parts = dict.fromkeys(SETUP_PARTS, 0.0)
 
     @property
     def setup_seconds(self) -> float:
         """One-time work so far: kernel choice, compilation and CUDA graph capture of the
         decode steps (the rest of the time is generation proper)."""
         return self._retired_setup_seconds + sum(d.setup_seconds for d in self._decoders.values())
+
+    @property
+    def setup_parts(self) -> dict[str, float]:
+        """:attr:`setup_seconds` by part (see :attr:`FastDecoder.setup_parts`)."""
+        parts = dict(self._retired_setup_parts)
+        for dec in self._decoders.values():
+            for name, seconds in dec.setup_parts.items():
+                parts[name] += seconds
+        return parts
 
     def _decoder(self, capture: CaptureSpec | None) -> FastDecoder:
         key = None if capture is None else (capture.layers, tuple(capture.poolings))
@@ -1489,6 +1514,8 @@ class CudaEngine:
             if len(self._decoders) >= 2:  # each decoder holds KV caches: keep few alive
                 _, retired = self._decoders.popitem(last=False)
                 self._retired_setup_seconds += retired.setup_seconds
+                for name, seconds in retired.setup_parts.items():
+                    self._retired_setup_parts[name] += seconds
             dec = FastDecoder(
                 self.loaded.model,
                 layers=capture.layers if capture is not None else (),

@@ -332,7 +332,9 @@ def generate(
     info = process_info()
     traits = [load_trait(t, config.experiment, config.experiments_dir) for t in config.traits]
     judge_config = _judge_config(config)  # bad judge options fail before any generation
+    load_started = time.perf_counter()
     loaded = loaded or load_model(model_settings_for(config, info))
+    load_seconds = time.perf_counter() - load_started
     try:
         layers = config.layers.resolve(loaded.n_layers)
     except ValueError as exc:
@@ -454,6 +456,11 @@ def generate(
             "tokens": own_tokens,
             "engine_seconds": round(engine_seconds, 3),
             "setup_seconds": round(float(getattr(engine, "setup_seconds", 0.0)), 3),
+            "setup_parts": {
+                name: round(float(seconds), 3)
+                for name, seconds in getattr(engine, "setup_parts", {}).items()
+            },
+            "load_seconds": round(load_seconds, 3),
         },
     )
     return GenerateResult(
