@@ -221,15 +221,12 @@ class FastForward:
             if Pooling.prompt_last in out:
                 out[Pooling.prompt_last][:, slot] = h[rows, last].float()
 
-        if self.compile:
-            torch._dynamo.maybe_mark_dynamic(ids, 0)
-            torch._dynamo.maybe_mark_dynamic(ids, 1)
         deepest = max(layers, default=0)
         with torch.inference_mode():
             h = torch.nn.functional.embedding(ids, self.embed)
             pool(0, h)
             for i in range(deepest):
-                if self.compile:
+                if self.compile:  # one compiled block for every batch size and length
                     for t, dims in ((h, (0, 1)), (cos, (0,)), (sin, (0,))):
                         for d in dims:
                             torch._dynamo.maybe_mark_dynamic(t, d)
