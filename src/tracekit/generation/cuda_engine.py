@@ -438,19 +438,46 @@ def _prelude(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embedding, this step's rotary rows and the additive attention mask over cache slots."""
     import torch
-    import torch.nn.functional as F
 
-    h = F.embedding(cur_tok, embed)
-    pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
-    cos, sin = cos_table[pos], sin_table[pos]
+    h, cos, sin = _embed_step(cur_tok, embed, slot, pad_len, cos_table, sin_table, cap0, cap_weight)
     valid = (slot_range[None, :] >= pad_len[:, None]) & (slot_range[None, :] <= slot)
     if window is not None:
         valid = valid & (slot_range[None, :] > slot - window)
     bias = torch.zeros(valid.shape, dtype=torch.float32, device=h.device)
     bias = bias.masked_fill(~valid, float("-inf"))
+    return h, cos, sin, bias
+
+
+def _embed_step(
+    cur_tok: torch.Tensor,
+    embed: torch.Tensor,
+    slot: torch.Tensor,
+    pad_len: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    cap0: torch.Tensor | None,
+    cap_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embedding of this step's tokens (captured as layer 0) and its rotary rows."""
+    import torch.nn.functional as F
+
+    h = F.embedding(cur_tok, embed)
+    pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
     if cap0 is not None:
         cap0.add_(h.float() * cap_weight[:, None])
-    return h, cos, sin, bias
+    return h, cos_table[pos], sin_table[pos]
+
+
+def rope_tables(
+    rotary: Any, length: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``[length, head_dim]`` for positions ``0 .. length - 1``, from the model's
+    own rotary module (same arithmetic as its forward, so positions match exactly)."""
+    import torch
+
+    positions = torch.arange(length, device=device)[None, :]
+    cos, sin = rotary(torch.empty(1, dtype=dtype, device=device), positions)
+    return cos[0].contiguous(), sin[0].contiguous()
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -945,13 +972,8 @@ def _first_fused(
     d: Dims,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused-attention step: embedding, this step's rotary rows, block 0's q/k/v product."""
-    import torch.nn.functional as F
-
-    h = F.embedding(cur_tok, embed)
-    pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
-    if cap0 is not None:
-        cap0.add_(h.float() * cap_weight[:, None])
-    return h, _qkv_product(h, w0, d.eps, d.gemv.qkv), cos_table[pos], sin_table[pos]
+    h, cos, sin = _embed_step(cur_tok, embed, slot, pad_len, cos_table, sin_table, cap0, cap_weight)
+    return h, _qkv_product(h, w0, d.eps, d.gemv.qkv), cos, sin
 
 
 def _middle_fused(
@@ -1075,12 +1097,10 @@ class FastDecoder:
             self.weights = collect_weights(model, self.handles, fuse=fuse)
         self.cos_table = self.sin_table = torch.empty(0)
         self._runners: OrderedDict[RunKey, _Runner] = OrderedDict()
-        self.setup_seconds = 0.0
-        """Time spent preparing decode steps (kernel choice, compilation, graph capture)."""
         self.setup_parts = dict.fromkeys(SETUP_PARTS, 0.0)
-        """:attr:`setup_seconds` by part: kernel choice (timing the linear-layer kernels,
-        checking the attention kernel, allocating buffers), compile + warm-up steps, graph
-        capture."""
+        """Time spent preparing decode steps, by part: kernel choice (timing the linear-layer
+        kernels, checking the attention kernel, allocating buffers), compile + warm-up steps,
+        graph capture (a failed capture included)."""
 
         spec = self.spec
         self.dims = Dims(
@@ -1167,16 +1187,11 @@ class FastDecoder:
         return self._fused_ok[splits]
 
     def _ensure_rope(self, length: int) -> None:
-        import torch
 
         if self.cos_table.shape[0] >= length:
             return
-        # Same module and arithmetic as the model's own forward, so positions match exactly.
         size = max(length, 2 * self.cos_table.shape[0])
-        positions = torch.arange(size, device=self.device)[None, :]
-        probe = torch.empty(1, dtype=self.dtype, device=self.device)
-        cos, sin = self.rotary(probe, positions)
-        self.cos_table, self.sin_table = cos[0].contiguous(), sin[0].contiguous()
+        self.cos_table, self.sin_table = rope_tables(self.rotary, size, self.dtype, self.device)
         # graphs captured earlier read the old tables: drop them
         self._runners.clear()
 
@@ -1187,25 +1202,31 @@ class FastDecoder:
             return runner
         while len(self._runners) >= self.max_runners:
             self._runners.popitem(last=False)
+        before = self.setup_seconds
         started = time.perf_counter()
         runner = _Runner(self, key)
         self.setup_parts["kernel_choice"] += time.perf_counter() - started
         if self.use_graphs:
+            started = time.perf_counter()
             try:
                 warm, record = runner.capture()
                 self.setup_parts["compile_warmup"] += warm
                 self.setup_parts["graph_capture"] += record
             except Exception as exc:  # a capture failure must not lose the user's run
+                self.setup_parts["graph_capture"] += time.perf_counter() - started
                 if _is_oom(exc):
                     raise  # the caller halves the batch; eager decoding would not fit either
                 logger.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
                 runner.graph = None
                 runner.reset_dummy()
         self._runners[key] = runner
-        seconds = time.perf_counter() - started
-        self.setup_seconds += seconds
-        logger.info("decode step for %s ready in %.1f s", key, seconds)
+        logger.info("decode step for %s ready in %.1f s", key, self.setup_seconds - before)
         return runner
+
+    @property
+    def setup_seconds(self) -> float:
+        """Time spent preparing decode steps (the sum of :attr:`setup_parts`)."""
+        return sum(self.setup_parts.values())
 
     # -- generation ----------------------------------------------------------------------------
     def generate(
@@ -1398,7 +1419,6 @@ class _DoneCheck:
     """
 
     def __init__(self, st: _State, device: torch.device) -> None:
-
         self.st = st
         self.cuda = device.type == "cuda"
         self._pending: tuple[Any, torch.Tensor] | None = None
@@ -1489,14 +1509,13 @@ class CudaEngine:
         self.compile = compile
         self.decoder_options = decoder_options  # further FastDecoder keywords (benchmarks)
         self._decoders: OrderedDict[Any, FastDecoder] = OrderedDict()
-        self._retired_setup_seconds = 0.0
         self._retired_setup_parts = dict.fromkeys(SETUP_PARTS, 0.0)
 
     @property
     def setup_seconds(self) -> float:
         """One-time work so far: kernel choice, compilation and CUDA graph capture of the
         decode steps (the rest of the time is generation proper)."""
-        return self._retired_setup_seconds + sum(d.setup_seconds for d in self._decoders.values())
+        return sum(self.setup_parts.values())
 
     @property
     def setup_parts(self) -> dict[str, float]:
@@ -1513,7 +1532,6 @@ class CudaEngine:
         if dec is None:
             if len(self._decoders) >= 2:  # each decoder holds KV caches: keep few alive
                 _, retired = self._decoders.popitem(last=False)
-                self._retired_setup_seconds += retired.setup_seconds
                 for name, seconds in retired.setup_parts.items():
                     self._retired_setup_parts[name] += seconds
             dec = FastDecoder(

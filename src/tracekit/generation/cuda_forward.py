@@ -38,6 +38,7 @@ from tracekit.generation.cuda_engine import (
     collect_weights,
     decoder_spec,
     project_qkv,
+    rope_tables,
 )
 from tracekit.generation.pooling import Pooling, masked_sums
 from tracekit.models.layers import LayerHandles
@@ -142,16 +143,11 @@ class FastForward:
         self.fn_block = _compiled_block() if self.compile else _block
 
     def _ensure_rope(self, length: int) -> None:
-        import torch
 
         if self.cos_table.shape[0] >= length:
             return
-        # the model's own rotary module, so the tables are the reference path's
         size = max(length, 2 * self.cos_table.shape[0], 256)
-        positions = torch.arange(size, device=self.device)[None, :]
-        probe = torch.empty(1, dtype=self.dtype, device=self.device)
-        cos, sin = self.rotary(probe, positions)
-        self.cos_table, self.sin_table = cos[0].contiguous(), sin[0].contiguous()
+        self.cos_table, self.sin_table = rope_tables(self.rotary, size, self.dtype, self.device)
 
     def pooled(
         self,
