@@ -148,13 +148,16 @@ class PooledAccumulator:
 
     def result(self, to_host: bool = True) -> dict[Pooling, torch.Tensor]:
         """Means per pooling, ``[batch, n_layers, hidden]`` float32 (0 where empty), on the CPU
-        or (``to_host=False``) still on the device, so the caller can overlap the copy."""
+        or (``to_host=False``) still on the device, so the caller can overlap the copy. The
+        host copy goes through pinned memory (a pageable copy of tens of MB is several times
+        slower)."""
+        from tracekit.generation.engine import HostCopy
+
         out = {}
         for pooling, total in self._sums.items():
             count = self._counts[pooling].clamp(min=1.0).view(-1, 1, 1)
-            mean = total / count
-            out[pooling] = mean.cpu() if to_host else mean
-        return out
+            out[pooling] = total / count
+        return HostCopy(out).wait() if to_host else out
 
 
 def masked_sum(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

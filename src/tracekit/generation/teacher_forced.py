@@ -21,6 +21,7 @@ from tracekit.generation.engine import (
     HostCopy,
     left_pad,
     position_ids_from_mask,
+    resolve_engine_name,
     to_device,
 )
 from tracekit.generation.hf_engine import check_capture_layers, forward_kwargs, input_device
@@ -44,11 +45,9 @@ def resolve_forward_engine(name: str, loaded: LoadedModel) -> str:
         raise ConfigError(
             f"unknown engine '{name}'", f"choose one of {', '.join(TEACHER_FORCED_ENGINES)}"
         )
-    if name == "hf":
-        return name
+    if name != "cuda":  # auto: the same rule as the generation engines
+        return resolve_engine_name(name, loaded)
     reason = unsupported_reason(loaded.model)
-    if name == "auto":
-        return "cuda" if loaded.device.type == "cuda" and reason is None else "hf"
     if reason is not None:
         raise ModelError(
             f"the fast teacher-forced forward cannot run this model: {reason}",
@@ -118,8 +117,7 @@ def pooled_forward(
             use_cache=False,
             **kwargs,
         )
-    pooled = acc.result(to_host=False)
-    return HostCopy(pooled).wait() if to_host else pooled
+    return acc.result(to_host=to_host)
 
 
 def pooled_batches(
@@ -136,6 +134,7 @@ def pooled_batches(
     waited for, so their host copy (and whatever the caller does with them) overlaps the next
     forward.
     """
+    engine = resolve_forward_engine(engine, loaded)
     pending: tuple[int, int, HostCopy] | None = None
     for start in range(0, len(prompt_ids), batch_size):
         end = min(start + batch_size, len(prompt_ids))
