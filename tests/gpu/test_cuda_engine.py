@@ -124,6 +124,51 @@ def test_triton_gemv_matches_linear(rows):
             assert _rel(cuda_gemv.linear(x, w, mode).float(), want) < 1e-2
 
 
+needs_pdl = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="programmatic dependent launch needs a Hopper or later GPU",
+)
+
+
+@needs_pdl
+def test_gemv_with_pdl_is_the_same_product():
+    from tracekit.generation import cuda_gemv
+
+    assert cuda_gemv._build() is not None and cuda_gemv.pdl_available(torch.device("cuda"))
+    w = torch.randn(3072, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
+    for mode in (cuda_gemv.TRITON, cuda_gemv.SPLIT_K4):
+        plain = cuda_gemv.linear(x, w, mode)
+        # dependent launches in a row: each waits for the one before, results are unchanged
+        y = x
+        for _ in range(3):
+            y = cuda_gemv.linear(y, w[:2048], mode, pdl=True)
+        want = x
+        for _ in range(3):
+            want = cuda_gemv.linear(want, w[:2048], mode)
+        assert torch.equal(cuda_gemv.linear(x, w, mode, pdl=True), plain)
+        assert torch.equal(y, want)
+
+
+@needs_pdl
+def test_pdl_step_equals_plain_step():
+    """Programmatic dependent launch changes when kernels start, never what they compute:
+    tokens and pooled sums are bitwise those of the step without it."""
+    loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=7)
+    prompts = _prompts(8, seed=7)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    params = GenerationParams(max_new_tokens=40, temperature=0)
+    outs = {}
+    for pdl in (True, False):
+        engine = CudaEngine(loaded, gemv="splitk", pdl=pdl)
+        outs[pdl] = engine.generate(prompts, params, capture)
+        runner = next(iter(engine._decoder(capture)._runners.values()))
+        assert runner.dims.gemv.pdl is pdl and runner.graph is not None
+    assert outs[True].response_ids == outs[False].response_ids
+    for pooling in ALL_POOLINGS:
+        assert torch.equal(outs[True].pooled[pooling], outs[False].pooled[pooling]), pooling
+
+
 def test_two_stage_argmax_matches_argmax():
     from tracekit.generation.cuda_engine import _argmax, argmax_chunk_for
 
@@ -142,11 +187,12 @@ def test_bf16_gemv_engine_matches_teacher_forced(gemv):
     engine = CudaEngine(loaded, gemv=gemv)
     out = engine.generate(prompts, params, capture)
     choice = next(iter(engine._decoder(capture)._runners.values())).dims.gemv
-    assert all(choice) == (gemv != "off")
+    modes = (choice.qkv, choice.o, choice.gate_up, choice.down, choice.head)
+    assert all(modes) == (gemv != "off")
     if gemv == "splitk":  # every K of the tiny model splits in two
         from tracekit.generation import cuda_gemv
 
-        assert set(choice) == {cuda_gemv.SPLIT_K2}
+        assert set(modes) == {cuda_gemv.SPLIT_K2}
     forced = pooled_forward(loaded, prompts, out.response_ids, capture)
     for pooling in ALL_POOLINGS:
         assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
@@ -163,9 +209,11 @@ def test_bf16_gemv_engine_matches_teacher_forced(gemv):
     ],
 )
 def test_fused_attention_kernel_matches_reference(heads, kv, head_dim, splits, bias, window, dtype):
-    from tracekit.generation import cuda_attention
+    from tracekit.generation import cuda_attention, cuda_gemv
 
-    for batch, length in ((1, 7), (5, 150), (3, 700)):  # one slot block, several, many
+    pdl_modes = (False, True) if cuda_gemv.pdl_available(torch.device("cuda")) else (False,)
+    cases = [(b, n, pdl) for b, n in ((1, 7), (5, 150), (3, 700)) for pdl in pdl_modes]
+    for batch, length, pdl in cases:  # one slot block, several, many; plain and dependent launch
         assert cuda_attention.works(
             batch=batch,
             length=length,
@@ -177,7 +225,8 @@ def test_fused_attention_kernel_matches_reference(heads, kv, head_dim, splits, b
             window=window,
             dtype=dtype,
             device=torch.device("cuda"),
-        ), (batch, length)
+            pdl=pdl,
+        ), (batch, length, pdl)
 
 
 def test_fused_attention_step_equals_unfused(fp32_model):

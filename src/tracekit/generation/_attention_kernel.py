@@ -57,7 +57,11 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
     WINDOW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:  # programmatic dependent launch: everything read here may be the last kernel's
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     G: tl.constexpr = H // KV

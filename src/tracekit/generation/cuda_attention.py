@@ -104,9 +104,12 @@ def decode_attention(
     slot: torch.Tensor,
     pad_len: torch.Tensor,
     shape: AttentionShape,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Attention output ``[batch, n_heads * head_dim]`` of one decode step (see the module
     docstring); writes the new key and value into ``k_cache``/``v_cache`` at ``slot``.
+    ``pdl``: launched as a programmatic dependent launch (only where
+    :func:`tracekit.generation.cuda_gemv.pdl_available`).
 
     ``qkv``: the q/k/v product ``[batch, N]`` or its split-K partials ``[splits, batch, N]``
     (``N = (n_heads + 2 * n_kv) * head_dim``); ``cos``/``sin``: this step's rotary rows
@@ -151,6 +154,7 @@ def decode_attention(
         HAS_BIAS=bias is not None,
         IEEE=k_cache.dtype == torch.float32,
         **({} if tuned is not None else {"BLOCK_N": 64}),
+        **({"USE_PDL": True, "launch_pdl": True} if pdl else {}),
     )
     return out
 
@@ -210,6 +214,7 @@ def works(
     window: int | None,
     dtype: torch.dtype,
     device: torch.device,
+    pdl: bool = False,
 ) -> bool:
     """Run the kernel once on random inputs of this shape against :func:`reference`: outputs
     and cache writes within the dtype's rounding. ``False`` (logged) on any failure."""
@@ -234,7 +239,7 @@ def works(
     shape = AttentionShape(n_heads, n_kv, head_dim, head_dim**-0.5, window)
     try:
         k1, v1 = k_cache.clone(), v_cache.clone()
-        got = decode_attention(qkv, bias, cos, sin, k1, v1, slot, pad_len, shape)
+        got = decode_attention(qkv, bias, cos, sin, k1, v1, slot, pad_len, shape, pdl)
         k2, v2 = k_cache.clone(), v_cache.clone()
         want = reference(qkv, bias, cos, sin, k2, v2, slot, pad_len, shape)
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel

@@ -289,14 +289,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def project_qkv(
-    x: torch.Tensor, w: LayerWeights, q_width: int, kv_width: int, gemv: int = 0
+    x: torch.Tensor,
+    w: LayerWeights,
+    q_width: int,
+    kv_width: int,
+    gemv: int = 0,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k and v of normed states ``x`` (last dimension ``q_width`` / ``kv_width``): one fused
     product where the weights are fused, else three."""
     import torch.nn.functional as F
 
     if w.qkv is not None:
-        qkv = linear(x, w.qkv, gemv)
+        qkv = linear(x, w.qkv, gemv, pdl)
         if w.qkv_bias is not None:
             qkv = qkv + w.qkv_bias
         q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
@@ -316,6 +321,7 @@ def _attn_in(
     eps: float,
     write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     gemv_qkv: int = 0,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Norm, q/k/v projections and rotary embedding for one token per row: [B, heads, head_dim].
 
@@ -323,7 +329,7 @@ def _attn_in(
     """
     batch = h.shape[0]
     x = _rms_norm(h, w.ln1, eps)
-    q, k, v = project_qkv(x, w, n_heads * head_dim, n_kv * head_dim, gemv_qkv)
+    q, k, v = project_qkv(x, w, n_heads * head_dim, n_kv * head_dim, gemv_qkv, pdl)
     q = q.reshape(batch, n_heads, head_dim)
     k = k.reshape(batch, n_kv, head_dim)
     v = v.reshape(batch, n_kv, head_dim)
@@ -392,21 +398,23 @@ def _out_mlp(
     import torch.nn.functional as F
 
     gemv = gemv or NO_GEMV
-    out = linear(attn, w.o, gemv.o)
+    out = linear(attn, w.o, gemv.o, gemv.pdl)
     h = h + (out if w.o_bias is None else out + w.o_bias)
     x = _rms_norm(h, w.ln2, eps)
     if w.gate_up is not None:
-        gate, up = linear(x, w.gate_up, gemv.gate_up).chunk(2, dim=-1)
+        gate, up = linear(x, w.gate_up, gemv.gate_up, gemv.pdl).chunk(2, dim=-1)
     else:
         assert w.gate is not None and w.up is not None
         gate, up = F.linear(x, w.gate), F.linear(x, w.up)
-    h = h + linear(F.silu(gate) * up, w.down, gemv.down)
+    h = h + linear(F.silu(gate) * up, w.down, gemv.down, gemv.pdl)
     if cap is not None:
         cap.add_(h.float() * cap_weight[:, None])
     return h
 
 
-def _qkv_product(h: torch.Tensor, w: LayerWeights, eps: float, gemv_qkv: int) -> torch.Tensor:
+def _qkv_product(
+    h: torch.Tensor, w: LayerWeights, eps: float, gemv_qkv: int, pdl: bool = False
+) -> torch.Tensor:
     """Norm and fused q/k/v product for the fused attention kernel, bias not added: the
     product ``[B, N]``, or for a split-K mode its float32 partials ``[splits, B, N]`` (the
     kernel sums them, so no kernel here does)."""
@@ -418,10 +426,10 @@ def _qkv_product(h: torch.Tensor, w: LayerWeights, eps: float, gemv_qkv: int) ->
     x = _rms_norm(h, w.ln1, eps)
     if gemv_qkv >= cuda_gemv.SPLIT_K2:
         parts: torch.Tensor = torch.ops.tracekit.gemv_splitk(
-            x, w.qkv, cuda_gemv.splits_of(gemv_qkv)
+            x, w.qkv, cuda_gemv.splits_of(gemv_qkv), pdl
         )
         return parts
-    return linear(x, w.qkv, gemv_qkv)
+    return linear(x, w.qkv, gemv_qkv, pdl)
 
 
 def _prelude(
@@ -754,6 +762,7 @@ class _Runner:
                 slot,
                 st.pad_len,
                 shape,
+                d.gemv.pdl,
             )
             if i < last:
                 cap = self.caps.get(i + 1)
@@ -829,9 +838,14 @@ class _Runner:
 
 
 def _head(
-    h: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float, gemv: int = 0
+    h: torch.Tensor,
+    norm: torch.Tensor,
+    lm_head: torch.Tensor,
+    eps: float,
+    gemv: int = 0,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    return linear(_rms_norm(h, norm, eps), lm_head, gemv).float()
+    return linear(_rms_norm(h, norm, eps), lm_head, gemv, pdl).float()
 
 
 class GemvChoice(NamedTuple):
@@ -842,6 +856,8 @@ class GemvChoice(NamedTuple):
     gate_up: int = 0
     down: int = 0
     head: int = 0
+    pdl: bool = False
+    """The Triton kernels (products and attention) as programmatic dependent launches."""
 
 
 NO_GEMV = GemvChoice()
@@ -893,7 +909,9 @@ def _first(
         cur_tok, embed, slot, pad_len, slot_range, cos_table, sin_table, cap0, cap_weight, d.window
     )
     write = (cache0.k, cache0.v, slot) if d.write_kv else None
-    q, k, v = _attn_in(h, w0, cos, sin, d.n_heads, d.n_kv, d.head_dim, d.eps, write, d.gemv.qkv)
+    q, k, v = _attn_in(
+        h, w0, cos, sin, d.n_heads, d.n_kv, d.head_dim, d.eps, write, d.gemv.qkv, d.gemv.pdl
+    )
     return h, q, k, v, cos, sin, bias
 
 
@@ -918,7 +936,9 @@ def _middle(
         h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention, d.gemv
     )
     write = (cache_next.k, cache_next.v, slot) if d.write_kv else None
-    q, k, v = _attn_in(h, w_next, cos, sin, d.n_heads, d.n_kv, d.head_dim, d.eps, write, d.gemv.qkv)
+    q, k, v = _attn_in(
+        h, w_next, cos, sin, d.n_heads, d.n_kv, d.head_dim, d.eps, write, d.gemv.qkv, d.gemv.pdl
+    )
     return h, q, k, v
 
 
@@ -953,7 +973,7 @@ def _last(
             h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention,
             d.gemv,
         )  # fmt: skip
-    logits = _head(h, final_norm, lm_head, d.eps, d.gemv.head)
+    logits = _head(h, final_norm, lm_head, d.eps, d.gemv.head, d.gemv.pdl)
     _advance(
         logits, st, eos_ids, pad_id, max_new, include_eos, do_sample, use_top_p, d.argmax_chunk
     )
@@ -973,7 +993,7 @@ def _first_fused(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused-attention step: embedding, this step's rotary rows, block 0's q/k/v product."""
     h, cos, sin = _embed_step(cur_tok, embed, slot, pad_len, cos_table, sin_table, cap0, cap_weight)
-    return h, _qkv_product(h, w0, d.eps, d.gemv.qkv), cos, sin
+    return h, _qkv_product(h, w0, d.eps, d.gemv.qkv, d.gemv.pdl), cos, sin
 
 
 def _middle_fused(
@@ -987,7 +1007,7 @@ def _middle_fused(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused-attention step: rest of block i after its attention, block i+1's q/k/v product."""
     h = _out_mlp(h, attn, w, cap, cap_weight, d.eps, d.gemv)
-    return h, _qkv_product(h, w_next, d.eps, d.gemv.qkv)
+    return h, _qkv_product(h, w_next, d.eps, d.gemv.qkv, d.gemv.pdl)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1001,11 +1021,13 @@ FUSED_ATTENTION_MAX_LEN = 1024
 """Longest cache (prompt + new tokens) for which ``fused_attention="auto"`` uses the kernel."""
 
 
-def _compiled(name: str, fn: Any) -> Any:
-    """One ``torch.compile`` wrapper per function per process, so runners share its cache."""
+def _compiled(name: str, fn: Any, pdl: bool = False) -> Any:
+    """One ``torch.compile`` wrapper per function (and ``pdl`` setting) per process, so runners
+    share its cache. ``pdl``: inductor's kernels use programmatic dependent launch too."""
     import torch
 
-    if name not in _COMPILED:
+    key = f"{name}/pdl" if pdl else name
+    if key not in _COMPILED:
         dyn = torch._dynamo.config
         # one compilation per (batch, cache length, capture on/off): raise the recompile cap
         for attr in ("recompile_limit", "cache_size_limit"):
@@ -1015,8 +1037,9 @@ def _compiled(name: str, fn: Any) -> Any:
             dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 4096)
         elif hasattr(dyn, "accumulated_cache_size_limit"):
             dyn.accumulated_cache_size_limit = max(dyn.accumulated_cache_size_limit, 4096)
-        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
-    return _COMPILED[name]
+        options: dict[str, Any] | None = {"triton.enable_pdl": True} if pdl else None
+        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+    return _COMPILED[key]
 
 
 class FastDecoder:
@@ -1054,6 +1077,7 @@ class FastDecoder:
         sdpa_attention: bool = False,
         gemv: str = "auto",
         fused_attention: str = "auto",
+        pdl: bool | None = None,
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
@@ -1127,13 +1151,23 @@ class FastDecoder:
         if fused_attention == "auto" and not on_cuda:
             self.fused_attention = "off"
         self._fused_ok: dict[int, bool] = {}
+        # programmatic dependent launch: default where it is available, in compiled, captured
+        # steps (it saves the ramp and tail of each of the step's ~140 kernels)
+        from tracekit.generation.cuda_gemv import pdl_available
+
+        can_pdl = self.compile and self.use_graphs and pdl_available(self.device)
+        if pdl and not can_pdl:
+            logger.warning("programmatic dependent launch needs compiled CUDA-graph steps on a "
+                           "Hopper or later GPU with a recent Triton: not used")  # fmt: skip
+        self.pdl = can_pdl if pdl is None else bool(pdl) and can_pdl
         if self.compile:
-            self.fn_first = _compiled("first", _first)
-            self.fn_middle = _compiled("middle", _middle)
-            self.fn_last = _compiled("last", _last)
-            self.fn_advance = _compiled("advance", _advance)
-            self.fn_first_fused = _compiled("first_fused", _first_fused)
-            self.fn_middle_fused = _compiled("middle_fused", _middle_fused)
+            pd = self.pdl
+            self.fn_first = _compiled("first", _first, pd)
+            self.fn_middle = _compiled("middle", _middle, pd)
+            self.fn_last = _compiled("last", _last, pd)
+            self.fn_advance = _compiled("advance", _advance, pd)
+            self.fn_first_fused = _compiled("first_fused", _first_fused, pd)
+            self.fn_middle_fused = _compiled("middle_fused", _middle_fused, pd)
         else:
             self.fn_first, self.fn_middle, self.fn_last = _first, _middle, _last
             self.fn_advance = _advance
@@ -1143,12 +1177,13 @@ class FastDecoder:
     def gemv_choice(self, batch: int) -> GemvChoice:
         """Which linear layers run the Triton matrix-vector kernel at ``batch`` rows."""
         if self.gemv_mode == "off":
-            return NO_GEMV
+            return NO_GEMV._replace(pdl=self.pdl)
         from tracekit.generation import cuda_gemv
 
         force = {"on": cuda_gemv.TRITON, "splitk": cuda_gemv.SPLIT_K2}.get(self.gemv_mode)
         w = self.weights[0]
         return GemvChoice(
+            pdl=self.pdl,
             qkv=0 if w.qkv is None else cuda_gemv.choose(batch, w.qkv, force),
             o=cuda_gemv.choose(batch, w.o, force),
             gate_up=0 if w.gate_up is None else cuda_gemv.choose(batch, w.gate_up, force),
@@ -1183,6 +1218,7 @@ class FastDecoder:
                 window=spec.sliding_window,
                 dtype=self.dtype,
                 device=self.device,
+                pdl=self.pdl,
             )
         return self._fused_ok[splits]
 

@@ -62,34 +62,52 @@ def _build() -> Any:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        USE_PDL: tl.constexpr = False,
     ):
         """``y[k_slice] = x[:, slice] @ w[:, slice].T`` for program (n block, K slice);
-        ``y`` is contiguous ``[SPLIT_K, M, N]`` (``[M, N]`` for one slice), cast on store."""
+        ``y`` is contiguous ``[SPLIT_K, M, N]`` (``[M, N]`` for one slice), cast on store.
+
+        The first weight tile is loaded before anything else: weights are never written by
+        the kernel before, so with programmatic dependent launch (``USE_PDL``) that load
+        overlaps the previous kernel's tail, and the wait for its results comes after it."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         k_len: tl.constexpr = K // SPLIT_K
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, k_len, BLOCK_K):
+        m_ok = offs_m[:, None] < M
+        n_ok = offs_n[:, None] < N
+        kk = pid_k * k_len + offs_k
+        k_ok = offs_k < k_len
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=n_ok & k_ok[None, :], other=0.0
+        )
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok & k_ok[None, :], other=0.0
+        )
+        acc = tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+        for k0 in range(BLOCK_K, k_len, BLOCK_K):
             kk = pid_k * k_len + k0 + offs_k
             k_ok = (k0 + offs_k) < k_len
             x = tl.load(
                 x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                mask=(offs_m[:, None] < M) & k_ok[None, :],
+                mask=m_ok & k_ok[None, :],
                 other=0.0,
             )
             w = tl.load(
                 w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                mask=(offs_n[:, None] < N) & k_ok[None, :],
+                mask=n_ok & k_ok[None, :],
                 other=0.0,
             )
             acc += tl.dot(x, tl.trans(w))
         tl.store(
             y_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :],
             acc.to(y_ptr.dtype.element_ty),
-            mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
+            mask=m_ok & (offs_n[None, :] < N),
         )
 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -127,7 +145,7 @@ def _build() -> Any:
         ["M", "N", "K", "SPLIT_K"],
     )
 
-    def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, splits: int) -> None:
+    def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, splits: int, pdl: bool) -> None:
         m, k = x.shape
         n = w.shape[0]
 
@@ -137,40 +155,49 @@ def _build() -> Any:
         args = (x, w, y, m, n, k, x.stride(0), w.stride(0))
         block_m = max(16, triton.next_power_of_2(m))
         kernel = tuned if splits == 1 else split_tuned
+        # programmatic dependent launch: only asked for where :func:`pdl_available` said yes
+        extra: dict[str, Any] = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
         if kernel is None:
-            gemv_kernel[grid](*args, SPLIT_K=splits, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=64)
+            gemv_kernel[grid](
+                *args, SPLIT_K=splits, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=64, **extra
+            )
         else:
-            kernel[grid](*args, SPLIT_K=splits, BLOCK_M=block_m)
+            kernel[grid](*args, SPLIT_K=splits, BLOCK_M=block_m, **extra)
 
     # explicit schemas: this module's annotations are strings (``from __future__``)
     @torch.library.custom_op(
-        "tracekit::gemv", mutates_args=(), schema="(Tensor x, Tensor w) -> Tensor"
+        "tracekit::gemv",
+        mutates_args=(),
+        schema="(Tensor x, Tensor w, bool pdl=False) -> Tensor",
     )
-    def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``x @ w.T`` for ``x`` [M <= 64, K] and ``w`` [N, K], both contiguous in K."""
+    def gemv(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+        """``x @ w.T`` for ``x`` [M <= 64, K] and ``w`` [N, K], both contiguous in K;
+        ``pdl``: launched as a programmatic dependent launch."""
         y = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
-        launch(x, w, y, 1)
+        launch(x, w, y, 1, pdl)
         return y
 
     @gemv.register_fake
-    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
         return x.new_empty((x.shape[0], w.shape[0]))
 
     @torch.library.custom_op(
         "tracekit::gemv_splitk",
         mutates_args=(),
-        schema="(Tensor x, Tensor w, int splits) -> Tensor",
+        schema="(Tensor x, Tensor w, int splits, bool pdl=False) -> Tensor",
     )
-    def gemv_splitk(x: torch.Tensor, w: torch.Tensor, splits: int) -> torch.Tensor:
+    def gemv_splitk(
+        x: torch.Tensor, w: torch.Tensor, splits: int, pdl: bool = False
+    ) -> torch.Tensor:
         """Partial products ``[splits, M, N]`` (float32) of ``x @ w.T`` over K slices."""
         if x.shape[1] % splits:
             raise ValueError(f"K={x.shape[1]} is not a multiple of {splits} slices")
         y = torch.empty((splits, x.shape[0], w.shape[0]), dtype=torch.float32, device=x.device)
-        launch(x, w, y, splits)
+        launch(x, w, y, splits, pdl)
         return y
 
     @gemv_splitk.register_fake
-    def _(x: torch.Tensor, w: torch.Tensor, splits: int) -> torch.Tensor:
+    def _(x: torch.Tensor, w: torch.Tensor, splits: int, pdl: bool = False) -> torch.Tensor:
         return x.new_empty((splits, x.shape[0], w.shape[0]), dtype=torch.float32)
 
     _STATE["splitk"] = gemv_splitk
@@ -185,6 +212,29 @@ orientation and picks other kernels); the Triton kernel; the split-K Triton kern
 MODE_NAMES = ("linear", "transposed", "triton", "splitk2", "splitk4", "splitk8")
 
 
+def pdl_available(device: torch.device) -> bool:
+    """Whether this module's and the attention kernel's programmatic dependent launch can be
+    used on ``device``: a CUDA GPU of compute capability 9.0 or later (Hopper) and a Triton
+    with grid dependency control (``tl.extra.cuda.gdc_wait``); never under the interpreter.
+
+    With it, a kernel can start while the one before it drains, and loads what does not
+    depend on it (its first weight tile) before it waits: a decode step is ~140 dependent
+    kernels of a few microseconds each, and each one's ramp and tail is time the weights are
+    not streaming.
+    """
+    import torch
+
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    try:
+        from triton.language.extra import cuda as tl_cuda
+    except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
+        return False
+    return hasattr(tl_cuda, "gdc_wait") and hasattr(tl_cuda, "gdc_launch_dependents")
+
+
 def splits_of(mode: int) -> int:
     """K slices of a split-K mode (``SPLIT_K2`` -> 2, ...)."""
     return 2 ** (mode - SPLIT_K2 + 1)
@@ -193,15 +243,17 @@ def splits_of(mode: int) -> int:
 _TIMINGS: dict[tuple[int, int, int, str], dict[str, float]] = {}
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, mode: int) -> torch.Tensor:
-    """``x @ w.T`` the way :func:`choose` picked for this shape."""
+def linear(x: torch.Tensor, w: torch.Tensor, mode: int, pdl: bool = False) -> torch.Tensor:
+    """``x @ w.T`` the way :func:`choose` picked for this shape; ``pdl``: the Triton kernels
+    as programmatic dependent launches (only where :func:`pdl_available`)."""
     import torch
     import torch.nn.functional as F
 
     if mode == TRITON:
-        return torch.ops.tracekit.gemv(x, w)
+        return torch.ops.tracekit.gemv(x, w, pdl)
     if mode >= SPLIT_K2:
-        return sum_partials(torch.ops.tracekit.gemv_splitk(x, w, splits_of(mode))).to(x.dtype)
+        parts = torch.ops.tracekit.gemv_splitk(x, w, splits_of(mode), pdl)
+        return sum_partials(parts).to(x.dtype)
     if mode == TRANSPOSED:
         return torch.mm(w, x.t()).t()
     return F.linear(x, w)
