@@ -163,10 +163,12 @@ def test_pdl_step_equals_plain_step():
         engine = CudaEngine(loaded, gemv="splitk", pdl=pdl)
         outs[pdl] = engine.generate(prompts, params, capture)
         runner = next(iter(engine._decoder(capture)._runners.values()))
-        assert runner.dims.gemv.pdl is pdl and runner.graph is not None
+        assert runner.dims.gemv.pdl is pdl, (runner.dims.gemv, pdl)
+        assert runner.graph is not None, pdl
     assert outs[True].response_ids == outs[False].response_ids
     for pooling in ALL_POOLINGS:
-        assert torch.equal(outs[True].pooled[pooling], outs[False].pooled[pooling]), pooling
+        diff = float((outs[True].pooled[pooling] - outs[False].pooled[pooling]).abs().max())
+        assert diff == 0.0, (pooling, diff)
 
 
 def test_two_stage_argmax_matches_argmax():
