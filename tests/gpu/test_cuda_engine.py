@@ -151,24 +151,29 @@ def test_gemv_with_pdl_is_the_same_product():
 
 
 @needs_pdl
-def test_pdl_step_equals_plain_step():
-    """Programmatic dependent launch changes when kernels start, never what they compute:
-    tokens and pooled sums are bitwise those of the step without it."""
+def test_pdl_step_matches_plain_step_and_repeats_exactly():
+    """Programmatic dependent launch changes when kernels start, not what they compute: the
+    same tokens as without it, pooled sums within bf16 rounding (inductor tunes its reduction
+    kernels per compilation, so the two compilations may sum in different orders), and a
+    second run bitwise equal to the first (an overlap that read unfinished results would not
+    repeat exactly)."""
     loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=7)
     prompts = _prompts(8, seed=7)
     capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
     params = GenerationParams(max_new_tokens=40, temperature=0)
-    outs = {}
+    outs, engines = {}, {}
     for pdl in (True, False):
-        engine = CudaEngine(loaded, gemv="splitk", pdl=pdl)
-        outs[pdl] = engine.generate(prompts, params, capture)
-        runner = next(iter(engine._decoder(capture)._runners.values()))
+        engines[pdl] = CudaEngine(loaded, gemv="splitk", pdl=pdl)
+        outs[pdl] = engines[pdl].generate(prompts, params, capture)
+        runner = next(iter(engines[pdl]._decoder(capture)._runners.values()))
         assert runner.dims.gemv.pdl is pdl, (runner.dims.gemv, pdl)
         assert runner.graph is not None, pdl
     assert outs[True].response_ids == outs[False].response_ids
+    again = engines[True].generate(prompts, params, capture)
+    assert again.response_ids == outs[True].response_ids
     for pooling in ALL_POOLINGS:
-        diff = float((outs[True].pooled[pooling] - outs[False].pooled[pooling]).abs().max())
-        assert diff == 0.0, (pooling, diff)
+        assert _rel(outs[True].pooled[pooling], outs[False].pooled[pooling]) < 1e-2, pooling
+        assert torch.equal(again.pooled[pooling], outs[True].pooled[pooling]), pooling
 
 
 def test_two_stage_argmax_matches_argmax():
