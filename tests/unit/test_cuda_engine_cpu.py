@@ -90,6 +90,34 @@ def test_sampling_depends_on_row_seed_only(tiny):
     assert other != together
 
 
+def test_smaller_batch_is_padded_to_a_prepared_size(tiny):
+    """With ``pad_batches`` (the default wherever steps are compiled or captured), a batch
+    smaller than one already prepared runs at that size: no new decode step is built, and the
+    real rows come out as they would alone (greedy and seeded sampling, captures included)."""
+    engine = CudaEngine(tiny, use_graphs=False, compile=False, pad_batches=True)
+    capture = CaptureSpec(layers=(0, 3), poolings=ALL_POOLINGS)
+    greedy = GenerationParams(max_new_tokens=8, temperature=0)
+    engine.generate(PROMPTS, greedy, capture)  # prepares batch 4
+    part = PROMPTS[1:3]
+    out = engine.generate(part, greedy, capture)
+    dec = engine._decoder(capture)
+    assert {key.batch for key in dec._runners} == {4}
+    ref = HFEngine(tiny).generate(part, greedy, capture)
+    assert out.response_ids == ref.response_ids
+    assert out.finish_reasons == ref.finish_reasons
+    for pooling in ALL_POOLINGS:
+        assert out.pooled[pooling].shape[0] == 2
+        torch.testing.assert_close(out.pooled[pooling], ref.pooled[pooling], rtol=1e-4, atol=1e-4)
+    sampled = GenerationParams(max_new_tokens=6, temperature=0.9, top_p=0.8, do_sample=True)
+    together = engine.generate(PROMPTS, sampled, row_seeds=[11, 12, 13, 14]).response_ids
+    alone = engine.generate(PROMPTS[2:3], sampled, row_seeds=[13]).response_ids
+    assert alone == [together[2]]
+    assert {key.batch for key in engine._decoder(None)._runners} == {4}
+    # a larger batch still gets its own size
+    engine.generate(PROMPTS + PROMPTS[:1], greedy)
+    assert 5 in {key.batch for key in engine._decoder(None)._runners}
+
+
 def test_fused_weights_keep_the_model_unchanged():
     loaded = random_llama("tiny", device="cpu", dtype="float32", seed=1)
     params = GenerationParams(max_new_tokens=6, temperature=0)

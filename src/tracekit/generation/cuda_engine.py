@@ -1058,7 +1058,9 @@ class FastDecoder:
     one in two slices wherever correct; ``off``: ``F.linear``),
     ``check_every`` (decode steps between host checks for "all rows done"), ``prompt_bucket``
     (prompt lengths are padded up to a multiple, so batches share captured graphs) and
-    ``max_runners`` (captured shapes kept alive, each with its own KV cache).
+    ``max_runners`` (captured shapes kept alive, each with its own KV cache) and
+    ``pad_batches`` (a batch smaller than one already prepared is padded up to it; default
+    with compiled or captured steps, see :meth:`generate`).
     """
 
     def __init__(
@@ -1081,6 +1083,7 @@ class FastDecoder:
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
+        pad_batches: bool | None = None,
     ) -> None:
         import torch
 
@@ -1106,6 +1109,9 @@ class FastDecoder:
         self.check_every = max(1, int(check_every))
         self.prompt_bucket = max(1, int(prompt_bucket))
         self.max_runners = max(1, int(max_runners))
+        self.pad_batches = (self.compile or self.use_graphs) if pad_batches is None else pad_batches
+        self._batch_sizes: set[int] = set()
+        """Batch sizes with decode steps prepared (compiled, kernels chosen) in this decoder."""
         if not eos_token_ids:
             raise ValueError("give at least one eos token id")
         self.eos_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=self.device)
@@ -1241,6 +1247,7 @@ class FastDecoder:
         before = self.setup_seconds
         started = time.perf_counter()
         runner = _Runner(self, key)
+        self._batch_sizes.add(key.batch)
         self.setup_parts["kernel_choice"] += time.perf_counter() - started
         if self.use_graphs:
             started = time.perf_counter()
@@ -1295,6 +1302,39 @@ class FastDecoder:
                 "tokenize with padding_side='left' (tracekit's load_model does)",
             )
         batch = input_ids.shape[0]
+        # a smaller batch (a run's last one, a resumed remainder) reuses a prepared batch size:
+        # duplicate rows cost a little compute per step, a new size seconds of compiling, kernel
+        # timing and capture. The duplicates copy row 0 (prompt, sampling settings and seed),
+        # so they finish with it and never keep the loop running; they are dropped at the end.
+        padded = min((b for b in self._batch_sizes if b > batch), default=batch)
+        if self.pad_batches and padded > batch:
+            fill = padded - batch
+            input_ids = torch.cat([input_ids, input_ids[:1].expand(fill, -1)])
+            attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(fill, -1)])
+            temperature = _per_row(temperature, batch, "temperature")
+            top_p = _per_row(top_p, batch, "top_p")
+            temperature = temperature + temperature[:1] * fill
+            top_p = top_p + top_p[:1] * fill
+            if seeds is not None:
+                seeds = list(seeds)
+                if len(seeds) != batch:
+                    raise InputError(f"{len(seeds)} seeds given for {batch} rows")
+                seeds = seeds + seeds[:1] * fill
+            result = self.generate(
+                input_ids,
+                attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                seeds=seeds,
+            )
+            return FastResult(
+                tokens=result.tokens[:batch],
+                finish_reasons=result.finish_reasons[:batch],
+                pooled={name: value[:batch] for name, value in result.pooled.items()},
+                decode_steps=result.decode_steps,
+            )
         bucket = self.prompt_bucket
         prompt_len = ((seq + bucket - 1) // bucket) * bucket
         extra = prompt_len - seq
@@ -1313,8 +1353,10 @@ class FastDecoder:
             return self._generate(key, ids, mask, temps, tops, seeds)
         except Exception as exc:
             if _is_oom(exc):
-                # free every cache and graph now, so a retry at a smaller batch can fit
+                # free every cache and graph now, so a retry at a smaller batch can fit (and is
+                # not padded back up to this size)
                 self._runners.clear()
+                self._batch_sizes = {b for b in self._batch_sizes if b < batch}
                 torch.cuda.empty_cache()
             raise
 
