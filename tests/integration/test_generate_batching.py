@@ -20,9 +20,11 @@ class SmallMemoryEngine(HFEngine):
 
     name = "small-memory"
     batches: list[int] = []
+    pads: list[int | None] = []
 
-    def generate(self, prompts, params, capture=None, row_seeds=None):
+    def generate(self, prompts, params, capture=None, row_seeds=None, *, pad_to=None):
         SmallMemoryEngine.batches.append(len(prompts))
+        SmallMemoryEngine.pads.append(pad_to)
         if len(prompts) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return super().generate(prompts, params, capture, row_seeds)
@@ -31,7 +33,7 @@ class SmallMemoryEngine(HFEngine):
 class NoMemoryEngine(HFEngine):
     """A device where not even one row fits."""
 
-    def generate(self, prompts, params, capture=None, row_seeds=None):
+    def generate(self, prompts, params, capture=None, row_seeds=None, *, pad_to=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
 
 
@@ -40,6 +42,7 @@ def test_out_of_memory_halves_the_batch_once_and_loses_no_rows(
 ):
     monkeypatch.setitem(engine_module.ENGINES, "small-memory", f"{__name__}:SmallMemoryEngine")
     SmallMemoryEngine.batches = []
+    SmallMemoryEngine.pads = []
     config = GenerateConfig(
         experiment="e",
         traits=("verbosity",),
@@ -57,6 +60,8 @@ def test_out_of_memory_halves_the_batch_once_and_loses_no_rows(
     assert result.batch_size == 2
     # pos: 5 rows tried at 8 (OOM), 4 (OOM), then 2+2+1; neg starts at the halved size
     assert SmallMemoryEngine.batches == [5, 4, 2, 2, 1, 2, 2, 1]
+    # each call is told the batch size in force, so a last short batch can run at that shape
+    assert SmallMemoryEngine.pads == [8, 4, 2, 2, 2, 2, 2, 2]
     halving = [r for r in caplog.records if "out of memory" in r.getMessage()]
     assert len(halving) == 1 and "batch size 4" in halving[0].getMessage()
     paths = TraitPaths.of(tmp_path, "e", "verbosity")

@@ -17,6 +17,7 @@ from tracekit.generation.engine import CaptureSpec, GenerationParams, resolve_en
 from tracekit.generation.hf_engine import HFEngine
 from tracekit.generation.pooling import Pooling
 from tracekit.generation.teacher_forced import pooled_forward
+from tracekit.storage.experiment import TraitPaths, read_parts
 
 ALL_POOLINGS = (Pooling.response_avg, Pooling.prompt_last, Pooling.prompt_avg)
 PROMPTS = [
@@ -90,32 +91,70 @@ def test_sampling_depends_on_row_seed_only(tiny):
     assert other != together
 
 
-def test_smaller_batch_is_padded_to_a_prepared_size(tiny):
+def test_short_batch_runs_padded_to_the_callers_batch_size(tiny):
     """With ``pad_batches`` (the default wherever steps are compiled or captured), a batch
-    smaller than one already prepared runs at that size: no new decode step is built, and the
-    real rows come out as they would alone (greedy and seeded sampling, captures included)."""
+    shorter than ``pad_to`` runs at that shape: no decode step of a new size is built, and
+    the real rows come out as they would alone (greedy and seeded sampling, captures too)."""
     engine = CudaEngine(tiny, use_graphs=False, compile=False, pad_batches=True)
     capture = CaptureSpec(layers=(0, 3), poolings=ALL_POOLINGS)
     greedy = GenerationParams(max_new_tokens=8, temperature=0)
-    engine.generate(PROMPTS, greedy, capture)  # prepares batch 4
     part = PROMPTS[1:3]
-    out = engine.generate(part, greedy, capture)
-    dec = engine._decoder(capture)
-    assert {key.batch for key in dec._runners} == {4}
+    out = engine.generate(part, greedy, capture, pad_to=4)
+    assert {key.batch for key in engine._decoder(capture)._runners} == {4}
     ref = HFEngine(tiny).generate(part, greedy, capture)
     assert out.response_ids == ref.response_ids
     assert out.finish_reasons == ref.finish_reasons
+    assert out.prompt_lengths == [2, 9]
     for pooling in ALL_POOLINGS:
         assert out.pooled[pooling].shape[0] == 2
         torch.testing.assert_close(out.pooled[pooling], ref.pooled[pooling], rtol=1e-4, atol=1e-4)
     sampled = GenerationParams(max_new_tokens=6, temperature=0.9, top_p=0.8, do_sample=True)
     together = engine.generate(PROMPTS, sampled, row_seeds=[11, 12, 13, 14]).response_ids
-    alone = engine.generate(PROMPTS[2:3], sampled, row_seeds=[13]).response_ids
+    alone = engine.generate(PROMPTS[2:3], sampled, row_seeds=[13], pad_to=4).response_ids
     assert alone == [together[2]]
     assert {key.batch for key in engine._decoder(None)._runners} == {4}
-    # a larger batch still gets its own size
-    engine.generate(PROMPTS + PROMPTS[:1], greedy)
-    assert 5 in {key.batch for key in engine._decoder(None)._runners}
+    # without the option (eager CPU default) the batch keeps its own size
+    plain = _eager(tiny)
+    plain.generate(part, greedy, pad_to=4)
+    assert {key.batch for key in plain._decoder(None)._runners} == {2}
+
+
+class _PaddingEngine(CudaEngine):
+    """The CUDA engine run eagerly with padding on (as on a GPU), registered for the job."""
+
+    made: list[CudaEngine] = []
+
+    def __init__(self, loaded):
+        super().__init__(loaded, use_graphs=False, compile=False, pad_batches=True)
+        _PaddingEngine.made.append(self)
+
+
+def test_generate_job_runs_its_last_batch_at_the_batch_size(tiny, tmp_path, monkeypatch):
+    """The generate job tells the engine its batch size: 3 rows at batch size 2 run as two
+    batches of 2 rows (one decode shape), not one of 2 and one of 1."""
+    from tracekit.generation import engine as engine_module
+    from tracekit.generation.run import GenerateConfig, generate
+
+    monkeypatch.setitem(engine_module.ENGINES, "padding", f"{__name__}:_PaddingEngine")
+    _PaddingEngine.made = []
+    config = GenerateConfig(
+        experiment="e",
+        traits=("verbosity",),
+        experiments_dir=tmp_path,
+        engine="padding",
+        chat_template=False,
+        batch_size=2,
+        n_examples=3,
+        max_new_tokens=2,
+        temperature=0,
+        extract_activations=False,
+        generation_cache=False,
+    )
+    generate(config, loaded=tiny)
+    (engine,) = _PaddingEngine.made
+    assert {key.batch for dec in engine._decoders.values() for key in dec._runners} == {2}
+    paths = TraitPaths.of(tmp_path, "e", "verbosity")
+    assert sorted(read_parts(paths, "pos")) == sorted(read_parts(paths, "neg")) == [0, 1, 2]
 
 
 def test_fused_weights_keep_the_model_unchanged():

@@ -271,7 +271,7 @@ def _log_batch(
     pad_id = int(tokenizer.pad_token_id)
     ids = [prompt_token_ids(tokenizer, t) for t in texts]
     with act_log.paused():
-        out = engine.generate(ids, params)
+        out = engine.generate(ids, params, pad_to=cfg.batch_size)
     prompt_ids, prompt_mask = left_pad(ids, pad_id, device)
     full_ids, full_mask = prompt_ids, prompt_mask
     if cfg.sequence_mode != "prompt" and max(len(r) for r in out.response_ids) > 0:

@@ -1059,7 +1059,7 @@ class FastDecoder:
     ``check_every`` (decode steps between host checks for "all rows done"), ``prompt_bucket``
     (prompt lengths are padded up to a multiple, so batches share captured graphs) and
     ``max_runners`` (captured shapes kept alive, each with its own KV cache) and
-    ``pad_batches`` (a batch smaller than one already prepared is padded up to it; default
+    ``pad_batches`` (a batch smaller than the caller's ``pad_to`` runs padded to it; default
     with compiled or captured steps, see :meth:`generate`).
     """
 
@@ -1110,8 +1110,6 @@ class FastDecoder:
         self.prompt_bucket = max(1, int(prompt_bucket))
         self.max_runners = max(1, int(max_runners))
         self.pad_batches = (self.compile or self.use_graphs) if pad_batches is None else pad_batches
-        self._batch_sizes: set[int] = set()
-        """Batch sizes with decode steps prepared (compiled, kernels chosen) in this decoder."""
         if not eos_token_ids:
             raise ValueError("give at least one eos token id")
         self.eos_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=self.device)
@@ -1247,7 +1245,6 @@ class FastDecoder:
         before = self.setup_seconds
         started = time.perf_counter()
         runner = _Runner(self, key)
-        self._batch_sizes.add(key.batch)
         self.setup_parts["kernel_choice"] += time.perf_counter() - started
         if self.use_graphs:
             started = time.perf_counter()
@@ -1282,8 +1279,15 @@ class FastDecoder:
         temperature: float | Sequence[float] = 1.0,
         top_p: float | Sequence[float] = 1.0,
         seeds: Sequence[int] | None = None,
+        pad_to: int | None = None,
     ) -> FastResult:
-        """Generate up to ``max_new_tokens`` per row from left-padded ``input_ids``."""
+        """Generate up to ``max_new_tokens`` per row from left-padded ``input_ids``.
+
+        With ``pad_batches``, a batch of fewer than ``pad_to`` rows runs as ``pad_to`` rows: a
+        run's last batch then reuses the steps prepared for its other batches (duplicate rows
+        cost a little compute per step, a new batch size seconds of compiling, kernel timing
+        and capture). The duplicates copy row 0 (prompt, sampling settings and seed), so they
+        finish with it and never keep the loop running; they are dropped from the result."""
         import torch
 
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -1302,13 +1306,8 @@ class FastDecoder:
                 "tokenize with padding_side='left' (tracekit's load_model does)",
             )
         batch = input_ids.shape[0]
-        # a smaller batch (a run's last one, a resumed remainder) reuses a prepared batch size:
-        # duplicate rows cost a little compute per step, a new size seconds of compiling, kernel
-        # timing and capture. The duplicates copy row 0 (prompt, sampling settings and seed),
-        # so they finish with it and never keep the loop running; they are dropped at the end.
-        padded = min((b for b in self._batch_sizes if b > batch), default=batch)
-        if self.pad_batches and padded > batch:
-            fill = padded - batch
+        if self.pad_batches and pad_to is not None and pad_to > batch:
+            fill = pad_to - batch
             input_ids = torch.cat([input_ids, input_ids[:1].expand(fill, -1)])
             attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(fill, -1)])
             temperature = _per_row(temperature, batch, "temperature")
@@ -1353,10 +1352,8 @@ class FastDecoder:
             return self._generate(key, ids, mask, temps, tops, seeds)
         except Exception as exc:
             if _is_oom(exc):
-                # free every cache and graph now, so a retry at a smaller batch can fit (and is
-                # not padded back up to this size)
+                # free every cache and graph now, so a retry at a smaller batch can fit
                 self._runners.clear()
-                self._batch_sizes = {b for b in self._batch_sizes if b < batch}
                 torch.cuda.empty_cache()
             raise
 
@@ -1631,6 +1628,8 @@ class CudaEngine:
         params: GenerationParams,
         capture: CaptureSpec | None = None,
         row_seeds: Sequence[int] | None = None,
+        *,
+        pad_to: int | None = None,
     ) -> GenerationOutput:
         import torch
 
@@ -1662,6 +1661,7 @@ class CudaEngine:
                 temperature=params.temperature,
                 top_p=params.top_p,
                 seeds=seeds,
+                pad_to=pad_to,
             )
         except Exception as exc:
             if _is_oom(exc):  # the caller retries smaller: drop every decoder's caches too

@@ -118,8 +118,17 @@ class GenerationEngine(Protocol):
         params: GenerationParams,
         capture: CaptureSpec | None = None,
         row_seeds: Sequence[int] | None = None,
+        *,
+        pad_to: int | None = None,
     ) -> GenerationOutput:
-        """Generate for ``prompts`` (one batch; the caller chooses the batch size)."""
+        """Generate for ``prompts`` (one batch; the caller chooses the batch size).
+
+        ``pad_to``: the caller's batch size. An engine that prepares its steps per batch size
+        (the CUDA engine compiles, times kernels and captures graphs) may run a smaller batch
+        as this many rows, so a run's last batch reuses the prepared steps; the output still
+        has one row per prompt. Every batch of a run then has the same shape, in one process
+        or several. Engines without such a cost ignore it.
+        """
         ...
 
 

@@ -103,6 +103,8 @@ class HFEngine:
         params: GenerationParams,
         capture: CaptureSpec | None = None,
         row_seeds: Sequence[int] | None = None,
+        *,
+        pad_to: int | None = None,  # nothing is prepared per batch size here: ignored
     ) -> GenerationOutput:
         import torch
 

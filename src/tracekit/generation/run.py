@@ -239,7 +239,9 @@ class _Batcher:
         while start < len(prompts):
             end = min(start + self.batch_size, len(prompts))
             try:
-                out = self.engine.generate(prompts[start:end], params, capture, seeds[start:end])
+                out = self.engine.generate(
+                    prompts[start:end], params, capture, seeds[start:end], pad_to=self.batch_size
+                )
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
