@@ -1,8 +1,9 @@
 """``python -m tracekit`` runs the CLI."""
 
-from tracekit.distributed import isolate_gpu
+from tracekit.distributed import isolate_gpu, share_host_cpus
 
 isolate_gpu()  # before anything initializes CUDA
+share_host_cpus()  # before torch.compile's inductor is imported
 
 from tracekit.cli import main  # noqa: E402
 

@@ -105,6 +105,33 @@ def isolate_gpu() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ids[local]
 
 
+COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"
+"""torch.compile's worker-pool size (inductor reads it once, when it is first imported)."""
+
+
+def share_host_cpus() -> None:
+    """In one of several processes on one host, size torch.compile's worker pool to this
+    process's share of the CPUs.
+
+    Each process otherwise starts a pool of up to 32 compile workers (each importing torch)
+    sized for the whole machine, all at the same moment: N processes then compete for the
+    cores while they set up their decode steps. Uses ``LOCAL_WORLD_SIZE`` (torchrun,
+    accelerate and :func:`launch` set it); a value the user set is kept. Must run before
+    torch's inductor is imported: ``python -m tracekit`` calls it first thing.
+    """
+    if COMPILE_THREADS_ENV in os.environ:
+        return
+    try:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        return
+    if local_world <= 1:
+        return
+    affinity = getattr(os, "sched_getaffinity", None)
+    cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    os.environ[COMPILE_THREADS_ENV] = str(max(1, min(32, cpus // local_world)))
+
+
 def _env_world_size() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))

@@ -4,7 +4,15 @@ import os
 
 import pytest
 
-from tracekit.distributed import GPU_PER_PROCESS_ENV, ProcessInfo, isolate_gpu, launch, process_info
+from tracekit.distributed import (
+    COMPILE_THREADS_ENV,
+    GPU_PER_PROCESS_ENV,
+    ProcessInfo,
+    isolate_gpu,
+    launch,
+    process_info,
+    share_host_cpus,
+)
 from tracekit.errors import ConfigError
 from tracekit.generation.run import GenerateConfig
 
@@ -65,6 +73,30 @@ def test_isolate_gpu_shows_each_launched_process_its_own_gpu(
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     isolate_gpu()
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == expected
+
+
+@pytest.mark.parametrize(
+    ("local_world", "preset", "expected"),
+    [
+        ("2", None, 3),  # 6 CPUs over 2 processes
+        ("4", None, 1),  # at least one worker
+        ("1", None, None),  # one process: torch's own default
+        (None, None, None),  # not launched
+        ("2", "7", "7"),  # the user's value is kept
+    ],
+)
+def test_compile_workers_are_shared_by_the_processes_of_a_host(
+    monkeypatch, local_world, preset, expected
+):
+    for name, value in (("LOCAL_WORLD_SIZE", local_world), (COMPILE_THREADS_ENV, preset)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    share_host_cpus()
+    got = os.environ.get(COMPILE_THREADS_ENV)
+    assert got == (None if expected is None else str(expected))
 
 
 def test_launch_refuses_inside_a_distributed_run(monkeypatch):
