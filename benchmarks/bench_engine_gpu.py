@@ -218,7 +218,9 @@ def main() -> None:
     ap.add_argument("--with-static", action="store_true")
     ap.add_argument("--with-reference", action="store_true")
     ap.add_argument(
-        "--variants", default="", help="graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused,no-pdl"
+        "--variants",
+        default="",
+        help="graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused,no-pdl,pdl-timing",
     )
     ap.add_argument("--static-batches", default=None, help="batches for static (default all)")
     ap.add_argument("--profile", type=int, default=0, help="profile one capture run at batch B")
@@ -261,6 +263,7 @@ def main() -> None:
         "gemv-on": {"gemv": "on"},  # the Triton kernel for every linear layer it serves
         "unfused": {"fused_attention": "off"},  # attention as two products and a softmax
         "no-pdl": {"pdl": False},  # kernels wait for the previous one to end before starting
+        "pdl-timing": {"time_with_pdl": True},  # kernel choice times Triton as PDL launches
     }
     variants: dict[str, CudaEngine] = {}
     for name in filter(None, args.variants.split(",")):

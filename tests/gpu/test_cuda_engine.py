@@ -176,6 +176,22 @@ def test_pdl_step_matches_plain_step_and_repeats_exactly():
         assert torch.equal(again.pooled[pooling], outs[True].pooled[pooling]), pooling
 
 
+@needs_pdl
+def test_kernel_choice_timed_with_pdl_keeps_outputs():
+    from tracekit.generation import cuda_gemv
+
+    loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=8)
+    prompts = _prompts(8, seed=8)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    params = GenerationParams(max_new_tokens=24, temperature=0)
+    out = CudaEngine(loaded, time_with_pdl=True).generate(prompts, params, capture)
+    timed = [key for key in cuda_gemv.choices() if key[0] == 8 and key[3].endswith("/pdl")]
+    assert timed  # decisions made (and kept) apart from the plain-launch ones
+    forced = pooled_forward(loaded, prompts, out.response_ids, capture)
+    for pooling in ALL_POOLINGS:
+        assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
+
+
 def test_two_stage_argmax_matches_argmax():
     from tracekit.generation.cuda_engine import _argmax, argmax_chunk_for
 

@@ -1056,6 +1056,9 @@ class FastDecoder:
     (``auto``: per shape the fastest correct of ``F.linear``, the transposed product and the
     Triton kernels; ``on``: the split-N Triton kernel wherever correct; ``splitk``: the split-K
     one in two slices wherever correct; ``off``: ``F.linear``),
+    ``pdl`` (programmatic dependent launch of the step's Triton and inductor kernels; ``None``:
+    wherever available), ``time_with_pdl`` (the linear-layer kernel choice times the Triton
+    candidates as dependent launches; off: not yet measured in a whole step),
     ``check_every`` (decode steps between host checks for "all rows done"), ``prompt_bucket``
     (prompt lengths are padded up to a multiple, so batches share captured graphs) and
     ``max_runners`` (captured shapes kept alive, each with its own KV cache) and
@@ -1080,6 +1083,7 @@ class FastDecoder:
         gemv: str = "auto",
         fused_attention: str = "auto",
         pdl: bool | None = None,
+        time_with_pdl: bool = False,
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
@@ -1164,6 +1168,8 @@ class FastDecoder:
             logger.warning("programmatic dependent launch needs compiled CUDA-graph steps on a "
                            "Hopper or later GPU with a recent Triton: not used")  # fmt: skip
         self.pdl = can_pdl if pdl is None else bool(pdl) and can_pdl
+        # off by default until measured in a whole step: see cuda_gemv.choose
+        self.time_with_pdl = bool(time_with_pdl) and self.pdl
         if self.compile:
             pd = self.pdl
             self.fn_first = _compiled("first", _first, pd)
@@ -1186,13 +1192,19 @@ class FastDecoder:
 
         force = {"on": cuda_gemv.TRITON, "splitk": cuda_gemv.SPLIT_K2}.get(self.gemv_mode)
         w = self.weights[0]
+
+        def choose(weight: torch.Tensor | None) -> int:
+            if weight is None:
+                return 0
+            return cuda_gemv.choose(batch, weight, force, self.time_with_pdl)
+
         return GemvChoice(
             pdl=self.pdl,
-            qkv=0 if w.qkv is None else cuda_gemv.choose(batch, w.qkv, force),
-            o=cuda_gemv.choose(batch, w.o, force),
-            gate_up=0 if w.gate_up is None else cuda_gemv.choose(batch, w.gate_up, force),
-            down=cuda_gemv.choose(batch, w.down, force),
-            head=cuda_gemv.choose(batch, self.lm_head, force),
+            qkv=choose(w.qkv),
+            o=choose(w.o),
+            gate_up=choose(w.gate_up),
+            down=choose(w.down),
+            head=choose(self.lm_head),
         )
 
     def fused_attention_for(self, batch: int, length: int, gemv_qkv: int) -> bool:

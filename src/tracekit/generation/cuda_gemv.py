@@ -352,7 +352,7 @@ def _save_decision(name: str, mode: int) -> None:
         logger.info("could not keep linear-layer decisions in %s (%s)", path, exc)
 
 
-def choose(rows: int, w: torch.Tensor, force: int | None = None) -> int:
+def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = False) -> int:
     """How to compute ``x @ w.T`` for ``rows`` rows: the fastest correct of ``F.linear``,
     the transposed product and (up to :data:`MAX_ROWS` rows, bf16/fp16) the Triton kernels.
 
@@ -366,13 +366,16 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None) -> int:
     mode that fails its check falls back to ``F.linear`` (delete the file to time again).
     Timing cycles over copies of ``w`` larger than L2 together: decode steps stream weights from
     HBM. A split-K candidate is timed without the sum of its partial products, which the decode
-    step fuses into the product's consumer.
+    step fuses into the product's consumer. ``pdl``: the Triton candidates are checked and
+    timed as programmatic dependent launches (each one's first weight tile loads while the
+    one before finishes, as after the attention kernel in a decode step; cuBLAS cannot launch
+    that way); such decisions are kept apart from the others.
     """
     import torch
     import torch.nn.functional as F
 
     forced = "" if force is None else f"/{MODE_NAMES[force]}"
-    key = (rows, w.shape[0], w.shape[1], str(w.dtype) + forced)
+    key = (rows, w.shape[0], w.shape[1], str(w.dtype) + forced + ("/pdl" if pdl else ""))
     if key in _CHOICES:
         return _CHOICES[key]
     if w.device.type != "cuda" or not w.is_contiguous():
@@ -388,15 +391,16 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None) -> int:
     if rows <= MAX_ROWS and w.dtype in (torch.bfloat16, torch.float16):
         gemv = _build()
         if gemv is not None:
-            candidates[TRITON] = (gemv, gemv)
+            candidates[TRITON] = ((lambda a, b: gemv(a, b, pdl)),) * 2
             for mode in (SPLIT_K2, SPLIT_K4, SPLIT_K8):
                 if w.shape[1] % (splits_of(mode) * 64) == 0:
                     partials = torch.ops.tracekit.gemv_splitk
                     candidates[mode] = (
-                        lambda a, b, m=mode: linear(a, b, m),
-                        lambda a, b, s=splits_of(mode), op=partials: op(a, b, s),
+                        lambda a, b, m=mode: linear(a, b, m, pdl),
+                        lambda a, b, s=splits_of(mode), op=partials: op(a, b, s, pdl),
                     )
     disk_key = f"{rows}x{w.shape[0]}x{w.shape[1]}:{str(w.dtype).removeprefix('torch.')}"
+    disk_key += ":pdl" if pdl else ""
     # a forced or already decided mode is the only one checked: checking a Triton candidate
     # builds and autotunes it, seconds per process that nothing would use
     settled = force if force is not None else _read_decisions().get(disk_key)
