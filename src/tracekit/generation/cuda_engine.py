@@ -1037,7 +1037,11 @@ def _compiled(name: str, fn: Any, pdl: bool = False) -> Any:
             dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 4096)
         elif hasattr(dyn, "accumulated_cache_size_limit"):
             dyn.accumulated_cache_size_limit = max(dyn.accumulated_cache_size_limit, 4096)
-        options: dict[str, Any] | None = {"triton.enable_pdl": True} if pdl else None
+        # inductor's own kernels too, where this torch has the option (added in 2.10)
+        import torch._inductor.config as inductor_config
+
+        inductor_pdl = pdl and hasattr(inductor_config.triton, "enable_pdl")
+        options: dict[str, Any] | None = {"triton.enable_pdl": True} if inductor_pdl else None
         _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
     return _COMPILED[key]
 
