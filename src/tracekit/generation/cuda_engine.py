@@ -1169,8 +1169,10 @@ class FastDecoder:
 
         can_pdl = self.compile and self.use_graphs and pdl_available(self.device)
         if pdl and not can_pdl:
-            logger.warning("programmatic dependent launch needs compiled CUDA-graph steps on a "
-                           "Hopper or later GPU with a recent Triton: not used")  # fmt: skip
+            logger.warning(
+                "programmatic dependent launch needs compiled CUDA-graph steps on a Hopper or "
+                "later GPU with a recent Triton: not used"
+            )
         self.pdl = can_pdl if pdl is None else bool(pdl) and can_pdl
         # off by default until measured in a whole step: see cuda_gemv.choose
         self.time_with_pdl = bool(time_with_pdl) and self.pdl
