@@ -60,6 +60,23 @@ def test_greedy_equals_reference_with_graphs(fp32_model, batch):
     assert again.response_ids == out.response_ids
 
 
+def test_fast_prefill_equals_reference(fp32_model):
+    prompts = _prompts(8, seed=11)
+    params = GenerationParams(max_new_tokens=24, temperature=0)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    ref = HFEngine(fp32_model).generate(prompts, params, capture)
+    engine = CudaEngine(fp32_model, fast_prefill=True)
+    out = engine.generate(prompts, params, capture)
+    assert engine._decoder(capture).fast_prefill
+    assert out.response_ids == ref.response_ids
+    for pooling in ALL_POOLINGS:
+        assert _rel(out.pooled[pooling], ref.pooled[pooling]) < 1e-3, pooling
+    # another prompt length reuses the compiled block (dynamic batch and length)
+    shorter = [p[:3] for p in prompts[:5]]
+    again = engine.generate(shorter, params, capture)
+    assert again.response_ids == HFEngine(fp32_model).generate(shorter, params).response_ids
+
+
 def test_eos_stopping_matches_reference(fp32_model):
     prompts = _prompts(8, seed=3)
     params = GenerationParams(max_new_tokens=40, temperature=0)

@@ -232,6 +232,37 @@ def test_other_supported_families_match_generate(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_fast_prefill_matches_the_hf_prefill(family):
+    """The prompt through the engine's own block functions (``fast_prefill``) gives the HF
+    prefill's tokens, prompt and response captures, and keys and values at every valid cache
+    slot; rows of different lengths (left padding) included."""
+    from tracekit.generation.cuda_engine import POOLINGS
+    from tracekit.generation.engine import left_pad
+
+    model = _tiny_family(family, num_hidden_layers=2)
+    model.generation_config.eos_token_id = None
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [9, 10], [3]], 0, torch.device("cpu"))
+    options = dict(
+        layers=(0, 1, 2), poolings=POOLINGS, eos_token_ids=[-1], pad_token_id=0, fuse_weights=True
+    )
+    plain_dec = FastDecoder(model, **options)
+    fast_dec = FastDecoder(model, fast_prefill=True, **options)
+    plain = plain_dec.generate(ids, mask, max_new_tokens=8)
+    fast = fast_dec.generate(ids, mask, max_new_tokens=8)
+    assert fast.tokens == plain.tokens
+    for name, value in plain.pooled.items():
+        torch.testing.assert_close(fast.pooled[name], value, rtol=1e-4, atol=1e-5)
+    (plain_run,) = plain_dec._runners.values()
+    (fast_run,) = fast_dec._runners.values()
+    pads = plain_run.st.pad_len.tolist()
+    assert fast_run.st.pad_len.tolist() == pads
+    for caches in ((plain_run.k_cache, fast_run.k_cache), (plain_run.v_cache, fast_run.v_cache)):
+        for want, got in zip(*caches, strict=True):
+            for row, pad in enumerate(pads):
+                torch.testing.assert_close(got[row, :, pad:], want[row, :, pad:])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("fuse", [False, True])
 def test_fast_teacher_forced_forward_matches_reference(family, fuse):
     """cuda_forward (eager on CPU) against the HF forward: q/k/v biases (Qwen2), q/k norms

@@ -1063,6 +1063,8 @@ class FastDecoder:
     ``pdl`` (programmatic dependent launch of the step's Triton and inductor kernels; ``None``:
     wherever available), ``time_with_pdl`` (the linear-layer kernel choice times the Triton
     candidates as dependent launches; off: not yet measured in a whole step),
+    ``fast_prefill`` (the prompt through the engine's own compiled block functions instead of
+    the HF model; off: not yet measured on a GPU),
     ``check_every`` (decode steps between host checks for "all rows done"), ``prompt_bucket``
     (prompt lengths are padded up to a multiple, so batches share captured graphs) and
     ``max_runners`` (captured shapes kept alive, each with its own KV cache) and
@@ -1088,6 +1090,7 @@ class FastDecoder:
         fused_attention: str = "auto",
         pdl: bool | None = None,
         time_with_pdl: bool = False,
+        fast_prefill: bool = False,
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
@@ -1118,6 +1121,8 @@ class FastDecoder:
         self.prompt_bucket = max(1, int(prompt_bucket))
         self.max_runners = max(1, int(max_runners))
         self.pad_batches = (self.compile or self.use_graphs) if pad_batches is None else pad_batches
+        # off by default until measured on a GPU: see _prefill_fast
+        self.fast_prefill = bool(fast_prefill)
         if not eos_token_ids:
             raise ValueError("give at least one eos token id")
         self.eos_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=self.device)
@@ -1425,28 +1430,11 @@ class FastDecoder:
             if "prompt_avg" in self.poolings:
                 sums[layer] = masked_sum(hidden, mask)
 
-        # positions as HF generate builds them from the mask: 0 at each row's first real token
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        taps = LayerTaps(self.handles, self.layers, pool) if self.layers else None
-        if taps is not None:
-            taps.__enter__()
-        try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        finally:
-            if taps is not None:
-                taps.__exit__(None, None, None)
-        cache = output_cache(out)
-        for i in range(self.spec.n_blocks):
-            keys, values = _cache_layer(cache, i)
-            runner.k_cache[i][:, :, :prompt_len].copy_(keys)
-            runner.v_cache[i][:, :, :prompt_len].copy_(values)
-            # later slots may hold keys of an earlier batch; the mask never lets them in
+        # later cache slots may hold keys of an earlier batch; the mask never lets them in
+        if self.fast_prefill:
+            logits = self._prefill_fast(runner, ids, mask, pool)
+        else:
+            logits = self._prefill_hf(runner, ids, mask, pool)
         st.pad_len.copy_(prompt_len - n_real)
         st.step.fill_(-1)
         st.alive.fill_(True)
@@ -1460,7 +1448,6 @@ class FastDecoder:
         st.seeds.copy_(to_device(torch.tensor(seed_list, dtype=torch.long), self.device))
         for buf in runner.caps.values():
             buf.zero_()
-        logits = out.logits[:, -1].float()
         # the first token goes through the same device bookkeeping as every decode step
         self.fn_advance(
             logits,
@@ -1480,6 +1467,81 @@ class FastDecoder:
             denom = n_real.to(torch.float32)[:, None, None]
             pooled["prompt_avg"] = torch.stack([sums[x] for x in self.layers], dim=1) / denom
         return pooled
+
+    def _prefill_hf(
+        self, runner: _Runner, ids: torch.Tensor, mask: torch.Tensor, pool: Any
+    ) -> torch.Tensor:
+        """The prompt through the HF model itself (its hooks call ``pool(layer, states)``);
+        keys and values copied into the runner's cache; last-column logits (float32)."""
+        # positions as HF generate builds them from the mask: 0 at each row's first real token
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        taps = LayerTaps(self.handles, self.layers, pool) if self.layers else None
+        if taps is not None:
+            taps.__enter__()
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            if taps is not None:
+                taps.__exit__(None, None, None)
+        cache = output_cache(out)
+        prompt_len = ids.shape[1]
+        for i in range(self.spec.n_blocks):
+            keys, values = _cache_layer(cache, i)
+            runner.k_cache[i][:, :, :prompt_len].copy_(keys)
+            runner.v_cache[i][:, :, :prompt_len].copy_(values)
+        logits: torch.Tensor = out.logits[:, -1].float()
+        return logits
+
+    def _prefill_fast(
+        self, runner: _Runner, ids: torch.Tensor, mask: torch.Tensor, pool: Any
+    ) -> torch.Tensor:
+        """:meth:`_prefill_hf` through the engine's own block functions (compiled once, batch
+        and length dynamic, as the teacher-forced forward's): left-padded rows with a boolean
+        mask (:func:`~tracekit.generation.cuda_forward.prefill_mask`), per-row rotary positions,
+        each block's keys and values written straight into the cache."""
+        import torch
+        import torch.nn.functional as F
+
+        from tracekit.generation.cuda_forward import _block_kv, _compiled_block, prefill_mask
+
+        spec = self.spec
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cos, sin = self.cos_table[position_ids], self.sin_table[position_ids]
+        attn_mask = prefill_mask(mask)
+        block = _compiled_block("block_kv") if self.compile else _block_kv
+        wanted = set(self.layers)
+        prompt_len = ids.shape[1]
+        h = F.embedding(ids, self.embed)
+        if 0 in wanted:
+            pool(0, h)
+        for i, w in enumerate(self.weights):
+            if self.compile:  # one compilation for every batch size and prompt length
+                for t in (h, cos, sin, attn_mask):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                    torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2)
+            h, keys, values = block(
+                h,
+                w,
+                cos,
+                sin,
+                attn_mask,
+                spec.n_heads,
+                spec.n_kv_heads,
+                spec.head_dim,
+                spec.eps,
+                spec.scaling,
+            )
+            runner.k_cache[i][:, :, :prompt_len].copy_(keys)
+            runner.v_cache[i][:, :, :prompt_len].copy_(values)
+            if i + 1 in wanted:
+                pool(i + 1, h)
+        return _head(h[:, -1], self.final_norm, self.lm_head, spec.eps)
 
     def _collect(self, runner: _Runner, pooled: dict[str, torch.Tensor], steps: int) -> FastResult:
         import torch

@@ -65,6 +65,25 @@ def _block(
     """One decoder block over ``h`` ``[batch, seq, hidden]`` (causal; ``window_mask`` for a
     sliding window). Same arithmetic as the HF Llama block, with q/k/v (and gate/up) products
     fused where the weights are."""
+    return _block_kv(h, w, cos, sin, window_mask, n_heads, n_kv, head_dim, eps, scaling)[0]
+
+
+def _block_kv(
+    h: torch.Tensor,
+    w: LayerWeights,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    eps: float,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_block`, also returning the block's keys and values ``[batch, n_kv, seq,
+    head_dim]`` (rotated, as a KV cache holds them). ``cos``/``sin``: ``[seq, head_dim]``
+    shared by the rows, or ``[batch, seq, head_dim]`` per row; ``mask``: ``None`` (causal) or
+    a boolean attention mask broadcastable to ``[batch, 1, seq, seq]``."""
     import torch.nn.functional as F
 
     batch, seq, _ = h.shape
@@ -77,15 +96,15 @@ def _block(
         q = _rms_norm(q, w.q_norm, eps)
         k = _rms_norm(k, w.k_norm, eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    c, s = cos[None, None], sin[None, None]
+    c, s = (cos[:, None], sin[:, None]) if cos.dim() == 3 else (cos[None, None], sin[None, None])
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
     attn = F.scaled_dot_product_attention(
         q,
         k,
         v,
-        attn_mask=window_mask,
-        is_causal=window_mask is None,
+        attn_mask=mask,
+        is_causal=mask is None,
         scale=scaling,
         enable_gqa=n_kv != n_heads,
     )
@@ -98,19 +117,34 @@ def _block(
     else:
         assert w.gate is not None and w.up is not None
         gate, up = F.linear(x, w.gate), F.linear(x, w.up)
-    return h + F.linear(F.silu(gate) * up, w.down)
+    return h + F.linear(F.silu(gate) * up, w.down), k, v
 
 
-_COMPILED_BLOCK: list[Any] = []
+_COMPILED_BLOCKS: dict[str, Any] = {}
 
 
-def _compiled_block() -> Any:
-    """``_block`` compiled once per process (batch and sequence dimensions dynamic)."""
+def _compiled_block(name: str = "block") -> Any:
+    """``_block`` (``name="block"``) or ``_block_kv`` (``"block_kv"``) compiled once per
+    process (batch and sequence dimensions dynamic)."""
     import torch
 
-    if not _COMPILED_BLOCK:
-        _COMPILED_BLOCK.append(torch.compile(_block, dynamic=None, fullgraph=True))
-    return _COMPILED_BLOCK[0]
+    if name not in _COMPILED_BLOCKS:
+        fn = {"block": _block, "block_kv": _block_kv}[name]
+        _COMPILED_BLOCKS[name] = torch.compile(fn, dynamic=None, fullgraph=True)
+    return _COMPILED_BLOCKS[name]
+
+
+def prefill_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask ``[batch, 1, seq, seq]`` for left-padded rows (``mask`` is the
+    0/1 ``[batch, seq]`` attention mask): causal over each row's real tokens. A pad position
+    attends to itself only, so no row of the softmax is empty (an empty one is NaN, and a NaN
+    key or value in the cache would reach later steps through a zero weight)."""
+    import torch
+
+    seq = mask.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
+    eye = torch.eye(seq, dtype=torch.bool, device=mask.device)
+    return ((causal[None] & mask.bool()[:, None, :]) | eye[None])[:, None]
 
 
 class FastForward:
