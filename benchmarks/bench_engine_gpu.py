@@ -220,7 +220,10 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="",
-        help="graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused,no-pdl,pdl-timing,fast-prefill",
+        help=(
+            "graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused,no-pdl,pdl-timing,"
+            "fast-prefill,gated-down"
+        ),
     )
     ap.add_argument("--static-batches", default=None, help="batches for static (default all)")
     ap.add_argument("--profile", type=int, default=0, help="profile one capture run at batch B")
@@ -267,6 +270,7 @@ def main() -> None:
         # prompt through the compiled block functions; its "step" subtracts the HF prefill's
         # time, so only its end-to-end column compares
         "fast-prefill": {"fast_prefill": True},
+        "gated-down": {"gated_down": True},  # SiLU * up inside the down kernel (Triton modes)
     }
     variants: dict[str, CudaEngine] = {}
     for name in filter(None, args.variants.split(",")):

@@ -209,6 +209,35 @@ def test_kernel_choice_timed_with_pdl_keeps_outputs():
         assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
 
 
+@pytest.mark.parametrize("rows", [1, 8, 32])
+def test_gated_gemv_matches_silu_then_product(rows):
+    import torch.nn.functional as F
+
+    from tracekit.generation import cuda_gemv
+
+    assert cuda_gemv._build() is not None
+    w = torch.randn(2048, 8192, device="cuda", dtype=torch.bfloat16) * 0.02
+    gate_up = torch.randn(rows, 2 * 8192, device="cuda", dtype=torch.bfloat16)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    want = (F.silu(gate) * up).to(torch.bfloat16).float() @ w.float().T
+    for mode in (cuda_gemv.TRITON, cuda_gemv.SPLIT_K4, cuda_gemv.SPLIT_K8):
+        got = cuda_gemv.gated_linear(gate_up, w, mode).float()
+        assert _rel(got, want) < 1e-2, mode
+
+
+def test_gated_down_engine_matches_teacher_forced():
+    loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=9)
+    prompts = _prompts(8, seed=9)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    params = GenerationParams(max_new_tokens=24, temperature=0)
+    engine = CudaEngine(loaded, gemv="splitk", gated_down=True)
+    out = engine.generate(prompts, params, capture)
+    assert next(iter(engine._decoder(capture)._runners.values())).dims.gemv.gated
+    forced = pooled_forward(loaded, prompts, out.response_ids, capture)
+    for pooling in ALL_POOLINGS:
+        assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
+
+
 def test_two_stage_argmax_matches_argmax():
     from tracekit.generation.cuda_engine import _argmax, argmax_chunk_for
 

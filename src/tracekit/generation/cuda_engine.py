@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracekit.errors import InputError, ModelError
-from tracekit.generation.cuda_gemv import linear
+from tracekit.generation.cuda_gemv import TRITON, gated_linear, linear
 from tracekit.generation.engine import HostCopy, to_device
 from tracekit.generation.pooling import masked_sum
 from tracekit.models.capture import LayerTaps
@@ -401,12 +401,17 @@ def _out_mlp(
     out = linear(attn, w.o, gemv.o, gemv.pdl)
     h = h + (out if w.o_bias is None else out + w.o_bias)
     x = _rms_norm(h, w.ln2, eps)
-    if w.gate_up is not None:
-        gate, up = linear(x, w.gate_up, gemv.gate_up, gemv.pdl).chunk(2, dim=-1)
+    if w.gate_up is not None and gemv.gated and gemv.down >= TRITON:
+        # SiLU and the product with up inside the down kernel: one kernel less per block
+        gate_up = linear(x, w.gate_up, gemv.gate_up, gemv.pdl)
+        h = h + gated_linear(gate_up, w.down, gemv.down, gemv.pdl)
     else:
-        assert w.gate is not None and w.up is not None
-        gate, up = F.linear(x, w.gate), F.linear(x, w.up)
-    h = h + linear(F.silu(gate) * up, w.down, gemv.down, gemv.pdl)
+        if w.gate_up is not None:
+            gate, up = linear(x, w.gate_up, gemv.gate_up, gemv.pdl).chunk(2, dim=-1)
+        else:
+            assert w.gate is not None and w.up is not None
+            gate, up = F.linear(x, w.gate), F.linear(x, w.up)
+        h = h + linear(F.silu(gate) * up, w.down, gemv.down, gemv.pdl)
     if cap is not None:
         cap.add_(h.float() * cap_weight[:, None])
     return h
@@ -858,6 +863,8 @@ class GemvChoice(NamedTuple):
     head: int = 0
     pdl: bool = False
     """The Triton kernels (products and attention) as programmatic dependent launches."""
+    gated: bool = False
+    """``down`` in a Triton mode computes ``silu(gate) * up`` itself (no SiLU kernel)."""
 
 
 NO_GEMV = GemvChoice()
@@ -1065,7 +1072,10 @@ class FastDecoder:
     candidates as dependent launches; off: not yet measured in a whole step),
     ``fast_prefill`` (the prompt through the engine's own compiled block functions instead of
     the HF model; off: not yet measured on a GPU),
-    ``check_every`` (decode steps between host checks for "all rows done"), ``prompt_bucket``
+    ``gated_down`` (where ``down_proj`` runs a Triton kernel, that kernel computes
+    ``silu(gate) * up`` as it loads its input, one kernel less per block; off: not yet measured
+    on a GPU), ``check_every`` (decode steps between host checks for "all rows done"),
+    ``prompt_bucket``
     (prompt lengths are padded up to a multiple, so batches share captured graphs) and
     ``max_runners`` (captured shapes kept alive, each with its own KV cache) and
     ``pad_batches`` (a batch smaller than the caller's ``pad_to`` runs padded to it; default
@@ -1091,6 +1101,7 @@ class FastDecoder:
         pdl: bool | None = None,
         time_with_pdl: bool = False,
         fast_prefill: bool = False,
+        gated_down: bool = False,
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
@@ -1123,6 +1134,8 @@ class FastDecoder:
         self.pad_batches = (self.compile or self.use_graphs) if pad_batches is None else pad_batches
         # off by default until measured on a GPU: see _prefill_fast
         self.fast_prefill = bool(fast_prefill)
+        # off by default until measured on a GPU: see cuda_gemv.gated_linear
+        self.gated_down = bool(gated_down)
         if not eos_token_ids:
             raise ValueError("give at least one eos token id")
         self.eos_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=self.device)
@@ -1211,6 +1224,7 @@ class FastDecoder:
 
         return GemvChoice(
             pdl=self.pdl,
+            gated=self.gated_down,
             qkv=choose(w.qkv),
             o=choose(w.o),
             gate_up=choose(w.gate_up),

@@ -36,6 +36,13 @@ _STATE: dict[str, Any] = {}
 _CHOICES: dict[tuple[int, int, int, str], int] = {}
 
 
+def _check_gated(x: torch.Tensor, w: torch.Tensor, gated: bool) -> None:
+    """``x``'s width against ``w``'s K: ``K`` plain, ``2K`` (gate then up) gated."""
+    want = 2 * w.shape[1] if gated else w.shape[1]
+    if x.shape[1] != want or x.stride(1) != 1:
+        raise ValueError(f"x of width {x.shape[1]} for a weight of K={w.shape[1]} (gated={gated})")
+
+
 def _build() -> Any:
     """Define the Triton kernel and the custom ops once per process; ``None`` without Triton."""
     if "op" in _STATE:
@@ -44,71 +51,10 @@ def _build() -> Any:
     try:
         import torch
         import triton
-        import triton.language as tl
+
+        from tracekit.generation._gemv_kernel import gemv_kernel
     except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
         return None
-
-    @triton.jit
-    def gemv_kernel(  # pragma: no cover - runs on the GPU (or the Triton interpreter)
-        x_ptr,
-        w_ptr,
-        y_ptr,
-        M,
-        N,
-        K: tl.constexpr,
-        stride_xm,
-        stride_wn,
-        SPLIT_K: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        USE_PDL: tl.constexpr = False,
-    ):
-        """``y[k_slice] = x[:, slice] @ w[:, slice].T`` for program (n block, K slice);
-        ``y`` is contiguous ``[SPLIT_K, M, N]`` (``[M, N]`` for one slice), cast on store.
-
-        The first weight tile is loaded before anything else: weights are never written by
-        the kernel before, so with programmatic dependent launch (``USE_PDL``) that load
-        overlaps the previous kernel's tail, and the wait for its results comes after it."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        k_len: tl.constexpr = K // SPLIT_K
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m[:, None] < M
-        n_ok = offs_n[:, None] < N
-        kk = pid_k * k_len + offs_k
-        k_ok = offs_k < k_len
-        w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=n_ok & k_ok[None, :], other=0.0
-        )
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok & k_ok[None, :], other=0.0
-        )
-        acc = tl.dot(x, tl.trans(w), out_dtype=tl.float32)
-        for k0 in range(BLOCK_K, k_len, BLOCK_K):
-            kk = pid_k * k_len + k0 + offs_k
-            k_ok = (k0 + offs_k) < k_len
-            x = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                mask=m_ok & k_ok[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                mask=n_ok & k_ok[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(x, tl.trans(w))
-        tl.store(
-            y_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :],
-            acc.to(y_ptr.dtype.element_ty),
-            mask=m_ok & (offs_n[None, :] < N),
-        )
 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -145,9 +91,11 @@ def _build() -> Any:
         ["M", "N", "K", "SPLIT_K"],
     )
 
-    def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, splits: int, pdl: bool) -> None:
-        m, k = x.shape
-        n = w.shape[0]
+    def launch(
+        x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, splits: int, pdl: bool, gated: bool
+    ) -> None:
+        m = x.shape[0]
+        n, k = w.shape
 
         def grid(meta: dict[str, Any]) -> tuple[int, int]:
             return (triton.cdiv(n, meta["BLOCK_N"]), splits)
@@ -157,6 +105,8 @@ def _build() -> Any:
         kernel = tuned if splits == 1 else split_tuned
         # programmatic dependent launch: only asked for where :func:`pdl_available` said yes
         extra: dict[str, Any] = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
+        if gated:
+            extra["GATED"] = True
         if kernel is None:
             gemv_kernel[grid](
                 *args, SPLIT_K=splits, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=64, **extra
@@ -168,36 +118,43 @@ def _build() -> Any:
     @torch.library.custom_op(
         "tracekit::gemv",
         mutates_args=(),
-        schema="(Tensor x, Tensor w, bool pdl=False) -> Tensor",
+        schema="(Tensor x, Tensor w, bool pdl=False, bool gated=False) -> Tensor",
     )
-    def gemv(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    def gemv(
+        x: torch.Tensor, w: torch.Tensor, pdl: bool = False, gated: bool = False
+    ) -> torch.Tensor:
         """``x @ w.T`` for ``x`` [M <= 64, K] and ``w`` [N, K], both contiguous in K;
-        ``pdl``: launched as a programmatic dependent launch."""
+        ``pdl``: launched as a programmatic dependent launch; ``gated``: ``x`` is a gate/up
+        product [M, 2K] and ``silu(gate) * up`` is multiplied instead."""
+        _check_gated(x, w, gated)
         y = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
-        launch(x, w, y, 1, pdl)
+        launch(x, w, y, 1, pdl, gated)
         return y
 
     @gemv.register_fake
-    def _(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    def _(x: torch.Tensor, w: torch.Tensor, pdl: bool = False, gated: bool = False) -> torch.Tensor:
         return x.new_empty((x.shape[0], w.shape[0]))
 
     @torch.library.custom_op(
         "tracekit::gemv_splitk",
         mutates_args=(),
-        schema="(Tensor x, Tensor w, int splits, bool pdl=False) -> Tensor",
+        schema="(Tensor x, Tensor w, int splits, bool pdl=False, bool gated=False) -> Tensor",
     )
     def gemv_splitk(
-        x: torch.Tensor, w: torch.Tensor, splits: int, pdl: bool = False
+        x: torch.Tensor, w: torch.Tensor, splits: int, pdl: bool = False, gated: bool = False
     ) -> torch.Tensor:
         """Partial products ``[splits, M, N]`` (float32) of ``x @ w.T`` over K slices."""
-        if x.shape[1] % splits:
-            raise ValueError(f"K={x.shape[1]} is not a multiple of {splits} slices")
+        _check_gated(x, w, gated)
+        if w.shape[1] % splits:
+            raise ValueError(f"K={w.shape[1]} is not a multiple of {splits} slices")
         y = torch.empty((splits, x.shape[0], w.shape[0]), dtype=torch.float32, device=x.device)
-        launch(x, w, y, splits, pdl)
+        launch(x, w, y, splits, pdl, gated)
         return y
 
     @gemv_splitk.register_fake
-    def _(x: torch.Tensor, w: torch.Tensor, splits: int, pdl: bool = False) -> torch.Tensor:
+    def _(
+        x: torch.Tensor, w: torch.Tensor, splits: int, pdl: bool = False, gated: bool = False
+    ) -> torch.Tensor:
         return x.new_empty((splits, x.shape[0], w.shape[0]), dtype=torch.float32)
 
     _STATE["splitk"] = gemv_splitk
@@ -257,6 +214,23 @@ def linear(x: torch.Tensor, w: torch.Tensor, mode: int, pdl: bool = False) -> to
     if mode == TRANSPOSED:
         return torch.mm(w, x.t()).t()
     return F.linear(x, w)
+
+
+def gated_linear(
+    gate_up: torch.Tensor, w: torch.Tensor, mode: int, pdl: bool = False
+) -> torch.Tensor:
+    """``(silu(gate) * up) @ w.T`` for a gate/up product ``[M, 2K]`` (gate first): in the Triton
+    modes one kernel (the gating in its prologue); otherwise the gating, then :func:`linear`."""
+    import torch
+    import torch.nn.functional as F
+
+    if mode == TRITON:
+        return torch.ops.tracekit.gemv(gate_up, w, pdl, True)
+    if mode >= SPLIT_K2:
+        parts = torch.ops.tracekit.gemv_splitk(gate_up, w, splits_of(mode), pdl, True)
+        return sum_partials(parts).to(gate_up.dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w, mode)
 
 
 def sum_partials(parts: torch.Tensor) -> torch.Tensor:

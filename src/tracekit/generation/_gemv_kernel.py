@@ -1,0 +1,99 @@
+"""Triton source of :mod:`tracekit.generation.cuda_gemv` (imported only where Triton is).
+
+Kept in a module of its own, as the attention kernel is: Triton resolves a kernel's helper
+functions through the module's globals, and the rest of tracekit must import without Triton.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gate(  # pragma: no cover - GPU or interpreter
+    x,
+    up_ptr,
+    offs_m,
+    kk,
+    mask,
+    stride_xm,
+    GATED: tl.constexpr,
+    dtype: tl.constexpr,
+):
+    """The product's input tile: ``x`` itself, or (``GATED``) ``silu(x) * up`` with ``up``
+    read from ``up_ptr`` at the same place, in float32, rounded to ``dtype`` once."""
+    if GATED:
+        gate = x.to(tl.float32)
+        up = tl.load(up_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask, other=0.0)
+        x = (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(dtype)
+    return x
+
+
+@triton.jit
+def gemv_kernel(  # pragma: no cover - runs on the GPU (or the Triton interpreter)
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    M,
+    N,
+    K: tl.constexpr,
+    stride_xm,
+    stride_wn,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+    GATED: tl.constexpr = False,
+):
+    """``y[k_slice] = x[:, slice] @ w[:, slice].T`` for program (n block, K slice);
+    ``y`` is contiguous ``[SPLIT_K, M, N]`` (``[M, N]`` for one slice), cast on store.
+
+    ``GATED``: ``x`` is a gate/up product ``[M, 2K]`` and the product's input is
+    ``silu(gate) * up``, computed in float32 and rounded to the weights' dtype once, as the
+    compiled decode step computes it (one kernel less per block).
+
+    The first weight tile is loaded before anything else: weights are never written by
+    the kernel before, so with programmatic dependent launch (``USE_PDL``) that load
+    overlaps the previous kernel's tail, and the wait for its results comes after it."""
+    dtype: tl.constexpr = w_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_len: tl.constexpr = K // SPLIT_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m[:, None] < M
+    n_ok = offs_n[:, None] < N
+    kk = pid_k * k_len + offs_k
+    k_ok = offs_k < k_len
+    w = tl.load(
+        w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=n_ok & k_ok[None, :], other=0.0
+    )
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok & k_ok[None, :], other=0.0
+    )
+    x = _gate(x, x_ptr + K, offs_m, kk, m_ok & k_ok[None, :], stride_xm, GATED, dtype)
+    acc = tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+    for k0 in range(BLOCK_K, k_len, BLOCK_K):
+        kk = pid_k * k_len + k0 + offs_k
+        k_ok = (k0 + offs_k) < k_len
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+            mask=m_ok & k_ok[None, :],
+            other=0.0,
+        )
+        x = _gate(x, x_ptr + K, offs_m, kk, m_ok & k_ok[None, :], stride_xm, GATED, dtype)
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+            mask=n_ok & k_ok[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(x, tl.trans(w))
+    tl.store(
+        y_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=m_ok & (offs_n[None, :] < N),
+    )
