@@ -155,6 +155,10 @@ def test_generate_job_runs_its_last_batch_at_the_batch_size(tiny, tmp_path, monk
     assert {key.batch for dec in engine._decoders.values() for key in dec._runners} == {2}
     paths = TraitPaths.of(tmp_path, "e", "verbosity")
     assert sorted(read_parts(paths, "pos")) == sorted(read_parts(paths, "neg")) == [0, 1, 2]
+    # a run smaller than one batch keeps its own size (nothing else would share the shape)
+    generate(config.model_copy(update={"experiment": "f", "n_examples": 1}), loaded=tiny)
+    small = _PaddingEngine.made[-1]
+    assert {key.batch for dec in small._decoders.values() for key in dec._runners} == {1}
 
 
 def test_fused_weights_keep_the_model_unchanged():

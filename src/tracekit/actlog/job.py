@@ -197,7 +197,9 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
             rows = pending[start : start + cfg.batch_size]
             texts = [prompts[i] for i in rows]
             questions = [qa.questions[i] for i in rows]
-            size = _log_batch(loaded, engine, act_log, params, cfg, texts, questions)
+            size = _log_batch(
+                loaded, engine, act_log, params, cfg, texts, questions, min(cfg.batch_size, unique)
+            )
             logged += len(rows)
             batches += 1
             written += size
@@ -254,6 +256,7 @@ def _log_batch(
     cfg: LogConfig,
     texts: list[str],
     questions: list[str],
+    pad_to: int,
 ) -> int:
     """Generate for one batch, teacher-force prompt + response under ``act_log``, write it.
 
@@ -271,7 +274,7 @@ def _log_batch(
     pad_id = int(tokenizer.pad_token_id)
     ids = [prompt_token_ids(tokenizer, t) for t in texts]
     with act_log.paused():
-        out = engine.generate(ids, params, pad_to=cfg.batch_size)
+        out = engine.generate(ids, params, pad_to=pad_to)
     prompt_ids, prompt_mask = left_pad(ids, pad_id, device)
     full_ids, full_mask = prompt_ids, prompt_mask
     if cfg.sequence_mode != "prompt" and max(len(r) for r in out.response_ids) > 0:

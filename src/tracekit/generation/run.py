@@ -234,13 +234,18 @@ class _Batcher:
         params: GenerationParams,
         capture: CaptureSpec | None,
         on_output: Callable[[int, int, Any], None],
+        run_rows: int | None = None,
     ) -> None:
+        """``run_rows``: rows of this polarity in the whole run (all processes); short batches
+        are padded (by engines that pad) to the batch size, or to ``run_rows`` if fewer, so a
+        run smaller than one batch is not padded and every process pads alike."""
         start = 0
         while start < len(prompts):
             end = min(start + self.batch_size, len(prompts))
             try:
+                pad_to = min(self.batch_size, run_rows or self.batch_size)
                 out = self.engine.generate(
-                    prompts[start:end], params, capture, seeds[start:end], pad_to=self.batch_size
+                    prompts[start:end], params, capture, seeds[start:end], pad_to=pad_to
                 )
             except Exception as exc:
                 if not is_out_of_memory(exc):
@@ -362,17 +367,17 @@ def generate(
         barrier(info)  # (no-op for a single process)
     plans = []
     for trait, paths in zip(traits, all_paths, strict=True):
-        todo = {}
+        todo, run_rows = {}, {}
         for polarity in POLARITIES:
             done = store.read_parts(paths, polarity)
             planned = plan_rows(trait, polarity, config.n_examples)
+            remaining = [r for r in planned if r.id not in done]
+            run_rows[polarity] = len(remaining)
             # contiguous blocks of the rows still to do (batches as a single process runs them)
-            todo[polarity] = info.block(
-                [r for r in planned if r.id not in done], multiple=config.batch_size
-            )
-        plans.append((trait, paths, todo))
+            todo[polarity] = info.block(remaining, multiple=config.batch_size)
+        plans.append((trait, paths, todo, run_rows))
     if on_total is not None:
-        on_total(sum(len(rows) for _, _, todo in plans for rows in todo.values()))
+        on_total(sum(len(rows) for _, _, todo, _ in plans for rows in todo.values()))
 
     batcher = _Batcher(engine, config.batch_size)
     results = []
@@ -381,7 +386,7 @@ def generate(
     generation_started = time.perf_counter()
     engine_seconds, own_rows, own_tokens = 0.0, 0, 0
     journal = _Journal()
-    for trait, paths, todo in plans:
+    for trait, paths, todo, run_rows in plans:
         result = TraitResult(trait=trait.name, root=paths.root, rows={})
         for polarity in POLARITIES:
             rows = todo[polarity]
@@ -433,6 +438,7 @@ def generate(
                     params,
                     capture,
                     on_output,
+                    run_rows[polarity],
                 )
             finally:
                 journal.drain()  # every finished batch on disk, also when the run failed
