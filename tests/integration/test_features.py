@@ -77,10 +77,17 @@ def load(path: Path) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def test_hidden_states_are_padding_correct_and_match_the_reference(files, tmp_path, embedded_model):
-    """Batched, left-padded extraction equals each sentence run alone through HF."""
+@pytest.mark.parametrize("batch_size", [4, 3])
+def test_hidden_states_are_padding_correct_and_match_the_reference(
+    files, tmp_path, embedded_model, batch_size
+):
+    """Batched, left-padded extraction equals each sentence run alone through HF; with two
+    batches, the second one's forward pass runs while the first one's files are written."""
     cfg = FeaturesConfig(
-        sentences=files["sentences"], output=tmp_path / "out", layers="0,1,3,30", batch_size=4
+        sentences=files["sentences"],
+        output=tmp_path / "out",
+        layers="0,1,3,30",
+        batch_size=batch_size,
     )
     result = extract_features(cfg, loaded=embedded_model)
     assert (result.written, result.skipped, result.layers) == (4, 0, [0, 1, 3, 30])

@@ -284,8 +284,11 @@ def _write_manifest(
 def _batch_inputs(
     items: Sequence[_Tokenized], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids, attention mask, position ids and the keep mask of one batch."""
+    """Left-padded ids, attention mask, position ids, and the flat ``[batch * width]`` indices
+    of the kept positions (computed on the host, so taking them needs no device sync)."""
     import torch
+
+    from tracekit.generation.engine import to_device
 
     width = max(len(item.ids) for item in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
@@ -298,7 +301,8 @@ def _batch_inputs(
         keep[row, width - n :] = torch.tensor(item.keep)
     # positions count real tokens only, so a left-padded row sees the positions it would alone
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device), keep.to(device)
+    kept = keep.reshape(-1).nonzero().squeeze(1)
+    return tuple(to_device(t, device) for t in (ids, mask, positions, kept))  # type: ignore[return-value]
 
 
 def _capture(
@@ -310,12 +314,14 @@ def _capture(
     from tracekit.models.capture import LayerTaps
 
     pad_id = loaded.tokenizer.pad_token_id
-    ids, mask, positions, keep = _batch_inputs(items, int(pad_id or 0), loaded.device)
+    ids, mask, positions, kept = _batch_inputs(items, int(pad_id or 0), loaded.device)
     last = max(capture_layers)
     captured: dict[int, torch.Tensor] = {}
 
     def on_layer(layer: int, hidden: torch.Tensor) -> None:
-        captured[layer] = hidden[keep]  # boolean indexing copies: later blocks cannot alias it
+        # index_select copies (later blocks cannot alias it) and, unlike a boolean mask, does
+        # not wait for the device to learn how many rows it takes
+        captured[layer] = hidden.flatten(0, 1).index_select(0, kept)
         if layer == last:
             raise _StopForward
 
@@ -326,6 +332,103 @@ def _capture(
     if missing:  # a model whose blocks were skipped; never silently write zeros
         raise RuntimeError(f"layers {missing} were not captured in the forward pass")
     return captured
+
+
+@dataclass
+class _Batch:
+    """A batch whose results are on their way to the host."""
+
+    indices: list[int]
+    items: list[_Tokenized]
+    host: Callable[[], dict[str, Any]]
+    """Waits for the copies; ``hidden``/``embeddings``/``activations`` numpy arrays and, for
+    sparse storage, ``csr``."""
+
+
+def _queue_batch(
+    loaded: LoadedModel,
+    items: Sequence[_Tokenized],
+    capture_layers: list[int],
+    layers: list[int],
+    saes: dict[int, SparseAutoencoder] | None,
+) -> dict[str, torch.Tensor]:
+    """One batch's forward pass and SAE encoding, queued on the device (nothing waits):
+    ``hidden`` ``[layers, tokens, d]`` and ``embeddings`` float32, ``activations``
+    ``[layers, tokens, width]`` with SAEs."""
+    import torch
+
+    captured = _capture(loaded, items, capture_layers)
+    arrays = {
+        "hidden": torch.stack([captured[layer] for layer in layers]).float(),
+        "embeddings": captured[0].float(),
+    }
+    if saes:
+        encoded = [saes[layer].encode(captured[layer]) for layer in layers]
+        arrays["activations"] = torch.stack(encoded)
+    return arrays
+
+
+def _start_copy(
+    arrays: dict[str, torch.Tensor], sparse: bool, n_layers: int
+) -> Callable[[], dict[str, Any]]:
+    """Queue the copies of a batch's arrays to the host; returns the function that waits for
+    them. Sparse activations become CSR on the device first (``nonzero`` waits for the batch:
+    by then the previous batch's files have been written meanwhile)."""
+    from tracekit.generation.engine import HostCopy
+
+    csr = None
+    if sparse:
+        acts = arrays.pop("activations")
+        csr = to_csr(acts.reshape(n_layers * acts.shape[1], -1))  # rows: (layer, token)
+    copy = HostCopy(arrays)
+
+    def wait() -> dict[str, Any]:
+        host: dict[str, Any] = {name: value.numpy() for name, value in copy.wait().items()}
+        host["csr"] = csr
+        return host
+
+    return wait
+
+
+def _write_batch(
+    batch: _Batch,
+    writer: _FileWriter,
+    output: Path,
+    layers: list[int],
+    sentences: Sentences,
+    loaded: LoadedModel,
+    sae_meta: SaeMeta | None,
+) -> int:
+    """Submit one file per sentence of ``batch``; returns the tokens (fragments) written."""
+    host = batch.host()
+    hidden_np, embeddings_np = host["hidden"], host["embeddings"]
+    acts_np, csr = host.get("activations"), host["csr"]
+    n_batch = embeddings_np.shape[0]  # kept tokens of the whole batch
+    offset = 0
+    for index, item in zip(batch.indices, batch.items, strict=True):
+        n = item.n_fragments
+        rows = slice(offset, offset + n)
+        sparse = None
+        if csr is not None:  # this sentence's rows of every layer, layer-major
+            ranges = [
+                (lp * n_batch + offset, lp * n_batch + offset + n) for lp in range(len(layers))
+            ]
+            sparse = take_csr_rows(csr, ranges)
+        writer.submit(
+            sentence_file(output, index),
+            embeddings=embeddings_np[rows],
+            hidden_states=hidden_np[:, rows],
+            layers=layers,
+            label=sentences.labels[index],
+            sentence=sentences.texts[index],
+            tokens=_token_strings(loaded.tokenizer, item),
+            model=loaded.name,
+            sae=sae_meta,
+            activations=None if acts_np is None else acts_np[:, rows],
+            sparse=sparse,
+        )
+        offset += n
+    return offset
 
 
 def _sae_meta(saes: dict[int, SparseAutoencoder], layers: list[int], storage: str) -> SaeMeta:
@@ -357,7 +460,6 @@ def extract_features(
     not consulted). Everything is checked (CSV, layers, SAEs against the model) before the first
     file is written.
     """
-    import torch
 
     from tracekit.models.loading import load_model
 
@@ -400,50 +502,31 @@ def extract_features(
     capture_layers = sorted({0, *layers})
     pending.sort(key=lambda i: len(tokenized[i].ids))  # similar lengths -> little padding
     written = tokens = 0
+    sparse = bool(saes) and config.sae_storage == "sparse"
+    batches = [
+        pending[start : start + config.batch_size]
+        for start in range(0, len(pending), config.batch_size)
+    ]
+
+    def write(batch: _Batch) -> None:
+        nonlocal written, tokens
+        tokens += _write_batch(batch, writer, output, layers, sentences, loaded, sae_meta)
+        written += len(batch.indices)
+        if on_progress is not None:
+            on_progress(len(batch.indices), len(pending))
+
+    # one batch in flight: batch i's forward pass runs on the device while the host turns
+    # batch i-1 into files (its copies were queued behind its own work, so they have landed)
     with _FileWriter() as writer:
-        for start in range(0, len(pending), config.batch_size):
-            batch = pending[start : start + config.batch_size]
-            items = [tokenized[i] for i in batch]
-            captured = _capture(loaded, items, capture_layers)
-            hidden_np = torch.stack([captured[layer] for layer in layers]).float().cpu().numpy()
-            embeddings_np = captured[0].float().cpu().numpy()
-            n_batch = embeddings_np.shape[0]  # kept tokens of the whole batch
-            acts_np = csr = None
-            if saes:
-                acts = torch.stack([saes[layer].encode(captured[layer]) for layer in layers])
-                if config.sae_storage == "sparse":
-                    csr = to_csr(acts.reshape(len(layers) * n_batch, -1))  # rows: (layer, token)
-                else:
-                    acts_np = acts.cpu().numpy()
-            offset = 0
-            for index, item in zip(batch, items, strict=True):
-                n = item.n_fragments
-                rows = slice(offset, offset + n)
-                sparse = None
-                if csr is not None:  # this sentence's rows of every layer, layer-major
-                    ranges = [
-                        (lp * n_batch + offset, lp * n_batch + offset + n)
-                        for lp in range(len(layers))
-                    ]
-                    sparse = take_csr_rows(csr, ranges)
-                writer.submit(
-                    sentence_file(output, index),
-                    embeddings=embeddings_np[rows],
-                    hidden_states=hidden_np[:, rows],
-                    layers=layers,
-                    label=sentences.labels[index],
-                    sentence=sentences.texts[index],
-                    tokens=_token_strings(loaded.tokenizer, item),
-                    model=loaded.name,
-                    sae=sae_meta,
-                    activations=None if acts_np is None else acts_np[:, rows],
-                    sparse=sparse,
-                )
-                offset += n
-                tokens += n
-            written += len(batch)
-            if on_progress is not None:
-                on_progress(len(batch), len(pending))
+        previous: _Batch | None = None
+        for indices in batches:
+            items = [tokenized[i] for i in indices]
+            arrays = _queue_batch(loaded, items, capture_layers, layers, saes)
+            if previous is not None:
+                write(previous)
+            previous = _Batch(indices, items, _start_copy(arrays, sparse, len(layers)))
+        if previous is not None:
+            write(previous)
     _write_manifest(output, settings, complete=True, written=len(sentences), config=config)
     return FeaturesResult(
         output=output,
