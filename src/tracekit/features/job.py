@@ -302,7 +302,12 @@ def _batch_inputs(
     # positions count real tokens only, so a left-padded row sees the positions it would alone
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     kept = keep.reshape(-1).nonzero().squeeze(1)
-    return tuple(to_device(t, device) for t in (ids, mask, positions, kept))  # type: ignore[return-value]
+    return (
+        to_device(ids, device),
+        to_device(mask, device),
+        to_device(positions, device),
+        to_device(kept, device),
+    )
 
 
 def _capture(
