@@ -1079,7 +1079,7 @@ class FastDecoder:
     (prompt lengths are padded up to a multiple, so batches share captured graphs) and
     ``max_runners`` (captured shapes kept alive, each with its own KV cache) and
     ``pad_batches`` (a batch smaller than the caller's ``pad_to`` runs padded to it; default
-    with compiled or captured steps, see :meth:`generate`).
+    with compiled or captured steps, see :meth:`CudaEngine.generate`).
     """
 
     def __init__(
@@ -1316,15 +1316,8 @@ class FastDecoder:
         temperature: float | Sequence[float] = 1.0,
         top_p: float | Sequence[float] = 1.0,
         seeds: Sequence[int] | None = None,
-        pad_to: int | None = None,
     ) -> FastResult:
-        """Generate up to ``max_new_tokens`` per row from left-padded ``input_ids``.
-
-        With ``pad_batches``, a batch of fewer than ``pad_to`` rows runs as ``pad_to`` rows: a
-        run's last batch then reuses the steps prepared for its other batches (duplicate rows
-        cost a little compute per step, a new batch size seconds of compiling, kernel timing
-        and capture). The duplicates copy row 0 (prompt, sampling settings and seed), so they
-        finish with it and never keep the loop running; they are dropped from the result."""
+        """Generate up to ``max_new_tokens`` per row from left-padded ``input_ids``."""
         import torch
 
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -1343,34 +1336,6 @@ class FastDecoder:
                 "tokenize with padding_side='left' (tracekit's load_model does)",
             )
         batch = input_ids.shape[0]
-        if self.pad_batches and pad_to is not None and pad_to > batch:
-            fill = pad_to - batch
-            input_ids = torch.cat([input_ids, input_ids[:1].expand(fill, -1)])
-            attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(fill, -1)])
-            temperature = _per_row(temperature, batch, "temperature")
-            top_p = _per_row(top_p, batch, "top_p")
-            temperature = temperature + temperature[:1] * fill
-            top_p = top_p + top_p[:1] * fill
-            if seeds is not None:
-                seeds = list(seeds)
-                if len(seeds) != batch:
-                    raise InputError(f"{len(seeds)} seeds given for {batch} rows")
-                seeds = seeds + seeds[:1] * fill
-            result = self.generate(
-                input_ids,
-                attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                seeds=seeds,
-            )
-            return FastResult(
-                tokens=result.tokens[:batch],
-                finish_reasons=result.finish_reasons[:batch],
-                pooled={name: value[:batch] for name, value in result.pooled.items()},
-                decode_steps=result.decode_steps,
-            )
         bucket = self.prompt_bucket
         prompt_len = ((seq + bucket - 1) // bucket) * bucket
         extra = prompt_len - seq
@@ -1444,11 +1409,11 @@ class FastDecoder:
             if "prompt_avg" in self.poolings:
                 sums[layer] = masked_sum(hidden, mask)
 
+        # positions as HF generate builds them from the mask: 0 at each row's first real token
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         # later cache slots may hold keys of an earlier batch; the mask never lets them in
-        if self.fast_prefill:
-            logits = self._prefill_fast(runner, ids, mask, pool)
-        else:
-            logits = self._prefill_hf(runner, ids, mask, pool)
+        prefill = self._prefill_fast if self.fast_prefill else self._prefill_hf
+        logits = prefill(runner, ids, mask, positions, pool)
         st.pad_len.copy_(prompt_len - n_real)
         st.step.fill_(-1)
         st.alive.fill_(True)
@@ -1483,12 +1448,15 @@ class FastDecoder:
         return pooled
 
     def _prefill_hf(
-        self, runner: _Runner, ids: torch.Tensor, mask: torch.Tensor, pool: Any
+        self,
+        runner: _Runner,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        pool: Any,
     ) -> torch.Tensor:
         """The prompt through the HF model itself (its hooks call ``pool(layer, states)``);
         keys and values copied into the runner's cache; last-column logits (float32)."""
-        # positions as HF generate builds them from the mask: 0 at each row's first real token
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         taps = LayerTaps(self.handles, self.layers, pool) if self.layers else None
         if taps is not None:
             taps.__enter__()
@@ -1513,7 +1481,12 @@ class FastDecoder:
         return logits
 
     def _prefill_fast(
-        self, runner: _Runner, ids: torch.Tensor, mask: torch.Tensor, pool: Any
+        self,
+        runner: _Runner,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        pool: Any,
     ) -> torch.Tensor:
         """:meth:`_prefill_hf` through the engine's own block functions (compiled once, batch
         and length dynamic, as the teacher-forced forward's): left-padded rows with a boolean
@@ -1525,7 +1498,6 @@ class FastDecoder:
         from tracekit.generation.cuda_forward import _block_kv, _compiled_block, prefill_mask
 
         spec = self.spec
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cos, sin = self.cos_table[position_ids], self.sin_table[position_ids]
         attn_mask = prefill_mask(mask)
         block = _compiled_block("block_kv") if self.compile else _block_kv
@@ -1534,11 +1506,16 @@ class FastDecoder:
         h = F.embedding(ids, self.embed)
         if 0 in wanted:
             pool(0, h)
+
+        def mark_dynamic(*tensors: torch.Tensor) -> None:
+            # one compilation for every batch size and prompt length
+            for t in tensors if self.compile else ():
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2)
+
+        mark_dynamic(cos, sin, attn_mask)
         for i, w in enumerate(self.weights):
-            if self.compile:  # one compilation for every batch size and prompt length
-                for t in (h, cos, sin, attn_mask):
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-                    torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2)
+            mark_dynamic(h)
             h, keys, values = block(
                 h,
                 w,
@@ -1739,13 +1716,19 @@ class CudaEngine:
         if capture is not None:
             check_capture_layers(self.loaded, capture)
         dec = self._decoder(capture)
-        ids, mask = left_pad(rows, int(tokenizer.pad_token_id), dec.device)
         seeds: list[int] = [0] * batch
         if not params.greedy:
             if row_seeds is not None and len(row_seeds) != batch:
                 raise ValueError("row_seeds must have one seed per prompt")
             base = params.seed if params.seed is not None else int(torch.seed() % (2**31))
             seeds = list(row_seeds) if row_seeds is not None else [base + i for i in range(batch)]
+        # a short batch (a run's last one, a resumed remainder) runs at the caller's batch size,
+        # so it reuses the decode step prepared for it instead of compiling, timing kernels and
+        # capturing a new one; the extra rows copy row 0 (prompt and seed), so they finish with
+        # it and never keep the loop running, and they are dropped below
+        fill = max(0, pad_to - batch) if dec.pad_batches and pad_to is not None else 0
+        ids, mask = left_pad(rows + rows[:1] * fill, int(tokenizer.pad_token_id), dec.device)
+        seeds += seeds[:1] * fill
         try:
             res = dec.generate(
                 ids,
@@ -1755,7 +1738,6 @@ class CudaEngine:
                 temperature=params.temperature,
                 top_p=params.top_p,
                 seeds=seeds,
-                pad_to=pad_to,
             )
         except Exception as exc:
             if _is_oom(exc):  # the caller retries smaller: drop every decoder's caches too
@@ -1763,12 +1745,12 @@ class CudaEngine:
                     other._runners.clear()
                 torch.cuda.empty_cache()
             raise
-        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in res.tokens]
+        tokens = res.tokens[:batch]
         return GenerationOutput(
-            response_ids=res.tokens,
-            texts=texts,
-            finish_reasons=res.finish_reasons,  # type: ignore[arg-type]
+            response_ids=tokens,
+            texts=[tokenizer.decode(r, skip_special_tokens=True) for r in tokens],
+            finish_reasons=res.finish_reasons[:batch],  # type: ignore[arg-type]
             prompt_lengths=[len(r) for r in rows],
-            pooled={Pooling(name): value for name, value in res.pooled.items()},
+            pooled={Pooling(name): value[:batch] for name, value in res.pooled.items()},
             layers=capture.layers if capture is not None else (),
         )
