@@ -24,10 +24,9 @@ It is checked against :func:`reference` (plain torch) before the engine uses it
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tracekit.generation.cuda_gemv import sum_partials
+from tracekit.generation.cuda_gemv import autotuned, sum_partials
 
 if TYPE_CHECKING:
     import torch
@@ -60,32 +59,14 @@ def _build() -> Any:
         return None
     _STATE["triton"] = triton
     _STATE["kernel"] = decode_attention_kernel
-    _STATE["tuned"] = None
-    if os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter has no benchmarker
-        # (slots per loop step, warps, pipeline stages), timed per cache length, batch and split:
-        # a step replays one choice thousands of times; re-running the kernel while timing is
-        # harmless (it writes the same key and value to the same slot)
-        configs = [
-            triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
-            for n, w, st in (
-                (32, 4, 2),
-                (64, 4, 2),
-                (64, 4, 3),
-                (128, 4, 2),
-                (128, 8, 2),
-                (256, 8, 2),
-            )  # fmt: skip
-        ]
-
-        def bench(kernel_call: Any, quantiles: Any) -> Any:
-            return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
-
-        key = ["L", "B", "S"]
-        try:
-            tuner = triton.autotune(configs=configs, key=key, do_bench=bench, cache_results=True)
-        except TypeError:  # pragma: no cover - an older Triton
-            tuner = triton.autotune(configs=configs, key=key)
-        _STATE["tuned"] = tuner(decode_attention_kernel)
+    # (slots per loop step, warps, pipeline stages), timed per cache length, batch and split:
+    # a step replays one choice thousands of times; re-running the kernel while timing is
+    # harmless (it writes the same key and value to the same slot)
+    configs = [
+        triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
+        for n, w, st in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (256, 8, 2))
+    ]
+    _STATE["tuned"] = autotuned(decode_attention_kernel, configs, ["L", "B", "S"])
     return decode_attention_kernel
 
 

@@ -43,6 +43,26 @@ def _check_gated(x: torch.Tensor, w: torch.Tensor, gated: bool) -> None:
         raise ValueError(f"x of width {x.shape[1]} for a weight of K={w.shape[1]} (gated={gated})")
 
 
+def autotuned(kernel: Any, configs: list[Any], key: list[str]) -> Any:
+    """``kernel`` under Triton's autotuner over ``configs``, re-tuned per value of the ``key``
+    arguments, with timings kept on disk (a second process or run reuses them) and short
+    benchmarks: these kernels take microseconds, 20 ms of repetitions is plenty (the default
+    125 ms per configuration costs seconds per shape and process). ``None`` under the CPU
+    interpreter, which has no benchmarker (the caller launches one fixed configuration)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    import triton
+
+    def bench(kernel_call: Any, quantiles: Any) -> Any:
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+    try:
+        tuner = triton.autotune(configs=configs, key=key, do_bench=bench, cache_results=True)
+    except TypeError:  # pragma: no cover - an older Triton
+        tuner = triton.autotune(configs=configs, key=key)
+    return tuner(kernel)
+
+
 def _build() -> Any:
     """Define the Triton kernel and the custom ops once per process; ``None`` without Triton."""
     if "op" in _STATE:
@@ -56,29 +76,13 @@ def _build() -> Any:
     except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
         return None
 
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-
     def autotune(cfgs: list[tuple[int, int, int, int]], key: list[str]) -> Any:
-        """The kernel under Triton's autotuner over ``cfgs`` (BLOCK_N, BLOCK_K, warps, stages),
-        with timings kept on disk (a second process or run reuses them) and short benchmarks:
-        the kernel takes microseconds, 20 ms of repetitions is plenty (the default 125 ms per
-        configuration costs seconds per shape and process). ``None`` under the CPU
-        interpreter, which has no benchmarker (one fixed configuration there)."""
-        if interpret:
-            return None
+        """The kernel tuned over ``cfgs`` (BLOCK_N, BLOCK_K, warps, stages)."""
         configs = [
             triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
             for bn, bk, w, st in cfgs
         ]
-
-        def bench(kernel_call: Any, quantiles: Any) -> Any:
-            return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
-
-        try:
-            tuner = triton.autotune(configs=configs, key=key, do_bench=bench, cache_results=True)
-        except TypeError:  # pragma: no cover - an older Triton
-            tuner = triton.autotune(configs=configs, key=key)
-        return tuner(gemv_kernel)
+        return autotuned(gemv_kernel, configs, key)
 
     # split N only: thin slabs of rows, long pipelined loops over K
     tuned = autotune(
