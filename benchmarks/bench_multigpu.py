@@ -142,9 +142,13 @@ def main() -> None:
             f"{s['seconds']:.1f} | {s['wall']:.1f} |"
         )
     print("\nper process: seconds in the engine, of which one-time setup (kernel choice,")
-    print("compilation, CUDA graph capture); steady = tokens / (engine - setup)")
-    print("| run | rank | device | rows | tokens | engine s | setup s | steady tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("compilation, CUDA graph capture) and waiting on journal writes; steady = tokens /")
+    print("(engine - setup); merge = this process's share of the final merge")
+    print(
+        "| run | rank | device | rows | tokens | engine s | setup s | journal wait s | "
+        "steady tok/s | merge s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     steady = {}
     for label, s in (("1 process", single), (f"{n} processes", multi)):
         slowest = 0.0
@@ -154,7 +158,8 @@ def main() -> None:
             print(
                 f"| {label} | {p['rank']} | {p['device']} | {p['rows']} | {p['tokens']} | "
                 f"{p['engine_seconds']:.1f} | {p['setup_seconds']:.1f} | "
-                f"{p['tokens'] / busy:.0f} |"
+                f"{p.get('journal_wait_seconds', float('nan')):.1f} | "
+                f"{p['tokens'] / busy:.0f} | {p.get('merge_seconds', float('nan')):.1f} |"
             )
         steady[label] = s["tokens"] / slowest if slowest else float("nan")
     print("\nper process: model loading and the parts of the one-time engine setup (seconds)")

@@ -34,3 +34,21 @@ def test_check_writable(tmp_path: Path):
     check_writable(existing, force=True)
     with pytest.raises(OutputExistsError, match="already exists"):
         check_writable([existing], force=False)
+
+
+def test_npy_memmap_replaces_the_target_only_when_complete(tmp_path: Path):
+    from tracekit.storage.atomic import atomic_npy_memmap
+
+    target = tmp_path / "acts.npy"
+    save_npy(target, np.zeros(2, dtype=np.float32))
+    with pytest.raises(RuntimeError), atomic_npy_memmap(target, (3, 2), np.float32) as out:
+        out[0] = 1.0
+        raise RuntimeError("crash mid-merge")
+    assert np.load(target).tolist() == [0.0, 0.0]  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acts.npy"]
+
+    with atomic_npy_memmap(target, (3, 2), np.float32) as out:
+        out[[2, 0]] = np.array([[5, 6], [1, 2]], dtype=np.float32)  # rows out of order
+    loaded = np.load(target, allow_pickle=False)
+    assert loaded.dtype == np.float32 and loaded.tolist() == [[1, 2], [0, 0], [5, 6]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acts.npy"]

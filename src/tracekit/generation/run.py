@@ -159,7 +159,8 @@ class GenerateResult:
     loading the model and planning."""
     processes: list[dict[str, Any]] = field(default_factory=list)
     """Per process (rank order): its device, rows, new tokens, seconds in the engine and,
-    of those, one-time engine setup (kernel choice, compilation, graph capture)."""
+    of those, one-time engine setup (kernel choice, compilation, graph capture) and waiting
+    for journal writes; seconds loading the model and in its share of the final merge."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -287,6 +288,8 @@ class _Journal:
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracekit-journal")
         self._pending: Any = None
+        self.wait_seconds = 0.0
+        """Time the caller spent waiting for a write to finish (the GPU idle meanwhile)."""
 
     def submit(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
         self.drain()  # raises the previous write's error, if any
@@ -295,7 +298,11 @@ class _Journal:
     def drain(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.result()
+            started = time.perf_counter()
+            try:
+                pending.result()
+            finally:
+                self.wait_seconds += time.perf_counter() - started
 
     def close(self) -> None:
         try:
@@ -384,7 +391,7 @@ def generate(
     total_tokens = 0
     barrier(info)  # every process starts generating together (no-op for a single process)
     generation_started = time.perf_counter()
-    engine_seconds, own_rows, own_tokens = 0.0, 0, 0
+    engine_seconds, merge_seconds, own_rows, own_tokens = 0.0, 0.0, 0, 0
     journal = _Journal()
     for trait, paths, todo, run_rows in plans:
         result = TraitResult(trait=trait.name, root=paths.root, rows={})
@@ -446,13 +453,14 @@ def generate(
             own_rows += len(rows)
         own_tokens += result.tokens
         if info.distributed:
-            # returns once every process journaled its shard: the main process then merges them
+            # returns once every process journaled its shard: then all of them merge
             counts = all_gather(info, (result.generated, result.tokens))
             result.generated = sum(c[0] for c in counts)
             result.tokens = sum(c[1] for c in counts)
         total_tokens += result.tokens
-        if info.is_main:
-            _finalize(config, loaded, trait, paths, layers, result, template, judge_config)
+        finalize_started = time.perf_counter()
+        _finalize(config, loaded, trait, paths, layers, result, template, judge_config, info)
+        merge_seconds += time.perf_counter() - finalize_started
         results.append(result)
     journal.close()
     processes = all_gather(
@@ -469,6 +477,8 @@ def generate(
                 for name, seconds in getattr(engine, "setup_parts", {}).items()
             },
             "load_seconds": round(load_seconds, 3),
+            "merge_seconds": round(merge_seconds, 3),
+            "journal_wait_seconds": round(journal.wait_seconds, 3),
         },
     )
     return GenerateResult(
@@ -525,26 +535,102 @@ def _finalize(
     result: TraitResult,
     template: str,
     judge_config: Any = None,
+    info: ProcessInfo | None = None,
 ) -> None:
     """Rebuild the CSVs, activation files, metadata and generation cache from the journal;
-    judge the rows when a judge is configured."""
-    import numpy as np
+    judge the rows when a judge is configured.
 
+    Called by every process of a data-parallel run once all shards are journaled. The main
+    process writes the CSVs, judges, and writes the cache and metadata; the activation files
+    (one ``.npy``/``.pt``/``_ids.npy`` set per polarity and pooling, hundreds of MB to GBs each
+    with every layer captured) are shared out between the processes, so the merge at the end
+    of a run takes about 1/N of the time instead of being serial on the main process.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    info = info or ProcessInfo()
     wanted = set(range(config.n_examples))
-    complete = True
+    ids: dict[str, list[int]] = {}
     for polarity in POLARITIES:
-        rows = [r for i, r in store.read_parts(paths, polarity).items() if i in wanted]
-        result.rows[polarity] = len(rows)
-        complete = complete and paths.responses_csv(polarity).is_file()
-    if judge_config is not None:
-        complete = complete and all(
-            _has_scores(paths.responses_csv(p), config.judge_metrics) for p in POLARITIES
-        )
-    if result.generated == 0 and complete and paths.metadata.is_file():
-        logger.info("%s: all %d rows per polarity already done", trait.name, config.n_examples)
-        result.files = _existing_files(paths)
+        ids[polarity] = sorted(i for i in store.read_parts(paths, polarity) if i in wanted)
+        result.rows[polarity] = len(ids[polarity])
+    skip = False
+    if info.is_main:
+        complete = all(paths.responses_csv(p).is_file() for p in POLARITIES)
+        if judge_config is not None:
+            complete = complete and all(
+                _has_scores(paths.responses_csv(p), config.judge_metrics) for p in POLARITIES
+            )
+        skip = result.generated == 0 and complete and paths.metadata.is_file()
+    if all_gather(info, skip)[0]:  # the main process decides for all
+        if info.is_main:
+            logger.info("%s: all %d rows per polarity already done", trait.name, config.n_examples)
+            result.files = _existing_files(paths)
         return
 
+    # activation files: job k (a polarity and a pooling) is process k % N's, a few at a time
+    poolings = [p.value for p in config.pooling] if config.extract_activations else []
+    jobs = [(polarity, pooling) for polarity in POLARITIES for pooling in poolings]
+    mine = jobs[info.rank :: info.world_size]
+    row_shape = (len(layers), loaded.hidden_size)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(mine))))
+    futures = [
+        pool.submit(store.merge_activation_parts, paths, pol, pooling, ids[pol], row_shape)
+        for pol, pooling in mine
+    ]
+    files: list[Path] = []
+    failure: Exception | None = None
+    try:
+        if info.is_main:
+            files += _write_rows(config, loaded, trait, paths, result, judge_config)
+    except Exception as exc:  # every process learns of a failure below, then all stop
+        failure = exc
+    for future in futures:
+        try:
+            future.result()
+        except Exception as exc:
+            failure = failure or exc
+    pool.shutdown(wait=True)
+    failures = all_gather(info, None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if any(failures):
+        raise ModelError(
+            f"another process failed to merge activation files: {next(f for f in failures if f)}",
+            "run again to resume (the journal is kept), or pass --force to regenerate",
+        )
+    if not info.is_main:
+        return
+    for polarity, pooling in jobs:
+        files += [
+            paths.ids_file(polarity, pooling),
+            paths.activation_file(polarity, pooling, ".npy"),
+            paths.activation_file(polarity, pooling, ".pt"),
+        ]
+    if config.extract_activations:
+        store.write_json(
+            paths.activations_metadata,
+            activation_metadata(
+                loaded, layers, poolings, result.rows, "generate",
+                previous=paths.activations_metadata,
+            ),
+        )  # fmt: skip
+        files.append(paths.activations_metadata)
+    write_json(paths.metadata, _metadata(config, loaded, trait, layers, result, template))
+    files.append(paths.metadata)
+    result.files = files
+
+
+def _write_rows(
+    config: GenerateConfig,
+    loaded: LoadedModel,
+    trait: TraitDefinition,
+    paths: TraitPaths,
+    result: TraitResult,
+    judge_config: Any,
+) -> list[Path]:
+    """The main process's part of the merge: CSVs (judged when a judge is set) and caches."""
+    wanted = set(range(config.n_examples))
     files: list[Path] = []
     for polarity in POLARITIES:
         rows = sorted(
@@ -565,41 +651,9 @@ def _finalize(
             )
             result.passing = passing
         files.append(paths.responses_csv(polarity))
-        if config.extract_activations:
-            ids = [int(r["id"]) for r in rows]
-            parts = store.read_activation_parts(paths, polarity, [p.value for p in config.pooling])
-            pooled = {}
-            for pooling, by_id in parts.items():
-                missing = [i for i in ids if i not in by_id]
-                if missing:
-                    raise ModelError(
-                        f"activation parts for {trait.name}/{polarity} lack row(s) {missing[:3]}",
-                        "pass --force to regenerate",
-                    )
-                pooled[pooling] = (
-                    np.stack([by_id[i] for i in ids])
-                    if ids
-                    else np.zeros((0, len(layers), loaded.hidden_size), dtype=np.float32)
-                )
-            files += store.save_activations(paths, polarity, ids, pooled)
         if config.generation_cache:
             files += _save_cache(config, loaded, trait, paths, polarity, rows)
-    if config.extract_activations:
-        store.write_json(
-            paths.activations_metadata,
-            activation_metadata(
-                loaded,
-                layers,
-                [p.value for p in config.pooling],
-                result.rows,
-                "generate",
-                previous=paths.activations_metadata,
-            ),
-        )
-        files.append(paths.activations_metadata)
-    write_json(paths.metadata, _metadata(config, loaded, trait, layers, result, template))
-    files.append(paths.metadata)
-    result.files = files
+    return files
 
 
 def _judge_config(config: GenerateConfig) -> Any:

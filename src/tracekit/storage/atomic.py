@@ -41,6 +41,37 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
         raise
 
 
+@contextlib.contextmanager
+def atomic_npy_memmap(
+    path: str | os.PathLike[str], shape: tuple[int, ...], dtype: Any
+) -> Iterator[Any]:
+    """A writable ``.npy`` memory map in a temp file next to ``path``; on success it is flushed,
+    fsynced and replaces ``path`` atomically.
+
+    For outputs assembled out of order from many pieces (journal parts): rows go straight to
+    their place in the file, with no full in-memory copy of an array that can be GBs.
+    """
+    import numpy as np
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield array
+        array.flush()
+        del array
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_open(path, "w") as handle:

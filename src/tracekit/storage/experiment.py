@@ -29,13 +29,20 @@ import io
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tracekit.errors import InputError, OutputExistsError
-from tracekit.storage.atomic import atomic_open, save_npy, save_npz, write_json, write_text
+from tracekit.storage.atomic import (
+    atomic_npy_memmap,
+    atomic_open,
+    save_npy,
+    save_npz,
+    write_json,
+    write_text,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -163,26 +170,65 @@ def read_parts(paths: TraitPaths, polarity: Polarity) -> dict[int, dict[str, Any
     return rows
 
 
-def read_activation_parts(
-    paths: TraitPaths, polarity: Polarity, poolings: Iterable[str]
-) -> dict[str, dict[int, np.ndarray]]:
-    """Per pooling: row id -> ``[n_layers, hidden]`` from the activation parts."""
+def merge_activation_parts(
+    paths: TraitPaths,
+    polarity: Polarity,
+    pooling: str,
+    ids: Sequence[int],
+    row_shape: tuple[int, int],
+) -> list[Path]:
+    """Write ``{polarity}_{pooling}.npy``, ``.pt`` and ``_ids.npy`` for rows ``ids`` (in that
+    order) from the activation parts; return the paths.
+
+    Each part's rows go straight to their place in a memory-mapped temp file (no per-row
+    dictionary, no stacked copy), so merging one pooling of one polarity is one read of the
+    parts and one write per file. Where two parts hold the same row, the later part (by name)
+    wins, as when the journal is read back for resume. Raises :class:`InputError` naming the
+    rows no part holds.
+    """
     import numpy as np
 
-    wanted = list(poolings)
-    out: dict[str, dict[int, np.ndarray]] = {p: {} for p in wanted}
-    if not paths.activation_parts_dir.is_dir():
-        return out
-    for part in sorted(paths.activation_parts_dir.glob(f"{polarity}-*.npz")):
-        with np.load(part, allow_pickle=False) as data:
-            ids = data["ids"].tolist()
-            for pooling in wanted:
+    index = {int(row_id): i for i, row_id in enumerate(ids)}
+    filled = np.zeros(len(index), dtype=bool)
+    target = paths.activation_file(polarity, pooling, ".npy")
+    parts = sorted(paths.activation_parts_dir.glob(f"{polarity}-*.npz"))
+    with atomic_npy_memmap(target, (len(index), *row_shape), np.float32) as out:
+        for part in parts:
+            with np.load(part, allow_pickle=False) as data:
                 if pooling not in data:
                     continue
+                part_ids = data["ids"].tolist()
+                take = [j for j, row_id in enumerate(part_ids) if int(row_id) in index]
+                if not take:
+                    continue
+                at = [index[int(part_ids[j])] for j in take]
                 values = data[pooling]
-                for i, row_id in enumerate(ids):
-                    out[pooling][int(row_id)] = values[i]
-    return out
+                out[at] = values if len(take) == len(part_ids) else values[take]
+                filled[at] = True
+        if not filled.all():
+            missing = [row_id for row_id, i in index.items() if not filled[i]]
+            raise InputError(
+                f"activation parts for {paths.root.name}/{polarity} ({pooling}) lack row(s) "
+                f"{missing[:3]}",
+                "pass --force to regenerate",
+            )
+    save_npy(paths.ids_file(polarity, pooling), np.asarray(list(index), dtype=np.int64))
+    pt = paths.activation_file(polarity, pooling, ".pt")
+    _write_pt(pt, np.load(target, mmap_mode="r", allow_pickle=False))
+    return [paths.ids_file(polarity, pooling), target, pt]
+
+
+def _write_pt(path: Path, array: np.ndarray) -> None:
+    """``array`` as a ``.pt`` tensor file, streamed into the temp file (no in-memory copy)."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    with atomic_open(path, "wb") as handle, warnings.catch_warnings():
+        # a read-only memory map: torch only reads it while saving
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        torch.save(torch.from_numpy(np.asarray(array)), handle)
 
 
 def check_run_settings(paths: TraitPaths, settings: Mapping[str, Any], force: bool) -> bool:
@@ -287,19 +333,12 @@ def save_activations(
 
     ids_array = np.asarray(list(ids), dtype=np.int64)
 
-    def write_pt(path: Path, arr: np.ndarray) -> None:
-        import torch
-
-        # streamed into the temp file: no in-memory copy of a file that can be GBs
-        with atomic_open(path, "wb") as handle:
-            torch.save(torch.from_numpy(arr), handle)
-
     jobs: list[tuple[Any, Path, np.ndarray]] = []
     for pooling, array in pooled.items():
         arr = np.ascontiguousarray(array, dtype=np.float32)
         jobs.append((save_npy, paths.ids_file(polarity, pooling), ids_array))
         jobs.append((save_npy, paths.activation_file(polarity, pooling, ".npy"), arr))
-        jobs.append((write_pt, paths.activation_file(polarity, pooling, ".pt"), arr))
+        jobs.append((_write_pt, paths.activation_file(polarity, pooling, ".pt"), arr))
     with ThreadPoolExecutor(max_workers=4) as pool:
         for future in [pool.submit(fn, path, arr) for fn, path, arr in jobs]:
             future.result()  # the first failure is raised here
