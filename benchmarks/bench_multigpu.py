@@ -78,6 +78,11 @@ def run(
         raise SystemExit(f"{experiment} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     summary: dict[str, Any] = json.loads(done.stdout)
     summary["wall"] = wall
+    print(
+        f"{experiment}: {n} process(es), {summary['tokens']} tokens, generation "
+        f"{summary['generation_seconds']:.1f} s, wall {wall:.1f} s",
+        flush=True,
+    )
     return summary
 
 

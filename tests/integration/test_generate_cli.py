@@ -44,7 +44,9 @@ def generated(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("gen") / "experiments"
     result = CliRunner().invoke(
-        app, ["generate", *COMMON, "--batch-size", "4", "--experiments-dir", str(base), "--json"]
+        app,
+        ["generate", *COMMON, "--batch-size", "4", "--experiments-dir", str(base), "--json"]
+        + ["--pt"],
     )
     assert result.exit_code == 0, result.output
     return base, result
@@ -126,6 +128,9 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(generated, tmp_path
         acts = np.load(base / "e1" / "refusal" / "activations" / f"{polarity}_response_avg.npy")
         ref = np.load(reference / "e1" / "refusal" / "activations" / f"{polarity}_response_avg.npy")
         assert np.abs(acts - ref).max() <= 1e-5 * np.abs(ref).max()
+    # without --pt no .pt copies; the complete run's slot files became the .npy files
+    activations = base / "e1" / "refusal" / "activations"
+    assert not list(activations.glob("*.pt")) and not list(activations.glob("parts/*"))
 
 
 def test_extract_activations_refuses_overwrite_then_matches_generate_capture(generated, cli):

@@ -75,6 +75,14 @@ LayersOpt = Annotated[
 BatchSizeOpt = Annotated[
     int, typer.Option("--batch-size", help="Rows per forward pass (positive).", min=1)
 ]
+PtOpt = Annotated[
+    bool,
+    typer.Option(
+        "--pt/--no-pt",
+        help="Also write each activation file as a .pt tensor (torch.load; a second full copy "
+        "on disk). The .npy files are always written.",
+    ),
+]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Overwrite existing outputs / redo finished work.")
 ]

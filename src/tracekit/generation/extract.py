@@ -50,6 +50,8 @@ class ExtractActivationsConfig(RuntimeOptions):
     engine: Literal["auto", "hf", "cuda"] = "auto"
     """Teacher-forced forward: ``cuda`` = compiled blocks + flash attention
     (:mod:`tracekit.generation.cuda_forward`), ``hf`` = the model's own forward."""
+    pt: bool = False
+    """Also write each activation file as a ``.pt`` tensor (a second full copy on disk)."""
     force: bool = False
 
     @field_validator("experiment", "trait")
@@ -159,7 +161,7 @@ def extract_activations(
             shard: dict[str, Any] = {"ids": np.asarray(ids, dtype=np.int64), **arrays}
             save_npz(shards / f"{polarity}-rank{info.rank}.npz", **shard)
         else:
-            result.files += store.save_activations(paths, polarity, ids, arrays)
+            result.files += store.save_activations(paths, polarity, ids, arrays, config.pt)
     if not any(result.rows.values()):
         raise InputError(f"no responses in {paths.responses_dir}", "run 'tracekit generate' first")
     if info.distributed:
@@ -167,7 +169,7 @@ def extract_activations(
         if not info.is_main:
             result.seconds = time.perf_counter() - started
             return result
-        result.files += _merge_shards(paths, shards, info.world_size, poolings)
+        result.files += _merge_shards(paths, shards, info.world_size, poolings, config.pt)
 
     from tracekit.generation.run import activation_metadata
 
@@ -188,7 +190,11 @@ def extract_activations(
 
 
 def _merge_shards(
-    paths: TraitPaths, shards: Path, world_size: int, poolings: tuple[str, ...]
+    paths: TraitPaths,
+    shards: Path,
+    world_size: int,
+    poolings: tuple[str, ...],
+    write_pt: bool = False,
 ) -> list[Path]:
     """Merge the processes' shard files into the single-process activation files (rows by id)."""
     import shutil
@@ -207,6 +213,6 @@ def _merge_shards(
         all_ids = np.concatenate(ids)
         order = np.argsort(all_ids, kind="stable")
         merged = {p: np.concatenate(a)[order] for p, a in arrays.items()}
-        files += store.save_activations(paths, polarity, all_ids[order].tolist(), merged)
+        files += store.save_activations(paths, polarity, all_ids[order].tolist(), merged, write_pt)
     shutil.rmtree(shards)
     return files

@@ -93,6 +93,8 @@ class GenerateConfig(RuntimeOptions):
     """OpenAI-compatible server; None: ``OPENAI_BASE_URL``, else the local backend."""
     threshold: float = Field(default=50.0, ge=0.0, le=100.0)
     generation_cache: bool = True
+    pt: bool = False
+    """Also write each activation file as a ``.pt`` tensor (a second full copy on disk)."""
     force: bool = False
 
     @field_validator("experiment")
@@ -370,6 +372,8 @@ def generate(
             store.clear_outputs(paths)
         store.ensure_trait_definition(paths, trait.to_json(), force)
         store.check_run_settings(paths, run_settings(config, loaded, layers, trait), force)
+        if info.is_main and capture is not None:
+            _prepare_slots(config, paths, (len(layers), loaded.hidden_size))
     if info.is_main:
         barrier(info)  # (no-op for a single process)
     plans = []
@@ -492,6 +496,18 @@ def generate(
     )
 
 
+def _prepare_slots(config: GenerateConfig, paths: TraitPaths, row_shape: tuple[int, int]) -> None:
+    """The slot files the batches of this run write into (main process, before any batch)."""
+    from tracekit.storage.activation_slots import prepare_slots
+
+    for polarity in POLARITIES:
+        done = store.read_parts(paths, polarity)
+        if all(i in done for i in range(config.n_examples)):
+            continue  # nothing to generate: the merge works from what is there
+        for pooling in config.pooling:
+            prepare_slots(paths, polarity, pooling.value, config.n_examples, row_shape, list(done))
+
+
 def _device_label(loaded: LoadedModel) -> str:
     """``cuda:0``, with the physical GPU when each process sees only its own."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -542,11 +558,13 @@ def _finalize(
 
     Called by every process of a data-parallel run once all shards are journaled. The main
     process writes the CSVs, judges, and writes the cache and metadata; the activation files
-    (one ``.npy``/``.pt``/``_ids.npy`` set per polarity and pooling, hundreds of MB to GBs each
-    with every layer captured) are shared out between the processes, so the merge at the end
-    of a run takes about 1/N of the time instead of being serial on the main process.
+    (one ``.npy``/``_ids.npy`` set per polarity and pooling, and ``.pt`` with ``--pt``:
+    hundreds of MB to GBs each with every layer captured) are shared out between the
+    processes. A complete run's ``.npy`` files are its slot files, renamed.
     """
     from concurrent.futures import ThreadPoolExecutor
+
+    from tracekit.storage.activation_slots import finalize_activation_file
 
     info = info or ProcessInfo()
     wanted = set(range(config.n_examples))
@@ -575,7 +593,7 @@ def _finalize(
     row_shape = (len(layers), loaded.hidden_size)
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(mine))))
     futures = [
-        pool.submit(store.merge_activation_parts, paths, pol, pooling, ids[pol], row_shape)
+        pool.submit(finalize_activation_file, paths, pol, pooling, ids[pol], row_shape, config.pt)
         for pol, pooling in mine
     ]
     files: list[Path] = []
@@ -602,11 +620,9 @@ def _finalize(
     if not info.is_main:
         return
     for polarity, pooling in jobs:
-        files += [
-            paths.ids_file(polarity, pooling),
-            paths.activation_file(polarity, pooling, ".npy"),
-            paths.activation_file(polarity, pooling, ".pt"),
-        ]
+        files += [paths.ids_file(polarity, pooling), paths.activation_file(polarity, pooling)]
+        if config.pt:
+            files.append(paths.activation_file(polarity, pooling, ".pt"))
     if config.extract_activations:
         store.write_json(
             paths.activations_metadata,

@@ -8,15 +8,17 @@ One trait of one experiment lives in ``<experiments_dir>/<EXP>/<TRAIT>/``::
     responses/parts/               resume journal: one JSON file per finished batch
     activations/metadata.json      layers, poolings, shapes, file names, source
     activations/{pos,neg}_{pooling}.npy   float32 [n_rows, n_layers, hidden], rows = CSV order
-    activations/{pos,neg}_{pooling}.pt    the same tensor for torch.load(weights_only=True)
+    activations/{pos,neg}_{pooling}.pt    with --pt: the same tensor (torch.load)
     activations/{pos,neg}_{pooling}_ids.npy   int64 row ids: the first axis of those files
-    activations/parts/             per-batch activation parts (npz), next to the journal
+    activations/parts/             slot files: activations by row id, written as batches finish
 
-Resume: each batch writes its activation part (when captured) and then its response part,
-each atomically; a row is finished exactly when a response part holds it. A killed run,
-started again, reads the parts, skips finished ids and loses none; the final CSV and
-activation files are rebuilt from all parts at the end of every run. The parts are kept (they
-are the journal); ``--force`` removes them together with the outputs.
+Resume: each batch writes its rows' activations into the slot files (when captured; flushed to
+disk) and then its response part, atomically; a row is finished exactly when a response part
+holds it. A killed run, started again, reads the parts, skips finished ids and loses none; the
+final CSV and activation files are rebuilt at the end of every run (see
+:mod:`tracekit.storage.activation_slots`: a complete run's slot file is renamed into place).
+The response parts are kept (they are the journal); ``--force`` removes them together with the
+outputs.
 
 Row ids pair the polarities: pos row ``k`` and neg row ``k`` share the question and the
 instruction pair. Anything that combines pos and neg pairs by id, never by row order.
@@ -36,10 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tracekit.errors import InputError, OutputExistsError
 from tracekit.storage.atomic import (
-    atomic_npy_memmap,
     atomic_open,
     save_npy,
-    save_npz,
     write_json,
     write_text,
 )
@@ -135,20 +135,19 @@ def write_batch_part(
     pooled: Mapping[str, np.ndarray] | None = None,
     tag: str = "",
 ) -> None:
-    """Record one finished batch: activations first, then the response rows (the commit).
+    """Record one finished batch: activations first (into the slot files, flushed), then the
+    response rows (the commit).
 
     ``tag`` is appended to the part's name (data-parallel runs name the process that wrote it;
     readers glob ``{polarity}-*``, so tagged and untagged parts are read alike).
     """
-    import numpy as np
+    from tracekit.storage.activation_slots import write_slots
 
     if not rows:
         return
     name = _part_name(polarity, min(int(r["id"]) for r in rows)) + tag
     if pooled:
-        ids = np.array([int(r["id"]) for r in rows], dtype=np.int64)
-        arrays: dict[str, Any] = {"ids": ids, **pooled}
-        save_npz(paths.activation_parts_dir / f"{name}.npz", **arrays)
+        write_slots(paths, polarity, [int(r["id"]) for r in rows], pooled)
     write_json(paths.parts_dir / f"{name}.json", {"polarity": polarity, "rows": list(rows)})
 
 
@@ -170,55 +169,7 @@ def read_parts(paths: TraitPaths, polarity: Polarity) -> dict[int, dict[str, Any
     return rows
 
 
-def merge_activation_parts(
-    paths: TraitPaths,
-    polarity: Polarity,
-    pooling: str,
-    ids: Sequence[int],
-    row_shape: tuple[int, int],
-) -> list[Path]:
-    """Write ``{polarity}_{pooling}.npy``, ``.pt`` and ``_ids.npy`` for rows ``ids`` (in that
-    order) from the activation parts; return the paths.
-
-    Each part's rows go straight to their place in a memory-mapped temp file (no per-row
-    dictionary, no stacked copy), so merging one pooling of one polarity is one read of the
-    parts and one write per file. Where two parts hold the same row, the later part (by name)
-    wins, as when the journal is read back for resume. Raises :class:`InputError` naming the
-    rows no part holds.
-    """
-    import numpy as np
-
-    index = {int(row_id): i for i, row_id in enumerate(ids)}
-    filled = np.zeros(len(index), dtype=bool)
-    target = paths.activation_file(polarity, pooling, ".npy")
-    parts = sorted(paths.activation_parts_dir.glob(f"{polarity}-*.npz"))
-    with atomic_npy_memmap(target, (len(index), *row_shape), np.float32) as out:
-        for part in parts:
-            with np.load(part, allow_pickle=False) as data:
-                if pooling not in data:
-                    continue
-                part_ids = data["ids"].tolist()
-                take = [j for j, row_id in enumerate(part_ids) if int(row_id) in index]
-                if not take:
-                    continue
-                at = [index[int(part_ids[j])] for j in take]
-                values = data[pooling]
-                out[at] = values if len(take) == len(part_ids) else values[take]
-                filled[at] = True
-        if not filled.all():
-            missing = [row_id for row_id, i in index.items() if not filled[i]]
-            raise InputError(
-                f"activation parts for {paths.root.name}/{polarity} ({pooling}) lack row(s) "
-                f"{missing[:3]}",
-                "pass --force to regenerate",
-            )
-    save_npy(paths.ids_file(polarity, pooling), np.asarray(list(index), dtype=np.int64))
-    pt = paths.activation_file(polarity, pooling, ".pt")
-    _write_pt(pt, np.load(target, mmap_mode="r", allow_pickle=False))
-    return [paths.ids_file(polarity, pooling), target, pt]
-
-
-def _write_pt(path: Path, array: np.ndarray) -> None:
+def write_pt_file(path: Path, array: np.ndarray) -> None:
     """``array`` as a ``.pt`` tensor file, streamed into the temp file (no in-memory copy)."""
     import warnings
 
@@ -320,8 +271,10 @@ def save_activations(
     polarity: Polarity,
     ids: Sequence[int],
     pooled: Mapping[str, np.ndarray],
+    write_pt: bool = False,
 ) -> list[Path]:
-    """Write ``{polarity}_{pooling}.npy``, ``.pt`` and ``_ids.npy`` per pooling; return paths.
+    """Write ``{polarity}_{pooling}.npy`` and ``_ids.npy`` per pooling (and ``.pt`` with
+    ``write_pt``; else a ``.pt`` left by an earlier run is removed); return the paths.
 
     The files are written by a few threads at once: each write is a copy plus an fsync, and
     with every layer captured they are hundreds of MB, so overlapping them shortens the merge
@@ -338,7 +291,11 @@ def save_activations(
         arr = np.ascontiguousarray(array, dtype=np.float32)
         jobs.append((save_npy, paths.ids_file(polarity, pooling), ids_array))
         jobs.append((save_npy, paths.activation_file(polarity, pooling, ".npy"), arr))
-        jobs.append((_write_pt, paths.activation_file(polarity, pooling, ".pt"), arr))
+        pt = paths.activation_file(polarity, pooling, ".pt")
+        if write_pt:
+            jobs.append((write_pt_file, pt, arr))
+        else:
+            pt.unlink(missing_ok=True)  # it would no longer match the .npy
     with ThreadPoolExecutor(max_workers=4) as pool:
         for future in [pool.submit(fn, path, arr) for fn, path, arr in jobs]:
             future.result()  # the first failure is raised here

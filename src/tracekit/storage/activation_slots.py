@@ -1,0 +1,295 @@
+"""Slot files: a ``generate`` run's pooled activations, written in place as batches finish.
+
+Per polarity and pooling, ``activations/parts/{polarity}_{pooling}.slots.npy`` is a float32
+``.npy`` of shape ``[rows, n_layers, hidden]`` indexed by row id. The main process creates it
+(sparse, so creating it costs nothing) before any batch runs; each finished batch writes its
+rows into their slots and flushes them to disk *before* its response part is written, so a row
+is finished exactly when a response part holds it, as before. At the end of a complete run
+the slot file already is the final ``{polarity}_{pooling}.npy`` (rows in id order) and is moved
+there by a rename: the activations are written once, during generation, on the journal thread,
+instead of once into per-batch parts and again by a merge after the last batch. Several
+processes write disjoint rows of the same memory-mapped file (one host; a shared-memory mapping
+keeps them coherent).
+
+Invariant: when a slot file exists, every finished row below its length holds that row's
+activations. A slot file is (re)built only with every finished row filled: from the previous
+slot file, the final files of an earlier run, or the per-batch ``{polarity}-*.npz`` parts that
+journals of earlier tracekit versions hold.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tracekit.errors import InputError
+from tracekit.storage.atomic import atomic_npy_memmap, save_npy
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tracekit.storage.experiment import Polarity, TraitPaths
+
+_COPY_ROWS = 1024
+"""Rows per chunk when slots are copied into a differently shaped file."""
+
+
+def slots_file(paths: TraitPaths, polarity: Polarity, pooling: str) -> Path:
+    return paths.activation_parts_dir / f"{polarity}_{pooling}.slots.npy"
+
+
+def _shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of a float32 C-order ``.npy`` file, None if it is missing or not one."""
+    import numpy as np
+
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+    except (OSError, ValueError):
+        return None
+    if fortran or dtype != np.float32:
+        return None
+    return tuple(shape)
+
+
+class _Mapped:
+    """A read-write memory map of a float32 ``.npy`` file, as an array; flushes row ranges."""
+
+    def __init__(self, path: Path, writable: bool = True) -> None:
+        import numpy as np
+
+        self._file = open(path, "r+b" if writable else "rb")  # noqa: SIM115 (closed in close())
+        try:
+            version = np.lib.format.read_magic(self._file)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read(self._file)
+            self._offset = self._file.tell()
+            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+            self._map = mmap.mmap(self._file.fileno(), 0, access=access)
+        except BaseException:
+            self._file.close()
+            raise
+        self.array: np.ndarray = np.ndarray(shape, dtype, buffer=self._map, offset=self._offset)
+        self._row_bytes = self.array[0].nbytes if len(self.array) else 0
+
+    def flush_rows(self, first: int, last: int) -> None:
+        """Write rows ``first..last`` (inclusive) to disk (msync of the pages holding them)."""
+        start = self._offset + first * self._row_bytes
+        end = self._offset + (last + 1) * self._row_bytes
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        self._map.flush(aligned, end - aligned)
+
+    def close(self) -> None:
+        del self.array
+        self._map.close()
+        self._file.close()
+
+
+def write_slots(
+    paths: TraitPaths, polarity: Polarity, ids: Sequence[int], pooled: Mapping[str, Any]
+) -> None:
+    """Put one batch's rows (``ids``, in the order of ``pooled``'s first axis) into their slots
+    and flush them to disk."""
+    import numpy as np
+
+    at = np.asarray(ids, dtype=np.int64)
+    for pooling, values in pooled.items():
+        path = slots_file(paths, polarity, pooling)
+        if _shape(path) is None:
+            raise InputError(
+                f"slot file {path} is missing or damaged",
+                "run the same command again to rebuild it, or pass --force to start over",
+            )
+        mapped = _Mapped(path)
+        try:
+            if len(at) and int(at.max()) >= len(mapped.array):
+                raise InputError(
+                    f"row id {int(at.max())} is past the end of {path}",
+                    "run the same command again to rebuild it, or pass --force to start over",
+                )
+            mapped.array[at] = values
+            if len(at):
+                mapped.flush_rows(int(at.min()), int(at.max()))
+        finally:
+            mapped.close()
+
+
+def prepare_slots(
+    paths: TraitPaths,
+    polarity: Polarity,
+    pooling: str,
+    n_rows: int,
+    row_shape: tuple[int, int],
+    done: Sequence[int],
+) -> Path:
+    """Make sure the slot file has room for ``n_rows`` rows and every id in ``done`` (finished
+    rows), each finished row filled; return its path.
+
+    A slot file of the right row shape and length is kept as it is (the common case: a fresh
+    run creates an empty sparse file once, a resumed one finds it). Otherwise a new one is
+    built, filled from the old slot file, the final files and old-style ``.npz`` parts, and
+    swapped in atomically. Raises :class:`InputError` when a finished row's activations are
+    nowhere to be found.
+    """
+    import numpy as np
+
+    target = slots_file(paths, polarity, pooling)
+    need = max([n_rows, *(int(i) + 1 for i in done)])
+    current = _shape(target)
+    if current is not None and current[1:] == row_shape and current[0] >= need:
+        return target
+    wanted = np.zeros(need, dtype=bool)
+    wanted[np.asarray(list(done), dtype=np.int64)] = True
+    filled = np.zeros(need, dtype=bool)
+    with atomic_npy_memmap(target, (need, *row_shape), np.float32) as out:
+        if wanted.any():
+            _fill_from_final(paths, polarity, pooling, row_shape, out, wanted, filled)
+            _fill_from_parts(paths, polarity, pooling, out, wanted, filled)
+            if current is not None and current[1:] == row_shape:
+                old = _Mapped(target, writable=False)
+                try:
+                    for first in range(0, min(current[0], need), _COPY_ROWS):
+                        last = min(first + _COPY_ROWS, current[0], need)
+                        keep = wanted[first:last]
+                        out[first:last][keep] = old.array[first:last][keep]
+                        filled[first:last] |= keep
+                finally:
+                    old.close()
+            lacking = np.flatnonzero(wanted & ~filled)
+            if len(lacking):
+                raise InputError(
+                    f"activations of {len(lacking)} finished {polarity} row(s) of "
+                    f"{paths.root.name} ({pooling}; ids {lacking[:3].tolist()}) are in no "
+                    "journal or output file",
+                    "pass --force to regenerate",
+                )
+    return target
+
+
+def _fill_from_final(
+    paths: TraitPaths,
+    polarity: Polarity,
+    pooling: str,
+    row_shape: tuple[int, int],
+    out: np.ndarray,
+    wanted: np.ndarray,
+    filled: np.ndarray,
+) -> None:
+    import numpy as np
+
+    final, ids_file = paths.activation_file(polarity, pooling), paths.ids_file(polarity, pooling)
+    shape = _shape(final)
+    if shape is None or shape[1:] != row_shape or not ids_file.is_file():
+        return
+    ids = np.load(ids_file, allow_pickle=False)
+    if ids.shape != (shape[0],):
+        return
+    mapped = _Mapped(final, writable=False)
+    try:
+        keep = np.flatnonzero((ids >= 0) & (ids < len(wanted)))
+        keep = keep[wanted[ids[keep]]]
+        for first in range(0, len(keep), _COPY_ROWS):
+            chunk = keep[first : first + _COPY_ROWS]
+            out[ids[chunk]] = mapped.array[chunk]
+            filled[ids[chunk]] = True
+    finally:
+        mapped.close()
+
+
+def _fill_from_parts(
+    paths: TraitPaths,
+    polarity: Polarity,
+    pooling: str,
+    out: np.ndarray,
+    wanted: np.ndarray,
+    filled: np.ndarray,
+) -> None:
+    """Rows from the per-batch ``.npz`` parts of earlier tracekit versions (later parts win)."""
+    import numpy as np
+
+    for part in sorted(paths.activation_parts_dir.glob(f"{polarity}-*.npz")):
+        with np.load(part, allow_pickle=False) as data:
+            if pooling not in data:
+                continue
+            ids = data["ids"].astype(np.int64)
+            keep = np.flatnonzero((ids >= 0) & (ids < len(wanted)))
+            keep = keep[wanted[ids[keep]]]
+            if len(keep):
+                out[ids[keep]] = data[pooling][keep]
+                filled[ids[keep]] = True
+
+
+def finalize_activation_file(
+    paths: TraitPaths,
+    polarity: Polarity,
+    pooling: str,
+    ids: Sequence[int],
+    row_shape: tuple[int, int],
+    write_pt: bool = False,
+) -> list[Path]:
+    """Write ``{polarity}_{pooling}.npy`` and ``_ids.npy`` (and ``.pt`` with ``write_pt``) for
+    rows ``ids`` (ascending) from the slot file; return the paths.
+
+    When ``ids`` are exactly ``0..len-1`` and the slot file has that length (a complete run),
+    the slot file is renamed into place: no copy. Otherwise the rows are copied into a new file
+    and the slot file stays for later runs. With no slot file (nothing generated this run), a
+    final file that already holds exactly ``ids`` is kept as it is.
+    """
+    import numpy as np
+
+    from tracekit.storage.experiment import write_pt_file
+
+    final, ids_file = paths.activation_file(polarity, pooling), paths.ids_file(polarity, pooling)
+    pt = paths.activation_file(polarity, pooling, ".pt")
+    order = np.asarray(list(ids), dtype=np.int64)
+    slots = slots_file(paths, polarity, pooling)
+    shape = _shape(slots)
+    up_to_date = (
+        shape is None
+        and _shape(final) == (len(order), *row_shape)
+        and ids_file.is_file()
+        and np.array_equal(np.load(ids_file, allow_pickle=False), order)
+    )
+    if not up_to_date:
+        if shape is None or shape[1:] != row_shape or (len(order) and order[-1] >= shape[0]):
+            prepare_slots(paths, polarity, pooling, 0, row_shape, order.tolist())
+            shape = _shape(slots)
+        assert shape is not None
+        if shape[0] == len(order) and np.array_equal(order, np.arange(len(order))):
+            with open(slots, "rb+") as handle:
+                os.fsync(handle.fileno())  # rows were flushed per batch; the header too
+            os.replace(slots, final)
+        else:
+            source = _Mapped(slots, writable=False)
+            try:
+                with atomic_npy_memmap(final, (len(order), *row_shape), np.float32) as out:
+                    for first in range(0, len(order), _COPY_ROWS):
+                        chunk = order[first : first + _COPY_ROWS]
+                        out[first : first + len(chunk)] = source.array[chunk]
+            finally:
+                source.close()
+        save_npy(ids_file, order)
+    files = [ids_file, final]
+    if write_pt:
+        source = _Mapped(final, writable=False)
+        try:
+            write_pt_file(pt, source.array)
+        finally:
+            source.close()
+        files.append(pt)
+    else:
+        pt.unlink(missing_ok=True)  # a .pt of an earlier run would no longer match the .npy
+    return files
