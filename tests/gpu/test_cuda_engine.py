@@ -65,9 +65,10 @@ def test_fast_prefill_equals_reference(fp32_model):
     params = GenerationParams(max_new_tokens=24, temperature=0)
     capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
     ref = HFEngine(fp32_model).generate(prompts, params, capture)
-    engine = CudaEngine(fp32_model, fast_prefill=True)
+    engine = CudaEngine(fp32_model)  # the default with compiled steps
     out = engine.generate(prompts, params, capture)
     assert engine._decoder(capture).fast_prefill
+    assert 0 < engine._decoder(capture).last_prefill_seconds < 60  # CUDA-event timing
     assert out.response_ids == ref.response_ids
     for pooling in ALL_POOLINGS:
         assert _rel(out.pooled[pooling], ref.pooled[pooling]) < 1e-3, pooling
