@@ -568,9 +568,10 @@ def _finalize(
 
     info = info or ProcessInfo()
     wanted = set(range(config.n_examples))
+    journal = {polarity: store.read_parts(paths, polarity) for polarity in POLARITIES}
     ids: dict[str, list[int]] = {}
     for polarity in POLARITIES:
-        ids[polarity] = sorted(i for i in store.read_parts(paths, polarity) if i in wanted)
+        ids[polarity] = sorted(i for i in journal[polarity] if i in wanted)
         result.rows[polarity] = len(ids[polarity])
     skip = False
     if info.is_main:
@@ -600,7 +601,8 @@ def _finalize(
     failure: Exception | None = None
     try:
         if info.is_main:
-            files += _write_rows(config, loaded, trait, paths, result, judge_config)
+            rows = {p: [journal[p][i] for i in ids[p]] for p in POLARITIES}
+            files += _write_rows(config, loaded, trait, paths, result, judge_config, rows)
     except Exception as exc:  # every process learns of a failure below, then all stop
         failure = exc
     for future in futures:
@@ -644,16 +646,13 @@ def _write_rows(
     paths: TraitPaths,
     result: TraitResult,
     judge_config: Any,
+    journal_rows: dict[Polarity, list[dict[str, Any]]],
 ) -> list[Path]:
-    """The main process's part of the merge: CSVs (judged when a judge is set) and caches."""
-    wanted = set(range(config.n_examples))
+    """The main process's part of the merge: CSVs (judged when a judge is set) and caches,
+    from the journal's rows of this run (by polarity, in id order)."""
     files: list[Path] = []
     for polarity in POLARITIES:
-        rows = sorted(
-            (r for i, r in store.read_parts(paths, polarity).items() if i in wanted),
-            key=lambda r: int(r["id"]),
-        )
-        rows = _carry_extra_columns(paths.responses_csv(polarity), rows)
+        rows = _carry_extra_columns(paths.responses_csv(polarity), journal_rows[polarity])
         store.write_responses_csv(paths.responses_csv(polarity), rows)
         if judge_config is not None and rows:
             rows = _judge(judge_config, trait, rows, loaded, config)
