@@ -103,24 +103,30 @@ def test_two_gpu_processes_merge_into_the_single_gpu_outputs(model_dir: Path, tm
 
 
 def test_log_on_two_gpus_equals_one(model_dir: Path, tmp_path: Path):
+    """Two processes (per-rank stores merged), and one process with the model split over both
+    GPUs (``--device-map auto``; layers 1 and 4 sit in blocks on different GPUs)."""
     from tracekit import open_store
 
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 7} w9"}) + "\n" for i in range(6)))
-    args = ["log", "--model", str(model_dir), "--qa", str(qa), "--layers", "2"]
+    args = ["log", "--model", str(model_dir), "--qa", str(qa), "--layers", "1,4"]
     args += ["--max-new-tokens", "4", "--dtype", "float32", "--model-dtype", "float32"]
     args += ["--engine", "hf"]
-    _tracekit(*args, "--lmdb", str(tmp_path / "one"))
+    _tracekit(*args, "--lmdb", str(tmp_path / "one"), "--device", "cuda:0")
     summary = _tracekit(*args, "--lmdb", str(tmp_path / "two"), "--num-processes", "2")
     assert summary["logged"] == 6
-    with open_store(tmp_path / "one") as ref, open_store(tmp_path / "two") as merged:
-        assert sorted(merged.keys()) == sorted(ref.keys())
-        for key in sorted(ref.keys()):
-            want, got = ref.get(key), merged.get(key)
-            assert got.metadata["response_token_ids"] == want.metadata["response_token_ids"]
-            x = want.arrays["layer_2"].astype(np.float32)
-            y = got.arrays["layer_2"].astype(np.float32)
-            np.testing.assert_allclose(y, x, rtol=0, atol=1e-3 * np.abs(x).max())
+    split = _tracekit(*args, "--lmdb", str(tmp_path / "split"), "--device-map", "auto")
+    assert split["logged"] == 6
+    for other in ("two", "split"):
+        with open_store(tmp_path / "one") as ref, open_store(tmp_path / other) as got_store:
+            assert sorted(got_store.keys()) == sorted(ref.keys())
+            for key in sorted(ref.keys()):
+                want, got = ref.get(key), got_store.get(key)
+                assert got.metadata["response_token_ids"] == want.metadata["response_token_ids"]
+                for layer in ("layer_1", "layer_4"):
+                    x = want.arrays[layer].astype(np.float32)
+                    y = got.arrays[layer].astype(np.float32)
+                    np.testing.assert_allclose(y, x, rtol=0, atol=1e-3 * np.abs(x).max())
 
 
 def test_device_map_auto_splits_the_model_and_matches_one_gpu(model_dir: Path, tmp_path: Path):

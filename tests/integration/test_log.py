@@ -61,13 +61,20 @@ def test_logger_around_a_users_forward_stores_unpadded_states(embedded_model, tm
         assert set(store.provenance.values().__iter__().__next__()["layers"]) == {0, 12}
 
 
-def test_log_response_positions_equal_an_unpadded_forward(cli, embedded_model, tmp_path: Path):
+@pytest.mark.parametrize(
+    "placement", [("--device", "cpu"), ("--device-map", "auto")], ids=["device", "device-map"]
+)
+def test_log_response_positions_equal_an_unpadded_forward(
+    cli, embedded_model, tmp_path: Path, placement: tuple[str, str]
+):
+    # --device-map auto: accelerate places the model (all on the CPU here; the 2-GPU split is
+    # tests/gpu/test_multi_gpu.py)
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi?", QUESTIONS[5]]))
     store_path = tmp_path / "s.lmdb"
     result = cli(
         "log", "--qa", qa, "--lmdb", store_path, "--layers", "5", "--sequence-mode", "response",
-        "--dtype", "float32", "--max-new-tokens", "3", "--batch-size", "2", "--device", "cpu",
+        "--dtype", "float32", "--max-new-tokens", "3", "--batch-size", "2", *placement,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     tok = embedded_model.tokenizer

@@ -55,6 +55,9 @@ class LogConfig(TracekitConfig):
     """dtype of the stored activations."""
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
+    device_map: Literal["auto"] | None = None
+    """``auto``: spread a model too large for one device over all devices (accelerate); each
+    captured layer is copied to the host as it is computed, wherever its block sits."""
     batch_size: BatchSize = 8
     max_new_tokens: int = Field(64, ge=1, le=100_000)
     engine: str = "auto"
@@ -125,12 +128,19 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
     qa = read_qa_jsonl(cfg.qa, cfg.question_field, cfg.skip_bad_lines)
     if info.is_main:
         _precheck_store(cfg)
+    if info.distributed and cfg.device_map is not None:
+        raise ConfigError(
+            "--device-map auto cannot be combined with several processes (each process would "
+            "spread the model over every GPU)",
+            "run one process with --device-map auto, or several without it",
+        )
     loaded = load_model(
         ModelConfig(
             model=cfg.model,
             revision=cfg.revision,
             dtype=cfg.model_dtype,
             device=process_device(info, cfg.device),
+            device_map=cfg.device_map,
         )
     )
     try:

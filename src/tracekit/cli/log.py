@@ -13,6 +13,7 @@ from tracekit.console import err_console, out_console, progress_bar
 from ._common import (
     BatchSizeOpt,
     ConfigOpt,
+    DeviceMapOpt,
     DeviceOpt,
     EngineOpt,
     JsonOpt,
@@ -156,6 +157,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = "auto",
         device: DeviceOpt = "auto",
+        device_map: DeviceMapOpt = None,
         batch_size: BatchSizeOpt = 8,
         max_new_tokens: Annotated[
             int, typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")
