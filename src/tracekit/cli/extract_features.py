@@ -19,7 +19,9 @@ from ._common import (
     JsonOpt,
     LayersOpt,
     ModelOpt,
+    NumProcessesOpt,
     build_config,
+    is_main_process,
 )
 
 if TYPE_CHECKING:
@@ -125,6 +127,7 @@ def register(app: typer.Typer) -> None:
         dtype: DtypeOpt = "auto",
         device: DeviceOpt = "auto",
         force: ForceOpt = False,
+        num_processes: NumProcessesOpt = 1,
         json_output: JsonOpt = False,
         config: ConfigOpt = None,
     ) -> None:
@@ -136,6 +139,14 @@ def register(app: typer.Typer) -> None:
         from tracekit.features import FeaturesConfig, extract_features
 
         cfg = build_config(ctx, FeaturesConfig, section="extract-features")
+        if num_processes > 1:
+            from tracekit.distributed import launch
+
+            args = ["--json"] if json_output else []
+            raise typer.Exit(launch(["extract", "features"], cfg, num_processes, args))
+        if not is_main_process():  # data-parallel: the main process shows progress and result
+            extract_features(cfg)
+            return
         with progress_bar() as progress:
             task = progress.add_task("extracting features", total=None, unit="sentences")
 

@@ -14,6 +14,12 @@ causal model equals the last state of the prefix ending at token j (the "cumulat
 Resumption: ``features.json`` records the settings; a rerun with the same settings skips
 sentences whose file exists, a rerun with other settings is refused, and ``--force`` deletes the
 old sentence files first, so one folder never mixes two runs.
+
+Data-parallel (``--num-processes N``, ``accelerate launch``, ``torchrun``): the main process
+checks and clears the folder and writes the manifest; every process then takes a contiguous
+block of the sentences still to do (:meth:`tracekit.distributed.ProcessInfo.block`) and writes
+their files. Files are per sentence, so there is nothing to merge; a crashed process's
+sentences are simply still missing, and a rerun (any number of processes) does them.
 """
 
 from __future__ import annotations
@@ -466,9 +472,11 @@ def extract_features(
     file is written.
     """
 
+    from tracekit.distributed import all_gather, barrier, process_device, process_info
     from tracekit.models.loading import load_model
 
     started = time.perf_counter()
+    info = process_info()
     sentences = read_sentences(
         config.sentences, config.text_column, config.label_column, config.label_range
     )
@@ -476,7 +484,12 @@ def extract_features(
     if config.sae is not None:
         layers = _sae_layers(config)
         saes = _load_saes(config, layers)  # on the CPU: a bad SAE fails before the model loads
-    loaded = loaded or load_model(config.to_model_config())
+    model_config = config.to_model_config()
+    if info.distributed:  # each process on its own GPU (or the CPU)
+        model_config = model_config.model_copy(
+            update={"device": process_device(info, config.device)}
+        )
+    loaded = loaded or load_model(model_config)
     if saes is None:
         if config.layers is None:
             layers = list(range(loaded.n_layers))
@@ -492,14 +505,21 @@ def extract_features(
     tokenized = _tokenize(loaded.tokenizer, sentences)
     settings = _settings(config, loaded, layers, saes, sentences)
     output = config.output
-    _prepare_output(output, settings, config.force)
+    if info.is_main:  # data-parallel: the main process checks and clears, the others wait
+        _prepare_output(output, settings, config.force)
+    barrier(info)
 
     pending = [i for i in range(len(sentences)) if not sentence_file(output, i).is_file()]
     skipped = len(sentences) - len(pending)
-    if skipped:
+    if skipped and info.is_main:
         logger.info("resuming: %d of %d sentence files already written", skipped, len(sentences))
-    output.mkdir(parents=True, exist_ok=True)
-    _write_manifest(output, settings, complete=False, written=skipped, config=config)
+    if info.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        _write_manifest(output, settings, complete=False, written=skipped, config=config)
+    # every process has read the same pending list before any of them writes a file; each
+    # takes a contiguous block of it (sentence files are per row: nothing to merge)
+    barrier(info)
+    pending = info.block(pending, multiple=config.batch_size)
     if on_progress is not None:
         on_progress(0, len(pending))
 
@@ -532,7 +552,11 @@ def extract_features(
             previous = _Batch(indices, items, _start_copy(arrays, sparse, len(layers)))
         if previous is not None:
             write(previous)
-    _write_manifest(output, settings, complete=True, written=len(sentences), config=config)
+    if info.distributed:  # returns once every process wrote its block
+        counts = all_gather(info, (written, tokens))
+        written, tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if info.is_main:
+        _write_manifest(output, settings, complete=True, written=len(sentences), config=config)
     return FeaturesResult(
         output=output,
         n_sentences=len(sentences),
