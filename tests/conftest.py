@@ -43,3 +43,26 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], **kwargs)
 
     return invoke
+
+
+@pytest.fixture()
+def two_processes():
+    """Run ``tracekit ARGS --num-processes 2 --json`` as a real process tree (torchrun, gloo on
+    CPU); assert it succeeded and return its JSON summary."""
+    import json
+    import subprocess
+    import sys
+
+    def run(*args: object, timeout: float = 300) -> dict:
+        command = [sys.executable, "-m", "tracekit", *(str(a) for a in args)]
+        done = subprocess.run(
+            [*command, "--num-processes", "2", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    return run

@@ -315,12 +315,10 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, files, tmp_path, embedded
     assert not out.exists()
 
 
-def test_two_processes_write_the_single_process_files(cli, files, tmp_path):
+def test_two_processes_write_the_single_process_files(cli, two_processes, files, tmp_path):
     """``--num-processes 2`` (torchrun, gloo): each process writes its block of sentence files;
     together they are the single run's files, and the manifest is the main process's."""
     import json
-    import subprocess
-    import sys
 
     common = ["extract", "features", "--sentences", str(files["sentences"])]
     common += ["--sae", str(files["gemma"]), "--sae-l0", "10", "--batch-size", "1"]
@@ -328,16 +326,7 @@ def test_two_processes_write_the_single_process_files(cli, files, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     result = cli(*common, "--output", one)
     assert result.exit_code == 0, result.output
-    command = [sys.executable, "-m", "tracekit", *common, "--output", str(two)]
-    done = subprocess.run(
-        [*command, "--num-processes", "2", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout)
+    summary = two_processes(*common, "--output", two)
     assert summary["written"] == len(SENTENCES)  # both processes' counts
     for index in range(len(SENTENCES)):
         want = load(one / f"sentence_{index:06d}.npz")

@@ -120,7 +120,7 @@ def test_a_lost_shard_is_regenerated_alone_and_merged_again(runs):
     _assert_same_outputs(base / "single" / "refusal", multi)
 
 
-def test_extract_activations_on_two_processes_equals_one(runs):
+def test_extract_activations_on_two_processes_equals_one(runs, two_processes):
     import shutil
 
     from typer.testing import CliRunner
@@ -135,16 +135,7 @@ def test_extract_activations_on_two_processes_equals_one(runs):
     args += ["--device", "cpu"]
     one = CliRunner().invoke(app, [*args, "--experiment", "x_single"])
     assert one.exit_code == 0, one.output
-    command = [sys.executable, "-m", "tracekit", *args, "--experiment", "x_multi"]
-    done = subprocess.run(
-        [*command, "--num-processes", "2", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout)["rows"] == {"pos": N, "neg": N}
+    assert two_processes(*args, "--experiment", "x_multi")["rows"] == {"pos": N, "neg": N}
     for polarity in ("pos", "neg"):
         act = base / "x_multi" / "refusal" / "activations" / f"{polarity}_prompt_avg"
         ref = base / "x_single" / "refusal" / "activations" / f"{polarity}_prompt_avg"
@@ -156,7 +147,7 @@ def test_extract_activations_on_two_processes_equals_one(runs):
     assert not (base / "x_multi" / "refusal" / "activations" / "shards").exists()
 
 
-def test_log_on_two_processes_merges_shard_stores_into_one(tmp_path: Path):
+def test_log_on_two_processes_merges_shard_stores_into_one(tmp_path: Path, two_processes):
     from typer.testing import CliRunner
 
     from tracekit import open_store
@@ -175,16 +166,7 @@ def test_log_on_two_processes_merges_shard_stores_into_one(tmp_path: Path):
     leftover = [*args[:2], str(first), *args[3:], "--lmdb", str(tmp_path / "two.rank1")]
     assert CliRunner().invoke(app, leftover).exit_code == 0
 
-    command = [sys.executable, "-m", "tracekit", *args, "--lmdb", str(tmp_path / "two")]
-    done = subprocess.run(
-        [*command, "--num-processes", "2", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout)
+    summary = two_processes(*args, "--lmdb", tmp_path / "two")
     assert (summary["already_logged"], summary["logged"]) == (1, 3)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]
     with open_store(tmp_path / "one") as ref, open_store(tmp_path / "two") as merged:
