@@ -29,8 +29,8 @@ from tracekit.generation.engine import CaptureSpec
 from tracekit.generation.pooling import Pooling, Poolings
 from tracekit.generation.run import RuntimeOptions, check_name, model_settings_for
 from tracekit.storage import experiment as store
-from tracekit.storage.atomic import check_writable, save_npz, write_json
-from tracekit.storage.experiment import POLARITIES, TraitPaths
+from tracekit.storage.atomic import check_writable, write_json
+from tracekit.storage.experiment import POLARITIES, Polarity, TraitPaths
 
 if TYPE_CHECKING:
     from tracekit.models.loading import LoadedModel
@@ -103,9 +103,7 @@ def extract_activations(
     loaded: LoadedModel | None = None,
 ) -> ExtractActivationsResult:
     """Teacher-forced activations for both polarities of one trait; see the module docstring."""
-    import numpy as np
 
-    from tracekit.generation.teacher_forced import pooled_batches
     from tracekit.models.loading import load_model
 
     started = time.perf_counter()
@@ -124,52 +122,45 @@ def extract_activations(
     except ValueError as exc:
         raise ConfigError(f"--layers: {exc} for {loaded.name}") from None
     capture = CaptureSpec(layers, config.pooling)
+    ordered = {p: sorted(rows, key=lambda r: int(r["id"])) for p, rows in all_tables.items()}
+    if not any(ordered.values()):
+        raise InputError(f"no responses in {paths.responses_dir}", "run 'tracekit generate' first")
     # data-parallel: each process takes a contiguous block of the rows (in id order)
-    tables = {
-        p: info.block(sorted(rows, key=lambda r: int(r["id"])), multiple=config.batch_size)
-        for p, rows in all_tables.items()
+    tables = {p: info.block(rows, multiple=config.batch_size) for p, rows in ordered.items()}
+    offsets = {  # where each process's block starts in the polarity's rows
+        p: next(iter(info.block(list(range(len(rows))), config.batch_size)), 0)
+        for p, rows in ordered.items()
     }
     if on_total is not None:
         on_total(sum(len(rows) for rows in tables.values()))
+    row_shape = (len(layers), loaded.hidden_size)
+    staged: dict[tuple[Polarity, str], Path] = {
+        (pol, pooling): _staged_file(paths, pol, pooling)
+        for pol in POLARITIES
+        for pooling in poolings
+    }
+    if info.is_main:  # every process writes its rows straight into these files
+        for (pol, _), path in staged.items():
+            _create_staged(path, (len(ordered[pol]), *row_shape))
+    barrier(info)
 
     result = ExtractActivationsResult(config.trait, {}, layers, poolings, 0.0)
-    shards = paths.activations_dir / "shards"
-    for polarity, rows in tables.items():
-        prompts = [_prompt_ids(loaded, config, r) for r in rows]
-        responses = [
-            [
-                int(t)
-                for t in loaded.tokenizer(str(r["response"] or ""), add_special_tokens=False)[
-                    "input_ids"
-                ]
-            ]
-            for r in rows
-        ]
-        chunks: dict[str, list[Any]] = {p: [] for p in poolings}
-        for start, end, pooled in pooled_batches(
-            loaded, prompts, responses, capture, config.batch_size, config.engine
-        ):
-            for pooling, tensor in pooled.items():
-                chunks[pooling.value].append(tensor.numpy())
-            if on_batch is not None:
-                on_batch(end - start, sum(len(r) for r in responses[start:end]))
-        empty = np.zeros((0, len(layers), loaded.hidden_size), dtype=np.float32)
-        arrays = {p: np.concatenate(c) if c else empty for p, c in chunks.items()}
-        ids = [int(r["id"]) for r in rows]
-        result.rows[polarity] = len(all_tables[polarity])
-        if info.distributed:
-            shard: dict[str, Any] = {"ids": np.asarray(ids, dtype=np.int64), **arrays}
-            save_npz(shards / f"{polarity}-rank{info.rank}.npz", **shard)
-        else:
-            result.files += store.save_activations(paths, polarity, ids, arrays, config.pt)
-    if not any(result.rows.values()):
-        raise InputError(f"no responses in {paths.responses_dir}", "run 'tracekit generate' first")
-    if info.distributed:
-        barrier(info)  # every shard file is written
-        if not info.is_main:
-            result.seconds = time.perf_counter() - started
-            return result
-        result.files += _merge_shards(paths, shards, info.world_size, poolings, config.pt)
+    try:
+        for polarity, rows in tables.items():
+            result.rows[polarity] = len(ordered[polarity])
+            offset = offsets[polarity]
+            _extract_rows(loaded, config, rows, capture, polarity, offset, staged, on_batch)
+        barrier(info)  # every process's rows are written
+    except BaseException:
+        if not info.distributed:  # (a data-parallel run's next start recreates them)
+            for path in staged.values():
+                path.unlink(missing_ok=True)
+        raise
+    if not info.is_main:
+        result.seconds = time.perf_counter() - started
+        return result
+    for (polarity, pooling), path in staged.items():
+        result.files += _publish(paths, polarity, pooling, path, ordered[polarity], config.pt)
 
     from tracekit.generation.run import activation_metadata
 
@@ -189,30 +180,82 @@ def extract_activations(
     return result
 
 
-def _merge_shards(
+def _staged_file(paths: TraitPaths, polarity: Polarity, pooling: str) -> Path:
+    """Where one activation file is assembled before it replaces the old one."""
+    return paths.activations_dir / f".tmp-{polarity}_{pooling}.npy.staged"
+
+
+def _create_staged(path: Path, shape: tuple[int, ...]) -> None:
+    """A float32 ``.npy`` of ``shape`` (sparse until rows are written)."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # one a crashed run left
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape).flush()
+
+
+def _extract_rows(
+    loaded: LoadedModel,
+    config: ExtractActivationsConfig,
+    rows: list[dict[str, Any]],
+    capture: CaptureSpec,
+    polarity: Polarity,
+    offset: int,
+    staged: dict[tuple[Polarity, str], Path],
+    on_batch: Callable[[int, int], None] | None,
+) -> None:
+    """Teacher-forced pooled activations of ``rows`` (this process's block, which starts at row
+    ``offset`` of the polarity in id order), written into the staged files as batches finish."""
+    import numpy as np
+
+    from tracekit.generation.teacher_forced import pooled_batches
+
+    if not rows:
+        return
+    prompts = [_prompt_ids(loaded, config, r) for r in rows]
+    tokenize = loaded.tokenizer
+    responses = [
+        [int(t) for t in tokenize(str(r["response"] or ""), add_special_tokens=False)["input_ids"]]
+        for r in rows
+    ]
+    targets = {
+        pooling: np.load(staged[(polarity, pooling.value)], mmap_mode="r+", allow_pickle=False)
+        for pooling in capture.poolings
+    }
+    for start, end, pooled in pooled_batches(
+        loaded, prompts, responses, capture, config.batch_size, config.engine
+    ):
+        for pooling, tensor in pooled.items():
+            targets[pooling][offset + start : offset + end] = tensor.numpy()
+        if on_batch is not None:
+            on_batch(end - start, sum(len(r) for r in responses[start:end]))
+    for target in targets.values():
+        target.flush()
+
+
+def _publish(
     paths: TraitPaths,
-    shards: Path,
-    world_size: int,
-    poolings: tuple[str, ...],
-    write_pt: bool = False,
+    polarity: Polarity,
+    pooling: str,
+    staged: Path,
+    rows: list[dict[str, Any]],
+    write_pt: bool,
 ) -> list[Path]:
-    """Merge the processes' shard files into the single-process activation files (rows by id)."""
-    import shutil
+    """Move one assembled file into place, with its ids (and ``.pt`` with ``write_pt``)."""
+    import os
 
     import numpy as np
 
-    files: list[Path] = []
-    for polarity in POLARITIES:
-        ids: list[np.ndarray] = []
-        arrays: dict[str, list[np.ndarray]] = {p: [] for p in poolings}
-        for rank in range(world_size):
-            with np.load(shards / f"{polarity}-rank{rank}.npz", allow_pickle=False) as data:
-                ids.append(data["ids"])
-                for pooling in poolings:
-                    arrays[pooling].append(data[pooling])
-        all_ids = np.concatenate(ids)
-        order = np.argsort(all_ids, kind="stable")
-        merged = {p: np.concatenate(a)[order] for p, a in arrays.items()}
-        files += store.save_activations(paths, polarity, all_ids[order].tolist(), merged, write_pt)
-    shutil.rmtree(shards)
-    return files
+    from tracekit.storage.atomic import save_npy
+
+    with open(staged, "rb+") as handle:
+        os.fsync(handle.fileno())
+    final = paths.activation_file(polarity, pooling)
+    os.replace(staged, final)
+    save_npy(paths.ids_file(polarity, pooling), np.asarray([int(r["id"]) for r in rows], np.int64))
+    pt = paths.activation_file(polarity, pooling, ".pt")
+    if write_pt:
+        store.write_pt_file(pt, np.load(final, mmap_mode="r", allow_pickle=False))
+    else:
+        pt.unlink(missing_ok=True)  # it would no longer match the .npy
+    return [paths.ids_file(polarity, pooling), final] + ([pt] if write_pt else [])
