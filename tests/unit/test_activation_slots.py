@@ -119,3 +119,13 @@ def test_writing_rows_without_a_slot_file_is_an_error(tmp_path: Path):
     with pytest.raises(InputError, match="slot file .* is missing"):
         _batch(paths, [0], _values(np.random.default_rng(5), 1))
     assert not paths.parts_dir.exists() or not list(paths.parts_dir.glob("*.json"))
+
+
+def test_a_slot_file_that_cannot_be_created_is_one_clear_error(tmp_path: Path):
+    from tracekit.errors import StoreError
+
+    paths = TraitPaths.of(tmp_path, "exp", "trait")
+    paths.activations_dir.mkdir(parents=True)
+    paths.activation_parts_dir.write_text("not a folder")  # creating the file fails (OSError)
+    with pytest.raises(StoreError, match=r"cannot create the activation slot file .*GB when full"):
+        prepare_slots(paths, "pos", POOL, 1000, SHAPE, [])

@@ -19,13 +19,14 @@ journals of earlier tracekit versions hold.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tracekit.errors import InputError
+from tracekit.errors import InputError, StoreError
 from tracekit.storage.atomic import atomic_npy_memmap, save_npy
 
 if TYPE_CHECKING:
@@ -154,7 +155,16 @@ def prepare_slots(
     wanted = np.zeros(need, dtype=bool)
     wanted[np.asarray(list(done), dtype=np.int64)] = True
     filled = np.zeros(need, dtype=bool)
-    with atomic_npy_memmap(target, (need, *row_shape), np.float32) as out:
+    with contextlib.ExitStack() as stack:
+        try:
+            out = stack.enter_context(atomic_npy_memmap(target, (need, *row_shape), np.float32))
+        except OSError as exc:  # e.g. no space: file systems without sparse files allocate it
+            gigabytes = need * row_shape[0] * row_shape[1] * 4 / 1e9
+            raise StoreError(
+                f"cannot create the activation slot file {target} ({gigabytes:.1f} GB when "
+                f"full): {exc.strerror or exc}",
+                "free disk space, or capture fewer --layers / --pooling or fewer --n-examples",
+            ) from exc
         if wanted.any():
             _fill_from_final(paths, polarity, pooling, row_shape, out, wanted, filled)
             _fill_from_parts(paths, polarity, pooling, out, wanted, filled)
