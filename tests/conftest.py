@@ -62,7 +62,7 @@ def two_processes():
             timeout=timeout,
             check=False,
         )
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, done.stderr[-8000:]
         return json.loads(done.stdout)
 
     return run

@@ -29,7 +29,7 @@ def _run_two_processes(base: Path, experiment: str) -> dict:
     command = [sys.executable, "-m", "tracekit", *COMMON, "--experiment", experiment]
     command += ["--experiments-dir", str(base), "--num-processes", "2", "--json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-8000:]
     return json.loads(done.stdout)
 
 

@@ -140,3 +140,27 @@ def test_merge_from_copies_missing_entries_and_refuses_another_setup(tmp_path):
         with pytest.raises(StoreError, match="was written by another setup than"):
             main.merge_from(tmp_path / "other")
         assert main.merge_from(tmp_path / "other", allow_mixed=True) == 1
+
+
+def test_a_gloo_group_is_destroyed_before_the_interpreter_shuts_down():
+    """The exit handler leaves the group while Python is still alive (a live gloo group can
+    abort the process in its destructor during shutdown)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, socket\n"
+        "import torch.distributed as dist\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0,"
+        " world_size=1)\n"
+        # registered first, so it runs after tracekit's handler (atexit is last-in, first-out)
+        "atexit.register(lambda: print('alive at exit:', dist.is_initialized()))\n"
+        "from tracekit.distributed import _leave_group_at_exit\n"
+        "_leave_group_at_exit(); _leave_group_at_exit()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "alive at exit: False"
