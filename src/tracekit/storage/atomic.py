@@ -18,27 +18,35 @@ from tracekit.errors import OutputExistsError
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
-    """Open a temp file next to ``path``; on success it replaces ``path`` atomically."""
-    if mode not in ("w", "wb"):
-        raise ValueError("atomic_open supports only 'w' and 'wb'")
+def _replacing(path: str | os.PathLike[str]) -> Iterator[tuple[int, Path]]:
+    """``(fd, temp path)`` of a new temp file next to ``path``; when the block ends without an
+    error the temp file replaces ``path`` (the block has flushed and fsynced it), otherwise it
+    is removed."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent)
     tmp = Path(tmp_name)
     try:
-        if "b" not in mode:
-            kwargs.setdefault("encoding", "utf-8")
-            kwargs.setdefault("newline", "")
-        with os.fdopen(fd, mode, **kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield fd, tmp
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temp file next to ``path``; on success it replaces ``path`` atomically."""
+    if mode not in ("w", "wb"):
+        raise ValueError("atomic_open supports only 'w' and 'wb'")
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+        kwargs.setdefault("newline", "")
+    with _replacing(path) as (fd, _), os.fdopen(fd, mode, **kwargs) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager
@@ -53,23 +61,15 @@ def atomic_npy_memmap(
     """
     import numpy as np
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        yield array
-        array.flush()
-        del array
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    with _replacing(path) as (fd, tmp):
+        try:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            yield array
+            array.flush()
+            del array
+            os.fsync(fd)  # the same file: the pages written through the map are synced
+        finally:
+            os.close(fd)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
