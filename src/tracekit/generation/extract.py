@@ -160,7 +160,10 @@ def extract_activations(
         result.seconds = time.perf_counter() - started
         return result
     for (polarity, pooling), path in staged.items():
-        result.files += _publish(paths, polarity, pooling, path, ordered[polarity], config.pt)
+        ids = [int(r["id"]) for r in ordered[polarity]]
+        result.files += store.publish_activation_file(
+            paths, polarity, pooling, ids, config.pt, source=path
+        )
 
     from tracekit.generation.run import activation_metadata
 
@@ -231,31 +234,3 @@ def _extract_rows(
             on_batch(end - start, sum(len(r) for r in responses[start:end]))
     for target in targets.values():
         target.flush()
-
-
-def _publish(
-    paths: TraitPaths,
-    polarity: Polarity,
-    pooling: str,
-    staged: Path,
-    rows: list[dict[str, Any]],
-    write_pt: bool,
-) -> list[Path]:
-    """Move one assembled file into place, with its ids (and ``.pt`` with ``write_pt``)."""
-    import os
-
-    import numpy as np
-
-    from tracekit.storage.atomic import save_npy
-
-    with open(staged, "rb+") as handle:
-        os.fsync(handle.fileno())
-    final = paths.activation_file(polarity, pooling)
-    os.replace(staged, final)
-    save_npy(paths.ids_file(polarity, pooling), np.asarray([int(r["id"]) for r in rows], np.int64))
-    pt = paths.activation_file(polarity, pooling, ".pt")
-    if write_pt:
-        store.write_pt_file(pt, np.load(final, mmap_mode="r", allow_pickle=False))
-    else:
-        pt.unlink(missing_ok=True)  # it would no longer match the .npy
-    return [paths.ids_file(polarity, pooling), final] + ([pt] if write_pt else [])

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tracekit.errors import InputError, StoreError
-from tracekit.storage.atomic import atomic_npy_memmap, save_npy
+from tracekit.storage.atomic import atomic_npy_memmap
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,12 +62,13 @@ def _shape(path: Path) -> tuple[int, ...] | None:
 
 
 class _Mapped:
-    """A read-write memory map of a float32 ``.npy`` file, as an array; flushes row ranges."""
+    """A read-write memory map of a float32 ``.npy`` file, as an array; flushes row ranges
+    (``np.memmap`` flushes only the whole map)."""
 
-    def __init__(self, path: Path, writable: bool = True) -> None:
+    def __init__(self, path: Path) -> None:
         import numpy as np
 
-        self._file = open(path, "r+b" if writable else "rb")  # noqa: SIM115 (closed in close())
+        self._file = open(path, "r+b")  # noqa: SIM115 (closed in close())
         try:
             version = np.lib.format.read_magic(self._file)
             read = (
@@ -78,8 +78,7 @@ class _Mapped:
             )
             shape, _, dtype = read(self._file)
             self._offset = self._file.tell()
-            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-            self._map = mmap.mmap(self._file.fileno(), 0, access=access)
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_WRITE)
         except BaseException:
             self._file.close()
             raise
@@ -169,15 +168,12 @@ def prepare_slots(
             _fill_from_final(paths, polarity, pooling, row_shape, out, wanted, filled)
             _fill_from_parts(paths, polarity, pooling, out, wanted, filled)
             if current is not None and current[1:] == row_shape:
-                old = _Mapped(target, writable=False)
-                try:
-                    for first in range(0, min(current[0], need), _COPY_ROWS):
-                        last = min(first + _COPY_ROWS, current[0], need)
-                        keep = wanted[first:last]
-                        out[first:last][keep] = old.array[first:last][keep]
-                        filled[first:last] |= keep
-                finally:
-                    old.close()
+                old = np.load(target, mmap_mode="r", allow_pickle=False)
+                for first in range(0, min(current[0], need), _COPY_ROWS):
+                    last = min(first + _COPY_ROWS, current[0], need)
+                    keep = wanted[first:last]
+                    out[first:last][keep] = old[first:last][keep]
+                    filled[first:last] |= keep
             lacking = np.flatnonzero(wanted & ~filled)
             if len(lacking):
                 raise InputError(
@@ -207,16 +203,13 @@ def _fill_from_final(
     ids = np.load(ids_file, allow_pickle=False)
     if ids.shape != (shape[0],):
         return
-    mapped = _Mapped(final, writable=False)
-    try:
-        keep = np.flatnonzero((ids >= 0) & (ids < len(wanted)))
-        keep = keep[wanted[ids[keep]]]
-        for first in range(0, len(keep), _COPY_ROWS):
-            chunk = keep[first : first + _COPY_ROWS]
-            out[ids[chunk]] = mapped.array[chunk]
-            filled[ids[chunk]] = True
-    finally:
-        mapped.close()
+    source = np.load(final, mmap_mode="r", allow_pickle=False)
+    keep = np.flatnonzero((ids >= 0) & (ids < len(wanted)))
+    keep = keep[wanted[ids[keep]]]
+    for first in range(0, len(keep), _COPY_ROWS):
+        chunk = keep[first : first + _COPY_ROWS]
+        out[ids[chunk]] = source[chunk]
+        filled[ids[chunk]] = True
 
 
 def _fill_from_parts(
@@ -260,46 +253,28 @@ def finalize_activation_file(
     """
     import numpy as np
 
-    from tracekit.storage.experiment import write_pt_file
+    from tracekit.storage.experiment import publish_activation_file
 
     final, ids_file = paths.activation_file(polarity, pooling), paths.ids_file(polarity, pooling)
-    pt = paths.activation_file(polarity, pooling, ".pt")
     order = np.asarray(list(ids), dtype=np.int64)
     slots = slots_file(paths, polarity, pooling)
     shape = _shape(slots)
-    up_to_date = (
+    if (
         shape is None
         and _shape(final) == (len(order), *row_shape)
         and ids_file.is_file()
         and np.array_equal(np.load(ids_file, allow_pickle=False), order)
-    )
-    if not up_to_date:
-        if shape is None or shape[1:] != row_shape or (len(order) and order[-1] >= shape[0]):
-            prepare_slots(paths, polarity, pooling, 0, row_shape, order.tolist())
-            shape = _shape(slots)
-        assert shape is not None
-        if shape[0] == len(order) and np.array_equal(order, np.arange(len(order))):
-            with open(slots, "rb+") as handle:
-                os.fsync(handle.fileno())  # rows were flushed per batch; the header too
-            os.replace(slots, final)
-        else:
-            source = _Mapped(slots, writable=False)
-            try:
-                with atomic_npy_memmap(final, (len(order), *row_shape), np.float32) as out:
-                    for first in range(0, len(order), _COPY_ROWS):
-                        chunk = order[first : first + _COPY_ROWS]
-                        out[first : first + len(chunk)] = source.array[chunk]
-            finally:
-                source.close()
-        save_npy(ids_file, order)
-    files = [ids_file, final]
-    if write_pt:
-        source = _Mapped(final, writable=False)
-        try:
-            write_pt_file(pt, source.array)
-        finally:
-            source.close()
-        files.append(pt)
-    else:
-        pt.unlink(missing_ok=True)  # a .pt of an earlier run would no longer match the .npy
-    return files
+    ):  # nothing generated since the file was written
+        return publish_activation_file(paths, polarity, pooling, order, write_pt)
+    if shape is None or shape[1:] != row_shape or (len(order) and order[-1] >= shape[0]):
+        prepare_slots(paths, polarity, pooling, 0, row_shape, order.tolist())
+        shape = _shape(slots)
+    assert shape is not None
+    if shape[0] == len(order) and np.array_equal(order, np.arange(len(order))):
+        return publish_activation_file(paths, polarity, pooling, order, write_pt, source=slots)
+    source = np.load(slots, mmap_mode="r", allow_pickle=False)
+    with atomic_npy_memmap(final, (len(order), *row_shape), np.float32) as out:
+        for first in range(0, len(order), _COPY_ROWS):
+            chunk = order[first : first + _COPY_ROWS]
+            out[first : first + len(chunk)] = source[chunk]
+    return publish_activation_file(paths, polarity, pooling, order, write_pt)

@@ -31,7 +31,7 @@ import io
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -273,33 +273,45 @@ def save_activations(
     pooled: Mapping[str, np.ndarray],
     write_pt: bool = False,
 ) -> list[Path]:
-    """Write ``{polarity}_{pooling}.npy`` and ``_ids.npy`` per pooling (and ``.pt`` with
-    ``write_pt``; else a ``.pt`` left by an earlier run is removed); return the paths.
+    """Write ``{polarity}_{pooling}.npy`` and ``_ids.npy`` per pooling from in-memory arrays
+    (and ``.pt`` with ``write_pt``; see :func:`publish_activation_file`); return the paths."""
+    import numpy as np
 
-    The files are written by a few threads at once: each write is a copy plus an fsync, and
-    with every layer captured they are hundreds of MB, so overlapping them shortens the merge
-    at the end of a run (the GIL is released during file I/O).
-    """
-    from concurrent.futures import ThreadPoolExecutor
+    files: list[Path] = []
+    for pooling, array in pooled.items():
+        save_npy(paths.activation_file(polarity, pooling), np.asarray(array, dtype=np.float32))
+        files += publish_activation_file(paths, polarity, pooling, ids, write_pt)
+    return files
+
+
+def publish_activation_file(
+    paths: TraitPaths,
+    polarity: Polarity,
+    pooling: str,
+    ids: Iterable[int],
+    write_pt: bool = False,
+    source: Path | None = None,
+) -> list[Path]:
+    """Finish one activation file: move ``source`` (a complete float32 ``.npy`` next to it) into
+    place as ``{polarity}_{pooling}.npy`` when given, write ``_ids.npy``, and write the ``.pt``
+    copy with ``write_pt`` or else remove one an earlier run left (it would no longer match).
+    Returns the paths written."""
+    import os
 
     import numpy as np
 
-    ids_array = np.asarray(list(ids), dtype=np.int64)
-
-    jobs: list[tuple[Any, Path, np.ndarray]] = []
-    for pooling, array in pooled.items():
-        arr = np.ascontiguousarray(array, dtype=np.float32)
-        jobs.append((save_npy, paths.ids_file(polarity, pooling), ids_array))
-        jobs.append((save_npy, paths.activation_file(polarity, pooling, ".npy"), arr))
-        pt = paths.activation_file(polarity, pooling, ".pt")
-        if write_pt:
-            jobs.append((write_pt_file, pt, arr))
-        else:
-            pt.unlink(missing_ok=True)  # it would no longer match the .npy
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for future in [pool.submit(fn, path, arr) for fn, path, arr in jobs]:
-            future.result()  # the first failure is raised here
-    return [path for _, path, _ in jobs]
+    final = paths.activation_file(polarity, pooling)
+    if source is not None:
+        with open(source, "rb+") as handle:
+            os.fsync(handle.fileno())  # rows written through memory maps, the header too
+        os.replace(source, final)
+    save_npy(paths.ids_file(polarity, pooling), np.asarray(list(ids), dtype=np.int64))
+    pt = paths.activation_file(polarity, pooling, ".pt")
+    if not write_pt:
+        pt.unlink(missing_ok=True)
+        return [paths.ids_file(polarity, pooling), final]
+    write_pt_file(pt, np.load(final, mmap_mode="r", allow_pickle=False))
+    return [paths.ids_file(polarity, pooling), final, pt]
 
 
 def load_activations(paths: TraitPaths, polarity: Polarity, pooling: str) -> tuple[Any, Any]:
