@@ -63,11 +63,16 @@ class ProcessInfo:
         each process's batches are exactly batches a single process runs, so even bf16 outputs
         (whose numerics depend on which rows share a batch and its padding) come out the same.
         """
-        n, step = len(items), max(1, int(multiple))
+        span = self.block_range(len(items), multiple)
+        return list(items[span.start : span.stop])
+
+    def block_range(self, n: int, multiple: int = 1) -> range:
+        """The indices of this process's block of ``n`` items (see :meth:`block`)."""
+        step = max(1, int(multiple))
         chunks = -(-n // step)
         start = chunks * self.rank // self.world_size * step
         end = chunks * (self.rank + 1) // self.world_size * step
-        return list(items[start : min(end, n)])
+        return range(min(start, n), min(end, n))
 
     def part_tag(self) -> str:
         """Suffix naming this process's journal parts (empty for a single process)."""

@@ -48,6 +48,9 @@ def test_blocks_cut_at_batch_multiples(n, world, batch):
     single = [rows[i : i + batch] for i in range(0, n, batch)]
     per_process = [b[i : i + batch] for b in blocks for i in range(0, len(b), batch)]
     assert per_process == single
+    # the index range of each block (where its rows start in the whole list)
+    spans = [ProcessInfo(rank=r, world_size=world).block_range(n, batch) for r in range(world)]
+    assert [list(span) for span in spans] == blocks
     sizes = [len(b) for b in blocks]
     assert max(sizes) - min(sizes) <= batch
 

@@ -126,11 +126,8 @@ def extract_activations(
     if not any(ordered.values()):
         raise InputError(f"no responses in {paths.responses_dir}", "run 'tracekit generate' first")
     # data-parallel: each process takes a contiguous block of the rows (in id order)
-    tables = {p: info.block(rows, multiple=config.batch_size) for p, rows in ordered.items()}
-    offsets = {  # where each process's block starts in the polarity's rows
-        p: next(iter(info.block(list(range(len(rows))), config.batch_size)), 0)
-        for p, rows in ordered.items()
-    }
+    spans = {p: info.block_range(len(rows), config.batch_size) for p, rows in ordered.items()}
+    tables = {p: rows[spans[p].start : spans[p].stop] for p, rows in ordered.items()}
     if on_total is not None:
         on_total(sum(len(rows) for rows in tables.values()))
     row_shape = (len(layers), loaded.hidden_size)
@@ -148,8 +145,8 @@ def extract_activations(
     try:
         for polarity, rows in tables.items():
             result.rows[polarity] = len(ordered[polarity])
-            offset = offsets[polarity]
-            _extract_rows(loaded, config, rows, capture, polarity, offset, staged, on_batch)
+            start = spans[polarity].start  # where this process's block starts
+            _extract_rows(loaded, config, rows, capture, polarity, start, staged, on_batch)
         barrier(info)  # every process's rows are written
     except BaseException:
         if not info.distributed:  # (a data-parallel run's next start recreates them)
