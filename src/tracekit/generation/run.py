@@ -343,6 +343,7 @@ def generate(
     ``loaded`` reuses an already loaded model (it must match ``config``'s model options).
     """
     from tracekit.models.loading import load_model
+    from tracekit.storage.activation_slots import prepare_slots
 
     started = time.perf_counter()
     info = process_info()
@@ -372,8 +373,6 @@ def generate(
             store.clear_outputs(paths)
         store.ensure_trait_definition(paths, trait.to_json(), force)
         store.check_run_settings(paths, run_settings(config, loaded, layers, trait), force)
-        if info.is_main and capture is not None:
-            _prepare_slots(config, paths, (len(layers), loaded.hidden_size))
     if info.is_main:
         barrier(info)  # (no-op for a single process)
     plans = []
@@ -384,6 +383,13 @@ def generate(
             planned = plan_rows(trait, polarity, config.n_examples)
             remaining = [r for r in planned if r.id not in done]
             run_rows[polarity] = len(remaining)
+            if remaining and capture is not None and info.is_main:
+                # the slot files this run's batches write into (before the barrier below)
+                for pooling in capture.poolings:
+                    prepare_slots(
+                        paths, polarity, pooling.value, config.n_examples,
+                        (len(layers), loaded.hidden_size), list(done),
+                    )  # fmt: skip
             # contiguous blocks of the rows still to do (batches as a single process runs them)
             todo[polarity] = info.block(remaining, multiple=config.batch_size)
         plans.append((trait, paths, todo, run_rows))
@@ -393,7 +399,8 @@ def generate(
     batcher = _Batcher(engine, config.batch_size)
     results = []
     total_tokens = 0
-    barrier(info)  # every process starts generating together (no-op for a single process)
+    # every process starts generating together, once the slot files exist (no-op for one process)
+    barrier(info)
     generation_started = time.perf_counter()
     engine_seconds, merge_seconds, own_rows, own_tokens = 0.0, 0.0, 0, 0
     journal = _Journal()
@@ -494,18 +501,6 @@ def generate(
         generation_seconds=time.perf_counter() - generation_started,
         processes=processes,
     )
-
-
-def _prepare_slots(config: GenerateConfig, paths: TraitPaths, row_shape: tuple[int, int]) -> None:
-    """The slot files the batches of this run write into (main process, before any batch)."""
-    from tracekit.storage.activation_slots import prepare_slots
-
-    for polarity in POLARITIES:
-        done = store.read_parts(paths, polarity)
-        if all(i in done for i in range(config.n_examples)):
-            continue  # nothing to generate: the merge works from what is there
-        for pooling in config.pooling:
-            prepare_slots(paths, polarity, pooling.value, config.n_examples, row_shape, list(done))
 
 
 def _device_label(loaded: LoadedModel) -> str:
