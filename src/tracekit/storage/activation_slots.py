@@ -108,12 +108,13 @@ def write_slots(
     at = np.asarray(ids, dtype=np.int64)
     for pooling, values in pooled.items():
         path = slots_file(paths, polarity, pooling)
-        if _shape(path) is None:
+        try:
+            mapped = _Mapped(path)
+        except (OSError, ValueError):
             raise InputError(
                 f"slot file {path} is missing or damaged",
                 "run the same command again to rebuild it, or pass --force to start over",
-            )
-        mapped = _Mapped(path)
+            ) from None
         try:
             if len(at) and int(at.max()) >= len(mapped.array):
                 raise InputError(
