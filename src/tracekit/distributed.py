@@ -33,6 +33,7 @@ from tracekit.errors import ConfigError
 
 if TYPE_CHECKING:
     from tracekit.config.base import TracekitConfig
+    from tracekit.models.loading import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,21 @@ def process_device(info: ProcessInfo, device: str) -> str:
         # one visible GPU per process (isolate_gpu) -> cuda:0; else the local rank's GPU
         return f"cuda:{info.local_rank % torch.cuda.device_count()}"
     return device
+
+
+def process_model_config(settings: ModelConfig, info: ProcessInfo) -> ModelConfig:
+    """``settings`` for this process: its own GPU when data-parallel (see
+    :func:`process_device`). ``--device-map`` is refused there: each process would spread its
+    copy of the model over every GPU."""
+    if not info.distributed:
+        return settings
+    if settings.device_map is not None:
+        raise ConfigError(
+            "--device-map auto cannot be combined with several processes (each process would "
+            "spread the model over every GPU)",
+            "run one process with --device-map auto, or several without it",
+        )
+    return settings.model_copy(update={"device": process_device(info, settings.device)})
 
 
 def barrier(info: ProcessInfo) -> None:

@@ -167,3 +167,16 @@ def test_a_gloo_group_is_destroyed_before_the_interpreter_shuts_down():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "alive at exit: False"
+
+
+def test_model_config_per_process_refuses_a_device_map_when_data_parallel():
+    from tracekit.distributed import process_model_config
+    from tracekit.errors import ConfigError
+    from tracekit.models import ModelConfig
+
+    split = ModelConfig(device_map="auto")
+    assert process_model_config(split, ProcessInfo()) == split  # one process: as given
+    with pytest.raises(ConfigError, match="--device-map auto cannot be combined"):
+        process_model_config(split, ProcessInfo(rank=1, world_size=2))
+    on_cpu = ModelConfig(device="cpu")
+    assert process_model_config(on_cpu, ProcessInfo(rank=1, world_size=2)).device == "cpu"

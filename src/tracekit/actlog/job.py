@@ -28,7 +28,7 @@ from tracekit.actlog.prompts import (
     render_chat,
 )
 from tracekit.config import BatchSize, LayerSpec, TracekitConfig
-from tracekit.distributed import all_gather, barrier, process_device, process_info
+from tracekit.distributed import all_gather, barrier, process_info, process_model_config
 from tracekit.errors import ConfigError, StoreError
 from tracekit.storage.activation_store import ActivationStore, describe_mismatch
 
@@ -128,19 +128,16 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
     qa = read_qa_jsonl(cfg.qa, cfg.question_field, cfg.skip_bad_lines)
     if info.is_main:
         _precheck_store(cfg)
-    if info.distributed and cfg.device_map is not None:
-        raise ConfigError(
-            "--device-map auto cannot be combined with several processes (each process would "
-            "spread the model over every GPU)",
-            "run one process with --device-map auto, or several without it",
-        )
     loaded = load_model(
-        ModelConfig(
-            model=cfg.model,
-            revision=cfg.revision,
-            dtype=cfg.model_dtype,
-            device=process_device(info, cfg.device),
-            device_map=cfg.device_map,
+        process_model_config(
+            ModelConfig(
+                model=cfg.model,
+                revision=cfg.revision,
+                dtype=cfg.model_dtype,
+                device=cfg.device,
+                device_map=cfg.device_map,
+            ),
+            info,
         )
     )
     try:

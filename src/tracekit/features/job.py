@@ -472,7 +472,7 @@ def extract_features(
     file is written.
     """
 
-    from tracekit.distributed import all_gather, barrier, process_device, process_info
+    from tracekit.distributed import all_gather, barrier, process_info, process_model_config
     from tracekit.models.loading import load_model
 
     started = time.perf_counter()
@@ -484,12 +484,7 @@ def extract_features(
     if config.sae is not None:
         layers = _sae_layers(config)
         saes = _load_saes(config, layers)  # on the CPU: a bad SAE fails before the model loads
-    model_config = config.to_model_config()
-    if info.distributed:  # each process on its own GPU (or the CPU)
-        model_config = model_config.model_copy(
-            update={"device": process_device(info, config.device)}
-        )
-    loaded = loaded or load_model(model_config)
+    loaded = loaded or load_model(process_model_config(config.to_model_config(), info))
     if saes is None:
         if config.layers is None:
             layers = list(range(loaded.n_layers))

@@ -1137,6 +1137,7 @@ class FastDecoder:
         self.fast_prefill = self.compile if fast_prefill is None else bool(fast_prefill)
         # off: slower on an H200 (see the class docstring and cuda_gemv.gated_linear)
         self.gated_down = bool(gated_down)
+        self._prefill_events: tuple[Any, Any] | None = None
         if not eos_token_ids:
             raise ValueError("give at least one eos token id")
         self.eos_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=self.device)
@@ -1491,7 +1492,7 @@ class FastDecoder:
     @property
     def last_prefill_seconds(self) -> float | None:
         """Device time of the last generate call's prefill (CUDA events; None off CUDA)."""
-        events = getattr(self, "_prefill_events", None)
+        events = self._prefill_events
         if events is None:
             return None
         events[1].synchronize()

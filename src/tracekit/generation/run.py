@@ -22,7 +22,13 @@ from pydantic import Field, field_validator
 
 from tracekit.config.base import TracekitConfig
 from tracekit.config.types import BatchSize, LayerSpec
-from tracekit.distributed import ProcessInfo, all_gather, barrier, process_device, process_info
+from tracekit.distributed import (
+    ProcessInfo,
+    all_gather,
+    barrier,
+    process_info,
+    process_model_config,
+)
 from tracekit.errors import ConfigError, ModelError
 from tracekit.generation.engine import CaptureSpec, GenerationParams, create_engine
 from tracekit.generation.pooling import Pooling, Poolings
@@ -513,16 +519,7 @@ def _device_label(loaded: LoadedModel) -> str:
 
 def model_settings_for(config: RuntimeOptions, info: ProcessInfo) -> ModelConfig:
     """The model options of ``config`` for this process (its own GPU when data-parallel)."""
-    settings = config.model_settings()
-    if not info.distributed:
-        return settings
-    if config.device_map is not None:
-        raise ConfigError(
-            "--device-map auto cannot be combined with several processes (each process would "
-            "spread the model over every GPU)",
-            "run one process with --device-map auto, or several without it",
-        )
-    return settings.model_copy(update={"device": process_device(info, config.device)})
+    return process_model_config(config.model_settings(), info)
 
 
 def _build(loaded: LoadedModel, config: RuntimeOptions, question: str, instruction: str) -> Any:
