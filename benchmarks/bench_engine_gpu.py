@@ -224,7 +224,7 @@ def main() -> None:
         default="",
         help=(
             "graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused,no-pdl,pdl-timing,"
-            "hf-prefill,gated-down"
+            "hf-prefill,gated-down,fused-block (a name ending in +capture runs with capture)"
         ),
     )
     ap.add_argument("--static-batches", default=None, help="batches for static (default all)")
@@ -273,11 +273,14 @@ def main() -> None:
         # functions)
         "hf-prefill": {"fast_prefill": False},
         "gated-down": {"gated_down": True},  # SiLU * up inside the down kernel (Triton modes)
+        # norms, residual adds and SiLU folded into the block's products (cuda_block)
+        "fused-block": {"fused_block": "on"},
     }
     variants: dict[str, CudaEngine] = {}
     for name in filter(None, args.variants.split(",")):
-        variants[f"tracekit cuda {name}"] = CudaEngine(loaded, **variant_options[name])
-        variants[f"tracekit cuda {name}"].stop_ids = [-1]
+        engine = CudaEngine(loaded, **variant_options[name.removesuffix("+capture")])
+        engine.stop_ids = [-1]
+        variants[f"tracekit cuda {name}"] = engine
     ref_engine = HFEngine(loaded)
     ref_engine.stop_ids = []
     rows: list[dict[str, Any]] = []
@@ -309,8 +312,9 @@ def main() -> None:
             "tracekit cuda": lambda: cuda_engine._decoder(None).last_prefill_seconds,
         }
         for label, engine in variants.items():
-            methods.append((label, lambda p=prompts, e=engine: e.generate(p, params)))
-            own_prefill[label] = lambda e=engine: e._decoder(None).last_prefill_seconds
+            cap = capture if label.endswith("+capture") else None
+            methods.append((label, lambda p=prompts, e=engine, c=cap: e.generate(p, params, c)))
+            own_prefill[label] = lambda e=engine, c=cap: e._decoder(c).last_prefill_seconds
         if args.with_reference:
             methods.append(
                 ("tracekit hf +capture", lambda p=prompts: ref_engine.generate(p, params, capture))
@@ -412,10 +416,16 @@ def main() -> None:
         )
     from tracekit.generation import cuda_gemv
 
-    for dec in cuda_engine._decoders.values():
-        for key, runner in dec._runners.items():
-            print(f"decode step b={key.batch} len={runner.total_len}: fused attention "
-                  f"{'on' if runner.dims.fused_attention else 'off'}")  # fmt: skip
+    for engine in [cuda_engine, *variants.values()]:
+        for dec in engine._decoders.values():
+            for key, runner in dec._runners.items():
+                print(f"decode step b={key.batch} len={runner.total_len}: fused attention "
+                      f"{'on' if runner.dims.fused_attention else 'off'}, fused block "
+                      f"{runner.dims.block}")  # fmt: skip
+    from tracekit.generation import cuda_block
+
+    for key, times in cuda_block.timings().items():
+        print(f"  fused {key[:4]}: us per product by K slices {times}")
     modes = cuda_gemv.MODE_NAMES
     print("linear layers (rows, N, K): chosen mode, microseconds per candidate")
     for key, mode in cuda_gemv.choices().items():

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tracekit.generation.cuda_gemv import autotuned, sum_partials
+from tracekit.generation.cuda_gemv import autotuned, import_kernel, sum_partials
 
 if TYPE_CHECKING:
     import torch
@@ -51,12 +51,10 @@ def _build() -> Any:
     if "kernel" in _STATE:
         return _STATE["kernel"]
     _STATE["kernel"] = None
-    try:
-        import triton
-
-        from tracekit.generation._attention_kernel import decode_attention_kernel
-    except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
+    found = import_kernel("tracekit.generation._attention_kernel", "decode_attention_kernel")
+    if found is None:
         return None
+    triton, decode_attention_kernel = found
     _STATE["triton"] = triton
     _STATE["kernel"] = decode_attention_kernel
     # (slots per loop step, warps, pipeline stages), timed per cache length, batch and split:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracekit.errors import InputError, ModelError
-from tracekit.generation.cuda_gemv import TRITON, gated_linear, linear
+from tracekit.generation.cuda_gemv import TRITON, gated_linear, linear, mode_for_splits
 from tracekit.generation.engine import HostCopy, to_device
 from tracekit.generation.pooling import masked_sum
 from tracekit.models.capture import LayerTaps
@@ -684,14 +684,27 @@ class _Runner:
             for layer in cap_layers
         }
         gemv = dec.gemv_choice(b)
-        fused = dec.fused_attention_for(b, self.total_len, gemv.qkv)
-        self.dims = dec.dims._replace(gemv=gemv, fused_attention=fused)
+        block = dec.block_splits_for(b)
+        # with fused blocks, the attention kernel sums the norm product's partials
+        qkv_mode = gemv.qkv if block is None else mode_for_splits(block.qkv)
+        fused = dec.fused_attention_for(b, self.total_len, qkv_mode)
+        self.dims = dec.dims._replace(
+            gemv=gemv, fused_attention=fused, block=block if fused else None
+        )
+        self.work = None
+        if self.dims.block is not None:
+            from tracekit.generation.cuda_block import workspace
+
+            self.work = workspace(b, spec.hidden, dev)
         self.graph: Any = None
 
     # -- one decode step (eager Python that calls the compiled pieces) ------------------------
     def step(self) -> None:
         dec, st, key = self.dec, self.st, self.key
         d = self.dims
+        if d.block is not None:
+            self._step_block()
+            return
         if d.fused_attention:
             self._step_fused()
             return
@@ -773,6 +786,61 @@ class _Runner:
                 cap = self.caps.get(i + 1)
                 h, qkv = dec.fn_middle_fused(h, attn, w, cap, st.feed_weight, weights[i + 1], d)
         self._last(h, attn, None, None)
+
+    def _step_block(self) -> None:
+        """One decode step of fused block products (:mod:`tracekit.generation.cuda_block`)
+        and the fused attention kernel: five kernels per block."""
+        from tracekit.generation import cuda_block
+        from tracekit.generation.cuda_attention import AttentionShape, decode_attention
+
+        dec, st, key, d = self.dec, self.st, self.key, self.dims
+        splits, pdl, work = d.block, d.gemv.pdl, self.work
+        assert splits is not None and work is not None
+        shape = AttentionShape(d.n_heads, d.n_kv, d.head_dim, d.scaling, d.window)
+        slot = st.step + key.prompt_len
+        h, ss, cos, sin = dec.fn_embed_norm(
+            st.cur_tok,
+            dec.embed,
+            slot,
+            st.pad_len,
+            dec.cos_table,
+            dec.sin_table,
+            self.caps.get(0),
+            st.feed_weight,
+        )
+        for i, w in enumerate(dec.weights):
+            assert w.qkv is not None and w.gate_up is not None
+            qkv = cuda_block.norm_product(h, ss, w.ln1, w.qkv, d.eps, splits.qkv, pdl)
+            attn = decode_attention(
+                qkv,
+                w.qkv_bias,
+                cos,
+                sin,
+                self.k_cache[i],
+                self.v_cache[i],
+                slot,
+                st.pad_len,
+                shape,
+                pdl,
+            )
+            h, ss = cuda_block.residual_product(attn, w.o, h, work, splits.o, None, pdl)
+            act = cuda_block.norm_gated_product(h, ss, w.ln2, w.gate_up, d.eps, pdl)
+            cap = self.caps.get(i + 1)
+            capture = None if cap is None else (cap, st.feed_weight)
+            h, ss = cuda_block.residual_product(act, w.down, h, work, splits.down, capture, pdl)
+        dec.fn_head_advance(
+            h,
+            dec.final_norm,
+            dec.lm_head,
+            st,
+            dec.eos_ids,
+            dec.pad_id,
+            key.max_new_tokens,
+            dec.include_eos,
+            key.do_sample,
+            key.use_top_p,
+            d,
+        )
 
     def _last(
         self, h: torch.Tensor, q: torch.Tensor, cache: _Caches | None, bias: torch.Tensor | None
@@ -870,6 +938,14 @@ class GemvChoice(NamedTuple):
 NO_GEMV = GemvChoice()
 
 
+class BlockSplits(NamedTuple):
+    """K slices of each fused block product (:mod:`tracekit.generation.cuda_block`)."""
+
+    qkv: int
+    o: int
+    down: int
+
+
 class Dims(NamedTuple):
     """Python constants the step functions specialise on (one compilation per value set)."""
 
@@ -890,6 +966,10 @@ class Dims(NamedTuple):
     fused_attention: bool = False
     """True: rotary, KV write and attention in one Triton kernel per block
     (:mod:`tracekit.generation.cuda_attention`), called between the compiled pieces."""
+    block: BlockSplits | None = None
+    """Set: every block runs as the fused products of :mod:`tracekit.generation.cuda_block`
+    around the fused attention kernel (K slices per product); only the embedding and the
+    head are compiled pieces."""
 
 
 class _Caches(NamedTuple):
@@ -980,9 +1060,8 @@ def _last(
             h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention,
             d.gemv,
         )  # fmt: skip
-    logits = _head(h, final_norm, lm_head, d.eps, d.gemv.head, d.gemv.pdl)
-    _advance(
-        logits, st, eos_ids, pad_id, max_new, include_eos, do_sample, use_top_p, d.argmax_chunk
+    _head_advance(
+        h, final_norm, lm_head, st, eos_ids, pad_id, max_new, include_eos, do_sample, use_top_p, d
     )
 
 
@@ -1015,6 +1094,43 @@ def _middle_fused(
     """Fused-attention step: rest of block i after its attention, block i+1's q/k/v product."""
     h = _out_mlp(h, attn, w, cap, cap_weight, d.eps, d.gemv)
     return h, _qkv_product(h, w_next, d.eps, d.gemv.qkv, d.gemv.pdl)
+
+
+def _embed_norm(
+    cur_tok: torch.Tensor,
+    embed: torch.Tensor,
+    slot: torch.Tensor,
+    pad_len: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    cap0: torch.Tensor | None,
+    cap_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused-block step: embedding, its rows' sums of squares (block 0's norm), rotary rows."""
+    from tracekit.generation.cuda_block import row_sums
+
+    h, cos, sin = _embed_step(cur_tok, embed, slot, pad_len, cos_table, sin_table, cap0, cap_weight)
+    return h, row_sums(h), cos, sin
+
+
+def _head_advance(
+    h: torch.Tensor,
+    final_norm: torch.Tensor,
+    lm_head: torch.Tensor,
+    st: _State,
+    eos_ids: torch.Tensor,
+    pad_id: int,
+    max_new: int,
+    include_eos: bool,
+    do_sample: bool,
+    use_top_p: bool,
+    d: Dims,
+) -> None:
+    """Final norm, logits, sampling and the per-row bookkeeping (the end of every step)."""
+    logits = _head(h, final_norm, lm_head, d.eps, d.gemv.head, d.gemv.pdl)
+    _advance(
+        logits, st, eos_ids, pad_id, max_new, include_eos, do_sample, use_top_p, d.argmax_chunk
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1075,8 +1191,11 @@ class FastDecoder:
     on an H200),
     ``gated_down`` (where ``down_proj`` runs a Triton kernel, that kernel computes
     ``silu(gate) * up`` as it loads its input, one kernel less per block; off: on an H200 at
-    batch 8 the step took 1.35 ms against 1.07 ms), ``check_every`` (decode steps between
-    host checks for "all rows done"), ``prompt_bucket``
+    batch 8 the step took 1.35 ms against 1.07 ms), ``fused_block`` (``on``: every block as
+    the five fused kernels of :mod:`tracekit.generation.cuda_block`, the norms, residual adds
+    and SiLU inside the products; off: on an H200 the step took 1.03-1.16 ms against
+    0.98-1.01 ms at batch 8 and 1.35 ms against 1.15-1.17 ms at batch 32), ``check_every``
+    (decode steps between host checks for "all rows done"), ``prompt_bucket``
     (prompt lengths are padded up to a multiple, so batches share captured graphs) and
     ``max_runners`` (captured shapes kept alive, each with its own KV cache) and
     ``pad_batches`` (a batch smaller than the caller's ``pad_to`` runs padded to it; default
@@ -1103,6 +1222,7 @@ class FastDecoder:
         time_with_pdl: bool = False,
         fast_prefill: bool | None = None,
         gated_down: bool = False,
+        fused_block: str = "off",
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
@@ -1178,6 +1298,11 @@ class FastDecoder:
         self.gemv_mode = gemv if on_cuda and fuse else "off"
         if fused_attention not in ("auto", "on", "off"):
             raise ValueError(f"fused_attention must be auto, on or off, not {fused_attention!r}")
+        if fused_block not in ("auto", "on", "off"):
+            raise ValueError(f"fused_block must be auto, on or off, not {fused_block!r}")
+        # blocks as fused products around the fused attention kernel (cuda_block); "on" also
+        # off CUDA (the Triton interpreter, for tests), "auto" on CUDA only
+        self.fused_block = fused_block if fuse and (on_cuda or fused_block == "on") else "off"
         # "on" also off CUDA (the Triton interpreter runs it there, for tests); "auto" on CUDA
         self.fused_attention = fused_attention if fuse else "off"
         if fused_attention == "auto" and not on_cuda:
@@ -1204,10 +1329,13 @@ class FastDecoder:
             self.fn_advance = _compiled("advance", _advance, pd)
             self.fn_first_fused = _compiled("first_fused", _first_fused, pd)
             self.fn_middle_fused = _compiled("middle_fused", _middle_fused, pd)
+            self.fn_embed_norm = _compiled("embed_norm", _embed_norm, pd)
+            self.fn_head_advance = _compiled("head_advance", _head_advance, pd)
         else:
             self.fn_first, self.fn_middle, self.fn_last = _first, _middle, _last
             self.fn_advance = _advance
             self.fn_first_fused, self.fn_middle_fused = _first_fused, _middle_fused
+            self.fn_embed_norm, self.fn_head_advance = _embed_norm, _head_advance
 
     # -- tables and runners ------------------------------------------------------------------
     def gemv_choice(self, batch: int) -> GemvChoice:
@@ -1233,6 +1361,40 @@ class FastDecoder:
             down=choose(w.down),
             head=choose(self.lm_head),
         )
+
+    def block_splits_for(self, batch: int) -> BlockSplits | None:
+        """K slices of the fused block products at ``batch`` rows, or ``None`` where the step
+        keeps its compiled pieces: ``fused_block`` off, no Triton, weights not in half
+        precision or not fused, an ``o_proj`` bias, or a product that failed its check."""
+        import torch
+
+        w = self.weights[0]
+        if (
+            self.fused_block == "off"
+            or self.dtype not in (torch.bfloat16, torch.float16)
+            or w.qkv is None
+            or w.gate_up is None
+            or w.o_bias is not None
+            or w.q_norm is not None
+        ):
+            return None
+        from tracekit.generation.cuda_block import choose_splits
+
+        pdl = self.time_with_pdl
+        got = [
+            choose_splits(role, batch, weight, pdl)
+            for role, weight in (
+                ("norm", w.qkv),
+                ("residual", w.o),
+                ("gated", w.gate_up),
+                ("residual", w.down),
+            )
+        ]
+        if any(s is None for s in got):
+            return None
+        qkv, o, _, down = got
+        assert qkv is not None and o is not None and down is not None
+        return BlockSplits(qkv=qkv, o=o, down=down)
 
     def fused_attention_for(self, batch: int, length: int, gemv_qkv: int) -> bool:
         """Whether decode steps of ``batch`` rows over a cache of ``length`` slots use the

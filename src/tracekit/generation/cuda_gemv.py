@@ -43,11 +43,28 @@ def _check_gated(x: torch.Tensor, w: torch.Tensor, gated: bool) -> None:
         raise ValueError(f"x of width {x.shape[1]} for a weight of K={w.shape[1]} (gated={gated})")
 
 
-def autotuned(kernel: Any, configs: list[Any], key: list[str]) -> Any:
+def import_kernel(module: str, name: str) -> tuple[Any, Any] | None:
+    """``(triton, kernel)``: the kernel ``name`` of tracekit's Triton source module ``module``
+    (``tracekit.generation._*_kernel``); ``None`` without Triton."""
+    import importlib
+
+    try:
+        import triton
+
+        kernel = getattr(importlib.import_module(module), name)
+    except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
+        return None
+    return triton, kernel
+
+
+def autotuned(
+    kernel: Any, configs: list[Any], key: list[str], restore: list[str] | None = None
+) -> Any:
     """``kernel`` under Triton's autotuner over ``configs``, re-tuned per value of the ``key``
     arguments, with timings kept on disk (a second process or run reuses them) and short
     benchmarks: these kernels take microseconds, 20 ms of repetitions is plenty (the default
-    125 ms per configuration costs seconds per shape and process). ``None`` under the CPU
+    125 ms per configuration costs seconds per shape and process). ``restore``: arguments the
+    kernel updates in place, put back after each timed run. ``None`` under the CPU
     interpreter, which has no benchmarker (the caller launches one fixed configuration)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return None
@@ -56,10 +73,13 @@ def autotuned(kernel: Any, configs: list[Any], key: list[str]) -> Any:
     def bench(kernel_call: Any, quantiles: Any) -> Any:
         return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
+    extra: dict[str, Any] = {"restore_value": restore} if restore else {}
     try:
-        tuner = triton.autotune(configs=configs, key=key, do_bench=bench, cache_results=True)
+        tuner = triton.autotune(
+            configs=configs, key=key, do_bench=bench, cache_results=True, **extra
+        )
     except TypeError:  # pragma: no cover - an older Triton
-        tuner = triton.autotune(configs=configs, key=key)
+        tuner = triton.autotune(configs=configs, key=key, **extra)
     return tuner(kernel)
 
 
@@ -199,6 +219,11 @@ def pdl_available(device: torch.device) -> bool:
 def splits_of(mode: int) -> int:
     """K slices of a split-K mode (``SPLIT_K2`` -> 2, ...)."""
     return 2 ** (mode - SPLIT_K2 + 1)
+
+
+def mode_for_splits(splits: int) -> int:
+    """The Triton mode of ``splits`` K slices (1 -> ``TRITON``, 2 -> ``SPLIT_K2``, ...)."""
+    return TRITON if splits == 1 else SPLIT_K2 + splits.bit_length() - 2
 
 
 _TIMINGS: dict[tuple[int, int, int, str], dict[str, float]] = {}
