@@ -10,9 +10,9 @@ block is five kernels, all one Triton body (:func:`_block_kernel.block_gemv_kern
    product loads its input, from the rows' sums of squares the kernel before left behind;
 2. the fused attention kernel, which sums the q/k/v partial products;
 3. ``h + attn @ o.T`` (:func:`residual_product`), which also leaves the sums of squares of the
-   new states for the next norm: with split K, the last program of each block of output
-   columns (a counter per block) adds the float32 partials in slice order, and the last block
-   adds the per-block sums of squares in block order, so results repeat bit for bit;
+   new states for the next norm, one partial sum per 16 columns (the next product adds them
+   up); with split K, the last program of each block of output columns (a counter per block)
+   adds the float32 partials in slice order, so results repeat bit for bit;
 4. ``silu(gate) * up`` of the norm of those states (:func:`norm_gated_product`);
 5. ``h + act @ down.T`` with the capture sums (:func:`residual_product` again).
 
@@ -26,9 +26,10 @@ q/k/v product.
 
 Rounding follows the reference step (the model dtype after every product, after the norm and
 after every residual add; float32 sums), but the order of the sums of squares differs from
-inductor's, so states agree within the dtype's rounding, not bit for bit. :func:`works`
-checks each product against plain torch on the engine's shapes before the engine uses them,
-and :func:`choose_splits` times the K splits per shape and batch, as
+inductor's, so states agree within the dtype's rounding, not bit for bit (greedy tokens can
+part from the compiled step's at bf16 near-ties). :func:`choose_splits` checks each product
+against plain torch on the engine's shapes before the engine uses it, and times the K splits
+per shape and batch, as
 :func:`tracekit.generation.cuda_gemv.choose` does for plain products (decisions kept in the
 same file, so the processes of a data-parallel run pick the same kernels).
 """
