@@ -16,7 +16,7 @@ block is five kernels, all one Triton body (:func:`_block_kernel.block_gemv_kern
 4. ``silu(gate) * up`` of the norm of those states (:func:`norm_gated_product`);
 5. ``h + act @ down.T`` with the capture sums (:func:`residual_product` again).
 
-**Measured slower, so off by default** (``FastDecoder(fused_block="on")``, bench variant
+**Measured slower, so off by default** (``FastDecoder(fused_block=True)``, bench variant
 ``fused-block``). On an H200 at batch 8 the step took 1.03-1.16 ms, against 0.98-1.01 ms for
 the compiled step, and at batch 32 1.35 ms, against 1.15-1.17 ms (``benchmarks/RESULTS.md``,
 sixth run). A split-K residual product cannot finish until its partials are added. The
@@ -50,8 +50,10 @@ _STATE: dict[str, Any] = {}
 _SPLITS: dict[tuple[str, int, int, int, str], int] = {}
 _TIMINGS: dict[tuple[str, int, int, int, str], dict[int, float]] = {}
 
-MIN_BLOCK_N = 16
-"""Smallest block of output columns a configuration uses (sizes the per-block buffers)."""
+BLOCK_NS = (16, 32, 64)
+"""The blocks of output columns the configurations use."""
+MIN_BLOCK_N = min(BLOCK_NS)
+"""Columns per sum-of-squares slot (the kernel's 16) and per counter: sizes those buffers."""
 MAX_SPLITS = 8
 
 
@@ -77,6 +79,7 @@ def _build() -> Any:
             (64, 128, 8, 3),
         )
     ]
+    assert {c.kwargs["BLOCK_N"] for c in configs} <= set(BLOCK_NS)
     key = ["M", "N", "K", "SPLIT_K", "NORM_IN", "GATED_OUT", "RES_OUT"]
     # timing re-runs the kernel: its outputs are rewritten the same, its counters reset
     # themselves, and the capture sums (added to in place) are restored after each run
@@ -253,7 +256,8 @@ def residual_product(
     m, n = x.shape[0], w.shape[0]
     out = torch.empty((m, n), dtype=res.dtype, device=res.device)
     # room for whole blocks of the largest block size; the slots past the width are not read
-    rows = -(-_slots(n) // 4) * 4
+    per_block = max(BLOCK_NS) // MIN_BLOCK_N
+    rows = -(-_slots(n) // per_block) * per_block
     ss = torch.empty((rows, block_m(m)), dtype=torch.float32, device=res.device)
     _launch(x, w, out, n, splits, pdl, residual=(res, work, ss), capture=capture)
     return out, ss[: _slots(n)]
@@ -307,11 +311,6 @@ def residual_reference(
     return out, row_sums(out)
 
 
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    want_f = want.float()
-    return float((got.float() - want_f).norm() / want_f.norm().clamp(min=1e-12))
-
-
 def _split_candidates(k: int, gated: bool) -> list[int]:
     return [s for s in (1, 2, 4, 8) if s == 1 or (not gated and k % (s * 64) == 0)]
 
@@ -335,22 +334,26 @@ def _check(role: str, rows: int, w: torch.Tensor, splits: int, pdl: bool, eps: f
         weight = torch.rand(rows, generator=gen).to(dev)
         errs = []
         for _ in range(2):
-            cap, cap_ref = rand(rows, n, dtype=torch.float32), None
+            cap = rand(rows, n, dtype=torch.float32)
             cap_ref = cap.clone()
             out, ss = residual_product(x, w, res, work, splits, (cap, weight), pdl)
             out_ref, ss_ref = residual_reference(x, w, res, (cap_ref, weight))
             got_ss, want_ss = totals(ss, rows), totals(ss_ref, rows)
-            errs += [_rel_err(out, out_ref), _rel_err(got_ss, want_ss), _rel_err(cap, cap_ref)]
+            errs += [
+                cuda_gemv.relative_error(out, out_ref),
+                cuda_gemv.relative_error(got_ss, want_ss),
+                cuda_gemv.relative_error(cap, cap_ref),
+            ]
         return max(errs)
     h = rand(rows, k)
     ss = row_sums(h)
     ln = (1.0 + 0.1 * torch.randn(k, generator=gen)).to(device=dev, dtype=dt)
     if role == "gated":
         got = norm_gated_product(h, ss, ln, w, eps, pdl)
-        return _rel_err(got, norm_gated_reference(h, ss, ln, w, eps))
+        return cuda_gemv.relative_error(got, norm_gated_reference(h, ss, ln, w, eps))
     got = norm_product(h, ss, ln, w, eps, splits, pdl)
     got = cuda_gemv.sum_partials(got) if splits > 1 else got
-    return _rel_err(got, norm_product_reference(h, ss, ln, w, eps))
+    return cuda_gemv.relative_error(got, norm_product_reference(h, ss, ln, w, eps))
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -370,14 +373,15 @@ def choose_splits(role: str, rows: int, w: torch.Tensor, pdl: bool = False) -> i
     if not available():
         _SPLITS[key] = 0
         return None
-    on_cuda = w.device.type == "cuda"  # elsewhere: the CPU interpreter, one slice, no timing
-    disk_key = f"{role}:{rows}x{w.shape[0]}x{w.shape[1]}:{str(w.dtype).removeprefix('torch.')}"
-    disk_key += ":pdl" if pdl else ""
-    candidates = _split_candidates(w.shape[1], role == "gated") if on_cuda else [1]
-    settled = cuda_gemv._read_decisions().get(disk_key) if on_cuda else 1
-    if settled is not None and settled >= cuda_gemv.TRITON:
-        splits = 1 if settled == cuda_gemv.TRITON else cuda_gemv.splits_of(settled)
-        candidates = [splits] if splits in candidates else []
+    on_cuda = w.device.type == "cuda"
+    disk_key = cuda_gemv.decision_key(rows, w, pdl, role)
+    settled = cuda_gemv._read_decisions().get(disk_key) if on_cuda else None
+    if not on_cuda:  # the CPU interpreter (tests): one slice, checked, neither timed nor kept
+        candidates = [1]
+    else:
+        candidates = _split_candidates(w.shape[1], role == "gated")
+        if settled is not None:  # decided before: only that one is checked
+            candidates = [s for s in candidates if cuda_gemv.mode_for_splits(s) == settled]
     good = []
     for splits in candidates:
         try:
@@ -390,7 +394,7 @@ def choose_splits(role: str, rows: int, w: torch.Tensor, pdl: bool = False) -> i
         else:
             logger.warning("fused %s product in %d slices off by %.2e: not used", role, splits, err)
     choice = _fastest(key, w, good, pdl) if len(good) > 1 else (good or [0])[0]
-    if choice and settled is None:
+    if choice and on_cuda and settled is None:
         cuda_gemv._save_decision(disk_key, cuda_gemv.mode_for_splits(choice))
     _SPLITS[key] = choice
     return choice or None
@@ -411,7 +415,7 @@ def _fastest(
     role, rows = key[0], key[1]
     n, k = w.shape
     dev, dt = w.device, w.dtype
-    copies = [w] + [w.clone() for _ in range(min(15, (256 << 20) // max(1, w.numel() * 2)))]
+    copies = cuda_gemv.hbm_copies(w)
     if role == "residual":
         x = torch.randn(rows, k, device=dev, dtype=dt)
         res = torch.randn(rows, n, device=dev, dtype=dt)

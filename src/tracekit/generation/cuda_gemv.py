@@ -281,6 +281,26 @@ def _nbytes(w: torch.Tensor) -> int:
     return max(1, w.numel() * w.element_size())
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``|got - want| / |want|`` (Frobenius norms, float32): how a kernel is checked against
+    its reference before it is used."""
+    want_f = want.float()
+    return float((got.float() - want_f).norm() / want_f.norm().clamp(min=1e-12))
+
+
+def hbm_copies(w: torch.Tensor) -> list[torch.Tensor]:
+    """``w`` and clones of it, together larger than L2 (up to 256 MB): timing a product over
+    them cycles through weights read from HBM, as a decode step reads them."""
+    return [w] + [w.clone() for _ in range(min(15, (256 << 20) // _nbytes(w)))]
+
+
+def decision_key(rows: int, w: torch.Tensor, pdl: bool, role: str = "") -> str:
+    """The name of a timed decision in the decisions file: shape, dtype, launch kind and, for
+    the fused block products, their role."""
+    key = f"{rows}x{w.shape[0]}x{w.shape[1]}:{str(w.dtype).removeprefix('torch.')}"
+    return (f"{role}:" if role else "") + key + (":pdl" if pdl else "")
+
+
 def _time(fn: Any, reps: int = 10) -> float:
     """Milliseconds per call of ``fn`` replayed from a CUDA graph.
 
@@ -402,8 +422,7 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = Fal
                         lambda a, b, m=mode: linear(a, b, m, pdl),
                         lambda a, b, s=splits_of(mode), op=partials: op(a, b, s, pdl),
                     )
-    disk_key = f"{rows}x{w.shape[0]}x{w.shape[1]}:{str(w.dtype).removeprefix('torch.')}"
-    disk_key += ":pdl" if pdl else ""
+    disk_key = decision_key(rows, w, pdl)
     # a forced or already decided mode is the only one checked: checking a Triton candidate
     # builds and autotunes it, seconds per process that nothing would use
     settled = force if force is not None else _read_decisions().get(disk_key)
@@ -413,8 +432,7 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = Fal
         if mode == LINEAR:
             continue
         try:
-            got = candidates[mode][0](x, w).float()
-            err = float((got - want).norm() / want.norm().clamp(min=1e-12))
+            err = relative_error(candidates[mode][0](x, w), want)
         except Exception as exc:  # a kernel that does not build must not stop generation
             logger.warning("linear mode %d unavailable for %s (%s)", mode, key, exc)
             err = float("inf")
@@ -424,7 +442,7 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = Fal
     if settled is not None:
         choice = settled if settled in candidates else LINEAR
     else:
-        copies = [w] + [w.clone() for _ in range(min(15, (256 << 20) // _nbytes(w)))]
+        copies = hbm_copies(w)
         times: dict[int, float] = {}
         for mode, (_, fn) in candidates.items():
             try:
