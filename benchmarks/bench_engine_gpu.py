@@ -274,7 +274,7 @@ def main() -> None:
         "hf-prefill": {"fast_prefill": False},
         "gated-down": {"gated_down": True},  # SiLU * up inside the down kernel (Triton modes)
         # norms, residual adds and SiLU folded into the block's products (cuda_block)
-        "fused-block": {"fused_block": "on"},
+        "fused-block": {"fused_block": True},
     }
     variants: dict[str, CudaEngine] = {}
     for name in filter(None, args.variants.split(",")):

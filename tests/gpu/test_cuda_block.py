@@ -109,7 +109,7 @@ def test_fused_block_engine_matches_teacher_forced_and_compiled_step():
     prompts = [torch.randint(2, 512, (int(k),), generator=gen).tolist() for k in range(5, 37, 4)]
     capture = CaptureSpec(layers=(0, 1, 2, 4), poolings=ALL_POOLINGS)
     params = GenerationParams(max_new_tokens=32, temperature=0)
-    engine = CudaEngine(loaded, fused_block="on")
+    engine = CudaEngine(loaded, fused_block=True)
     out = engine.generate(prompts, params, capture)
     runner = next(iter(engine._decoder(capture)._runners.values()))
     assert runner.dims.block is not None and runner.graph is not None
@@ -118,7 +118,7 @@ def test_fused_block_engine_matches_teacher_forced_and_compiled_step():
         assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
     # the first token comes from the prefill, shared with the compiled step; later ones may
     # part at bf16 near-ties (the norms round differently), so only the first is compared
-    plain = CudaEngine(loaded, fused_block="off").generate(prompts, params, capture)
+    plain = CudaEngine(loaded, fused_block=False).generate(prompts, params, capture)
     assert [r[:1] for r in plain.response_ids] == [r[:1] for r in out.response_ids]
     for pooling in (Pooling.prompt_last, Pooling.prompt_avg):
         assert _rel(out.pooled[pooling], plain.pooled[pooling]) < 1e-2, pooling

@@ -1191,7 +1191,7 @@ class FastDecoder:
     on an H200),
     ``gated_down`` (where ``down_proj`` runs a Triton kernel, that kernel computes
     ``silu(gate) * up`` as it loads its input, one kernel less per block; off: on an H200 at
-    batch 8 the step took 1.35 ms against 1.07 ms), ``fused_block`` (``on``: every block as
+    batch 8 the step took 1.35 ms against 1.07 ms), ``fused_block`` (every block as
     the five fused kernels of :mod:`tracekit.generation.cuda_block`, the norms, residual adds
     and SiLU inside the products; off: on an H200 the step took 1.03-1.16 ms against
     0.98-1.01 ms at batch 8 and 1.35 ms against 1.15-1.17 ms at batch 32), ``check_every``
@@ -1222,7 +1222,7 @@ class FastDecoder:
         time_with_pdl: bool = False,
         fast_prefill: bool | None = None,
         gated_down: bool = False,
-        fused_block: str = "off",
+        fused_block: bool = False,
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
@@ -1298,11 +1298,8 @@ class FastDecoder:
         self.gemv_mode = gemv if on_cuda and fuse else "off"
         if fused_attention not in ("auto", "on", "off"):
             raise ValueError(f"fused_attention must be auto, on or off, not {fused_attention!r}")
-        if fused_block not in ("auto", "on", "off"):
-            raise ValueError(f"fused_block must be auto, on or off, not {fused_block!r}")
-        # blocks as fused products around the fused attention kernel (cuda_block); "on" also
-        # off CUDA (the Triton interpreter, for tests), "auto" on CUDA only
-        self.fused_block = fused_block if fuse and (on_cuda or fused_block == "on") else "off"
+        # off: slower on an H200 (see the class docstring and cuda_block); needs fused weights
+        self.fused_block = bool(fused_block) and fuse
         # "on" also off CUDA (the Triton interpreter runs it there, for tests); "auto" on CUDA
         self.fused_attention = fused_attention if fuse else "off"
         if fused_attention == "auto" and not on_cuda:
@@ -1370,7 +1367,7 @@ class FastDecoder:
 
         w = self.weights[0]
         if (
-            self.fused_block == "off"
+            not self.fused_block
             or self.dtype not in (torch.bfloat16, torch.float16)
             or w.qkv is None
             or w.gate_up is None
