@@ -29,7 +29,7 @@ from tracekit.generation.engine import CaptureSpec
 from tracekit.generation.pooling import Pooling, Poolings
 from tracekit.generation.run import RuntimeOptions, check_name, model_settings_for
 from tracekit.storage import experiment as store
-from tracekit.storage.atomic import check_writable, write_json
+from tracekit.storage.atomic import atomic_npy_memmap, check_writable, write_json
 from tracekit.storage.experiment import POLARITIES, Polarity, TraitPaths
 
 if TYPE_CHECKING:
@@ -186,12 +186,12 @@ def _staged_file(paths: TraitPaths, polarity: Polarity, pooling: str) -> Path:
 
 
 def _create_staged(path: Path, shape: tuple[int, ...]) -> None:
-    """A float32 ``.npy`` of ``shape`` (sparse until rows are written)."""
+    """A float32 ``.npy`` of ``shape`` (sparse until rows are written), replacing one a crashed
+    run left."""
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)  # one a crashed run left
-    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape).flush()
+    with atomic_npy_memmap(path, shape, np.float32):
+        pass
 
 
 def _extract_rows(
