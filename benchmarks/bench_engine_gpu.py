@@ -224,7 +224,8 @@ def main() -> None:
         default="",
         help=(
             "graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused,no-pdl,pdl-timing,"
-            "hf-prefill,gated-down,fused-block (a name ending in +capture runs with capture)"
+            "hf-prefill,gated-down,fused-block, pin:o=splitk8/qkv=splitk4 (layers' kernels "
+            "pinned); a name ending in +capture runs with capture"
         ),
     )
     ap.add_argument("--static-batches", default=None, help="batches for static (default all)")
@@ -275,10 +276,16 @@ def main() -> None:
         "gated-down": {"gated_down": True},  # SiLU * up inside the down kernel (Triton modes)
         # norms, residual adds and SiLU folded into the block's products (cuda_block)
         "fused-block": {"fused_block": True},
+        # kernels chosen per product timed alone (the default re-times whole steps)
+        "no-tuning": {"tune_steps": False},
     }
     variants: dict[str, CudaEngine] = {}
     for name in filter(None, args.variants.split(",")):
-        engine = CudaEngine(loaded, **variant_options[name.removesuffix("+capture")])
+        base = name.removesuffix("+capture")
+        if base.startswith("pin:"):  # pin:o=splitk8/qkv=splitk8 pins those layers' kernels
+            pins = dict(item.split("=", 1) for item in base.removeprefix("pin:").split("/"))
+            variant_options[base] = {"gemv_modes": pins}
+        engine = CudaEngine(loaded, **variant_options[base])
         engine.stop_ids = [-1]
         variants[f"tracekit cuda {name}"] = engine
     ref_engine = HFEngine(loaded)
@@ -422,6 +429,11 @@ def main() -> None:
                 print(f"decode step b={key.batch} len={runner.total_len}: fused attention "
                       f"{'on' if runner.dims.fused_attention else 'off'}, fused block "
                       f"{runner.dims.block}")  # fmt: skip
+            for batch, tried in dec.step_timings.items():
+                options = engine.decoder_options or "default options"
+                print(f"step tuning b={batch} ({options}):")
+                for label, us in sorted(tried.items(), key=lambda kv: kv[1]):
+                    print(f"  {us:7.1f} us per step  {label}")
     from tracekit.generation import cuda_block
 
     for key, times in cuda_block.timings().items():

@@ -239,6 +239,55 @@ def test_gated_down_engine_matches_teacher_forced():
         assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
 
 
+def test_pinned_linear_modes_are_used():
+    from tracekit.generation import cuda_gemv
+
+    loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=6)
+    prompts = _prompts(8, seed=6)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    params = GenerationParams(max_new_tokens=24, temperature=0)
+    engine = CudaEngine(loaded, gemv="off")
+    engine_pinned = CudaEngine(loaded, gemv_modes={"o": "splitk2", "down": "linear"})
+    out = engine_pinned.generate(prompts, params, capture)
+    choice = next(iter(engine_pinned._decoder(capture)._runners.values())).dims.gemv
+    assert (choice.o, choice.down) == (cuda_gemv.SPLIT_K2, cuda_gemv.LINEAR)
+    forced = pooled_forward(loaded, prompts, out.response_ids, capture)
+    for pooling in ALL_POOLINGS:
+        assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
+    # off: pins are not used (every layer F.linear)
+    engine.generate(prompts, params, capture)
+    assert not any(next(iter(engine._decoder(capture)._runners.values())).dims.gemv[:5])
+
+
+def test_step_tuning_times_whole_steps_and_keeps_its_decision(tmp_path, monkeypatch):
+    from tracekit.generation.cuda_engine import TUNED_ROLES, _modes_label
+
+    monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path))  # a fresh decisions file
+    loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=10)
+    prompts = _prompts(8, seed=10)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    params = GenerationParams(max_new_tokens=24, temperature=0)
+    engine = CudaEngine(loaded)
+    out = engine.generate(prompts, params, capture)
+    dec = engine._decoder(capture)
+    assert dec.tune_steps and dec.setup_parts["step_tuning"] > 0
+    tried = dec.step_timings[8]
+    assert len(tried) >= 1 + len(TUNED_ROLES)  # the first choice and at least one more each
+    runner = next(iter(dec._runners.values()))
+    chosen = _modes_label(runner.dims.gemv)
+    assert tried[chosen] <= min(tried.values()) / 0.99  # the fastest, or within the margin
+    forced = pooled_forward(loaded, prompts, out.response_ids, capture)
+    for pooling in ALL_POOLINGS:
+        assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
+    # a new engine (as a later run) takes the kept decision without tuning, same tokens
+    again_engine = CudaEngine(loaded)
+    again = again_engine.generate(prompts, params, capture)
+    again_dec = again_engine._decoder(capture)
+    assert again_dec.step_timings == {} and again_dec.setup_parts["step_tuning"] == 0
+    assert _modes_label(next(iter(again_dec._runners.values())).dims.gemv) == chosen
+    assert again.response_ids == out.response_ids
+
+
 def test_two_stage_argmax_matches_argmax():
     from tracekit.generation.cuda_engine import _argmax, argmax_chunk_for
 

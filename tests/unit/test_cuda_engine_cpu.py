@@ -192,6 +192,15 @@ def test_right_padding_and_unsupported_models_are_refused(tiny):
     assert resolve_engine_name("auto", tiny) == "hf"  # CPU: the reference engine
 
 
+def test_pinned_linear_modes_are_checked(tiny):
+    dec = FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"o": "splitk8", "head": "linear"})
+    assert dec.gemv_modes == {"o": 5, "head": 0}
+    with pytest.raises(ValueError, match="unknown layer 'v'; choose from qkv, o, gate_up"):
+        FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"v": "triton"})
+    with pytest.raises(ValueError, match="unknown mode 'splitk3' for o; choose from linear"):
+        FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"o": "splitk3"})
+
+
 def _tiny_family(family: str, **overrides):
     """A tiny random-init model of a supported family (float32, CPU, seed 0)."""
     import transformers

@@ -44,12 +44,18 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracekit.errors import InputError, ModelError
-from tracekit.generation.cuda_gemv import TRITON, gated_linear, linear, mode_for_splits
+from tracekit.generation.cuda_gemv import (
+    MODE_NAMES,
+    TRITON,
+    gated_linear,
+    linear,
+    mode_for_splits,
+)
 from tracekit.generation.engine import HostCopy, to_device
 from tracekit.generation.pooling import masked_sum
 from tracekit.models.capture import LayerTaps
@@ -909,6 +915,34 @@ class _Runner:
         else:
             self.step()
 
+    def set_gemv(self, gemv: GemvChoice) -> None:
+        """Run the step with ``gemv``'s kernels (the attention kernel's use re-decided for its
+        q/k/v mode); the caller captures again."""
+        fused = self.dec.fused_attention_for(self.key.batch, self.total_len, gemv.qkv)
+        self.dims = self.dims._replace(gemv=gemv, fused_attention=fused)
+
+    def time_steps(self, rounds: int = 3) -> float:
+        """Seconds per replay of the captured step: the best of ``rounds`` runs of up to 16
+        replays from the dummy state (each replay advances the slot: no more replays than the
+        cache has slots after the prompt; the prefill rewrites what they wrote)."""
+        import torch
+
+        replays = max(1, min(16, self.key.max_new_tokens - 1))
+        assert self.graph is not None
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        best = float("inf")
+        for _ in range(rounds):
+            self.reset_dummy()
+            start.record()
+            for _ in range(replays):
+                self.graph.replay()
+            end.record()
+            torch.cuda.synchronize(self.dec.device)
+            best = min(best, start.elapsed_time(end) / 1e3 / replays)
+        self.reset_dummy()
+        return best
+
 
 def _head(
     h: torch.Tensor,
@@ -1138,10 +1172,44 @@ def _head_advance(
 # --------------------------------------------------------------------------------------------
 _COMPILED: dict[str, Any] = {}
 
-SETUP_PARTS = ("kernel_choice", "compile_warmup", "graph_capture")
+SETUP_PARTS = ("kernel_choice", "compile_warmup", "graph_capture", "step_tuning")
 
 FUSED_ATTENTION_MAX_LEN = 1024
 """Longest cache (prompt + new tokens) for which ``fused_attention="auto"`` uses the kernel."""
+
+
+GEMV_ROLES = ("qkv", "o", "gate_up", "down", "head")
+"""The linear layers whose kernel ``FastDecoder(gemv_modes=...)`` can pin."""
+
+TUNED_ROLES = ("o", "qkv", "down")
+"""The linear layers whose kernel step tuning (``FastDecoder(tune_steps=...)``) re-decides
+by timing whole decode steps, in this order: those that follow the step's small kernels, where
+a product timed alone (:func:`tracekit.generation.cuda_gemv.choose`) and the same product
+inside the step differ most. ``gate_up`` and the head are long enough for the timing alone."""
+
+STEP_TUNING_MARGIN = 0.01
+"""A step-tuning candidate must beat the best step so far by this fraction (not by noise)."""
+
+
+def _modes_label(gemv: GemvChoice) -> str:
+    """``qkv=linear o=splitk4 ...``: a step's linear-layer kernels, for logs and benchmarks."""
+    return " ".join(f"{r}={MODE_NAMES[getattr(gemv, r)]}" for r in GEMV_ROLES)
+
+
+def _pinned_modes(modes: Mapping[str, str] | None) -> dict[str, int]:
+    """``{role: mode name}`` (``FastDecoder(gemv_modes=...)``) as cuda_gemv modes, checked."""
+    pinned: dict[str, int] = {}
+    for role, name in (modes or {}).items():
+        if role not in GEMV_ROLES:
+            raise ValueError(
+                f"gemv_modes: unknown layer {role!r}; choose from {', '.join(GEMV_ROLES)}"
+            )
+        if name not in MODE_NAMES:
+            raise ValueError(
+                f"gemv_modes: unknown mode {name!r} for {role}; choose from {', '.join(MODE_NAMES)}"
+            )
+        pinned[role] = MODE_NAMES.index(name)
+    return pinned
 
 
 def _compiled(name: str, fn: Any, pdl: bool = False) -> Any:
@@ -1182,7 +1250,13 @@ class FastDecoder:
     attention through ``scaled_dot_product_attention`` instead of two matmuls), ``gemv``
     (``auto``: per shape the fastest correct of ``F.linear``, the transposed product and the
     Triton kernels; ``on``: the split-N Triton kernel wherever correct; ``splitk``: the split-K
-    one in two slices wherever correct; ``off``: ``F.linear``),
+    one in two slices wherever correct; ``off``: ``F.linear``), ``gemv_modes`` (pins the kernel
+    of single layers over ``gemv``, e.g. ``{"o": "splitk8"}``: roles :data:`GEMV_ROLES`, modes
+    :data:`tracekit.generation.cuda_gemv.MODE_NAMES`; a pinned mode that fails its check runs
+    ``F.linear``; only where ``gemv`` is not ``off``), ``tune_steps`` (with ``gemv="auto"``
+    and captured steps, the default: the first step captured at a batch size re-decides the
+    kernels of :data:`TUNED_ROLES` by timing whole steps, see :meth:`_tune`; tens of seconds
+    once, then kept in the decisions file),
     ``pdl`` (programmatic dependent launch of the step's Triton and inductor kernels; ``None``:
     wherever available), ``time_with_pdl`` (the linear-layer kernel choice times the Triton
     candidates as dependent launches; off: on an H200 at batch 8 it gave 55% of the floor
@@ -1217,6 +1291,8 @@ class FastDecoder:
         write_kv_in_graph: bool | None = None,
         sdpa_attention: bool = False,
         gemv: str = "auto",
+        gemv_modes: Mapping[str, str] | None = None,
+        tune_steps: bool | None = None,
         fused_attention: str = "auto",
         pdl: bool | None = None,
         time_with_pdl: bool = False,
@@ -1296,6 +1372,10 @@ class FastDecoder:
         # auto: per shape, where a Triton kernel is correct and faster; on: the split-N kernel
         # wherever correct; splitk: the two-slice split-K kernel wherever correct (tests)
         self.gemv_mode = gemv if on_cuda and fuse else "off"
+        self.gemv_modes = _pinned_modes(gemv_modes)
+        self._step_modes: dict[int, dict[str, int]] = {}
+        self.step_timings: dict[int, dict[str, float]] = {}
+        """Per batch size tuned here: microseconds per decode step of each candidate timed."""
         if fused_attention not in ("auto", "on", "off"):
             raise ValueError(f"fused_attention must be auto, on or off, not {fused_attention!r}")
         # off: slower on an H200 (see the class docstring and cuda_block); needs fused weights
@@ -1318,6 +1398,8 @@ class FastDecoder:
         self.pdl = can_pdl if pdl is None else bool(pdl) and can_pdl
         # off by default until measured in a whole step: see cuda_gemv.choose
         self.time_with_pdl = bool(time_with_pdl) and self.pdl
+        can_tune = self.use_graphs and self.gemv_mode == "auto" and not self.fused_block
+        self.tune_steps = can_tune if tune_steps is None else bool(tune_steps) and can_tune
         if self.compile:
             pd = self.pdl
             self.fn_first = _compiled("first", _first, pd)
@@ -1344,20 +1426,98 @@ class FastDecoder:
         force = {"on": cuda_gemv.TRITON, "splitk": cuda_gemv.SPLIT_K2}.get(self.gemv_mode)
         w = self.weights[0]
 
-        def choose(weight: torch.Tensor | None) -> int:
+        tuned = self.tuned_modes(batch) if self.tune_steps else {}
+
+        def choose(role: str, weight: torch.Tensor | None) -> int:
             if weight is None:
                 return 0
-            return cuda_gemv.choose(batch, weight, force, self.time_with_pdl)
+            pinned = self.gemv_modes.get(role, tuned.get(role, force))
+            return cuda_gemv.choose(batch, weight, pinned, self.time_with_pdl)
 
         return GemvChoice(
             pdl=self.pdl,
             gated=self.gated_down,
-            qkv=choose(w.qkv),
-            o=choose(w.o),
-            gate_up=choose(w.gate_up),
-            down=choose(w.down),
-            head=choose(self.lm_head),
+            qkv=choose("qkv", w.qkv),
+            o=choose("o", w.o),
+            gate_up=choose("gate_up", w.gate_up),
+            down=choose("down", w.down),
+            head=choose("head", self.lm_head),
         )
+
+    def _tuned_roles(self) -> list[str]:
+        w = self.weights[0]
+        return [r for r in TUNED_ROLES if r not in self.gemv_modes and getattr(w, r) is not None]
+
+    def _step_key(self, role: str, batch: int) -> str:
+        from tracekit.generation.cuda_gemv import decision_key
+
+        weight = getattr(self.weights[0], role)
+        return decision_key(batch, weight, self.pdl, role=f"step-{role}-{len(self.weights)}L")
+
+    def tuned_modes(self, batch: int) -> dict[str, int]:
+        """The kernels step tuning chose for ``batch`` rows (this process, else the decisions
+        file of :func:`tracekit.generation.cuda_gemv.choose`); empty where not tuned yet."""
+        if batch not in self._step_modes:
+            from tracekit.generation.cuda_gemv import _read_decisions
+
+            on_disk = _read_decisions()
+            found = {r: on_disk.get(self._step_key(r, batch)) for r in self._tuned_roles()}
+            if any(mode is None for mode in found.values()):
+                return {}
+            self._step_modes[batch] = {r: int(m) for r, m in found.items() if m is not None}
+        return self._step_modes[batch]
+
+    def _tune(self, runner: _Runner) -> None:
+        """Re-decide the kernels of :data:`TUNED_ROLES` for ``runner``'s batch size by timing
+        whole captured decode steps, one layer at a time (each keeps the fastest of its correct
+        modes before the next is tried), and keep the decisions on disk.
+
+        The per-shape choice times each product alone, back to back. Inside the step a product
+        follows other kernels: with programmatic dependent launch a Triton product loads its
+        first weight tiles while the kernel before it finishes, cuBLAS cannot; on an H200 at
+        batch 32 the ``o`` product timed alone picked cuBLAS, and four K slices made the whole
+        step 4% faster (benchmarks/RESULTS.md, seventh run). Leaves ``runner`` with the fastest
+        step captured."""
+        from tracekit.generation import cuda_gemv
+
+        batch = runner.key.batch
+        best, best_graph = runner.dims.gemv, runner.graph
+        best_time = runner.time_steps()
+        timings = {_modes_label(best): 1e6 * best_time}
+        for role in self._tuned_roles():
+            weight = getattr(self.weights[0], role)
+            tried = {getattr(best, role)}
+            for mode in cuda_gemv.TUNED_MODES:
+                if mode in tried:
+                    continue
+                got = cuda_gemv.choose(batch, weight, mode, self.time_with_pdl)
+                if got in tried:  # not correct here, or K does not split: F.linear
+                    continue
+                tried.add(got)
+                fields = best._asdict()
+                fields[role] = got
+                candidate = GemvChoice(**fields)
+                runner.set_gemv(candidate)
+                try:
+                    runner.capture()
+                except Exception as exc:  # a candidate that cannot run is not used
+                    if _is_oom(exc):
+                        raise
+                    logger.info("step tuning: %s not used (%s)", _modes_label(candidate), exc)
+                    continue
+                seconds = runner.time_steps()
+                timings[_modes_label(candidate)] = 1e6 * seconds
+                if seconds < best_time * (1 - STEP_TUNING_MARGIN):
+                    best, best_graph, best_time = candidate, runner.graph, seconds
+        runner.set_gemv(best)
+        runner.graph = best_graph
+        runner.reset_dummy()
+        self._step_modes[batch] = {r: getattr(best, r) for r in self._tuned_roles()}
+        self.step_timings[batch] = timings
+        for role, mode in self._step_modes[batch].items():
+            cuda_gemv._save_decision(self._step_key(role, batch), mode)
+        logger.info("step tuning at batch %d: %s (%.0f us per step)", batch,
+                    _modes_label(best), 1e6 * best_time)  # fmt: skip
 
     def block_splits_for(self, batch: int) -> BlockSplits | None:
         """K slices of the fused block products at ``batch`` rows, or ``None`` where the step
@@ -1457,6 +1617,14 @@ class FastDecoder:
                 logger.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
                 runner.graph = None
                 runner.reset_dummy()
+        batch = key.batch
+        tune = self.tune_steps and runner.graph is not None and self._tuned_roles()
+        if tune and not self.tuned_modes(batch):
+            started = time.perf_counter()
+            try:
+                self._tune(runner)
+            finally:
+                self.setup_parts["step_tuning"] += time.perf_counter() - started
         self._runners[key] = runner
         logger.info("decode step for %s ready in %.1f s", key, self.setup_seconds - before)
         return runner

@@ -191,6 +191,8 @@ LINEAR, TRANSPOSED, TRITON, SPLIT_K2, SPLIT_K4, SPLIT_K8 = range(6)
 orientation and picks other kernels); the Triton kernel; the split-K Triton kernel with K in
 2, 4 or 8 slices."""
 MODE_NAMES = ("linear", "transposed", "triton", "splitk2", "splitk4", "splitk8")
+TUNED_MODES = (LINEAR, TRITON, SPLIT_K2, SPLIT_K4, SPLIT_K8)
+"""The modes step tuning tries per layer (the transposed product is cuBLAS again)."""
 
 
 def pdl_available(device: torch.device) -> bool:
