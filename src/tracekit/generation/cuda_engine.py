@@ -1334,6 +1334,7 @@ class FastDecoder:
         # off: slower on an H200 (see the class docstring and cuda_gemv.gated_linear)
         self.gated_down = bool(gated_down)
         self._prefill_events: tuple[Any, Any] | None = None
+        self._decode_events: tuple[Any, Any] | None = None
         if not eos_token_ids:
             raise ValueError("give at least one eos token id")
         self.eos_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=self.device)
@@ -1476,8 +1477,9 @@ class FastDecoder:
         follows other kernels: with programmatic dependent launch a Triton product loads its
         first weight tiles while the kernel before it finishes, cuBLAS cannot; on an H200 at
         batch 32 the ``o`` product timed alone picked cuBLAS, and four K slices made the whole
-        step 4% faster (benchmarks/RESULTS.md, seventh run). Leaves ``runner`` with the fastest
-        step captured."""
+        step 5% faster (benchmarks/RESULTS.md, seventh run). Each candidate is compiled and
+        captured (seconds each, more where its Triton kernel is autotuned first) and timed over
+        replays of the captured step. Leaves ``runner`` with the fastest step captured."""
         from tracekit.generation import cuda_gemv
 
         batch = runner.key.batch
@@ -1706,10 +1708,12 @@ class FastDecoder:
             prompt_pooled = self._prefill(runner, ids, mask, temps, tops, seeds)
             steps = 0
             check = _DoneCheck(runner.st, self.device)
+            events = _start_span(self.device)
             for steps in range(1, max_new_tokens + 1):
                 runner.replay()
                 if steps % self.check_every == 0 and steps < max_new_tokens and check.done():
                     break
+            self._decode_events = _end_span(events)
             return self._collect(runner, prompt_pooled, steps)
 
     def _prefill(
@@ -1742,14 +1746,9 @@ class FastDecoder:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         # later cache slots may hold keys of an earlier batch; the mask never lets them in
         prefill = self._prefill_fast if self.fast_prefill else self._prefill_hf
-        events = None
-        if self.device.type == "cuda":  # the prefill's share of the run, read afterwards
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            events[0].record()
+        events = _start_span(self.device)  # the prefill's share of the run, read afterwards
         logits = prefill(runner, ids, mask, positions, pool)
-        if events is not None:
-            events[1].record()
-        self._prefill_events = events
+        self._prefill_events = _end_span(events)
         st.pad_len.copy_(prompt_len - n_real)
         st.step.fill_(-1)
         st.alive.fill_(True)
@@ -1819,11 +1818,14 @@ class FastDecoder:
     @property
     def last_prefill_seconds(self) -> float | None:
         """Device time of the last generate call's prefill (CUDA events; None off CUDA)."""
-        events = self._prefill_events
-        if events is None:
-            return None
-        events[1].synchronize()
-        return float(events[0].elapsed_time(events[1])) / 1e3
+        return _span_seconds(self._prefill_events)
+
+    @property
+    def last_decode_seconds(self) -> float | None:
+        """Device time of the last generate call's decode steps, first to last (CUDA events;
+        None off CUDA): the steps alone, without the prefill, the host's preparation of the
+        batch and the copies of the results."""
+        return _span_seconds(self._decode_events)
 
     def _prefill_fast(
         self,
@@ -1896,6 +1898,32 @@ class FastDecoder:
         out = HostCopy(device_out).wait()
         ordered = {name: out[name] for name in self.poolings}
         return FastResult(tokens=tokens, finish_reasons=reasons, pooled=ordered, decode_steps=steps)
+
+
+def _start_span(device: torch.device) -> tuple[Any, Any] | None:
+    """Two timing events, the first recorded now (``None`` off CUDA)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+    events[0].record()
+    return events
+
+
+def _end_span(events: tuple[Any, Any] | None) -> tuple[Any, Any] | None:
+    """Record the second event of a :func:`_start_span` pair; returns the pair."""
+    if events is not None:
+        events[1].record()
+    return events
+
+
+def _span_seconds(events: tuple[Any, Any] | None) -> float | None:
+    """Seconds between a recorded pair of events (waits for the second), or ``None``."""
+    if events is None:
+        return None
+    events[1].synchronize()
+    return float(events[0].elapsed_time(events[1])) / 1e3
 
 
 class _DoneCheck:

@@ -191,8 +191,10 @@ LINEAR, TRANSPOSED, TRITON, SPLIT_K2, SPLIT_K4, SPLIT_K8 = range(6)
 orientation and picks other kernels); the Triton kernel; the split-K Triton kernel with K in
 2, 4 or 8 slices."""
 MODE_NAMES = ("linear", "transposed", "triton", "splitk2", "splitk4", "splitk8")
-TUNED_MODES = (LINEAR, TRITON, SPLIT_K2, SPLIT_K4, SPLIT_K8)
-"""The modes step tuning tries per layer (the transposed product is cuBLAS again)."""
+TUNED_MODES = (LINEAR, SPLIT_K2, SPLIT_K4, SPLIT_K8)
+"""The modes step tuning tries per layer, besides the one chosen alone: not the transposed
+product (cuBLAS again), nor the split-N kernel (in whole steps on an H200 it was never the
+fastest for o, q/k/v or down at batch 8 or 32: benchmarks/RESULTS.md, seventh run)."""
 
 
 def pdl_available(device: torch.device) -> bool:
