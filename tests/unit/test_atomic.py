@@ -52,3 +52,33 @@ def test_npy_memmap_replaces_the_target_only_when_complete(tmp_path: Path):
     loaded = np.load(target, allow_pickle=False)
     assert loaded.dtype == np.float32 and loaded.tolist() == [[1, 2], [0, 0], [5, 6]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acts.npy"]
+
+
+def test_file_lock_makes_a_second_process_wait(tmp_path: Path):
+    import subprocess
+    import sys
+    import time
+
+    from tracekit.storage.atomic import file_lock
+
+    lock = tmp_path / "sub" / "decisions.lock"
+    log = tmp_path / "order.txt"
+    child = (
+        "import sys\n"
+        "from tracekit.storage.atomic import file_lock\n"
+        "open(sys.argv[2], 'a').write('child waits\\n')\n"
+        "with file_lock(sys.argv[1]):\n"
+        "    open(sys.argv[2], 'a').write('child in\\n')\n"
+    )
+    with file_lock(lock):
+        proc = subprocess.Popen([sys.executable, "-c", child, str(lock), str(log)])
+        deadline = time.monotonic() + 60
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the child is at the lock now
+        with log.open("a") as f:
+            f.write("parent out\n")
+    assert proc.wait(timeout=60) == 0
+    assert log.read_text().splitlines() == ["child waits", "parent out", "child in"]
+    with file_lock(lock):  # released: taken again at once
+        pass

@@ -1622,9 +1622,19 @@ class FastDecoder:
         batch = key.batch
         tune = self.tune_steps and runner.graph is not None and self._tuned_roles()
         if tune and not self.tuned_modes(batch):
+            from tracekit.generation.cuda_gemv import decisions_lock
+
             started = time.perf_counter()
             try:
-                self._tune(runner)
+                # one process per host tunes; the others wait and take its decision
+                with decisions_lock():
+                    if self.tuned_modes(batch):  # decided by another process meanwhile
+                        before = runner.dims.gemv
+                        runner.set_gemv(self.gemv_choice(batch))
+                        if runner.dims.gemv != before:
+                            runner.capture()
+                    else:
+                        self._tune(runner)
             finally:
                 self.setup_parts["step_tuning"] += time.perf_counter() - started
         self._runners[key] = runner

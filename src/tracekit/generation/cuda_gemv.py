@@ -20,8 +20,10 @@ where it is correct and faster. Without Triton or CUDA every shape keeps ``F.lin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -366,6 +368,28 @@ def _read_decisions() -> dict[str, int]:
     return {str(k): v for k, v in loaded.items() if v in range(len(MODE_NAMES))}
 
 
+@contextlib.contextmanager
+def decisions_lock() -> Iterator[None]:
+    """Hold the host-wide lock on the decisions file while deciding by timing (re-entrant in a
+    process). Processes started together (a data-parallel run) would otherwise time the same
+    shape at once and could pick different kernels, and so compute different numbers; with it,
+    one times and the others read its decision. Without a writable cache, no lock."""
+    from tracekit.storage.atomic import file_lock
+
+    depth = _STATE.get("lock_depth", 0)
+    with contextlib.ExitStack() as stack:
+        if depth == 0:
+            try:
+                stack.enter_context(file_lock(_decisions_file().with_suffix(".lock")))
+            except OSError as exc:
+                logger.info("kernel decisions not locked (%s)", exc)
+        _STATE["lock_depth"] = depth + 1
+        try:
+            yield
+        finally:
+            _STATE["lock_depth"] = depth
+
+
 def _save_decision(name: str, mode: int) -> None:
     """Add one decision to the file, re-read first: the other processes of a data-parallel run
     may have added theirs since this one started."""
@@ -427,9 +451,32 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = Fal
                         lambda a, b, s=splits_of(mode), op=partials: op(a, b, s, pdl),
                     )
     disk_key = decision_key(rows, w, pdl)
+    if force is not None:
+        choice = _decide(key, disk_key, candidates, force, x, w, want)
+    else:
+        settled = _read_decisions().get(disk_key)
+        # timing: one process per host at a time, so the others find the decision made
+        with contextlib.nullcontext() if settled is not None else decisions_lock():
+            if settled is None:
+                settled = _read_decisions().get(disk_key)
+            choice = _decide(key, disk_key, candidates, settled, x, w, want)
+    _CHOICES[key] = choice
+    return choice
+
+
+def _decide(
+    key: tuple[int, int, int, str],
+    disk_key: str,
+    candidates: dict[int, tuple[Any, Any]],
+    settled: int | None,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    want: torch.Tensor,
+) -> int:
+    """:func:`choose`'s check and timing: ``settled`` (forced or on disk) where it is correct,
+    else ``F.linear``; without one, the fastest correct candidate, saved to disk."""
     # a forced or already decided mode is the only one checked: checking a Triton candidate
     # builds and autotunes it, seconds per process that nothing would use
-    settled = force if force is not None else _read_decisions().get(disk_key)
     if settled is not None:
         candidates = {m: c for m, c in candidates.items() if m in (LINEAR, settled)}
     for mode in list(candidates):
@@ -444,25 +491,22 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = Fal
             logger.warning("linear mode %d off by %.2e for %s: not used", mode, err, key)
             del candidates[mode]
     if settled is not None:
-        choice = settled if settled in candidates else LINEAR
-    else:
-        copies = hbm_copies(w)
-        times: dict[int, float] = {}
-        for mode, (_, fn) in candidates.items():
-            try:
-                times[mode] = _time(lambda fn=fn: [fn(x, c) for c in copies]) / len(copies)
-            except Exception as exc:  # e.g. a capture failure: that mode is not used
-                logger.warning("linear mode %d not timed for %s (%s)", mode, key, exc)
-        del copies
-        if LINEAR not in times:
-            _CHOICES[key] = LINEAR
-            return LINEAR
-        best = min(times, key=lambda m: times[m])
-        # a faster alternative must beat cuBLAS' default clearly, not by timing noise
-        choice = best if times[best] < 0.95 * times[LINEAR] else LINEAR
-        _TIMINGS[key] = {MODE_NAMES[m]: 1e3 * t for m, t in times.items()}
-        _save_decision(disk_key, choice)
-    _CHOICES[key] = choice
+        return settled if settled in candidates else LINEAR
+    copies = hbm_copies(w)
+    times: dict[int, float] = {}
+    for mode, (_, fn) in candidates.items():
+        try:
+            times[mode] = _time(lambda fn=fn, cs=copies: [fn(x, c) for c in cs]) / len(copies)
+        except Exception as exc:  # e.g. a capture failure: that mode is not used
+            logger.warning("linear mode %d not timed for %s (%s)", mode, key, exc)
+    del copies
+    if LINEAR not in times:
+        return LINEAR
+    best = min(times, key=lambda m: times[m])
+    # a faster alternative must beat cuBLAS' default clearly, not by timing noise
+    choice = best if times[best] < 0.95 * times[LINEAR] else LINEAR
+    _TIMINGS[key] = {MODE_NAMES[m]: 1e3 * t for m, t in times.items()}
+    _save_decision(disk_key, choice)
     return choice
 
 

@@ -12,7 +12,6 @@ The package is located with :func:`importlib.util.find_spec` and never imported:
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
 import logging
@@ -22,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from tracekit.errors import ModelError
+from tracekit.storage.atomic import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ def embedded_model_dir() -> Path:
     if marker.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / (target.name + ".lock")
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(target.parent / (target.name + ".lock")):
         if marker.is_file():  # another process converted it while we waited
             return target
         logger.warning("converting the embedded model once into %s (about 30 s)", target)

@@ -36,6 +36,23 @@ def _replacing(path: str | os.PathLike[str]) -> Iterator[tuple[int, Path]]:
 
 
 @contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``path`` (created if missing) for the
+    block: processes on one host that decide or build the same thing take turns, and the ones
+    that waited find it done."""
+    import fcntl
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temp file next to ``path``; on success it replaces ``path`` atomically."""
     if mode not in ("w", "wb"):
