@@ -1629,9 +1629,9 @@ class FastDecoder:
                 # one process per host tunes; the others wait and take its decision
                 with decisions_lock():
                     if self.tuned_modes(batch):  # decided by another process meanwhile
-                        before = runner.dims.gemv
+                        decided = runner.dims.gemv
                         runner.set_gemv(self.gemv_choice(batch))
-                        if runner.dims.gemv != before:
+                        if runner.dims.gemv != decided:
                             runner.capture()
                     else:
                         self._tune(runner)
