@@ -924,7 +924,8 @@ class _Runner:
     def time_steps(self, rounds: int = 3) -> float:
         """Seconds per replay of the captured step: the best of ``rounds`` runs of up to 16
         replays from the dummy state (each replay advances the slot: no more replays than the
-        cache has slots after the prompt; the prefill rewrites what they wrote)."""
+        cache has slots after the prompt; a real decode step writes its slot before any step
+        reads it, so what these replays leave there is never read)."""
         import torch
 
         replays = max(1, min(16, self.key.max_new_tokens - 1))
