@@ -1469,6 +1469,33 @@ class FastDecoder:
             self._step_modes[batch] = {r: int(m) for r, m in found.items() if m is not None}
         return self._step_modes[batch]
 
+    def _tune_once(self, runner: _Runner) -> None:
+        """Step tuning at ``runner``'s batch size unless decided already (here or on disk).
+        One process per host tunes at a time; one that waited takes the decision made."""
+        batch = runner.key.batch
+        if self.tuned_modes(batch):
+            return
+        from tracekit.generation.cuda_gemv import _decisions_file, decisions_lock
+
+        started = time.perf_counter()
+        try:
+            with decisions_lock():
+                if self.tuned_modes(batch):  # decided by another process meanwhile
+                    decided = runner.dims.gemv
+                    runner.set_gemv(self.gemv_choice(batch))
+                    if runner.dims.gemv != decided:
+                        runner.capture()
+                    return
+                logger.warning(
+                    "timing the decode step's kernels at batch %d, once for this GPU "
+                    "(a minute or two; kept in %s)",
+                    batch,
+                    _decisions_file(),
+                )
+                self._tune(runner)
+        finally:
+            self.setup_parts["step_tuning"] += time.perf_counter() - started
+
     def _tune(self, runner: _Runner) -> None:
         """Re-decide the kernels of :data:`TUNED_ROLES` for ``runner``'s batch size by timing
         whole captured decode steps, one layer at a time (each keeps the fastest of its correct
@@ -1620,24 +1647,8 @@ class FastDecoder:
                 logger.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
                 runner.graph = None
                 runner.reset_dummy()
-        batch = key.batch
-        tune = self.tune_steps and runner.graph is not None and self._tuned_roles()
-        if tune and not self.tuned_modes(batch):
-            from tracekit.generation.cuda_gemv import decisions_lock
-
-            started = time.perf_counter()
-            try:
-                # one process per host tunes; the others wait and take its decision
-                with decisions_lock():
-                    if self.tuned_modes(batch):  # decided by another process meanwhile
-                        decided = runner.dims.gemv
-                        runner.set_gemv(self.gemv_choice(batch))
-                        if runner.dims.gemv != decided:
-                            runner.capture()
-                    else:
-                        self._tune(runner)
-            finally:
-                self.setup_parts["step_tuning"] += time.perf_counter() - started
+        if self.tune_steps and runner.graph is not None and self._tuned_roles():
+            self._tune_once(runner)
         self._runners[key] = runner
         logger.info("decode step for %s ready in %.1f s", key, self.setup_seconds - before)
         return runner
