@@ -36,6 +36,7 @@ same file, so the processes of a data-parallel run pick the same kernels).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -375,27 +376,31 @@ def choose_splits(role: str, rows: int, w: torch.Tensor, pdl: bool = False) -> i
         return None
     on_cuda = w.device.type == "cuda"
     disk_key = cuda_gemv.decision_key(rows, w, pdl, role)
-    settled = cuda_gemv._read_decisions().get(disk_key) if on_cuda else None
-    if not on_cuda:  # the CPU interpreter (tests): one slice, checked, neither timed nor kept
-        candidates = [1]
-    else:
-        candidates = _split_candidates(w.shape[1], role == "gated")
+    # the CPU interpreter (tests): one slice, checked, neither timed nor kept
+    guard: contextlib.AbstractContextManager[dict[str, int]] = (
+        cuda_gemv.deciding([disk_key]) if on_cuda else contextlib.nullcontext({})
+    )
+    with guard as kept:
+        settled = kept.get(disk_key)
+        candidates = _split_candidates(w.shape[1], role == "gated") if on_cuda else [1]
         if settled is not None:  # decided before: only that one is checked
             candidates = [s for s in candidates if cuda_gemv.mode_for_splits(s) == settled]
-    good = []
-    for splits in candidates:
-        try:
-            err = _check(role, rows, w, splits, pdl, 1e-5)
-        except Exception as exc:  # noqa: BLE001 - a kernel that fails must not stop generation
-            logger.warning("fused %s product in %d slices unavailable (%s)", role, splits, exc)
-            continue
-        if err <= _tolerance(w.dtype):
-            good.append(splits)
-        else:
-            logger.warning("fused %s product in %d slices off by %.2e: not used", role, splits, err)
-    choice = _fastest(key, w, good, pdl) if len(good) > 1 else (good or [0])[0]
-    if choice and on_cuda and settled is None:
-        cuda_gemv._save_decision(disk_key, cuda_gemv.mode_for_splits(choice))
+        good = []
+        for splits in candidates:
+            try:
+                err = _check(role, rows, w, splits, pdl, 1e-5)
+            except Exception as exc:  # noqa: BLE001 - a kernel that fails must not stop generation
+                logger.warning("fused %s product in %d slices unavailable (%s)", role, splits, exc)
+                continue
+            if err <= _tolerance(w.dtype):
+                good.append(splits)
+            else:
+                logger.warning(
+                    "fused %s product in %d slices off by %.2e: not used", role, splits, err
+                )
+        choice = _fastest(key, w, good, pdl) if len(good) > 1 else (good or [0])[0]
+        if choice and on_cuda and settled is None:
+            cuda_gemv.save_decisions({disk_key: cuda_gemv.mode_for_splits(choice)})
     _SPLITS[key] = choice
     return choice or None
 

@@ -1460,14 +1460,19 @@ class FastDecoder:
         """The kernels step tuning chose for ``batch`` rows (this process, else the decisions
         file of :func:`tracekit.generation.cuda_gemv.choose`); empty where not tuned yet."""
         if batch not in self._step_modes:
-            from tracekit.generation.cuda_gemv import _read_decisions
+            from tracekit.generation.cuda_gemv import read_decisions
 
-            on_disk = _read_decisions()
-            found = {r: on_disk.get(self._step_key(r, batch)) for r in self._tuned_roles()}
-            if any(mode is None for mode in found.values()):
-                return {}
-            self._step_modes[batch] = {r: int(m) for r, m in found.items() if m is not None}
-        return self._step_modes[batch]
+            self._keep_tuned(batch, read_decisions())
+        return self._step_modes.get(batch, {})
+
+    def _keep_tuned(self, batch: int, decisions: dict[str, int]) -> bool:
+        """Take ``batch``'s step-tuning decisions from ``decisions`` where all are there."""
+        roles = self._tuned_roles()
+        keys = {role: self._step_key(role, batch) for role in roles}
+        if not all(key in decisions for key in keys.values()):
+            return False
+        self._step_modes[batch] = {role: int(decisions[key]) for role, key in keys.items()}
+        return True
 
     def _tune_once(self, runner: _Runner) -> None:
         """Step tuning at ``runner``'s batch size unless decided already (here or on disk).
@@ -1475,12 +1480,13 @@ class FastDecoder:
         batch = runner.key.batch
         if self.tuned_modes(batch):
             return
-        from tracekit.generation.cuda_gemv import _decisions_file, decisions_lock
+        from tracekit.generation.cuda_gemv import deciding, decisions_file
 
         started = time.perf_counter()
+        keys = [self._step_key(role, batch) for role in self._tuned_roles()]
         try:
-            with decisions_lock():
-                if self.tuned_modes(batch):  # decided by another process meanwhile
+            with deciding(keys) as kept:
+                if self._keep_tuned(batch, kept):  # decided by another process meanwhile
                     decided = runner.dims.gemv
                     runner.set_gemv(self.gemv_choice(batch))
                     if runner.dims.gemv != decided:
@@ -1490,7 +1496,7 @@ class FastDecoder:
                     "timing the decode step's kernels at batch %d, once for this GPU "
                     "(a minute or two; kept in %s)",
                     batch,
-                    _decisions_file(),
+                    decisions_file(),
                 )
                 self._tune(runner)
         finally:
@@ -1544,8 +1550,9 @@ class FastDecoder:
         runner.reset_dummy()
         self._step_modes[batch] = {r: getattr(best, r) for r in self._tuned_roles()}
         self.step_timings[batch] = timings
-        for role, mode in self._step_modes[batch].items():
-            cuda_gemv._save_decision(self._step_key(role, batch), mode)
+        cuda_gemv.save_decisions(
+            {self._step_key(role, batch): mode for role, mode in self._step_modes[batch].items()}
+        )
         logger.info("step tuning at batch %d: %s (%.0f us per step)", batch,
                     _modes_label(best), 1e6 * best_time)  # fmt: skip
 

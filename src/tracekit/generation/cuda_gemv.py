@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -336,7 +336,7 @@ def _time(fn: Any, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _decisions_file() -> Any:
+def decisions_file() -> Any:
     """Where decisions are kept across processes and runs: one JSON file per GPU model and
     software versions under tracekit's cache directory."""
     import re
@@ -355,12 +355,12 @@ def _decisions_file() -> Any:
     return cache_root() / "gemv" / f"{name}-torch{torch.__version__}-triton{triton_version}.json"
 
 
-def _read_decisions() -> dict[str, int]:
+def read_decisions() -> dict[str, int]:
     """The decisions on disk now (empty without a readable file: decide again)."""
     import json
 
     try:
-        loaded = json.loads(_decisions_file().read_text(encoding="utf-8"))
+        loaded = json.loads(decisions_file().read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(loaded, dict):
@@ -369,38 +369,49 @@ def _read_decisions() -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def decisions_lock() -> Iterator[None]:
-    """Hold the host-wide lock on the decisions file while deciding by timing (re-entrant in a
-    process). Processes started together (a data-parallel run) would otherwise time the same
-    shape at once and could pick different kernels, and so compute different numbers; with it,
-    one times and the others read its decision. Without a writable cache, no lock."""
+def deciding(names: Sequence[str]) -> Iterator[dict[str, int]]:
+    """The kept decisions among ``names``, for a block that decides the missing ones by timing
+    and keeps them (:func:`save_decisions`). Where one is missing, the block runs under a
+    host-wide lock (a file next to the decisions file; re-entrant in a process) and gets them
+    re-read once it holds it: processes started together (a data-parallel run) would otherwise
+    time the same thing at once and could pick different kernels, and so compute different
+    numbers; with it, one times and the others take its decisions. Without a writable cache,
+    no lock."""
     from tracekit.storage.atomic import file_lock
 
+    def kept() -> dict[str, int]:
+        on_disk = read_decisions()
+        return {name: on_disk[name] for name in names if name in on_disk}
+
+    found = kept()
+    if len(found) == len(names):
+        yield found
+        return
     depth = _STATE.get("lock_depth", 0)
     with contextlib.ExitStack() as stack:
         if depth == 0:
             try:
-                stack.enter_context(file_lock(_decisions_file().with_suffix(".lock")))
+                stack.enter_context(file_lock(decisions_file().with_suffix(".lock")))
             except OSError as exc:
                 logger.info("kernel decisions not locked (%s)", exc)
         _STATE["lock_depth"] = depth + 1
         try:
-            yield
+            yield kept()
         finally:
             _STATE["lock_depth"] = depth
 
 
-def _save_decision(name: str, mode: int) -> None:
-    """Add one decision to the file, re-read first: the other processes of a data-parallel run
-    may have added theirs since this one started."""
+def save_decisions(decisions: dict[str, int]) -> None:
+    """Add decisions to the file in one write, re-read first: the other processes of a
+    data-parallel run may have added theirs since this one started."""
     from tracekit.storage.atomic import write_json
 
-    path = _decisions_file()
+    path = decisions_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {**_read_decisions(), name: mode})
+        write_json(path, {**read_decisions(), **decisions})
     except OSError as exc:  # a read-only cache costs only the timing next time
-        logger.info("could not keep linear-layer decisions in %s (%s)", path, exc)
+        logger.info("could not keep kernel decisions in %s (%s)", path, exc)
 
 
 def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = False) -> int:
@@ -410,7 +421,7 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = Fal
     ``force`` (a mode) picks that mode whenever it is correct, without timing (tests); where it
     is not (or K does not split), ``F.linear``.
     Decided once per (rows, N, K, dtype, force) and process; called outside CUDA graph capture.
-    Timed decisions are kept on disk (:func:`_decisions_file`) and reused, after the same
+    Timed decisions are kept on disk (:func:`decisions_file`) and reused, after the same
     correctness check, by later processes on the same kind of GPU: the processes of a
     data-parallel run, and later runs, then pick the same kernels and so compute the same
     numbers, and skip the timing and the building of the kernels they do not use. A decided
@@ -454,12 +465,8 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = Fal
     if force is not None:
         choice = _decide(key, disk_key, candidates, force, x, w, want)
     else:
-        settled = _read_decisions().get(disk_key)
-        # timing: one process per host at a time, so the others find the decision made
-        with contextlib.nullcontext() if settled is not None else decisions_lock():
-            if settled is None:
-                settled = _read_decisions().get(disk_key)
-            choice = _decide(key, disk_key, candidates, settled, x, w, want)
+        with deciding([disk_key]) as kept:
+            choice = _decide(key, disk_key, candidates, kept.get(disk_key), x, w, want)
     _CHOICES[key] = choice
     return choice
 
@@ -506,7 +513,7 @@ def _decide(
     # a faster alternative must beat cuBLAS' default clearly, not by timing noise
     choice = best if times[best] < 0.95 * times[LINEAR] else LINEAR
     _TIMINGS[key] = {MODE_NAMES[m]: 1e3 * t for m, t in times.items()}
-    _save_decision(disk_key, choice)
+    save_decisions({disk_key: choice})
     return choice
 
 
