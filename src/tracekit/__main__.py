@@ -1,6 +1,6 @@
 """``python -m tracekit`` runs the CLI."""
 
-from tracekit.distributed import isolate_gpu, share_host_cpus
+from tracekit.distributed import exit_process, isolate_gpu, share_host_cpus
 
 isolate_gpu()  # before anything initializes CUDA
 share_host_cpus()  # before torch.compile's inductor is imported
@@ -8,4 +8,8 @@ share_host_cpus()  # before torch.compile's inductor is imported
 from tracekit.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as exc:  # the CLI ends this way; a data-parallel process ends harder
+        exit_process(exc.code)
+    exit_process()

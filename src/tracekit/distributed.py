@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from tracekit.errors import ConfigError
 
@@ -199,6 +199,31 @@ def _leave_group_at_exit() -> None:
             dist.destroy_process_group()
 
     atexit.register(leave)
+
+
+def exit_process(status: object = None) -> NoReturn:
+    """End ``python -m tracekit`` with ``status`` (what ``SystemExit`` carries).
+
+    A process that is in a gloo group (data-parallel on CPU) leaves the group, flushes its
+    output and ends with ``os._exit``, skipping the interpreter's finalization. Destroying the
+    group at exit (:func:`_leave_group_at_exit`) made the abort rarer but did not end it:
+    gloo's worker threads could still abort the process while the interpreter was torn down
+    ("terminate called without an active exception", SIGABRT, in about one CPU suite run in
+    ten), after every collective and every output had finished, and the launcher then failed
+    the run. Any other process exits normally."""
+    code = 0 if status is None else status if isinstance(status, int) else 1
+    if not isinstance(status, int | None):
+        sys.stderr.write(f"{status}\n")
+    dist = sys.modules.get("torch.distributed")  # imported by the run if it used a group
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    if dist.get_backend() != "gloo":
+        sys.exit(code)
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def process_device(info: ProcessInfo, device: str) -> str:

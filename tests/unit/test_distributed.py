@@ -180,3 +180,34 @@ def test_model_config_per_process_refuses_a_device_map_when_data_parallel():
         process_model_config(split, ProcessInfo(rank=1, world_size=2))
     on_cpu = ModelConfig(device="cpu")
     assert process_model_config(on_cpu, ProcessInfo(rank=1, world_size=2)).device == "cpu"
+
+
+@pytest.mark.parametrize("with_group", [True, False])
+def test_exit_process_keeps_the_status_and_the_output(with_group):
+    """``python -m tracekit`` ends through exit_process: with a gloo group it leaves it and
+    ends hard (no interpreter finalization), and its status and buffered output survive."""
+    import subprocess
+    import sys
+
+    code = (
+        "import socket, sys\n"
+        "import torch.distributed as dist\n"
+        "from tracekit.distributed import exit_process\n"
+        f"if {with_group}:\n"
+        "    s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0,"
+        " world_size=1)\n"
+        "print('written before the end')\n"  # block-buffered: stdout is a pipe
+        "exit_process(int(sys.argv[1]) if sys.argv[1].isdigit() else sys.argv[1])\n"
+    )
+    for status, want_code, want_err in (("3", 3, ""), ("0", 0, ""), ("no way", 1, "no way")):
+        done = subprocess.run(
+            [sys.executable, "-c", code, status],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == want_code, done.stderr[-3000:]
+        assert done.stdout == "written before the end\n"
+        assert want_err in done.stderr
