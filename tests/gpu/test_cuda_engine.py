@@ -142,6 +142,37 @@ def test_triton_gemv_matches_linear(rows):
             assert _rel(cuda_gemv.linear(x, w, mode).float(), want) < 1e-2
 
 
+def test_gemv_configuration_is_timed_once_kept_and_checked(tmp_path, monkeypatch):
+    from tracekit.generation import cuda_gemv
+
+    monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path))  # a fresh decisions file
+    monkeypatch.setattr(cuda_gemv, "_CONFIGS", {})
+    assert cuda_gemv._build() is not None
+    w = torch.randn(1536, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
+    want = x.float() @ w.float().T
+
+    def product() -> torch.Tensor:
+        return cuda_gemv.sum_partials(torch.ops.tracekit.gemv_splitk(x, w, 4))
+
+    assert _rel(product(), want) < 1e-2
+    (name,) = [k for k in cuda_gemv.read_decisions() if k.startswith("gemv-k4-")]
+    first = cuda_gemv.read_decisions()[name]
+    key = (8, 1536, 2048, 4, False, False, str(w.dtype))
+    assert cuda_gemv._CONFIGS[key] == cuda_gemv.SPLIT_K_CONFIGS[first]
+    # a later process takes the kept configuration, whichever it is, without timing again
+    other = (first + 1) % len(cuda_gemv.SPLIT_K_CONFIGS)
+    cuda_gemv.save_decisions({name: other})
+    cuda_gemv._CONFIGS.clear()
+    assert _rel(product(), want) < 1e-2
+    assert cuda_gemv._CONFIGS[key] == cuda_gemv.SPLIT_K_CONFIGS[other]
+    # an index that is no configuration (another version's list) is timed again and replaced
+    cuda_gemv.save_decisions({name: 63})
+    cuda_gemv._CONFIGS.clear()
+    assert _rel(product(), want) < 1e-2
+    assert cuda_gemv.read_decisions()[name] < len(cuda_gemv.SPLIT_K_CONFIGS)
+
+
 needs_pdl = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
     reason="programmatic dependent launch needs a Hopper or later GPU",

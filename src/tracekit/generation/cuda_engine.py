@@ -1469,7 +1469,9 @@ class FastDecoder:
         """Take ``batch``'s step-tuning decisions from ``decisions`` where all are there."""
         roles = self._tuned_roles()
         keys = {role: self._step_key(role, batch) for role in roles}
-        if not all(key in decisions for key in keys.values()):
+        from tracekit.generation.cuda_gemv import MODE_NAMES
+
+        if not all(decisions.get(key, -1) in range(len(MODE_NAMES)) for key in keys.values()):
             return False
         self._step_modes[batch] = {role: int(decisions[key]) for role, key in keys.items()}
         return True

@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -98,47 +99,40 @@ def _build() -> Any:
     except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
         return None
 
-    def autotune(cfgs: list[tuple[int, int, int, int]], key: list[str]) -> Any:
-        """The kernel tuned over ``cfgs`` (BLOCK_N, BLOCK_K, warps, stages)."""
-        configs = [
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bn, bk, w, st in cfgs
-        ]
-        return autotuned(gemv_kernel, configs, key)
-
-    # split N only: thin slabs of rows, long pipelined loops over K
-    tuned = autotune(
-        [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4)],
-        ["M", "N", "K"],
-    )
-    # split K too: shorter loops, so smaller K blocks
-    split_tuned = autotune(
-        [(16, 256, 4, 3), (16, 128, 4, 4), (32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3)],
-        ["M", "N", "K", "SPLIT_K"],
-    )
-
-    def launch(
-        x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, splits: int, pdl: bool, gated: bool
+    def run(
+        x: torch.Tensor,
+        w: torch.Tensor,
+        y: torch.Tensor,
+        splits: int,
+        pdl: bool,
+        gated: bool,
+        config: tuple[int, int, int, int],
     ) -> None:
+        """One launch in ``config`` (BLOCK_N, BLOCK_K, warps, stages)."""
         m = x.shape[0]
         n, k = w.shape
-
-        def grid(meta: dict[str, Any]) -> tuple[int, int]:
-            return (triton.cdiv(n, meta["BLOCK_N"]), splits)
-
-        args = (x, w, y, m, n, k, x.stride(0), w.stride(0))
-        block_m = max(16, triton.next_power_of_2(m))
-        kernel = tuned if splits == 1 else split_tuned
+        block_n, block_k, warps, stages = config
         # programmatic dependent launch: only asked for where :func:`pdl_available` said yes
         extra: dict[str, Any] = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
         if gated:
             extra["GATED"] = True
-        if kernel is None:
-            gemv_kernel[grid](
-                *args, SPLIT_K=splits, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=64, **extra
-            )
-        else:
-            kernel[grid](*args, SPLIT_K=splits, BLOCK_M=block_m, **extra)
+        gemv_kernel[(triton.cdiv(n, block_n), splits)](
+            x, w, y, m, n, k, x.stride(0), w.stride(0),
+            SPLIT_K=splits, BLOCK_M=max(16, triton.next_power_of_2(m)),
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **extra,
+        )  # fmt: skip
+
+    def launch(
+        x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, splits: int, pdl: bool, gated: bool
+    ) -> None:
+        def timed(config: tuple[int, int, int, int], copies: list[torch.Tensor]) -> float:
+            def each() -> None:
+                for c in copies:
+                    run(x, c, y, splits, pdl, gated, config)
+
+            return _time(each)
+
+        run(x, w, y, splits, pdl, gated, kernel_config(x.shape[0], w, splits, pdl, gated, timed))
 
     # explicit schemas: this module's annotations are strings (``from __future__``)
     @torch.library.custom_op(
@@ -307,6 +301,79 @@ def decision_key(rows: int, w: torch.Tensor, pdl: bool, role: str = "") -> str:
     return (f"{role}:" if role else "") + key + (":pdl" if pdl else "")
 
 
+SPLIT_N_CONFIGS = (
+    (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4),
+)  # fmt: skip
+"""(BLOCK_N, BLOCK_K, warps, stages) the kernel in one K slice is timed over: thin slabs of
+rows, long pipelined loops over K."""
+SPLIT_K_CONFIGS = (
+    (16, 256, 4, 3), (32, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4),
+    (64, 128, 4, 4), (64, 512, 4, 3), (128, 128, 4, 4), (128, 256, 8, 3),
+)  # fmt: skip
+"""The same for the split-K kernel: shorter loops. On an H200, timed as a decode step runs
+them (chained dependent launches over weights read from HBM), the fastest configuration per
+shape was 3-18% faster than the one Triton's autotuner picked from a smaller list timing each
+launch alone (benchmarks/RESULTS.md, eighth run); the wider blocks (64-128 rows) are the
+ones that gain from the overlap."""
+_CONFIG_TAG = f"{zlib.crc32(repr((SPLIT_N_CONFIGS, SPLIT_K_CONFIGS)).encode()):08x}"[:6]
+_CONFIGS: dict[tuple[int, int, int, int, bool, bool, str], tuple[int, int, int, int]] = {}
+
+
+def kernel_config(
+    rows: int,
+    w: torch.Tensor,
+    splits: int,
+    pdl: bool,
+    gated: bool,
+    timed: Callable[[tuple[int, int, int, int], list[torch.Tensor]], float],
+) -> tuple[int, int, int, int]:
+    """The kernel's configuration for this product: the fastest of :data:`SPLIT_N_CONFIGS` /
+    :data:`SPLIT_K_CONFIGS` (those whose K block fits the slice), timed once per shape and
+    kept in the decisions file under the lock of :func:`deciding`, so every process of a
+    data-parallel run launches the same one.
+
+    ``timed(config, copies)``: milliseconds for one launch per weight in ``copies`` (replayed
+    from a CUDA graph). Timing as the decode step runs the kernel matters: over copies of the
+    weight larger than L2 together, back to back, as dependent launches where ``pdl`` (each
+    one's first weight tile loads while the one before finishes). Triton's autotuner times each
+    launch alone, and there a configuration that gains from the overlap looks slow. Not timed
+    under the CPU interpreter (one fixed configuration) nor during a CUDA graph capture (the
+    first usable one, not kept: the engine decides its kernels before it captures)."""
+    import torch
+
+    configs = SPLIT_N_CONFIGS if splits == 1 else SPLIT_K_CONFIGS
+    k_len = w.shape[1] // splits
+    usable = [c for c in configs if c[1] <= k_len] or [min(configs, key=lambda c: c[1])]
+    key = (rows, w.shape[0], w.shape[1], splits, pdl, gated, str(w.dtype))
+    if key in _CONFIGS:
+        return _CONFIGS[key]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return (16, 64, 4, 3)
+    if len(usable) == 1 or torch.cuda.is_current_stream_capturing():
+        return usable[0]
+    role = f"gemv-k{splits}{'-gated' if gated else ''}-{_CONFIG_TAG}"
+    disk_key = decision_key(rows, w, pdl, role)
+    with deciding([disk_key]) as kept:
+        index = kept.get(disk_key)
+        if index is None or index >= len(configs) or configs[index] not in usable:
+            copies = hbm_copies(w)
+            times: dict[int, float] = {}
+            for i, config in enumerate(configs):
+                if config not in usable:
+                    continue
+                try:
+                    times[i] = timed(config, copies) / len(copies)
+                except Exception as exc:  # noqa: BLE001 - e.g. too much shared memory here
+                    logger.info("gemv configuration %s not used for %s (%s)", config, key, exc)
+            del copies
+            if not times:
+                return usable[0]
+            index = min(times, key=lambda i: times[i])
+            save_decisions({disk_key: index})
+    _CONFIGS[key] = configs[index]
+    return configs[index]
+
+
 def _time(fn: Any, reps: int = 10) -> float:
     """Milliseconds per call of ``fn`` replayed from a CUDA graph.
 
@@ -365,7 +432,11 @@ def read_decisions() -> dict[str, int]:
         return {}
     if not isinstance(loaded, dict):
         return {}
-    return {str(k): v for k, v in loaded.items() if v in range(len(MODE_NAMES))}
+    # linear-layer modes and kernel configuration indices: each reader checks its own range
+    return {
+        str(k): v for k, v in loaded.items() if isinstance(v, int) and not isinstance(v, bool)
+        and 0 <= v < 64
+    }  # fmt: skip
 
 
 @contextlib.contextmanager
