@@ -201,6 +201,31 @@ def test_pinned_linear_modes_are_checked(tiny):
         FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"o": "splitk3"})
 
 
+def test_kept_decisions_are_read_in_range_and_checked_by_their_reader(tiny, tmp_path, monkeypatch):
+    import json
+
+    from tracekit.generation import cuda_gemv
+
+    monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    path = cuda_gemv.decisions_file()
+    assert path.is_relative_to(tmp_path) and "NVIDIA-H200" in path.name
+    path.parent.mkdir(parents=True)
+    kept = {"mode": 5, "config": 7, "top": 63}
+    path.write_text(json.dumps({**kept, "bool": True, "big": 64, "neg": -1, "text": "2", "f": 1.5}))
+    assert cuda_gemv.read_decisions() == kept
+    cuda_gemv.save_decisions({"new": 3})  # added to what is there, in one write
+    assert cuda_gemv.read_decisions() == {**kept, "new": 3}
+    # step tuning takes a batch's kept modes only when every one of them is a mode
+    dec = FastDecoder(tiny.model, eos_token_ids=[0])
+    keys = {role: dec._step_key(role, 8) for role in dec._tuned_roles()}
+    assert keys
+    assert not dec._keep_tuned(8, {key: 7 for key in keys.values()})  # 7: no mode
+    assert dec._step_modes == {}
+    assert dec._keep_tuned(8, {key: cuda_gemv.SPLIT_K4 for key in keys.values()})
+    assert dec._step_modes[8] == {role: cuda_gemv.SPLIT_K4 for role in keys}
+
+
 def _tiny_family(family: str, **overrides):
     """A tiny random-init model of a supported family (float32, CPU, seed 0)."""
     import transformers

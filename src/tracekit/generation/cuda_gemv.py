@@ -16,6 +16,8 @@ the product (the residual add, SiLU or rotary), so the split costs no extra kern
 Nothing here is trusted blindly: :func:`choose` runs the kernel once per shape against
 ``F.linear`` (result within bf16 rounding) and times both; the engine uses the kernel only
 where it is correct and faster. Without Triton or CUDA every shape keeps ``F.linear``.
+The kernel's own configuration (block sizes, warps, pipeline stages) is timed per shape the
+same way, as the decode step launches it (:func:`kernel_config`), not by Triton's autotuner.
 """
 
 from __future__ import annotations
@@ -311,10 +313,10 @@ SPLIT_K_CONFIGS = (
     (64, 128, 4, 4), (64, 512, 4, 3), (128, 128, 4, 4), (128, 256, 8, 3),
 )  # fmt: skip
 """The same for the split-K kernel: shorter loops. On an H200, timed as a decode step runs
-them (chained dependent launches over weights read from HBM), the fastest configuration per
-shape was 3-18% faster than the one Triton's autotuner picked from a smaller list timing each
-launch alone (benchmarks/RESULTS.md, eighth run); the wider blocks (64-128 rows) are the
-ones that gain from the overlap."""
+them (chained dependent launches over weights read from HBM), the fastest of this list was up to
+10% faster per product than the fastest of the five configurations Triton's autotuner chose
+from before, and the ranking differs from one without the overlap: wider blocks (64-128 rows)
+gain most from it (benchmarks/RESULTS.md, eighth run)."""
 _CONFIG_TAG = f"{zlib.crc32(repr((SPLIT_N_CONFIGS, SPLIT_K_CONFIGS)).encode()):08x}"[:6]
 _CONFIGS: dict[tuple[int, int, int, int, bool, bool, str], tuple[int, int, int, int]] = {}
 
