@@ -226,6 +226,19 @@ def test_kept_decisions_are_read_in_range_and_checked_by_their_reader(tiny, tmp_
     assert dec._step_modes[8] == {role: cuda_gemv.SPLIT_K4 for role in keys}
 
 
+@pytest.mark.parametrize(
+    ("value", "on"), [(None, True), ("1", True), ("0", False), (" OFF ", False), ("no", False)]
+)
+def test_step_tuning_can_be_switched_off_from_the_environment(monkeypatch, value, on):
+    from tracekit.generation.cuda_engine import step_tuning_default
+
+    if value is None:
+        monkeypatch.delenv("TRACEKIT_STEP_TUNING", raising=False)
+    else:
+        monkeypatch.setenv("TRACEKIT_STEP_TUNING", value)
+    assert step_tuning_default() is on
+
+
 def _tiny_family(family: str, **overrides):
     """A tiny random-init model of a supported family (float32, CPU, seed 0)."""
     import transformers

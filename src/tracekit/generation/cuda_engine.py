@@ -1179,6 +1179,16 @@ FUSED_ATTENTION_MAX_LEN = 1024
 """Longest cache (prompt + new tokens) for which ``fused_attention="auto"`` uses the kernel."""
 
 
+def step_tuning_default() -> bool:
+    """Whether step tuning is on where ``FastDecoder(tune_steps=None)``: yes, unless the
+    environment says ``TRACEKIT_STEP_TUNING=0`` (or ``off``/``false``/``no``), for machines that
+    live too briefly to repay a minute or two per batch size (the tuning's warning names it)."""
+    import os
+
+    value = os.environ.get("TRACEKIT_STEP_TUNING", "1").strip().lower()
+    return value not in ("0", "off", "false", "no")
+
+
 GEMV_ROLES = ("qkv", "o", "gate_up", "down", "head")
 """The linear layers whose kernel ``FastDecoder(gemv_modes=...)`` can pin."""
 
@@ -1255,9 +1265,9 @@ class FastDecoder:
     of single layers over ``gemv``, e.g. ``{"o": "splitk8"}``: roles :data:`GEMV_ROLES`, modes
     :data:`tracekit.generation.cuda_gemv.MODE_NAMES`; a pinned mode that fails its check runs
     ``F.linear``; only where ``gemv`` is not ``off``), ``tune_steps`` (with ``gemv="auto"``
-    and captured steps, the default: the first step captured at a batch size re-decides the
-    kernels of :data:`TUNED_ROLES` by timing whole steps, see :meth:`_tune`; tens of seconds
-    once, then kept in the decisions file),
+    and captured steps, the default unless ``TRACEKIT_STEP_TUNING=0``: the first step captured
+    at a batch size re-decides the kernels of :data:`TUNED_ROLES` by timing whole steps, see
+    :meth:`_tune`; tens of seconds once, then kept in the decisions file),
     ``pdl`` (programmatic dependent launch of the step's Triton and inductor kernels; ``None``:
     wherever available), ``time_with_pdl`` (the linear-layer kernel choice times the Triton
     candidates as dependent launches; off: on an H200 at batch 8 it gave 55% of the floor
@@ -1401,7 +1411,9 @@ class FastDecoder:
         # off by default until measured in a whole step: see cuda_gemv.choose
         self.time_with_pdl = bool(time_with_pdl) and self.pdl
         can_tune = self.use_graphs and self.gemv_mode == "auto" and not self.fused_block
-        self.tune_steps = can_tune if tune_steps is None else bool(tune_steps) and can_tune
+        if tune_steps is None:
+            tune_steps = step_tuning_default()
+        self.tune_steps = bool(tune_steps) and can_tune
         if self.compile:
             pd = self.pdl
             self.fn_first = _compiled("first", _first, pd)
@@ -1496,7 +1508,7 @@ class FastDecoder:
                     return
                 logger.warning(
                     "timing the decode step's kernels at batch %d, once for this GPU "
-                    "(a minute or two; kept in %s)",
+                    "(a minute or two; kept in %s; TRACEKIT_STEP_TUNING=0 skips it)",
                     batch,
                     decisions_file(),
                 )
