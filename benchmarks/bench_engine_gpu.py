@@ -13,11 +13,12 @@ stop (eos never matches). For each batch size it times, in one process:
 
 The floor per decode step is (weight bytes + KV-cache bytes the step must read) over the HBM
 bandwidth measured here with a device-to-device copy of ~2 GB (bytes read + written). Decode
-time per step is (end-to-end time - prefill time) / steps: for tracekit's engines the prefill of
-the last timed call (CUDA events in the decoder; the default prefill runs the engine's own
-compiled blocks), for ``model.generate`` one HF forward over the prompts timed separately.
-For tracekit's engines the decode step is also measured on the device alone: CUDA events around
-the decode loop of the last timed call, over its steps ("step ms (device)"): the steps without
+time per step is the median over the timed calls of (call time - prefill time) / steps: for
+tracekit's engines each call's own prefill (CUDA events in the decoder; the default prefill runs
+the engine's own compiled blocks), for ``model.generate`` one HF forward over the prompts timed
+separately. For tracekit's engines the decode step is also measured on the device alone: CUDA
+events around the decode loop of each timed call, over its steps, median over the calls ("step
+ms (device)"): the steps without
 the per-call work around them (the host preparing the batch, copying and detokenizing results),
 which the first measure spreads over the steps and the e2e column counts in full.
 ``--teacher-forced`` also times the teacher-forced pooled forward over all layers (batch 32 x
@@ -53,11 +54,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Any, device: str, reps: int) -> tuple[float, Any]:
-    """Median wall seconds of ``fn`` over ``reps`` runs after one warm-up run."""
+def timed(fn: Any, device: str, reps: int, times: list[float] | None = None) -> tuple[float, Any]:
+    """Median wall seconds of ``fn`` over ``reps`` runs after one warm-up run; each run's
+    seconds are appended to ``times`` when given."""
     result = fn()
     sync(device)
-    times = []
+    times = [] if times is None else times
     for _ in range(reps):
         sync(device)
         start = time.perf_counter()
@@ -350,18 +352,31 @@ def main() -> None:
             methods.append(("generate static+compile", lambda: hf_generate(True)))
         results: dict[str, float] = {}
         for name, fn in methods:
+            # each call's own prefill and decode-loop device time, read right after it, so that
+            # a call's prefill is subtracted from that call (prefills vary by milliseconds)
+            spans: list[tuple[float | None, float | None]] = []
+
+            def call(fn: Any = fn, dec_of: Any = decoders.get(name), spans: Any = spans) -> Any:
+                out = fn()
+                if dec_of is not None:
+                    dec = dec_of()
+                    spans.append((dec.last_prefill_seconds, dec.last_decode_seconds))
+                return out
+
+            each: list[float] = []
             start = time.perf_counter()
-            seconds, out = timed(fn, dev, args.reps)
-            setup = time.perf_counter() - start - seconds * args.reps
+            seconds, out = timed(call, dev, args.reps, each)
+            setup = time.perf_counter() - start - sum(each)
             made = out.n_new_tokens if hasattr(out, "n_new_tokens") else tokens
             results[name] = seconds
-            dec = decoders[name]() if name in decoders else None
-            prefill_s = dec.last_prefill_seconds if dec is not None else None
-            prefill_s = t_prefill if prefill_s is None else prefill_s
-            step = max(seconds - prefill_s, 1e-9) / T
-            # device time per decode step (the last timed call's; T replays, no early stop)
-            decode_s = dec.last_decode_seconds if dec is not None else None
-            step_dev = step if decode_s is None else decode_s / T
+            timed_spans = spans[-len(each) :] if spans else [(None, None)] * len(each)
+            prefills = [t_prefill if p is None else p for p, _ in timed_spans]
+            prefill_s = statistics.median(prefills)
+            rests = [max(t - p, 1e-9) for t, p in zip(each, prefills, strict=True)]
+            step = statistics.median(rests) / T
+            # device time per decode step (T replays, no early stop), median over the calls
+            decodes = [d for _, d in timed_spans if d is not None]
+            step_dev = statistics.median(decodes) / T if decodes else step
             row = {
                 "batch": batch,
                 "method": name,
