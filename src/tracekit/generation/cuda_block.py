@@ -420,7 +420,6 @@ def _fastest(
     role, rows = key[0], key[1]
     n, k = w.shape
     dev, dt = w.device, w.dtype
-    copies = cuda_gemv.hbm_copies(w)
     if role == "residual":
         x = torch.randn(rows, k, device=dev, dtype=dt)
         res = torch.randn(rows, n, device=dev, dtype=dt)
@@ -435,12 +434,8 @@ def _fastest(
         def run(splits: int, c: torch.Tensor) -> Any:
             return norm_product(h, ss, ln, c, 1e-5, splits, pdl)
 
-    times = {}
-    for splits in candidates:
-        try:
-            ms = cuda_gemv._time(lambda s=splits: [run(s, c) for c in copies])
-            times[splits] = 1e3 * ms / len(copies)
-        except Exception as exc:  # noqa: BLE001 - e.g. a capture failure: not used
-            logger.warning("fused %s product in %d slices not timed (%s)", role, splits, exc)
+    runs = {splits: (lambda c, s=splits: run(s, c)) for splits in candidates}
+    ms = cuda_gemv.time_candidates(w, runs, f"fused {role} product slices")
+    times = {s: 1e3 * t for s, t in ms.items()}
     _TIMINGS[key] = {s: round(t, 2) for s, t in times.items()}
     return min(times, key=lambda s: times[s]) if times else candidates[0]

@@ -1481,8 +1481,6 @@ class FastDecoder:
         """Take ``batch``'s step-tuning decisions from ``decisions`` where all are there."""
         roles = self._tuned_roles()
         keys = {role: self._step_key(role, batch) for role in roles}
-        from tracekit.generation.cuda_gemv import MODE_NAMES
-
         if not all(decisions.get(key, -1) in range(len(MODE_NAMES)) for key in keys.values()):
             return False
         self._step_modes[batch] = {role: int(decisions[key]) for role, key in keys.items()}

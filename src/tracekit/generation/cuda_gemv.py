@@ -127,14 +127,10 @@ def _build() -> Any:
     def launch(
         x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, splits: int, pdl: bool, gated: bool
     ) -> None:
-        def timed(config: tuple[int, int, int, int], copies: list[torch.Tensor]) -> float:
-            def each() -> None:
-                for c in copies:
-                    run(x, c, y, splits, pdl, gated, config)
+        def other(weight: torch.Tensor, config: tuple[int, int, int, int]) -> None:
+            run(x, weight, y, splits, pdl, gated, config)
 
-            return _time(each)
-
-        run(x, w, y, splits, pdl, gated, kernel_config(x.shape[0], w, splits, pdl, gated, timed))
+        run(x, w, y, splits, pdl, gated, kernel_config(x, w, splits, pdl, gated, other))
 
     # explicit schemas: this module's annotations are strings (``from __future__``)
     @torch.library.custom_op(
@@ -296,6 +292,24 @@ def hbm_copies(w: torch.Tensor) -> list[torch.Tensor]:
     return [w] + [w.clone() for _ in range(min(15, (256 << 20) // _nbytes(w)))]
 
 
+def time_candidates(
+    w: torch.Tensor, runs: dict[Any, Callable[..., Any]], what: str, quiet: bool = False
+) -> dict[Any, float]:
+    """Milliseconds per product of each candidate ``runs[c](weight)``, launched back to back
+    over :func:`hbm_copies` of ``w`` and replayed from a CUDA graph (:func:`_time`), as a
+    decode step streams its weights. A candidate that fails (it does not build or capture) is
+    left out, logged as a warning (``quiet``: as info) naming ``what``."""
+    copies = hbm_copies(w)
+    times: dict[Any, float] = {}
+    for name, run in runs.items():
+        try:
+            times[name] = _time(lambda run=run: [run(c) for c in copies]) / len(copies)
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is not used
+            log = logger.info if quiet else logger.warning
+            log("%s: candidate %s not timed (%s)", what, name, exc)
+    return times
+
+
 def decision_key(rows: int, w: torch.Tensor, pdl: bool, role: str = "") -> str:
     """The name of a timed decision in the decisions file: shape, dtype, launch kind and, for
     the fused block products, their role."""
@@ -322,52 +336,48 @@ _CONFIGS: dict[tuple[int, int, int, int, bool, bool, str], tuple[int, int, int, 
 
 
 def kernel_config(
-    rows: int,
+    x: torch.Tensor,
     w: torch.Tensor,
     splits: int,
     pdl: bool,
     gated: bool,
-    timed: Callable[[tuple[int, int, int, int], list[torch.Tensor]], float],
+    run: Callable[[torch.Tensor, tuple[int, int, int, int]], Any],
 ) -> tuple[int, int, int, int]:
-    """The kernel's configuration for this product: the fastest of :data:`SPLIT_N_CONFIGS` /
-    :data:`SPLIT_K_CONFIGS` (those whose K block fits the slice), timed once per shape and
-    kept in the decisions file under the lock of :func:`deciding`, so every process of a
-    data-parallel run launches the same one.
+    """The kernel's configuration for the product of ``x`` and ``w``: the fastest of
+    :data:`SPLIT_N_CONFIGS` / :data:`SPLIT_K_CONFIGS` (those whose K block fits the slice),
+    timed once per shape and kept in the decisions file under the lock of :func:`deciding`, so
+    every process of a data-parallel run launches the same one.
 
-    ``timed(config, copies)``: milliseconds for one launch per weight in ``copies`` (replayed
-    from a CUDA graph). Timing as the decode step runs the kernel matters: over copies of the
-    weight larger than L2 together, back to back, as dependent launches where ``pdl`` (each
-    one's first weight tile loads while the one before finishes). Triton's autotuner times each
-    launch alone, and there a configuration that gains from the overlap looks slow. Not timed
-    under the CPU interpreter (one fixed configuration) nor during a CUDA graph capture (the
-    first usable one, not kept: the engine decides its kernels before it captures)."""
+    ``run(weight, config)`` launches the product with another weight of the same shape. Timing
+    as the decode step runs the kernel matters: over copies of the weight larger than L2
+    together, back to back, as dependent launches where ``pdl`` (each one's first weight tile
+    loads while the one before finishes). Triton's autotuner times each launch alone, and there
+    a configuration that gains from the overlap looks slow. Not timed under the CPU interpreter
+    (one fixed configuration) nor during a CUDA graph capture (the first usable one, not kept:
+    the engine decides its kernels before it captures)."""
+    key = (x.shape[0], w.shape[0], w.shape[1], splits, pdl, gated, str(w.dtype))
+    found = _CONFIGS.get(key)
+    if found is not None:  # every launch after the first: nothing else on this path
+        return found
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return (16, 64, 4, 3)
     import torch
 
     configs = SPLIT_N_CONFIGS if splits == 1 else SPLIT_K_CONFIGS
     k_len = w.shape[1] // splits
     usable = [c for c in configs if c[1] <= k_len] or [min(configs, key=lambda c: c[1])]
-    key = (rows, w.shape[0], w.shape[1], splits, pdl, gated, str(w.dtype))
-    if key in _CONFIGS:
-        return _CONFIGS[key]
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return (16, 64, 4, 3)
     if len(usable) == 1 or torch.cuda.is_current_stream_capturing():
         return usable[0]
     role = f"gemv-k{splits}{'-gated' if gated else ''}-{_CONFIG_TAG}"
-    disk_key = decision_key(rows, w, pdl, role)
+    disk_key = decision_key(x.shape[0], w, pdl, role)
     with deciding([disk_key]) as kept:
         index = kept.get(disk_key)
         if index is None or index >= len(configs) or configs[index] not in usable:
-            copies = hbm_copies(w)
-            times: dict[int, float] = {}
-            for i, config in enumerate(configs):
-                if config not in usable:
-                    continue
-                try:
-                    times[i] = timed(config, copies) / len(copies)
-                except Exception as exc:  # noqa: BLE001 - e.g. too much shared memory here
-                    logger.info("gemv configuration %s not used for %s (%s)", config, key, exc)
-            del copies
+            runs = {
+                configs.index(c): (lambda weight, c=c: run(weight, c)) for c in usable
+            }  # fmt: skip
+            # a configuration may not build on a GPU with less shared memory: quietly skipped
+            times = time_candidates(w, runs, f"gemv configuration for {key}", quiet=True)
             if not times:
                 return usable[0]
             index = min(times, key=lambda i: times[i])
@@ -572,14 +582,8 @@ def _decide(
             del candidates[mode]
     if settled is not None:
         return settled if settled in candidates else LINEAR
-    copies = hbm_copies(w)
-    times: dict[int, float] = {}
-    for mode, (_, fn) in candidates.items():
-        try:
-            times[mode] = _time(lambda fn=fn, cs=copies: [fn(x, c) for c in cs]) / len(copies)
-        except Exception as exc:  # e.g. a capture failure: that mode is not used
-            logger.warning("linear mode %d not timed for %s (%s)", mode, key, exc)
-    del copies
+    runs = {mode: (lambda c, fn=fn: fn(x, c)) for mode, (_, fn) in candidates.items()}
+    times = time_candidates(w, runs, f"linear modes for {key}")
     if LINEAR not in times:
         return LINEAR
     best = min(times, key=lambda m: times[m])
