@@ -5,6 +5,9 @@ stop (eos never matches). For each batch size it times, in one process:
 
 - ``tracekit cuda +capture``: CudaEngine, all layers, response_avg + prompt_last + prompt_avg;
 - ``tracekit cuda``: CudaEngine without capture;
+- ``... streamed``: the same two, ``--stream N`` batches per timed call, each started before
+  the previous one's result is taken (``CudaEngine.start``, as ``tracekit generate`` runs its
+  batches): the host's per-batch work overlaps the device's next batch; times per batch;
 - ``tracekit cuda <variant>``: engine variants without capture (``--variants``);
 - ``tracekit hf +capture``: the reference engine with the same capture (``--with-reference``);
 - ``generate dynamic``: ``model.generate`` with the default dynamic cache;
@@ -223,6 +226,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--stream", type=int, default=4, help="batches per streamed call (0: no streamed rows)"
+    )
     ap.add_argument("--with-static", action="store_true")
     ap.add_argument("--with-reference", action="store_true")
     ap.add_argument(
@@ -318,6 +324,42 @@ def main() -> None:
             ("tracekit cuda +capture", lambda p=prompts: cuda_engine.generate(p, params, capture)),
             ("tracekit cuda", lambda p=prompts: cuda_engine.generate(p, params)),
         ]
+        # batches per call of a method (streamed ones run several) and, for those, each
+        # call's prefill and decode device times (means over its batches)
+        per_call: dict[str, int] = {}
+        stream_spans: dict[str, list[tuple[float | None, float | None]]] = {}
+        for label, cap in (("tracekit cuda +capture", capture), ("tracekit cuda", None)):
+            if args.stream < 1:
+                continue
+            name = f"{label} streamed"
+            per_call[name] = args.stream
+            stream_spans[name] = []
+
+            def run_stream(
+                p: Any = prompts,
+                c: Any = cap,
+                n: int = args.stream,
+                spans: Any = stream_spans[name],
+            ) -> Any:
+                pending, done = None, []
+                for _ in range(n):
+                    started = cuda_engine.start(p, params, c)
+                    if pending is not None:
+                        pending.result()
+                        done.append(pending)
+                    pending = started
+                out = pending.result()
+                done.append(pending)
+                prefills = [d.launched.prefill_seconds for d in done]
+                decodes = [d.launched.decode_seconds for d in done]
+                spans.append(
+                    (None, None)
+                    if None in prefills
+                    else (statistics.mean(prefills), statistics.mean(decodes))
+                )
+                return out
+
+            methods.append((name, run_stream))
         # each tracekit engine's own prefill (CUDA events in the decoder; the HF forward's
         # time for the rest)
         # and the device time of its decode steps alone (CUDA events around the decode loop)
@@ -356,9 +398,16 @@ def main() -> None:
             # a call's prefill is subtracted from that call (prefills vary by milliseconds)
             spans: list[tuple[float | None, float | None]] = []
 
-            def call(fn: Any = fn, dec_of: Any = decoders.get(name), spans: Any = spans) -> Any:
+            def call(
+                fn: Any = fn,
+                dec_of: Any = decoders.get(name),
+                spans: Any = spans,
+                streamed: Any = stream_spans.get(name),
+            ) -> Any:
                 out = fn()
-                if dec_of is not None:
+                if streamed is not None:
+                    spans.append(streamed[-1])
+                elif dec_of is not None:
                     dec = dec_of()
                     spans.append((dec.last_prefill_seconds, dec.last_decode_seconds))
                 return out
@@ -367,6 +416,8 @@ def main() -> None:
             start = time.perf_counter()
             seconds, out = timed(call, dev, args.reps, each)
             setup = time.perf_counter() - start - sum(each)
+            n = per_call.get(name, 1)  # times per batch from here on
+            seconds, each = seconds / n, [t / n for t in each]
             made = out.n_new_tokens if hasattr(out, "n_new_tokens") else tokens
             results[name] = seconds
             timed_spans = spans[-len(each) :] if spans else [(None, None)] * len(each)

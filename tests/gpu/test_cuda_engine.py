@@ -8,6 +8,8 @@ output (bf16 rounding of two different kernel sequences).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -58,6 +60,46 @@ def test_greedy_equals_reference_with_graphs(fp32_model, batch):
     # a second batch of the same shape replays the captured graph with fresh state
     again = engine.generate(prompts, params, capture)
     assert again.response_ids == out.response_ids
+
+
+def test_started_batches_queue_without_waiting_and_equal_single_calls(fp32_model):
+    """``start`` returns while the device still works on what is queued before it, and
+    batches started back to back give what each gives alone: on one captured step (the same
+    buffers) and across two prompt lengths (two runners, whose prefill graphs share one memory
+    pool), each batch's results are copied out before the next batch's prefill."""
+    params = GenerationParams(max_new_tokens=16, temperature=0)  # two checks: none waits
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    first = _prompts(8, seed=5)
+    second = [[(t + 7) % 500 + 2 for t in p] for p in first]  # the same lengths
+    short = [p[:10] for p in first]  # another prompt-length bucket: a second runner
+    sets = [first, short, second]
+    engine = CudaEngine(fp32_model)
+    alone = [engine.generate(p, params, capture) for p in sets]
+    assert alone[0].response_ids != alone[2].response_ids
+    # the prefills are graphs replayed over new prompts: each set equals the reference
+    runners = list(engine._decoder(capture)._runners.values())
+    assert len(runners) == 2
+    assert all(isinstance(r.prefill_graph, torch.cuda.CUDAGraph) for r in runners)
+    reference = HFEngine(fp32_model)
+    for prompts, out in zip(sets, alone, strict=True):
+        ref = reference.generate(prompts, params, capture)
+        assert out.response_ids == ref.response_ids
+        for pooling in ALL_POOLINGS:
+            assert _rel(out.pooled[pooling], ref.pooled[pooling]) < 1e-3, pooling
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of device time queued ahead of the batches
+    started = time.perf_counter()
+    pending = [engine.start(p, params, capture) for p in sets]
+    host_seconds = time.perf_counter() - started
+    assert not torch.cuda.current_stream().query(), "start waited for the device"
+    for one, single in zip(pending, alone, strict=True):
+        out = one.result()
+        assert out.response_ids == single.response_ids
+        assert out.texts == single.texts
+        for pooling in ALL_POOLINGS:
+            assert torch.equal(out.pooled[pooling], single.pooled[pooling]), pooling
+        assert one.launched.decode_seconds is not None and one.launched.decode_seconds > 0
+    assert host_seconds < 0.4, host_seconds
 
 
 def test_fast_prefill_equals_reference(fp32_model):

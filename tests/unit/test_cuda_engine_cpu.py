@@ -119,6 +119,78 @@ def test_short_batch_runs_padded_to_the_callers_batch_size(tiny):
     assert {key.batch for key in plain._decoder(None)._runners} == {2}
 
 
+def test_next_batch_started_before_the_result_is_taken_changes_nothing(tiny):
+    """``start`` returns with the batch queued; a second batch started on the same decode
+    shape (same buffers) before the first result is taken leaves that result intact."""
+    engine = _eager(tiny)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    greedy = GenerationParams(max_new_tokens=7, temperature=0)
+    other = [[p + 11 for p in prompt] for prompt in reversed(PROMPTS)]
+    alone_a = engine.generate(PROMPTS, greedy, capture)
+    alone_b = engine.generate(other, greedy, capture)
+    first = engine.start(PROMPTS, greedy, capture)
+    second = engine.start(other, greedy, capture)
+    assert len(engine._decoder(capture)._runners) == 1  # both ran in the same buffers
+    for pending, alone in ((first, alone_a), (second, alone_b)):
+        out = pending.result()
+        assert out.response_ids == alone.response_ids
+        assert out.texts == alone.texts
+        assert out.finish_reasons == alone.finish_reasons
+        for pooling in ALL_POOLINGS:
+            torch.testing.assert_close(out.pooled[pooling], alone.pooled[pooling], rtol=0, atol=0)
+    assert alone_a.response_ids != alone_b.response_ids  # the check above could tell them apart
+    assert first.result() is first.result()
+
+
+def _job_config(tmp_path, engine: str, n_examples: int):
+    """A small greedy generate job at batch size 2 on a registered test engine."""
+    from tracekit.generation.run import GenerateConfig
+
+    return GenerateConfig(
+        experiment="e",
+        traits=("verbosity",),
+        experiments_dir=tmp_path,
+        engine=engine,
+        chat_template=False,
+        batch_size=2,
+        n_examples=n_examples,
+        max_new_tokens=2,
+        temperature=0,
+        extract_activations=False,
+        generation_cache=False,
+    )
+
+
+class _FailingSecondBatch(CudaEngine):
+    """The CUDA engine run eagerly, failing when its second batch is started."""
+
+    started = 0
+
+    def __init__(self, loaded):
+        super().__init__(loaded, use_graphs=False, compile=False)
+
+    def start(self, *args, **kwargs):
+        _FailingSecondBatch.started += 1
+        if _FailingSecondBatch.started == 2:
+            raise RuntimeError("device fell over")
+        return super().start(*args, **kwargs)
+
+
+def test_batch_finished_before_a_failing_one_is_written(tiny, tmp_path, monkeypatch):
+    """The generate job starts each batch before taking the previous one's output; when the
+    next batch fails, the finished one is still written (a rerun resumes after it)."""
+    from tracekit.generation import engine as engine_module
+    from tracekit.generation.run import generate
+
+    monkeypatch.setitem(engine_module.ENGINES, "failing", f"{__name__}:_FailingSecondBatch")
+    _FailingSecondBatch.started = 0
+    config = _job_config(tmp_path, "failing", n_examples=4)
+    with pytest.raises(RuntimeError, match="device fell over"):
+        generate(config, loaded=tiny)
+    paths = TraitPaths.of(tmp_path, "e", "verbosity")
+    assert sorted(read_parts(paths, "pos")) == [0, 1]
+
+
 class _PaddingEngine(CudaEngine):
     """The CUDA engine run eagerly with padding on (as on a GPU), registered for the job."""
 
@@ -133,23 +205,11 @@ def test_generate_job_runs_its_last_batch_at_the_batch_size(tiny, tmp_path, monk
     """The generate job tells the engine its batch size: 3 rows at batch size 2 run as two
     batches of 2 rows (one decode shape), not one of 2 and one of 1."""
     from tracekit.generation import engine as engine_module
-    from tracekit.generation.run import GenerateConfig, generate
+    from tracekit.generation.run import generate
 
     monkeypatch.setitem(engine_module.ENGINES, "padding", f"{__name__}:_PaddingEngine")
     _PaddingEngine.made = []
-    config = GenerateConfig(
-        experiment="e",
-        traits=("verbosity",),
-        experiments_dir=tmp_path,
-        engine="padding",
-        chat_template=False,
-        batch_size=2,
-        n_examples=3,
-        max_new_tokens=2,
-        temperature=0,
-        extract_activations=False,
-        generation_cache=False,
-    )
+    config = _job_config(tmp_path, "padding", n_examples=3)
     generate(config, loaded=tiny)
     (engine,) = _PaddingEngine.made
     assert {key.batch for dec in engine._decoders.values() for key in dec._runners} == {2}

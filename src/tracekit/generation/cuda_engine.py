@@ -703,6 +703,11 @@ class _Runner:
 
             self.work = workspace(b, spec.hidden, dev)
         self.graph: Any = None
+        # the prefill as a CUDA graph (FastDecoder._prefill_as_graph): captured on first use;
+        # False after a failed capture (the prefill then runs eagerly)
+        self.prefill_graph: Any = None
+        self._prefill_in: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._prefill_out: dict[str, torch.Tensor] = {}
 
     # -- one decode step (eager Python that calls the compiled pieces) ------------------------
     def step(self) -> None:
@@ -908,6 +913,49 @@ class _Runner:
         self.graph = graph
         self.reset_dummy()
         return warmed - started, time.perf_counter() - warmed
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`FastDecoder._prefill_body` replayed as a CUDA graph over static copies of
+        ``ids`` and ``mask``, captured on the first call. The launches of a prefill through
+        the compiled blocks cost the host ~15 ms at 16 layers (measured on an H200), more than
+        the device's work for short prompts; a replay costs microseconds. The returned
+        poolings are the graph's static outputs: the next prefill overwrites them, so they
+        are copied out first (the run's results are queued for the host before it)."""
+        import torch
+
+        dec = self.dec
+        if self.prefill_graph is None:
+            started = time.perf_counter()
+            try:
+                self._prefill_in = (ids.clone(), mask.clone())
+                stream = torch.cuda.Stream(device=dec.device)
+                stream.wait_stream(torch.cuda.current_stream(dec.device))
+                with torch.cuda.stream(stream):  # compile and allocate outside the capture
+                    dec._prefill_body(self, *self._prefill_in)
+                torch.cuda.current_stream(dec.device).wait_stream(stream)
+                # one memory pool for every prefill graph of the decoder, so its runners do
+                # not each keep a prefill's activations. Safe because prefills never overlap
+                # and a prefill's only outputs read later (its poolings) are copied out before
+                # the next prefill is queued (FastDecoder._collect)
+                if dec._prefill_pool is None:
+                    dec._prefill_pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=dec._prefill_pool):
+                    self._prefill_out = dec._prefill_body(self, *self._prefill_in)
+                self.prefill_graph = graph
+            except Exception as exc:  # the prefill can always run eagerly instead
+                if _is_oom(exc):
+                    raise
+                logger.warning("CUDA graph capture of the prefill failed (%s); run eagerly", exc)
+                self.prefill_graph = False
+                return dec._prefill_body(self, ids, mask)
+            finally:
+                dec.setup_parts["graph_capture"] += time.perf_counter() - started
+        assert self._prefill_in is not None
+        self._prefill_in[0].copy_(ids)
+        self._prefill_in[1].copy_(mask)
+        self.prefill_graph.replay()
+        return self._prefill_out
 
     def replay(self) -> None:
         if self.graph is not None:
@@ -1173,6 +1221,10 @@ def _head_advance(
 # --------------------------------------------------------------------------------------------
 _COMPILED: dict[str, Any] = {}
 
+PREFILL_GRAPH_TOKENS = 16384
+"""Largest prefill (batch x padded prompt length) replayed as a CUDA graph; longer prompts
+keep the eager prefill, whose launch cost is small next to their device time."""
+
 SETUP_PARTS = ("kernel_choice", "compile_warmup", "graph_capture", "step_tuning")
 
 FUSED_ATTENTION_MAX_LEN = 1024
@@ -1346,6 +1398,7 @@ class FastDecoder:
         self.gated_down = bool(gated_down)
         self._prefill_events: tuple[Any, Any] | None = None
         self._decode_events: tuple[Any, Any] | None = None
+        self._prefill_pool: Any = None  # memory pool of the runners' prefill graphs
         if not eos_token_ids:
             raise ValueError("give at least one eos token id")
         self.eos_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=self.device)
@@ -1640,6 +1693,7 @@ class FastDecoder:
         size = max(length, 2 * self.cos_table.shape[0])
         self.cos_table, self.sin_table = rope_tables(self.rotary, size, self.dtype, self.device)
         # graphs captured earlier read the old tables: drop them
+        _settle(self.device)
         self._runners.clear()
 
     def _runner(self, key: RunKey) -> _Runner:
@@ -1648,6 +1702,7 @@ class FastDecoder:
             self._runners.move_to_end(key)
             return runner
         while len(self._runners) >= self.max_runners:
+            _settle(self.device)
             self._runners.popitem(last=False)
         before = self.setup_seconds
         started = time.perf_counter()
@@ -1690,6 +1745,36 @@ class FastDecoder:
         seeds: Sequence[int] | None = None,
     ) -> FastResult:
         """Generate up to ``max_new_tokens`` per row from left-padded ``input_ids``."""
+        return self.launch(
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seeds=seeds,
+        ).result()
+
+    def launch(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float | Sequence[float] = 1.0,
+        top_p: float | Sequence[float] = 1.0,
+        seeds: Sequence[int] | None = None,
+    ) -> LaunchedRun:
+        """:meth:`generate`'s work queued on the device; :meth:`LaunchedRun.result` waits for it.
+
+        Returns once the prefill, every decode step and the copies of the results are queued
+        (on CUDA the host runs a few checks behind the device, see :class:`_DoneCheck`). The
+        results are copied out of the runner's buffers before anything queued later can touch
+        them, so the next batch may be launched before this one's result is taken: the host
+        then prepares the next batch and turns this one's tokens into lists while the device
+        works. Host tensors (CPU ``input_ids``) keep the host from waiting for the device here;
+        device tensors work too, with one blocking read of the mask."""
         import torch
 
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -1711,8 +1796,12 @@ class FastDecoder:
         bucket = self.prompt_bucket
         prompt_len = ((seq + bucket - 1) // bucket) * bucket
         extra = prompt_len - seq
-        ids = input_ids.to(self.device)
-        mask = attention_mask.to(self.device, torch.long)
+        if input_ids.is_cuda:
+            ids = input_ids.to(self.device)
+            mask = attention_mask.to(self.device, torch.long)
+        else:  # pinned and non-blocking: the previous batch may still run on the device
+            ids = to_device(input_ids, self.device)
+            mask = to_device(mask_host, self.device)
         if extra:
             ids = torch.cat([ids.new_full((batch, extra), self.pad_id), ids], dim=1)
             mask = torch.cat([mask.new_zeros((batch, extra)), mask], dim=1)
@@ -1723,15 +1812,16 @@ class FastDecoder:
         use_top_p = sampling and any(p < 1.0 for p in tops)
         key = RunKey(batch, prompt_len, int(max_new_tokens), sampling, use_top_p)
         try:
-            return self._generate(key, ids, mask, temps, tops, seeds)
+            return self._launch(key, ids, mask, temps, tops, seeds)
         except Exception as exc:
             if _is_oom(exc):
                 # free every cache and graph now, so a retry at a smaller batch can fit
+                _settle(self.device)
                 self._runners.clear()
                 torch.cuda.empty_cache()
             raise
 
-    def _generate(
+    def _launch(
         self,
         key: RunKey,
         ids: torch.Tensor,
@@ -1739,7 +1829,7 @@ class FastDecoder:
         temps: list[float],
         tops: list[float],
         seeds: Sequence[int] | None,
-    ) -> FastResult:
+    ) -> LaunchedRun:
         import torch
 
         prompt_len, max_new_tokens = key.prompt_len, key.max_new_tokens
@@ -1766,12 +1856,46 @@ class FastDecoder:
         tops: list[float],
         seeds: Sequence[int] | None,
     ) -> dict[str, torch.Tensor]:
+        """The prompt through the model, the runner's state reset and the first token chosen;
+        the prompt poolings (device tensors, static ones where the prefill is a graph)."""
         import torch
 
         st, batch = runner.st, ids.shape[0]
         seed_list = list(seeds) if seeds is not None else [0] * batch
         if len(seed_list) != batch:
             raise InputError(f"{len(seed_list)} seeds given for {batch} rows")
+        # pinned, non-blocking: queued behind the previous batch's steps (which read them)
+        st.temperature.copy_(to_device(torch.tensor(temps, dtype=torch.float32), self.device))
+        st.top_p.copy_(to_device(torch.tensor(tops, dtype=torch.float32), self.device))
+        st.seeds.copy_(to_device(torch.tensor(seed_list, dtype=torch.long), self.device))
+        events = _start_span(self.device)  # the prefill's share of the run, read afterwards
+        if self._prefill_as_graph(runner):
+            pooled = runner.prefill(ids, mask)
+        else:
+            pooled = self._prefill_body(runner, ids, mask)
+        self._prefill_events = _end_span(events)
+        return pooled
+
+    def _prefill_as_graph(self, runner: _Runner) -> bool:
+        """Whether ``runner``'s prefill is replayed as a CUDA graph: with captured steps and
+        the engine's own prefill, for prompts up to :data:`PREFILL_GRAPH_TOKENS` tokens in
+        all (a graph keeps its activations' memory for as long as the runner lives)."""
+        key = runner.key
+        return (
+            runner.graph is not None
+            and self.fast_prefill
+            and runner.prefill_graph is not False
+            and key.batch * key.prompt_len <= PREFILL_GRAPH_TOKENS
+        )
+
+    def _prefill_body(
+        self, runner: _Runner, ids: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`_prefill`'s device work: only tensor operations on device tensors (no host
+        reads), so that it can be recorded as a CUDA graph."""
+        import torch
+
+        st = runner.st
         prompt_len = ids.shape[1]
         n_real = mask.sum(dim=1)
         sums: dict[int, torch.Tensor] = {}
@@ -1787,9 +1911,7 @@ class FastDecoder:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         # later cache slots may hold keys of an earlier batch; the mask never lets them in
         prefill = self._prefill_fast if self.fast_prefill else self._prefill_hf
-        events = _start_span(self.device)  # the prefill's share of the run, read afterwards
         logits = prefill(runner, ids, mask, positions, pool)
-        self._prefill_events = _end_span(events)
         st.pad_len.copy_(prompt_len - n_real)
         st.step.fill_(-1)
         st.alive.fill_(True)
@@ -1797,10 +1919,6 @@ class FastDecoder:
         st.n_kept.zero_()
         st.eos_hit.zero_()
         st.out_tokens.fill_(self.pad_id)
-        # pinned, non-blocking: a pageable copy would make the host wait for the prefill here
-        st.temperature.copy_(to_device(torch.tensor(temps, dtype=torch.float32), self.device))
-        st.top_p.copy_(to_device(torch.tensor(tops, dtype=torch.float32), self.device))
-        st.seeds.copy_(to_device(torch.tensor(seed_list, dtype=torch.long), self.device))
         for buf in runner.caps.values():
             buf.zero_()
         # the first token goes through the same device bookkeeping as every decode step
@@ -1858,7 +1976,8 @@ class FastDecoder:
 
     @property
     def last_prefill_seconds(self) -> float | None:
-        """Device time of the last generate call's prefill (CUDA events; None off CUDA)."""
+        """Device time of the last generate call's prefill, the first token's choice included
+        (CUDA events; None off CUDA)."""
         return _span_seconds(self._prefill_events)
 
     @property
@@ -1922,23 +2041,66 @@ class FastDecoder:
                 pool(i + 1, h)
         return _head(h[:, -1], self.final_norm, self.lm_head, spec.eps)
 
-    def _collect(self, runner: _Runner, pooled: dict[str, torch.Tensor], steps: int) -> FastResult:
+    def _collect(self, runner: _Runner, pooled: dict[str, torch.Tensor], steps: int) -> LaunchedRun:
+        """Queue the copies of a run's results (tokens, lengths, captures) behind its steps."""
         import torch
 
         st = runner.st
-        n_kept = st.n_kept.cpu()
-        tokens_all = st.out_tokens[:, : runner.key.max_new_tokens].cpu()
-        eos_hit = st.eos_hit.cpu()
-        tokens = [tokens_all[r, : int(n_kept[r])].tolist() for r in range(tokens_all.shape[0])]
-        reasons = ["eos" if bool(eos_hit[r]) else "length" for r in range(tokens_all.shape[0])]
-        device_out = dict(pooled)
+        device_out: dict[tuple[str, str], torch.Tensor] = {
+            ("state", "n_kept"): st.n_kept,
+            ("state", "tokens"): st.out_tokens[:, : runner.key.max_new_tokens],
+            ("state", "eos_hit"): st.eos_hit,
+        }
+        for name, value in pooled.items():
+            device_out[("pooled", name)] = value
         if "response_avg" in self.poolings:
             denom = st.n_kept.to(torch.float32).clamp(min=1)[:, None, None]
             sums = torch.stack([runner.caps[layer] for layer in self.layers], dim=1)
-            device_out["response_avg"] = sums / denom
-        out = HostCopy(device_out).wait()
-        ordered = {name: out[name] for name in self.poolings}
-        return FastResult(tokens=tokens, finish_reasons=reasons, pooled=ordered, decode_steps=steps)
+            device_out[("pooled", "response_avg")] = sums / denom
+        return LaunchedRun(
+            HostCopy(device_out), self.poolings, steps, self._prefill_events, self._decode_events
+        )
+
+
+class LaunchedRun:
+    """A :meth:`FastDecoder.launch` in flight: its results are being copied to the host."""
+
+    def __init__(
+        self,
+        copy: HostCopy,
+        poolings: Sequence[str],
+        steps: int,
+        prefill_events: tuple[Any, Any] | None,
+        decode_events: tuple[Any, Any] | None,
+    ) -> None:
+        self._copy = copy
+        self._poolings = tuple(poolings)
+        self._steps = steps
+        self._prefill_events = prefill_events
+        self._decode_events = decode_events
+        self._result: FastResult | None = None
+
+    @property
+    def prefill_seconds(self) -> float | None:
+        """Device time of this run's prefill (CUDA events; waits for it; None off CUDA)."""
+        return _span_seconds(self._prefill_events)
+
+    @property
+    def decode_seconds(self) -> float | None:
+        """Device time of this run's decode steps (CUDA events; waits for them)."""
+        return _span_seconds(self._decode_events)
+
+    def result(self) -> FastResult:
+        """Wait for the copies and build the token lists (the same object on later calls)."""
+        if self._result is None:
+            out = self._copy.wait()
+            n_kept = out[("state", "n_kept")].tolist()
+            tokens_all = out[("state", "tokens")]
+            tokens = [tokens_all[r, :n].tolist() for r, n in enumerate(n_kept)]
+            reasons = ["eos" if hit else "length" for hit in out[("state", "eos_hit")].tolist()]
+            pooled = {name: out[("pooled", name)] for name in self._poolings}
+            self._result = FastResult(tokens, reasons, pooled, self._steps)
+        return self._result
 
 
 def _start_span(device: torch.device) -> tuple[Any, Any] | None:
@@ -2000,6 +2162,15 @@ class _DoneCheck:
             return False
         previous[0].synchronize()
         return not bool(previous[1][0])
+
+
+def _settle(device: torch.device) -> None:
+    """Wait for the device before runners (graphs, caches) are dropped: a batch started
+    earlier (:meth:`CudaEngine.start`) may still be replaying a graph that is dropped."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -2092,6 +2263,7 @@ class CudaEngine:
         if dec is None:
             if len(self._decoders) >= 2:  # each decoder holds KV caches: keep few alive
                 _, retired = self._decoders.popitem(last=False)
+                _settle(retired.device)
                 for name, seconds in retired.setup_parts.items():
                     self._retired_setup_parts[name] += seconds
             dec = FastDecoder(
@@ -2116,17 +2288,32 @@ class CudaEngine:
         *,
         pad_to: int | None = None,
     ) -> GenerationOutput:
+        return self.start(prompts, params, capture, row_seeds, pad_to=pad_to).result()
+
+    def start(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        capture: CaptureSpec | None = None,
+        row_seeds: Sequence[int] | None = None,
+        *,
+        pad_to: int | None = None,
+    ) -> CudaPending:
+        """:meth:`generate` without waiting for the device (see
+        :func:`tracekit.generation.engine.start_generation`): the batch is launched, and
+        :meth:`CudaPending.result` detokenizes it once its results are copied. Starting the
+        next batch first is safe: a batch's results are copied out of the decoder's buffers
+        before the next batch's prefill is queued."""
         import torch
 
         from tracekit.generation.engine import GenerationOutput, encode_prompts, left_pad
         from tracekit.generation.hf_engine import check_capture_layers
-        from tracekit.generation.pooling import Pooling
 
         tokenizer = self.loaded.tokenizer
         rows = encode_prompts(tokenizer, prompts)
         batch = len(rows)
         if batch == 0:
-            return GenerationOutput([], [], [], [])
+            return CudaPending(None, GenerationOutput([], [], [], []))
         if capture is not None:
             check_capture_layers(self.loaded, capture)
         dec = self._decoder(capture)
@@ -2141,10 +2328,12 @@ class CudaEngine:
         # capturing a new one; the extra rows copy row 0 (prompt and seed), so they finish with
         # it and never keep the loop running, and they are dropped below
         fill = max(0, pad_to - batch) if dec.pad_batches and pad_to is not None else 0
-        ids, mask = left_pad(rows + rows[:1] * fill, int(tokenizer.pad_token_id), dec.device)
+        # host tensors: the decoder checks them and copies them over without waiting
+        cpu = torch.device("cpu")
+        ids, mask = left_pad(rows + rows[:1] * fill, int(tokenizer.pad_token_id), cpu)
         seeds += seeds[:1] * fill
         try:
-            res = dec.generate(
+            launched = dec.launch(
                 ids,
                 mask,
                 max_new_tokens=params.max_new_tokens,
@@ -2155,16 +2344,48 @@ class CudaEngine:
             )
         except Exception as exc:
             if _is_oom(exc):  # the caller retries smaller: drop every decoder's caches too
+                _settle(dec.device)
                 for other in self._decoders.values():
                     other._runners.clear()
                 torch.cuda.empty_cache()
             raise
-        tokens = res.tokens[:batch]
-        return GenerationOutput(
-            response_ids=tokens,
-            texts=[tokenizer.decode(r, skip_special_tokens=True) for r in tokens],
-            finish_reasons=res.finish_reasons[:batch],  # type: ignore[arg-type]
-            prompt_lengths=[len(r) for r in rows],
-            pooled={Pooling(name): value[:batch] for name, value in res.pooled.items()},
-            layers=capture.layers if capture is not None else (),
-        )
+        return CudaPending(launched, None, tokenizer, rows, capture)
+
+
+class CudaPending:
+    """A batch started by :meth:`CudaEngine.start`; :meth:`result` builds its output once."""
+
+    def __init__(
+        self,
+        launched: LaunchedRun | None,
+        output: GenerationOutput | None = None,
+        tokenizer: Any = None,
+        rows: Sequence[Sequence[int]] = (),
+        capture: CaptureSpec | None = None,
+    ) -> None:
+        self.launched = launched
+        """The decoder's run (device times of its prefill and steps); None for no rows."""
+        self._output = output
+        self._tokenizer = tokenizer
+        self._rows = rows
+        self._capture = capture
+
+    def result(self) -> GenerationOutput:
+        from tracekit.generation.engine import GenerationOutput
+        from tracekit.generation.pooling import Pooling
+
+        if self._output is None:
+            assert self.launched is not None
+            res = self.launched.result()
+            batch = len(self._rows)
+            tokens = res.tokens[:batch]  # rows beyond the batch were padding
+            capture = self._capture
+            self._output = GenerationOutput(
+                response_ids=tokens,
+                texts=self._tokenizer.batch_decode(tokens, skip_special_tokens=True),
+                finish_reasons=res.finish_reasons[:batch],  # type: ignore[arg-type]
+                prompt_lengths=[len(r) for r in self._rows],
+                pooled={Pooling(name): value[:batch] for name, value in res.pooled.items()},
+                layers=capture.layers if capture is not None else (),
+            )
+        return self._output

@@ -4,7 +4,9 @@ An engine turns a batch of prompts into responses and, when asked, pooled activa
 *during* generation. The reference engine (:class:`tracekit.generation.hf_engine.HFEngine`)
 is a plain PyTorch decode loop over any Hugging Face causal LM; faster engines (static KV cache,
 CUDA graphs) implement the same :class:`GenerationEngine` protocol and register a name in
-:data:`ENGINES`, so ``generate``, ``log`` and the benchmark select them with one flag.
+:data:`ENGINES`, so ``generate``, ``log`` and the benchmark select them with one flag. An
+engine may also offer ``start``, which returns before the device is done, so that a caller
+can queue the next batch first (:func:`start_generation`).
 
 Contract every engine keeps (the tests check the reference engine against it):
 
@@ -132,6 +134,47 @@ class GenerationEngine(Protocol):
         ...
 
 
+class PendingOutput(Protocol):
+    """A batch handed to an engine: :meth:`result` returns its output, waiting if needed."""
+
+    def result(self) -> GenerationOutput: ...
+
+
+@dataclass
+class Ready:
+    """A :class:`PendingOutput` already done (engines that only have ``generate``)."""
+
+    output: GenerationOutput
+
+    def result(self) -> GenerationOutput:
+        return self.output
+
+
+def start_generation(
+    engine: GenerationEngine,
+    prompts: Sequence[Prompt],
+    params: GenerationParams,
+    capture: CaptureSpec | None = None,
+    row_seeds: Sequence[int] | None = None,
+    *,
+    pad_to: int | None = None,
+) -> PendingOutput:
+    """Hand a batch to ``engine`` without waiting for it where the engine can.
+
+    An engine may offer ``start`` (same arguments as ``generate``, returning a
+    :class:`PendingOutput`): it queues the batch's device work and returns before that work
+    ends. A caller that starts the next batch before taking this one's result keeps the device
+    busy while the host turns results into text and records (the CUDA engine does this;
+    ``tracekit generate`` runs its batches so). Engines without ``start`` run ``generate``
+    here and the result is ready at once.
+    """
+    start = getattr(engine, "start", None)
+    if start is None:
+        return Ready(engine.generate(prompts, params, capture, row_seeds, pad_to=pad_to))
+    pending: PendingOutput = start(prompts, params, capture, row_seeds, pad_to=pad_to)
+    return pending
+
+
 ENGINES: dict[str, str] = {
     "hf": "tracekit.generation.hf_engine:HFEngine",
     "cuda": "tracekit.generation.cuda_engine:CudaEngine",
@@ -237,8 +280,8 @@ class HostCopy:
 
         self._event: Any = None
         cuda = [v for v in values.values() if v.is_cuda]
-        if not cuda:
-            self._values = {k: v.cpu() for k, v in values.items()}
+        if not cuda:  # copies, so that work queued later cannot change them
+            self._values = {k: v.detach().to("cpu", copy=True) for k, v in values.items()}
             return
         self._values = {}
         for key, value in values.items():

@@ -247,16 +247,32 @@ class _Batcher:
     ) -> None:
         """``run_rows``: rows of this polarity in the whole run (all processes); short batches
         are padded (by engines that pad) to the batch size, or to ``run_rows`` if fewer, so a
-        run smaller than one batch is not padded and every process pads alike."""
+        run smaller than one batch is not padded and every process pads alike.
+
+        Each batch is started before the previous one's output is taken (engines with
+        ``start``, see :func:`~tracekit.generation.engine.start_generation`), so the host
+        builds one batch's records while the device generates the next. A finished batch is
+        handed to ``on_output`` before an error of the next one is raised or handled."""
+        from tracekit.generation.engine import start_generation
+
+        pending: tuple[int, int, Any] | None = None
         start = 0
         while start < len(prompts):
             end = min(start + self.batch_size, len(prompts))
             try:
                 pad_to = min(self.batch_size, run_rows or self.batch_size)
-                out = self.engine.generate(
-                    prompts[start:end], params, capture, seeds[start:end], pad_to=pad_to
+                launched = start_generation(
+                    self.engine,
+                    prompts[start:end],
+                    params,
+                    capture,
+                    seeds[start:end],
+                    pad_to=pad_to,
                 )
-            except Exception as exc:
+            except BaseException as exc:  # an interrupt too: the batch before is done, keep it
+                if pending is not None:
+                    on_output(pending[0], pending[1], pending[2].result())
+                    pending = None
                 if not is_out_of_memory(exc):
                     raise
                 if self.batch_size == 1:
@@ -266,8 +282,12 @@ class _Batcher:
                     ) from exc
                 self._halve()
                 continue
-            on_output(start, end, out)
+            if pending is not None:
+                on_output(pending[0], pending[1], pending[2].result())
+            pending = (start, end, launched)
             start = end
+        if pending is not None:
+            on_output(pending[0], pending[1], pending[2].result())
 
     def _halve(self) -> None:
         import torch
