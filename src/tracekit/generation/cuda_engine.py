@@ -55,6 +55,7 @@ from tracekit.generation.cuda_gemv import (
     gated_linear,
     linear,
     mode_for_splits,
+    on_side_stream,
 )
 from tracekit.generation.engine import HostCopy, to_device
 from tracekit.generation.pooling import masked_sum
@@ -65,7 +66,13 @@ from tracekit.models.layers import LayerHandles
 if TYPE_CHECKING:
     import torch
 
-    from tracekit.generation.engine import CaptureSpec, GenerationOutput, GenerationParams, Prompt
+    from tracekit.generation.engine import (
+        CaptureSpec,
+        GenerationOutput,
+        GenerationParams,
+        Prompt,
+        Ready,
+    )
     from tracekit.models.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -897,13 +904,13 @@ class _Runner:
         import torch
 
         started = time.perf_counter()
-        stream = torch.cuda.Stream(device=self.dec.device)
-        stream.wait_stream(torch.cuda.current_stream(self.dec.device))
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):  # compile, autotune and allocate outside the capture
+
+        def warm() -> None:
+            for _ in range(warmup):
                 self.reset_dummy()
                 self.step()
-        torch.cuda.current_stream(self.dec.device).wait_stream(stream)
+
+        on_side_stream(warm, self.dec.device)
         torch.cuda.synchronize(self.dec.device)
         warmed = time.perf_counter()
         self.reset_dummy()
@@ -924,15 +931,15 @@ class _Runner:
         import torch
 
         dec = self.dec
-        if self.prefill_graph is None:
+        if self.prefill_graph is not None:
+            assert self._prefill_in is not None
+            self._prefill_in[0].copy_(ids)
+            self._prefill_in[1].copy_(mask)
+        else:
             started = time.perf_counter()
             try:
-                self._prefill_in = (ids.clone(), mask.clone())
-                stream = torch.cuda.Stream(device=dec.device)
-                stream.wait_stream(torch.cuda.current_stream(dec.device))
-                with torch.cuda.stream(stream):  # compile and allocate outside the capture
-                    dec._prefill_body(self, *self._prefill_in)
-                torch.cuda.current_stream(dec.device).wait_stream(stream)
+                inputs = self._prefill_in = (ids.clone(), mask.clone())
+                on_side_stream(lambda: dec._prefill_body(self, *inputs), dec.device)
                 # one memory pool for every prefill graph of the decoder, so its runners do
                 # not each keep a prefill's activations. Safe because prefills never overlap
                 # and a prefill's only outputs read later (its poolings) are copied out before
@@ -941,7 +948,7 @@ class _Runner:
                     dec._prefill_pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=dec._prefill_pool):
-                    self._prefill_out = dec._prefill_body(self, *self._prefill_in)
+                    self._prefill_out = dec._prefill_body(self, *inputs)
                 self.prefill_graph = graph
             except Exception as exc:  # the prefill can always run eagerly instead
                 if _is_oom(exc):
@@ -951,9 +958,6 @@ class _Runner:
                 return dec._prefill_body(self, ids, mask)
             finally:
                 dec.setup_parts["graph_capture"] += time.perf_counter() - started
-        assert self._prefill_in is not None
-        self._prefill_in[0].copy_(ids)
-        self._prefill_in[1].copy_(mask)
         self.prefill_graph.replay()
         return self._prefill_out
 
@@ -1396,8 +1400,7 @@ class FastDecoder:
         self.fast_prefill = self.compile if fast_prefill is None else bool(fast_prefill)
         # off: slower on an H200 (see the class docstring and cuda_gemv.gated_linear)
         self.gated_down = bool(gated_down)
-        self._prefill_events: tuple[Any, Any] | None = None
-        self._decode_events: tuple[Any, Any] | None = None
+        self._last_run: LaunchedRun | None = None
         self._prefill_pool: Any = None  # memory pool of the runners' prefill graphs
         if not eos_token_ids:
             raise ValueError("give at least one eos token id")
@@ -1796,12 +1799,8 @@ class FastDecoder:
         bucket = self.prompt_bucket
         prompt_len = ((seq + bucket - 1) // bucket) * bucket
         extra = prompt_len - seq
-        if input_ids.is_cuda:
-            ids = input_ids.to(self.device)
-            mask = attention_mask.to(self.device, torch.long)
-        else:  # pinned and non-blocking: the previous batch may still run on the device
-            ids = to_device(input_ids, self.device)
-            mask = to_device(mask_host, self.device)
+        # host tensors go over pinned and non-blocking: the previous batch may still run
+        ids, mask = to_device(input_ids, self.device), to_device(mask_host, self.device)
         if extra:
             ids = torch.cat([ids.new_full((batch, extra), self.pad_id), ids], dim=1)
             mask = torch.cat([mask.new_zeros((batch, extra)), mask], dim=1)
@@ -1836,16 +1835,20 @@ class FastDecoder:
         with torch.no_grad():
             self._ensure_rope(prompt_len + max_new_tokens)
             runner = self._runner(key)
+            prefill_events = _start_span(self.device)  # the prefill's share, read afterwards
             prompt_pooled = self._prefill(runner, ids, mask, temps, tops, seeds)
+            _end_span(prefill_events)
             steps = 0
             check = _DoneCheck(runner.st, self.device)
-            events = _start_span(self.device)
+            decode_events = _start_span(self.device)
             for steps in range(1, max_new_tokens + 1):
                 runner.replay()
                 if steps % self.check_every == 0 and steps < max_new_tokens and check.done():
                     break
-            self._decode_events = _end_span(events)
-            return self._collect(runner, prompt_pooled, steps)
+            _end_span(decode_events)
+            run = self._collect(runner, prompt_pooled, steps, prefill_events, decode_events)
+            self._last_run = run
+            return run
 
     def _prefill(
         self,
@@ -1868,13 +1871,9 @@ class FastDecoder:
         st.temperature.copy_(to_device(torch.tensor(temps, dtype=torch.float32), self.device))
         st.top_p.copy_(to_device(torch.tensor(tops, dtype=torch.float32), self.device))
         st.seeds.copy_(to_device(torch.tensor(seed_list, dtype=torch.long), self.device))
-        events = _start_span(self.device)  # the prefill's share of the run, read afterwards
         if self._prefill_as_graph(runner):
-            pooled = runner.prefill(ids, mask)
-        else:
-            pooled = self._prefill_body(runner, ids, mask)
-        self._prefill_events = _end_span(events)
-        return pooled
+            return runner.prefill(ids, mask)
+        return self._prefill_body(runner, ids, mask)
 
     def _prefill_as_graph(self, runner: _Runner) -> bool:
         """Whether ``runner``'s prefill is replayed as a CUDA graph: with captured steps and
@@ -1978,14 +1977,14 @@ class FastDecoder:
     def last_prefill_seconds(self) -> float | None:
         """Device time of the last generate call's prefill, the first token's choice included
         (CUDA events; None off CUDA)."""
-        return _span_seconds(self._prefill_events)
+        return None if self._last_run is None else self._last_run.prefill_seconds
 
     @property
     def last_decode_seconds(self) -> float | None:
         """Device time of the last generate call's decode steps, first to last (CUDA events;
         None off CUDA): the steps alone, without the prefill, the host's preparation of the
         batch and the copies of the results."""
-        return _span_seconds(self._decode_events)
+        return None if self._last_run is None else self._last_run.decode_seconds
 
     def _prefill_fast(
         self,
@@ -2041,7 +2040,14 @@ class FastDecoder:
                 pool(i + 1, h)
         return _head(h[:, -1], self.final_norm, self.lm_head, spec.eps)
 
-    def _collect(self, runner: _Runner, pooled: dict[str, torch.Tensor], steps: int) -> LaunchedRun:
+    def _collect(
+        self,
+        runner: _Runner,
+        pooled: dict[str, torch.Tensor],
+        steps: int,
+        prefill_events: tuple[Any, Any] | None,
+        decode_events: tuple[Any, Any] | None,
+    ) -> LaunchedRun:
         """Queue the copies of a run's results (tokens, lengths, captures) behind its steps."""
         import torch
 
@@ -2058,7 +2064,7 @@ class FastDecoder:
             sums = torch.stack([runner.caps[layer] for layer in self.layers], dim=1)
             device_out[("pooled", "response_avg")] = sums / denom
         return LaunchedRun(
-            HostCopy(device_out), self.poolings, steps, self._prefill_events, self._decode_events
+            HostCopy(device_out), self.poolings, steps, prefill_events, decode_events
         )
 
 
@@ -2078,7 +2084,6 @@ class LaunchedRun:
         self._steps = steps
         self._prefill_events = prefill_events
         self._decode_events = decode_events
-        self._result: FastResult | None = None
 
     @property
     def prefill_seconds(self) -> float | None:
@@ -2091,16 +2096,14 @@ class LaunchedRun:
         return _span_seconds(self._decode_events)
 
     def result(self) -> FastResult:
-        """Wait for the copies and build the token lists (the same object on later calls)."""
-        if self._result is None:
-            out = self._copy.wait()
-            n_kept = out[("state", "n_kept")].tolist()
-            tokens_all = out[("state", "tokens")]
-            tokens = [tokens_all[r, :n].tolist() for r, n in enumerate(n_kept)]
-            reasons = ["eos" if hit else "length" for hit in out[("state", "eos_hit")].tolist()]
-            pooled = {name: out[("pooled", name)] for name in self._poolings}
-            self._result = FastResult(tokens, reasons, pooled, self._steps)
-        return self._result
+        """Wait for the copies and build the token lists."""
+        out = self._copy.wait()
+        n_kept = out[("state", "n_kept")].tolist()
+        tokens_all = out[("state", "tokens")]
+        tokens = [tokens_all[r, :n].tolist() for r, n in enumerate(n_kept)]
+        reasons = ["eos" if hit else "length" for hit in out[("state", "eos_hit")].tolist()]
+        pooled = {name: out[("pooled", name)] for name in self._poolings}
+        return FastResult(tokens, reasons, pooled, self._steps)
 
 
 def _start_span(device: torch.device) -> tuple[Any, Any] | None:
@@ -2298,7 +2301,7 @@ class CudaEngine:
         row_seeds: Sequence[int] | None = None,
         *,
         pad_to: int | None = None,
-    ) -> CudaPending:
+    ) -> CudaPending | Ready:
         """:meth:`generate` without waiting for the device (see
         :func:`tracekit.generation.engine.start_generation`): the batch is launched, and
         :meth:`CudaPending.result` detokenizes it once its results are copied. Starting the
@@ -2306,14 +2309,14 @@ class CudaEngine:
         before the next batch's prefill is queued."""
         import torch
 
-        from tracekit.generation.engine import GenerationOutput, encode_prompts, left_pad
+        from tracekit.generation.engine import GenerationOutput, Ready, encode_prompts, left_pad
         from tracekit.generation.hf_engine import check_capture_layers
 
         tokenizer = self.loaded.tokenizer
         rows = encode_prompts(tokenizer, prompts)
         batch = len(rows)
         if batch == 0:
-            return CudaPending(None, GenerationOutput([], [], [], []))
+            return Ready(GenerationOutput([], [], [], []))
         if capture is not None:
             check_capture_layers(self.loaded, capture)
         dec = self._decoder(capture)
@@ -2349,7 +2352,7 @@ class CudaEngine:
                     other._runners.clear()
                 torch.cuda.empty_cache()
             raise
-        return CudaPending(launched, None, tokenizer, rows, capture)
+        return CudaPending(launched, tokenizer, rows, capture)
 
 
 class CudaPending:
@@ -2357,15 +2360,14 @@ class CudaPending:
 
     def __init__(
         self,
-        launched: LaunchedRun | None,
-        output: GenerationOutput | None = None,
-        tokenizer: Any = None,
-        rows: Sequence[Sequence[int]] = (),
-        capture: CaptureSpec | None = None,
+        launched: LaunchedRun,
+        tokenizer: Any,
+        rows: Sequence[Sequence[int]],
+        capture: CaptureSpec | None,
     ) -> None:
         self.launched = launched
-        """The decoder's run (device times of its prefill and steps); None for no rows."""
-        self._output = output
+        """The decoder's run (device times of its prefill and steps)."""
+        self._output: GenerationOutput | None = None
         self._tokenizer = tokenizer
         self._rows = rows
         self._capture = capture
@@ -2375,7 +2377,6 @@ class CudaPending:
         from tracekit.generation.pooling import Pooling
 
         if self._output is None:
-            assert self.launched is not None
             res = self.launched.result()
             batch = len(self._rows)
             tokens = res.tokens[:batch]  # rows beyond the batch were padding

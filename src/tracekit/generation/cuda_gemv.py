@@ -386,6 +386,22 @@ def kernel_config(
     return configs[index]
 
 
+def on_side_stream(fn: Any, device: Any = None) -> Any:
+    """``fn()`` on a fresh stream ordered after the current stream's work and before its later
+    work; returns what ``fn`` returns. How work runs before a CUDA graph capture: compilation,
+    autotuning and first allocations happen outside the capture, on a stream other than the
+    default one."""
+    import torch
+
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        out = fn()
+    current.wait_stream(stream)
+    return out
+
+
 def _time(fn: Any, reps: int = 10) -> float:
     """Milliseconds per call of ``fn`` replayed from a CUDA graph.
 
@@ -395,11 +411,7 @@ def _time(fn: Any, reps: int = 10) -> float:
     import torch
 
     fn()  # autotuning and library handles, outside the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    on_side_stream(fn)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()

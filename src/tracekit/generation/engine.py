@@ -257,12 +257,13 @@ def left_pad(
 
 
 def to_device(value: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A host tensor on ``device``; to a GPU through pinned memory without waiting, so the
-    copy queues behind the work already on the stream instead of blocking the host."""
+    """``value`` on ``device``; a host tensor goes to a GPU through pinned memory without
+    waiting, so the copy queues behind the work already on the stream instead of blocking the
+    host."""
     import torch
 
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or value.device.type != "cpu":
         return value.to(device)
     return value.pin_memory().to(device, non_blocking=True)
 

@@ -256,6 +256,14 @@ class _Batcher:
         from tracekit.generation.engine import start_generation
 
         pending: tuple[int, int, Any] | None = None
+
+        def take_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                first, last, launched = pending
+                pending = None
+                on_output(first, last, launched.result())
+
         start = 0
         while start < len(prompts):
             end = min(start + self.batch_size, len(prompts))
@@ -270,9 +278,7 @@ class _Batcher:
                     pad_to=pad_to,
                 )
             except BaseException as exc:  # an interrupt too: the batch before is done, keep it
-                if pending is not None:
-                    on_output(pending[0], pending[1], pending[2].result())
-                    pending = None
+                take_pending()
                 if not is_out_of_memory(exc):
                     raise
                 if self.batch_size == 1:
@@ -282,12 +288,10 @@ class _Batcher:
                     ) from exc
                 self._halve()
                 continue
-            if pending is not None:
-                on_output(pending[0], pending[1], pending[2].result())
+            take_pending()
             pending = (start, end, launched)
             start = end
-        if pending is not None:
-            on_output(pending[0], pending[1], pending[2].result())
+        take_pending()
 
     def _halve(self) -> None:
         import torch
