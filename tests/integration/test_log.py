@@ -15,6 +15,7 @@ import torch
 from tracekit.actlog.logger import ActivationLogger
 from tracekit.actlog.prompts import DEFAULT_TEMPLATE, format_prompt
 from tracekit.errors import StoreError
+from tracekit.generation.hf_engine import HFEngine
 from tracekit.storage.activation_store import open_store, prompt_key
 
 pytestmark = pytest.mark.integration
@@ -159,6 +160,69 @@ def test_sigkill_mid_run_then_restart_logs_every_entry_once(cli, tmp_path: Path)
     assert [r["index"] for r in rebuilt] == list(range(len(rows)))
     assert rebuilt[0]["generation"] == rebuilt[-1]["generation"]  # the duplicate, logged once
     assert all(r["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" for r in rebuilt)
+
+
+class _FailingSecondBatch(HFEngine):
+    """The reference engine, failing on its second batch (as a device error would)."""
+
+    calls = 0
+
+    def generate(self, *args, **kwargs):
+        _FailingSecondBatch.calls += 1
+        if _FailingSecondBatch.calls == 2:
+            raise RuntimeError("device fell over")
+        return super().generate(*args, **kwargs)
+
+
+def test_batches_are_written_on_a_background_thread_and_a_failure_keeps_the_finished_ones(
+    tmp_path: Path, monkeypatch
+):
+    """`tracekit log` writes each batch's transaction on its writer thread while the next
+    batch runs; when the next batch fails, the batch before it is still written whole, and a
+    rerun logs only the rest."""
+    import threading
+
+    from tracekit.actlog.job import LogConfig, log_activations
+    from tracekit.generation import engine as engine_module
+    from tracekit.storage.activation_store import ActivationStoreWriter
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS[:4]))
+    store = tmp_path / "acts.lmdb"
+    threads: list[str] = []
+    real_write = ActivationStoreWriter.write_batch
+
+    def write_batch(self, entries):  # the real write, noting the thread it runs on
+        threads.append(threading.current_thread().name)
+        return real_write(self, entries)
+
+    monkeypatch.setattr(ActivationStoreWriter, "write_batch", write_batch)
+    monkeypatch.setitem(engine_module.ENGINES, "failing", f"{__name__}:_FailingSecondBatch")
+    _FailingSecondBatch.calls = 0
+    cfg = LogConfig(
+        qa=qa, lmdb=store, layers="0,30", max_new_tokens=2, batch_size=2, device="cpu",
+        model_dtype="float32", engine="failing",
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="device fell over"):
+        log_activations(cfg)
+    first_batch = {prompt_key(format_prompt(DEFAULT_TEMPLATE, q)) for q in QUESTIONS[:2]}
+    with open_store(store) as reader:
+        assert set(reader.keys()) == first_batch
+        for entry in reader:
+            pos = entry.metadata["positions"]
+            assert entry.arrays["layer_30"].shape == (pos["prompt"] + pos["response"], 576)
+    assert threads and all(name.startswith("tracekit-log") for name in threads), threads
+
+    seen: list[tuple[int, int]] = []
+    result = log_activations(
+        cfg.model_copy(update={"engine": "hf"}),
+        on_batch=lambda rows, size, total: seen.append((rows, size)),
+    )
+    assert (result.already_logged, result.logged, result.batches) == (2, 2, 1)
+    # progress counts a batch once it is written: its rows and its bytes
+    assert seen == [(0, 0), (2, result.bytes_written)] and result.bytes_written > 0
+    with open_store(store) as reader:
+        assert len(reader) == 4
 
 
 def test_chat_store_is_reconstructed_with_the_recorded_chat_template(cli, tmp_path: Path):

@@ -2,7 +2,8 @@
 
 Per batch: greedy generation through the engine interface (:mod:`tracekit.generation`), then
 one teacher-forced forward over ``[left-padded prompt | response]`` under an
-:class:`~tracekit.actlog.logger.ActivationLogger`, then one store transaction. Prompts whose key
+:class:`~tracekit.actlog.logger.ActivationLogger`, then one store transaction, on a background
+thread while the next batch generates (one batch in flight). Prompts whose key
 is already in the store are skipped before generation, so a run killed at any point (SIGKILL
 included) and restarted logs every prompt exactly once.
 """
@@ -31,6 +32,7 @@ from tracekit.config import BatchSize, LayerSpec, TracekitConfig
 from tracekit.distributed import all_gather, barrier, process_info, process_model_config
 from tracekit.errors import ConfigError, StoreError
 from tracekit.storage.activation_store import ActivationStore, describe_mismatch
+from tracekit.storage.background import BackgroundWrites
 
 logger = logging.getLogger(__name__)
 
@@ -200,18 +202,36 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
         pending = [index for key, index in mine if key not in done]
         if on_batch is not None:
             on_batch(0, 0, len(pending))
-        for start in range(0, len(pending), cfg.batch_size):
-            rows = pending[start : start + cfg.batch_size]
-            texts = [prompts[i] for i in rows]
-            questions = [qa.questions[i] for i in rows]
-            size = _log_batch(
-                loaded, engine, act_log, params, cfg, texts, questions, min(cfg.batch_size, unique)
-            )
-            logged += len(rows)
+
+        def write(entries: list[Any]) -> tuple[int, int]:
+            return len(entries), act_log.write(entries)
+
+        def written_batch(result: tuple[int, int] | None) -> None:
+            nonlocal logged, batches, written
+            if result is None:
+                return
+            logged += result[0]
             batches += 1
-            written += size
+            written += result[1]
             if on_batch is not None:
-                on_batch(len(rows), size, len(pending))
+                on_batch(result[0], result[1], len(pending))
+
+        # each batch's store transaction runs on a background thread while the next batch
+        # generates; at most one batch is not yet written, and it is written before the job
+        # ends or fails (a rerun skips it)
+        writes = BackgroundWrites("tracekit-log")
+        try:
+            for start in range(0, len(pending), cfg.batch_size):
+                rows = pending[start : start + cfg.batch_size]
+                texts = [prompts[i] for i in rows]
+                questions = [qa.questions[i] for i in rows]
+                entries = _log_batch(
+                    loaded, engine, act_log, params, cfg, texts, questions,
+                    min(cfg.batch_size, unique),
+                )  # fmt: skip
+                written_batch(writes.submit(write, entries))
+        finally:
+            written_batch(writes.close())
     if info.distributed:
         counts = all_gather(info, (logged, batches, written))
         barrier(info)  # every shard store is closed
@@ -264,8 +284,9 @@ def _log_batch(
     texts: list[str],
     questions: list[str],
     pad_to: int,
-) -> int:
-    """Generate for one batch, teacher-force prompt + response under ``act_log``, write it.
+) -> list[Any]:
+    """Generate for one batch, teacher-force prompt + response under ``act_log``; returns the
+    batch's store entries (:meth:`ActivationLogger.collect`), not yet written.
 
     The forward runs over ``[left-padded prompt | right-padded response]`` with position ids
     from the mask, so each row's states equal an unpadded forward, and the layout is the one
@@ -308,7 +329,7 @@ def _log_batch(
             questions, out.response_ids, out.finish_reasons, strict=True
         )
     ]
-    return int(act_log.log(texts, prompt_mask, out.response_ids, out.texts, metadata))
+    return list(act_log.collect(texts, prompt_mask, out.response_ids, out.texts, metadata))
 
 
 def _right_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:

@@ -221,9 +221,29 @@ class ActivationLogger:
         ``response_ids`` the generated tokens per row, eos excluded (omit for prompt-only
         forwards); ``metadata`` extra JSON fields per row. Clears the captured states.
         """
+        return self.write(
+            self.collect(prompts, attention_mask, response_ids, generations, metadata)
+        )
+
+    def write(self, entries: Sequence[PendingEntry]) -> int:
+        """Write entries made by :meth:`collect` in one transaction; returns the bytes written.
+        May run on another thread than the one capturing (one thread writing at a time), so
+        the next batch's forward pass runs meanwhile, as in ``tracekit log``."""
+        return self._require_writer().write_batch(list(entries))
+
+    def collect(
+        self,
+        prompts: Sequence[str],
+        attention_mask: Any,
+        response_ids: Sequence[Sequence[int]] | None = None,
+        generations: Sequence[str] | None = None,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[PendingEntry]:
+        """The entries :meth:`log` writes, without writing them (see :meth:`write`); the same
+        arguments. Clears the captured states."""
         import torch
 
-        writer = self._require_writer()
+        self._require_writer()
         # take the captured states first: a failed call must not leak them into the next one
         captured = {layer: list(states) for layer, states in self._captured.items()}
         self.reset()
@@ -273,4 +293,4 @@ class ActivationLogger:
             if metadata is not None:
                 meta.update(metadata[row])
             entries.append(PendingEntry(prompt_key(prompts[row]), meta, arrays))
-        return writer.write_batch(entries)
+        return entries

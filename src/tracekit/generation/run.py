@@ -35,6 +35,7 @@ from tracekit.generation.pooling import Pooling, Poolings
 from tracekit.models.loading import DtypeName, ModelConfig
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import write_json
+from tracekit.storage.background import BackgroundWrites
 from tracekit.storage.experiment import POLARITIES, Polarity, TraitPaths
 from tracekit.traits import TraitDefinition, load_trait
 
@@ -306,43 +307,6 @@ class _Batcher:
             logger.info("out of memory again: batch size %d", self.batch_size)
 
 
-class _Journal:
-    """Writes journal parts on a background thread, one part in flight.
-
-    The GPU goes on with the next batch while the previous batch's part (hundreds of KB to tens
-    of MB with every layer captured, plus an fsync) is written. At most one finished batch is
-    not yet on disk at any time; :meth:`drain` waits for it (before a merge, and on the way out
-    of a failed run, so a finished batch is not lost to a crash of the next one).
-    """
-
-    def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracekit-journal")
-        self._pending: Any = None
-        self.wait_seconds = 0.0
-        """Time the caller spent waiting for a write to finish (the GPU idle meanwhile)."""
-
-    def submit(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-        self.drain()  # raises the previous write's error, if any
-        self._pending = self._pool.submit(fn, *args, **kwargs)
-
-    def drain(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            started = time.perf_counter()
-            try:
-                pending.result()
-            finally:
-                self.wait_seconds += time.perf_counter() - started
-
-    def close(self) -> None:
-        try:
-            self.drain()
-        finally:
-            self._pool.shutdown(wait=True)
-
-
 def run_settings(
     config: GenerateConfig, loaded: LoadedModel, layers: tuple[int, ...], trait: TraitDefinition
 ) -> dict[str, Any]:
@@ -433,7 +397,7 @@ def generate(
     barrier(info)
     generation_started = time.perf_counter()
     engine_seconds, merge_seconds, own_rows, own_tokens = 0.0, 0.0, 0, 0
-    journal = _Journal()
+    journal = BackgroundWrites("tracekit-journal")
     for trait, paths, todo, run_rows in plans:
         result = TraitResult(trait=trait.name, root=paths.root, rows={})
         for polarity in POLARITIES:
