@@ -89,6 +89,27 @@ def hbm_bandwidth(device: str) -> float:
     return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
+def gpu_clocks() -> str:
+    """The GPU's current and maximum SM clock, memory clock, power limit and temperature, as
+    ``nvidia-smi`` reports them ("" where it cannot): decode steps are latency-bound, and the
+    same kernels ran 4-6% apart on different lent H200s, so a run records its machine's state."""
+    import subprocess
+
+    fields = "clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader", "--id=0"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    names = ("SM clock", "max SM clock", "memory clock", "power limit", "temperature")
+    return ", ".join(f"{n} {v.strip()}" for n, v in zip(names, out.split(","), strict=False))
+
+
 def matmul_rate(device: str) -> float:
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -268,6 +289,9 @@ def main() -> None:
         f"bf16 matmul {mm / 1e12:.0f} TFLOP/s  weights {weight_bytes / 1e9:.2f} GB",
         flush=True,
     )
+    clocks_start = gpu_clocks() if dev.startswith("cuda") else ""
+    if clocks_start:
+        print(f"after the matmul: {clocks_start}", flush=True)
     capture = CaptureSpec(layers=tuple(range(n_layers)), poolings=tuple(Pooling))
     params = GenerationParams(max_new_tokens=args.new_tokens, temperature=0)
     cuda_engine = CudaEngine(loaded)
@@ -525,11 +549,15 @@ def main() -> None:
     for key, mode in cuda_gemv.choices().items():
         times = ", ".join(f"{k} {v:.1f}" for k, v in cuda_gemv.timings().get(key, {}).items())
         print(f"  {key[:3]}: {modes[mode]}  ({times})")
+    clocks_end = gpu_clocks() if dev.startswith("cuda") else ""
+    if clocks_end:
+        print(f"at the end: {clocks_end}")
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "device": device_name,
+                    "clocks": {"after_matmul": clocks_start, "end": clocks_end},
                     "torch": torch.__version__,
                     "hbm_bytes_per_s": bw,
                     "matmul_flops": mm,
