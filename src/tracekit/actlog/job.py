@@ -31,7 +31,7 @@ from tracekit.actlog.prompts import (
 from tracekit.config import BatchSize, LayerSpec, TracekitConfig
 from tracekit.distributed import all_gather, barrier, process_info, process_model_config
 from tracekit.errors import ConfigError, StoreError
-from tracekit.storage.activation_store import ActivationStore, describe_mismatch
+from tracekit.storage.activation_store import ActivationStore, PendingEntry, describe_mismatch
 from tracekit.storage.background import BackgroundWrites
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
         if on_batch is not None:
             on_batch(0, 0, len(pending))
 
-        def write(entries: list[Any]) -> tuple[int, int]:
+        def write(entries: list[PendingEntry]) -> tuple[int, int]:
             return len(entries), act_log.write(entries)
 
         def written_batch(result: tuple[int, int] | None) -> None:
@@ -284,7 +284,7 @@ def _log_batch(
     texts: list[str],
     questions: list[str],
     pad_to: int,
-) -> list[Any]:
+) -> list[PendingEntry]:
     """Generate for one batch, teacher-force prompt + response under ``act_log``; returns the
     batch's store entries (:meth:`ActivationLogger.collect`), not yet written.
 
@@ -329,7 +329,7 @@ def _log_batch(
             questions, out.response_ids, out.finish_reasons, strict=True
         )
     ]
-    return list(act_log.collect(texts, prompt_mask, out.response_ids, out.texts, metadata))
+    return act_log.collect(texts, prompt_mask, out.response_ids, out.texts, metadata)
 
 
 def _right_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:

@@ -229,7 +229,7 @@ class ActivationLogger:
         """Write entries made by :meth:`collect` in one transaction; returns the bytes written.
         May run on another thread than the one capturing (one thread writing at a time), so
         the next batch's forward pass runs meanwhile, as in ``tracekit log``."""
-        return self._require_writer().write_batch(list(entries))
+        return self._require_writer().write_batch(entries)
 
     def collect(
         self,
