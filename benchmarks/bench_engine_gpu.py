@@ -258,7 +258,8 @@ def main() -> None:
         help=(
             "graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused,no-pdl,pdl-timing,"
             "hf-prefill,gated-down,fused-block, pin:o=splitk8/qkv=splitk4 (layers' kernels "
-            "pinned); a name ending in +capture runs with capture"
+            "pinned), attn:128/4/2 (the attention kernel's configuration pinned); a name "
+            "ending in +capture runs with capture"
         ),
     )
     ap.add_argument("--static-batches", default=None, help="batches for static (default all)")
@@ -321,6 +322,9 @@ def main() -> None:
         if base.startswith("pin:"):  # pin:o=splitk8/qkv=splitk8 pins those layers' kernels
             pins = dict(item.split("=", 1) for item in base.removeprefix("pin:").split("/"))
             variant_options[base] = {"gemv_modes": pins}
+        if base.startswith("attn:"):  # attn:128/4/2 pins the attention kernel's configuration
+            block_n, warps, stages = (int(v) for v in base.removeprefix("attn:").split("/"))
+            variant_options[base] = {"attention_config": (block_n, warps, stages)}
         engine = CudaEngine(loaded, **variant_options[base])
         engine.stop_ids = [-1]
         variants[f"tracekit cuda {name}"] = engine

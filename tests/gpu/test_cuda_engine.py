@@ -421,6 +421,53 @@ def test_fused_attention_kernel_matches_reference(heads, kv, head_dim, splits, b
         ), (batch, length, pdl)
 
 
+def test_every_attention_configuration_matches_reference():
+    from tracekit.generation import cuda_attention, cuda_gemv
+
+    pdl = cuda_gemv.pdl_available(torch.device("cuda"))
+    for config in cuda_attention.CONFIGS:
+        for batch, length in ((5, 150), (2, 700)):  # a few slot blocks; many
+            assert cuda_attention.works(
+                batch=batch,
+                length=length,
+                n_heads=32,
+                n_kv=8,
+                head_dim=64,
+                splits=1,
+                has_bias=False,
+                window=None,
+                dtype=torch.bfloat16,
+                device=torch.device("cuda"),
+                pdl=pdl,
+                config=config,
+            ), (config, batch, length)
+
+
+def test_attention_configuration_is_timed_once_kept_and_checked(tmp_path, monkeypatch):
+    from tracekit.generation import cuda_attention, cuda_gemv
+
+    monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path))  # a fresh decisions file
+    monkeypatch.setattr(cuda_attention, "_CONFIGS", {})
+    shape = cuda_attention.AttentionShape(32, 8, 64, 0.125, None)
+    where = dict(batch=16, length=192, slot=128, splits=1, shape=shape, dtype=torch.bfloat16)
+    where.update(device=torch.device("cuda"), pdl=False)
+    first = cuda_attention.kernel_config(**where)
+    assert first in cuda_attention.CONFIGS
+    (name,) = [k for k in cuda_gemv.read_decisions() if k.startswith("attention-")]
+    assert "16x32x8x64x192@128" in name
+    assert cuda_attention.CONFIGS[cuda_gemv.read_decisions()[name]] == first
+    # a later process takes the kept configuration, whichever it is, without timing again
+    other = (cuda_attention.CONFIGS.index(first) + 1) % len(cuda_attention.CONFIGS)
+    cuda_gemv.save_decisions({name: other})
+    cuda_attention._CONFIGS.clear()
+    assert cuda_attention.kernel_config(**where) == cuda_attention.CONFIGS[other]
+    # an index that is no configuration (another version's list) is timed again and replaced
+    cuda_gemv.save_decisions({name: 63})
+    cuda_attention._CONFIGS.clear()
+    assert cuda_attention.kernel_config(**where) in cuda_attention.CONFIGS
+    assert cuda_gemv.read_decisions()[name] < len(cuda_attention.CONFIGS)
+
+
 def test_fused_attention_step_equals_unfused(fp32_model):
     prompts = _prompts(8, seed=9)
     params = GenerationParams(max_new_tokens=32, temperature=0)

@@ -24,13 +24,17 @@ It is checked against :func:`reference` (plain torch) before the engine uses it
 from __future__ import annotations
 
 import logging
+import os
+import zlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracekit.generation.cuda_gemv import (
-    autotuned,
+    deciding,
     import_kernel,
     relative_error,
+    save_decisions,
     sum_partials,
+    time_candidates,
 )
 
 if TYPE_CHECKING:
@@ -62,15 +66,22 @@ def _build() -> Any:
     triton, decode_attention_kernel = found
     _STATE["triton"] = triton
     _STATE["kernel"] = decode_attention_kernel
-    # (slots per loop step, warps, pipeline stages), timed per cache length, batch and split:
-    # a step replays one choice thousands of times; re-running the kernel while timing is
-    # harmless (it writes the same key and value to the same slot)
-    configs = [
-        triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
-        for n, w, st in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (256, 8, 2))
-    ]
-    _STATE["tuned"] = autotuned(decode_attention_kernel, configs, ["L", "B", "S"])
     return decode_attention_kernel
+
+
+CONFIGS = (
+    (16, 1, 3), (64, 1, 1), (64, 2, 3), (64, 4, 2), (64, 4, 3),
+    (128, 4, 2), (128, 4, 3), (256, 4, 3), (256, 8, 3),
+)  # fmt: skip
+"""(cache slots per loop step, warps, pipeline stages) :func:`kernel_config` times. Each was
+the fastest, or within 3% of it, for some batch size and cache length on an H200, timed as the
+step runs the kernel (benchmarks/RESULTS.md, eleventh run): one program per row and kv head
+wants few warps when there are thousands of programs (batch 128) and long slot blocks when
+the cache is long."""
+DEFAULT_CONFIG = (64, 4, 2)
+"""The configuration without timing (the CPU interpreter, the correctness check)."""
+_CONFIG_TAG = f"{zlib.crc32(repr(CONFIGS).encode()):08x}"[:6]
+_CONFIGS: dict[tuple[Any, ...], tuple[int, int, int]] = {}
 
 
 def available() -> bool:
@@ -89,6 +100,7 @@ def decode_attention(
     pad_len: torch.Tensor,
     shape: AttentionShape,
     pdl: bool = False,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Attention output ``[batch, n_heads * head_dim]`` of one decode step (see the module
     docstring); writes the new key and value into ``k_cache``/``v_cache`` at ``slot``.
@@ -98,7 +110,8 @@ def decode_attention(
     ``qkv``: the q/k/v product ``[batch, N]`` or its split-K partials ``[splits, batch, N]``
     (``N = (n_heads + 2 * n_kv) * head_dim``); ``cos``/``sin``: this step's rotary rows
     ``[batch, head_dim]``; caches ``[batch, n_kv, length, head_dim]``; ``slot``: int64 ``[1]``;
-    ``pad_len``: int64 ``[batch]`` (first valid slot of each row).
+    ``pad_len``: int64 ``[batch]`` (first valid slot of each row); ``config``: one of
+    :data:`CONFIGS` (:func:`kernel_config`), :data:`DEFAULT_CONFIG` when ``None``.
     """
     import torch
 
@@ -112,9 +125,8 @@ def decode_attention(
     batch, _, length, _ = k_cache.shape
     out = torch.empty((batch, n_heads * head_dim), dtype=k_cache.dtype, device=k_cache.device)
     group = n_heads // n_kv
-    tuned = _STATE.get("tuned")
-    launch = tuned if tuned is not None else kernel
-    launch[(batch, n_kv)](
+    block_n, warps, stages = config or DEFAULT_CONFIG
+    kernel[(batch, n_kv)](
         parts,
         parts if bias is None else bias,
         cos,
@@ -137,7 +149,9 @@ def decode_attention(
         WINDOW=int(window or 0),
         HAS_BIAS=bias is not None,
         IEEE=k_cache.dtype == torch.float32,
-        **({} if tuned is not None else {"BLOCK_N": 64}),
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=stages,
         **({"USE_PDL": True, "launch_pdl": True} if pdl else {}),
     )
     return out
@@ -199,6 +213,7 @@ def works(
     dtype: torch.dtype,
     device: torch.device,
     pdl: bool = False,
+    config: tuple[int, int, int] | None = None,
 ) -> bool:
     """Run the kernel once on random inputs of this shape against :func:`reference`: outputs
     and cache writes within the dtype's rounding. ``False`` (logged) on any failure."""
@@ -223,7 +238,7 @@ def works(
     shape = AttentionShape(n_heads, n_kv, head_dim, head_dim**-0.5, window)
     try:
         k1, v1 = k_cache.clone(), v_cache.clone()
-        got = decode_attention(qkv, bias, cos, sin, k1, v1, slot, pad_len, shape, pdl)
+        got = decode_attention(qkv, bias, cos, sin, k1, v1, slot, pad_len, shape, pdl, config)
         k2, v2 = k_cache.clone(), v_cache.clone()
         want = reference(qkv, bias, cos, sin, k2, v2, slot, pad_len, shape)
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel
@@ -236,3 +251,97 @@ def works(
     if not ok:
         logger.warning("fused decode attention disagrees with its reference: unfused step used")
     return ok
+
+
+def kernel_config(
+    *,
+    batch: int,
+    length: int,
+    slot: int,
+    splits: int,
+    shape: AttentionShape,
+    dtype: torch.dtype,
+    device: torch.device,
+    pdl: bool,
+) -> tuple[int, int, int]:
+    """The kernel's configuration for ``batch`` rows over caches of ``length`` slots, the
+    q/k/v product in ``splits`` partials: the fastest of :data:`CONFIGS` with ``slot`` valid
+    slots per row (a decode step's typical one), timed once per shape and kept in the decisions
+    file (:func:`tracekit.generation.cuda_gemv.deciding`), so the processes of a data-parallel
+    run launch the same one and later runs skip the timing.
+
+    Timed as the step launches the kernel: over copies of the cache larger than L2, back to
+    back, as dependent launches where ``pdl``. Triton's autotuner, used before, timed one launch
+    at a time over the same cache; on an H200 it chose a configuration 10-24% slower than the
+    best at batch 128 and at long caches (benchmarks/RESULTS.md, eleventh run). The chosen
+    configuration is checked against :func:`reference` like the default one;
+    :data:`DEFAULT_CONFIG` under the CPU interpreter, during a CUDA graph capture or where
+    nothing could be timed."""
+    key = (batch, length, slot, splits, shape, str(dtype), pdl)
+    found = _CONFIGS.get(key)
+    if found is not None:
+        return found
+    import torch
+
+    if (
+        os.environ.get("TRITON_INTERPRET") == "1"
+        or not available()
+        or torch.cuda.is_current_stream_capturing()
+    ):
+        return DEFAULT_CONFIG
+    n_heads, n_kv, head_dim = shape.n_heads, shape.n_kv, shape.head_dim
+    dtype_name = str(dtype).removeprefix("torch.")
+    disk_key = (
+        f"attention-{_CONFIG_TAG}:{batch}x{n_heads}x{n_kv}x{head_dim}x{length}@{slot}"
+        f":k{splits}:{dtype_name}" + (":pdl" if pdl else "")
+    )  # fmt: skip
+    with deciding([disk_key]) as kept:
+        index = kept.get(disk_key)
+        if index is None or index >= len(CONFIGS):
+            index = _time_configs(batch, length, slot, splits, shape, dtype, device, pdl)
+            if index is None:
+                return DEFAULT_CONFIG
+            save_decisions({disk_key: index})
+    chosen = CONFIGS[index]
+    if chosen != DEFAULT_CONFIG and not works(
+        batch=min(batch, 4), length=min(length, 200), n_heads=n_heads, n_kv=n_kv,
+        head_dim=head_dim, splits=splits, has_bias=False, window=shape.window, dtype=dtype,
+        device=device, pdl=pdl, config=chosen,
+    ):  # fmt: skip
+        chosen = DEFAULT_CONFIG
+    _CONFIGS[key] = chosen
+    return chosen
+
+
+def _time_configs(
+    batch: int,
+    length: int,
+    slot: int,
+    splits: int,
+    shape: AttentionShape,
+    dtype: torch.dtype,
+    device: torch.device,
+    pdl: bool,
+) -> int | None:
+    """Index in :data:`CONFIGS` of the fastest configuration (``None``: none could run)."""
+    import torch
+
+    n_heads, n_kv, head_dim = shape.n_heads, shape.n_kv, shape.head_dim
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    width = (n_heads + 2 * n_kv) * head_dim
+    qkv_shape = (splits, batch, width) if splits > 1 else (batch, width)
+    qkv = torch.randn(*qkv_shape, generator=gen).to(device, torch.float32 if splits > 1 else dtype)
+    angles = torch.rand(batch, head_dim, generator=gen).to(device)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    # keys and values of one block in one tensor, so the copies cycled through are pairs
+    cache = torch.randn(2, batch, n_kv, length, head_dim, generator=gen).to(device, dtype)
+    at = torch.tensor([min(slot, length - 1)], dtype=torch.long, device=device)
+    pad_len = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def run(kv: torch.Tensor, config: tuple[int, int, int]) -> torch.Tensor:
+        return decode_attention(qkv, None, cos, sin, kv[0], kv[1], at, pad_len, shape, pdl, config)
+
+    runs = {i: (lambda kv, c=c: run(kv, c)) for i, c in enumerate(CONFIGS)}
+    what = f"attention configuration for {batch} rows x {length} slots"
+    times = time_candidates(cache, runs, what, quiet=True)
+    return min(times, key=lambda i: times[i]) if times else None

@@ -704,6 +704,8 @@ class _Runner:
         self.dims = dec.dims._replace(
             gemv=gemv, fused_attention=fused, block=block if fused else None
         )
+        # the fused attention kernel's configuration (cuda_attention.kernel_config)
+        self.attn_config = dec.attention_config_for(b, self.total_len, p, qkv_mode, fused)
         self.work = None
         if self.dims.block is not None:
             from tracekit.generation.cuda_block import workspace
@@ -799,6 +801,7 @@ class _Runner:
                 st.pad_len,
                 shape,
                 d.gemv.pdl,
+                self.attn_config,
             )
             if i < last:
                 cap = self.caps.get(i + 1)
@@ -840,6 +843,7 @@ class _Runner:
                 st.pad_len,
                 shape,
                 pdl,
+                self.attn_config,
             )
             h, ss = cuda_block.residual_product(attn, w.o, h, work, splits.o, None, pdl)
             act = cuda_block.norm_gated_product(h, ss, w.ln2, w.gate_up, d.eps, pdl)
@@ -970,8 +974,12 @@ class _Runner:
     def set_gemv(self, gemv: GemvChoice) -> None:
         """Run the step with ``gemv``'s kernels (the attention kernel's use re-decided for its
         q/k/v mode); the caller captures again."""
-        fused = self.dec.fused_attention_for(self.key.batch, self.total_len, gemv.qkv)
+        key = self.key
+        fused = self.dec.fused_attention_for(key.batch, self.total_len, gemv.qkv)
         self.dims = self.dims._replace(gemv=gemv, fused_attention=fused)
+        self.attn_config = self.dec.attention_config_for(
+            key.batch, self.total_len, key.prompt_len, gemv.qkv, fused
+        )
 
     def time_steps(self, rounds: int = 3) -> float:
         """Seconds per replay of the captured step: the best of ``rounds`` runs of up to 16
@@ -1324,6 +1332,9 @@ class FastDecoder:
     and captured steps, the default unless ``TRACEKIT_STEP_TUNING=0``: the first step captured
     at a batch size re-decides the kernels of :data:`TUNED_ROLES` by timing whole steps, see
     :meth:`_tune`; tens of seconds once, then kept in the decisions file),
+    ``attention_config`` (pins the fused attention kernel's (slots per block, warps, stages),
+    one of :data:`tracekit.generation.cuda_attention.CONFIGS`; ``None``: timed per shape, see
+    :meth:`attention_config_for`),
     ``pdl`` (programmatic dependent launch of the step's Triton and inductor kernels; ``None``:
     wherever available), ``time_with_pdl`` (the linear-layer kernel choice times the Triton
     candidates as dependent launches; off: on an H200 at batch 8 it gave 55% of the floor
@@ -1361,6 +1372,7 @@ class FastDecoder:
         gemv_modes: Mapping[str, str] | None = None,
         tune_steps: bool | None = None,
         fused_attention: str = "auto",
+        attention_config: tuple[int, int, int] | None = None,
         pdl: bool | None = None,
         time_with_pdl: bool = False,
         fast_prefill: bool | None = None,
@@ -1453,6 +1465,7 @@ class FastDecoder:
         if fused_attention == "auto" and not on_cuda:
             self.fused_attention = "off"
         self._fused_ok: dict[int, bool] = {}
+        self.attention_config = attention_config
         # programmatic dependent launch: default where it is available, in compiled, captured
         # steps (it saves the ramp and tail of each of the step's ~140 kernels)
         from tracekit.generation.cuda_gemv import pdl_available
@@ -1688,6 +1701,40 @@ class FastDecoder:
                 pdl=self.pdl,
             )
         return self._fused_ok[splits]
+
+    def attention_config_for(
+        self, batch: int, length: int, prompt_len: int, gemv_qkv: int, fused: bool
+    ) -> tuple[int, int, int] | None:
+        """The fused attention kernel's configuration for decode steps of ``batch`` rows over
+        a cache of ``length`` slots after a prompt of ``prompt_len``: timed where the steps
+        are captured (:func:`tracekit.generation.cuda_attention.kernel_config`, at the middle
+        of the generation, both rounded up to 64 slots), the default one otherwise; ``None``
+        without the kernel."""
+        if not fused:
+            return None
+        from tracekit.generation import cuda_attention, cuda_gemv
+
+        if self.attention_config is not None:
+            return self.attention_config
+        if not self.use_graphs:
+            return cuda_attention.DEFAULT_CONFIG
+        spec = self.spec
+        splits = cuda_gemv.splits_of(gemv_qkv) if gemv_qkv >= cuda_gemv.SPLIT_K2 else 1
+        shape = cuda_attention.AttentionShape(
+            spec.n_heads, spec.n_kv_heads, spec.head_dim, self.dims.scaling, spec.sliding_window
+        )
+        # timed at lengths rounded up to 64 slots: nearby shapes share one timing
+        rounded = -(-length // 64) * 64
+        return cuda_attention.kernel_config(
+            batch=batch,
+            length=rounded,
+            slot=min(-(-(prompt_len + length) // 128) * 64, rounded - 1),
+            splits=splits,
+            shape=shape,
+            dtype=self.dtype,
+            device=self.device,
+            pdl=self.pdl,
+        )
 
     def _ensure_rope(self, length: int) -> None:
 
