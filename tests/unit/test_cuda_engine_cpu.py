@@ -261,6 +261,16 @@ def test_pinned_linear_modes_are_checked(tiny):
         FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"o": "splitk3"})
 
 
+def test_pinned_attention_configuration_is_checked(tiny):
+    dec = FastDecoder(tiny.model, eos_token_ids=[0], attention_config=(128, 4, 2))
+    assert dec.attention_config == (128, 4, 2)
+    assert dec.attention_config_for(8, 192, 64, 0, fused=False) is None  # no fused kernel
+    assert dec.attention_config_for(8, 192, 64, 0, fused=True) == (128, 4, 2)
+    for bad in ((24, 4, 2), (8, 4, 2), (64, 0, 2)):
+        with pytest.raises(ValueError, match="attention_config is .slots per block"):
+            FastDecoder(tiny.model, eos_token_ids=[0], attention_config=bad)
+
+
 def test_kept_decisions_are_read_in_range_and_checked_by_their_reader(tiny, tmp_path, monkeypatch):
     import json
 

@@ -1465,6 +1465,14 @@ class FastDecoder:
         if fused_attention == "auto" and not on_cuda:
             self.fused_attention = "off"
         self._fused_ok: dict[int, bool] = {}
+        if attention_config is not None:
+            block_n, warps, stages = attention_config
+            if block_n < 16 or block_n & (block_n - 1) or warps < 1 or stages < 1:
+                raise ValueError(
+                    "attention_config is (slots per block: a power of 2 from 16, warps, stages),"
+                    f" not {attention_config!r}"
+                )
+            attention_config = (int(block_n), int(warps), int(stages))
         self.attention_config = attention_config
         # programmatic dependent launch: default where it is available, in compiled, captured
         # steps (it saves the ramp and tail of each of the step's ~140 kernels)
