@@ -296,6 +296,35 @@ def test_kept_decisions_are_read_in_range_and_checked_by_their_reader(tiny, tmp_
     assert dec._step_modes[8] == {role: cuda_gemv.SPLIT_K4 for role in keys}
 
 
+def test_fastest_candidate_is_timed_once_and_kept(tmp_path, monkeypatch):
+    from tracekit.generation import cuda_gemv
+
+    monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    timed = []
+
+    def time(times):
+        def run():
+            timed.append(times)
+            return times
+
+        return run
+
+    usable = lambda i: i < 3  # noqa: E731
+    assert cuda_gemv.fastest_kept("k", usable, time({0: 2.0, 1: 0.5, 2: 1.0})) == 1
+    assert cuda_gemv.read_decisions() == {"k": 1}
+    # kept: a later call (another process) takes it without timing
+    assert cuda_gemv.fastest_kept("k", usable, time({0: 0.1})) == 1
+    assert len(timed) == 1
+    # a kept index the caller cannot use is timed again and replaced
+    cuda_gemv.save_decisions({"k": 7})
+    assert cuda_gemv.fastest_kept("k", usable, time({2: 0.3, 0: 0.4})) == 2
+    assert cuda_gemv.read_decisions() == {"k": 2}
+    # nothing timed: no choice, nothing kept
+    assert cuda_gemv.fastest_kept("other", usable, time({})) is None
+    assert "other" not in cuda_gemv.read_decisions()
+
+
 @pytest.mark.parametrize(
     ("value", "on"), [(None, True), ("1", True), ("0", False), (" OFF ", False), ("no", False)]
 )

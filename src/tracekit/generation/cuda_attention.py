@@ -29,10 +29,9 @@ import zlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracekit.generation.cuda_gemv import (
-    deciding,
+    fastest_kept,
     import_kernel,
     relative_error,
-    save_decisions,
     sum_partials,
     time_candidates,
 )
@@ -295,13 +294,13 @@ def kernel_config(
         f"attention-{_CONFIG_TAG}:{batch}x{n_heads}x{n_kv}x{head_dim}x{length}@{slot}"
         f":k{splits}:{dtype_name}" + (":pdl" if pdl else "")
     )  # fmt: skip
-    with deciding([disk_key]) as kept:
-        index = kept.get(disk_key)
-        if index is None or index >= len(CONFIGS):
-            index = _time_configs(batch, length, slot, splits, shape, dtype, device, pdl)
-            if index is None:
-                return DEFAULT_CONFIG
-            save_decisions({disk_key: index})
+    index = fastest_kept(
+        disk_key,
+        lambda i: i < len(CONFIGS),
+        lambda: _time_configs(batch, length, slot, splits, shape, dtype, device, pdl),
+    )
+    if index is None:
+        return DEFAULT_CONFIG
     chosen = CONFIGS[index]
     if chosen != DEFAULT_CONFIG and not works(
         batch=min(batch, 4), length=min(length, 200), n_heads=n_heads, n_kv=n_kv,
@@ -322,8 +321,8 @@ def _time_configs(
     dtype: torch.dtype,
     device: torch.device,
     pdl: bool,
-) -> int | None:
-    """Index in :data:`CONFIGS` of the fastest configuration (``None``: none could run)."""
+) -> dict[int, float]:
+    """Milliseconds per launch of each configuration that ran, by index in :data:`CONFIGS`."""
     import torch
 
     n_heads, n_kv, head_dim = shape.n_heads, shape.n_kv, shape.head_dim
@@ -343,5 +342,4 @@ def _time_configs(
 
     runs = {i: (lambda kv, c=c: run(kv, c)) for i, c in enumerate(CONFIGS)}
     what = f"attention configuration for {batch} rows x {length} slots"
-    times = time_candidates(cache, runs, what, quiet=True)
-    return min(times, key=lambda i: times[i]) if times else None
+    return time_candidates(cache, runs, what, quiet=True)

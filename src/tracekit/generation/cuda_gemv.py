@@ -369,21 +369,36 @@ def kernel_config(
     if len(usable) == 1 or torch.cuda.is_current_stream_capturing():
         return usable[0]
     role = f"gemv-k{splits}{'-gated' if gated else ''}-{_CONFIG_TAG}"
-    disk_key = decision_key(x.shape[0], w, pdl, role)
-    with deciding([disk_key]) as kept:
-        index = kept.get(disk_key)
-        if index is None or index >= len(configs) or configs[index] not in usable:
-            runs = {
-                configs.index(c): (lambda weight, c=c: run(weight, c)) for c in usable
-            }  # fmt: skip
-            # a configuration may not build on a GPU with less shared memory: quietly skipped
-            times = time_candidates(w, runs, f"gemv configuration for {key}", quiet=True)
-            if not times:
-                return usable[0]
-            index = min(times, key=lambda i: times[i])
-            save_decisions({disk_key: index})
+    runs = {configs.index(c): (lambda weight, c=c: run(weight, c)) for c in usable}
+    index = fastest_kept(
+        decision_key(x.shape[0], w, pdl, role),
+        lambda i: i < len(configs) and configs[i] in usable,
+        # a configuration may not build on a GPU with less shared memory: quietly skipped
+        lambda: time_candidates(w, runs, f"gemv configuration for {key}", quiet=True),
+    )
+    if index is None:
+        return usable[0]
     _CONFIGS[key] = configs[index]
     return configs[index]
+
+
+def fastest_kept(
+    disk_key: str, usable: Callable[[int], bool], time: Callable[[], dict[int, float]]
+) -> int | None:
+    """The candidate index kept under ``disk_key`` in the decisions file where ``usable``
+    accepts it; otherwise the fastest of ``time()`` (milliseconds per candidate index), kept
+    there for later processes and runs. Under :func:`deciding`'s lock, so one process of a
+    data-parallel run times and the others take its choice. ``None`` when nothing was timed."""
+    with deciding([disk_key]) as kept:
+        index = kept.get(disk_key)
+        if index is not None and usable(index):
+            return index
+        times = time()
+        if not times:
+            return None
+        index = min(times, key=times.__getitem__)
+        save_decisions({disk_key: index})
+        return index
 
 
 def on_side_stream(fn: Any, device: Any = None) -> Any:
