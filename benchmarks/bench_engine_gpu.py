@@ -257,8 +257,8 @@ def main() -> None:
         default="",
         help=(
             "graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused,no-pdl,pdl-timing,"
-            "hf-prefill,gated-down,fused-block, pin:o=splitk8/qkv=splitk4 (layers' kernels "
-            "pinned), attn:128/4/2 (the attention kernel's configuration pinned); a name "
+            "hf-prefill,gated-down,fused-block,looped-norms, pin:o=splitk8/qkv=splitk4 (layers' "
+            "kernels pinned), attn:128/4/2 (the attention kernel's configuration pinned); a name "
             "ending in +capture runs with capture"
         ),
     )
@@ -315,6 +315,8 @@ def main() -> None:
         "fused-block": {"fused_block": True},
         # kernels chosen per product timed alone (the default re-times whole steps)
         "no-tuning": {"tune_steps": False},
+        # the step's norms as inductor's looped reductions (the default: one-pass kernels)
+        "looped-norms": {"persistent_norms": False},
     }
     variants: dict[str, CudaEngine] = {}
     for name in filter(None, args.variants.split(",")):

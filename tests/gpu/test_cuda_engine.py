@@ -200,7 +200,7 @@ def test_gemv_configuration_is_timed_once_kept_and_checked(tmp_path, monkeypatch
     assert _rel(product(), want) < 1e-2
     (name,) = [k for k in cuda_gemv.read_decisions() if k.startswith("gemv-k4-")]
     first = cuda_gemv.read_decisions()[name]
-    key = (8, 1536, 2048, 4, False, False, str(w.dtype))
+    key = (8, 1536, 2048, 4, False, "", str(w.dtype))
     assert cuda_gemv._CONFIGS[key] == cuda_gemv.SPLIT_K_CONFIGS[first]
     # a later process takes the kept configuration, whichever it is, without timing again
     other = (first + 1) % len(cuda_gemv.SPLIT_K_CONFIGS)
@@ -297,6 +297,60 @@ def test_gated_gemv_matches_silu_then_product(rows):
     for mode in (cuda_gemv.TRITON, cuda_gemv.SPLIT_K4, cuda_gemv.SPLIT_K8):
         got = cuda_gemv.gated_linear(gate_up, w, mode).float()
         assert _rel(got, want) < 1e-2, mode
+
+
+@pytest.mark.parametrize("rows", [1, 8, 32])
+def test_swiglu_gemv_matches_product_then_gating(rows):
+    from tracekit.generation import cuda_gemv
+
+    assert cuda_gemv._build() is not None
+    w = torch.randn(2 * 8192, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+    want = cuda_gemv.swiglu(x, w, cuda_gemv.LINEAR).float()
+    assert want.shape == (rows, 8192)
+    for pdl in (False, cuda_gemv.pdl_available(w.device)):
+        got = cuda_gemv.swiglu(x, w, cuda_gemv.SWIGLU, pdl).float()
+        assert _rel(got, want) < 1e-2, pdl
+    # forced, it is checked against the same reference and kept
+    assert cuda_gemv.choose(rows, w, cuda_gemv.SWIGLU) == cuda_gemv.SWIGLU
+
+
+def test_swiglu_engine_matches_teacher_forced():
+    from tracekit.generation import cuda_gemv
+
+    loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=10)
+    prompts = _prompts(8, seed=10)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    params = GenerationParams(max_new_tokens=24, temperature=0)
+    engine = CudaEngine(loaded, gemv_modes={"gate_up": "swiglu"})
+    out = engine.generate(prompts, params, capture)
+    runner = next(iter(engine._decoder(capture)._runners.values()))
+    assert runner.dims.gemv.gate_up == cuda_gemv.SWIGLU
+    forced = pooled_forward(loaded, prompts, out.response_ids, capture)
+    for pooling in ALL_POOLINGS:
+        assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
+
+
+def test_compiled_norms_are_one_pass_kernels():
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from tracekit.generation.cuda_engine import _compiled, _rms_norm
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    h, r = (torch.randn(32, 2048, generator=gen).cuda().bfloat16() for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(2048, generator=gen)).cuda().bfloat16()
+
+    def norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(h + r, weight, 1e-5)
+
+    want = norm(h, r, weight).float()
+    with inductor_config.patch(fx_graph_cache=False):
+        for persistent, kind in ((True, "triton_per_"), (False, "triton_red_")):
+            fn = _compiled("test_norm", norm, persistent=persistent)
+            got, codes = run_and_get_code(fn, h, r, weight)
+            assert kind in "".join(codes), persistent  # one pass over the row, or two loops
+            assert _rel(got.float(), want) < 1e-2
 
 
 def test_gated_down_engine_matches_teacher_forced():

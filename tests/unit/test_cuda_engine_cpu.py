@@ -7,6 +7,8 @@ equality with the reference engine and the pooling definitions are checked on ev
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -259,6 +261,10 @@ def test_pinned_linear_modes_are_checked(tiny):
         FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"v": "triton"})
     with pytest.raises(ValueError, match="unknown mode 'splitk3' for o; choose from linear"):
         FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"o": "splitk3"})
+    dec = FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"gate_up": "swiglu"})
+    assert dec.gemv_modes == {"gate_up": 6}
+    with pytest.raises(ValueError, match="swiglu is a mode of gate_up only, not of down"):
+        FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"down": "swiglu"})
 
 
 def test_pinned_attention_configuration_is_checked(tiny):
@@ -286,14 +292,22 @@ def test_kept_decisions_are_read_in_range_and_checked_by_their_reader(tiny, tmp_
     assert cuda_gemv.read_decisions() == kept
     cuda_gemv.save_decisions({"new": 3})  # added to what is there, in one write
     assert cuda_gemv.read_decisions() == {**kept, "new": 3}
-    # step tuning takes a batch's kept modes only when every one of them is a mode
-    dec = FastDecoder(tiny.model, eos_token_ids=[0])
+    # step tuning takes a batch's kept modes that are modes (of that layer); it is done when
+    # every tuned layer has one (fused weights: q/k/v and gate/up are tuned too)
+    dec = FastDecoder(tiny.model, eos_token_ids=[0], fuse_weights=True)
     keys = {role: dec._step_key(role, 8) for role in dec._tuned_roles()}
-    assert keys
+    assert set(keys) == {"o", "qkv", "down", "gate_up"}
     assert not dec._keep_tuned(8, {key: 7 for key in keys.values()})  # 7: no mode
-    assert dec._step_modes == {}
-    assert dec._keep_tuned(8, {key: cuda_gemv.SPLIT_K4 for key in keys.values()})
-    assert dec._step_modes[8] == {role: cuda_gemv.SPLIT_K4 for role in keys}
+    assert dec.tuned_modes(8) == {}
+    swiglu = {key: cuda_gemv.SWIGLU for key in keys.values()}  # a mode of gate_up only
+    assert not dec._keep_tuned(8, swiglu)
+    assert dec.tuned_modes(8) == {"gate_up": cuda_gemv.SWIGLU}
+    # a file from a version that tuned o, qkv and down only: those kept, gate_up still tuned
+    older = {key: cuda_gemv.SPLIT_K4 for role, key in keys.items() if role != "gate_up"}
+    assert not dec._keep_tuned(8, older)
+    assert dec.tuned_modes(8) == {"o": 4, "qkv": 4, "down": 4}
+    assert dec._keep_tuned(8, {**older, keys["gate_up"]: cuda_gemv.LINEAR})
+    assert dec.tuned_modes(8) == {"o": 4, "qkv": 4, "down": 4, "gate_up": 0}
 
 
 def test_fastest_candidate_is_timed_once_and_kept(tmp_path, monkeypatch):
@@ -443,3 +457,21 @@ def test_fast_teacher_forced_forward_matches_reference(family, fuse):
     for pooling in ALL_POOLINGS:
         scale = ref[pooling].abs().max()
         assert (fast[pooling] - ref[pooling]).abs().max() <= 1e-5 * scale, pooling
+
+
+def test_compiled_steps_run_under_the_persistent_row_heuristics():
+    from torch._inductor.virtualized import V
+
+    from tracekit.generation._inductor_choices import PERSISTENT_REDUCTION_MAX
+    from tracekit.generation.cuda_engine import _persistent_choices, _under_choices
+
+    choices = _persistent_choices()
+    assert choices is not None
+    # importable by name: inductor pickles it into its cache key where torch has no uuid()
+    assert pickle.loads(pickle.dumps(choices)) is choices
+    # part of inductor's cache key: a compilation under other heuristics is not reused
+    assert str(PERSISTENT_REDUCTION_MAX) in choices().uuid()
+    before = V.choices
+    seen = _under_choices(lambda x: (V.choices, x + 1), choices)(1)
+    assert isinstance(seen[0], choices) and seen[1] == 2  # in force during the call...
+    assert V.choices is before and not isinstance(V.choices, choices)  # ...and only then

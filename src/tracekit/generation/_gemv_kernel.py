@@ -44,6 +44,8 @@ def gemv_kernel(  # pragma: no cover - runs on the GPU (or the Triton interprete
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,
     GATED: tl.constexpr = False,
+    SWIGLU: tl.constexpr = False,
+    LATE_LAUNCH: tl.constexpr = False,
 ):
     """``y[k_slice] = x[:, slice] @ w[:, slice].T`` for program (n block, K slice);
     ``y`` is contiguous ``[SPLIT_K, M, N]`` (``[M, N]`` for one slice), cast on store.
@@ -51,6 +53,15 @@ def gemv_kernel(  # pragma: no cover - runs on the GPU (or the Triton interprete
     ``GATED``: ``x`` is a gate/up product ``[M, 2K]`` and the product's input is
     ``silu(gate) * up``, computed in float32 and rounded to the weights' dtype once, as the
     compiled decode step computes it (one kernel less per block).
+
+    ``SWIGLU`` (one K slice only): ``w`` holds gate rows ``[0, N)`` then up rows ``[N, 2N)``;
+    each program loads the gate and up rows of its block of columns as one tile (alternating,
+    so one product covers both), rounds each product to the weights' dtype as a product is
+    rounded, and stores ``silu(gate) * up`` ``[M, N]`` (no SiLU kernel after the gate/up
+    product).
+
+    ``LATE_LAUNCH``: with ``USE_PDL``, the next kernel is let launch after this program's loop
+    instead of after its wait; its early programs then do not take this kernel's places.
 
     The first weight tile is loaded before anything else: weights are never written by
     the kernel before, so with programmatic dependent launch (``USE_PDL``) that load
@@ -66,12 +77,21 @@ def gemv_kernel(  # pragma: no cover - runs on the GPU (or the Triton interprete
     n_ok = offs_n[:, None] < N
     kk = pid_k * k_len + offs_k
     k_ok = offs_k < k_len
+    if SWIGLU:  # one tile: gate and up rows of each column alternate
+        offs_r = tl.arange(0, 2 * BLOCK_N)
+        col = pid_n * BLOCK_N + offs_r // 2
+        w_rows = col + (offs_r % 2) * N
+        r_ok = col[:, None] < N
+    else:
+        w_rows = offs_n
+        r_ok = n_ok
     w = tl.load(
-        w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=n_ok & k_ok[None, :], other=0.0
+        w_ptr + w_rows[:, None] * stride_wn + kk[None, :], mask=r_ok & k_ok[None, :], other=0.0
     )
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not LATE_LAUNCH:
+            tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(
         x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok & k_ok[None, :], other=0.0
     )
@@ -87,11 +107,17 @@ def gemv_kernel(  # pragma: no cover - runs on the GPU (or the Triton interprete
         )
         x = _gate(x, x_ptr + K, offs_m, kk, m_ok & k_ok[None, :], stride_xm, GATED, dtype)
         w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-            mask=n_ok & k_ok[None, :],
+            w_ptr + w_rows[:, None] * stride_wn + kk[None, :],
+            mask=r_ok & k_ok[None, :],
             other=0.0,
         )
         acc += tl.dot(x, tl.trans(w))
+    if USE_PDL and LATE_LAUNCH:
+        tl.extra.cuda.gdc_launch_dependents()
+    if SWIGLU:
+        g, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        gate = g.to(dtype).to(tl.float32)
+        acc = gate * tl.sigmoid(gate) * up.to(dtype).to(tl.float32)
     tl.store(
         y_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :],
         acc.to(y_ptr.dtype.element_ty),

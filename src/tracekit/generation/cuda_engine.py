@@ -51,11 +51,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from tracekit.errors import InputError, ModelError
 from tracekit.generation.cuda_gemv import (
     MODE_NAMES,
+    SWIGLU,
     TRITON,
     gated_linear,
     linear,
     mode_for_splits,
     on_side_stream,
+    swiglu,
 )
 from tracekit.generation.engine import HostCopy, to_device
 from tracekit.generation.pooling import masked_sum
@@ -414,17 +416,17 @@ def _out_mlp(
     out = linear(attn, w.o, gemv.o, gemv.pdl)
     h = h + (out if w.o_bias is None else out + w.o_bias)
     x = _rms_norm(h, w.ln2, eps)
-    if w.gate_up is not None and gemv.gated and gemv.down >= TRITON:
+    if w.gate_up is not None and gemv.gated and gemv.down >= TRITON and gemv.gate_up != SWIGLU:
         # SiLU and the product with up inside the down kernel: one kernel less per block
         gate_up = linear(x, w.gate_up, gemv.gate_up, gemv.pdl)
         h = h + gated_linear(gate_up, w.down, gemv.down, gemv.pdl)
     else:
-        if w.gate_up is not None:
-            gate, up = linear(x, w.gate_up, gemv.gate_up, gemv.pdl).chunk(2, dim=-1)
+        if w.gate_up is not None:  # SWIGLU: the gating inside the gate/up kernel
+            act = swiglu(x, w.gate_up, gemv.gate_up, gemv.pdl)
         else:
             assert w.gate is not None and w.up is not None
-            gate, up = F.linear(x, w.gate), F.linear(x, w.up)
-        h = h + linear(F.silu(gate) * up, w.down, gemv.down, gemv.pdl)
+            act = F.silu(F.linear(x, w.gate)) * F.linear(x, w.up)
+        h = h + linear(act, w.down, gemv.down, gemv.pdl)
     if cap is not None:
         cap.add_(h.float() * cap_weight[:, None])
     return h
@@ -1232,6 +1234,7 @@ def _head_advance(
 # The decoder
 # --------------------------------------------------------------------------------------------
 _COMPILED: dict[str, Any] = {}
+_INDUCTOR: dict[str, Any] = {}
 
 PREFILL_GRAPH_TOKENS = 16384
 """Largest prefill (batch x padded prompt length) replayed as a CUDA graph; longer prompts
@@ -1256,11 +1259,18 @@ def step_tuning_default() -> bool:
 GEMV_ROLES = ("qkv", "o", "gate_up", "down", "head")
 """The linear layers whose kernel ``FastDecoder(gemv_modes=...)`` can pin."""
 
-TUNED_ROLES = ("o", "qkv", "down")
+TUNED_ROLES = ("o", "qkv", "down", "gate_up")
 """The linear layers whose kernel step tuning (``FastDecoder(tune_steps=...)``) re-decides
 by timing whole decode steps, in this order: those that follow the step's small kernels, where
 a product timed alone (:func:`tracekit.generation.cuda_gemv.choose`) and the same product
-inside the step differ most. ``gate_up`` and the head are long enough for the timing alone."""
+inside the step differ most, then ``gate_up`` for its one candidate (:data:`TUNED_MODES`).
+The head is long enough for the timing alone."""
+
+TUNED_MODES: dict[str, tuple[int, ...]] = {"gate_up": (SWIGLU,)}
+"""Step tuning's candidates per layer where not :data:`cuda_gemv.TUNED_MODES`: ``gate_up``
+tries only the kernel that computes ``silu(gate) * up`` itself (no SiLU kernel after it);
+its plain Triton modes were never faster than cuBLAS in whole steps (benchmarks/RESULTS.md,
+tenth run)."""
 
 STEP_TUNING_MARGIN = 0.01
 """A step-tuning candidate must beat the best step so far by this fraction (not by noise)."""
@@ -1283,16 +1293,41 @@ def _pinned_modes(modes: Mapping[str, str] | None) -> dict[str, int]:
             raise ValueError(
                 f"gemv_modes: unknown mode {name!r} for {role}; choose from {', '.join(MODE_NAMES)}"
             )
+        if name == "swiglu" and role != "gate_up":
+            raise ValueError(f"gemv_modes: swiglu is a mode of gate_up only, not of {role}")
         pinned[role] = MODE_NAMES.index(name)
     return pinned
 
 
-def _compiled(name: str, fn: Any, pdl: bool = False) -> Any:
+def _persistent_choices() -> Any:
+    """The inductor heuristics class of the compiled step (``_inductor_choices.PersistentRows``),
+    under which its row reductions are one-pass kernels. A decode step's norms add the residual
+    (and the split-K partials of the product before them) to rows of the hidden size (2048 for
+    Llama-3.2-1B, past inductor's limit of 1024): on an H200 the one-pass form made the step
+    ~3% faster at batch 8 and 32 (benchmarks/RESULTS.md, twelfth run). ``None`` where this
+    torch lacks the hook."""
+    if "choices" not in _INDUCTOR:
+        _INDUCTOR["choices"] = None
+        try:
+            import torch._inductor.config as inductor_config
+
+            if hasattr(inductor_config, "inductor_choices_class"):
+                from tracekit.generation._inductor_choices import PersistentRows
+
+                _INDUCTOR["choices"] = PersistentRows
+        except ImportError:  # pragma: no cover - an older torch
+            pass
+    return _INDUCTOR["choices"]
+
+
+def _compiled(name: str, fn: Any, pdl: bool = False, persistent: bool = True) -> Any:
     """One ``torch.compile`` wrapper per function (and ``pdl`` setting) per process, so runners
-    share its cache. ``pdl``: inductor's kernels use programmatic dependent launch too."""
+    share its cache. ``pdl``: inductor's kernels use programmatic dependent launch too;
+    ``persistent``: the step's norms as one-pass kernels (:func:`_persistent_choices`)."""
     import torch
 
-    key = f"{name}/pdl" if pdl else name
+    choices = _persistent_choices() if persistent else None
+    key = name + ("/pdl" if pdl else "") + ("/persistent" if choices else "")
     if key not in _COMPILED:
         dyn = torch._dynamo.config
         # one compilation per (batch, cache length, capture on/off): raise the recompile cap
@@ -1306,10 +1341,30 @@ def _compiled(name: str, fn: Any, pdl: bool = False) -> Any:
         # inductor's own kernels too, where this torch has the option (added in 2.10)
         import torch._inductor.config as inductor_config
 
-        inductor_pdl = pdl and hasattr(inductor_config.triton, "enable_pdl")
-        options: dict[str, Any] | None = {"triton.enable_pdl": True} if inductor_pdl else None
-        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+        options: dict[str, Any] = {}
+        if pdl and hasattr(inductor_config.triton, "enable_pdl"):
+            options["triton.enable_pdl"] = True
+        if choices is not None:  # in the cache key; and in force while compiling (below)
+            options["inductor_choices_class"] = choices
+        compiled = torch.compile(fn, dynamic=False, fullgraph=True, options=options or None)
+        _COMPILED[key] = compiled if choices is None else _under_choices(compiled, choices)
     return _COMPILED[key]
+
+
+def _under_choices(compiled: Any, choices: Any) -> Any:
+    """``compiled`` called with inductor's heuristics set to ``choices()``: inductor reads
+    ``inductor_choices_class`` once per thread, so an earlier compilation in this thread
+    (tracekit's or the caller's) would otherwise have fixed the default ones. Only
+    compilations see the setting; a compiled call is unchanged."""
+    from torch._inductor.virtualized import V
+
+    instance = choices()
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with V.set_choices_handler(instance):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 class FastDecoder:
@@ -1346,7 +1401,10 @@ class FastDecoder:
     batch 8 the step took 1.35 ms against 1.07 ms), ``fused_block`` (every block as
     the five fused kernels of :mod:`tracekit.generation.cuda_block`, the norms, residual adds
     and SiLU inside the products; off: on an H200 the step took 1.03-1.16 ms against
-    0.98-1.01 ms at batch 8 and 1.35 ms against 1.15-1.17 ms at batch 32), ``check_every``
+    0.98-1.01 ms at batch 8 and 1.35 ms against 1.15-1.17 ms at batch 32),
+    ``persistent_norms`` (the compiled step's row reductions, its norms, as one-pass kernels
+    up to 4096 elements, see :func:`_persistent_choices`; on: on an
+    H200 the step was 2.7-3.0% faster at batch 8 and 32), ``check_every``
     (decode steps between host checks for "all rows done"), ``prompt_bucket``
     (prompt lengths are padded up to a multiple, so batches share captured graphs) and
     ``max_runners`` (captured shapes kept alive, each with its own KV cache) and
@@ -1378,6 +1436,7 @@ class FastDecoder:
         fast_prefill: bool | None = None,
         gated_down: bool = False,
         fused_block: bool = False,
+        persistent_norms: bool = True,
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
@@ -1491,16 +1550,17 @@ class FastDecoder:
         if tune_steps is None:
             tune_steps = step_tuning_default()
         self.tune_steps = bool(tune_steps) and can_tune
+        self.persistent_norms = bool(persistent_norms)
         if self.compile:
-            pd = self.pdl
-            self.fn_first = _compiled("first", _first, pd)
-            self.fn_middle = _compiled("middle", _middle, pd)
-            self.fn_last = _compiled("last", _last, pd)
-            self.fn_advance = _compiled("advance", _advance, pd)
-            self.fn_first_fused = _compiled("first_fused", _first_fused, pd)
-            self.fn_middle_fused = _compiled("middle_fused", _middle_fused, pd)
-            self.fn_embed_norm = _compiled("embed_norm", _embed_norm, pd)
-            self.fn_head_advance = _compiled("head_advance", _head_advance, pd)
+            pd, pn = self.pdl, self.persistent_norms
+            self.fn_first = _compiled("first", _first, pd, pn)
+            self.fn_middle = _compiled("middle", _middle, pd, pn)
+            self.fn_last = _compiled("last", _last, pd, pn)
+            self.fn_advance = _compiled("advance", _advance, pd, pn)
+            self.fn_first_fused = _compiled("first_fused", _first_fused, pd, pn)
+            self.fn_middle_fused = _compiled("middle_fused", _middle_fused, pd, pn)
+            self.fn_embed_norm = _compiled("embed_norm", _embed_norm, pd, pn)
+            self.fn_head_advance = _compiled("head_advance", _head_advance, pd, pn)
         else:
             self.fn_first, self.fn_middle, self.fn_last = _first, _middle, _last
             self.fn_advance = _advance
@@ -1547,7 +1607,8 @@ class FastDecoder:
 
     def tuned_modes(self, batch: int) -> dict[str, int]:
         """The kernels step tuning chose for ``batch`` rows (this process, else the decisions
-        file of :func:`tracekit.generation.cuda_gemv.choose`); empty where not tuned yet."""
+        file of :func:`tracekit.generation.cuda_gemv.choose`); the layers not tuned yet are
+        missing (all of them before the first tuning)."""
         if batch not in self._step_modes:
             from tracekit.generation.cuda_gemv import read_decisions
 
@@ -1555,19 +1616,24 @@ class FastDecoder:
         return self._step_modes.get(batch, {})
 
     def _keep_tuned(self, batch: int, decisions: dict[str, int]) -> bool:
-        """Take ``batch``'s step-tuning decisions from ``decisions`` where all are there."""
+        """Take ``batch``'s step-tuning decisions from ``decisions``; whether all are there (a
+        decisions file from a version that tuned fewer layers has only some)."""
         roles = self._tuned_roles()
         keys = {role: self._step_key(role, batch) for role in roles}
-        if not all(decisions.get(key, -1) in range(len(MODE_NAMES)) for key in keys.values()):
-            return False
-        self._step_modes[batch] = {role: int(decisions[key]) for role, key in keys.items()}
-        return True
+        found = {
+            role: int(decisions[key])
+            for role, key in keys.items()
+            if decisions.get(key, -1) in range(len(MODE_NAMES))
+            and (decisions[key] != SWIGLU or role == "gate_up")
+        }
+        self._step_modes[batch] = found
+        return len(found) == len(roles)
 
     def _tune_once(self, runner: _Runner) -> None:
-        """Step tuning at ``runner``'s batch size unless decided already (here or on disk).
-        One process per host tunes at a time; one that waited takes the decision made."""
+        """Step tuning at ``runner``'s batch size of the layers not decided already (here or on
+        disk). One process per host tunes at a time; one that waited takes the decision made."""
         batch = runner.key.batch
-        if self.tuned_modes(batch):
+        if len(self.tuned_modes(batch)) == len(self._tuned_roles()):
             return
         from tracekit.generation.cuda_gemv import deciding, decisions_file
 
@@ -1592,9 +1658,10 @@ class FastDecoder:
             self.setup_parts["step_tuning"] += time.perf_counter() - started
 
     def _tune(self, runner: _Runner) -> None:
-        """Re-decide the kernels of :data:`TUNED_ROLES` for ``runner``'s batch size by timing
-        whole captured decode steps, one layer at a time (each keeps the fastest of its correct
-        modes before the next is tried), and keep the decisions on disk.
+        """Re-decide the kernels of :data:`TUNED_ROLES` (those not decided before) for
+        ``runner``'s batch size by timing whole captured decode steps, one layer at a time (each
+        keeps the fastest of its correct modes before the next is tried), and keep the
+        decisions on disk.
 
         The per-shape choice times each product alone, back to back. Inside the step a product
         follows other kernels: with programmatic dependent launch a Triton product loads its
@@ -1609,10 +1676,13 @@ class FastDecoder:
         best, best_graph = runner.dims.gemv, runner.graph
         best_time = runner.time_steps()
         timings = {_modes_label(best): 1e6 * best_time}
+        decided = self._step_modes.get(batch, {})
         for role in self._tuned_roles():
+            if role in decided:  # kept from an earlier tuning: the step already runs it
+                continue
             weight = getattr(self.weights[0], role)
             tried = {getattr(best, role)}
-            for mode in cuda_gemv.TUNED_MODES:
+            for mode in TUNED_MODES.get(role, cuda_gemv.TUNED_MODES):
                 if mode in tried:
                     continue
                 got = cuda_gemv.choose(batch, weight, mode, self.time_with_pdl)

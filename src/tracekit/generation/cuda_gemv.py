@@ -41,6 +41,12 @@ _STATE: dict[str, Any] = {}
 _CHOICES: dict[tuple[int, int, int, str], int] = {}
 
 
+KINDS = ("", "gated", "swiglu")
+"""What the matrix-vector kernel computes: ``x @ w.T``; ``(silu(gate) * up) @ w.T`` from a
+gate/up product ``x`` (the down product's input, gated in its prologue); ``silu(gate) * up``
+of ``x @ w.T`` for a gate/up weight ``w`` (gated in its epilogue)."""
+
+
 def _check_gated(x: torch.Tensor, w: torch.Tensor, gated: bool) -> None:
     """``x``'s width against ``w``'s K: ``K`` plain, ``2K`` (gate then up) gated."""
     want = 2 * w.shape[1] if gated else w.shape[1]
@@ -107,30 +113,35 @@ def _build() -> Any:
         y: torch.Tensor,
         splits: int,
         pdl: bool,
-        gated: bool,
+        kind: str,
         config: tuple[int, int, int, int],
     ) -> None:
-        """One launch in ``config`` (BLOCK_N, BLOCK_K, warps, stages)."""
+        """One launch in ``config`` (BLOCK_N, BLOCK_K, warps, stages) of the product ``kind``
+        (:data:`KINDS`)."""
         m = x.shape[0]
         n, k = w.shape
         block_n, block_k, warps, stages = config
         # programmatic dependent launch: only asked for where :func:`pdl_available` said yes
         extra: dict[str, Any] = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
-        if gated:
+        if kind == "gated":
             extra["GATED"] = True
+        elif kind == "swiglu":
+            extra["SWIGLU"] = True
+            n //= 2
+            if pdl:  # launched early, the down product's programs slowed it by ~2 us a layer
+                extra["LATE_LAUNCH"] = True
         gemv_kernel[(triton.cdiv(n, block_n), splits)](
             x, w, y, m, n, k, x.stride(0), w.stride(0),
             SPLIT_K=splits, BLOCK_M=max(16, triton.next_power_of_2(m)),
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **extra,
         )  # fmt: skip
 
-    def launch(
-        x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, splits: int, pdl: bool, gated: bool
-    ) -> None:
+    def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, splits: int, pdl: bool,
+               kind: str = "") -> None:  # fmt: skip
         def other(weight: torch.Tensor, config: tuple[int, int, int, int]) -> None:
-            run(x, weight, y, splits, pdl, gated, config)
+            run(x, weight, y, splits, pdl, kind, config)
 
-        run(x, w, y, splits, pdl, gated, kernel_config(x, w, splits, pdl, gated, other))
+        run(x, w, y, splits, pdl, kind, kernel_config(x, w, splits, pdl, kind, other))
 
     # explicit schemas: this module's annotations are strings (``from __future__``)
     @torch.library.custom_op(
@@ -146,7 +157,7 @@ def _build() -> Any:
         product [M, 2K] and ``silu(gate) * up`` is multiplied instead."""
         _check_gated(x, w, gated)
         y = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
-        launch(x, w, y, 1, pdl, gated)
+        launch(x, w, y, 1, pdl, "gated" if gated else "")
         return y
 
     @gemv.register_fake
@@ -166,7 +177,7 @@ def _build() -> Any:
         if w.shape[1] % splits:
             raise ValueError(f"K={w.shape[1]} is not a multiple of {splits} slices")
         y = torch.empty((splits, x.shape[0], w.shape[0]), dtype=torch.float32, device=x.device)
-        launch(x, w, y, splits, pdl, gated)
+        launch(x, w, y, splits, pdl, "gated" if gated else "")
         return y
 
     @gemv_splitk.register_fake
@@ -175,16 +186,36 @@ def _build() -> Any:
     ) -> torch.Tensor:
         return x.new_empty((splits, x.shape[0], w.shape[0]), dtype=torch.float32)
 
+    @torch.library.custom_op(
+        "tracekit::gemv_swiglu",
+        mutates_args=(),
+        schema="(Tensor x, Tensor w, bool pdl=False) -> Tensor",
+    )
+    def gemv_swiglu(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+        """``silu(gate) * up`` ``[M, N / 2]`` for ``x`` [M <= 64, K] and a gate/up weight
+        ``w`` [N, K] (gate rows first): both products in one kernel, no SiLU kernel after."""
+        _check_gated(x, w, False)
+        if w.shape[0] % 2:
+            raise ValueError(f"a gate/up weight has an even number of rows, not {w.shape[0]}")
+        y = torch.empty((x.shape[0], w.shape[0] // 2), dtype=x.dtype, device=x.device)
+        launch(x, w, y, 1, pdl, "swiglu")
+        return y
+
+    @gemv_swiglu.register_fake
+    def _(x: torch.Tensor, w: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+        return x.new_empty((x.shape[0], w.shape[0] // 2))
+
     _STATE["splitk"] = gemv_splitk
     _STATE["op"] = gemv
     return gemv
 
 
-LINEAR, TRANSPOSED, TRITON, SPLIT_K2, SPLIT_K4, SPLIT_K8 = range(6)
+LINEAR, TRANSPOSED, TRITON, SPLIT_K2, SPLIT_K4, SPLIT_K8, SWIGLU = range(7)
 """How a linear layer runs: ``F.linear``; ``(w @ x.T).T`` (cuBLAS sees the tall-skinny
 orientation and picks other kernels); the Triton kernel; the split-K Triton kernel with K in
-2, 4 or 8 slices."""
-MODE_NAMES = ("linear", "transposed", "triton", "splitk2", "splitk4", "splitk8")
+2, 4 or 8 slices; for the gate/up product only, the Triton kernel computing
+``silu(gate) * up`` as it stores (:func:`swiglu`)."""
+MODE_NAMES = ("linear", "transposed", "triton", "splitk2", "splitk4", "splitk8", "swiglu")
 TUNED_MODES = (LINEAR, SPLIT_K2, SPLIT_K4, SPLIT_K8)
 """The modes step tuning tries per layer, besides the one chosen alone: not the transposed
 product (cuBLAS again), nor the split-N kernel (in whole steps on an H200 it was never the
@@ -233,6 +264,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, mode: int, pdl: bool = False) -> to
     import torch
     import torch.nn.functional as F
 
+    if mode == SWIGLU:
+        raise ValueError("the swiglu mode is the gate/up product's only: see swiglu()")
     if mode == TRITON:
         return torch.ops.tracekit.gemv(x, w, pdl)
     if mode >= SPLIT_K2:
@@ -258,6 +291,18 @@ def gated_linear(
         return sum_partials(parts).to(gate_up.dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w, mode)
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, mode: int, pdl: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` of ``x`` and a gate/up weight (gate rows first): with
+    :data:`SWIGLU` one Triton kernel, otherwise the product in ``mode``, then the gating."""
+    import torch
+    import torch.nn.functional as F
+
+    if mode == SWIGLU:
+        return torch.ops.tracekit.gemv_swiglu(x, gate_up, pdl)
+    gate, up = linear(x, gate_up, mode, pdl).chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def sum_partials(parts: torch.Tensor) -> torch.Tensor:
@@ -332,7 +377,7 @@ them (chained dependent launches over weights read from HBM), the fastest of thi
 from before, and the ranking differs from one without the overlap: wider blocks (64-128 rows)
 gain most from it (benchmarks/RESULTS.md, eighth run)."""
 _CONFIG_TAG = f"{zlib.crc32(repr((SPLIT_N_CONFIGS, SPLIT_K_CONFIGS)).encode()):08x}"[:6]
-_CONFIGS: dict[tuple[int, int, int, int, bool, bool, str], tuple[int, int, int, int]] = {}
+_CONFIGS: dict[tuple[int, int, int, int, bool, str, str], tuple[int, int, int, int]] = {}
 
 
 def kernel_config(
@@ -340,7 +385,7 @@ def kernel_config(
     w: torch.Tensor,
     splits: int,
     pdl: bool,
-    gated: bool,
+    kind: str,
     run: Callable[[torch.Tensor, tuple[int, int, int, int]], Any],
 ) -> tuple[int, int, int, int]:
     """The kernel's configuration for the product of ``x`` and ``w``: the fastest of
@@ -354,8 +399,9 @@ def kernel_config(
     loads while the one before finishes). Triton's autotuner times each launch alone, and there
     a configuration that gains from the overlap looks slow. Not timed under the CPU interpreter
     (one fixed configuration) nor during a CUDA graph capture (the first usable one, not kept:
-    the engine decides its kernels before it captures)."""
-    key = (x.shape[0], w.shape[0], w.shape[1], splits, pdl, gated, str(w.dtype))
+    the engine decides its kernels before it captures). ``kind`` (:data:`KINDS`): each
+    product the kernel computes is timed and kept apart."""
+    key = (x.shape[0], w.shape[0], w.shape[1], splits, pdl, kind, str(w.dtype))
     found = _CONFIGS.get(key)
     if found is not None:  # every launch after the first: nothing else on this path
         return found
@@ -368,7 +414,7 @@ def kernel_config(
     usable = [c for c in configs if c[1] <= k_len] or [min(configs, key=lambda c: c[1])]
     if len(usable) == 1 or torch.cuda.is_current_stream_capturing():
         return usable[0]
-    role = f"gemv-k{splits}{'-gated' if gated else ''}-{_CONFIG_TAG}"
+    role = f"gemv-k{splits}{'-' if kind else ''}{kind}-{_CONFIG_TAG}"
     runs = {configs.index(c): (lambda weight, c=c: run(weight, c)) for c in usable}
     index = fastest_kept(
         decision_key(x.shape[0], w, pdl, role),
@@ -529,7 +575,8 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = Fal
     the transposed product and (up to :data:`MAX_ROWS` rows, bf16/fp16) the Triton kernels.
 
     ``force`` (a mode) picks that mode whenever it is correct, without timing (tests); where it
-    is not (or K does not split), ``F.linear``.
+    is not (or K does not split), ``F.linear``. :data:`SWIGLU` (a gate/up weight) is only ever
+    forced, and checked against the product followed by the gating (:func:`swiglu`).
     Decided once per (rows, N, K, dtype, force) and process; called outside CUDA graph capture.
     Timed decisions are kept on disk (:func:`decisions_file`) and reused, after the same
     correctness check, by later processes on the same kind of GPU: the processes of a
@@ -571,8 +618,13 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = Fal
                         lambda a, b, m=mode: linear(a, b, m, pdl),
                         lambda a, b, s=splits_of(mode), op=partials: op(a, b, s, pdl),
                     )
+            if force == SWIGLU and w.shape[0] % 2 == 0:  # another function: only when forced
+                candidates[SWIGLU] = ((lambda a, b: swiglu(a, b, SWIGLU, pdl)),) * 2
     disk_key = decision_key(rows, w, pdl)
-    if force is not None:
+    if force == SWIGLU:
+        wants = {SWIGLU: swiglu(x, w, LINEAR).float()}
+        choice = _decide(key, disk_key, candidates, force, x, w, want, wants)
+    elif force is not None:
         choice = _decide(key, disk_key, candidates, force, x, w, want)
     else:
         with deciding([disk_key]) as kept:
@@ -589,9 +641,11 @@ def _decide(
     x: torch.Tensor,
     w: torch.Tensor,
     want: torch.Tensor,
+    wants: dict[int, torch.Tensor] | None = None,
 ) -> int:
     """:func:`choose`'s check and timing: ``settled`` (forced or on disk) where it is correct,
-    else ``F.linear``; without one, the fastest correct candidate, saved to disk."""
+    else ``F.linear``; without one, the fastest correct candidate, saved to disk. ``wants``:
+    the reference of a mode that computes something else than the product (:data:`SWIGLU`)."""
     # a forced or already decided mode is the only one checked: checking a Triton candidate
     # builds and autotunes it, seconds per process that nothing would use
     if settled is not None:
@@ -600,7 +654,7 @@ def _decide(
         if mode == LINEAR:
             continue
         try:
-            err = relative_error(candidates[mode][0](x, w), want)
+            err = relative_error(candidates[mode][0](x, w), (wants or {}).get(mode, want))
         except Exception as exc:  # a kernel that does not build must not stop generation
             logger.warning("linear mode %d unavailable for %s (%s)", mode, key, exc)
             err = float("inf")
