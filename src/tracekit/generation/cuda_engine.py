@@ -1263,10 +1263,10 @@ TUNED_ROLES = ("o", "qkv", "down", "gate_up")
 """The linear layers whose kernel step tuning (``FastDecoder(tune_steps=...)``) re-decides
 by timing whole decode steps, in this order: those that follow the step's small kernels, where
 a product timed alone (:func:`tracekit.generation.cuda_gemv.choose`) and the same product
-inside the step differ most, then ``gate_up`` for its one candidate (:data:`TUNED_MODES`).
+inside the step differ most, then ``gate_up`` for its one candidate (:data:`ROLE_CANDIDATES`).
 The head is long enough for the timing alone."""
 
-TUNED_MODES: dict[str, tuple[int, ...]] = {"gate_up": (SWIGLU,)}
+ROLE_CANDIDATES: dict[str, tuple[int, ...]] = {"gate_up": (SWIGLU,)}
 """Step tuning's candidates per layer where not :data:`cuda_gemv.TUNED_MODES`: ``gate_up``
 tries only the kernel that computes ``silu(gate) * up`` itself (no SiLU kernel after it);
 its plain Triton modes were never faster than cuBLAS in whole steps (benchmarks/RESULTS.md,
@@ -1682,7 +1682,7 @@ class FastDecoder:
                 continue
             weight = getattr(self.weights[0], role)
             tried = {getattr(best, role)}
-            for mode in TUNED_MODES.get(role, cuda_gemv.TUNED_MODES):
+            for mode in ROLE_CANDIDATES.get(role, cuda_gemv.TUNED_MODES):
                 if mode in tried:
                     continue
                 got = cuda_gemv.choose(batch, weight, mode, self.time_with_pdl)
