@@ -40,6 +40,7 @@ check it against the HF reference.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -1234,7 +1235,6 @@ def _head_advance(
 # The decoder
 # --------------------------------------------------------------------------------------------
 _COMPILED: dict[str, Any] = {}
-_INDUCTOR: dict[str, Any] = {}
 
 PREFILL_GRAPH_TOKENS = 16384
 """Largest prefill (batch x padded prompt length) replayed as a CUDA graph; longer prompts
@@ -1281,6 +1281,11 @@ def _modes_label(gemv: GemvChoice) -> str:
     return " ".join(f"{r}={MODE_NAMES[getattr(gemv, r)]}" for r in GEMV_ROLES)
 
 
+def _mode_of(role: str, mode: int) -> bool:
+    """Whether ``mode`` can run layer ``role``: :data:`SWIGLU` is the gate/up product's only."""
+    return mode != SWIGLU or role == "gate_up"
+
+
 def _pinned_modes(modes: Mapping[str, str] | None) -> dict[str, int]:
     """``{role: mode name}`` (``FastDecoder(gemv_modes=...)``) as cuda_gemv modes, checked."""
     pinned: dict[str, int] = {}
@@ -1293,12 +1298,13 @@ def _pinned_modes(modes: Mapping[str, str] | None) -> dict[str, int]:
             raise ValueError(
                 f"gemv_modes: unknown mode {name!r} for {role}; choose from {', '.join(MODE_NAMES)}"
             )
-        if name == "swiglu" and role != "gate_up":
+        if not _mode_of(role, MODE_NAMES.index(name)):
             raise ValueError(f"gemv_modes: swiglu is a mode of gate_up only, not of {role}")
         pinned[role] = MODE_NAMES.index(name)
     return pinned
 
 
+@functools.cache
 def _persistent_choices() -> Any:
     """The inductor heuristics class of the compiled step (``_inductor_choices.PersistentRows``),
     under which its row reductions are one-pass kernels. A decode step's norms add the residual
@@ -1306,18 +1312,16 @@ def _persistent_choices() -> Any:
     Llama-3.2-1B, past inductor's limit of 1024): on an H200 the one-pass form made the step
     ~3% faster at batch 8 and 32 (benchmarks/RESULTS.md, twelfth run). ``None`` where this
     torch lacks the hook."""
-    if "choices" not in _INDUCTOR:
-        _INDUCTOR["choices"] = None
-        try:
-            import torch._inductor.config as inductor_config
+    try:
+        import torch._inductor.config as inductor_config
 
-            if hasattr(inductor_config, "inductor_choices_class"):
-                from tracekit.generation._inductor_choices import PersistentRows
+        if hasattr(inductor_config, "inductor_choices_class"):
+            from tracekit.generation._inductor_choices import PersistentRows
 
-                _INDUCTOR["choices"] = PersistentRows
-        except ImportError:  # pragma: no cover - an older torch
-            pass
-    return _INDUCTOR["choices"]
+            return PersistentRows
+    except ImportError:  # pragma: no cover - an older torch
+        pass
+    return None
 
 
 def _compiled(name: str, fn: Any, pdl: bool = False, persistent: bool = True) -> Any:
@@ -1623,8 +1627,7 @@ class FastDecoder:
         found = {
             role: int(decisions[key])
             for role, key in keys.items()
-            if decisions.get(key, -1) in range(len(MODE_NAMES))
-            and (decisions[key] != SWIGLU or role == "gate_up")
+            if decisions.get(key, -1) in range(len(MODE_NAMES)) and _mode_of(role, decisions[key])
         }
         self._step_modes[batch] = found
         return len(found) == len(roles)
@@ -1641,11 +1644,14 @@ class FastDecoder:
         keys = [self._step_key(role, batch) for role in self._tuned_roles()]
         try:
             with deciding(keys) as kept:
-                if self._keep_tuned(batch, kept):  # decided by another process meanwhile
-                    decided = runner.dims.gemv
-                    runner.set_gemv(self.gemv_choice(batch))
-                    if runner.dims.gemv != decided:
-                        runner.capture()
+                # what another process decided meanwhile (all, or some layers): the step runs
+                # it before anything is timed, and _tune leaves those layers as they are
+                complete = self._keep_tuned(batch, kept)
+                decided = runner.dims.gemv
+                runner.set_gemv(self.gemv_choice(batch))
+                if runner.dims.gemv != decided:
+                    runner.capture()
+                if complete:
                     return
                 logger.warning(
                     "timing the decode step's kernels at batch %d, once for this GPU "
