@@ -317,6 +317,9 @@ def main() -> None:
         "no-tuning": {"tune_steps": False},
         # the step's norms as inductor's looped reductions (the default: one-pass kernels)
         "looped-norms": {"persistent_norms": False},
+        # captured states added into the sums in the step (the default: stored in rings that
+        # the host flushes every 8 steps, cuda_ring)
+        "no-ring": {"capture_ring": 0},
     }
     variants: dict[str, CudaEngine] = {}
     for name in filter(None, args.variants.split(",")):

@@ -160,6 +160,47 @@ def test_bf16_captures_match_teacher_forced():
         assert _rel(out.pooled[pooling], forced[pooling]) < 2e-2, pooling
 
 
+def test_bf16_capture_rings_match_an_add_per_step():
+    """The captured step stores states in rings (the default on CUDA) that the host flushes
+    every 8 steps and at the end (13 steps: 8 + 5). Kernels pinned, so both engines run the
+    same products. Not bit for bit: the step that adds into the float32 sums adds the residual
+    sum before its rounding to bfloat16 (inductor keeps a fused kernel's intermediates in
+    float32), the ring stores the rounded state, the one the next block reads. The difference
+    is that rounding (~1e-3 of an element, less on average); a slot lost or flushed twice would
+    move the averages by a whole step's share (1/13)."""
+    loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=6)
+    prompts = _prompts(8, seed=6)
+    capture = CaptureSpec(layers=tuple(range(5)), poolings=ALL_POOLINGS)
+    params = GenerationParams(max_new_tokens=13, temperature=0)
+    pinned = {"gemv": "off", "fused_attention": "on", "attention_config": (64, 4, 2)}
+    ringed = CudaEngine(loaded, **pinned)
+    got = ringed.generate(prompts, params, capture)
+    want = CudaEngine(loaded, capture_ring=0, **pinned).generate(prompts, params, capture)
+    runner = next(iter(ringed._decoder(capture)._runners.values()))
+    assert runner.ring_size == 8 and runner.graph is not None
+    assert got.response_ids == want.response_ids
+    assert _rel(got.pooled[Pooling.response_avg], want.pooled[Pooling.response_avg]) < 2e-3
+    for pooling in (Pooling.prompt_last, Pooling.prompt_avg):  # the prefill: no ring
+        assert torch.equal(got.pooled[pooling], want.pooled[pooling]), pooling
+
+
+def test_ring_flush_kernel_adds_slots_in_order():
+    from tracekit.generation.cuda_ring import CaptureRings
+
+    sums = {layer: torch.randn(5, 3000, device="cuda") for layer in (0, 3, 7)}
+    start = {layer: buf.clone() for layer, buf in sums.items()}
+    rings = CaptureRings(sums, 4, torch.bfloat16)
+    assert rings._use_kernel
+    for ring in rings.rings.values():
+        ring.normal_()
+    rings.flush(3)
+    for layer, buf in sums.items():
+        want = start[layer]
+        for k in range(3):  # slot 3 is not added
+            want = want + rings.rings[layer][k].float()
+        assert torch.equal(buf, want), layer
+
+
 @pytest.mark.parametrize("rows", [1, 8, 32, 64])
 def test_triton_gemv_matches_linear(rows):
     from tracekit.generation import cuda_gemv

@@ -81,6 +81,41 @@ def test_eos_stops_rows_and_is_excluded(tiny):
     )
 
 
+@pytest.mark.parametrize("ring", [1, 3, 16])
+def test_capture_rings_give_the_sums_of_an_add_per_step(tiny, ring):
+    """Captured states stored in rings of ``ring`` steps, flushed every ``ring`` steps and once
+    at the end (also after an early stop, at a step that is no multiple of ``ring``), give
+    response averages bit for bit equal to adding into the sums every step."""
+    params = GenerationParams(max_new_tokens=10, temperature=0)
+    first = _eager(tiny).generate(PROMPTS, params).response_ids
+    stop = first[0][3]  # row 0 stops after three tokens
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    tiny.model.generation_config.eos_token_id = stop
+    try:
+        options = {"use_graphs": False, "compile": False, "check_every": 2}
+        plain = CudaEngine(tiny, capture_ring=0, **options)
+        ringed = CudaEngine(tiny, capture_ring=ring, **options)
+        outs = {}
+        for name, engine in (("plain", plain), ("ringed", ringed)):
+            # the whole batch twice (the second on the same buffers), then row 0 alone (all
+            # rows done: the loop stops early)
+            batches = (PROMPTS, PROMPTS, PROMPTS[:1])
+            outs[name] = [engine.generate(p, params, capture) for p in batches]
+    finally:
+        tiny.model.generation_config.eos_token_id = 0
+    runners = [*ringed._decoder(capture)._runners.values()]
+    assert runners and all(r.ring_size == ring and r.rings is not None for r in runners)
+    assert all(r.rings is None for r in plain._decoder(capture)._runners.values())
+    assert outs["ringed"][2].finish_reasons == ["eos"]
+    assert ringed._decoder(capture)._last_run.result().decode_steps < 10  # stopped early
+    for want, got in zip(outs["plain"], outs["ringed"], strict=True):
+        assert got.response_ids == want.response_ids
+        for pooling in ALL_POOLINGS:
+            assert torch.equal(got.pooled[pooling], want.pooled[pooling]), pooling
+    with pytest.raises(ValueError, match="capture_ring"):
+        FastDecoder(tiny.model, eos_token_ids=[0], capture_ring=-1)
+
+
 def test_sampling_depends_on_row_seed_only(tiny):
     params = GenerationParams(max_new_tokens=6, temperature=0.9, top_p=0.8, do_sample=True)
     engine = _eager(tiny)

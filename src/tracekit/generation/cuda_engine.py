@@ -363,6 +363,36 @@ def _attn_in(
     return q, k, v
 
 
+class Sink(NamedTuple):
+    """Where one captured layer's state goes in a decode step (see :func:`_capture`)."""
+
+    buf: torch.Tensor
+    """float32 ``[B, hidden]`` response sums, or a ring ``[K, B, hidden]`` in the model's dtype
+    (:attr:`FastDecoder.capture_ring`)."""
+    weight: torch.Tensor  # [B] float32 feed weights of this step's tokens (0 or 1)
+    slot: torch.Tensor  # [1] long, the step's cache slot
+    start: torch.Tensor  # [1] long, the first response slot (slot - start picks the ring slot)
+
+
+def _capture(sink: Sink | None, h: torch.Tensor) -> None:
+    """Add ``h * weight`` into the response sums, or store it in the ring's slot for this step.
+
+    The store is what makes the ring worth having: adding into the float32 sums reads them
+    from memory in the middle of the step (the step's weights have evicted them from L2), and
+    the kernel that also computes the next norm waits for that read. A store waits for
+    nothing; :func:`flush_rings` adds the ring into the sums every K steps. Weights are 0 or
+    1, so ``h * weight`` in the model's dtype is exact and the sums come out bit for bit as
+    with an add per step."""
+    if sink is None:
+        return
+    buf, weight, slot, start = sink
+    if buf.dim() == 3:
+        ring = buf.shape[0]
+        buf.index_copy_(0, (slot - start) % ring, (h * weight[:, None].to(h.dtype))[None])
+    else:
+        buf.add_(h.float() * weight[:, None])
+
+
 def _attn_out_mlp(
     h: torch.Tensor,
     q: torch.Tensor,
@@ -370,8 +400,7 @@ def _attn_out_mlp(
     v_cache: torch.Tensor,
     attn_bias: torch.Tensor,
     w: LayerWeights,
-    cap: torch.Tensor | None,
-    cap_weight: torch.Tensor,
+    cap: Sink | None,
     eps: float,
     scaling: float,
     sdpa: bool = False,
@@ -379,8 +408,8 @@ def _attn_out_mlp(
 ) -> torch.Tensor:
     """Attention over the static cache (GQA without repeating K/V), o_proj, MLP, residuals.
 
-    ``cap`` (float32 [B, hidden]) receives ``state * cap_weight`` in place: the capture hook of
-    the fast path, inside the captured step.
+    ``cap`` receives the block's output state (:func:`_capture`): the capture hook of the fast
+    path, inside the captured step.
     """
     import torch
     import torch.nn.functional as F
@@ -398,15 +427,14 @@ def _attn_out_mlp(
         probs = torch.softmax(scores, dim=-1).to(v_cache.dtype)
         attn = torch.matmul(probs, v_cache)
     attn = attn.reshape(batch, n_kv * group * head_dim)
-    return _out_mlp(h, attn, w, cap, cap_weight, eps, gemv)
+    return _out_mlp(h, attn, w, cap, eps, gemv)
 
 
 def _out_mlp(
     h: torch.Tensor,
     attn: torch.Tensor,
     w: LayerWeights,
-    cap: torch.Tensor | None,
-    cap_weight: torch.Tensor,
+    cap: Sink | None,
     eps: float,
     gemv: GemvChoice | None = None,
 ) -> torch.Tensor:
@@ -428,8 +456,7 @@ def _out_mlp(
             assert w.gate is not None and w.up is not None
             act = F.silu(F.linear(x, w.gate)) * F.linear(x, w.up)
         h = h + linear(act, w.down, gemv.down, gemv.pdl)
-    if cap is not None:
-        cap.add_(h.float() * cap_weight[:, None])
+    _capture(cap, h)
     return h
 
 
@@ -461,14 +488,13 @@ def _prelude(
     slot_range: torch.Tensor,
     cos_table: torch.Tensor,
     sin_table: torch.Tensor,
-    cap0: torch.Tensor | None,
-    cap_weight: torch.Tensor,
+    cap0: Sink | None,
     window: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embedding, this step's rotary rows and the additive attention mask over cache slots."""
     import torch
 
-    h, cos, sin = _embed_step(cur_tok, embed, slot, pad_len, cos_table, sin_table, cap0, cap_weight)
+    h, cos, sin = _embed_step(cur_tok, embed, slot, pad_len, cos_table, sin_table, cap0)
     valid = (slot_range[None, :] >= pad_len[:, None]) & (slot_range[None, :] <= slot)
     if window is not None:
         valid = valid & (slot_range[None, :] > slot - window)
@@ -484,16 +510,14 @@ def _embed_step(
     pad_len: torch.Tensor,
     cos_table: torch.Tensor,
     sin_table: torch.Tensor,
-    cap0: torch.Tensor | None,
-    cap_weight: torch.Tensor,
+    cap0: Sink | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embedding of this step's tokens (captured as layer 0) and its rotary rows."""
     import torch.nn.functional as F
 
     h = F.embedding(cur_tok, embed)
     pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
-    if cap0 is not None:
-        cap0.add_(h.float() * cap_weight[:, None])
+    _capture(cap0, h)
     return h, cos_table[pos], sin_table[pos]
 
 
@@ -598,7 +622,7 @@ def _advance(
     """Pick each row's next token and update the per-row bookkeeping, all on the device."""
     import torch
 
-    index = st.step + 1  # index of the token being emitted (0 = first response token)
+    index = st.slot - st.start + 1  # index of the token being emitted (0 = first response token)
     tok = sample_tokens(
         logits, st.temperature, st.top_p, st.seeds, index, do_sample, use_top_p, argmax_chunk
     )
@@ -612,7 +636,7 @@ def _advance(
     st.feed_weight.copy_(kept.to(st.feed_weight.dtype))
     st.alive.copy_(alive & ~is_eos & (index + 1 < max_new))
     st.cur_tok.copy_(tok)
-    st.step.add_(1)
+    st.slot.add_(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,7 +646,10 @@ class _State(NamedTuple):
     """Device tensors that one decode step reads and writes (static addresses)."""
 
     cur_tok: torch.Tensor  # [B] long, token fed next
-    step: torch.Tensor  # [1] long, decode step; -1 before the first token is emitted
+    # the step's position is one counter, the cache slot (decode step = slot - start): one
+    # kernel per step updates it, where a step and a slot counter took two (not fused)
+    slot: torch.Tensor  # [1] long, cache slot of the token fed next (prompt length - 1 at first)
+    start: torch.Tensor  # [1] long, the prompt length: the slot of the first token fed
     pad_len: torch.Tensor  # [B] long, left padding of each row
     alive: torch.Tensor  # [B] bool, row still emitting tokens
     feed_weight: torch.Tensor  # [B] float32, 1 when the token fed next belongs to the response
@@ -681,7 +708,8 @@ class _Runner:
         self.slot_range = torch.arange(self.total_len, device=dev)
         self.st = _State(
             cur_tok=torch.zeros(b, dtype=torch.long, device=dev),
-            step=torch.zeros(1, dtype=torch.long, device=dev),
+            slot=torch.zeros(1, dtype=torch.long, device=dev),
+            start=torch.zeros(1, dtype=torch.long, device=dev),
             pad_len=torch.zeros(b, dtype=torch.long, device=dev),
             alive=torch.zeros(b, dtype=torch.bool, device=dev),
             feed_weight=torch.zeros(b, dtype=torch.float32, device=dev),
@@ -714,6 +742,13 @@ class _Runner:
             from tracekit.generation.cuda_block import workspace
 
             self.work = workspace(b, spec.hidden, dev)
+        # the step stores captured states in rings, flushed into self.caps by the host
+        # (cuda_ring); not with fused blocks, whose kernels add into the sums themselves
+        self.rings = None
+        if self.caps and dec.capture_ring and self.dims.block is None:
+            from tracekit.generation.cuda_ring import CaptureRings
+
+            self.rings = CaptureRings(self.caps, dec.capture_ring, dec.dtype)
         self.graph: Any = None
         # the prefill as a CUDA graph (FastDecoder._prefill_as_graph): captured on first use;
         # False after a failed capture (the prefill then runs eagerly)
@@ -721,9 +756,25 @@ class _Runner:
         self._prefill_in: tuple[torch.Tensor, torch.Tensor] | None = None
         self._prefill_out: dict[str, torch.Tensor] = {}
 
+    def sink(self, layer: int) -> Sink | None:
+        """Where the step puts tracekit layer ``layer``'s state: its ring or its sums."""
+        buf = (self.rings.rings if self.rings is not None else self.caps).get(layer)
+        st = self.st
+        return None if buf is None else Sink(buf, st.feed_weight, st.slot, st.start)
+
+    @property
+    def ring_size(self) -> int:
+        """Steps between flushes of the capture rings (0: no rings)."""
+        return 0 if self.rings is None else self.rings.size
+
+    def flush(self, count: int) -> None:
+        """Add the last ``count`` steps' captured states into the sums (see ``cuda_ring``)."""
+        if self.rings is not None:
+            self.rings.flush(count)
+
     # -- one decode step (eager Python that calls the compiled pieces) ------------------------
     def step(self) -> None:
-        dec, st, key = self.dec, self.st, self.key
+        dec, st = self.dec, self.st
         d = self.dims
         if d.block is not None:
             self._step_block()
@@ -731,7 +782,7 @@ class _Runner:
         if d.fused_attention:
             self._step_fused()
             return
-        slot = st.step + key.prompt_len
+        slot = st.slot
         caches = [_Caches(k, v) for k, v in zip(self.k_cache, self.v_cache, strict=True)]
         weights = dec.weights
         last = len(weights) - 1
@@ -743,8 +794,7 @@ class _Runner:
             self.slot_range,
             dec.cos_table,
             dec.sin_table,
-            self.caps.get(0),
-            st.feed_weight,
+            self.sink(0),
             weights[0],
             caches[0],
             d,
@@ -758,8 +808,7 @@ class _Runner:
                 caches[i],
                 bias,
                 weights[i],
-                self.caps.get(i + 1),
-                st.feed_weight,
+                self.sink(i + 1),
                 weights[i + 1],
                 caches[i + 1],
                 slot,
@@ -775,9 +824,9 @@ class _Runner:
         """One decode step with the fused attention kernel between the compiled pieces."""
         from tracekit.generation.cuda_attention import AttentionShape, decode_attention
 
-        dec, st, key, d = self.dec, self.st, self.key, self.dims
+        dec, st, d = self.dec, self.st, self.dims
         shape = AttentionShape(d.n_heads, d.n_kv, d.head_dim, d.scaling, d.window)
-        slot = st.step + key.prompt_len
+        slot = st.slot
         weights = dec.weights
         last = len(weights) - 1
         h, qkv, cos, sin = dec.fn_first_fused(
@@ -787,8 +836,7 @@ class _Runner:
             st.pad_len,
             dec.cos_table,
             dec.sin_table,
-            self.caps.get(0),
-            st.feed_weight,
+            self.sink(0),
             weights[0],
             d,
         )
@@ -807,8 +855,8 @@ class _Runner:
                 self.attn_config,
             )
             if i < last:
-                cap = self.caps.get(i + 1)
-                h, qkv = dec.fn_middle_fused(h, attn, w, cap, st.feed_weight, weights[i + 1], d)
+                cap = self.sink(i + 1)
+                h, qkv = dec.fn_middle_fused(h, attn, w, cap, weights[i + 1], d)
         self._last(h, attn, None, None)
 
     def _step_block(self) -> None:
@@ -821,7 +869,7 @@ class _Runner:
         splits, pdl, work = d.block, d.gemv.pdl, self.work
         assert splits is not None and work is not None
         shape = AttentionShape(d.n_heads, d.n_kv, d.head_dim, d.scaling, d.window)
-        slot = st.step + key.prompt_len
+        slot = st.slot
         h, ss, cos, sin = dec.fn_embed_norm(
             st.cur_tok,
             dec.embed,
@@ -829,8 +877,7 @@ class _Runner:
             st.pad_len,
             dec.cos_table,
             dec.sin_table,
-            self.caps.get(0),
-            st.feed_weight,
+            self.sink(0),
         )
         for i, w in enumerate(dec.weights):
             assert w.qkv is not None and w.gate_up is not None
@@ -850,7 +897,7 @@ class _Runner:
             )
             h, ss = cuda_block.residual_product(attn, w.o, h, work, splits.o, None, pdl)
             act = cuda_block.norm_gated_product(h, ss, w.ln2, w.gate_up, d.eps, pdl)
-            cap = self.caps.get(i + 1)
+            cap = self.caps.get(i + 1)  # no ring here (FastDecoder.capture_ring)
             capture = None if cap is None else (cap, st.feed_weight)
             h, ss = cuda_block.residual_product(act, w.down, h, work, splits.down, capture, pdl)
         dec.fn_head_advance(
@@ -877,8 +924,7 @@ class _Runner:
             cache,
             bias,
             dec.weights[-1],
-            self.caps.get(len(dec.weights)),
-            st.feed_weight,
+            self.sink(len(dec.weights)),
             dec.final_norm,
             dec.lm_head,
             st,
@@ -900,7 +946,8 @@ class _Runner:
         """Valid state for warm-up and capture (any token ids, step 0)."""
         st = self.st
         st.cur_tok.zero_()
-        st.step.zero_()
+        st.slot.fill_(self.key.prompt_len)
+        st.start.fill_(self.key.prompt_len)
         st.pad_len.zero_()
         st.alive.zero_()
         st.feed_weight.zero_()
@@ -1083,15 +1130,14 @@ def _first(
     slot_range: torch.Tensor,
     cos_table: torch.Tensor,
     sin_table: torch.Tensor,
-    cap0: torch.Tensor | None,
-    cap_weight: torch.Tensor,
+    cap0: Sink | None,
     w0: LayerWeights,
     cache0: _Caches,
     d: Dims,
 ) -> tuple[torch.Tensor, ...]:
     """Embedding, rotary rows, mask, and block 0 up to its attention input."""
     h, cos, sin, bias = _prelude(
-        cur_tok, embed, slot, pad_len, slot_range, cos_table, sin_table, cap0, cap_weight, d.window
+        cur_tok, embed, slot, pad_len, slot_range, cos_table, sin_table, cap0, d.window
     )
     write = (cache0.k, cache0.v, slot) if d.write_kv else None
     q, k, v = _attn_in(
@@ -1106,8 +1152,7 @@ def _middle(
     cache: _Caches,
     bias: torch.Tensor,
     w: LayerWeights,
-    cap: torch.Tensor | None,
-    cap_weight: torch.Tensor,
+    cap: Sink | None,
     w_next: LayerWeights,
     cache_next: _Caches,
     slot: torch.Tensor,
@@ -1118,7 +1163,7 @@ def _middle(
     """Rest of block i and block i+1 up to its attention input: one compiled region per
     boundary, so the residual add, the capture and the next norm fuse into one kernel."""
     h = _attn_out_mlp(
-        h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention, d.gemv
+        h, q, cache.k, cache.v, bias, w, cap, d.eps, d.scaling, d.sdpa_attention, d.gemv
     )
     write = (cache_next.k, cache_next.v, slot) if d.write_kv else None
     q, k, v = _attn_in(
@@ -1133,8 +1178,7 @@ def _last(
     cache: _Caches | None,
     bias: torch.Tensor | None,
     w: LayerWeights,
-    cap: torch.Tensor | None,
-    cap_weight: torch.Tensor,
+    cap: Sink | None,
     final_norm: torch.Tensor,
     lm_head: torch.Tensor,
     st: _State,
@@ -1151,13 +1195,12 @@ def _last(
     With ``d.fused_attention``, ``q`` is the block's attention output (``cache``/``bias``
     unused): the fused kernel ran before this piece."""
     if d.fused_attention:
-        h = _out_mlp(h, q, w, cap, cap_weight, d.eps, d.gemv)
+        h = _out_mlp(h, q, w, cap, d.eps, d.gemv)
     else:
         assert cache is not None and bias is not None
         h = _attn_out_mlp(
-            h, q, cache.k, cache.v, bias, w, cap, cap_weight, d.eps, d.scaling, d.sdpa_attention,
-            d.gemv,
-        )  # fmt: skip
+            h, q, cache.k, cache.v, bias, w, cap, d.eps, d.scaling, d.sdpa_attention, d.gemv
+        )
     _head_advance(
         h, final_norm, lm_head, st, eos_ids, pad_id, max_new, include_eos, do_sample, use_top_p, d
     )
@@ -1170,13 +1213,12 @@ def _first_fused(
     pad_len: torch.Tensor,
     cos_table: torch.Tensor,
     sin_table: torch.Tensor,
-    cap0: torch.Tensor | None,
-    cap_weight: torch.Tensor,
+    cap0: Sink | None,
     w0: LayerWeights,
     d: Dims,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused-attention step: embedding, this step's rotary rows, block 0's q/k/v product."""
-    h, cos, sin = _embed_step(cur_tok, embed, slot, pad_len, cos_table, sin_table, cap0, cap_weight)
+    h, cos, sin = _embed_step(cur_tok, embed, slot, pad_len, cos_table, sin_table, cap0)
     return h, _qkv_product(h, w0, d.eps, d.gemv.qkv, d.gemv.pdl), cos, sin
 
 
@@ -1184,13 +1226,12 @@ def _middle_fused(
     h: torch.Tensor,
     attn: torch.Tensor,
     w: LayerWeights,
-    cap: torch.Tensor | None,
-    cap_weight: torch.Tensor,
+    cap: Sink | None,
     w_next: LayerWeights,
     d: Dims,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused-attention step: rest of block i after its attention, block i+1's q/k/v product."""
-    h = _out_mlp(h, attn, w, cap, cap_weight, d.eps, d.gemv)
+    h = _out_mlp(h, attn, w, cap, d.eps, d.gemv)
     return h, _qkv_product(h, w_next, d.eps, d.gemv.qkv, d.gemv.pdl)
 
 
@@ -1201,13 +1242,12 @@ def _embed_norm(
     pad_len: torch.Tensor,
     cos_table: torch.Tensor,
     sin_table: torch.Tensor,
-    cap0: torch.Tensor | None,
-    cap_weight: torch.Tensor,
+    cap0: Sink | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused-block step: embedding, its rows' sums of squares (block 0's norm), rotary rows."""
     from tracekit.generation.cuda_block import row_sums
 
-    h, cos, sin = _embed_step(cur_tok, embed, slot, pad_len, cos_table, sin_table, cap0, cap_weight)
+    h, cos, sin = _embed_step(cur_tok, embed, slot, pad_len, cos_table, sin_table, cap0)
     return h, row_sums(h), cos, sin
 
 
@@ -1241,6 +1281,10 @@ PREFILL_GRAPH_TOKENS = 16384
 keep the eager prefill, whose launch cost is small next to their device time."""
 
 SETUP_PARTS = ("kernel_choice", "compile_warmup", "graph_capture", "step_tuning")
+
+CAPTURE_RING = 8
+"""Decode steps per flush of the capture rings (:mod:`tracekit.generation.cuda_ring`), by
+default with captured steps."""
 
 FUSED_ATTENTION_MAX_LEN = 1024
 """Longest cache (prompt + new tokens) for which ``fused_attention="auto"`` uses the kernel."""
@@ -1408,7 +1452,11 @@ class FastDecoder:
     0.98-1.01 ms at batch 8 and 1.35 ms against 1.15-1.17 ms at batch 32),
     ``persistent_norms`` (the compiled step's row reductions, its norms, as one-pass kernels
     up to 4096 elements, see :func:`_persistent_choices`; on: on an
-    H200 the step was 2.7-3.0% faster at batch 8 and 32), ``check_every``
+    H200 the step was 2.7-3.0% faster at batch 8 and 32), ``capture_ring`` (the step stores
+    captured states in rings of this many steps that the host adds into the response sums,
+    see :mod:`tracekit.generation.cuda_ring`; 0: the step adds into the sums; ``None``:
+    :data:`CAPTURE_RING` with captured steps, 0 otherwise; not with ``fused_block``),
+    ``check_every``
     (decode steps between host checks for "all rows done"), ``prompt_bucket``
     (prompt lengths are padded up to a multiple, so batches share captured graphs) and
     ``max_runners`` (captured shapes kept alive, each with its own KV cache) and
@@ -1441,6 +1489,7 @@ class FastDecoder:
         gated_down: bool = False,
         fused_block: bool = False,
         persistent_norms: bool = True,
+        capture_ring: int | None = None,
         check_every: int = 8,
         prompt_bucket: int = 16,
         max_runners: int = 2,
@@ -1523,6 +1572,10 @@ class FastDecoder:
             raise ValueError(f"fused_attention must be auto, on or off, not {fused_attention!r}")
         # off: slower on an H200 (see the class docstring and cuda_block); needs fused weights
         self.fused_block = bool(fused_block) and fuse
+        if capture_ring is not None and capture_ring < 0:
+            raise ValueError(f"capture_ring must be 0 or more, not {capture_ring}")
+        ring = (CAPTURE_RING if self.use_graphs else 0) if capture_ring is None else capture_ring
+        self.capture_ring = 0 if self.fused_block else int(ring)
         # "on" also off CUDA (the Triton interpreter runs it there, for tests); "auto" on CUDA
         self.fused_attention = fused_attention if fuse else "off"
         if fused_attention == "auto" and not on_cuda:
@@ -1971,11 +2024,16 @@ class FastDecoder:
             _end_span(prefill_events)
             steps = 0
             check = _DoneCheck(runner.st, self.device)
+            ring = runner.ring_size
             decode_events = _start_span(self.device)
             for steps in range(1, max_new_tokens + 1):
                 runner.replay()
+                if ring and steps % ring == 0:
+                    runner.flush(ring)
                 if steps % self.check_every == 0 and steps < max_new_tokens and check.done():
                     break
+            if ring:
+                runner.flush(steps % ring)
             _end_span(decode_events)
             run = self._collect(runner, prompt_pooled, steps, prefill_events, decode_events)
             self._last_run = run
@@ -2043,7 +2101,8 @@ class FastDecoder:
         prefill = self._prefill_fast if self.fast_prefill else self._prefill_hf
         logits = prefill(runner, ids, mask, positions, pool)
         st.pad_len.copy_(prompt_len - n_real)
-        st.step.fill_(-1)
+        st.slot.fill_(prompt_len - 1)
+        st.start.fill_(prompt_len)
         st.alive.fill_(True)
         st.feed_weight.zero_()
         st.n_kept.zero_()
