@@ -8,7 +8,10 @@ engines' default settings) is saved to a folder and used through the real CLI:
   tests are about the processes, and it needs no compilation; the CUDA engine's data-parallel
   run is ``benchmarks/bench_multigpu.py``);
 - ``--device-map auto`` places the model's blocks on both GPUs, and generation, capture and the
-  teacher-forced forward give what the same model on one GPU gives.
+  teacher-forced forward give what the same model on one GPU gives;
+- one process with ``--device cuda:1`` runs the CUDA engine (graphs, Triton kernels, capture
+  rings) on the second GPU while the first one is CUDA's current device, and one process can
+  run it on both GPUs in turn.
 """
 
 from __future__ import annotations
@@ -166,3 +169,43 @@ def test_device_map_auto_splits_the_model_and_matches_one_gpu(model_dir: Path, t
     _generate(model_dir, base, "one", "--device", "cuda:0", poolings=every)
     _generate(model_dir, base, "split", "--device-map", "auto", poolings=every)
     _assert_same(base / "one" / "refusal", base / "split" / "refusal", every)
+
+
+def test_cuda_engine_on_the_second_gpu(model_dir: Path, tmp_path: Path):
+    """``--device cuda:1`` with the CUDA engine writes what ``--device cuda:0`` writes: the
+    engine makes its GPU the current device while it captures and replays (graph capture,
+    its streams and Triton's launches follow the current device, not the model's)."""
+    runs = {}
+    for index in (0, 1):
+        name = f"gpu{index}"
+        out = _generate(model_dir, tmp_path, name, "--device", f"cuda:{index}", "--engine", "cuda")
+        assert [p["device"] for p in out["processes"]] == [f"cuda:{index}"], out
+        runs[index] = tmp_path / name / "refusal"
+    _assert_same(runs[0], runs[1])
+
+
+def test_cuda_engine_on_both_gpus_in_one_process():
+    """The CUDA engine on ``cuda:0``, then on ``cuda:1``, in one process: both decode from
+    captured graphs (each GPU's captures on a stream of that GPU: ``torch.cuda.graph``'s own
+    default is one stream, on the GPU of the process's first capture) and agree."""
+    from tracekit.generation.cuda_engine import CudaEngine
+    from tracekit.generation.engine import CaptureSpec, GenerationParams
+    from tracekit.generation.pooling import Pooling
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    prompts = [[5, 17, 99, 3, 250], [7, 8], [300, 301, 302], [42, 43, 44, 45]]
+    params = GenerationParams(max_new_tokens=12, temperature=0)
+    capture = CaptureSpec((0, 2, 4), (Pooling.response_avg, Pooling.prompt_last))
+    outs, graphs = {}, {}
+    for device in ("cuda:0", "cuda:1"):
+        engine = CudaEngine(random_llama("tiny", device=device, dtype="float32", seed=0))
+        outs[device] = engine.generate(prompts, params, capture)
+        runners = engine._decoder(capture)._runners.values()
+        graphs[device] = [runner.graph is not None for runner in runners]
+    assert graphs == {"cuda:0": [True], "cuda:1": [True]}
+    assert torch.cuda.current_device() == 0
+    first, second = outs["cuda:0"], outs["cuda:1"]
+    assert second.response_ids == first.response_ids
+    for pooling in capture.poolings:
+        want = first.pooled[pooling]
+        assert (second.pooled[pooling] - want).abs().max() <= REL_TOL * want.abs().max()

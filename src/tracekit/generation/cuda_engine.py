@@ -46,6 +46,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -54,6 +55,7 @@ from tracekit.generation.cuda_gemv import (
     MODE_NAMES,
     SWIGLU,
     TRITON,
+    capture_graph,
     gated_linear,
     linear,
     mode_for_splits,
@@ -969,7 +971,7 @@ class _Runner:
         warmed = time.perf_counter()
         self.reset_dummy()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with capture_graph(graph, self.dec.device):
             self.step()
         self.graph = graph
         self.reset_dummy()
@@ -1001,7 +1003,7 @@ class _Runner:
                 if dec._prefill_pool is None:
                     dec._prefill_pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=dec._prefill_pool):
+                with capture_graph(graph, dec.device, pool=dec._prefill_pool):
                     self._prefill_out = dec._prefill_body(self, *inputs)
                 self.prefill_graph = graph
             except Exception as exc:  # the prefill can always run eagerly instead
@@ -1995,7 +1997,11 @@ class FastDecoder:
         use_top_p = sampling and any(p < 1.0 for p in tops)
         key = RunKey(batch, prompt_len, int(max_new_tokens), sampling, use_top_p)
         try:
-            return self._launch(key, ids, mask, temps, tops, seeds)
+            # the decoder's GPU as the current one: CUDA graph capture, the replays' streams
+            # and Triton's launches use the current device, which need not be the model's
+            # (one process with --device cuda:1)
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+                return self._launch(key, ids, mask, temps, tops, seeds)
         except Exception as exc:
             if _is_oom(exc):
                 # free every cache and graph now, so a retry at a smaller batch can fit

@@ -23,6 +23,7 @@ same way, as the decode step launches it (:func:`kernel_config`), not by Triton'
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import zlib
@@ -463,6 +464,24 @@ def on_side_stream(fn: Any, device: Any = None) -> Any:
     return out
 
 
+def capture_graph(graph: Any, device: Any = None, **options: Any) -> Any:
+    """``torch.cuda.graph(graph, **options)`` capturing on a side stream of ``device`` (the
+    current device by default). Without ``stream``, ``torch.cuda.graph`` captures on one stream
+    per process, made on whichever GPU was current at the process's first capture; a later
+    capture on another GPU then launches Triton kernels on the wrong device."""
+    import torch
+
+    index = torch.cuda.current_device() if device is None else torch.device(device).index
+    return torch.cuda.graph(graph, stream=_capture_stream(index), **options)
+
+
+@functools.cache
+def _capture_stream(index: int) -> Any:
+    import torch
+
+    return torch.cuda.Stream(device=index)
+
+
 def _time(fn: Any, reps: int = 10) -> float:
     """Milliseconds per call of ``fn`` replayed from a CUDA graph.
 
@@ -474,7 +493,7 @@ def _time(fn: Any, reps: int = 10) -> float:
     fn()  # autotuning and library handles, outside the capture
     on_side_stream(fn)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with capture_graph(graph):
         fn()
     graph.replay()
     torch.cuda.synchronize()
