@@ -382,9 +382,11 @@ def _capture(sink: Sink | None, h: torch.Tensor) -> None:
     The store is what makes the ring worth having: adding into the float32 sums reads them
     from memory in the middle of the step (the step's weights have evicted them from L2), and
     the kernel that also computes the next norm waits for that read. A store waits for
-    nothing; :func:`flush_rings` adds the ring into the sums every K steps. Weights are 0 or
-    1, so ``h * weight`` in the model's dtype is exact and the sums come out bit for bit as
-    with an add per step."""
+    nothing; :meth:`tracekit.generation.cuda_ring.CaptureRings.flush` adds the ring into the
+    sums every K steps. Weights are 0 or 1, so ``h * weight`` in the model's dtype is exact:
+    the sums are those of the states as stored, the values the next block reads. (The add in
+    the step sums ``h`` before its rounding to the model's dtype, since inductor keeps a fused
+    kernel's intermediates in float32; that is the only difference.)"""
     if sink is None:
         return
     buf, weight, slot, start = sink

@@ -8,7 +8,10 @@ step instead stores ``state * weight`` (in the model's dtype: weights are 0 or 1
 exact) into slot ``step % K`` of a ``[K, batch, hidden]`` buffer; a store waits for nothing.
 The host, which counts the steps it replays, calls :meth:`CaptureRings.flush` every K steps
 and once at the end of a run: one kernel adds the filled slots into the sums, in step order,
-so the sums are bit for bit those of an add per step.
+so the sums are bit for bit those of an add per step of the stored states. (The add inside
+the compiled step summed the states before their rounding to the model's dtype, since
+inductor keeps a fused kernel's intermediates in float32; with bfloat16 the two differ by
+that rounding.)
 """
 
 from __future__ import annotations
