@@ -16,6 +16,7 @@ that rounding.)
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -27,15 +28,12 @@ if TYPE_CHECKING:
 BLOCK = 1024
 """Columns (of batch x hidden) per program of the flush kernel."""
 
-_STATE: dict[str, Any] = {}
 
-
+@functools.cache
 def _kernel() -> Any:
     """The flush kernel, defined once per process; ``None`` without Triton."""
-    if "kernel" not in _STATE:
-        found = import_kernel("tracekit.generation._ring_kernel", "ring_flush_kernel")
-        _STATE["kernel"] = None if found is None else found[1]
-    return _STATE["kernel"]
+    found = import_kernel("tracekit.generation._ring_kernel", "ring_flush_kernel")
+    return None if found is None else found[1]
 
 
 def _offsets(tensors: list[torch.Tensor]) -> torch.Tensor:
