@@ -391,7 +391,7 @@ def _start_copy(
     if sparse:
         acts = arrays.pop("activations")
         csr = to_csr(acts.reshape(n_layers * acts.shape[1], -1))  # rows: (layer, token)
-    copy = HostCopy(arrays)
+    copy = HostCopy(arrays, snapshot=False)  # the batch's own tensors
 
     def wait() -> dict[str, Any]:
         host: dict[str, Any] = {name: value.numpy() for name, value in copy.wait().items()}

@@ -30,6 +30,7 @@ Contract every engine keeps (the tests check the reference engine against it):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -271,32 +272,66 @@ def to_device(value: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 class HostCopy:
     """Device tensors copied to the host through pinned memory without blocking.
 
-    The copies queue on the stream behind the work that produces the values; :meth:`wait`
-    returns the host tensors once they landed. A caller that queues its next batch before
-    waiting keeps the GPU busy meanwhile. CPU tensors are simply moved.
+    The copies to the host run on a stream of their own, so work queued after them (the next
+    batch's prefill and decode steps) does not wait for the transfer over the bus: at batch 32
+    with capture that is 13 MB per batch, about 1 ms. With ``snapshot`` (the default) each
+    value is first copied on the device, on the stream that produces it (a few microseconds),
+    because some values are buffers that work queued later overwrites: a CUDA graph's outputs,
+    a decoder's state. A caller whose values are its own, written by nothing queued later,
+    passes ``snapshot=False`` and saves that memory. :meth:`wait` returns the host tensors once
+    they landed. CPU tensors are simply copied.
     """
 
-    def __init__(self, values: dict[Any, torch.Tensor]) -> None:
+    def __init__(self, values: dict[Any, torch.Tensor], *, snapshot: bool = True) -> None:
         import torch
 
         self._event: Any = None
+        self._values: dict[Any, torch.Tensor] = {}
         cuda = [v for v in values.values() if v.is_cuda]
         if not cuda:  # copies, so that work queued later cannot change them
             self._values = {k: v.detach().to("cpu", copy=True) for k, v in values.items()}
             return
-        self._values = {}
-        for key, value in values.items():
-            # pinned: pageable copies of tens of MB are slow, and they block the host
-            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            self._values[key] = host.copy_(value, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record(torch.cuda.current_stream(cuda[0].device))
+        device = cuda[0].device
+        produced_on = torch.cuda.current_stream(device)
+        sources = {
+            k: v.detach().clone() if snapshot else v.detach()
+            for k, v in values.items()
+            if v.is_cuda
+        }
+        stream = _copy_stream(device.index)
+        stream.wait_stream(produced_on)
+        with torch.cuda.stream(stream):
+            for key, value in values.items():
+                if not value.is_cuda:
+                    self._values[key] = value.detach().to("cpu", copy=True)
+                    continue
+                source = sources[key]
+                # its memory goes back to the producing stream's pool only once this stream
+                # has read it
+                source.record_stream(stream)
+                # pinned: pageable copies of tens of MB are slow, and they block the host
+                host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+                self._values[key] = host.copy_(source, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(stream)
+
+    def ready(self) -> bool:
+        """Whether every copy has landed (without waiting)."""
+        return self._event is None or bool(self._event.query())
 
     def wait(self) -> dict[Any, torch.Tensor]:
         if self._event is not None:
             self._event.synchronize()
             self._event = None
         return self._values
+
+
+@functools.cache
+def _copy_stream(index: int) -> Any:
+    """The stream :class:`HostCopy` copies on, one per GPU."""
+    import torch
+
+    return torch.cuda.Stream(device=index)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ def pooled_batches(
             to_host=False,
             engine=engine,
         )
-        queued = (start, end, HostCopy(pooled))
+        queued = (start, end, HostCopy(pooled, snapshot=False))  # fresh tensors
         if pending is not None:
             yield pending[0], pending[1], pending[2].wait()
         pending = queued
