@@ -209,3 +209,19 @@ def test_cuda_engine_on_both_gpus_in_one_process():
     for pooling in capture.poolings:
         want = first.pooled[pooling]
         assert (second.pooled[pooling] - want).abs().max() <= REL_TOL * want.abs().max()
+
+
+def test_host_copy_of_values_on_two_gpus_waits_for_both():
+    """Each GPU's values go over that GPU's copy stream; ``wait`` returns once all landed."""
+    from tracekit.generation.engine import HostCopy
+
+    n = 64 * 2**20  # 256 MB per GPU: transfers that run for milliseconds
+    expected = torch.arange(n, dtype=torch.float32)
+    on = {f"cuda:{i}": torch.arange(n, device=f"cuda:{i}", dtype=torch.float32) for i in (0, 1)}
+    for snapshot in (True, False):
+        copy = HostCopy({**on, "cpu": expected}, snapshot=snapshot)
+        out = copy.wait()
+        assert list(out) == ["cuda:0", "cuda:1", "cpu"]
+        assert copy.ready()
+        for name, value in out.items():
+            assert torch.equal(value, expected), name

@@ -285,44 +285,42 @@ class HostCopy:
     def __init__(self, values: dict[Any, torch.Tensor], *, snapshot: bool = True) -> None:
         import torch
 
-        self._event: Any = None
+        self._events: list[Any] = []
         self._values: dict[Any, torch.Tensor] = {}
-        cuda = [v for v in values.values() if v.is_cuda]
-        if not cuda:  # copies, so that work queued later cannot change them
-            self._values = {k: v.detach().to("cpu", copy=True) for k, v in values.items()}
-            return
-        device = cuda[0].device
-        produced_on = torch.cuda.current_stream(device)
-        sources = {
-            k: v.detach().clone() if snapshot else v.detach()
-            for k, v in values.items()
-            if v.is_cuda
-        }
-        stream = _copy_stream(device.index)
-        stream.wait_stream(produced_on)
-        with torch.cuda.stream(stream):
-            for key, value in values.items():
-                if not value.is_cuda:
-                    self._values[key] = value.detach().to("cpu", copy=True)
-                    continue
-                source = sources[key]
-                # its memory goes back to the producing stream's pool only once this stream
-                # has read it
-                source.record_stream(stream)
-                # pinned: pageable copies of tens of MB are slow, and they block the host
-                host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
-                self._values[key] = host.copy_(source, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record(stream)
+        devices: dict[torch.device, list[Any]] = {}
+        for key, value in values.items():
+            if value.is_cuda:
+                devices.setdefault(value.device, []).append(key)
+            else:  # copies, so that work queued later cannot change them
+                self._values[key] = value.detach().to("cpu", copy=True)
+        for device, keys in devices.items():  # one GPU's values, one stream
+            produced_on = torch.cuda.current_stream(device)
+            sources = {
+                k: values[k].detach().clone() if snapshot else values[k].detach() for k in keys
+            }
+            stream = _copy_stream(device.index)
+            stream.wait_stream(produced_on)
+            with torch.cuda.stream(stream):
+                for key, source in sources.items():
+                    # its memory goes back to the producing stream's pool only once this
+                    # stream has read it
+                    source.record_stream(stream)
+                    # pinned: pageable copies of tens of MB are slow, and they block the host
+                    host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+                    self._values[key] = host.copy_(source, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+                self._events.append(event)
+        self._values = {key: self._values[key] for key in values}  # the caller's order
 
     def ready(self) -> bool:
         """Whether every copy has landed (without waiting)."""
-        return self._event is None or bool(self._event.query())
+        return all(event.query() for event in self._events)
 
     def wait(self) -> dict[Any, torch.Tensor]:
-        if self._event is not None:
-            self._event.synchronize()
-            self._event = None
+        for event in self._events:
+            event.synchronize()
+        self._events = []
         return self._values
 
 
