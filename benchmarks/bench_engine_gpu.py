@@ -258,7 +258,8 @@ def main() -> None:
         help=(
             "graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused,no-pdl,pdl-timing,"
             "hf-prefill,gated-down,fused-block,looped-norms, pin:o=splitk8/qkv=splitk4 (layers' "
-            "kernels pinned), attn:128/4/2 (the attention kernel's configuration pinned); a name "
+            "kernels pinned), attn:128/4/2 (the attention kernel's configuration pinned; "
+            "attn:128/4/2/1 with its first cached block asked for first); a name "
             "ending in +capture runs with capture"
         ),
     )
@@ -328,8 +329,9 @@ def main() -> None:
             pins = dict(item.split("=", 1) for item in base.removeprefix("pin:").split("/"))
             variant_options[base] = {"gemv_modes": pins}
         if base.startswith("attn:"):  # attn:128/4/2 pins the attention kernel's configuration
-            block_n, warps, stages = (int(v) for v in base.removeprefix("attn:").split("/"))
-            variant_options[base] = {"attention_config": (block_n, warps, stages)}
+            # (attn:128/4/2/1: the kernel that asks for its first cached block first)
+            config = tuple(int(v) for v in base.removeprefix("attn:").split("/"))
+            variant_options[base] = {"attention_config": config}
         engine = CudaEngine(loaded, **variant_options[base])
         engine.stop_ids = [-1]
         variants[f"tracekit cuda {name}"] = engine
