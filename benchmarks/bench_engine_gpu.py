@@ -72,21 +72,29 @@ def timed(fn: Any, device: str, reps: int, times: list[float] | None = None) -> 
     return statistics.median(times), result
 
 
-def hbm_bandwidth(device: str) -> float:
-    """Bytes/s of a ~2 GB device-to-device copy, counting bytes read plus written."""
+def hbm_bandwidth(device: str) -> tuple[float, float]:
+    """Bytes/s of a ~2 GB device-to-device copy, counting bytes read plus written: timed with
+    CUDA events around each copy (the measure), and with the host clock around each copy and
+    its synchronize (how runs before session 16 measured it: the launch and the synchronize,
+    ~10-20 us on a ~1 ms copy, made the bandwidth look ~1-2% lower and the floor longer)."""
     n = (2 << 30) // 2
     src = torch.randn(n, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
     sync(device)
-    times = []
+    on_device, on_host = [], []
     for _ in range(10):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start = time.perf_counter()
+        begin.record()
         dst.copy_(src)
+        end.record()
         sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * src.element_size() / statistics.median(times)
+        on_host.append(time.perf_counter() - start)
+        on_device.append(begin.elapsed_time(end) / 1e3)
+    nbytes = 2 * src.numel() * src.element_size()
+    return nbytes / statistics.median(on_device), nbytes / statistics.median(on_host)
 
 
 def gpu_clocks() -> str:
@@ -258,8 +266,7 @@ def main() -> None:
         help=(
             "graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused,no-pdl,pdl-timing,"
             "hf-prefill,gated-down,fused-block,looped-norms, pin:o=splitk8/qkv=splitk4 (layers' "
-            "kernels pinned), attn:128/4/2 (the attention kernel's configuration pinned; "
-            "attn:128/4/2/1 with its first cached block asked for first); a name "
+            "kernels pinned), attn:128/4/2 (the attention kernel's configuration pinned); a name "
             "ending in +capture runs with capture"
         ),
     )
@@ -283,11 +290,12 @@ def main() -> None:
     kv_bytes_per_token = (
         cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
     )  # bf16 keys + values
-    bw = hbm_bandwidth(dev) if dev.startswith("cuda") else float("nan")
+    bw, bw_host = hbm_bandwidth(dev) if dev.startswith("cuda") else (float("nan"),) * 2
     mm = matmul_rate(dev) if dev.startswith("cuda") else float("nan")
     device_name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
     print(
-        f"device {device_name}  torch {torch.__version__}  HBM {bw / 1e12:.2f} TB/s  "
+        f"device {device_name}  torch {torch.__version__}  HBM {bw / 1e12:.2f} TB/s "
+        f"(host-timed {bw_host / 1e12:.2f})  "
         f"bf16 matmul {mm / 1e12:.0f} TFLOP/s  weights {weight_bytes / 1e9:.2f} GB",
         flush=True,
     )
@@ -329,9 +337,8 @@ def main() -> None:
             pins = dict(item.split("=", 1) for item in base.removeprefix("pin:").split("/"))
             variant_options[base] = {"gemv_modes": pins}
         if base.startswith("attn:"):  # attn:128/4/2 pins the attention kernel's configuration
-            # (attn:128/4/2/1: the kernel that asks for its first cached block first)
-            config = tuple(int(v) for v in base.removeprefix("attn:").split("/"))
-            variant_options[base] = {"attention_config": config}
+            block_n, warps, stages = (int(v) for v in base.removeprefix("attn:").split("/"))
+            variant_options[base] = {"attention_config": (block_n, warps, stages)}
         engine = CudaEngine(loaded, **variant_options[base])
         engine.stop_ids = [-1]
         variants[f"tracekit cuda {name}"] = engine
@@ -571,6 +578,7 @@ def main() -> None:
                     "clocks": {"after_matmul": clocks_start, "end": clocks_end},
                     "torch": torch.__version__,
                     "hbm_bytes_per_s": bw,
+                    "hbm_bytes_per_s_host_timed": bw_host,
                     "matmul_flops": mm,
                     "weight_bytes": weight_bytes,
                     "rows": rows,

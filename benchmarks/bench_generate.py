@@ -14,9 +14,13 @@ stopping at eos. ``--gpu``: a random-init Llama-3.2-1B-shaped model (16 blocks, 
 32/8, vocab 128256, tied, bf16), prompts of 64 random tokens, 128 new tokens with no early stop,
 batches 1/8/32/128; it also reports the fraction of the memory-bandwidth floor per decode step:
 ``(weight bytes + KV-cache bytes read per step) / measured bandwidth`` divided by the measured
-decode step time, the bandwidth from a ~2 GB device-to-device copy (read + write bytes) in the
-same run. Decode step time = (generate time - prefill time) / new tokens, prefill timed as one
-forward over the prompts. ``--gpu --tiny`` runs the same code on a tiny model (CPU works) as a
+decode step time, the bandwidth from a ~2 GB device-to-device copy (read + write bytes, CUDA
+events) in the same run. Decode step time = (generate time - prefill time) / new tokens, median
+over the calls; the prefill is the engine's own where it reports one (the ``cuda`` engine's
+CUDA-event time of that call's prefill), else one forward over the prompts. Before session 16
+every row subtracted that forward, ~2x longer than the ``cuda`` engine's graph-replayed
+prefill, which made its steps look shorter (``benchmarks/bench_engine_gpu.py`` was not
+affected). ``--gpu --tiny`` runs the same code on a tiny model (CPU works) as a
 smoke check. Engines are a flag (``--engines hf,cuda``) so new engines add rows.
 
 Run: ``python benchmarks/bench_generate.py [--batches 1,8] [--max-new-tokens 32]`` or
@@ -55,7 +59,10 @@ def sync(device: torch.device) -> None:
 
 
 def bandwidth(device: torch.device, n_bytes: int) -> float:
-    """Bytes/s of a device-to-device copy of ``n_bytes`` (read + written bytes counted)."""
+    """Bytes/s of a device-to-device copy of ``n_bytes`` (read + written bytes counted). On a
+    GPU each copy is timed with CUDA events: the host clock around a copy and its synchronize
+    also counts the launch and the synchronize (~10-20 us on a ~1 ms copy), which made the
+    bandwidth look ~1-2% lower, and so the floor longer, in runs before session 16."""
     src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     for _ in range(2):
@@ -63,6 +70,14 @@ def bandwidth(device: torch.device, n_bytes: int) -> float:
     times = []
     for _ in range(5):
         sync(device)
+        if device.type == "cuda":
+            begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            begin.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+            continue
         start = time.perf_counter()
         dst.copy_(src)
         sync(device)
@@ -107,13 +122,13 @@ def random_prompts(loaded: LoadedModel, n: int, length: int, seed: int = 0) -> l
 
 def plain_generate(
     loaded: LoadedModel, prompts: list[list[int]], new: int, no_stop: bool
-) -> Callable[[], int]:
+) -> Callable[[], tuple[int, float | None]]:
     device = loaded.model.get_input_embeddings().weight.device
     pad = int(loaded.tokenizer.pad_token_id)
     ids, mask = left_pad(prompts, pad, device)
     eos = loaded.tokenizer.eos_token_id
 
-    def run() -> int:
+    def run() -> tuple[int, float | None]:
         with torch.inference_mode():
             out = loaded.model.generate(
                 input_ids=ids,
@@ -125,8 +140,8 @@ def plain_generate(
             )
         new_ids = out[:, ids.shape[1] :].tolist()
         if no_stop:
-            return sum(len(r) for r in new_ids)
-        return sum(r.index(eos) if eos in r else len(r) for r in new_ids)
+            return sum(len(r) for r in new_ids), None
+        return sum(r.index(eos) if eos in r else len(r) for r in new_ids), None
 
     return run
 
@@ -138,15 +153,19 @@ def engine_run(
     new: int,
     capture: bool,
     no_stop: bool,
-) -> Callable[[], int]:
+) -> Callable[[], tuple[int, float | None]]:
+    """A call of ``engine.generate``: its new tokens and, where the engine reports it, the
+    device seconds of that call's prefill."""
     engine = create_engine(name, loaded)
     if no_stop:
         engine.stop_ids = [-1]  # type: ignore[attr-defined]  # never matches: run to the limit
     spec = CaptureSpec(tuple(range(loaded.n_layers)), tuple(Pooling)) if capture else None
     params = GenerationParams(max_new_tokens=new, temperature=0)
 
-    def run() -> int:
-        return engine.generate(prompts, params, spec).n_new_tokens
+    def run() -> tuple[int, float | None]:
+        made = engine.generate(prompts, params, spec).n_new_tokens
+        decoder = getattr(engine, "_decoder", None)  # the cuda engine's, after its call
+        return made, None if decoder is None else decoder(spec).last_prefill_seconds
 
     return run
 
@@ -212,7 +231,7 @@ def main() -> None:
             prompts = random_prompts(loaded, batch, args.prompt_len)
         else:
             prompts = cpu_prompts(loaded, batch)
-        runs: dict[str, Callable[[], int]] = {
+        runs: dict[str, Callable[[], tuple[int, float | None]]] = {
             "model.generate": plain_generate(loaded, prompts, new, no_stop)
         }
         for name in engines:
@@ -221,6 +240,7 @@ def main() -> None:
                 loaded, name, prompts, new, True, no_stop
             )
         times: dict[str, list[float]] = {k: [] for k in runs}
+        prefills: dict[str, list[float | None]] = {k: [] for k in runs}
         tokens: dict[str, int] = {}
         for run in runs.values():  # warm-up (allocations, kernels, compile)
             run()
@@ -228,9 +248,10 @@ def main() -> None:
             for label, run in runs.items():
                 sync(loaded.device)
                 start = time.perf_counter()
-                tokens[label] = run()
+                tokens[label], own_prefill = run()
                 sync(loaded.device)
                 times[label].append(time.perf_counter() - start)
+                prefills[label].append(own_prefill)
         base_rate = tokens["model.generate"] / statistics.median(times["model.generate"])
         prefill = prefill_seconds(loaded, prompts) if bw is not None else None
         for label in runs:
@@ -245,7 +266,12 @@ def main() -> None:
                 "ratio_vs_generate": round(rate / base_rate, 3),
             }
             if bw is not None and prefill is not None:
-                step = max(seconds - prefill, 1e-9) / new
+                # each call less its own prefill (the engine's, else the forward's)
+                rests = [
+                    max(t - (prefill if p is None else p), 1e-9)
+                    for t, p in zip(times[label], prefills[label], strict=True)
+                ]
+                step = statistics.median(rests) / new
                 kv = kv_bytes_per_step(loaded.model, batch, args.prompt_len, new)
                 floor = (weight_bytes(loaded.model) + kv) / bw
                 row["step_ms"] = round(step * 1e3, 3)

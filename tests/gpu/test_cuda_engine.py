@@ -538,58 +538,6 @@ def test_every_attention_configuration_matches_reference():
             ), (config, batch, length)
 
 
-@pytest.mark.parametrize(
-    "heads,kv,head_dim,window,dtype",
-    [
-        (32, 8, 64, None, torch.bfloat16),
-        (8, 8, 80, 40, torch.float16),
-        (14, 2, 64, None, torch.float32),
-    ],
-)
-def test_attention_asking_for_its_first_block_first_gives_the_same_output(
-    heads, kv, head_dim, window, dtype
-):
-    """``PRELOAD`` (a fourth configuration element 1) moves the first block's loads before the
-    q/k/v loads and changes no arithmetic: the same output and cache, bit for bit, including
-    rows with no cached slot (pad at the slot) and a single cached block."""
-    from tracekit.generation import cuda_attention, cuda_gemv
-
-    device = torch.device("cuda")
-    pdl_modes = (False, True) if cuda_gemv.pdl_available(device) else (False,)
-    gen = torch.Generator().manual_seed(3)
-    shape = cuda_attention.AttentionShape(heads, kv, head_dim, head_dim**-0.5, window)
-    width = (heads + 2 * kv) * head_dim
-    for batch, length, pdl in [
-        (b, n, pdl) for b, n in ((4, 9), (4, 150), (2, 700)) for pdl in pdl_modes
-    ]:
-        qkv = torch.randn(batch, width, generator=gen).to(device, dtype)
-        angles = torch.rand(batch, head_dim, generator=gen).to(device)
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        caches = torch.randn(2, batch, kv, length, head_dim, generator=gen).to(device, dtype)
-        slot = torch.tensor([length - 2], device=device)
-        pad = torch.tensor([0, length - 2, length // 3, 1][:batch], device=device)
-        outs = []
-        for config in ((64, 4, 2), (64, 4, 2, 1), (16, 1, 3, 1)):
-            k, v = caches[0].clone(), caches[1].clone()
-            out = cuda_attention.decode_attention(
-                qkv, None, cos, sin, k, v, slot, pad, shape, pdl, config
-            )
-            outs.append((config, out, k, v))
-        base = outs[0]
-        for config, out, k, v in outs[1:]:
-            assert torch.equal(k, base[2]) and torch.equal(v, base[3]), config
-            if config[0] == base[0][0]:  # same blocks: the same sums in the same order
-                assert torch.equal(out, base[1]), (config, batch, length, pdl)
-            else:
-                tol = 1e-4 if dtype == torch.float32 else 2e-2
-                assert cuda_gemv.relative_error(out, base[1]) < tol, (config, batch, length)
-        assert cuda_attention.works(
-            batch=batch, length=length, n_heads=heads, n_kv=kv, head_dim=head_dim, splits=2,
-            has_bias=True, window=window, dtype=dtype, device=device, pdl=pdl,
-            config=(64, 4, 2, 1),
-        )  # fmt: skip
-
-
 def test_attention_configuration_is_timed_once_kept_and_checked(tmp_path, monkeypatch):
     from tracekit.generation import cuda_attention, cuda_gemv
 

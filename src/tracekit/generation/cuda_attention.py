@@ -99,7 +99,7 @@ def decode_attention(
     pad_len: torch.Tensor,
     shape: AttentionShape,
     pdl: bool = False,
-    config: tuple[int, ...] | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Attention output ``[batch, n_heads * head_dim]`` of one decode step (see the module
     docstring); writes the new key and value into ``k_cache``/``v_cache`` at ``slot``.
@@ -110,10 +110,7 @@ def decode_attention(
     (``N = (n_heads + 2 * n_kv) * head_dim``); ``cos``/``sin``: this step's rotary rows
     ``[batch, head_dim]``; caches ``[batch, n_kv, length, head_dim]``; ``slot``: int64 ``[1]``;
     ``pad_len``: int64 ``[batch]`` (first valid slot of each row); ``config``: one of
-    :data:`CONFIGS` (:func:`kernel_config`), :data:`DEFAULT_CONFIG` when ``None``. A fourth
-    element 1 (``(64, 4, 2, 1)``) asks for the first block of cached keys and values before the
-    q/k/v loads instead of after them (``PRELOAD``; not measured yet, not among
-    :data:`CONFIGS`).
+    :data:`CONFIGS` (:func:`kernel_config`), :data:`DEFAULT_CONFIG` when ``None``.
     """
     import torch
 
@@ -127,7 +124,7 @@ def decode_attention(
     batch, _, length, _ = k_cache.shape
     out = torch.empty((batch, n_heads * head_dim), dtype=k_cache.dtype, device=k_cache.device)
     group = n_heads // n_kv
-    block_n, warps, stages, *preload = config or DEFAULT_CONFIG
+    block_n, warps, stages = config or DEFAULT_CONFIG
     kernel[(batch, n_kv)](
         parts,
         parts if bias is None else bias,
@@ -155,7 +152,6 @@ def decode_attention(
         num_warps=warps,
         num_stages=stages,
         **({"USE_PDL": True, "launch_pdl": True} if pdl else {}),
-        **({"PRELOAD": True} if preload and preload[0] else {}),
     )
     return out
 
@@ -216,7 +212,7 @@ def works(
     dtype: torch.dtype,
     device: torch.device,
     pdl: bool = False,
-    config: tuple[int, ...] | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> bool:
     """Run the kernel once on random inputs of this shape against :func:`reference`: outputs
     and cache writes within the dtype's rounding. ``False`` (logged) on any failure."""

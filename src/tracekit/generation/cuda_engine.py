@@ -1440,10 +1440,8 @@ class FastDecoder:
     at a batch size re-decides the kernels of :data:`TUNED_ROLES` by timing whole steps, see
     :meth:`_tune`; tens of seconds once, then kept in the decisions file),
     ``attention_config`` (pins the fused attention kernel's (slots per block, warps, stages),
-    one of :data:`tracekit.generation.cuda_attention.CONFIGS`, with an optional fourth element
-    1 for the kernel that asks for its first block of cached keys and values first, see
-    :func:`~tracekit.generation.cuda_attention.decode_attention`; ``None``: timed per shape,
-    see :meth:`attention_config_for`),
+    one of :data:`tracekit.generation.cuda_attention.CONFIGS`; ``None``: timed per shape, see
+    :meth:`attention_config_for`),
     ``pdl`` (programmatic dependent launch of the step's Triton and inductor kernels; ``None``:
     wherever available), ``time_with_pdl`` (the linear-layer kernel choice times the Triton
     candidates as dependent launches; off: on an H200 at batch 8 it gave 55% of the floor
@@ -1488,7 +1486,7 @@ class FastDecoder:
         gemv_modes: Mapping[str, str] | None = None,
         tune_steps: bool | None = None,
         fused_attention: str = "auto",
-        attention_config: tuple[int, ...] | None = None,
+        attention_config: tuple[int, int, int] | None = None,
         pdl: bool | None = None,
         time_with_pdl: bool = False,
         fast_prefill: bool | None = None,
@@ -1588,19 +1586,13 @@ class FastDecoder:
             self.fused_attention = "off"
         self._fused_ok: dict[int, bool] = {}
         if attention_config is not None:
-            block_n, warps, stages, *preload = attention_config
-            if (
-                block_n < 16
-                or block_n & (block_n - 1)
-                or warps < 1
-                or stages < 1
-                or preload not in ([], [0], [1])
-            ):
+            block_n, warps, stages = attention_config
+            if block_n < 16 or block_n & (block_n - 1) or warps < 1 or stages < 1:
                 raise ValueError(
-                    "attention_config is (slots per block: a power of 2 from 16, warps, stages"
-                    f"[, preload 0 or 1]), not {attention_config!r}"
+                    "attention_config is (slots per block: a power of 2 from 16, warps, stages),"
+                    f" not {attention_config!r}"
                 )
-            attention_config = (int(block_n), int(warps), int(stages), *map(int, preload))
+            attention_config = (int(block_n), int(warps), int(stages))
         self.attention_config = attention_config
         # programmatic dependent launch: default where it is available, in compiled, captured
         # steps (it saves the ramp and tail of each of the step's ~140 kernels)
@@ -1853,7 +1845,7 @@ class FastDecoder:
 
     def attention_config_for(
         self, batch: int, length: int, prompt_len: int, gemv_qkv: int, fused: bool
-    ) -> tuple[int, ...] | None:
+    ) -> tuple[int, int, int] | None:
         """The fused attention kernel's configuration for decode steps of ``batch`` rows over
         a cache of ``length`` slots after a prompt of ``prompt_len``: timed where the steps
         are captured (:func:`tracekit.generation.cuda_attention.kernel_config`, at the middle
