@@ -56,6 +56,26 @@ def test_help_and_import_do_not_load_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("verb", [[], ["build-dataset"]], ids=["root", "verb"])
+def test_output_into_a_pipe_closed_early_ends_quietly(verb):
+    """``tracekit ... --help | head``: the reader leaves after the first lines while the help
+    is still being written. No traceback and no 'unexpected' error line: click's quiet exit
+    (before, a verb's help reported "unexpected BrokenPipeError")."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracekit", *verb, "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    for _ in range(20):  # as `| head -20` reads: the first panel is out, more is to come
+        proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) in (0, 1)  # 0 when the help was all written before the close
+    assert stderr == ""
+
+
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run(
         [sys.executable, "-m", "tracekit", "--version"], capture_output=True, text=True, check=True

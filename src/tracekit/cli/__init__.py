@@ -58,6 +58,10 @@ class TracekitGroup(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
+        except BrokenPipeError:
+            # the reader went away (``tracekit ... --help | head``): click's own handling
+            # silences the streams and exits 1, as it does for the root's help
+            raise
         except (Exception, KeyboardInterrupt) as exc:
             if debug_enabled():
                 raise
