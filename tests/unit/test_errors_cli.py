@@ -33,6 +33,24 @@ def test_tracekit_error_is_one_line_with_hint_and_exit_code(monkeypatch):
     assert "Traceback" not in result.output
 
 
+def test_a_long_message_stays_on_one_line_at_any_width(monkeypatch):
+    """Rich wraps at the console's width (80 off a terminal): the message and the hint each
+    stay one line, so a log or ``grep error:`` holds the whole message."""
+    from tracekit.console import err_console
+
+    monkeypatch.delenv("TRACEKIT_DEBUG", raising=False)
+    monkeypatch.setattr(err_console, "width", 40)
+    path = "/tmp/" + "deeply/nested/" * 8 + "sentence_000000.npz"
+    result = CliRunner().invoke(
+        _app(InputError(f"Layer 6 not found in data: {path} has layers 1-5", "pick " * 20)),
+        ["boom"],
+    )
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0] == f"error: Layer 6 not found in data: {path} has layers 1-5"
+    assert lines[1].strip() == "hint: " + ("pick " * 20).strip()
+    assert len(lines) == 2
+
+
 def test_config_error_exits_2(monkeypatch):
     monkeypatch.delenv("TRACEKIT_DEBUG", raising=False)
     result = CliRunner().invoke(_app(ConfigError("--layers: bad")), ["boom"])

@@ -30,11 +30,13 @@ def report_error(exc: BaseException) -> int:
     from tracekit.config.base import format_validation_error
     from tracekit.errors import TracekitError
 
-    # messages quote paths, shapes and user text: '[...]' in them is text, not rich markup
+    # messages quote paths, shapes and user text: '[...]' in them is text, not rich markup;
+    # soft_wrap: one line whatever the width (a terminal wraps it on screen; a log or a grep
+    # gets the whole message on the line that starts with "error:")
     def line(message: str, hint: str | None = None) -> None:
-        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         if hint:
-            err_console.print(f"  [dim]hint: {escape(hint)}[/]", highlight=False)
+            err_console.print(f"  [dim]hint: {escape(hint)}[/]", highlight=False, soft_wrap=True)
 
     if isinstance(exc, TracekitError):
         line(exc.message, exc.hint)
@@ -43,7 +45,9 @@ def report_error(exc: BaseException) -> int:
         line(format_validation_error(exc))
         return 2
     if isinstance(exc, KeyboardInterrupt):
-        err_console.print("[bold red]interrupted[/] (finished work is kept; rerun to resume)")
+        err_console.print(
+            "[bold red]interrupted[/] (finished work is kept; rerun to resume)", soft_wrap=True
+        )
         return 130
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     line(f"unexpected {type(exc).__name__}: {message}", "set TRACEKIT_DEBUG=1 to see the traceback")
