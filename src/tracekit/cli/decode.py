@@ -25,7 +25,7 @@ def _print_file(outcome: DecodedFile) -> None:
     style = _STYLE[outcome.status]
     label = f"[{style}]{outcome.status:<12}[/]"
     if outcome.status == "failed":
-        err_console.print(f"{label} {escape(outcome.error or '')}", highlight=False)
+        err_console.print(f"{label} {escape(outcome.error or '')}", highlight=False, soft_wrap=True)
         return
     if outcome.status == "skipped":
         note = "outputs exist (--force to redo)"

@@ -170,8 +170,11 @@ def judge(
         err_console.print(
             f"[bold red]error:[/] {summary.failed} judgment(s) failed (status column says why)",
             highlight=False,
+            soft_wrap=True,
         )
-        err_console.print("  [dim]hint: rerun to retry them, or pass --allow-failures[/]")
+        err_console.print(
+            "  [dim]hint: rerun to retry them, or pass --allow-failures[/]", soft_wrap=True
+        )
         raise typer.Exit(1)
 
 
