@@ -194,6 +194,27 @@ def test_extract_vectors_applies_judge_filter_by_id(tmp_path, cli):
     expected = acts["pos"][[0, 3]].mean(0) - acts["neg"][[0, 3]].mean(0)
     assert np.allclose(vectors, expected, atol=1e-6)
 
+    # the experiment and the trait may come from a --config file, as every other option can
+    paths.vectors_dir.joinpath("mean_diff_response_avg.npy").write_bytes(b"stale")
+    config = tmp_path / "vectors.toml"
+    config.write_text(
+        f'experiment = "e"\ntrait = "t"\nexperiments_dir = "{tmp_path}"\nforce = true\n'
+    )
+    result = cli("extract", "vectors", "--config", config, "--json")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.load(paths.vectors_dir / "mean_diff_response_avg.npy"), vectors)
+    # and when neither gives them, the error names the option
+    result = cli("extract", "vectors", "--trait", "t", "--experiments-dir", tmp_path)
+    assert result.exit_code == 2 and "error: --experiment: Field required" in _flat(result)
+
+
+def test_generate_without_an_experiment_names_the_option_and_writes_nothing(tmp_path, cli):
+    base = tmp_path / "experiments"
+    result = cli("generate", "--trait", "refusal", "--experiments-dir", base)
+    assert result.exit_code == 2, result.output
+    assert "error: --experiment: Field required" in _flat(result)
+    assert not base.exists()
+
 
 @pytest.mark.parametrize(
     ("args", "code", "fragment"),

@@ -109,8 +109,14 @@ DeviceMapOpt = Annotated[
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
 ExperimentOpt = Annotated[
-    str, typer.Option("--experiment", help="Experiment name: outputs go to experiments/EXP/.")
+    str | None,
+    typer.Option(
+        "--experiment",
+        help="Experiment name: outputs go to experiments/EXP/. Required (here or in --config).",
+    ),
 ]
+"""Optional to the parser so that a ``--config`` file can supply it; the command's config
+model requires it ("--experiment: Field required" when neither gives it)."""
 EngineOpt = Annotated[
     str,
     typer.Option(

@@ -35,7 +35,12 @@ from ._common import (
 if TYPE_CHECKING:
     from tracekit.vectors.mean_diff import ExtractVectorsResult
 
-TraitOpt = Annotated[str, typer.Option("--trait", help="Trait folder name inside the experiment.")]
+TraitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--trait", help="Trait folder name inside the experiment. Required (here or in --config)."
+    ),
+]
 
 
 def _print_vectors(result: ExtractVectorsResult) -> None:
@@ -59,8 +64,8 @@ def register(app: typer.Typer) -> None:
     @app.command("activations")
     def activations_command(
         ctx: typer.Context,
-        experiment: ExperimentOpt,
-        trait: TraitOpt,
+        experiment: ExperimentOpt = None,
+        trait: TraitOpt = None,
         experiments_dir: ExperimentsDirOpt = Path("experiments"),
         model: ModelOpt = None,
         dtype: DtypeOpt = "auto",
@@ -104,8 +109,8 @@ def register(app: typer.Typer) -> None:
     @app.command("vectors")
     def vectors_command(
         ctx: typer.Context,
-        experiment: ExperimentOpt,
-        trait: TraitOpt,
+        experiment: ExperimentOpt = None,
+        trait: TraitOpt = None,
         experiments_dir: ExperimentsDirOpt = Path("experiments"),
         method: Annotated[
             str, typer.Option("--method", help="mean_diff: mean(pos) - mean(neg) per layer.")

@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate_command(
         ctx: typer.Context,
-        experiment: ExperimentOpt,
+        experiment: ExperimentOpt = None,
         trait: Annotated[
             str | None,
             typer.Option("--trait", help="Trait name (shipped or in the experiment) or JSON path."),
@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("missing option --trait (or --traits a,b,c)")
         cfg = build_config(ctx, GenerateConfig, **derived)
         if num_processes > 1:
-            # the config file carries every option but the ones the parser requires
+            # the config file carries every option; the experiment also names the run
             args = ["--experiment", cfg.experiment] + (["--json"] if json_output else [])
             raise typer.Exit(launch(["generate"], cfg, num_processes, args))
         with batch_progress() as (on_total, on_batch):
