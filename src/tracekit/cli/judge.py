@@ -167,15 +167,12 @@ def judge(
         out_console.print(_table(summary))
         err_console.print(f"wrote {summary.output}", highlight=False)
     if summary.failed and not cfg.allow_failures:
-        err_console.print(
-            f"[bold red]error:[/] {summary.failed} judgment(s) failed (status column says why)",
-            highlight=False,
-            soft_wrap=True,
+        from tracekit.errors import JudgeError
+
+        raise JudgeError(
+            f"{summary.failed} judgment(s) failed (status column says why)",
+            "rerun to retry them, or pass --allow-failures",
         )
-        err_console.print(
-            "  [dim]hint: rerun to retry them, or pass --allow-failures[/]", soft_wrap=True
-        )
-        raise typer.Exit(1)
 
 
 def _table(summary: JudgeSummary) -> Any:
