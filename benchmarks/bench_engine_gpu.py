@@ -45,6 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bench_generate import bandwidth  # noqa: E402  (this folder: the same measure in both)
+
 from tracekit.generation.cuda_engine import CudaEngine  # noqa: E402
 from tracekit.generation.cuda_random_model import random_llama  # noqa: E402
 from tracekit.generation.engine import CaptureSpec, GenerationParams  # noqa: E402
@@ -70,31 +72,6 @@ def timed(fn: Any, device: str, reps: int, times: list[float] | None = None) -> 
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
-
-
-def hbm_bandwidth(device: str) -> tuple[float, float]:
-    """Bytes/s of a ~2 GB device-to-device copy, counting bytes read plus written: timed with
-    CUDA events around each copy (the measure), and with the host clock around each copy and
-    its synchronize (how runs before session 16 measured it: the launch and the synchronize,
-    ~10-20 us on a ~1 ms copy, made the bandwidth look ~1-2% lower and the floor longer)."""
-    n = (2 << 30) // 2
-    src = torch.randn(n, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    sync(device)
-    on_device, on_host = [], []
-    for _ in range(10):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start = time.perf_counter()
-        begin.record()
-        dst.copy_(src)
-        end.record()
-        sync(device)
-        on_host.append(time.perf_counter() - start)
-        on_device.append(begin.elapsed_time(end) / 1e3)
-    nbytes = 2 * src.numel() * src.element_size()
-    return nbytes / statistics.median(on_device), nbytes / statistics.median(on_host)
 
 
 def gpu_clocks() -> str:
@@ -290,7 +267,12 @@ def main() -> None:
     kv_bytes_per_token = (
         cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
     )  # bf16 keys + values
-    bw, bw_host = hbm_bandwidth(dev) if dev.startswith("cuda") else (float("nan"),) * 2
+    # a ~2 GB copy, timed on the device (and by the host clock, as runs before session 16 were)
+    bw, bw_host = (
+        bandwidth(torch.device(dev), 2 << 30, reps=10)
+        if dev.startswith("cuda")
+        else (float("nan"),) * 2
+    )
     mm = matmul_rate(dev) if dev.startswith("cuda") else float("nan")
     device_name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
     print(

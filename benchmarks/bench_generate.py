@@ -58,31 +58,38 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bandwidth(device: torch.device, n_bytes: int) -> float:
-    """Bytes/s of a device-to-device copy of ``n_bytes`` (read + written bytes counted). On a
-    GPU each copy is timed with CUDA events: the host clock around a copy and its synchronize
-    also counts the launch and the synchronize (~10-20 us on a ~1 ms copy), which made the
-    bandwidth look ~1-2% lower, and so the floor longer, in runs before session 16."""
+def bandwidth(device: torch.device, n_bytes: int, reps: int = 5) -> tuple[float, float]:
+    """Bytes/s of a device-to-device copy of ``n_bytes`` (read + written bytes counted), median
+    of ``reps`` copies: timed with CUDA events on a GPU (the measure), and with the host clock
+    around each copy and its synchronize (on a CPU, the only one). The host clock also counts
+    the launch and the synchronize, ~10-20 us on a ~1 ms copy: the bandwidth looked ~1.7%
+    lower, and the floor longer, in runs before session 16, which used it.
+    ``bench_engine_gpu.py`` measures with this function too."""
     src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    for _ in range(2):
+    for _ in range(3):
         dst.copy_(src)
-    times = []
-    for _ in range(5):
+    on_device, on_host = [], []
+    for _ in range(reps):
         sync(device)
-        if device.type == "cuda":
-            begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            begin.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-            continue
+        events = (
+            [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            if device.type == "cuda"
+            else []
+        )
         start = time.perf_counter()
+        if events:
+            events[0].record()
         dst.copy_(src)
+        if events:
+            events[1].record()
         sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * src.element_size() / statistics.median(times)
+        on_host.append(time.perf_counter() - start)
+        if events:
+            on_device.append(events[0].elapsed_time(events[1]) / 1e3)
+    n = 2 * src.numel() * src.element_size()
+    host = n / statistics.median(on_host)
+    return (n / statistics.median(on_device) if on_device else host), host
 
 
 def weight_bytes(model: Any) -> int:
@@ -208,7 +215,7 @@ def main() -> None:
         ]
         new = args.max_new_tokens or (8 if args.tiny else 128)
         copy_bytes = (64 << 20) if args.tiny or device == "cpu" else (2 << 30)
-        bw = bandwidth(loaded.device, copy_bytes)
+        bw = bandwidth(loaded.device, copy_bytes)[0]
         no_stop = True
     else:
         from tracekit.models import ModelConfig, load_model
