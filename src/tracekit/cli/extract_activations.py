@@ -88,8 +88,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = build_config(ctx, ExtractActivationsConfig)
         if num_processes > 1:
-            args = ["--experiment", cfg.experiment, "--trait", cfg.trait]
-            args += ["--json"] if json_output else []
+            args = ["--json"] if json_output else []  # the config file carries the rest
             raise typer.Exit(launch(["extract", "activations"], cfg, num_processes, args))
         with batch_progress() as (on_total, on_batch):
             result = extract_activations(cfg, on_batch=on_batch, on_total=on_total)

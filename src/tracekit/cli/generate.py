@@ -165,8 +165,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("missing option --trait (or --traits a,b,c)")
         cfg = build_config(ctx, GenerateConfig, **derived)
         if num_processes > 1:
-            # the config file carries every option; the experiment also names the run
-            args = ["--experiment", cfg.experiment] + (["--json"] if json_output else [])
+            args = ["--json"] if json_output else []  # the config file carries the rest
             raise typer.Exit(launch(["generate"], cfg, num_processes, args))
         with batch_progress() as (on_total, on_batch):
             result = generate(cfg, on_batch=on_batch, on_total=on_total)
