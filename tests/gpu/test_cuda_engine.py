@@ -225,6 +225,54 @@ def test_triton_gemv_matches_linear(rows):
             assert _rel(cuda_gemv.linear(x, w, mode).float(), want) < 1e-2
 
 
+@pytest.mark.parametrize("rows", [8, 32])
+def test_every_swapped_gemv_configuration_matches_torch(rows):
+    """Each configuration of the swapped-operand kernel that the timing may pick, for each
+    product it computes (plain, gated input, swiglu output; one slice and four), against
+    torch. 200 weight rows (not a multiple of any block) and 1,280 columns (in four slices of
+    320: a K block of 128 or 256 leaves a part block, 64 does not), so both load paths run.
+    A configuration whose tiles do not fit in shared memory is never timed, so never used:
+    with the gated input or the swiglu output (more tiles) that is allowed here."""
+    import torch.nn.functional as F
+    from triton.runtime.errors import OutOfResources
+
+    from tracekit.generation import cuda_gemv
+
+    assert cuda_gemv._build() is not None
+    run = cuda_gemv._STATE["run"]
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    n, k = 200, 1280
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", generator=gen).to(torch.bfloat16)
+
+    x, w, gate_up, w2 = randn(rows, k), randn(n, k), randn(rows, 2 * k), randn(2 * n, k)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    gated_x = (F.silu(gate) * up).to(torch.bfloat16)
+    wants = {
+        "": (x, w, x.float() @ w.float().T),
+        "gated": (gate_up, w, gated_x.float() @ w.float().T),
+        "swiglu": (x, w2, cuda_gemv.swiglu(x, w2, cuda_gemv.LINEAR).float()),
+    }
+    checked = 0
+    for splits, configs in ((1, cuda_gemv.SPLIT_N_CONFIGS), (4, cuda_gemv.SPLIT_K_CONFIGS)):
+        for config in [c for c in configs if c[4]]:
+            for kind, (inp, weight, want) in wants.items():
+                if kind == "swiglu" and splits > 1:
+                    continue  # the swiglu product is one slice only
+                y = torch.empty((splits, rows, want.shape[1]), device="cuda",
+                                dtype=torch.float32 if splits > 1 else torch.bfloat16)  # fmt: skip
+                try:
+                    run(inp, weight, y if splits > 1 else y[0], splits, False, kind, config)
+                except OutOfResources:  # the timing leaves out what does not fit, too
+                    # only the gated input's second tile or the swiglu's doubled one may not
+                    assert kind, (config, splits)
+                    continue
+                assert _rel(y.float().sum(0), want) < 1e-2, (config, kind, splits)
+                checked += 1
+    assert checked >= 20
+
+
 def test_gemv_configuration_is_timed_once_kept_and_checked(tmp_path, monkeypatch):
     from tracekit.generation import cuda_gemv
 

@@ -343,6 +343,11 @@ def test_kept_decisions_are_read_in_range_and_checked_by_their_reader(tiny, tmp_
     assert dec.tuned_modes(8) == {"o": 4, "qkv": 4, "down": 4}
     assert dec._keep_tuned(8, {**older, keys["gate_up"]: cuda_gemv.LINEAR})
     assert dec.tuned_modes(8) == {"o": 4, "qkv": 4, "down": 4, "gate_up": 0}
+    # another version's kernel lists (another tag): its step tuning is not taken, it is redone
+    monkeypatch.setattr(cuda_gemv, "CONFIG_TAG", "other")
+    fresh = FastDecoder(tiny.model, eos_token_ids=[0], fuse_weights=True)
+    assert fresh.tuned_modes(8) == {}
+    assert all(fresh._step_key(role, 8) not in cuda_gemv.read_decisions() for role in keys)
 
 
 def test_fastest_candidate_is_timed_once_and_kept(tmp_path, monkeypatch):

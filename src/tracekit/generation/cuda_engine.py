@@ -1661,10 +1661,12 @@ class FastDecoder:
         return [r for r in TUNED_ROLES if r not in self.gemv_modes and getattr(w, r) is not None]
 
     def _step_key(self, role: str, batch: int) -> str:
-        from tracekit.generation.cuda_gemv import decision_key
+        from tracekit.generation.cuda_gemv import CONFIG_TAG, decision_key
 
         weight = getattr(self.weights[0], role)
-        return decision_key(batch, weight, self.pdl, role=f"step-{role}-{len(self.weights)}L")
+        # the kernels' tag: step tuning among another version's kernels is done again
+        layers = len(self.weights)
+        return decision_key(batch, weight, self.pdl, role=f"step-{role}-{layers}L-{CONFIG_TAG}")
 
     def tuned_modes(self, batch: int) -> dict[str, int]:
         """The kernels step tuning chose for ``batch`` rows (this process, else the decisions

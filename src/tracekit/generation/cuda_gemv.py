@@ -16,8 +16,9 @@ the product (the residual add, SiLU or rotary), so the split costs no extra kern
 Nothing here is trusted blindly: :func:`choose` runs the kernel once per shape against
 ``F.linear`` (result within bf16 rounding) and times both; the engine uses the kernel only
 where it is correct and faster. Without Triton or CUDA every shape keeps ``F.linear``.
-The kernel's own configuration (block sizes, warps, pipeline stages) is timed per shape the
-same way, as the decode step launches it (:func:`kernel_config`), not by Triton's autotuner.
+The kernel's own configuration (block sizes, warps, pipeline stages, and whether the
+multiply's operands are swapped: the kernel's ``SWAPPED`` form) is timed per shape the same
+way, as the decode step launches it (:func:`kernel_config`), not by Triton's autotuner.
 """
 
 from __future__ import annotations
@@ -115,13 +116,13 @@ def _build() -> Any:
         splits: int,
         pdl: bool,
         kind: str,
-        config: tuple[int, int, int, int],
+        config: Config,
     ) -> None:
-        """One launch in ``config`` (BLOCK_N, BLOCK_K, warps, stages) of the product ``kind``
-        (:data:`KINDS`)."""
+        """One launch in ``config`` (BLOCK_N, BLOCK_K, warps, stages, operands swapped) of the
+        product ``kind`` (:data:`KINDS`)."""
         m = x.shape[0]
         n, k = w.shape
-        block_n, block_k, warps, stages = config
+        block_n, block_k, warps, stages, swapped = config
         # programmatic dependent launch: only asked for where :func:`pdl_available` said yes
         extra: dict[str, Any] = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
         if kind == "gated":
@@ -131,6 +132,8 @@ def _build() -> Any:
             n //= 2
             if pdl:  # launched early, the down product's programs slowed it by ~2 us a layer
                 extra["LATE_LAUNCH"] = True
+        if swapped:
+            extra["SWAPPED"] = True
         gemv_kernel[(triton.cdiv(n, block_n), splits)](
             x, w, y, m, n, k, x.stride(0), w.stride(0),
             SPLIT_K=splits, BLOCK_M=max(16, triton.next_power_of_2(m)),
@@ -139,7 +142,7 @@ def _build() -> Any:
 
     def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, splits: int, pdl: bool,
                kind: str = "") -> None:  # fmt: skip
-        def other(weight: torch.Tensor, config: tuple[int, int, int, int]) -> None:
+        def other(weight: torch.Tensor, config: Config) -> None:
             run(x, weight, y, splits, pdl, kind, config)
 
         run(x, w, y, splits, pdl, kind, kernel_config(x, w, splits, pdl, kind, other))
@@ -207,6 +210,7 @@ def _build() -> Any:
         return x.new_empty((x.shape[0], w.shape[0] // 2))
 
     _STATE["splitk"] = gemv_splitk
+    _STATE["run"] = run
     _STATE["op"] = gemv
     return gemv
 
@@ -363,22 +367,33 @@ def decision_key(rows: int, w: torch.Tensor, pdl: bool, role: str = "") -> str:
     return (f"{role}:" if role else "") + key + (":pdl" if pdl else "")
 
 
-SPLIT_N_CONFIGS = (
-    (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4),
+Config = tuple[int, int, int, int, bool]
+"""A kernel configuration: (BLOCK_N, BLOCK_K, warps, stages, operands swapped)."""
+SPLIT_N_CONFIGS: tuple[Config, ...] = (
+    (16, 256, 4, 4, False), (16, 512, 4, 3, False), (32, 256, 4, 4, False),
+    (32, 128, 4, 5, False), (64, 128, 4, 4, False),
+    (128, 64, 4, 5, True), (128, 128, 4, 5, True), (128, 128, 8, 4, True),
+    (64, 64, 4, 5, True), (64, 128, 4, 5, True),
 )  # fmt: skip
-"""(BLOCK_N, BLOCK_K, warps, stages) the kernel in one K slice is timed over: thin slabs of
-rows, long pipelined loops over K."""
-SPLIT_K_CONFIGS = (
-    (16, 256, 4, 3), (32, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4),
-    (64, 128, 4, 4), (64, 512, 4, 3), (128, 128, 4, 4), (128, 256, 8, 3),
+"""(BLOCK_N, BLOCK_K, warps, stages, swapped) the kernel in one K slice is timed over: thin
+slabs of rows, long pipelined loops over K. ``swapped``: the kernel's ``SWAPPED`` form (the
+weight tile as the multiply's long side). At 32 rows on an H200 the fastest swapped
+configuration beat the fastest unswapped one by 5-18% for each of the four products of a
+Llama block (benchmarks/RESULTS.md, seventeenth run)."""
+SPLIT_K_CONFIGS: tuple[Config, ...] = (
+    (16, 256, 4, 3, False), (32, 128, 4, 3, False), (32, 128, 4, 4, False),
+    (64, 64, 4, 4, False), (64, 128, 4, 4, False), (64, 512, 4, 3, False),
+    (128, 128, 4, 4, False), (128, 256, 8, 3, False),
+    (64, 128, 4, 5, True), (64, 256, 4, 3, True), (128, 64, 4, 5, True),
+    (64, 128, 4, 3, True), (64, 64, 4, 3, True), (64, 64, 8, 4, True), (64, 128, 8, 4, True),
 )  # fmt: skip
 """The same for the split-K kernel: shorter loops. On an H200, timed as a decode step runs
-them (chained dependent launches over weights read from HBM), the fastest of this list was up to
-10% faster per product than the fastest of the five configurations Triton's autotuner chose
-from before, and the ranking differs from one without the overlap: wider blocks (64-128 rows)
-gain most from it (benchmarks/RESULTS.md, eighth run)."""
-_CONFIG_TAG = f"{zlib.crc32(repr((SPLIT_N_CONFIGS, SPLIT_K_CONFIGS)).encode()):08x}"[:6]
-_CONFIGS: dict[tuple[int, int, int, int, bool, str, str], tuple[int, int, int, int]] = {}
+them (chained dependent launches over weights read from HBM), the fastest of the unswapped
+ones was up to 10% faster per product than the fastest of the five configurations Triton's
+autotuner chose from before, and the ranking differs from one without the overlap: wider
+blocks (64-128 rows) gain most from it (benchmarks/RESULTS.md, eighth run)."""
+CONFIG_TAG = f"{zlib.crc32(repr((SPLIT_N_CONFIGS, SPLIT_K_CONFIGS)).encode()):08x}"[:6]
+_CONFIGS: dict[tuple[int, int, int, int, bool, str, str], Config] = {}
 
 
 def kernel_config(
@@ -387,8 +402,8 @@ def kernel_config(
     splits: int,
     pdl: bool,
     kind: str,
-    run: Callable[[torch.Tensor, tuple[int, int, int, int]], Any],
-) -> tuple[int, int, int, int]:
+    run: Callable[[torch.Tensor, Config], Any],
+) -> Config:
     """The kernel's configuration for the product of ``x`` and ``w``: the fastest of
     :data:`SPLIT_N_CONFIGS` / :data:`SPLIT_K_CONFIGS` (those whose K block fits the slice),
     timed once per shape and kept in the decisions file under the lock of :func:`deciding`, so
@@ -407,7 +422,7 @@ def kernel_config(
     if found is not None:  # every launch after the first: nothing else on this path
         return found
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return (16, 64, 4, 3)
+        return (16, 64, 4, 3, False)
     import torch
 
     configs = SPLIT_N_CONFIGS if splits == 1 else SPLIT_K_CONFIGS
@@ -415,7 +430,7 @@ def kernel_config(
     usable = [c for c in configs if c[1] <= k_len] or [min(configs, key=lambda c: c[1])]
     if len(usable) == 1 or torch.cuda.is_current_stream_capturing():
         return usable[0]
-    role = f"gemv-k{splits}{'-' if kind else ''}{kind}-{_CONFIG_TAG}"
+    role = f"gemv-k{splits}{'-' if kind else ''}{kind}-{CONFIG_TAG}"
     runs = {configs.index(c): (lambda weight, c=c: run(weight, c)) for c in usable}
     index = fastest_kept(
         decision_key(x.shape[0], w, pdl, role),
@@ -639,7 +654,8 @@ def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = Fal
                     )
             if force == SWIGLU and w.shape[0] % 2 == 0:  # another function: only when forced
                 candidates[SWIGLU] = ((lambda a, b: swiglu(a, b, SWIGLU, pdl)),) * 2
-    disk_key = decision_key(rows, w, pdl)
+    # the kernels' tag: a decision taken among another version's kernels is taken again
+    disk_key = decision_key(rows, w, pdl, role=f"mode-{CONFIG_TAG}")
     if force == SWIGLU:
         wants = {SWIGLU: swiglu(x, w, LINEAR).float()}
         choice = _decide(key, disk_key, candidates, force, x, w, want, wants)
