@@ -35,8 +35,9 @@ def _swapped_product(  # pragma: no cover - GPU or interpreter
     w_rows,
     r_ok,
     offs_m,
+    m_ok,
+    offs_k,
     pid_k,
-    M,
     stride_xm,
     stride_wn,
     K: tl.constexpr,
@@ -56,8 +57,6 @@ def _swapped_product(  # pragma: no cover - GPU or interpreter
     No first tile before the wait: the whole loop is left to the pipeliner, whose prologue
     issues the first ``num_stages - 1`` tiles together."""
     EVEN_K: tl.constexpr = k_len % BLOCK_K == 0
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m[:, None] < M
     acc = tl.zeros([w_rows.shape[0], BLOCK_M], tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
@@ -133,8 +132,6 @@ def gemv_kernel(  # pragma: no cover - runs on the GPU (or the Triton interprete
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[:, None] < N
-    kk = pid_k * k_len + offs_k
-    k_ok = offs_k < k_len
     if SWIGLU:  # one tile: gate and up rows of each column alternate
         offs_r = tl.arange(0, 2 * BLOCK_N)
         col = pid_n * BLOCK_N + offs_r // 2
@@ -144,10 +141,12 @@ def gemv_kernel(  # pragma: no cover - runs on the GPU (or the Triton interprete
         w_rows = offs_n
         r_ok = n_ok
     if SWAPPED:
-        acc = _swapped_product(x_ptr, w_ptr, w_rows, r_ok, offs_m, pid_k, M, stride_xm,
-                               stride_wn, K, k_len, BLOCK_M, BLOCK_K, USE_PDL, GATED,
+        acc = _swapped_product(x_ptr, w_ptr, w_rows, r_ok, offs_m, m_ok, offs_k, pid_k,
+                               stride_xm, stride_wn, K, k_len, BLOCK_M, BLOCK_K, USE_PDL, GATED,
                                LATE_LAUNCH, dtype)  # fmt: skip
     else:
+        kk = pid_k * k_len + offs_k
+        k_ok = offs_k < k_len
         w = tl.load(
             w_ptr + w_rows[:, None] * stride_wn + kk[None, :], mask=r_ok & k_ok[None, :], other=0.0
         )
