@@ -9,6 +9,7 @@ shapes between batch sizes and between incremental and full-sequence attention).
 import pytest
 import torch
 
+from tolerance import close_to_scale
 from tracekit.generation.engine import CaptureSpec, GenerationParams, encode_prompts
 from tracekit.generation.hf_engine import HFEngine
 from tracekit.generation.pooling import Pooling
@@ -17,7 +18,6 @@ from tracekit.models.templates import build_prompt
 
 pytestmark = pytest.mark.integration
 
-REL_TOL = 1e-5
 QUESTIONS = [
     "Say only the word yes.",
     "Tell me a long story about a dragon who loves tea.",
@@ -32,7 +32,7 @@ LAYERS = (0, 15, 30)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool((a - b).abs().max() <= REL_TOL * b.abs().max())
+    return close_to_scale(a, b)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tolerance import assert_close_to_scale
 from tracekit.errors import InputError
 from tracekit.sae import (
     choose_saes,
@@ -66,7 +67,7 @@ def test_gemma_scope_encodes_like_reference_and_reads_l0_from_folder(tmp_path, x
     assert (sae.d_in, sae.width, sae.activation, sae.average_l0) == (D_IN, WIDTH, "jumprelu", 37)
     acts = encode(sae, x)
     expected = reference_encode(x, params, "jumprelu")
-    np.testing.assert_allclose(acts, expected, atol=1e-5)
+    assert_close_to_scale(acts, expected)
     assert 0 < (acts > 0).mean() < 1  # the threshold really cut something
     # Gemma Scope does not subtract b_dec before encoding
     assert not np.allclose(acts, reference_encode(x, params, "jumprelu", apply_b_dec=True))
@@ -83,9 +84,7 @@ def test_saelens_encodes_like_reference(tmp_path, x, activation, k, apply_b_dec)
     sae = load_saelens(folder)
     assert sae.activation == activation and sae.width == WIDTH
     acts = encode(sae, x)
-    np.testing.assert_allclose(
-        acts, reference_encode(x, params, activation, k, apply_b_dec), atol=1e-5
-    )
+    assert_close_to_scale(acts, reference_encode(x, params, activation, k, apply_b_dec))
     if activation == "topk":
         assert sae.average_l0 == k
         assert ((acts > 0).sum(axis=1) <= k).all() and (acts > 0).sum(axis=1).max() == k
@@ -115,7 +114,7 @@ def test_saelens_v5_config_and_log_threshold(tmp_path, x):
     )
     sae = load_sae(folder)
     assert (sae.activation, sae.k, sae.hook_name) == ("topk", 3, "blocks.2.hook_resid_post")
-    np.testing.assert_allclose(encode(sae, x), reference_encode(x, params, "topk", 3), atol=1e-5)
+    assert_close_to_scale(encode(sae, x), reference_encode(x, params, "topk", 3))
 
     jump = tmp_path / "jump"
     jump.mkdir()
@@ -129,10 +128,8 @@ def test_saelens_v5_config_and_log_threshold(tmp_path, x):
         },
         jump / "sae_weights.safetensors",
     )
-    np.testing.assert_allclose(
-        encode(load_sae(jump), x),
-        reference_encode(x, params, "jumprelu", apply_b_dec=True),
-        atol=1e-5,
+    assert_close_to_scale(
+        encode(load_sae(jump), x), reference_encode(x, params, "jumprelu", apply_b_dec=True)
     )
 
 
