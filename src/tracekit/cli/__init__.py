@@ -9,12 +9,12 @@ import logging
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
 from tracekit import __version__
 from tracekit.console import debug_enabled, err_console
 
 from . import build_dataset, decode, extract, generate, judge, log, reconstruct
+from ._common import SeedSpellingGroup
 
 
 def normalize_token(token: str) -> str:
@@ -54,7 +54,7 @@ def report_error(exc: BaseException) -> int:
     return 1
 
 
-class TracekitGroup(TyperGroup):
+class TracekitGroup(SeedSpellingGroup):
     """Root group: the one place where exceptions become a message and an exit code."""
 
     def invoke(self, ctx: Any) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from tracekit.config.base import TracekitConfig, resolve_config
 
@@ -194,3 +195,80 @@ def batch_progress() -> Iterator[tuple[Callable[[int], None], Callable[[int, int
             progress.advance(tokens, n_tokens)
 
         yield on_total, on_batch
+
+
+# --- the seeds' boolean spellings -----------------------------------------------------------
+_TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "off", "0"})
+_SPACED_WORDS = frozenset({"true", "false"})
+"""Words taken as a flag's value when they follow it as a separate argument (the seeds'
+``--extract_activations False``); after ``=`` all of ``_TRUE_WORDS``/``_FALSE_WORDS`` count."""
+
+
+def seed_boolean_args(
+    command: Any, args: list[str], normalize: Callable[[str], str] | None = None
+) -> list[str]:
+    """``args`` for ``command`` with the seeds' boolean spellings turned into click's flags.
+
+    ``--extract_activations False`` and ``--extract-activations=false`` become
+    ``--no-extract-activations``; ``... True`` becomes ``--extract-activations``. An on-only
+    flag given False (``--force False``) is dropped: the default (or the config file's value)
+    stands. Values of options that take one are skipped, and nothing after ``--`` is touched.
+    """
+    norm = normalize or (lambda token: token)
+    flags: dict[str, tuple[str, str | None]] = {}  # spelling -> (on, off)
+    takes_value: set[str] = set()
+    for param in getattr(command, "params", []):
+        if getattr(param, "param_type_name", None) != "option":  # (typer vendors click)
+            continue
+        if param.is_bool_flag and param.opts:
+            on, off = param.opts[0], (param.secondary_opts or [None])[0]
+            flags.update(dict.fromkeys(param.opts, (on, off)))
+            if off is not None:
+                flags.update(dict.fromkeys(param.secondary_opts, (off, on)))
+        elif not param.is_flag and not param.count:
+            takes_value.update(param.opts)
+    out: list[str] = []
+    index = 0
+    while index < len(args):
+        token = args[index]
+        index += 1
+        if token == "--":
+            out += args[index - 1 :]
+            break
+        name, eq, value = token.partition("=")
+        name = norm(name) if name.startswith("--") else name
+        if name in takes_value and not eq:
+            out.append(token)
+            if index < len(args):
+                out.append(args[index])
+                index += 1
+            continue
+        if name not in flags:
+            out.append(token)
+            continue
+        on, off = flags[name]
+        if not eq and index < len(args) and args[index].lower() in _SPACED_WORDS:
+            value, eq = args[index], "="
+            index += 1
+        if not eq:
+            out.append(token)
+        elif value.lower() in _TRUE_WORDS:
+            out.append(on)
+        elif value.lower() in _FALSE_WORDS:
+            if off is not None:
+                out.append(off)
+        else:
+            out.append(token)  # click reports the value it does not take
+    return out
+
+
+class SeedSpellingGroup(TyperGroup):
+    """A command group whose commands take the seeds' boolean spellings
+    (:func:`seed_boolean_args`)."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            rest = seed_boolean_args(command, rest, ctx.token_normalize_func)
+        return name, command, rest

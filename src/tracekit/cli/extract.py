@@ -5,10 +5,12 @@ from __future__ import annotations
 import typer
 
 from . import extract_activations, extract_features
+from ._common import SeedSpellingGroup
 
 
 def register(app: typer.Typer) -> None:
     extract_app = typer.Typer(
+        cls=SeedSpellingGroup,
         help="Activations for saved responses, trait vectors, and sentence feature files.",
         no_args_is_help=True,
     )
