@@ -131,7 +131,6 @@ def test_allow_pickle_help_warns_about_code_execution(cli):
     ("damage", "message"),
     [
         ("truncate", "the file is truncated or corrupt"),
-        ("no-metadata", "metadata file missing"),
         ("bad-metadata", "is not valid JSON"),
     ],
 )
@@ -140,8 +139,6 @@ def test_bad_inputs_are_one_line_and_leave_nothing(cli, tree: Path, damage: str,
     if damage == "truncate":
         data = files.npy("completions").read_bytes()
         files.npy("completions").write_bytes(data[:-4])
-    elif damage == "no-metadata":
-        files.metadata.unlink()
     else:
         files.metadata.write_text('{"model": ')
     result = cli("decode", "--base-dir", tree, "--model", "gemma")
@@ -186,3 +183,37 @@ def test_python_api_matches_cli(tree: Path):
     result = tracekit.decode(DecodeConfig(base_dir=tree, model="smol", format="md"))
     assert result.summary() == {"decoded": 2, "skipped": 0, "failed": 0, "total": 2}
     assert (tree / f"{SMOL}_completions.md").exists()
+
+
+def _seed_cache(base: Path, metadata: dict | None) -> CacheFiles:
+    """A cache as the seeds' ``save_generations_to_cache`` wrote it before JSON/Markdown: two
+    ``np.save``d string arrays and, for newer ones only, ``<stem>_metadata.json``."""
+    stem = base / "gemma-3-12b/generations/50-50_filtered/all/n3_t1.0_maxtok100"
+    stem.parent.mkdir(parents=True)
+    np.save(f"{stem}_completions.npy", np.array(["c1", "c2", "c3"]))
+    np.save(f"{stem}_full_texts.npy", np.array(["Q1 c1", "Q2 c2", "Q3 c3"]))
+    if metadata is not None:
+        Path(f"{stem}_metadata.json").write_text(json.dumps(metadata))
+    return CacheFiles.of(stem)
+
+
+def test_a_cache_without_metadata_is_rendered_saying_what_is_unknown(cli, tmp_path: Path):
+    files = _seed_cache(tmp_path, None)
+    result = cli("decode", "--base-dir", tmp_path, "--limit", "2")
+    assert result.exit_code == 0, result.output
+    assert "no n3_t1.0_maxtok100_metadata.json: model and time unknown" in flat(result.output)
+    markdown = files.rendered("completions", "md").read_text()
+    assert "**Model:** unknown (no metadata file)" in markdown
+    assert "**Generated:** unknown (no metadata file)" in markdown
+    assert "**Count:** 2 (showing first 2 of 3)" in markdown
+    assert json.loads(files.rendered("full_texts", "json").read_text()) == ["Q1 c1", "Q2 c2"]
+    assert not files.metadata.exists()  # decode does not invent one
+
+
+def test_a_unix_timestamp_is_shown_as_a_date(cli, tmp_path: Path):
+    files = _seed_cache(tmp_path, {"model": "google/gemma-2-27b-it", "timestamp": 1703123456.789})
+    result = cli("decode", "--base-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    markdown = files.rendered("completions", "md").read_text()
+    assert "**Generated:** 2023-12-21 01:50:56 UTC" in markdown
+    assert "1703123456" not in markdown

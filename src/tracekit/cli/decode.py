@@ -31,6 +31,8 @@ def _print_file(outcome: DecodedFile) -> None:
         note = "outputs exist (--force to redo)"
     else:
         note = f"{outcome.items} of {outcome.total} items"
+        if outcome.note:
+            note += f"; {outcome.note}"
     outputs = ", ".join(p.name for p in outcome.outputs)
     err_console.print(
         f"{label} {escape(str(outcome.source))} -> {escape(outputs)} ({note})", highlight=False

@@ -71,6 +71,8 @@ class DecodedFile:
     items: int = 0
     total: int = 0
     error: str | None = None
+    note: str | None = None
+    """What the renderings could not say (a cache without metadata: model and time)."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -80,6 +82,7 @@ class DecodedFile:
             "items": self.items,
             "total": self.total,
             "error": self.error,
+            "note": self.note,
         }
 
 
@@ -156,16 +159,19 @@ def decode_file(source: Path, config: DecodeConfig) -> DecodedFile:
     todo = targets if config.force else [p for p in targets if not p.exists()]
     if not todo:
         return DecodedFile(source, "skipped", tuple(targets))
-    metadata = read_metadata(files)
+    # caches older than their metadata file (the seed's decode did not need one) are rendered
+    # with the model and generation time shown as unknown
+    metadata = read_metadata(files, missing_ok=True)
+    note = None if metadata is not None else f"no {files.metadata.name}: model and time unknown"
     items, total = read_text_array(source, limit=config.limit, allow_pickle=config.allow_pickle)
     # render everything before writing anything: a failure leaves no partial output
     rendered = {path: render(kind, path.suffix[1:], items, metadata, total) for path in todo}
-    if config.dry_run:
-        return DecodedFile(source, "would-decode", tuple(todo), len(items), total)
-    for path, text in rendered.items():
-        write_text(path, text)
-    logger.debug("decoded %d of %d items of %s", len(items), total, source)
-    return DecodedFile(source, "decoded", tuple(todo), len(items), total)
+    status: Status = "would-decode" if config.dry_run else "decoded"
+    if not config.dry_run:
+        for path, text in rendered.items():
+            write_text(path, text)
+        logger.debug("decoded %d of %d items of %s", len(items), total, source)
+    return DecodedFile(source, status, tuple(todo), len(items), total, note=note)
 
 
 def decode(

@@ -17,9 +17,9 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from tracekit.errors import InputError, UnsafeInputError
 from tracekit.storage.atomic import save_npy, write_json, write_text
@@ -38,6 +38,8 @@ _MD_TITLES: dict[str, tuple[str, str]] = {
     "completions": ("Completions Only", "Completion"),
     "full_texts": ("Full Texts", "Full Text"),
 }
+NO_METADATA = "unknown (no metadata file)"
+"""Model and time of a cache without ``<stem>_metadata.json``."""
 # metadata keys that name the generating model / the generation time, first match wins
 # (older caches used other spellings)
 _MODEL_KEYS = ("model", "model_name", "gen_model", "model_id")
@@ -101,27 +103,56 @@ def model_name(metadata: Mapping[str, Any]) -> str:
 
 
 def generated_time(metadata: Mapping[str, Any]) -> str:
-    """The generation time recorded in ``metadata`` ("unknown" when absent)."""
+    """The generation time recorded in ``metadata`` ("unknown" when absent); a Unix timestamp
+    (seconds, as the seeds' ``time.time()``) is shown as ``YYYY-MM-DD HH:MM:SS UTC``."""
     for key in _TIME_KEYS:
-        if metadata.get(key):
-            return str(metadata[key])
+        value = metadata.get(key)
+        if value:
+            return _format_time(value)
     return "unknown"
 
 
+def _format_time(value: Any) -> str:
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            return value
+    if seconds is None:
+        return str(value)
+    try:
+        moment = datetime.fromtimestamp(seconds, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return str(value)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def render_markdown(
-    kind: Kind, items: Sequence[str], metadata: Mapping[str, Any], total: int | None = None
+    kind: Kind,
+    items: Sequence[str],
+    metadata: Mapping[str, Any] | None,
+    total: int | None = None,
 ) -> str:
     """Markdown in seed 001's shape: title, **Model:**, **Generated:**, **Count:**, sections.
 
     ``items`` are the items to show (already limited); ``total`` is how many the cache holds.
+    ``metadata`` None: the cache has no metadata file (caches older than it), so the model and
+    the generation time are shown as unknown, saying why.
     """
     title, heading = _MD_TITLES[kind]
     total = len(items) if total is None else total
+    if metadata is None:
+        model = generated = NO_METADATA
+    else:
+        model, generated = model_name(metadata), generated_time(metadata)
     lines = [
         f"# {title}",
         "",
-        f"**Model:** {model_name(metadata)}",
-        f"**Generated:** {generated_time(metadata)}",
+        f"**Model:** {model}",
+        f"**Generated:** {generated}",
         f"**Count:** {len(items)} (showing first {len(items)} of {total})",
         "",
         "---",
@@ -141,7 +172,7 @@ def render(
     kind: Kind,
     fmt: str,
     items: Sequence[str],
-    metadata: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
     total: int | None = None,
 ) -> str:
     """The ``fmt`` (``json`` or ``md``) rendering of ``items``."""
@@ -300,9 +331,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def read_metadata(files: CacheFiles) -> dict[str, Any]:
-    """The cache's metadata; a clear :class:`InputError` when missing or malformed."""
+@overload
+def read_metadata(files: CacheFiles, missing_ok: Literal[False] = False) -> dict[str, Any]: ...
+@overload
+def read_metadata(files: CacheFiles, missing_ok: bool) -> dict[str, Any] | None: ...
+def read_metadata(files: CacheFiles, missing_ok: bool = False) -> dict[str, Any] | None:
+    """The cache's metadata; a clear :class:`InputError` when missing (None with
+    ``missing_ok``) or malformed."""
     path = files.metadata
+    if missing_ok and not path.exists():
+        return None
     if not path.is_file():
         raise InputError(
             f"metadata file missing: {path}",
