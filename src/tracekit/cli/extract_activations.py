@@ -119,11 +119,28 @@ def register(app: typer.Typer) -> None:
         ] = "response_avg",
         threshold: Annotated[
             float,
-            typer.Option("--threshold", help="Judge filter: pos score >= T, neg score < T."),
+            typer.Option(
+                "--threshold",
+                help="Judge filter: pos trait score >= T; neg below the --neg-rule limit.",
+            ),
         ] = 50.0,
         min_coherence: Annotated[
-            float, typer.Option("--min-coherence", help="Drop pairs with coherence below this.")
+            float,
+            typer.Option(
+                "--min-coherence",
+                help="Drop pairs with coherence below this, or without a coherence score when "
+                "the CSVs have that column.",
+            ),
         ] = 50.0,
+        neg_rule: Annotated[
+            str,
+            typer.Option(
+                "--neg-rule",
+                help="Neg rows kept: 'mirrored' (default) neg score < 100 - T, as "
+                "persona_vectors, so raising T tightens both sides alike (same pairs at T=50); "
+                "'same' neg score < T.",
+            ),
+        ] = "mirrored",
         force: ForceOpt = False,
         json_output: JsonOpt = False,
         config: ConfigOpt = None,
@@ -138,8 +155,9 @@ def register(app: typer.Typer) -> None:
                 f"no judge scores found: using all {result.n_pairs} pairs "
                 "(run 'tracekit judge' first to filter by trait score)"
             )
-        elif result.dropped:
-            shown = ", ".join(f"{n} {why}" for why, n in result.dropped.items())
+        else:
+            err_console.print(f"judge filter: {result.judge_filter}", markup=False)
+            shown = ", ".join(f"{n} {why}" for why, n in result.dropped.items()) or "none"
             err_console.print(f"left out: {shown}; {result.n_pairs} pairs used")
         if json_output:
             out_console.print_json(json.dumps(result.to_dict()))

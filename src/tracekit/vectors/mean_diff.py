@@ -2,9 +2,11 @@
 
 Method ``mean_diff``: for each layer, the mean of the pos activations minus the mean of the neg
 activations over *pairs* (pos row ``k`` and neg row ``k``, matched by id, never by row order)
-that pass the judge filter: pos ``trait_score >= threshold``, neg ``trait_score < threshold``,
-and ``coherence_score >= min_coherence`` on both sides when that column is present. Without
-judge scores every pair is used (the result says so).
+that pass the judge filter: pos ``trait_score >= threshold``; neg ``trait_score < 100 -
+threshold`` (neg rule ``mirrored``, persona_vectors' ``generate_vec.py``; the default) or neg
+``trait_score < threshold`` (neg rule ``same``); and, when any row has a ``coherence_score``,
+``coherence_score >= min_coherence`` on both sides, a row without one failing. Without judge
+scores every pair is used (the result says so).
 
 Separation per layer, so a user sees which layer to pick: pos and neg activations are projected
 on the layer's unit vector; Cohen's d of the projections (pooled standard deviation) and the
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
 SCORE_COLUMN = "trait_score"
 COHERENCE_COLUMN = "coherence_score"
 
+NegRule = Literal["mirrored", "same"]
+"""Which neg rows pass the judge filter: ``mirrored`` keeps neg ``trait < 100 - threshold``
+(persona_vectors' ``generate_vec.py``), ``same`` keeps neg ``trait < threshold``."""
+
 
 class ExtractVectorsConfig(TracekitConfig):
     """Options of ``tracekit extract vectors``."""
@@ -46,6 +52,7 @@ class ExtractVectorsConfig(TracekitConfig):
     pooling: Pooling = Pooling.response_avg
     threshold: float = Field(default=50.0, ge=0.0, le=100.0)
     min_coherence: float = Field(default=50.0, ge=0.0, le=100.0)
+    neg_rule: NegRule = "mirrored"
     force: bool = False
 
 
@@ -67,6 +74,8 @@ class ExtractVectorsResult:
     """False when no judge scores were found and every pair was used."""
     dropped: dict[str, int]
     """Rows left out per reason (failed the threshold, low coherence, no partner...)."""
+    judge_filter: str | None
+    """The filter applied, in words (None without judge scores)."""
     layers: list[LayerSeparation]
     seconds: float
     files: list[Path] = field(default_factory=list)
@@ -86,6 +95,7 @@ class ExtractVectorsResult:
                 "n_pairs": self.n_pairs,
                 "judged": self.judged,
                 "dropped": self.dropped,
+                "judge_filter": self.judge_filter,
                 "best_layer": self.best_layer,
                 "layers": [
                     {"layer": s.layer, "norm": s.norm, "cohen_d": s.cohen_d, "auroc": s.auroc}
@@ -107,16 +117,42 @@ def _score(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
+def neg_limit(threshold: float, neg_rule: NegRule) -> float:
+    """Neg rows pass with ``trait_score`` below this."""
+    return 100.0 - threshold if neg_rule == "mirrored" else threshold
+
+
+def describe_filter(
+    threshold: float, min_coherence: float, neg_rule: NegRule, coherence: bool
+) -> str:
+    """The judge filter in words, as the summary prints it."""
+    why = "100 - threshold, as persona_vectors" if neg_rule == "mirrored" else "below threshold"
+    text = (
+        f"pos trait >= {threshold:g}, neg trait < {neg_limit(threshold, neg_rule):g} "
+        f"(neg rule {neg_rule}: {why})"
+    )
+    if coherence:
+        return f"{text}, coherence >= {min_coherence:g} on both sides"
+    return f"{text}; no coherence scores, so no coherence filter"
+
+
 def select_pairs(
     pos_rows: list[dict[str, Any]],
     neg_rows: list[dict[str, Any]],
     threshold: float,
     min_coherence: float,
-) -> tuple[list[int], bool, dict[str, int]]:
-    """Ids of pairs passing the judge filter, whether scores were used, and drop counts."""
+    neg_rule: NegRule = "mirrored",
+) -> tuple[list[int], str | None, dict[str, int]]:
+    """Ids of pairs passing the judge filter, the filter in words (None when there were no
+    judge scores and every pair was kept), and drop counts per reason."""
     pos = {int(r["id"]): r for r in pos_rows}
     neg = {int(r["id"]): r for r in neg_rows}
-    judged = any(_score(r.get(SCORE_COLUMN)) is not None for r in (*pos_rows, *neg_rows))
+    rows = (*pos_rows, *neg_rows)
+    judged = any(_score(r.get(SCORE_COLUMN)) is not None for r in rows)
+    # coherence filters as soon as any row was scored for it; a row without a score then fails
+    # (persona_vectors' pandas comparison is False for an empty cell)
+    coherence = judged and any(_score(r.get(COHERENCE_COLUMN)) is not None for r in rows)
+    limit = neg_limit(threshold, neg_rule)
     dropped = {"no partner": len(set(pos) ^ set(neg))}
     keep = []
     for row_id in sorted(set(pos) & set(neg)):
@@ -125,15 +161,19 @@ def select_pairs(
             if p is None or n is None:
                 dropped["unscored"] = dropped.get("unscored", 0) + 1
                 continue
-            if p < threshold or n >= threshold:
+            if p < threshold or n >= limit:
                 dropped["threshold"] = dropped.get("threshold", 0) + 1
                 continue
-            coherence = [_score(r[row_id].get(COHERENCE_COLUMN)) for r in (pos, neg)]
-            if any(c is not None and c < min_coherence for c in coherence):
+            scores = [_score(r[row_id].get(COHERENCE_COLUMN)) for r in (pos, neg)]
+            if coherence and any(c is None for c in scores):
+                dropped["no coherence score"] = dropped.get("no coherence score", 0) + 1
+                continue
+            if coherence and any(c is not None and c < min_coherence for c in scores):
                 dropped["coherence"] = dropped.get("coherence", 0) + 1
                 continue
         keep.append(row_id)
-    return keep, judged, dropped
+    rule = describe_filter(threshold, min_coherence, neg_rule, coherence) if judged else None
+    return keep, rule, dropped
 
 
 def cohen_d(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -234,13 +274,15 @@ def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
     neg_index = {int(i): k for k, i in enumerate(neg_ids.tolist())}
     pos_rows = [r for r in pos_rows if int(r["id"]) in pos_index]
     neg_rows = [r for r in neg_rows if int(r["id"]) in neg_index]
-    ids, judged, dropped = select_pairs(pos_rows, neg_rows, config.threshold, config.min_coherence)
+    ids, rule, dropped = select_pairs(
+        pos_rows, neg_rows, config.threshold, config.min_coherence, config.neg_rule
+    )
+    judged = rule is not None
     if not ids:
-        rule = f"pos >= {config.threshold:g} and neg < {config.threshold:g}" if judged else ""
         raise InputError(
             f"no pos/neg pairs of {config.trait} to build a vector from"
-            + (f" (none pass the judge filter {rule})" if judged else ""),
-            "lower --threshold, or generate more examples",
+            + (f" (none pass the judge filter: {rule})" if judged else ""),
+            "lower --threshold or --min-coherence, or generate more examples",
         )
     pos = pos_acts[[pos_index[i] for i in ids]]
     neg = neg_acts[[neg_index[i] for i in ids]]
@@ -254,6 +296,7 @@ def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
         n_pairs=len(ids),
         judged=judged,
         dropped={k: v for k, v in dropped.items() if v},
+        judge_filter=rule,
         layers=separation,
         seconds=0.0,
     )
@@ -266,6 +309,7 @@ def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
         "shape": list(vectors.shape),
         "threshold": config.threshold if judged else None,
         "min_coherence": config.min_coherence if judged else None,
+        "neg_rule": config.neg_rule if judged else None,
         "pair_ids": ids,
         "model": acts_meta.get("model"),
         "activations_source": entry.get("source"),
