@@ -114,3 +114,99 @@ def test_select_pairs_matches_persona_vectors_mask():
     ids, rule, _ = select_pairs(rows("pos"), rows("neg"), threshold, 50.0)
     assert ids == np.flatnonzero(mask).tolist() and len(ids) > 3
     assert rule is not None and "neg trait < 35" in rule
+
+
+def _planted(rng, n_pairs=12, layers=3, hidden=6):
+    """Pairs whose differences spread mostly along one known direction per layer."""
+    direction = rng.normal(size=(layers, hidden))
+    neg = rng.normal(size=(n_pairs, layers, hidden))
+    strength = rng.uniform(0.5, 3.0, size=(n_pairs, layers, 1))
+    pos = neg + strength * direction + 0.1 * rng.normal(size=neg.shape)
+    return pos, neg
+
+
+def test_pca_diff_is_sklearn_pca_of_the_paired_differences_signed_by_the_mean(tmp_path, cli):
+    from sklearn.decomposition import PCA
+
+    pos, neg = _planted(np.random.default_rng(3))
+    paths = write_experiment(tmp_path, {"pos": pos, "neg": neg}, layers=[0, 4, 9])
+    result = cli("extract", "vectors", "--experiment", "e", "--trait", "t", "--method",
+                 "pca_diff", "--experiments-dir", tmp_path, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    got = np.load(paths.vectors_dir / "pca_diff_response_avg.npy")
+    for layer in range(3):
+        diffs = pos[:, layer] - neg[:, layer]
+        want = PCA(n_components=1).fit(diffs).components_[0]
+        want = want if want @ diffs.mean(0) > 0 else -want
+        assert_close_to_scale(got[layer], want)
+    summary = json.loads(result.stdout)
+    assert summary["method"] == "pca_diff" and [s["layer"] for s in summary["layers"]] == [0, 4, 9]
+    assert all(abs(s["norm"] - 1) < 1e-6 for s in summary["layers"])
+
+
+def test_pca_diff_sign_follows_the_mean_difference_when_pos_and_neg_swap():
+    from tracekit.vectors.methods import pca_diff_vectors
+
+    pos, neg = _planted(np.random.default_rng(4))
+    forward, backward = pca_diff_vectors(pos, neg), pca_diff_vectors(neg, pos)
+    assert_close_to_scale(backward, -forward)
+    mean = (pos - neg).mean(0)
+    assert ((forward * mean).sum(-1) > 0).all()
+
+
+def _logistic_newton(x, y, c):
+    """Reference: argmin 0.5|w|^2 + c sum log(1 + exp(-s (x.w + b))), s = +-1, b unpenalized,
+    by Newton's method in numpy."""
+    n, d = x.shape
+    xt = np.c_[x, np.ones(n)]
+    s = 2 * y - 1
+    theta = np.zeros(d + 1)
+    penalty = np.r_[np.ones(d), 0.0]
+    for _ in range(100):
+        z = xt @ theta
+        p = 1 / (1 + np.exp(s * z))  # sigma(-s z)
+        grad = penalty * theta - c * xt.T @ (s * p)
+        q = 1 / (1 + np.exp(-z))
+        hess = np.diag(penalty) + c * (xt.T * (q * (1 - q))) @ xt
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-13:
+            break
+    return theta[:d]
+
+
+def test_probe_is_the_unit_weight_of_l2_logistic_regression(tmp_path, cli):
+    """Against a numpy Newton solve of the same objective on the same scaled activations."""
+    rng = np.random.default_rng(5)
+    pos, neg = _planted(rng, n_pairs=15)
+    pos = pos * 40.0 + 7.0  # a residual-stream-like scale and offset must not change the answer
+    neg = neg * 40.0 + 7.0
+    paths = write_experiment(tmp_path, {"pos": pos, "neg": neg})
+    result = cli("extract", "vectors", "--experiment", "e", "--trait", "t", "--method",
+                 "probe", "--experiments-dir", tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    got = np.load(paths.vectors_dir / "probe_response_avg.npy")
+    for layer in range(pos.shape[1]):
+        x = np.concatenate([pos[:, layer], neg[:, layer]])
+        x = x - x.mean(0)
+        x = x / x.std()
+        w = _logistic_newton(x, np.r_[np.ones(len(pos)), np.zeros(len(neg))], c=1.0)
+        assert_close_to_scale(got[layer], w / np.linalg.norm(w))
+    assert "probe" in _flat(result) and "15 pairs" in _flat(result)
+
+
+def test_pca_diff_with_one_pair_is_refused_in_one_line(tmp_path, cli):
+    pos, neg = _planted(np.random.default_rng(6), n_pairs=1)
+    write_experiment(tmp_path, {"pos": pos, "neg": neg})
+    result = cli("extract", "vectors", "--experiment", "e", "--trait", "t", "--method",
+                 "pca_diff", "--experiments-dir", tmp_path)  # fmt: skip
+    assert result.exit_code == 1
+    assert "--method pca_diff needs at least 2 pairs; 1 passed the filters" in _flat(result)
+
+
+def test_an_unknown_method_is_an_option_error(tmp_path, cli):
+    pos, neg = _planted(np.random.default_rng(7), n_pairs=2)
+    write_experiment(tmp_path, {"pos": pos, "neg": neg})
+    result = cli("extract", "vectors", "--experiment", "e", "--trait", "t", "--method",
+                 "lda", "--experiments-dir", tmp_path)  # fmt: skip
+    assert result.exit_code == 2 and "--method: Input should be" in _flat(result)

@@ -112,7 +112,13 @@ def register(app: typer.Typer) -> None:
         trait: TraitOpt = None,
         experiments_dir: ExperimentsDirOpt = Path("experiments"),
         method: Annotated[
-            str, typer.Option("--method", help="mean_diff: mean(pos) - mean(neg) per layer.")
+            str,
+            typer.Option(
+                "--method",
+                help="mean_diff: mean(pos) - mean(neg) per layer; pca_diff: first principal "
+                "component of the paired differences, sign along the mean difference, unit norm "
+                "(repeng); probe: logistic-regression weight pos vs neg, unit norm.",
+            ),
         ] = "mean_diff",
         pooling: Annotated[
             str, typer.Option("--pooling", help="Which saved activations to use.")
@@ -145,7 +151,7 @@ def register(app: typer.Typer) -> None:
         json_output: JsonOpt = False,
         config: ConfigOpt = None,
     ) -> None:
-        """Stage 3: per-layer trait vectors (mean difference pos - neg) and a separation table."""
+        """Stage 3: per-layer trait vectors (mean_diff, pca_diff, probe) and a separation table."""
         from tracekit.vectors.mean_diff import ExtractVectorsConfig, extract_vectors
 
         cfg = build_config(ctx, ExtractVectorsConfig)

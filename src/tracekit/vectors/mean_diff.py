@@ -1,8 +1,8 @@
 """``tracekit.extract_vectors``: stage 3, per-layer trait vectors from pos/neg activations.
 
-Method ``mean_diff``: for each layer, the mean of the pos activations minus the mean of the neg
-activations over *pairs* (pos row ``k`` and neg row ``k``, matched by id, never by row order)
-that pass the judge filter: pos ``trait_score >= threshold``; neg ``trait_score < 100 -
+Every method (``mean_diff``, ``pca_diff``, ``probe``: see :mod:`tracekit.vectors.methods`) uses
+the same *pairs* (pos row ``k`` and neg row ``k``, matched by id, never by row order) that pass
+the judge filter: pos ``trait_score >= threshold``; neg ``trait_score < 100 -
 threshold`` (neg rule ``mirrored``, persona_vectors' ``generate_vec.py``; the default) or neg
 ``trait_score < threshold`` (neg rule ``same``); and, when any row has a ``coherence_score``,
 ``coherence_score >= min_coherence`` on both sides, a row without one failing. Without judge
@@ -30,6 +30,7 @@ from tracekit.generation.pooling import Pooling
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import check_writable, save_npy, write_bytes, write_json
 from tracekit.storage.experiment import TraitPaths
+from tracekit.vectors.methods import Method, compute_vectors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,7 +49,7 @@ class ExtractVectorsConfig(TracekitConfig):
     experiment: str
     trait: str
     experiments_dir: Path = Path("experiments")
-    method: Literal["mean_diff"] = "mean_diff"
+    method: Method = "mean_diff"
     pooling: Pooling = Pooling.response_avg
     threshold: float = Field(default=50.0, ge=0.0, le=100.0)
     min_coherence: float = Field(default=50.0, ge=0.0, le=100.0)
@@ -200,13 +201,6 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
-def mean_diff_vectors(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """``[n_layers, hidden]`` = mean over pairs of pos minus mean of neg (float32)."""
-    return (pos.astype("float64").mean(axis=0) - neg.astype("float64").mean(axis=0)).astype(
-        "float32"
-    )
-
-
 def layer_separation(
     pos: np.ndarray, neg: np.ndarray, vectors: np.ndarray, layers: list[int]
 ) -> list[LayerSeparation]:
@@ -246,7 +240,7 @@ def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
     stem = f"{config.method}_{config.pooling.value}"
     vector_file = paths.vectors_dir / f"{stem}.npy"
     meta_file = paths.vectors_dir / f"{stem}_metadata.json"
-    check_writable([vector_file, meta_file], config.force)
+    check_writable([vector_file, vector_file.with_suffix(".pt"), meta_file], config.force)
 
     acts_meta: dict[str, Any] = {}
     if paths.activations_metadata.is_file():
@@ -286,7 +280,7 @@ def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
         )
     pos = pos_acts[[pos_index[i] for i in ids]]
     neg = neg_acts[[neg_index[i] for i in ids]]
-    vectors = mean_diff_vectors(pos, neg)
+    vectors = compute_vectors(config.method, pos, neg)
     separation = layer_separation(pos, neg, vectors, layers)
 
     result = ExtractVectorsResult(
@@ -314,6 +308,7 @@ def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
         "model": acts_meta.get("model"),
         "activations_source": entry.get("source"),
         "separation_note": "in-sample: the same pairs build the vector and score it",
+        "unit_norm": config.method != "mean_diff",
         "files": {"vectors": f"{stem}.npy and {stem}.pt (float32 [n_layers, hidden])"},
     }
     write_json(meta_file, meta)
