@@ -29,8 +29,9 @@ from tracekit.actlog.prompts import (
     render_chat,
 )
 from tracekit.config import TracekitConfig
-from tracekit.storage.activation_store import open_store, prompt_key
+from tracekit.storage.activation_store import prompt_key
 from tracekit.storage.atomic import atomic_open, check_writable
+from tracekit.storage.seed_store import open_any_store
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class ReconstructConfig(TracekitConfig):
     skip_bad_lines: bool = False
     force: bool = False
     verbose: bool = False
+    allow_pickle: bool = False
+    """Read a seed store's pickled values with :mod:`pickle` itself (runs code from the store)
+    instead of the restricted unpickler."""
 
     @field_validator("prompt_template")
     @classmethod
@@ -108,19 +112,22 @@ def reconstruct(cfg: ReconstructConfig) -> ReconstructResult:
     check_writable(cfg.output_path, cfg.force)
     qa = read_qa_jsonl(cfg.qa_output_path, cfg.question_field, cfg.skip_bad_lines)
     logger.info("loaded %d QA rows from %s", len(qa.rows), cfg.qa_output_path)
-    with open_store(cfg.lmdb_path) as store:
+    with open_any_store(cfg.lmdb_path, cfg.allow_pickle) as store:
         fmt, described = _formatter(cfg, store.provenance)
         entries: dict[str, dict[str, Any]] = {}
         stored_prompts: list[str] = []
         corrupted = without_acts = total = 0
-        for key, raw, status in store.iter_raw_metadata():
+        for key, meta, status in store.iter_metadata():
             total += 1
-            meta = _valid_meta(key, raw)
-            if meta is None or status == "corrupt":
+            if (
+                meta is None
+                or status == "corrupt"
+                or not _valid_meta(key, meta, store.needs_prompt)
+            ):
                 corrupted += 1
                 logger.info("skipping corrupt store entry %s", key)
                 continue
-            if len(stored_prompts) < _CLOSEST_POOL:
+            if len(stored_prompts) < _CLOSEST_POOL and isinstance(meta.get("prompt"), str):
                 stored_prompts.append(meta["prompt"])
             if status == "missing":
                 without_acts += 1
@@ -165,17 +172,13 @@ def reconstruct(cfg: ReconstructConfig) -> ReconstructResult:
     return result
 
 
-def _valid_meta(key: str, raw: bytes) -> dict[str, Any] | None:
-    """Metadata that parses, names its prompt, and hashes back to its key; else None."""
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
-        return None
-    if prompt_key(meta["prompt"]) != key:
-        return None
-    return meta
+def _valid_meta(key: str, meta: dict[str, Any], needs_prompt: bool) -> bool:
+    """Whether the prompt ``meta`` names hashes back to its key (tracekit's stores always name
+    it; the seed's need not)."""
+    prompt = meta.get("prompt")
+    if prompt is None and not needs_prompt:
+        return True
+    return isinstance(prompt, str) and prompt_key(prompt) == key
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

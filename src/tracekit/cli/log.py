@@ -40,6 +40,15 @@ SkipBadLinesOpt = Annotated[
     bool,
     typer.Option("--skip-bad-lines", help="Skip malformed QA lines (counted) instead of stopping."),
 ]
+StorePickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="A seed store's pickled values holding more than containers, strings, numbers "
+        "and numpy arrays (e.g. torch tensors): load them with pickle, which EXECUTES CODE "
+        "from the store. Use only on stores you made yourself.",
+    ),
+]
 QuestionFieldOpt = Annotated[
     str, typer.Option("--question-field", help="QA field holding the raw question.")
 ]
@@ -73,6 +82,7 @@ def _render_stats(stats: StoreStats) -> None:
     table = Table(title=f"activation store {stats.path}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
+    table.add_row("format", stats.format)
     table.add_row("entries", f"{stats.entries:,} ({stats.with_activations:,} with activations)")
     for name, info in stats.arrays.items():
         width = "x".join(str(w) for w in info["width"])
@@ -205,12 +215,14 @@ def register(app: typer.Typer) -> None:
     @log_app.command("stats")
     def stats_command(
         path: Annotated[Path, typer.Argument(help="Store directory.")],
+        allow_pickle: StorePickleOpt = False,
         json_output: JsonOpt = False,
     ) -> None:
-        """Show a store's entries, layers, dtype, bytes and provenance."""
-        from tracekit.storage.activation_store import open_store
+        """Show a store's entries, layers, dtype, bytes and provenance (tracekit's stores and
+        the seed's)."""
+        from tracekit.storage.seed_store import open_any_store
 
-        with open_store(path) as store:
+        with open_any_store(path, allow_pickle) as store:
             stats = store.stats()
         if json_output:
             payload: dict[str, Any] = stats.to_dict()

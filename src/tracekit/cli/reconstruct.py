@@ -11,7 +11,7 @@ import typer
 from tracekit.console import err_console, out_console
 
 from ._common import ConfigOpt, ForceOpt, JsonOpt, ModelOpt, build_config
-from .log import PromptTemplateOpt, QuestionFieldOpt, SkipBadLinesOpt
+from .log import PromptTemplateOpt, QuestionFieldOpt, SkipBadLinesOpt, StorePickleOpt
 
 if TYPE_CHECKING:
     from tracekit.actlog.reconstruct import ReconstructResult
@@ -48,7 +48,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         lmdb_path: Annotated[
             Path | None,
-            typer.Option("--lmdb-path", help="The activation store written by 'tracekit log'."),
+            typer.Option(
+                "--lmdb-path",
+                help="The activation store written by 'tracekit log' or the seed's logger.",
+            ),
         ] = None,
         output_path: Annotated[
             Path | None,
@@ -69,11 +72,13 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[
             bool, typer.Option("--verbose", help="Log matching details (counts, prompt hashes).")
         ] = False,
+        allow_pickle: StorePickleOpt = False,
         force: ForceOpt = False,
         json_output: JsonOpt = False,
         config: ConfigOpt = None,
     ) -> None:
-        """Rebuild an inference JSONL from QA data and an activation store."""
+        """Rebuild an inference JSONL from QA data and an activation store (tracekit's or
+        the seed's)."""
         import logging
 
         from tracekit.actlog.reconstruct import ReconstructConfig, reconstruct

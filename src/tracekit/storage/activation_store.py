@@ -291,8 +291,8 @@ def _open_dbs(env: lmdb.Environment, path: Path, create: bool) -> tuple[Any, Any
         raise StoreError(
             f"{path} is an LMDB database but not a tracekit activation store "
             "(no activations/meta/info databases)",
-            "stores written by other tools (e.g. pickled values) are not read; "
-            "re-log with 'tracekit log'",
+            "tracekit reads its own stores and the seed's (prompt-hash keys in the main "
+            "database, JSON or pickled values); re-log others with 'tracekit log'",
         ) from exc
     if fmt is None or bytes(fmt).decode("utf-8", "replace") != STORE_FORMAT:
         shown = None if fmt is None else bytes(fmt).decode("utf-8", "replace")
@@ -516,10 +516,13 @@ class StoreStats:
     file_bytes: int
     map_size: int
     provenance: dict[str, dict[str, Any]]
+    format: str = STORE_FORMAT
+    """The store's format: tracekit's, or the seed's (:mod:`tracekit.storage.seed_store`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path,
+            "format": self.format,
             "entries": self.entries,
             "with_activations": self.with_activations,
             "arrays": self.arrays,
@@ -538,6 +541,9 @@ class ActivationStore:
     :meth:`view` yields zero-copy numpy views into LMDB's memory map: they are valid only
     inside its ``with`` block (the read transaction); copy what you keep (``arr.copy()``).
     """
+
+    needs_prompt = True
+    """Every entry's metadata holds the prompt its key hashes (``reconstruct`` checks it)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -617,6 +623,16 @@ class ActivationStore:
                 act = acts.get(bytes(key))
                 status = "missing" if act is None else _quick_status(act)
                 yield bytes(key).decode("utf-8", "replace"), bytes(value), status
+
+    def iter_metadata(self) -> Iterator[tuple[str, dict[str, Any] | None, str]]:
+        """(key, metadata or None when unreadable, activations status) for every entry, in
+        key order; see :meth:`iter_raw_metadata`."""
+        for key, raw, status in self.iter_raw_metadata():
+            try:
+                meta: dict[str, Any] | None = _decode_meta(raw)
+            except ValueError:
+                meta = None
+            yield key, meta, status
 
     # --- entries -------------------------------------------------------------------------
     def get(self, key: str, verify: bool = True) -> StoreEntry | None:
