@@ -696,29 +696,39 @@ class ActivationStore:
                         continue
                     with_acts += 1
                     for spec in specs:
-                        info = arrays.setdefault(
-                            spec.name,
-                            {
-                                "dtype": spec.dtype,
-                                "width": spec.shape[1:],
-                                "entries": 0,
-                                "positions": 0,
-                            },
-                        )
-                        info["entries"] += 1
-                        info["positions"] += spec.shape[0] if spec.shape else 1
-        data = self.path / "data.mdb"
+                        count_array(arrays, spec.name, spec.dtype, spec.shape)
         return StoreStats(
-            path=str(self.path),
-            entries=entries,
-            with_activations=with_acts,
-            arrays={k: arrays[k] for k in sorted(arrays, key=_layer_sort_key)},
-            activation_bytes=act_bytes,
-            metadata_bytes=meta_bytes,
-            file_bytes=data.stat().st_size if data.exists() else 0,
-            map_size=int(self.env.info()["map_size"]),
+            str(self.path),
+            entries,
+            with_acts,
+            sort_arrays(arrays),
+            act_bytes,
+            meta_bytes,
+            *file_and_map_size(self.path, self.env),
             provenance=self.provenance,
         )
+
+
+def count_array(
+    arrays: dict[str, dict[str, Any]], name: str, dtype: str, shape: Sequence[int]
+) -> None:
+    """Count one entry's array ``name`` into ``arrays`` (``StoreStats.arrays``)."""
+    info = arrays.setdefault(
+        name, {"dtype": dtype, "width": list(shape[1:]), "entries": 0, "positions": 0}
+    )
+    info["entries"] += 1
+    info["positions"] += shape[0] if shape else 1
+
+
+def sort_arrays(arrays: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``arrays`` by layer number (``layer_2`` before ``layer_10``), other names last."""
+    return {k: arrays[k] for k in sorted(arrays, key=_layer_sort_key)}
+
+
+def file_and_map_size(path: Path, env: lmdb.Environment) -> tuple[int, int]:
+    """Bytes of the store's ``data.mdb`` and its environment's map size."""
+    data = path / "data.mdb"
+    return (data.stat().st_size if data.exists() else 0), int(env.info()["map_size"])
 
 
 def _layer_sort_key(name: str) -> tuple[int, str]:

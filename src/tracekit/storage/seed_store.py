@@ -39,8 +39,10 @@ from tracekit.storage.activation_store import (
     ActivationStore,
     StoreStats,
     _check_store_path,
-    _layer_sort_key,
     _open_env,
+    count_array,
+    file_and_map_size,
+    sort_arrays,
 )
 
 SEED_FORMAT = "seed-003-lmdb"
@@ -216,27 +218,16 @@ class SeedStore:
             )
             for name, array in named.items():
                 shape = tuple(getattr(array, "shape", ()))
-                info = arrays.setdefault(
-                    str(name),
-                    {
-                        "dtype": str(getattr(array, "dtype", type(array).__name__)),
-                        "width": list(shape[1:]),
-                        "entries": 0,
-                        "positions": 0,
-                    },
-                )
-                info["entries"] += 1
-                info["positions"] += shape[0] if shape else 1
-        data = self.path / "data.mdb"
+                dtype = str(getattr(array, "dtype", type(array).__name__))
+                count_array(arrays, str(name), dtype, shape)
         return StoreStats(
-            path=str(self.path),
-            entries=entries,
-            with_activations=with_acts,
-            arrays={k: arrays[k] for k in sorted(arrays, key=_layer_sort_key)},
-            activation_bytes=act_bytes,
-            metadata_bytes=meta_bytes,
-            file_bytes=data.stat().st_size if data.exists() else 0,
-            map_size=int(self.env.info()["map_size"]),
+            str(self.path),
+            entries,
+            with_acts,
+            sort_arrays(arrays),
+            act_bytes,
+            meta_bytes,
+            *file_and_map_size(self.path, self.env),
             provenance={},
             format=SEED_FORMAT,
         )
