@@ -714,7 +714,7 @@ def count_array(
 ) -> None:
     """Count one entry's array ``name`` into ``arrays`` (``StoreStats.arrays``)."""
     info = arrays.setdefault(
-        name, {"dtype": dtype, "width": list(shape[1:]), "entries": 0, "positions": 0}
+        name, {"dtype": dtype, "width": tuple(shape[1:]), "entries": 0, "positions": 0}
     )
     info["entries"] += 1
     info["positions"] += shape[0] if shape else 1
