@@ -210,3 +210,23 @@ def test_an_unknown_method_is_an_option_error(tmp_path, cli):
     result = cli("extract", "vectors", "--experiment", "e", "--trait", "t", "--method",
                  "lda", "--experiments-dir", tmp_path)  # fmt: skip
     assert result.exit_code == 2 and "--method: Input should be" in _flat(result)
+
+
+def test_the_separation_table_gets_a_png_beside_its_json(tmp_path, cli):
+    from matplotlib.image import imread
+
+    pos, neg = _planted(np.random.default_rng(8))
+    paths = write_experiment(tmp_path, {"pos": pos, "neg": neg}, layers=[0, 4, 9])
+    result = cli("extract", "vectors", "--experiment", "e", "--trait", "t",
+                 "--experiments-dir", tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    png = paths.vectors_dir / "mean_diff_response_avg_separation.png"
+    assert f"separation plot: {png}" in result.stdout.replace("\n", "")
+    image = imread(png)
+    assert image.shape[:2] == (456, 1200) and image[..., :3].std() > 0  # drawn, not blank
+    # --no-plot writes none; --force is needed to replace the other outputs, not a missing PNG
+    png.unlink()
+    result = cli("extract", "vectors", "--experiment", "e", "--trait", "t", "--no-plot",
+                 "--force", "--experiments-dir", tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not png.exists()

@@ -58,6 +58,10 @@ def _print_vectors(result: ExtractVectorsResult) -> None:
     table.caption = "* best separation (AUROC, then d), in-sample over the pairs used"
     out_console.print(table)
     out_console.print(f"vectors (n_layers x hidden): {result.files[0]}", markup=False)
+    for path in result.files:
+        if path.suffix in (".png", ".gguf"):
+            what = "separation plot" if path.suffix == ".png" else "llama.cpp control vector"
+            out_console.print(f"{what}: {path}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -147,6 +151,14 @@ def register(app: typer.Typer) -> None:
                 "'same' neg score < T.",
             ),
         ] = "mirrored",
+        plot: Annotated[
+            bool,
+            typer.Option(
+                "--plot/--no-plot",
+                help="Draw the separation table as a PNG (Cohen's d and AUROC per layer) "
+                "beside the metadata JSON.",
+            ),
+        ] = True,
         force: ForceOpt = False,
         json_output: JsonOpt = False,
         config: ConfigOpt = None,

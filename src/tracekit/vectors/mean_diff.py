@@ -54,6 +54,7 @@ class ExtractVectorsConfig(TracekitConfig):
     threshold: float = Field(default=50.0, ge=0.0, le=100.0)
     min_coherence: float = Field(default=50.0, ge=0.0, le=100.0)
     neg_rule: NegRule = "mirrored"
+    plot: bool = True
     force: bool = False
 
 
@@ -240,7 +241,9 @@ def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
     stem = f"{config.method}_{config.pooling.value}"
     vector_file = paths.vectors_dir / f"{stem}.npy"
     meta_file = paths.vectors_dir / f"{stem}_metadata.json"
-    check_writable([vector_file, vector_file.with_suffix(".pt"), meta_file], config.force)
+    plot_file = paths.vectors_dir / f"{stem}_separation.png"
+    outputs = [vector_file, vector_file.with_suffix(".pt"), meta_file]
+    check_writable([*outputs, plot_file] if config.plot else outputs, config.force)
 
     acts_meta: dict[str, Any] = {}
     if paths.activations_metadata.is_file():
@@ -313,5 +316,10 @@ def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
     }
     write_json(meta_file, meta)
     result.files = [vector_file, paths.vectors_dir / f"{stem}.pt", meta_file]
+    if config.plot:
+        from tracekit.vectors.figures import plot_separation
+
+        plot_separation(result, plot_file)
+        result.files.append(plot_file)
     result.seconds = time.perf_counter() - started
     return result
