@@ -8,6 +8,12 @@ requests stay deterministic:
 - ``text=...``: the message content (default: the most likely ``lp`` token, else ``50``);
 - ``nolp``: answer without ``logprobs`` (``"logprobs": null``);
 - ``split``: the content tokens are ``8``, ``5`` (a tokenizer that splits digits);
+- ``digits=85:0.6,90:0.3,7:0.1``: a model that writes numbers one digit per token and answers
+  the number n with that probability (the rest: the word ``The``). The chat answer's first
+  token has the first digits as alternatives (``"8"``, ``"9"``, ``"7"``, then ``"The"``), its
+  content the greedy number's digits; ``/v1/completions`` on the rendered prompt plus some
+  digits answers the next token's distribution under the same model (digits, or
+  ``<|im_end|>`` for the number's end), as llama.cpp and vLLM serve such a model;
 - ``fault=KIND`` or ``fault=KINDxN``: the first N attempts of this prompt (default 1) fail with
   KIND: ``429``/``500``/``503``/``408``/``400``/``404`` (that status), ``slow`` (answer after
   ``slow_s``, longer than the client's timeout), ``badjson`` (truncated JSON body), ``shape``
@@ -17,7 +23,10 @@ requests stay deterministic:
 The server checks ``Authorization: Bearer <api_key>`` when built with ``api_key`` and answers
 401 with an error body that echoes the key it got (as careless servers do), so tests can check
 that tracekit scrubs it. ``reject_logprobs`` answers 400 to requests asking for logprobs (as
-some models do). ``latency`` delays every answer (benchmarks).
+some models do). ``latency`` delays every answer (benchmarks). ``completions`` serves
+``/v1/completions`` and renders the chat template (``template="apply"``: llama.cpp's
+``/apply-template``; ``"tokenize"``: vLLM's ``/tokenize`` + ``/detokenize``); ``completions_shape``
+is ``"legacy"`` (``top_logprobs: [{token: logprob}]``, vLLM) or ``"content"`` (llama.cpp).
 """
 
 from __future__ import annotations
@@ -45,20 +54,65 @@ def parse_script(prompt: str) -> dict[str, str]:
     return items
 
 
+USER, ASSISTANT = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+"""The chat template of the imitated model (ChatML, as SmolLM2 and Qwen use)."""
+END = "<|im_end|>"
+
+
+def digit_model(script: dict[str, str]) -> dict[str, float]:
+    """``digits=85:0.6,7:0.1`` -> {"85": 0.6, "7": 0.1} (the answer's number distribution)."""
+    numbers: dict[str, float] = {}
+    for item in script.get("digits", "").split(","):
+        if item:
+            number, _, prob = item.partition(":")
+            numbers[number] = float(prob)
+    return numbers
+
+
+def next_token(numbers: dict[str, float], written: str) -> list[tuple[str, float]]:
+    """The next token's distribution after the digits ``written`` (empty: the first token)."""
+    if written == "":
+        first: dict[str, float] = {}
+        for number, prob in numbers.items():
+            first[number[0]] = first.get(number[0], 0.0) + prob
+        rest = 1.0 - sum(numbers.values())
+        top = sorted(first.items(), key=lambda t: -t[1])
+        return top + ([("The", rest)] if rest > 1e-12 else [])
+    total = sum(p for n, p in numbers.items() if n.startswith(written))
+    if total <= 0:
+        return [(END, 1.0)]
+    after: dict[str, float] = {}
+    for number, prob in numbers.items():
+        if number.startswith(written) and len(number) > len(written):
+            digit = number[len(written)]
+            after[digit] = after.get(digit, 0.0) + prob / total
+    end = numbers.get(written, 0.0) / total
+    top = sorted(after.items(), key=lambda t: -t[1])
+    return top + ([(END, end)] if end > 1e-12 else [])
+
+
 def completion(model: str, script: dict[str, str]) -> dict[str, Any]:
     top: list[tuple[str, float]] = []
     if script.get("lp"):
         for item in script["lp"].split(","):
             token, _, prob = item.rpartition(":")
             top.append((token, float(prob)))
+    numbers = digit_model(script)
+    if numbers:
+        top = next_token(numbers, "")
     best = max(top, key=lambda t: t[1])[0] if top else "50"
     text = script.get("text", best)
     tokens = ["8", "5"] if "split" in script else [text]
+    if numbers:
+        text = max(numbers, key=lambda n: numbers[n])
+        tokens = list(text)
     logprobs = None
     if "nolp" not in script:
         content = []
         for i, token in enumerate(tokens):
             alternatives = top if i == 0 and top else [(token, 1.0)]
+            if numbers and i > 0:
+                alternatives = next_token(numbers, text[:i])
             content.append(
                 {
                     "token": token,
@@ -101,9 +155,15 @@ class JudgeServer:
         api_key: str | None = None,
         slow_s: float = 1.0,
         reject_logprobs: bool = False,
+        completions: bool = True,
+        template: str = "apply",
+        completions_shape: str = "legacy",
     ) -> None:
         self.latency = latency
         self.reject_logprobs = reject_logprobs
+        self.completions = completions
+        self.template = template
+        self.completions_shape = completions_shape
         self.api_key = api_key
         self.slow_s = slow_s
         self.lock = threading.Lock()
@@ -157,6 +217,13 @@ class JudgeServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length))
+                if self.path != "/v1/chat/completions":
+                    with server.lock:
+                        server.log.append(
+                            {"time": time.monotonic(), "body": body, "path": self.path}
+                        )
+                    self._other(body)
+                    return
                 prompt = body["messages"][-1]["content"]
                 auth = self.headers.get("Authorization")
                 with server.lock:
@@ -174,6 +241,53 @@ class JudgeServer:
                 finally:
                     with server.lock:
                         server.in_flight -= 1
+
+            def _other(self, body: dict[str, Any]) -> None:
+                """The endpoints besides chat completions: template rendering, completions."""
+                missing = b'{"error": {"message": "File Not Found"}}'
+                if not server.completions:
+                    self._send(404, missing)
+                elif self.path == "/apply-template" and server.template == "apply":
+                    content = body["messages"][-1]["content"]
+                    self._send(200, json.dumps({"prompt": USER + content + ASSISTANT}).encode())
+                elif self.path == "/tokenize" and server.template == "tokenize":
+                    text = USER + body["messages"][-1]["content"] + ASSISTANT
+                    self._send(200, json.dumps({"tokens": [ord(c) for c in text]}).encode())
+                elif self.path == "/detokenize" and server.template == "tokenize":
+                    text = "".join(chr(t) for t in body["tokens"])
+                    self._send(200, json.dumps({"prompt": text}).encode())
+                elif self.path == "/v1/completions":
+                    self._send(200, json.dumps(self._completions(body)).encode())
+                else:
+                    self._send(404, missing)
+
+            def _completions(self, body: dict[str, Any]) -> dict[str, Any]:
+                """One token after a rendered prompt, under the ``digits=`` model it holds."""
+                prompt = body["prompt"]
+                if not prompt.startswith(USER) or ASSISTANT not in prompt:
+                    raise ValueError(f"not a rendered chat prompt: {prompt[:60]!r}")
+                content, _, written = prompt[len(USER) :].rpartition(ASSISTANT)
+                top = next_token(digit_model(parse_script(content)), written.strip())
+                top = top[: int(body.get("logprobs") or 1)]
+                token, prob = top[0]
+                if server.completions_shape == "content":
+                    alternatives = [{"token": t, "logprob": math.log(p)} for t, p in top]
+                    item = {"token": token, "logprob": math.log(prob), "top_logprobs": alternatives}
+                    logprobs: dict[str, Any] = {"content": [item]}
+                else:
+                    logprobs = {
+                        "tokens": [token],
+                        "token_logprobs": [math.log(prob)],
+                        "top_logprobs": [{t: math.log(p) for t, p in top}],
+                        "text_offset": [len(prompt)],
+                    }
+                choice = {
+                    "index": 0,
+                    "text": token,
+                    "logprobs": logprobs,
+                    "finish_reason": "length",
+                }
+                return {"id": "cmpl-test", "object": "text_completion", "choices": [choice]}
 
             def _answer(self, body: dict[str, Any], prompt: str, auth: str | None, attempt: int):
                 if server.latency:

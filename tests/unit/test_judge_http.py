@@ -63,7 +63,7 @@ def test_exact_scores_through_every_fault_and_no_row_lost(server, tmp_path):
         row("text=Score: 64;nolp"),
         row("lp=REF:0.9,5:0.1"),
         row("lp=The:0.9,5:0.1"),
-        row("split;text=85;lp=8:0.9,9:0.1"),
+        row("digits=85:0.75,90:0.25"),
     ]
     result = judge_rows(rows, fast(server, tmp_path), trait_prompt=TEMPLATE)
     by_id = {r["id"]: r for r in result.rows}
@@ -94,14 +94,20 @@ def test_exact_scores_through_every_fault_and_no_row_lost(server, tmp_path):
         None,
         pytest.approx(0.1),
     )
-    split = by_id["split;text=85;lp=8:0.9,9:0.1"]
-    assert (split["trait_score"], split["trait_method"]) == (85, "text")
+    split = by_id["digits=85:0.75,90:0.25"]  # a digit-splitting judge, asked for the 2nd digit
+    assert (split["trait_score"], split["trait_method"]) == (pytest.approx(86.25), "digits")
+    assert split["trait_mass"] == pytest.approx(1.0)
     counts = result.summary.metrics["trait"]
     assert (counts.scored, counts.refused, counts.low_mass, counts.failed) == (10, 1, 1, 0)
+    assert counts.methods == {"logprobs": 8, "text": 1, "digits": 1}
+    assert result.summary.notes() == [
+        "trait: 1 by text, 1 by digits (the other 8 by logprobs): see the method column"
+    ]
     assert counts.retries == 2 + 1 + 2 + 1 + 1 + 1 + 1, {
         k[-40:]: v for k, v in server.attempts.items()
     }  # 429x2 500 503x2 slow json shape drop
-    assert counts.requests == len(rows) + counts.retries == server.requests
+    # the digit row: the template once, then the next token after "8" and after "9"
+    assert counts.requests == len(rows) + counts.retries + 3 == server.requests
     sent = server.log[0]["body"]
     assert (sent["model"], sent["logprobs"], sent["top_logprobs"], sent["temperature"]) == (
         "gpt-4.1-mini",
@@ -353,3 +359,72 @@ def test_a_run_stopped_midway_keeps_every_answer_it_got(server, tmp_path):
     assert result.summary.metrics["trait"].cache_hits == 3
     assert server.requests == 4 + 4  # only the four not answered before
     assert [r["trait_score"] for r in result.rows] == [0, 1, 2, 50, 10, 11, 12]
+
+
+# --- digit-splitting judges (SmolLM2, Qwen, Gemma, Mistral, Llama-2 tokenizers) --------------
+DIGIT_ROWS = {
+    # whole-number distribution the imitated model answers with -> (expected score, mass)
+    "digits=85:0.6,90:0.3,7:0.1": (0.6 * 85 + 0.3 * 90 + 0.1 * 7, 1.0),
+    "digits=100:0.5,10:0.25,1:0.25": ((50 + 2.5 + 0.25) / 1.0, 1.0),
+    "digits=0:0.2,3:0.1,31:0.3,5:0.1,55:0.1": ((0 + 0.3 + 9.3 + 0.5 + 5.5) / 0.8, 0.8),
+    # greedy answer "4" alone: the first-token rule would say 5.2 (the mean of 4, 7 and 8)
+    "digits=4:0.35,48:0.3,79:0.2,8:0.15": (1.4 + 14.4 + 15.8 + 1.2, 1.0),
+}
+
+
+@pytest.mark.parametrize(("template", "shape"), [("apply", "legacy"), ("tokenize", "content")])
+def test_digit_split_judge_gets_whole_number_probabilities(tmp_path, template, shape):
+    """First-token alternatives "8", "9", "7" (no multi-digit number): tracekit asks the
+    server for the next token after each first digit (and after "10") and scores the exact
+    mean over whole numbers, not the mean of the first digits (the silent 0-9 scale)."""
+    with JudgeServer(template=template, completions_shape=shape) as server:
+        rows = [row(script) for script in DIGIT_ROWS]
+        result = judge_rows(rows, fast(server, tmp_path), trait_prompt=TEMPLATE)
+        for got in result.rows:
+            score, mass = DIGIT_ROWS[got["id"]]
+            assert (got["trait_status"], got["trait_method"]) == ("ok", "digits"), got
+            assert got["trait_score"] == pytest.approx(score), got["id"]
+            assert got["trait_mass"] == pytest.approx(mass), got["id"]
+        follow_ups = [e["body"]["prompt"] for e in server.log if e["path"] == "/v1/completions"]
+        rendered = "<|im_start|>user\n" + TEMPLATE.format(question="q", answer="<<{}>>")
+        # every follow-up continues the rendered prompt with the digits written so far
+        assert all(p.startswith(rendered.split("<<")[0]) for p in follow_ups)
+        tails = sorted(p.rpartition("<|im_start|>assistant\n")[2] for p in follow_ups)
+        assert tails == sorted(["8", "9", "7", "1", "10", "0", "3", "5", "4", "7", "8"])
+        assert result.summary.judge["digit_split"] == "completions"
+        assert result.summary.notes() == []
+        # cached with their whole-number probabilities: a rerun asks nothing
+        before = server.requests
+        again = judge_rows(rows, fast(server, tmp_path), trait_prompt=TEMPLATE)
+        assert server.requests == before
+        assert [r["trait_score"] for r in again.rows] == [r["trait_score"] for r in result.rows]
+
+
+def test_digit_split_judge_without_completions_falls_back_to_text_for_the_run(tmp_path, caplog):
+    """A server that cannot be asked for the next digit: one warning, and every row of the
+    run (also those with usable logprobs) is scored from the answer text, so the column holds
+    one kind of score; the incomplete answers are not cached."""
+    with JudgeServer(completions=False) as server:
+        rows = [row("digits=85:0.6,90:0.4"), row("lp=20:0.5,40:0.5;text=30"), row("digits=7:1")]
+        config = fast(server, tmp_path, concurrency=1)
+        with caplog.at_level("WARNING", logger="tracekit.judge.backends"):
+            result = judge_rows(rows, config, trait_prompt=TEMPLATE)
+        got = [(r["trait_score"], r["trait_method"], r["trait_mass"]) for r in result.rows]
+        assert got == [(85, "text", None), (30, "text", None), (7, "text", None)]
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "one digit per token" in warnings[0], warnings
+        assert result.summary.judge["digit_split"] == "unsupported"
+        assert result.summary.notes()[0].startswith("the judge splits numbers into digits")
+        asked = server.requests
+        judge_rows(rows, config, trait_prompt=TEMPLATE)
+        assert server.requests > asked  # digit-split rows are asked again, never half-cached
+
+
+def test_digit_split_detection_from_alternatives():
+    from tracekit.judge.scoring import looks_digit_split
+
+    assert looks_digit_split((("3", -1.0), ("1", -1.5), ("5", -2.0), ("The", -3.0)))
+    assert looks_digit_split(((" 3", -1.0), (" 1", -1.5)))
+    assert not looks_digit_split((("85", -0.5), ("8", -1.0), ("9", -2.0)))  # whole numbers
+    assert not looks_digit_split((("7", -0.1), ("The", -3.0)))  # one digit: nothing to tell
+    assert not looks_digit_split((("The", -0.1), ("I", -3.0)))

@@ -165,6 +165,8 @@ def judge(
         out_console.print_json(json.dumps(summary.to_dict()))
     else:
         out_console.print(_table(summary))
+        for note in summary.notes():
+            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
         err_console.print(f"wrote {summary.output}", highlight=False)
     if summary.failed and not cfg.allow_failures:
         from tracekit.errors import JudgeError

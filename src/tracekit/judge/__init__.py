@@ -9,7 +9,7 @@ Public API (stable; ``generate --judge-model`` uses it)::
     result.rows        # list of dicts: each input row plus, per metric m,
                        #   m_score (float 0-100 or None), m_mass (float or None),
                        #   m_status ("ok" | "refused" | "low_mass" | "failed: <reason>"),
-                       #   m_method ("logprobs" | "text" | "local" | "")
+                       #   m_method ("logprobs" | "digits" | "text" | "local" | "")
     result.summary     # JudgeSummary: per-metric scored/refused/low_mass/failed/requests/
                        #   retries/cache_hits, seconds, judge provenance; .failed; .to_dict()
 

@@ -15,14 +15,24 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tracekit.errors import JudgeError, ModelError
 from tracekit.judge.config import DEFAULT_BASE_URL, DEFAULT_OPENAI_MODEL, JudgeConfig
-from tracekit.judge.scoring import RawAnswer, starts_with_digit
+from tracekit.judge.scoring import (
+    RawAnswer,
+    canonical_number,
+    digit_mass,
+    extends_number,
+    looks_digit_split,
+    split_digits,
+    starts_with_digit,
+)
 from tracekit.models.compat import cache_kwarg, output_cache
 
 if TYPE_CHECKING:
@@ -40,12 +50,26 @@ RETRY_STATUSES = frozenset({408, 409, 429})
 
 
 @dataclass(frozen=True)
+class _Sent:
+    """One request's outcome after retries: the parsed body or a failure, attempts made,
+    ``retry``: ask again (the server rejected logprobs), ``unsupported``: no such endpoint."""
+
+    value: Any
+    failure: str | None
+    attempts: int
+    retry: bool = False
+    unsupported: bool = False
+
+
+@dataclass(frozen=True)
 class Answered:
-    """The outcome of one judge prompt: ``raw`` or ``failure`` (a reason), and requests sent."""
+    """The outcome of one judge prompt: ``raw`` or ``failure`` (a reason), requests sent, and
+    how many of them were retries (the rest: the question and any next-digit requests)."""
 
     raw: RawAnswer | None
     failure: str | None
     requests: int
+    retries: int = 0
 
 
 class JudgeBackend(Protocol):
@@ -55,6 +79,12 @@ class JudgeBackend(Protocol):
     """``openai`` or ``local`` (part of the cache key)."""
     model_id: str
     """The judge model as it enters the cache key."""
+
+    @property
+    def text_only(self) -> bool:
+        """Whether this run's scores must all come from the answer text (the server rejected
+        logprobs, or splits numbers into digits and cannot be asked for the next digit)."""
+        ...
 
     async def ask(self, prompt: str) -> Answered: ...
 
@@ -75,6 +105,18 @@ def chat_completions_url(base_url: str) -> str:
     if path == "":
         path = "/v1"
     return str(url.copy_with(path=path + "/chat/completions"))
+
+
+def server_url(base_url: str, path: str) -> str:
+    """Another endpoint of the server behind ``base_url``: ``v1/completions`` under the base,
+    ``/apply-template`` (llama.cpp) or ``/tokenize`` (vLLM) at its root."""
+    import httpx
+
+    url = httpx.URL(chat_completions_url(base_url))
+    base = url.path.removesuffix("/chat/completions")
+    if path.startswith("v1/"):
+        return str(url.copy_with(path=f"{base}/{path.removeprefix('v1/')}"))
+    return str(url.copy_with(path=f"{base.removesuffix('/v1')}/{path}"))
 
 
 def display_url(url: str) -> str:
@@ -123,14 +165,34 @@ def parse_chat_completion(data: Any) -> RawAnswer:
             {"token": first["token"], "logprob": first["logprob"]}
         ]
         top = tuple((str(a["token"]), float(a["logprob"])) for a in alternatives)
-        # A tokenizer that splits "85" into "8" "5": first-token math would average 0-9.
-        split = (
+        # A tokenizer that splits "85" into "8" "5": first-token math would average 0-9. Seen
+        # in the greedy answer (two digit tokens) or in the alternatives (digits only).
+        greedy_split = (
             len(content) > 1
             and str(first["token"]).strip().isdigit()
             and starts_with_digit(str(content[1]["token"]))
             and not str(content[1]["token"])[:1].isspace()
         )
+        split = greedy_split or looks_digit_split(top)
     return RawAnswer(text=str(text), top_logprobs=top, split_number=split, refused=bool(refusal))
+
+
+def parse_next_token(data: Any) -> tuple[tuple[str, float], ...]:
+    """The first generated token's alternatives from a ``/v1/completions`` body, in the legacy
+    OpenAI shape (``top_logprobs: [{token: logprob}]``, vLLM) or the chat shape
+    (``content: [{top_logprobs: [{token, logprob}]}]``, recent llama.cpp)."""
+    logprobs = data["choices"][0]["logprobs"]
+    content = logprobs.get("content")
+    if content:
+        first = content[0]
+        items = first.get("top_logprobs") or [first]
+        return tuple((str(a["token"]), float(a["logprob"])) for a in items)
+    return tuple((str(t), float(lp)) for t, lp in logprobs["top_logprobs"][0].items())
+
+
+TEMPLATE_PROBE = "TRACEKIT-JUDGE-PROMPT-5e1c"
+"""A user message rendered once through the server's chat template to find where a judge
+prompt goes in the text that ``/v1/completions`` continues."""
 
 
 class OpenAIBackend:
@@ -170,6 +232,16 @@ class OpenAIBackend:
         self._succeeded = 0
         self._logprobs = True
         self._rng = random.Random()
+        self._base_url = base_url or DEFAULT_BASE_URL
+        # digit-split answers: "unseen" until one comes, then "completions" (next-digit
+        # requests work) or "unsupported" (the whole run is scored from text)
+        self._digits = "unseen"
+        self._template: tuple[str, str] | None = None
+        self._template_lock: asyncio.Lock | None = None
+
+    @property
+    def text_only(self) -> bool:
+        return not self._logprobs or self._digits == "unsupported"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -180,6 +252,8 @@ class OpenAIBackend:
             "api_key_set": self._key is not None,
             "top_logprobs": self.config.top_logprobs,
             "max_tokens": self.config.max_tokens,
+            "logprobs": self._logprobs,
+            "digit_split": self._digits,
         }
 
     def _scrub(self, text: str) -> str:
@@ -219,7 +293,8 @@ class OpenAIBackend:
         ceiling = min(self.config.backoff_max, self.config.backoff * 2 ** (attempt - 1))
         return ceiling * (0.5 + 0.5 * self._rng.random())  # "equal jitter": never zero
 
-    def _fatal_status(self, response: httpx.Response) -> JudgeError | None:
+    def _fatal_status(self, response: httpx.Response) -> JudgeError:
+        """The run-stopping error for a 401/403 (the key) or a 404 (URL or model)."""
         status = response.status_code
         if status in (401, 403):
             return JudgeError(
@@ -227,13 +302,11 @@ class OpenAIBackend:
                 f"the key in ${self._key_env} is wrong or missing",
                 f"set {self._key_env}, or name another variable with --api-key-env",
             )
-        if status == 404:
-            return JudgeError(
-                f"the judge server at {self.display_url} answered 404 for model "
-                f"'{self.model_id}': {self._error_message(response)}",
-                "check --base-url (it should end in /v1) and --judge-model",
-            )
-        return None
+        return JudgeError(
+            f"the judge server at {self.display_url} answered 404 for model "
+            f"'{self.model_id}': {self._error_message(response)}",
+            "check --base-url (it should end in /v1) and --judge-model",
+        )
 
     def _error_message(self, response: httpx.Response) -> str:
         try:
@@ -243,7 +316,7 @@ class OpenAIBackend:
             message = None
         return self._scrub(str(message) if message else response.text or "no details")
 
-    async def _post(self, body: dict[str, Any]) -> httpx.Response:
+    async def _post(self, url: str, body: dict[str, Any]) -> httpx.Response:
         if self._slots is None:  # created here: a Queue binds to the running loop
             self._slots = asyncio.Queue()
             for client, size in zip(self._clients, self._sizes, strict=True):
@@ -251,21 +324,25 @@ class OpenAIBackend:
                     self._slots.put_nowait(client)
         client = await self._slots.get()
         try:
-            return await client.post(self.url, json=body)
+            return await client.post(url, json=body)
         finally:
             self._slots.put_nowait(client)
 
-    async def ask(self, prompt: str) -> Answered:
+    async def _send(
+        self, url: str, body: dict[str, Any], parse: Callable[[Any], Any], *, question: bool
+    ) -> _Sent:
+        """POST with bounded, jittered retries. ``question``: the chat request itself (a 404
+        stops the run); otherwise a 400/404/405/501 means the server lacks the endpoint."""
         import httpx
 
-        body = self._body(prompt)
         reason = "no attempt made"
         unreachable = False
+        attempt = 0
         for attempt in range(1, self.config.max_attempts + 1):
             retry_after: float | None = None
             unreachable = False
             try:
-                response = await self._post(body)
+                response = await self._post(url, body)
             except httpx.TimeoutException:
                 reason = f"timed out after {self.config.timeout:g} s"
             except httpx.TransportError as exc:
@@ -273,29 +350,32 @@ class OpenAIBackend:
                 reason = f"connection error ({type(exc).__name__})"
             else:
                 status = response.status_code
-                if fatal := self._fatal_status(response):
-                    raise fatal
-                if status in RETRY_STATUSES or status >= 500:
+                if status in (401, 403) or (question and status == 404):
+                    raise self._fatal_status(response)
+                if status in RETRY_STATUSES or (status >= 500 and status != 501):
                     reason = f"HTTP {status}"
                     retry_after = parse_retry_after(response.headers)
-                elif status == 400 and body.get("logprobs") and self._rejects_logprobs(response):
-                    reason = "the server rejected logprobs"
-                    body = self._body(prompt)
-                    continue
+                elif question and status == 400 and body.get("logprobs"):
+                    if self._rejects_logprobs(response):
+                        return _Sent(None, "the server rejected logprobs", attempt, retry=True)
+                    return _Sent(None, f"HTTP 400: {self._error_message(response)}", attempt)
                 elif status >= 400:
-                    return Answered(
-                        None, f"HTTP {status}: {self._error_message(response)}", attempt
+                    return _Sent(
+                        None,
+                        f"HTTP {status}: {self._error_message(response)}",
+                        attempt,
+                        unsupported=not question and status in (400, 404, 405, 501),
                     )
                 else:
                     try:
-                        raw = parse_chat_completion(response.json())
+                        parsed = parse(response.json())
                     except ValueError:
                         reason = "malformed JSON in the response"
                     except (KeyError, IndexError, TypeError, AttributeError):
-                        reason = "response is not a chat completion"
+                        reason = "unexpected response shape"
                     else:
                         self._succeeded += 1
-                        return Answered(raw, None, attempt)
+                        return _Sent(parsed, None, attempt)
             if attempt < self.config.max_attempts:
                 delay = self._backoff(attempt, retry_after)
                 logger.debug(
@@ -308,7 +388,166 @@ class OpenAIBackend:
                 f"({self.config.max_attempts} attempts)",
                 "check --base-url / OPENAI_BASE_URL and that the server is running",
             )
-        return Answered(None, f"{reason} after {self.config.max_attempts} attempts", attempt)
+        return _Sent(None, f"{reason} after {self.config.max_attempts} attempts", attempt)
+
+    async def ask(self, prompt: str) -> Answered:
+        requests = retries = 0
+        while True:
+            sent = await self._send(
+                self.url, self._body(prompt), parse_chat_completion, question=True
+            )
+            requests += sent.attempts
+            retries += sent.attempts - 1
+            if not sent.retry:
+                break
+            retries += 1  # asked again without logprobs
+        raw: RawAnswer | None = sent.value
+        if raw is None:
+            return Answered(None, sent.failure, requests, retries)
+        if raw.split_number and raw.top_logprobs is not None and self._digits != "unsupported":
+            probs, failure, more, again = await self._whole_numbers(prompt, raw.top_logprobs)
+            requests += more
+            retries += again
+            if failure is not None:
+                return Answered(None, failure, requests, retries)
+            if probs is not None:
+                raw = replace(raw, number_probs=tuple(probs))
+        return Answered(raw, None, requests, retries)
+
+    async def _render(self, prompt: str) -> tuple[str | None, int]:
+        """(the judge prompt as the text the model continues: the server's chat template
+        around it up to the assistant's turn, or None when the server cannot render it;
+        requests made). The template is asked for once per run: llama.cpp's
+        ``/apply-template``, else vLLM's ``/tokenize`` + ``/detokenize``."""
+        if self._template_lock is None:
+            self._template_lock = asyncio.Lock()
+        requests = 0
+        async with self._template_lock:
+            if self._template is None and self._digits != "unsupported":
+                self._template, requests = await self._fetch_template()
+                if self._template is None:
+                    self._unsupported("renders no chat template (/apply-template, /tokenize)")
+        if self._template is None:
+            return None, requests
+        before, after = self._template
+        return before + prompt + after, requests
+
+    async def _fetch_template(self) -> tuple[tuple[str, str] | None, int]:
+        messages = [{"role": "user", "content": TEMPLATE_PROBE}]
+        sent = await self._send(
+            server_url(self._base_url, "apply-template"),
+            {"messages": messages},
+            lambda data: str(data["prompt"]),
+            question=False,
+        )
+        text, requests = sent.value, sent.attempts
+        if text is None:
+            tokens = await self._send(
+                server_url(self._base_url, "tokenize"),
+                {"model": self.model_id, "messages": messages, "add_generation_prompt": True},
+                lambda data: [int(t) for t in data["tokens"]],
+                question=False,
+            )
+            requests += tokens.attempts
+            if tokens.value is not None:
+                detokenized = await self._send(
+                    server_url(self._base_url, "detokenize"),
+                    {"model": self.model_id, "tokens": tokens.value},
+                    lambda data: str(data["prompt"]),
+                    question=False,
+                )
+                text = detokenized.value
+                requests += detokenized.attempts
+        if text is None or text.count(TEMPLATE_PROBE) != 1:
+            return None, requests
+        before, _, after = text.partition(TEMPLATE_PROBE)
+        return (before, after), requests
+
+    def _unsupported(self, why: str) -> None:
+        if self._digits != "unsupported":
+            self._digits = "unsupported"
+            logger.warning(
+                "the judge '%s' writes numbers one digit per token, and the server %s: the "
+                "next digit cannot be asked for, so every score of this run comes from the "
+                "answer text (method 'text'); serve it with vLLM or llama.cpp for exact scores",
+                self.model_id,
+                why,
+            )
+
+    async def _next_token(self, text: str) -> _Sent:
+        """The distribution of the token after ``text`` (``/v1/completions``, one token)."""
+        body = {
+            "model": self.model_id,
+            "prompt": text,
+            "max_tokens": 1,
+            "temperature": 0,
+            "seed": 0,
+            "logprobs": self.config.top_logprobs,
+        }
+        return await self._send(
+            server_url(self._base_url, "v1/completions"), body, parse_next_token, question=False
+        )
+
+    async def _whole_numbers(
+        self, prompt: str, first: tuple[tuple[str, float], ...]
+    ) -> tuple[list[float] | None, str | None, int, int]:
+        """P(answer == n), n = 0..100, for a judge that writes numbers one digit per token:
+        (probabilities or None when the server cannot say, a failure, requests, retries).
+
+        From the first token's alternatives, every prefix that can still grow into a number
+        0-100 (one digit, or ``10``) is sent back with ``/v1/completions`` for the next
+        token's distribution: digits extend it, the rest end it (``P(end) = 1 - P(digit)``).
+        A two-digit prefix other than 10, and 100, are taken to end there. At most 11 extra
+        requests per judgment (10 first digits, then ``10``), asked concurrently."""
+        rendered, requests = await self._render(prompt)
+        retries = 0
+        if rendered is None:
+            return None, None, requests, retries
+        probs = [0.0] * 101
+        # (text after the prompt, the number's digits so far, probability of that text)
+        frontier: list[tuple[str, str, float]] = []
+
+        def place(text: str, digits: str, whole: bool, prob: float) -> None:
+            value = canonical_number(digits)
+            if value is None:
+                return
+            if whole and extends_number(digits):
+                frontier.append((text, digits, prob))
+            else:
+                probs[value] += prob
+
+        seen: set[str] = set()
+        for token, logprob in first:
+            if token in seen:
+                continue
+            seen.add(token)
+            body = token.lstrip()
+            found = split_digits(body)
+            if found is not None:
+                place(token, found[0], found[1], math.exp(logprob))
+        while frontier:
+            level, frontier = frontier, []
+            answers = await asyncio.gather(*(self._next_token(rendered + t) for t, _, _ in level))
+            for (text, digits, prob), sent in zip(level, answers, strict=True):
+                requests += sent.attempts
+                retries += sent.attempts - 1
+                if sent.unsupported:
+                    self._unsupported(f"has no usable /v1/completions ({sent.failure})")
+                    return None, None, requests, retries
+                if sent.value is None:
+                    return None, f"next-digit request: {sent.failure}", requests, retries
+                self._digits = "completions"
+                alternatives: tuple[tuple[str, float], ...] = sent.value
+                probs[int(digits)] += prob * max(0.0, 1.0 - digit_mass(alternatives))
+                seen = set()
+                for token, logprob in alternatives:
+                    if token in seen:
+                        continue
+                    seen.add(token)
+                    found = split_digits(token)
+                    if found is not None:
+                        place(text + token, digits + found[0], found[1], prob * math.exp(logprob))
+        return probs, None, requests, retries
 
     async def aclose(self) -> None:
         for client in self._clients:
@@ -347,6 +586,7 @@ class LocalBackend:
     """
 
     name = "local"
+    text_only = False
 
     def __init__(self, config: JudgeConfig, model: LoadedModel | None = None) -> None:
         self.config = config

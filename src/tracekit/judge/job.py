@@ -55,10 +55,23 @@ class MetricCounts:
     requests: int = 0
     retries: int = 0
     cache_hits: int = 0
+    methods: dict[str, int] = field(default_factory=dict)
+    """Scored rows per method (``logprobs``, ``digits``, ``text``, ``local``)."""
 
     def add(self, other: MetricCounts) -> None:
         for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+            if name != "methods":
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+        for method, count in other.methods.items():
+            self.methods[method] = self.methods.get(method, 0) + count
+
+    def mixed_methods(self) -> str | None:
+        """A note when some rows were scored another way than most, else None."""
+        if len(self.methods) < 2:
+            return None
+        main, *others = sorted(self.methods, key=lambda m: -self.methods[m])
+        rest = ", ".join(f"{self.methods[m]} by {m}" for m in others)
+        return f"{rest} (the other {self.methods[main]} by {main}): see the method column"
 
 
 @dataclass
@@ -84,10 +97,28 @@ class JudgeSummary:
     def failed(self) -> int:
         return self.total.failed
 
+    def notes(self) -> list[str]:
+        """One line per metric whose rows were not all scored one way, and one when the
+        server forced the text method on the whole run."""
+        lines = []
+        if self.judge.get("digit_split") == "unsupported":
+            lines.append(
+                "the judge splits numbers into digits and the server cannot be asked for the "
+                "next digit: every score comes from the answer text"
+            )
+        elif self.judge.get("logprobs") is False:
+            lines.append("the server rejects logprobs: every score comes from the answer text")
+        for metric, counts in self.metrics.items():
+            mixed = counts.mixed_methods()
+            if mixed:
+                lines.append(f"{metric}: {mixed}")
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "rows": self.rows,
             "metrics": {m: asdict(c) for m, c in self.metrics.items()},
+            "notes": self.notes(),
             "total": asdict(self.total),
             "mean_scores": self.mean_scores,
             "seconds": round(self.seconds, 3),
@@ -169,7 +200,11 @@ async def ajudge_rows(
         keys.append(row_keys)
     total = len(rows) * len(templates)
     try:
-        answers: dict[str, RawAnswer | str] = dict(cache.get_many(todo) if cache else {})
+        # a digit-split answer without whole-number probabilities is asked again
+        cached = cache.get_many(todo) if cache else {}
+        answers: dict[str, RawAnswer | str] = {
+            k: raw for k, raw in cached.items() if not raw.incomplete
+        }
         done = sum(1 for row_keys in keys for key in row_keys.values() if key in answers)
         for row_keys in keys:
             for metric, key in row_keys.items():
@@ -187,10 +222,10 @@ async def ajudge_rows(
             async with limit:
                 answered: Answered = await backend.ask(prompt)
             counts[metric].requests += answered.requests
-            counts[metric].retries += max(0, answered.requests - 1)
+            counts[metric].retries += answered.retries
             if answered.raw is not None:
                 answers[key] = answered.raw
-                if cache is not None:
+                if cache is not None and not answered.raw.incomplete:
                     cache.put(key, backend.name, backend.model_id, metric, answered.raw)
             else:
                 answers[key] = answered.failure or "unknown failure"
@@ -213,7 +248,7 @@ async def ajudge_rows(
         await backend.aclose()
         if cache is not None:
             cache.close()
-    judged = _apply(rows, keys, answers, config, counts)
+    judged = _apply(rows, keys, answers, config, counts, text_only=backend.text_only)
     summary = JudgeSummary(
         rows=len(rows),
         metrics=counts,
@@ -238,6 +273,8 @@ def _apply(
     answers: Mapping[str, RawAnswer | str],
     config: JudgeConfig,
     counts: dict[str, MetricCounts],
+    *,
+    text_only: bool = False,
 ) -> list[dict[str, Any]]:
     judged = []
     for row, row_keys in zip(rows, keys, strict=True):
@@ -245,12 +282,14 @@ def _apply(
         for metric, key in row_keys.items():
             answer = answers.get(key, "not judged")
             verdict = (
-                score_answer(answer, config.min_mass)
+                score_answer(answer, config.min_mass, text_only=text_only)
                 if isinstance(answer, RawAnswer)
                 else Verdict.failed(answer)
             )
             kind = verdict.kind
             bucket = counts[metric]
+            if verdict.score is not None:
+                bucket.methods[verdict.method] = bucket.methods.get(verdict.method, 0) + 1
             if kind == "ok":
                 bucket.scored += 1
             elif kind == "refused":
