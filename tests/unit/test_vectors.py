@@ -230,3 +230,70 @@ def test_the_separation_table_gets_a_png_beside_its_json(tmp_path, cli):
                  "--force", "--experiments-dir", tmp_path)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert not png.exists()
+
+
+def _gguf_string(reader, key):
+    field = reader.get_field(key)
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _gguf_int(reader, key):
+    field = reader.get_field(key)
+    return int(field.parts[field.data[0]][0])
+
+
+def test_gguf_export_reads_back_with_llama_cpp_layer_numbers(tmp_path, cli):
+    """tracekit layer i (after block i-1) is llama.cpp's direction.{i-1} (added after block
+    i-1); layers 0 and 1 have no slot and are reported, not written."""
+    import gguf
+
+    from tracekit.storage.atomic import write_json
+
+    layers = [0, 1, 2, 7, 30]
+    pos, neg = _planted(np.random.default_rng(9), layers=len(layers))
+    paths = write_experiment(tmp_path, {"pos": pos, "neg": neg}, layers=layers)
+    write_json(paths.metadata, {"model": "org/m", "architecture": "LlamaForCausalLM"})
+    result = cli("extract", "vectors", "--experiment", "e", "--trait", "t", "--export", "gguf",
+                 "--experiments-dir", tmp_path, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["gguf"]["directions"] == {"2": 1, "7": 6, "30": 29}
+    assert summary["gguf"]["skipped_layers"] == [0, 1]
+
+    vectors = np.load(paths.vectors_dir / "mean_diff_response_avg.npy")
+    reader = gguf.GGUFReader(paths.vectors_dir / "mean_diff_response_avg.gguf")
+    assert _gguf_string(reader, "general.architecture") == "controlvector"
+    assert _gguf_string(reader, "controlvector.model_hint") == "llama"
+    assert _gguf_int(reader, "controlvector.layer_count") == 3
+    tensors = {t.name: t for t in reader.tensors}
+    assert sorted(tensors) == ["direction.1", "direction.29", "direction.6"]
+    for row, layer in enumerate(layers):
+        if layer < 2:
+            continue
+        tensor = tensors[f"direction.{layer - 1}"]
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        assert list(tensor.shape) == [vectors.shape[1]]
+        assert np.array_equal(np.asarray(tensor.data), vectors[row])
+    meta = json.loads((paths.vectors_dir / "mean_diff_response_avg_metadata.json").read_text())
+    assert meta["gguf"]["directions"]["30"] == 29
+
+    # the table mode names the file and the mapping; an explicit hint wins
+    result = cli("extract", "vectors", "--experiment", "e", "--trait", "t", "--export", "gguf",
+                 "--gguf-model-hint", "qwen2", "--force",
+                 "--experiments-dir", tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "direction.1..29 = tracekit layers 2..30; layers 0, 1 have no llama.cpp slot" in (
+        _flat(result)
+    )
+    reader = gguf.GGUFReader(paths.vectors_dir / "mean_diff_response_avg.gguf")
+    assert _gguf_string(reader, "controlvector.model_hint") == "qwen2"
+
+
+def test_gguf_export_of_layers_without_a_slot_is_refused_before_writing(tmp_path, cli):
+    pos, neg = _planted(np.random.default_rng(10), layers=2)
+    paths = write_experiment(tmp_path, {"pos": pos, "neg": neg}, layers=[0, 1])
+    result = cli("extract", "vectors", "--experiment", "e", "--trait", "t", "--export", "gguf",
+                 "--experiments-dir", tmp_path)  # fmt: skip
+    assert result.exit_code == 1
+    assert "--export gguf: layers 0, 1 have no llama.cpp control-vector slot" in _flat(result)
+    assert not paths.vectors_dir.exists()

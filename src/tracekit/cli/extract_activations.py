@@ -59,9 +59,17 @@ def _print_vectors(result: ExtractVectorsResult) -> None:
     out_console.print(table)
     out_console.print(f"vectors (n_layers x hidden): {result.files[0]}", markup=False)
     for path in result.files:
-        if path.suffix in (".png", ".gguf"):
-            what = "separation plot" if path.suffix == ".png" else "llama.cpp control vector"
-            out_console.print(f"{what}: {path}", markup=False)
+        if path.suffix == ".png":
+            out_console.print(f"separation plot: {path}", markup=False)
+    if result.gguf is not None:
+        written = sorted(result.gguf.directions.values())
+        skipped = ", ".join(map(str, result.gguf.skipped))
+        out_console.print(
+            f"llama.cpp control vector: {result.gguf.path} (direction.{written[0]}.."
+            f"{written[-1]} = tracekit layers {written[0] + 1}..{written[-1] + 1}"
+            + (f"; layers {skipped} have no llama.cpp slot)" if skipped else ")"),
+            markup=False,
+        )
 
 
 def register(app: typer.Typer) -> None:
@@ -159,6 +167,22 @@ def register(app: typer.Typer) -> None:
                 "beside the metadata JSON.",
             ),
         ] = True,
+        export: Annotated[
+            str | None,
+            typer.Option(
+                "--export",
+                help="gguf: also write a llama.cpp control vector (--control-vector FILE): "
+                "tracekit layer i becomes direction.{i-1}; layers 0 and 1 have no llama.cpp slot.",
+            ),
+        ] = None,
+        gguf_model_hint: Annotated[
+            str | None,
+            typer.Option(
+                "--gguf-model-hint",
+                help="controlvector.model_hint of the GGUF (default: the architecture recorded "
+                "by generate, e.g. llama).",
+            ),
+        ] = None,
         force: ForceOpt = False,
         json_output: JsonOpt = False,
         config: ConfigOpt = None,

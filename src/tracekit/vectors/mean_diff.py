@@ -30,6 +30,13 @@ from tracekit.generation.pooling import Pooling
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import check_writable, save_npy, write_bytes, write_json
 from tracekit.storage.experiment import TraitPaths
+from tracekit.vectors.gguf_export import (
+    GgufExport,
+    check_exportable,
+    model_hint_from,
+    write_control_vector,
+)
+from tracekit.vectors.inputs import PooledActivations, load_pooled
 from tracekit.vectors.methods import Method, compute_vectors
 
 if TYPE_CHECKING:
@@ -55,6 +62,10 @@ class ExtractVectorsConfig(TracekitConfig):
     min_coherence: float = Field(default=50.0, ge=0.0, le=100.0)
     neg_rule: NegRule = "mirrored"
     plot: bool = True
+    export: Literal["gguf"] | None = None
+    """``gguf``: also write a llama.cpp control vector (:mod:`tracekit.vectors.gguf_export`)."""
+    gguf_model_hint: str | None = None
+    """``controlvector.model_hint``; default: the architecture in the trait's metadata."""
     force: bool = False
 
 
@@ -81,6 +92,7 @@ class ExtractVectorsResult:
     layers: list[LayerSeparation]
     seconds: float
     files: list[Path] = field(default_factory=list)
+    gguf: GgufExport | None = None
 
     @property
     def best_layer(self) -> int | None:
@@ -105,8 +117,18 @@ class ExtractVectorsResult:
                 ],
                 "seconds": round(self.seconds, 3),
                 "files": [str(f) for f in self.files],
+                "gguf": None if self.gguf is None else _gguf_summary(self.gguf),
             }
         )
+
+
+def _gguf_summary(export: GgufExport) -> dict[str, Any]:
+    return {
+        "path": str(export.path),
+        "model_hint": export.model_hint,
+        "directions": {str(layer): n for layer, n in export.directions.items()},
+        "skipped_layers": export.skipped,
+    }
 
 
 def _score(value: Any) -> float | None:
@@ -231,95 +253,115 @@ def _finite(value: Any) -> Any:
 
 def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
     """Trait vectors for one trait; see the module docstring."""
-    import io
-    import json
-
-    import torch
-
     started = time.perf_counter()
     paths = TraitPaths.of(config.experiments_dir, config.experiment, config.trait)
     stem = f"{config.method}_{config.pooling.value}"
-    vector_file = paths.vectors_dir / f"{stem}.npy"
-    meta_file = paths.vectors_dir / f"{stem}_metadata.json"
-    plot_file = paths.vectors_dir / f"{stem}_separation.png"
-    outputs = [vector_file, vector_file.with_suffix(".pt"), meta_file]
-    check_writable([*outputs, plot_file] if config.plot else outputs, config.force)
+    files = {
+        "npy": paths.vectors_dir / f"{stem}.npy",
+        "pt": paths.vectors_dir / f"{stem}.pt",
+        "metadata": paths.vectors_dir / f"{stem}_metadata.json",
+        "png": paths.vectors_dir / f"{stem}_separation.png",
+        "gguf": paths.vectors_dir / f"{stem}.gguf",
+    }
+    wanted = {"npy", "pt", "metadata"} | ({"png"} if config.plot else set())
+    wanted |= {"gguf"} if config.export == "gguf" else set()
+    check_writable([path for key, path in files.items() if key in wanted], config.force)
 
-    acts_meta: dict[str, Any] = {}
-    if paths.activations_metadata.is_file():
-        acts_meta = json.loads(paths.activations_metadata.read_text(encoding="utf-8"))
-    pos_ids, pos_acts = store.load_activations(paths, "pos", config.pooling.value)
-    neg_ids, neg_acts = store.load_activations(paths, "neg", config.pooling.value)
-    if pos_acts.shape[1:] != neg_acts.shape[1:]:
-        raise InputError(
-            f"pos and neg activations of {config.trait} have different shapes "
-            f"{pos_acts.shape[1:]} and {neg_acts.shape[1:]}",
-            "re-run 'tracekit extract activations --force'",
-        )
-    entry = acts_meta.get("poolings", {}).get(config.pooling.value, {})
-    layers = list(entry.get("layers") or range(pos_acts.shape[1]))
-    if len(layers) != pos_acts.shape[1]:
-        raise InputError(
-            f"{paths.activations_metadata} lists {len(layers)} layers for "
-            f"{config.pooling.value} but the files hold {pos_acts.shape[1]}",
-            "re-run 'tracekit extract activations --force'",
-        )
-    pos_rows = store.read_responses_csv(paths.responses_csv("pos"), ())
-    neg_rows = store.read_responses_csv(paths.responses_csv("neg"), ())
-    # rows without activations cannot be used (e.g. responses appended after extraction)
-    pos_index = {int(i): k for k, i in enumerate(pos_ids.tolist())}
-    neg_index = {int(i): k for k, i in enumerate(neg_ids.tolist())}
-    pos_rows = [r for r in pos_rows if int(r["id"]) in pos_index]
-    neg_rows = [r for r in neg_rows if int(r["id"]) in neg_index]
-    ids, rule, dropped = select_pairs(
-        pos_rows, neg_rows, config.threshold, config.min_coherence, config.neg_rule
-    )
-    judged = rule is not None
-    if not ids:
-        raise InputError(
-            f"no pos/neg pairs of {config.trait} to build a vector from"
-            + (f" (none pass the judge filter: {rule})" if judged else ""),
-            "lower --threshold or --min-coherence, or generate more examples",
-        )
-    pos = pos_acts[[pos_index[i] for i in ids]]
-    neg = neg_acts[[neg_index[i] for i in ids]]
+    pooled = load_pooled(paths, config.pooling.value)
+    if config.export == "gguf":
+        check_exportable(pooled.layers)
+    ids, rule, dropped = _pairs(config, paths, pooled)
+    pos = pooled.acts["pos"][_rows_of(pooled.ids["pos"], ids)]
+    neg = pooled.acts["neg"][_rows_of(pooled.ids["neg"], ids)]
     vectors = compute_vectors(config.method, pos, neg)
-    separation = layer_separation(pos, neg, vectors, layers)
-
     result = ExtractVectorsResult(
         trait=config.trait,
         method=config.method,
         pooling=config.pooling.value,
         n_pairs=len(ids),
-        judged=judged,
+        judged=rule is not None,
         dropped={k: v for k, v in dropped.items() if v},
         judge_filter=rule,
-        layers=separation,
+        layers=layer_separation(pos, neg, vectors, pooled.layers),
         seconds=0.0,
     )
-    save_npy(vector_file, vectors)
+    _write(config, paths, files, result, vectors, pooled, ids)
+    result.files = [path for key, path in files.items() if key in wanted]
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _rows_of(row_ids: np.ndarray, ids: list[int]) -> list[int]:
+    index = {int(i): k for k, i in enumerate(row_ids.tolist())}
+    return [index[i] for i in ids]
+
+
+def _pairs(
+    config: ExtractVectorsConfig, paths: TraitPaths, pooled: PooledActivations
+) -> tuple[list[int], str | None, dict[str, int]]:
+    """:func:`select_pairs` over the CSV rows that have activations (responses appended after
+    extraction have none); refuses when no pair is left."""
+    rows = {}
+    for polarity in ("pos", "neg"):
+        have = set(pooled.ids[polarity].tolist())
+        csv_rows = store.read_responses_csv(paths.responses_csv(polarity), ())
+        rows[polarity] = [r for r in csv_rows if int(r["id"]) in have]
+    ids, rule, dropped = select_pairs(
+        rows["pos"], rows["neg"], config.threshold, config.min_coherence, config.neg_rule
+    )
+    if not ids:
+        raise InputError(
+            f"no pos/neg pairs of {config.trait} to build a vector from"
+            + (f" (none pass the judge filter: {rule})" if rule is not None else ""),
+            "lower --threshold or --min-coherence, or generate more examples",
+        )
+    return ids, rule, dropped
+
+
+def _write(
+    config: ExtractVectorsConfig,
+    paths: TraitPaths,
+    files: dict[str, Path],
+    result: ExtractVectorsResult,
+    vectors: np.ndarray,
+    pooled: PooledActivations,
+    ids: list[int],
+) -> None:
+    """The vectors (.npy, .pt), the llama.cpp export, the metadata and the PNG."""
+    import io
+    import json
+
+    import torch
+
+    save_npy(files["npy"], vectors)
     buffer = io.BytesIO()
     torch.save(torch.from_numpy(vectors), buffer)
-    write_bytes(paths.vectors_dir / f"{stem}.pt", buffer.getvalue())
-    meta = {
-        **{k: v for k, v in result.to_dict().items() if k not in ("files", "seconds")},
-        "shape": list(vectors.shape),
-        "threshold": config.threshold if judged else None,
-        "min_coherence": config.min_coherence if judged else None,
-        "neg_rule": config.neg_rule if judged else None,
-        "pair_ids": ids,
-        "model": acts_meta.get("model"),
-        "activations_source": entry.get("source"),
-        "separation_note": "in-sample: the same pairs build the vector and score it",
-        "unit_norm": config.method != "mean_diff",
-        "files": {"vectors": f"{stem}.npy and {stem}.pt (float32 [n_layers, hidden])"},
-    }
-    write_json(meta_file, meta)
-    result.files = [vector_file, paths.vectors_dir / f"{stem}.pt", meta_file]
+    write_bytes(files["pt"], buffer.getvalue())
+    if config.export == "gguf":
+        trait_meta: dict[str, Any] = {}
+        if paths.metadata.is_file():
+            trait_meta = json.loads(paths.metadata.read_text(encoding="utf-8"))
+        hint = config.gguf_model_hint or model_hint_from({**pooled.metadata, **trait_meta})
+        result.gguf = write_control_vector(files["gguf"], vectors, pooled.layers, hint)
+    judged = result.judged
+    stem = files["npy"].stem
+    write_json(
+        files["metadata"],
+        {
+            **{k: v for k, v in result.to_dict().items() if k not in ("files", "seconds")},
+            "shape": list(vectors.shape),
+            "threshold": config.threshold if judged else None,
+            "min_coherence": config.min_coherence if judged else None,
+            "neg_rule": config.neg_rule if judged else None,
+            "pair_ids": ids,
+            "model": pooled.metadata.get("model"),
+            "activations_source": pooled.source,
+            "separation_note": "in-sample: the same pairs build the vector and score it",
+            "unit_norm": config.method != "mean_diff",
+            "files": {"vectors": f"{stem}.npy and {stem}.pt (float32 [n_layers, hidden])"},
+        },
+    )
     if config.plot:
         from tracekit.vectors.figures import plot_separation
 
-        plot_separation(result, plot_file)
-        result.files.append(plot_file)
-    result.seconds = time.perf_counter() - started
-    return result
+        plot_separation(result, files["png"])
