@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tracekit.config.types import Normalization
-from tracekit.console import out_console, progress_bar
+from tracekit.console import err_console, out_console, progress_bar
 from tracekit.datasets.build import Strategy
 
 from ._common import ConfigOpt, ForceOpt, JsonOpt, LayersOpt, build_config
@@ -26,7 +26,11 @@ def _print_result(result: BuildDatasetResult) -> None:
     table.add_column("value")
     rows = [
         ("output", str(result.output)),
-        ("input", f"{result.input_source}, layers {result.input_layers}"),
+        (
+            "input",
+            f"{result.input_source}, layers {result.input_layers} "
+            f"({result.layer_numbering} numbering)",
+        ),
         ("files", str(result.n_files)),
         ("samples", str(result.n_samples)),
         ("X", " x ".join(str(d) for d in result.x_shape)),
@@ -46,6 +50,8 @@ def _print_result(result: BuildDatasetResult) -> None:
     for field, value in rows:
         table.add_row(field, value)
     out_console.print(table)
+    for notice in result.notices:
+        err_console.print(f"[cyan]note:[/] {notice}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

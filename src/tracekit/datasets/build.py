@@ -27,7 +27,11 @@ from tracekit.datasets.normalization import apply_normalization, fit_normalizati
 from tracekit.datasets.split import split_indices
 from tracekit.errors import InputError
 from tracekit.storage.atomic import check_writable, save_npz
-from tracekit.storage.sentences import get_final_token_data, load_all_sentences
+from tracekit.storage.sentences import (
+    SEED_NUMBERING,
+    get_final_token_data,
+    load_all_sentences,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -122,7 +126,9 @@ class BuildDatasetResult:
     sae_width: int | None = None
     n_train: int | None = None
     n_test: int | None = None
+    layer_numbering: str = "tracekit"
     warnings: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -140,7 +146,9 @@ class BuildDatasetResult:
             "sae_width": self.sae_width,
             "n_train": self.n_train,
             "n_test": self.n_test,
+            "layer_numbering": self.layer_numbering,
             "warnings": self.warnings,
+            "notices": self.notices,
         }
 
 
@@ -237,6 +245,13 @@ def build_dataset(
         )
     if target is not None:
         _check_average_l0(config, data.average_l0, warnings)
+    notices: list[str] = []
+    if data.numbering == SEED_NUMBERING:
+        notices.append(
+            "the files have no 'layers' array (seed 004's layout): layer L is "
+            "hidden_states[L], as in the seed, not README's numbering (where 0 is the "
+            "embedding output)"
+        )
 
     if strategy is Strategy.embedding_to_feature:
         assert data.embeddings is not None
@@ -263,6 +278,7 @@ def build_dataset(
         "n_samples": n,
         "sentence_indices": data.sentence_indices,
         "input_dir": str(config.input),
+        "layer_numbering": data.numbering,
     }
     if target is not None:
         metadata["target_layer"] = target[0]
@@ -283,7 +299,9 @@ def build_dataset(
         target_feature=None if target is None else target[1],
         average_l0=data.average_l0,
         sae_width=data.sae_width,
+        layer_numbering=data.numbering,
         warnings=warnings,
+        notices=notices,
     )
     if train is None or test is None:
         save_dataset(X, y, metadata, config.output)
@@ -305,6 +323,8 @@ def build_dataset(
         result.n_train, result.n_test = len(train), len(test)
     for message in warnings:
         logger.warning(message)
+    for message in notices:
+        logger.info(message)
     return result
 
 

@@ -1,9 +1,11 @@
 """Reader of sentence feature NPZ files (``sentence_000000.npz``, ...; see docs/build-dataset.md).
 
 One file per sentence holds ``embeddings`` [fragments, d], ``hidden_states`` [layers, fragments, d]
-for the tracekit layers in ``layers``, SAE activations (dense ``activations`` [layers, fragments,
-width] or the sparse CSR arrays ``act_values``/``act_indices``/``act_indptr``/``act_shape``, or
-none), ``average_l0s``, ``concept_strength_label`` and ``is_final_token``.
+for the tracekit layers in ``layers`` (files without ``layers``, as seed 004 writes them, are
+numbered the seed's way: layer L is ``hidden_states[L]``), SAE activations (dense
+``activations`` [layers, fragments, width] or the sparse CSR arrays ``act_values``/
+``act_indices``/``act_indptr``/``act_shape``, or none), ``average_l0s``,
+``concept_strength_label`` and ``is_final_token``.
 
 Files are read lazily and sliced: :class:`SentenceFile` parses the ``.npy`` headers inside the
 zip and reads only the bytes of the rows asked for (the final-token row of the needed layers),
@@ -283,6 +285,32 @@ def load_all_sentences(input_dir: str | Path) -> list[SentenceFile]:
 
 
 # --- final-token gathering ---------------------------------------------------------------------
+TRACEKIT_NUMBERING = "tracekit"
+SEED_NUMBERING = "seed"
+
+
+def file_layer_numbers(sentence: SentenceFile) -> tuple[list[int], str]:
+    """(the layer numbers of the file's ``hidden_states`` rows, the numbering they follow).
+
+    tracekit's files list them in ``layers``. Seed 004's files have no ``layers`` array and
+    address ``hidden_states`` (and ``activations``) by position, so there layer L is row L.
+    """
+    if "layers" in sentence:
+        return [int(x) for x in sentence["layers"].reshape(-1).tolist()], TRACEKIT_NUMBERING
+    for name in ("hidden_states", "activations"):
+        if name in sentence:
+            shape = sentence.info(name).shape
+            if len(shape) != 3:
+                raise InputError(
+                    f"{sentence.path}: '{name}' has shape {shape}, expected "
+                    "[layers, fragments, width]"
+                )
+            return list(range(shape[0])), SEED_NUMBERING
+    if "act_shape" in sentence:
+        return list(range(int(sentence["act_shape"].reshape(-1)[0]))), SEED_NUMBERING
+    return [], TRACEKIT_NUMBERING
+
+
 @dataclass
 class _FilePlan:
     sentence: SentenceFile
@@ -300,6 +328,9 @@ class FinalTokenData:
 
     sentence_indices: np.ndarray
     layers: tuple[int, ...]
+    numbering: str = TRACEKIT_NUMBERING
+    """How layer numbers were read: ``tracekit`` (the files' ``layers`` array, README's
+    numbering) or ``seed`` (no ``layers`` array: an index into ``hidden_states``)."""
     embeddings: np.ndarray | None = None
     hidden_states: np.ndarray | None = None
     labels: np.ndarray | None = None
@@ -390,14 +421,22 @@ def get_final_token_data(
     want_layers: list[int] | None = list(layers) if layers is not None else None
     embed_dim = hidden_dim = sae_width = None
     l0s: set[float] = set()
+    numbering: str | None = None
     for sentence in sentences:
         with sentence.opened():
             final_info = sentence.require("is_final_token", "marks the samples")
             finals = [int(i) for i in np.flatnonzero(sentence["is_final_token"])]
             n_frag = final_info.shape[0] if final_info.shape else 0
-            file_layers: list[int] = []
-            if "layers" in sentence:
-                file_layers = [int(x) for x in sentence["layers"].reshape(-1).tolist()]
+            file_layers, file_numbering = file_layer_numbers(sentence)
+            if numbering is None:
+                numbering = file_numbering
+            elif file_numbering != numbering:
+                raise InputError(
+                    f"{sentence.path} {'lacks' if numbering == TRACEKIT_NUMBERING else 'has'} "
+                    f"a 'layers' array, unlike {sentences[0].path}: the files number layers "
+                    "two ways",
+                    "build from files written by one tool (tracekit's, or the seed's)",
+                )
             if want_layers is None:
                 want_layers = file_layers if hidden_states else []
             plan = _FilePlan(sentence, finals, [])
@@ -452,6 +491,7 @@ def get_final_token_data(
     data = FinalTokenData(
         sentence_indices=np.empty(n, dtype=np.int64),
         layers=selected,
+        numbering=numbering or TRACEKIT_NUMBERING,
         n_files=len(plans),
         files_without_final_token=[p.sentence.path for p in plans if not p.finals],
     )
