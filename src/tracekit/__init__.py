@@ -54,6 +54,8 @@ _LAZY: dict[str, str] = {
     "ExtractActivationsConfig": "tracekit.generation.extract",
     "extract_vectors": "tracekit.vectors.mean_diff",
     "ExtractVectorsConfig": "tracekit.vectors.mean_diff",
+    "extract_projections": "tracekit.vectors.projections",
+    "ProjectionsConfig": "tracekit.vectors.projections",
     "judge_rows": "tracekit.judge.job",
     "judge_file": "tracekit.judge.job",
     "JudgeConfig": "tracekit.judge.config",

@@ -4,6 +4,7 @@ persona_vectors applies it, and which rule the summary reports."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +17,13 @@ def _flat(result) -> str:
     return " ".join(result.output.split())
 
 
-def write_experiment(base, acts, trait_scores=None, coherence=None, layers=None):
+def write_experiment(base, acts, trait_scores=None, coherence=None, layers=None, experiment="e"):
     """Experiment ``e``, trait ``t`` under ``base`` with pos/neg activations ``acts`` (rows in
     id order) and optional per-row score columns ('' = an empty cell)."""
     from tracekit.storage.atomic import write_json
     from tracekit.storage.experiment import TraitPaths, save_activations, write_responses_csv
 
-    paths = TraitPaths.of(base, "e", "t")
+    paths = TraitPaths.of(base, experiment, "t")
     for polarity in ("pos", "neg"):
         n = len(acts[polarity])
         rows = []
@@ -297,3 +298,92 @@ def test_gguf_export_of_layers_without_a_slot_is_refused_before_writing(tmp_path
     assert result.exit_code == 1
     assert "--export gguf: layers 0, 1 have no llama.cpp control-vector slot" in _flat(result)
     assert not paths.vectors_dir.exists()
+
+
+def test_projections_on_the_trait_vector_match_numpy_and_sklearn_auroc(tmp_path, cli):
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    pos, neg = _planted(np.random.default_rng(11), n_pairs=9, layers=3)
+    neg[:, 2] = pos[:, 2] + 0.01 * np.random.default_rng(0).normal(size=pos[:, 2].shape)
+    paths = write_experiment(tmp_path, {"pos": pos, "neg": neg}, layers=[0, 4, 9])
+    args = ["--experiment", "e", "--trait", "t", "--experiments-dir", tmp_path]
+    assert cli("extract", "vectors", *args).exit_code == 0
+    result = cli("extract", "projections", *args, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+
+    vectors = np.load(paths.vectors_dir / "mean_diff_response_avg.npy").astype("float64")
+    unit = vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+    want = {"pos": np.einsum("nld,ld->nl", pos, unit), "neg": np.einsum("nld,ld->nl", neg, unit)}
+    base = paths.root / "projections" / "response_avg_on_mean_diff_response_avg"
+    got = np.load(f"{base}.npy")
+    assert got.dtype == np.float32
+    assert_close_to_scale(got, np.concatenate([want["pos"], want["neg"]]))
+    with open(f"{base}.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 9 * 3 and list(rows[0]) == ["id", "polarity", "layer", "projection"]
+    from_csv = {"pos": np.full((9, 3), np.nan), "neg": np.full((9, 3), np.nan)}
+    for row in rows:
+        from_csv[row["polarity"]][int(row["id"]), [0, 4, 9].index(int(row["layer"]))] = float(
+            row["projection"]
+        )
+    for polarity in ("pos", "neg"):
+        assert_close_to_scale(from_csv[polarity], want[polarity])  # activations stored as fp32
+    for j, layer in enumerate(summary["layers"]):
+        labels = np.r_[np.ones(9), np.zeros(9)]
+        scores = np.r_[want["pos"][:, j], want["neg"][:, j]]
+        assert abs(layer["auroc"] - roc_auc_score(labels, scores)) < 1e-12
+        assert layer["n_pos"] == layer["n_neg"] == 9
+    assert summary["layers"][0]["auroc"] > 0.9 and summary["layers"][2]["auroc"] < 0.9
+    assert summary["projection"].startswith("a · v / |v|")
+    written = json.loads(Path(f"{base}_summary.json").read_text())
+    assert written["ids"] == {"pos": list(range(9)), "neg": list(range(9))}
+    # outputs are not replaced without --force
+    again = cli("extract", "projections", *args)
+    assert again.exit_code == 1 and "pass --force" in _flat(again)
+
+
+def test_projections_of_other_activations_match_the_vectors_layers_by_number(tmp_path, cli):
+    """A vector of layers 4 and 9 (named in its metadata) on activations of layers 0, 4, 9 of
+    another experiment: only the shared layers, each on its own vector; a one-vector .pt file
+    is used at every layer."""
+    import torch
+
+    rng = np.random.default_rng(12)
+    pos, neg = _planted(rng, layers=2)
+    source = write_experiment(tmp_path, {"pos": pos, "neg": neg}, layers=[4, 9])
+    assert cli("extract", "vectors", "--experiment", "e", "--trait", "t",
+               "--experiments-dir", tmp_path).exit_code == 0  # fmt: skip
+    vector_file = source.vectors_dir / "mean_diff_response_avg.npy"
+    other = {"pos": rng.normal(size=(5, 3, 6)), "neg": rng.normal(size=(4, 3, 6))}
+    target = write_experiment(tmp_path, other, layers=[0, 4, 9], experiment="other")
+    args = ["--experiment", "other", "--trait", "t", "--experiments-dir", tmp_path]
+    result = cli("extract", "projections", *args, "--vector", vector_file, "--json")
+    assert result.exit_code == 0, result.output
+    assert [s["layer"] for s in json.loads(result.stdout)["layers"]] == [4, 9]
+    vectors = np.load(vector_file).astype("float64")
+    got = np.load(target.root / "projections" / "response_avg_on_mean_diff_response_avg.npy")
+    acts = np.concatenate([other["pos"], other["neg"]])[:, 1:]
+    want = (acts * vectors).sum(-1) / np.linalg.norm(vectors, axis=-1)
+    assert_close_to_scale(got, want)
+
+    result = cli("extract", "projections", *args, "--vector", vector_file, "--layers", "0")
+    assert result.exit_code == 1
+    assert "--layers: layer(s) 0 not in both the activations and the vectors" in _flat(result)
+
+    single = tmp_path / "direction.pt"
+    torch.save(torch.from_numpy(vectors[1]).float(), single)
+    result = cli("extract", "projections", *args, "--vector", single, "--json")
+    assert result.exit_code == 0, result.output
+    got = np.load(target.root / "projections" / "response_avg_on_direction.npy")
+    acts = np.concatenate([other["pos"], other["neg"]])
+    want = acts @ vectors[1] / np.linalg.norm(vectors[1])
+    assert_close_to_scale(got, want)
+
+    wrong = tmp_path / "wide.npy"
+    np.save(wrong, np.ones(7))
+    result = cli("extract", "projections", *args, "--vector", wrong)
+    assert result.exit_code == 1
+    assert "has vectors of width 7 but the activations have 6" in _flat(result)

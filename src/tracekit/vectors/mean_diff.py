@@ -101,7 +101,7 @@ class ExtractVectorsResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (undefined separation values are null)."""
-        return _finite(
+        return json_safe(
             {
                 "trait": self.trait,
                 "method": self.method,
@@ -240,14 +240,14 @@ def layer_separation(
     return out
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe copy: nan/inf (undefined separation) become null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

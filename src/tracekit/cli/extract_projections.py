@@ -1,0 +1,82 @@
+"""`tracekit extract projections`: per-row, per-layer projections of activations on a vector."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from tracekit.console import out_console
+
+from ._common import (
+    ConfigOpt,
+    ExperimentOpt,
+    ExperimentsDirOpt,
+    ForceOpt,
+    JsonOpt,
+    LayersOpt,
+    build_config,
+)
+
+if TYPE_CHECKING:
+    from tracekit.vectors.projections import ProjectionsResult
+
+
+def _print(result: ProjectionsResult) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{result.trait} · {result.pooling} · projection on {result.vector.name}")
+    for column in ("layer", "pos rows", "neg rows", "mean pos", "mean neg", "Cohen's d", "AUROC"):
+        table.add_column(column, justify="right")
+    for s in result.layers:
+        table.add_row(
+            str(s.layer), str(s.n_pos), str(s.n_neg), f"{s.mean_pos:.3f}", f"{s.mean_neg:.3f}",
+            f"{s.cohen_d:.2f}", f"{s.auroc:.3f}",
+        )  # fmt: skip
+    table.caption = "projection = a · v / |v|; AUROC = P(pos projection > neg), ties half"
+    out_console.print(table)
+    out_console.print(f"projections (csv, npy, summary): {result.files[0].parent}", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("projections")
+    def projections_command(
+        ctx: typer.Context,
+        experiment: ExperimentOpt = None,
+        trait: Annotated[
+            str | None,
+            typer.Option("--trait", help="Trait whose activations are projected. Required."),
+        ] = None,
+        experiments_dir: ExperimentsDirOpt = Path("experiments"),
+        vector: Annotated[
+            Path | None,
+            typer.Option(
+                "--vector",
+                help="Vectors file (.npy or .pt, \\[n_layers, hidden] or one \\[hidden] vector), "
+                "e.g. another experiment's. Default: this trait's vectors/{method}_{pooling}.npy.",
+                dir_okay=False,
+            ),
+        ] = None,
+        method: Annotated[
+            str,
+            typer.Option("--method", help="Picks the default --vector: mean_diff|pca_diff|probe."),
+        ] = "mean_diff",
+        pooling: Annotated[
+            str, typer.Option("--pooling", help="Which saved activations to project.")
+        ] = "response_avg",
+        layers: LayersOpt = None,
+        force: ForceOpt = False,
+        json_output: JsonOpt = False,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Project every row's pooled activation on a trait vector (a · v / |v|) per layer:
+        CSV + .npy, and how well the projection separates pos from neg (AUROC) per layer."""
+        from tracekit.vectors.projections import ProjectionsConfig, extract_projections
+
+        result = extract_projections(build_config(ctx, ProjectionsConfig))
+        if json_output:
+            out_console.print_json(json.dumps(result.to_dict()))
+        else:
+            _print(result)
