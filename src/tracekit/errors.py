@@ -39,6 +39,14 @@ class OutputExistsError(TracekitError):
     """An output already exists and ``--force`` was not given."""
 
 
+class OutputLockedError(TracekitError):
+    """Another process is writing the same output (its one-writer lock is held)."""
+
+
+class DiskFullError(TracekitError):
+    """An output cannot be written: no space left, a disk quota or a file size limit."""
+
+
 class ModelError(TracekitError):
     """A model or tokenizer cannot be loaded or does not fit the request."""
 

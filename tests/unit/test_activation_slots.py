@@ -122,10 +122,10 @@ def test_writing_rows_without_a_slot_file_is_an_error(tmp_path: Path):
 
 
 def test_a_slot_file_that_cannot_be_created_is_one_clear_error(tmp_path: Path):
-    from tracekit.errors import StoreError
+    from tracekit.errors import InputError
 
     paths = TraitPaths.of(tmp_path, "exp", "trait")
     paths.activations_dir.mkdir(parents=True)
     paths.activation_parts_dir.write_text("not a folder")  # creating the file fails (OSError)
-    with pytest.raises(StoreError, match=r"cannot create the activation slot file .*GB when full"):
+    with pytest.raises(InputError, match=r"parts is a file, not a folder"):
         prepare_slots(paths, "pos", POOL, 1000, SHAPE, [])

@@ -118,8 +118,19 @@ def _precheck_store(cfg: LogConfig) -> None:
 
 
 def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> LogResult:
-    """Run the log job described by ``cfg`` (see the module docstring)."""
+    """Run the log job described by ``cfg`` (see the module docstring), holding the store's
+    one-writer lock (the main process of a data-parallel run)."""
+    import contextlib
 
+    from tracekit.storage.atomic import output_lock
+
+    with (
+        output_lock(cfg.lmdb, folder=False) if process_info().is_main else contextlib.nullcontext()
+    ):
+        return _log_activations(cfg, on_batch)
+
+
+def _log_activations(cfg: LogConfig, on_batch: BatchCallback | None) -> LogResult:
     from tracekit.actlog.logger import ActivationLogger, build_provenance
     from tracekit.generation.engine import GenerationParams, create_engine
     from tracekit.models.loading import ModelConfig, load_model

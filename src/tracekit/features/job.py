@@ -47,7 +47,7 @@ from tracekit.features.files import (
     write_sentence_file,
 )
 from tracekit.features.inputs import Sentences, read_sentences
-from tracekit.storage.atomic import write_json
+from tracekit.storage.atomic import output_lock, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -469,9 +469,20 @@ def extract_features(
 
     ``loaded`` reuses an already loaded model (then ``config.model``/``dtype``/``device`` are
     not consulted). Everything is checked (CSV, layers, SAEs against the model) before the first
-    file is written.
+    file is written. Holds the output folder's one-writer lock (the main process of a
+    data-parallel run).
     """
+    from tracekit.distributed import process_info
 
+    if config.output.exists() and not config.output.is_dir():
+        raise OutputExistsError(f"--output {config.output} is a file", "give a folder path")
+    with output_lock(config.output) if process_info().is_main else contextlib.nullcontext():
+        return _extract_features(config, loaded, on_progress)
+
+
+def _extract_features(
+    config: FeaturesConfig, loaded: LoadedModel | None, on_progress: ProgressCallback | None
+) -> FeaturesResult:
     from tracekit.distributed import all_gather, barrier, process_info, process_model_config
     from tracekit.models.loading import load_model
 

@@ -13,6 +13,7 @@ activations then differ slightly from those captured during ``generate`` (which 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from tracekit.generation.engine import CaptureSpec
 from tracekit.generation.pooling import Pooling, Poolings
 from tracekit.generation.run import RuntimeOptions, check_name, model_settings_for
 from tracekit.storage import experiment as store
-from tracekit.storage.atomic import atomic_npy_memmap, check_writable, write_json
+from tracekit.storage.atomic import atomic_npy_memmap, check_writable, output_lock, write_json
 from tracekit.storage.experiment import POLARITIES, Polarity, TraitPaths
 
 if TYPE_CHECKING:
@@ -102,8 +103,20 @@ def extract_activations(
     on_total: Callable[[int], None] | None = None,
     loaded: LoadedModel | None = None,
 ) -> ExtractActivationsResult:
-    """Teacher-forced activations for both polarities of one trait; see the module docstring."""
+    """Teacher-forced activations for both polarities of one trait; see the module docstring.
 
+    Holds the trait folder's one-writer lock (the main process of a data-parallel run)."""
+    root = TraitPaths.of(config.experiments_dir, config.experiment, config.trait).root
+    with output_lock(root) if process_info().is_main else contextlib.nullcontext():
+        return _extract_activations(config, on_batch, on_total, loaded)
+
+
+def _extract_activations(
+    config: ExtractActivationsConfig,
+    on_batch: Callable[[int, int], None] | None,
+    on_total: Callable[[int], None] | None,
+    loaded: LoadedModel | None,
+) -> ExtractActivationsResult:
     from tracekit.models.loading import load_model
 
     started = time.perf_counter()

@@ -10,6 +10,7 @@ stopped. On CUDA out-of-memory the batch size halves and the batch is retried.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -34,7 +35,7 @@ from tracekit.generation.engine import CaptureSpec, GenerationParams, create_eng
 from tracekit.generation.pooling import Pooling, Poolings
 from tracekit.models.loading import DtypeName, ModelConfig
 from tracekit.storage import experiment as store
-from tracekit.storage.atomic import write_json
+from tracekit.storage.atomic import output_lock, write_json
 from tracekit.storage.background import BackgroundWrites
 from tracekit.storage.experiment import POLARITIES, Polarity, TraitPaths
 from tracekit.traits import TraitDefinition, load_trait
@@ -336,13 +337,31 @@ def generate(
 
     ``loaded`` reuses an already loaded model (it must match ``config``'s model options).
     """
-    from tracekit.models.loading import load_model
-    from tracekit.storage.activation_slots import prepare_slots
-
     started = time.perf_counter()
     info = process_info()
     traits = [load_trait(t, config.experiment, config.experiments_dir) for t in config.traits]
     judge_config = _judge_config(config)  # bad judge options fail before any generation
+    with contextlib.ExitStack() as locks:
+        if info.is_main:  # one writer per trait folder (the processes of one run are one)
+            for trait in traits:
+                root = TraitPaths.of(config.experiments_dir, config.experiment, trait.name).root
+                locks.enter_context(output_lock(root))
+        return _generate(config, traits, judge_config, info, started, on_batch, on_total, loaded)
+
+
+def _generate(
+    config: GenerateConfig,
+    traits: list[TraitDefinition],
+    judge_config: Any,
+    info: ProcessInfo,
+    started: float,
+    on_batch: BatchHook | None,
+    on_total: Callable[[int], None] | None,
+    loaded: LoadedModel | None,
+) -> GenerateResult:
+    from tracekit.models.loading import load_model
+    from tracekit.storage.activation_slots import prepare_slots
+
     load_started = time.perf_counter()
     loaded = loaded or load_model(model_settings_for(config, info))
     load_seconds = time.perf_counter() - load_started

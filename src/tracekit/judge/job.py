@@ -396,7 +396,17 @@ def judge_file(
     progress: ProgressFn | None = None,
 ) -> JudgeResult:
     """Judge a CSV/JSONL file and write it (in place when ``config.output`` is None) with the
-    judge columns, plus ``<output>.judge.json`` metadata. Returns the rows and the summary."""
+    judge columns, plus ``<output>.judge.json`` metadata. Returns the rows and the summary.
+    Holds the output's one-writer lock."""
+    from tracekit.storage.atomic import output_lock
+
+    with output_lock(config.output or config.input, folder=False):
+        return _judge_file(config, model, progress)
+
+
+def _judge_file(
+    config: JudgeJobConfig, model: LoadedModel | None, progress: ProgressFn | None
+) -> JudgeResult:
     from tracekit import __version__
     from tracekit.storage import check_writable, write_json
 

@@ -151,6 +151,7 @@ def prepare_slots(
     need = max([n_rows, *(int(i) + 1 for i in done)])
     current = _shape(target)
     if current is not None and current[1:] == row_shape and current[0] >= need:
+        _reserve_existing(target)
         return target
     wanted = np.zeros(need, dtype=bool)
     wanted[np.asarray(list(done), dtype=np.int64)] = True
@@ -158,7 +159,7 @@ def prepare_slots(
     with contextlib.ExitStack() as stack:
         try:
             out = stack.enter_context(atomic_npy_memmap(target, (need, *row_shape), np.float32))
-        except OSError as exc:  # e.g. no space: file systems without sparse files allocate it
+        except OSError as exc:  # not a full disk (that is a DiskFullError naming the file)
             gigabytes = need * row_shape[0] * row_shape[1] * 4 / 1e9
             raise StoreError(
                 f"cannot create the activation slot file {target} ({gigabytes:.1f} GB when "
@@ -184,6 +185,22 @@ def prepare_slots(
                     "pass --force to regenerate",
                 )
     return target
+
+
+def _reserve_existing(path: Path) -> None:
+    """Allocate the holes of a slot file an earlier run created sparse (writing rows into them
+    through the map on a full disk would be a SIGBUS; this is an error message instead)."""
+    import os
+
+    from tracekit.storage.atomic import raise_if_disk_full, reserve_space
+
+    with open(path, "r+b") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            reserve_space(handle.fileno(), size)
+        except OSError as exc:
+            raise_if_disk_full(path, exc, size)
+            raise
 
 
 def _fill_from_final(

@@ -1,38 +1,234 @@
 """Atomic file writes: a temp file in the target's directory, fsync, then ``os.replace``.
 
 A crash leaves either the old file or the new one, never half of one; temp files carry a
-``.tmp-`` prefix so they are easy to recognise and are removed when a write fails.
+``.tmp-`` prefix so they are easy to recognise and are removed when a write fails (a killed
+process leaves its temp files behind: the next run that holds the output's lock removes them,
+:func:`remove_stray_temps`).
+
+Also here: the one-writer lock of an output (:func:`output_lock`), the file mode of new files
+(the umask's, or the replaced file's own), and the one message a full disk gets
+(:class:`~tracekit.errors.DiskFullError`: the file and, where known, the space it needs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from tracekit.errors import OutputExistsError
+from tracekit.errors import DiskFullError, InputError, OutputExistsError, OutputLockedError
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""No space on the device, over a disk quota, or over the process's file size limit."""
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (read from ``/proc`` where it can be; else set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode(target: Path) -> int:
+    """The mode a file written to ``target`` gets: an existing file's own mode (replacing a file
+    keeps it), else ``0666`` less the umask, as ``open()`` would create it."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def disk_full_error(target: Path, exc: OSError, needed: int | None = None) -> DiskFullError:
+    """The one message for a full disk (or a quota or file size limit) while writing ``target``."""
+    space = f" (it needs {human_bytes(needed)})" if needed else ""
+    reason = exc.strerror or os.strerror(exc.errno or 0)
+    return DiskFullError(
+        f"cannot write {target}{space}: {reason}",
+        "free disk space (or write to another disk) and run the same command again; "
+        "finished work is kept",
+    )
+
+
+def raise_if_disk_full(target: Path, exc: BaseException, needed: int | None = None) -> None:
+    """Raise :func:`disk_full_error` for ``exc`` if it is a full disk (else return)."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        raise disk_full_error(target, exc, needed) from exc
 
 
 @contextlib.contextmanager
-def _replacing(path: str | os.PathLike[str]) -> Iterator[tuple[int, Path]]:
+def _replacing(
+    path: str | os.PathLike[str], needed: int | None = None
+) -> Iterator[tuple[int, Path]]:
     """``(fd, temp path)`` of a new temp file next to ``path``; when the block ends without an
     error the temp file replaces ``path`` (the block has flushed and fsynced it), otherwise it
-    is removed."""
+    is removed. The temp file has the mode ``path`` will have (:func:`new_file_mode`); a full
+    disk becomes :class:`DiskFullError` naming ``path``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent)
+    make_parent(target)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent)
+    except PermissionError:
+        raise _not_writable(target) from None
+    except OSError as exc:
+        raise_if_disk_full(target, exc, needed)
+        raise
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, new_file_mode(target))
         yield fd, tmp
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        raise_if_disk_full(target, exc, needed)
         raise
+
+
+def make_parent(target: Path) -> None:
+    """Create ``target``'s folder (and its parents), or say in one line why it cannot be."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise _parent_is_a_file(target) from None
+    except PermissionError:
+        raise _not_writable(target) from None
+
+
+def _parent_is_a_file(target: Path) -> InputError:
+    return InputError(
+        f"cannot write {target}: {_first_file(target.parent)} is a file, not a folder",
+        "choose an output path whose folders are folders",
+    )
+
+
+def _first_file(folder: Path) -> Path:
+    """The first ancestor of ``folder`` (itself included) that exists as a non-folder."""
+    for candidate in reversed([folder, *folder.parents]):
+        if candidate.exists() and not candidate.is_dir():
+            return candidate
+    return folder
+
+
+def _not_writable(target: Path) -> InputError:
+    return InputError(
+        f"cannot write {target}: no permission to create files in {target.parent}",
+        "choose a writable output folder, or change its permissions",
+    )
+
+
+def remove_stray_temps(folder: Path, pattern: str = ".tmp-*", recursive: bool = True) -> list[Path]:
+    """Remove the temp files (``pattern``) that killed runs left in ``folder`` (and its
+    subfolders with ``recursive``); return them.
+
+    Call only while holding the output's :func:`output_lock` (no other writer is mid-write)."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for stray in folder.rglob(pattern) if recursive else folder.glob(pattern):
+        if stray.is_file() and not stray.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                stray.unlink()
+                removed.append(stray)
+    return removed
+
+
+LOCK_NAME = ".tracekit.lock"
+"""The lock file inside an output folder (:func:`output_lock`)."""
+
+
+def lock_file_of(output: Path, folder: bool) -> Path:
+    """The lock file of ``output``: inside it for a folder, a hidden sibling for a file or a
+    folder whose contents belong to another format (an LMDB store)."""
+    return output / LOCK_NAME if folder else output.parent / f".{output.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike[str], folder: bool = True) -> Iterator[None]:
+    """Hold the one-writer lock of ``output`` for the block, or refuse at once with
+    :class:`OutputLockedError` naming the holder's pid.
+
+    ``flock`` on :func:`lock_file_of` ``output``: the kernel drops the lock when the holder
+    exits however it exits (``kill -9`` included), so a stale lock never blocks the next run.
+    Holding it, the temp files a killed writer left are removed (the whole folder for a folder,
+    ``.tmp-NAME.*`` for a file). The lock file is removed on release (still locked; a process
+    that opened it meanwhile sees it is gone and opens a new one), with the folders made for it
+    if they stayed empty: a run refused before writing anything leaves nothing behind. A second
+    ``output_lock`` of one output in one process is refused like another process's."""
+    import fcntl
+
+    target = Path(output)
+    lock_path = lock_file_of(target, folder)
+    made = [p for p in (lock_path.parent, *lock_path.parent.parents) if not p.exists()]
+    make_parent(lock_path)
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            raise _not_writable(lock_path) from None
+        except NotADirectoryError:
+            raise _parent_is_a_file(lock_path) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            _remove_empty(made)
+            raise OutputLockedError(
+                f"{target} is being written by another tracekit process (pid {holder})",
+                "wait for it to finish or stop it, then run again",
+            ) from None
+        try:
+            opened, current = os.fstat(fd), os.stat(lock_path)
+            if (opened.st_dev, opened.st_ino) == (current.st_dev, current.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed that file when it finished: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        if folder:
+            remove_stray_temps(target)
+        else:
+            remove_stray_temps(target.parent, f".tmp-{target.name}.*", recursive=False)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        _remove_empty(made)
+        os.close(fd)  # releases the lock
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) where they are empty."""
+    for made in folders:
+        with contextlib.suppress(OSError):
+            made.rmdir()
 
 
 @contextlib.contextmanager
@@ -78,15 +274,33 @@ def atomic_npy_memmap(
     """
     import numpy as np
 
-    with _replacing(path) as (fd, tmp):
+    needed = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    with _replacing(path, needed) as (fd, tmp):
         try:
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            # reserve every block now: a write through the map to a full disk is a SIGBUS
+            reserve_space(fd, os.fstat(fd).st_size)
             yield array
             array.flush()
             del array
             os.fsync(fd)  # the same file: the pages written through the map are synced
         finally:
             os.close(fd)
+
+
+def reserve_space(fd: int, size: int) -> None:
+    """Allocate ``size`` bytes of the file ``fd`` on disk (holes of a sparse file included), so
+    that writing them through a memory map cannot fail later: the failure comes here, as an
+    ``OSError`` (ENOSPC, EFBIG), not as a SIGBUS mid-run. File systems that cannot reserve
+    (EOPNOTSUPP, EINVAL) are left as they are."""
+    if size <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return
+        raise
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
