@@ -47,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench_generate import bandwidth  # noqa: E402  (this folder: the same measure in both)
 
-from tracekit.generation.cuda_engine import CudaEngine  # noqa: E402
-from tracekit.generation.cuda_random_model import random_llama  # noqa: E402
-from tracekit.generation.engine import CaptureSpec, GenerationParams  # noqa: E402
-from tracekit.generation.hf_engine import HFEngine  # noqa: E402
-from tracekit.generation.pooling import Pooling  # noqa: E402
+from tracekit.engines.cuda.decoder import CudaEngine  # noqa: E402
+from tracekit.engines.hf import HFEngine  # noqa: E402
+from tracekit.engines.interface import CaptureSpec, GenerationParams  # noqa: E402
+from tracekit.engines.pooling import Pooling  # noqa: E402
+from tracekit.models.random_model import random_llama  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -117,8 +117,8 @@ def teacher_forced_rows(
     the model's matrix products alone)."""
     import torch.nn.functional as F
 
-    from tracekit.generation.engine import left_pad, position_ids_from_mask
-    from tracekit.generation.teacher_forced import pooled_batches, pooled_forward
+    from tracekit.engines.interface import left_pad, position_ids_from_mask
+    from tracekit.engines.teacher_forced import pooled_batches, pooled_forward
 
     model = loaded.model
     out: dict[str, float] = {}
@@ -509,7 +509,7 @@ def main() -> None:
                 f"{100 * flops / seconds / mm:.0f}% |"
             )
         if args.tf_profile:
-            from tracekit.generation.teacher_forced import pooled_forward
+            from tracekit.engines.teacher_forced import pooled_forward
 
             profile(lambda: pooled_forward(loaded, prompt_ids, resp_ids, capture), 1, dev)
         tf["seconds"] = tf["rows"]["same, cuda, 4 batches pipelined (per batch)"]
@@ -527,7 +527,7 @@ def main() -> None:
             f"{100 * row['floor_frac_dev']:.0f}% | {row['step_ms']:.2f} | "
             f"{100 * row['floor_frac']:.0f}% | {100 * row['floor_frac_e2e']:.0f}% |"
         )
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     for engine in [cuda_engine, *variants.values()]:
         for dec in engine._decoders.values():
@@ -540,7 +540,7 @@ def main() -> None:
                 print(f"step tuning b={batch} ({options}):")
                 for label, us in sorted(tried.items(), key=lambda kv: kv[1]):
                     print(f"  {us:7.1f} us per step  {label}")
-    from tracekit.generation import cuda_block
+    from tracekit.engines.cuda.ops import block as cuda_block
 
     for key, times in cuda_block.timings().items():
         print(f"  fused {key[:4]}: us per product by K slices {times}")

@@ -17,7 +17,7 @@ the original stage did, sparse by default on GPU).
 * ``tracekit``: ``tracekit.extract_features`` with ``--batch-size`` (one batched pass per batch).
 
 All three include writing the files. The embedded SmolLM2-135M runs on CPU; ``--random-init``
-uses a random Llama of ``--shape`` (tracekit.generation.cuda_random_model) with word-level
+uses a random Llama of ``--shape`` (tracekit.models.random_model) with word-level
 random sentences; ``--gpu`` puts it on CUDA in bf16. Ratios are against the baseline of the
 same run.
 """
@@ -164,7 +164,7 @@ def main() -> None:
 
     device = "cuda" if args.gpu else "cpu"
     if args.random_init:
-        from tracekit.generation.cuda_random_model import SHAPES, random_llama
+        from tracekit.models.random_model import SHAPES, random_llama
 
         shape = args.shape or ("llama-3.2-1b" if args.gpu else "tiny")
         loaded = random_llama(shape, device=device, dtype="bfloat16" if args.gpu else "float32")

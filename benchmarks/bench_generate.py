@@ -42,14 +42,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tracekit.generation.engine import (  # noqa: E402
+from tracekit.engines.interface import (  # noqa: E402
     CaptureSpec,
     GenerationParams,
     create_engine,
     left_pad,
     position_ids_from_mask,
 )
-from tracekit.generation.pooling import Pooling  # noqa: E402
+from tracekit.engines.pooling import Pooling  # noqa: E402
 from tracekit.models.loading import LoadedModel  # noqa: E402
 
 
@@ -204,7 +204,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     if args.gpu:
-        from tracekit.generation.cuda_random_model import random_llama
+        from tracekit.models.random_model import random_llama
 
         device = args.device or "cuda"
         shape = "tiny" if args.tiny else "llama-3.2-1b"

@@ -1,7 +1,7 @@
 """Benchmark ``tracekit log`` end to end: store writes on the writer thread vs. in line.
 
 The job (``tracekit.actlog.job.log_activations``) runs on a random-init model saved to a
-temporary folder (``tracekit.generation.cuda_random_model``, nothing downloaded), twice per
+temporary folder (``tracekit.models.random_model``, nothing downloaded), twice per
 repetition over fresh stores and fresh QA files of random prompts:
 
 - **in line** (the baseline): each batch's store transaction runs before the next batch starts,
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from tracekit.actlog import job
-from tracekit.generation.cuda_random_model import random_llama
+from tracekit.models.random_model import random_llama
 
 
 class _InLine:

@@ -1,6 +1,6 @@
 """Data-parallel ``tracekit generate``: the same experiment on 1 and N processes.
 
-Saves a random-init Llama (``tracekit.generation.cuda_random_model`` shapes; default the
+Saves a random-init Llama (``tracekit.models.random_model`` shapes; default the
 Llama-3.2-1B shape, bf16) with its word-level tokenizer to a temporary folder, then runs, each
 as a real CLI process on the same rows (greedy, every layer captured, response_avg +
 prompt_last):
@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tracekit.generation.cuda_random_model import random_llama  # noqa: E402
+from tracekit.models.random_model import random_llama  # noqa: E402
 
 POOLINGS = ("response_avg", "prompt_last")
 

@@ -1,4 +1,4 @@
-"""The fused block products (tracekit.generation.cuda_block) on a GPU.
+"""The fused block products (tracekit.engines.cuda.ops.block) on a GPU.
 
 Each product against plain torch at the Llama-3.2-1B shapes the benchmark uses, in every K
 split, twice in a row (the split-K counters must reset themselves), with programmatic
@@ -11,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tracekit.generation import cuda_block, cuda_gemv
-from tracekit.generation.cuda_engine import CudaEngine
-from tracekit.generation.cuda_random_model import random_llama
-from tracekit.generation.engine import CaptureSpec, GenerationParams
-from tracekit.generation.pooling import Pooling
-from tracekit.generation.teacher_forced import pooled_forward
+from tracekit.engines.cuda.decoder import CudaEngine
+from tracekit.engines.cuda.ops import block as cuda_block
+from tracekit.engines.cuda.ops import gemv as cuda_gemv
+from tracekit.engines.interface import CaptureSpec, GenerationParams
+from tracekit.engines.pooling import Pooling
+from tracekit.engines.teacher_forced import pooled_forward
+from tracekit.models.random_model import random_llama
 
 pytestmark = pytest.mark.gpu
 
@@ -85,7 +86,7 @@ def test_norm_product_matches_reference(rows, splits):
     want = cuda_block.norm_product_reference(h, ss, ln, w, 1e-5)
     assert _rel(got, want) < 1e-2
     # the same norm as the engine's compiled pieces compute it
-    from tracekit.generation.cuda_engine import _rms_norm
+    from tracekit.engines.cuda.decoder import _rms_norm
 
     assert _rel(want, torch.nn.functional.linear(_rms_norm(h, ln, 1e-5), w)) < 1e-2
 

@@ -1,6 +1,6 @@
 """The CUDA engine on a GPU: CUDA graphs + torch.compile against the reference engine.
 
-Random-init Llama (tracekit.generation.cuda_random_model, nothing downloaded). Tolerances:
+Random-init Llama (tracekit.models.random_model, nothing downloaded). Tolerances:
 float32 with TF32 off — tokens identical, pooled activations within 1e-3 (relative, by norm);
 bfloat16 — pooled activations within 2e-2 of a teacher-forced forward over the engine's own
 output (bf16 rounding of two different kernel sequences).
@@ -13,12 +13,12 @@ import time
 import pytest
 import torch
 
-from tracekit.generation.cuda_engine import CudaEngine
-from tracekit.generation.cuda_random_model import random_llama
-from tracekit.generation.engine import CaptureSpec, GenerationParams, resolve_engine_name
-from tracekit.generation.hf_engine import HFEngine
-from tracekit.generation.pooling import Pooling
-from tracekit.generation.teacher_forced import pooled_forward
+from tracekit.engines.cuda.decoder import CudaEngine
+from tracekit.engines.hf import HFEngine
+from tracekit.engines.interface import CaptureSpec, GenerationParams, resolve_engine_name
+from tracekit.engines.pooling import Pooling
+from tracekit.engines.teacher_forced import pooled_forward
+from tracekit.models.random_model import random_llama
 
 pytestmark = pytest.mark.gpu
 
@@ -185,7 +185,7 @@ def test_bf16_capture_rings_match_an_add_per_step():
 
 
 def test_ring_flush_kernel_adds_slots_in_order():
-    from tracekit.generation.cuda_ring import CaptureRings
+    from tracekit.engines.cuda.ops.ring import CaptureRings
 
     sums = {layer: torch.randn(5, 3000, device="cuda") for layer in (0, 3, 7)}
     start = {layer: buf.clone() for layer, buf in sums.items()}
@@ -203,7 +203,7 @@ def test_ring_flush_kernel_adds_slots_in_order():
 
 @pytest.mark.parametrize("rows", [1, 8, 32, 64])
 def test_triton_gemv_matches_linear(rows):
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     gemv = cuda_gemv._build()
     assert gemv is not None
@@ -236,7 +236,7 @@ def test_every_swapped_gemv_configuration_matches_torch(rows):
     import torch.nn.functional as F
     from triton.runtime.errors import OutOfResources
 
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     assert cuda_gemv._build() is not None
     run = cuda_gemv._STATE["run"]
@@ -274,7 +274,7 @@ def test_every_swapped_gemv_configuration_matches_torch(rows):
 
 
 def test_gemv_configuration_is_timed_once_kept_and_checked(tmp_path, monkeypatch):
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path))  # a fresh decisions file
     monkeypatch.setattr(cuda_gemv, "_CONFIGS", {})
@@ -312,7 +312,7 @@ needs_pdl = pytest.mark.skipif(
 
 @needs_pdl
 def test_gemv_with_pdl_is_the_same_product():
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     assert cuda_gemv._build() is not None and cuda_gemv.pdl_available(torch.device("cuda"))
     w = torch.randn(3072, 2048, device="cuda", dtype=torch.bfloat16)
@@ -358,7 +358,7 @@ def test_pdl_step_matches_plain_step_and_repeats_exactly():
 
 @needs_pdl
 def test_kernel_choice_timed_with_pdl_keeps_outputs():
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=8)
     prompts = _prompts(8, seed=8)
@@ -376,7 +376,7 @@ def test_kernel_choice_timed_with_pdl_keeps_outputs():
 def test_gated_gemv_matches_silu_then_product(rows):
     import torch.nn.functional as F
 
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     assert cuda_gemv._build() is not None
     w = torch.randn(2048, 8192, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -390,7 +390,7 @@ def test_gated_gemv_matches_silu_then_product(rows):
 
 @pytest.mark.parametrize("rows", [1, 8, 32])
 def test_swiglu_gemv_matches_product_then_gating(rows):
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     assert cuda_gemv._build() is not None
     w = torch.randn(2 * 8192, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -405,7 +405,7 @@ def test_swiglu_gemv_matches_product_then_gating(rows):
 
 
 def test_swiglu_engine_matches_teacher_forced():
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=10)
     prompts = _prompts(8, seed=10)
@@ -424,7 +424,7 @@ def test_compiled_norms_are_one_pass_kernels():
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
-    from tracekit.generation.cuda_engine import _compiled, _rms_norm
+    from tracekit.engines.cuda.decoder import _compiled, _rms_norm
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     h, r = (torch.randn(32, 2048, generator=gen).cuda().bfloat16() for _ in range(2))
@@ -456,7 +456,7 @@ def test_gated_down_engine_matches_teacher_forced():
 
 
 def test_pinned_linear_modes_are_used():
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=6)
     prompts = _prompts(8, seed=6)
@@ -476,7 +476,7 @@ def test_pinned_linear_modes_are_used():
 
 
 def test_step_tuning_times_whole_steps_and_keeps_its_decision(tmp_path, monkeypatch):
-    from tracekit.generation.cuda_engine import TUNED_ROLES, _modes_label
+    from tracekit.engines.cuda.decoder import TUNED_ROLES, _modes_label
 
     monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path))  # a fresh decisions file
     loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=10)
@@ -505,7 +505,7 @@ def test_step_tuning_times_whole_steps_and_keeps_its_decision(tmp_path, monkeypa
 
 
 def test_two_stage_argmax_matches_argmax():
-    from tracekit.generation.cuda_engine import _argmax, argmax_chunk_for
+    from tracekit.engines.cuda.decoder import _argmax, argmax_chunk_for
 
     chunk = argmax_chunk_for(128256)
     values = torch.randn(9, 128256, device="cuda")
@@ -525,7 +525,7 @@ def test_bf16_gemv_engine_matches_teacher_forced(gemv):
     modes = (choice.qkv, choice.o, choice.gate_up, choice.down, choice.head)
     assert all(modes) == (gemv != "off")
     if gemv == "splitk":  # every K of the tiny model splits in two
-        from tracekit.generation import cuda_gemv
+        from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
         assert set(modes) == {cuda_gemv.SPLIT_K2}
     forced = pooled_forward(loaded, prompts, out.response_ids, capture)
@@ -544,7 +544,8 @@ def test_bf16_gemv_engine_matches_teacher_forced(gemv):
     ],
 )
 def test_fused_attention_kernel_matches_reference(heads, kv, head_dim, splits, bias, window, dtype):
-    from tracekit.generation import cuda_attention, cuda_gemv
+    from tracekit.engines.cuda.ops import attention as cuda_attention
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     pdl_modes = (False, True) if cuda_gemv.pdl_available(torch.device("cuda")) else (False,)
     cases = [(b, n, pdl) for b, n in ((1, 7), (5, 150), (3, 700)) for pdl in pdl_modes]
@@ -565,7 +566,8 @@ def test_fused_attention_kernel_matches_reference(heads, kv, head_dim, splits, b
 
 
 def test_every_attention_configuration_matches_reference():
-    from tracekit.generation import cuda_attention, cuda_gemv
+    from tracekit.engines.cuda.ops import attention as cuda_attention
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     pdl = cuda_gemv.pdl_available(torch.device("cuda"))
     for config in cuda_attention.CONFIGS:
@@ -587,7 +589,8 @@ def test_every_attention_configuration_matches_reference():
 
 
 def test_attention_configuration_is_timed_once_kept_and_checked(tmp_path, monkeypatch):
-    from tracekit.generation import cuda_attention, cuda_gemv
+    from tracekit.engines.cuda.ops import attention as cuda_attention
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path))  # a fresh decisions file
     monkeypatch.setattr(cuda_attention, "_CONFIGS", {})

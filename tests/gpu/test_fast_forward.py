@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tracekit.generation.cuda_random_model import random_llama
-from tracekit.generation.engine import CaptureSpec
-from tracekit.generation.pooling import Pooling
-from tracekit.generation.teacher_forced import (
+from tracekit.engines.interface import CaptureSpec
+from tracekit.engines.pooling import Pooling
+from tracekit.engines.teacher_forced import (
     pooled_batches,
     pooled_forward,
     resolve_forward_engine,
 )
+from tracekit.models.random_model import random_llama
 
 pytestmark = pytest.mark.gpu
 
@@ -53,7 +53,7 @@ def test_compiled_forward_matches_reference(dtype, tol):
         want = torch.cat([p[pooling] for _, _, p in ref])
         assert got.shape == want.shape == (19, 4, loaded.hidden_size)
         assert _rel(got, want) < tol, pooling
-    from tracekit.generation.cuda_forward import fast_forward
+    from tracekit.engines.cuda.forward import fast_forward
 
     assert fast_forward(loaded.model).compile  # the compiled path ran, not the eager one
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tracekit.generation.engine import HostCopy
+from tracekit.engines.interface import HostCopy
 
 pytestmark = pytest.mark.gpu
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from tracekit.generation.cuda_random_model import random_llama
+from tracekit.models.random_model import random_llama
 
 pytestmark = [
     pytest.mark.gpu,
@@ -133,10 +133,10 @@ def test_log_on_two_gpus_equals_one(model_dir: Path, tmp_path: Path):
 
 
 def test_device_map_auto_splits_the_model_and_matches_one_gpu(model_dir: Path, tmp_path: Path):
-    from tracekit.generation.engine import CaptureSpec, GenerationParams, resolve_engine_name
-    from tracekit.generation.hf_engine import HFEngine
-    from tracekit.generation.pooling import Pooling
-    from tracekit.generation.teacher_forced import pooled_forward
+    from tracekit.engines.hf import HFEngine
+    from tracekit.engines.interface import CaptureSpec, GenerationParams, resolve_engine_name
+    from tracekit.engines.pooling import Pooling
+    from tracekit.engines.teacher_forced import pooled_forward
     from tracekit.models import ModelConfig, load_model
 
     split = load_model(ModelConfig(model=str(model_dir), dtype="float32", device_map="auto"))
@@ -188,9 +188,9 @@ def test_cuda_engine_on_both_gpus_in_one_process():
     """The CUDA engine on ``cuda:0``, then on ``cuda:1``, in one process: both decode from
     captured graphs (each GPU's captures on a stream of that GPU: ``torch.cuda.graph``'s own
     default is one stream, on the GPU of the process's first capture) and agree."""
-    from tracekit.generation.cuda_engine import CudaEngine
-    from tracekit.generation.engine import CaptureSpec, GenerationParams
-    from tracekit.generation.pooling import Pooling
+    from tracekit.engines.cuda.decoder import CudaEngine
+    from tracekit.engines.interface import CaptureSpec, GenerationParams
+    from tracekit.engines.pooling import Pooling
 
     torch.backends.cuda.matmul.allow_tf32 = False
     prompts = [[5, 17, 99, 3, 250], [7, 8], [300, 301, 302], [42, 43, 44, 45]]
@@ -213,7 +213,7 @@ def test_cuda_engine_on_both_gpus_in_one_process():
 
 def test_host_copy_of_values_on_two_gpus_waits_for_both():
     """Each GPU's values go over that GPU's copy stream; ``wait`` returns once all landed."""
-    from tracekit.generation.engine import HostCopy
+    from tracekit.engines.interface import HostCopy
 
     n = 64 * 2**20  # 256 MB per GPU: transfers that run for milliseconds
     expected = torch.arange(n, dtype=torch.float32)

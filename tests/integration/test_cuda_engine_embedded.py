@@ -8,10 +8,10 @@ magnitude (float32; the fast path computes attention and RMSNorm with its own ke
 
 import pytest
 
-from tracekit.generation.cuda_engine import CudaEngine
-from tracekit.generation.engine import CaptureSpec, GenerationParams
-from tracekit.generation.hf_engine import HFEngine
-from tracekit.generation.pooling import Pooling
+from tracekit.engines.cuda.decoder import CudaEngine
+from tracekit.engines.hf import HFEngine
+from tracekit.engines.interface import CaptureSpec, GenerationParams
+from tracekit.engines.pooling import Pooling
 from tracekit.models.templates import build_prompt
 
 pytestmark = pytest.mark.integration

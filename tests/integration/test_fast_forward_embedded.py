@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tolerance import assert_close_to_scale
+from tracekit.engines.interface import CaptureSpec
+from tracekit.engines.pooling import Pooling
+from tracekit.engines.teacher_forced import pooled_batches, pooled_forward
 from tracekit.errors import ConfigError
-from tracekit.generation.engine import CaptureSpec
-from tracekit.generation.pooling import Pooling
-from tracekit.generation.teacher_forced import pooled_batches, pooled_forward
 
 ALL = (Pooling.response_avg, Pooling.prompt_last, Pooling.prompt_avg)
 
@@ -75,7 +75,7 @@ def test_unknown_forward_engine_is_a_config_error(embedded_model, rows):
 
 
 def test_auto_picks_the_reference_path_on_cpu(embedded_model):
-    from tracekit.generation.teacher_forced import resolve_forward_engine
+    from tracekit.engines.teacher_forced import resolve_forward_engine
 
     assert resolve_forward_engine("auto", embedded_model) == "hf"
     assert resolve_forward_engine("cuda", embedded_model) == "cuda"

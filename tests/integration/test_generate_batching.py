@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from tracekit.generation import engine as engine_module
-from tracekit.generation.hf_engine import HFEngine
-from tracekit.generation.run import GenerateConfig, generate
+from tracekit.engines import interface as engine_module
+from tracekit.engines.hf import HFEngine
+from tracekit.jobs.generate import GenerateConfig, generate
 from tracekit.storage.experiment import TraitPaths, read_parts
 
 pytestmark = pytest.mark.integration

@@ -323,9 +323,9 @@ def test_extract_activations_accepts_external_csv_without_prompt_or_id(
 ):
     """A CSV from elsewhere (question, instruction, response): prompts are built with the chat
     template, ids follow file order, activations equal a direct teacher-forced forward."""
-    from tracekit.generation.engine import CaptureSpec
-    from tracekit.generation.pooling import Pooling
-    from tracekit.generation.teacher_forced import pooled_forward
+    from tracekit.engines.interface import CaptureSpec
+    from tracekit.engines.pooling import Pooling
+    from tracekit.engines.teacher_forced import pooled_forward
     from tracekit.models.templates import build_prompt
 
     responses = tmp_path / "e" / "t" / "responses"

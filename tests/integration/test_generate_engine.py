@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tolerance import close_to_scale
-from tracekit.generation.engine import CaptureSpec, GenerationParams, encode_prompts
-from tracekit.generation.hf_engine import HFEngine
-from tracekit.generation.pooling import Pooling
-from tracekit.generation.teacher_forced import pooled_forward
+from tracekit.engines.hf import HFEngine
+from tracekit.engines.interface import CaptureSpec, GenerationParams, encode_prompts
+from tracekit.engines.pooling import Pooling
+from tracekit.engines.teacher_forced import pooled_forward
 from tracekit.models.templates import build_prompt
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import torch
 from tolerance import assert_close_to_scale
 from tracekit.actlog.logger import ActivationLogger
 from tracekit.actlog.prompts import DEFAULT_TEMPLATE, format_prompt
+from tracekit.engines.hf import HFEngine
 from tracekit.errors import StoreError
-from tracekit.generation.hf_engine import HFEngine
 from tracekit.storage.activation_store import open_store, prompt_key
 
 pytestmark = pytest.mark.integration
@@ -182,7 +182,7 @@ def test_batches_are_written_on_a_background_thread_and_a_failure_keeps_the_fini
     import threading
 
     from tracekit.actlog.job import LogConfig, log_activations
-    from tracekit.generation import engine as engine_module
+    from tracekit.engines import interface as engine_module
     from tracekit.storage.activation_store import ActivationStoreWriter
 
     qa = tmp_path / "qa.jsonl"

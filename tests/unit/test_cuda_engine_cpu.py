@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from tolerance import assert_close_to_scale
+from tracekit.engines.cuda.decoder import CudaEngine, FastDecoder
+from tracekit.engines.hf import HFEngine
+from tracekit.engines.interface import CaptureSpec, GenerationParams, resolve_engine_name
+from tracekit.engines.pooling import Pooling
+from tracekit.engines.teacher_forced import pooled_forward
 from tracekit.errors import InputError, ModelError
-from tracekit.generation.cuda_engine import CudaEngine, FastDecoder
-from tracekit.generation.cuda_random_model import random_llama
-from tracekit.generation.engine import CaptureSpec, GenerationParams, resolve_engine_name
-from tracekit.generation.hf_engine import HFEngine
-from tracekit.generation.pooling import Pooling
-from tracekit.generation.teacher_forced import pooled_forward
+from tracekit.models.random_model import random_llama
 from tracekit.storage.experiment import TraitPaths, read_parts
 
 ALL_POOLINGS = (Pooling.response_avg, Pooling.prompt_last, Pooling.prompt_avg)
@@ -178,7 +178,7 @@ def test_next_batch_started_before_the_result_is_taken_changes_nothing(tiny):
 
 def _job_config(tmp_path, engine: str, n_examples: int):
     """A small greedy generate job at batch size 2 on a registered test engine."""
-    from tracekit.generation.run import GenerateConfig
+    from tracekit.jobs.generate import GenerateConfig
 
     return GenerateConfig(
         experiment="e",
@@ -213,8 +213,8 @@ class _FailingSecondBatch(CudaEngine):
 def test_batch_finished_before_a_failing_one_is_written(tiny, tmp_path, monkeypatch):
     """The generate job starts each batch before taking the previous one's output; when the
     next batch fails, the finished one is still written (a rerun resumes after it)."""
-    from tracekit.generation import engine as engine_module
-    from tracekit.generation.run import generate
+    from tracekit.engines import interface as engine_module
+    from tracekit.jobs.generate import generate
 
     monkeypatch.setitem(engine_module.ENGINES, "failing", f"{__name__}:_FailingSecondBatch")
     _FailingSecondBatch.started = 0
@@ -238,8 +238,8 @@ class _PaddingEngine(CudaEngine):
 def test_generate_job_runs_its_last_batch_at_the_batch_size(tiny, tmp_path, monkeypatch):
     """The generate job tells the engine its batch size: 3 rows at batch size 2 run as two
     batches of 2 rows (one decode shape), not one of 2 and one of 1."""
-    from tracekit.generation import engine as engine_module
-    from tracekit.generation.run import generate
+    from tracekit.engines import interface as engine_module
+    from tracekit.jobs.generate import generate
 
     monkeypatch.setitem(engine_module.ENGINES, "padding", f"{__name__}:_PaddingEngine")
     _PaddingEngine.made = []
@@ -312,7 +312,7 @@ def test_pinned_attention_configuration_is_checked(tiny):
 def test_kept_decisions_are_read_in_range_and_checked_by_their_reader(tiny, tmp_path, monkeypatch):
     import json
 
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
@@ -348,7 +348,7 @@ def test_kept_decisions_are_read_in_range_and_checked_by_their_reader(tiny, tmp_
 
 
 def test_fastest_candidate_is_timed_once_and_kept(tmp_path, monkeypatch):
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
@@ -380,7 +380,7 @@ def test_fastest_candidate_is_timed_once_and_kept(tmp_path, monkeypatch):
     ("value", "on"), [(None, True), ("1", True), ("0", False), (" OFF ", False), ("no", False)]
 )
 def test_step_tuning_can_be_switched_off_from_the_environment(monkeypatch, value, on):
-    from tracekit.generation.cuda_engine import step_tuning_default
+    from tracekit.engines.cuda.decoder import step_tuning_default
 
     if value is None:
         monkeypatch.delenv("TRACEKIT_STEP_TUNING", raising=False)
@@ -417,7 +417,7 @@ def _tiny_family(family: str, **overrides):
 def test_other_supported_families_match_generate(family):
     # q/k/v biases (Qwen2), per-head q/k norms (Qwen3), Mistral's config: fused and unfused
 
-    from tracekit.generation.engine import left_pad
+    from tracekit.engines.interface import left_pad
 
     model = _tiny_family(family, num_hidden_layers=2)
     model.generation_config.eos_token_id = None  # both sides run to the limit
@@ -437,8 +437,8 @@ def test_fast_prefill_matches_the_hf_prefill(family):
     """The prompt through the engine's own block functions (``fast_prefill``) gives the HF
     prefill's tokens, prompt and response captures, and keys and values at every valid cache
     slot; rows of different lengths (left padding) included."""
-    from tracekit.generation.cuda_engine import POOLINGS
-    from tracekit.generation.engine import left_pad
+    from tracekit.engines.cuda.decoder import POOLINGS
+    from tracekit.engines.interface import left_pad
 
     model = _tiny_family(family, num_hidden_layers=2)
     model.generation_config.eos_token_id = None
@@ -469,10 +469,10 @@ def test_fast_teacher_forced_forward_matches_reference(family, fuse):
     """cuda_forward (eager on CPU) against the HF forward: q/k/v biases (Qwen2), q/k norms
     (Qwen3), a sliding window shorter than the rows (Mistral), fused and separate weights."""
 
-    from tracekit.generation.cuda_forward import FastForward
-    from tracekit.generation.cuda_random_model import word_tokenizer
+    from tracekit.engines.cuda.forward import FastForward
     from tracekit.models.layers import LayerHandles
     from tracekit.models.loading import LoadedModel
+    from tracekit.models.random_model import word_tokenizer
 
     extra = {"sliding_window": 6} if family == "mistral" else {}
     model = _tiny_family(family, num_hidden_layers=3, **extra)
@@ -499,8 +499,8 @@ def test_fast_teacher_forced_forward_matches_reference(family, fuse):
 def test_compiled_steps_run_under_the_persistent_row_heuristics():
     from torch._inductor.virtualized import V
 
-    from tracekit.generation._inductor_choices import PERSISTENT_REDUCTION_MAX
-    from tracekit.generation.cuda_engine import _persistent_choices, _under_choices
+    from tracekit.engines.cuda.decoder import _persistent_choices, _under_choices
+    from tracekit.engines.cuda.inductor_choices import PERSISTENT_REDUCTION_MAX
 
     choices = _persistent_choices()
     assert choices is not None

@@ -14,7 +14,7 @@ from tracekit.distributed import (
     share_host_cpus,
 )
 from tracekit.errors import ConfigError
-from tracekit.generation.run import GenerateConfig
+from tracekit.jobs.generate import GenerateConfig
 
 
 def test_single_process_without_world_size(monkeypatch):

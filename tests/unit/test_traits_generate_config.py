@@ -4,10 +4,10 @@ import pytest
 from pydantic import ValidationError
 
 from tracekit.config.base import resolve_config
+from tracekit.engines.interface import GenerationParams
+from tracekit.engines.pooling import Pooling, parse_poolings
 from tracekit.errors import ConfigError
-from tracekit.generation.engine import GenerationParams
-from tracekit.generation.pooling import Pooling, parse_poolings
-from tracekit.generation.run import GenerateConfig, plan_rows, row_seed
+from tracekit.jobs.generate import GenerateConfig, plan_rows, row_seed
 from tracekit.traits import load_trait
 
 

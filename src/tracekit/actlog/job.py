@@ -1,6 +1,6 @@
 """The ``tracekit log`` job: QA questions -> prompts -> batched generation -> activation store.
 
-Per batch: greedy generation through the engine interface (:mod:`tracekit.generation`), then
+Per batch: greedy generation through the engine interface (:mod:`tracekit.engines`), then
 one teacher-forced forward over ``[left-padded prompt | response]`` under an
 :class:`~tracekit.actlog.logger.ActivationLogger`, then one store transaction, on a background
 thread while the next batch generates (one batch in flight). Prompts whose key
@@ -132,7 +132,7 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
 
 def _log_activations(cfg: LogConfig, on_batch: BatchCallback | None) -> LogResult:
     from tracekit.actlog.logger import ActivationLogger, build_provenance
-    from tracekit.generation.engine import GenerationParams, create_engine
+    from tracekit.engines.interface import GenerationParams, create_engine
     from tracekit.models.loading import ModelConfig, load_model
     from tracekit.storage.activation_store import prompt_key
 
@@ -305,8 +305,8 @@ def _log_batch(
     """
     import torch
 
-    from tracekit.generation.engine import left_pad, position_ids_from_mask
-    from tracekit.generation.hf_engine import forward_kwargs, input_device
+    from tracekit.engines.hf import forward_kwargs, input_device
+    from tracekit.engines.interface import left_pad, position_ids_from_mask
 
     tokenizer = loaded.tokenizer
     device = input_device(loaded)

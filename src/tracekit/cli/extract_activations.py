@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Stage 2: teacher-forced activations for saved responses (responses/{pos,neg}.csv)."""
         from tracekit.distributed import launch
-        from tracekit.generation.extract import ExtractActivationsConfig, extract_activations
+        from tracekit.jobs.extract_activations import ExtractActivationsConfig, extract_activations
 
         cfg = build_config(ctx, ExtractActivationsConfig)
         if num_processes > 1:

@@ -34,7 +34,7 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from tracekit.generation.run import GenerateResult
+    from tracekit.jobs.generate import GenerateResult
 
 
 def _print_result(result: GenerateResult) -> None:
@@ -154,7 +154,7 @@ def register(app: typer.Typer) -> None:
         """Generate positive/negative trait responses with activation capture."""
         from tracekit.distributed import launch
         from tracekit.errors import ConfigError
-        from tracekit.generation.run import GenerateConfig, generate
+        from tracekit.jobs.generate import GenerateConfig, generate
 
         derived = {}
         if trait is not None and traits is not None:

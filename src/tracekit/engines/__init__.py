@@ -1,5 +1,6 @@
-"""Batched, padding-correct generation behind one engine interface, and pooled capture.
+"""Generation engines behind one interface (:mod:`tracekit.engines.interface`), and pooled capture.
 
-Import from the submodules (``engine``, ``pooling``, ``hf_engine``, ``teacher_forced``); this
-package does not import torch at import time.
+``hf`` runs every causal LM through Hugging Face ``generate``; ``cuda``
+(:mod:`tracekit.engines.cuda`) is the fast path for the architectures it knows; ``teacher_forced`` pools the states of given
+texts. Import from the submodules; this package does not import torch at import time.
 """

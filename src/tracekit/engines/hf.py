@@ -6,7 +6,7 @@ a response token (the pooling masks), and one extra decode step that computes th
 last response token of rows stopped by length, which ``generate`` never computes. The KV cache
 is the model's own (dynamic) cache, so every architecture ``transformers`` supports works.
 Capture goes through :class:`~tracekit.models.LayerTaps` into a
-:class:`~tracekit.generation.pooling.PooledAccumulator` on the model's device.
+:class:`~tracekit.engines.pooling.PooledAccumulator` on the model's device.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tracekit.errors import ConfigError
-from tracekit.generation.engine import (
+from tracekit.engines.interface import (
     CaptureSpec,
     FinishReason,
     GenerationOutput,
@@ -29,7 +28,8 @@ from tracekit.generation.engine import (
     position_ids_from_mask,
     stop_token_ids,
 )
-from tracekit.generation.pooling import PooledAccumulator
+from tracekit.engines.pooling import PooledAccumulator
+from tracekit.errors import ConfigError
 from tracekit.models.compat import cache_kwarg, output_cache
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def sample_next(
 
 
 class HFEngine:
-    """Reference :class:`~tracekit.generation.engine.GenerationEngine` (any device, any model)."""
+    """Reference :class:`~tracekit.engines.interface.GenerationEngine` (any device, any model)."""
 
     name = "hf"
 

@@ -1,7 +1,7 @@
 """The generation engine interface: what every engine takes and returns.
 
 An engine turns a batch of prompts into responses and, when asked, pooled activations captured
-*during* generation. The reference engine (:class:`tracekit.generation.hf_engine.HFEngine`)
+*during* generation. The reference engine (:class:`tracekit.engines.hf.HFEngine`)
 is a plain PyTorch decode loop over any Hugging Face causal LM; faster engines (static KV cache,
 CUDA graphs) implement the same :class:`GenerationEngine` protocol and register a name in
 :data:`ENGINES`, so ``generate``, ``log`` and the benchmark select them with one flag. An
@@ -14,10 +14,10 @@ Contract every engine keeps (the tests check the reference engine against it):
   added); rows are left-padded and always run with an attention mask;
 - each row stops at its own eos (any id in ``stop_token_ids``) or at ``max_new_tokens``; the
   eos token is not part of the response; ``finish_reason`` is ``"eos"`` or ``"length"``;
-- pooled activations follow the definitions in :mod:`tracekit.generation.pooling` (layer
+- pooled activations follow the definitions in :mod:`tracekit.engines.pooling` (layer
   numbering of README "Layer indexing"), are float32 on the CPU, shaped
   ``[batch, n_layers, hidden]`` per pooling, and equal a teacher-forced forward over
-  prompt + response (:func:`tracekit.generation.teacher_forced.pooled_forward`) within float
+  prompt + response (:func:`tracekit.engines.teacher_forced.pooled_forward`) within float
   tolerance;
 - greedy decoding (``temperature == 0`` or ``do_sample=False``) gives a row the same tokens
   whatever else is in its batch, up to floating-point differences between batch shapes;
@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from pydantic import Field, model_validator
 
 from tracekit.config.base import TracekitConfig
+from tracekit.engines.pooling import Pooling
 from tracekit.errors import ConfigError
-from tracekit.generation.pooling import Pooling
 
 if TYPE_CHECKING:
     import torch
@@ -177,8 +177,8 @@ def start_generation(
 
 
 ENGINES: dict[str, str] = {
-    "hf": "tracekit.generation.hf_engine:HFEngine",
-    "cuda": "tracekit.generation.cuda_engine:CudaEngine",
+    "hf": "tracekit.engines.hf:HFEngine",
+    "cuda": "tracekit.engines.cuda.decoder:CudaEngine",
 }
 """Engine name -> ``module:Class``; the class is built as ``Class(loaded_model)``."""
 
@@ -190,7 +190,7 @@ def resolve_engine_name(name: str, loaded: LoadedModel) -> str:
         return name
     if loaded.device.type != "cuda":
         return "hf"
-    from tracekit.generation.cuda_engine import unsupported_reason
+    from tracekit.engines.cuda.decoder import unsupported_reason
 
     return "cuda" if unsupported_reason(loaded.model) is None else "hf"
 

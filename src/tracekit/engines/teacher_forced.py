@@ -1,12 +1,12 @@
 """Teacher-forced pooled activations: one forward over prompt + response per batch.
 
 This is stage 2 (``tracekit extract activations``) and the reference the generation capture is
-tested against. It uses the same :class:`~tracekit.generation.pooling.PooledAccumulator` and the
-same definitions (see :mod:`tracekit.generation.pooling`): rows are ``prompt_ids + response_ids``
+tested against. It uses the same :class:`~tracekit.engines.pooling.PooledAccumulator` and the
+same definitions (see :mod:`tracekit.engines.pooling`): rows are ``prompt_ids + response_ids``
 left-padded into one batch; prompt and response positions get their own masks.
 
 ``engine="cuda"`` (what ``auto`` picks for a supported model on a CUDA device) runs the compiled
-forward of :mod:`tracekit.generation.cuda_forward` instead: same definitions, right padding and
+forward of :mod:`tracekit.engines.cuda.forward` instead: same definitions, right padding and
 causal flash attention, equal within floating-point tolerance.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tracekit.errors import ConfigError, ModelError
-from tracekit.generation.engine import (
+from tracekit.engines.hf import check_capture_layers, forward_kwargs, input_device
+from tracekit.engines.interface import (
     CaptureSpec,
     HostCopy,
     left_pad,
@@ -24,8 +24,8 @@ from tracekit.generation.engine import (
     resolve_engine_name,
     to_device,
 )
-from tracekit.generation.hf_engine import check_capture_layers, forward_kwargs, input_device
-from tracekit.generation.pooling import PooledAccumulator, Pooling
+from tracekit.engines.pooling import PooledAccumulator, Pooling
+from tracekit.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +39,7 @@ TEACHER_FORCED_ENGINES = ("auto", "hf", "cuda")
 def resolve_forward_engine(name: str, loaded: LoadedModel) -> str:
     """``auto`` -> ``cuda`` for a supported model on one CUDA device, else ``hf``; ``cuda`` on
     a model the fast forward cannot run raises :class:`ModelError` saying why."""
-    from tracekit.generation.cuda_engine import unsupported_reason
+    from tracekit.engines.cuda.decoder import unsupported_reason
 
     if name not in TEACHER_FORCED_ENGINES:
         raise ConfigError(
@@ -66,7 +66,7 @@ def pooled_forward(
 ) -> dict[Pooling, torch.Tensor]:
     """Pooled states ``[batch, n_layers, hidden]`` per pooling (float32) for one batch: on the
     CPU, or with ``to_host=False`` on the model's device, the work possibly still queued (hand
-    them to :class:`~tracekit.generation.engine.HostCopy`, as :func:`pooled_batches` does).
+    them to :class:`~tracekit.engines.interface.HostCopy`, as :func:`pooled_batches` does).
     ``engine``: see :func:`resolve_forward_engine`."""
     import torch
 
@@ -76,7 +76,7 @@ def pooled_forward(
         raise ValueError("prompt_ids and response_ids must have the same number of rows")
     check_capture_layers(loaded, capture)
     if resolve_forward_engine(engine, loaded) == "cuda":
-        from tracekit.generation.cuda_forward import fast_forward
+        from tracekit.engines.cuda.forward import fast_forward
 
         pad_id = int(loaded.tokenizer.pad_token_id or 0)
         pooled = fast_forward(loaded.model).pooled(

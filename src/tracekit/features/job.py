@@ -294,7 +294,7 @@ def _batch_inputs(
     of the kept positions (computed on the host, so taking them needs no device sync)."""
     import torch
 
-    from tracekit.generation.engine import to_device
+    from tracekit.engines.interface import to_device
 
     width = max(len(item.ids) for item in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
@@ -385,7 +385,7 @@ def _start_copy(
     """Queue the copies of a batch's arrays to the host; returns the function that waits for
     them. Sparse activations become CSR on the device first (``nonzero`` waits for the batch:
     by then the previous batch's files have been written meanwhile)."""
-    from tracekit.generation.engine import HostCopy
+    from tracekit.engines.interface import HostCopy
 
     csr = None
     if sparse:

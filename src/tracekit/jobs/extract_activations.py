@@ -3,7 +3,7 @@
 Reads ``responses/{pos,neg}.csv`` of a trait (written by ``generate`` or by anything else, e.g.
 a vLLM run; see :data:`~tracekit.storage.experiment.REQUIRED_COLUMNS`), re-tokenizes each row as
 ``prompt`` ids + ``response`` ids and runs one batched forward per batch through
-:func:`~tracekit.generation.teacher_forced.pooled_forward` (the same pooling code and
+:func:`~tracekit.engines.teacher_forced.pooled_forward` (the same pooling code and
 definitions as capture during generation). A row with an empty ``prompt`` gets one built from
 ``question`` and ``instruction`` with the model's chat template.
 
@@ -25,10 +25,10 @@ from pydantic import field_validator
 
 from tracekit.config.types import BatchSize, LayerSpec
 from tracekit.distributed import barrier, process_info
+from tracekit.engines.interface import CaptureSpec
+from tracekit.engines.pooling import Pooling, Poolings
 from tracekit.errors import ConfigError, InputError
-from tracekit.generation.engine import CaptureSpec
-from tracekit.generation.pooling import Pooling, Poolings
-from tracekit.generation.run import RuntimeOptions, check_name, model_settings_for
+from tracekit.jobs.generate import RuntimeOptions, check_name, model_settings_for
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import atomic_npy_memmap, check_writable, output_lock, write_json
 from tracekit.storage.experiment import POLARITIES, Polarity, TraitPaths
@@ -50,7 +50,7 @@ class ExtractActivationsConfig(RuntimeOptions):
     pooling: Poolings = (Pooling.response_avg,)
     engine: Literal["auto", "hf", "cuda"] = "auto"
     """Teacher-forced forward: ``cuda`` = compiled blocks + flash attention
-    (:mod:`tracekit.generation.cuda_forward`), ``hf`` = the model's own forward."""
+    (:mod:`tracekit.engines.cuda.forward`), ``hf`` = the model's own forward."""
     pt: bool = False
     """Also write each activation file as a ``.pt`` tensor (a second full copy on disk)."""
     force: bool = False
@@ -175,7 +175,7 @@ def _extract_activations(
             paths, polarity, pooling, ids, config.pt, source=path
         )
 
-    from tracekit.generation.run import activation_metadata
+    from tracekit.jobs.generate import activation_metadata
 
     write_json(
         paths.activations_metadata,
@@ -221,7 +221,7 @@ def _extract_rows(
     ``offset`` of the polarity in id order), written into the staged files as batches finish."""
     import numpy as np
 
-    from tracekit.generation.teacher_forced import pooled_batches
+    from tracekit.engines.teacher_forced import pooled_batches
 
     if not rows:
         return

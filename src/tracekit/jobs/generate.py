@@ -3,7 +3,7 @@
 For each trait, row ``k`` of each polarity asks question ``k mod n_questions`` under
 instruction pair ``(k div n_questions) mod n_pairs`` (pos or neg side), so pos row ``k`` and neg
 row ``k`` pair by id. Rows are generated in batches through a
-:class:`~tracekit.generation.engine.GenerationEngine`; every finished batch is journaled
+:class:`~tracekit.engines.interface.GenerationEngine`; every finished batch is journaled
 (:mod:`tracekit.storage.experiment`) before the next starts, so a killed run resumes where it
 stopped. On CUDA out-of-memory the batch size halves and the batch is retried.
 """
@@ -30,9 +30,9 @@ from tracekit.distributed import (
     process_info,
     process_model_config,
 )
+from tracekit.engines.interface import CaptureSpec, GenerationParams, create_engine
+from tracekit.engines.pooling import Pooling, Poolings
 from tracekit.errors import ConfigError, ModelError
-from tracekit.generation.engine import CaptureSpec, GenerationParams, create_engine
-from tracekit.generation.pooling import Pooling, Poolings
 from tracekit.models.loading import DtypeName, ModelConfig
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import output_lock, write_json
@@ -41,7 +41,7 @@ from tracekit.storage.experiment import POLARITIES, Polarity, TraitPaths
 from tracekit.traits import TraitDefinition, load_trait
 
 if TYPE_CHECKING:
-    from tracekit.generation.engine import GenerationEngine
+    from tracekit.engines.interface import GenerationEngine
     from tracekit.models.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -252,10 +252,10 @@ class _Batcher:
         run smaller than one batch is not padded and every process pads alike.
 
         Each batch is started before the previous one's output is taken (engines with
-        ``start``, see :func:`~tracekit.generation.engine.start_generation`), so the host
+        ``start``, see :func:`~tracekit.engines.interface.start_generation`), so the host
         builds one batch's records while the device generates the next. A finished batch is
         handed to ``on_output`` before an error of the next one is raised or handled."""
-        from tracekit.generation.engine import start_generation
+        from tracekit.engines.interface import start_generation
 
         pending: tuple[int, int, Any] | None = None
 

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from tracekit.config.base import TracekitConfig
+from tracekit.engines.pooling import Pooling
 from tracekit.errors import InputError
-from tracekit.generation.pooling import Pooling
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import check_writable, save_npy, write_bytes, write_json
 from tracekit.storage.experiment import TraitPaths

@@ -2,7 +2,7 @@
 
 This module owns the decode loop of tracekit's CUDA engine (docs/engine.md). It works on a raw
 Hugging Face causal LM and left-padded token ids, so it can be tested and benchmarked on its own;
-the engine interface of :mod:`tracekit.generation.engine` wraps it.
+the engine interface of :mod:`tracekit.engines.interface` wraps it.
 
 How one batch runs:
 
@@ -18,7 +18,7 @@ How one batch runs:
    The pointwise parts are fused by ``torch.compile`` (default mode, no inductor cudagraphs: the
    graph is captured here, so buffers the step mutates never make inductor skip it), one
    compiled region per block boundary; each linear layer runs the way
-   :func:`tracekit.generation.cuda_gemv.choose` timed fastest for the batch size.
+   :func:`tracekit.engines.cuda.ops.gemv.choose` timed fastest for the batch size.
 3. **Stopping** is per row on the device (``alive`` flags); the host reads one flag every
    ``check_every`` steps and stops early once every row is done.
 4. **Capture** adds each chosen layer's state, weighted by 1 for tokens that belong to the
@@ -50,8 +50,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tracekit.errors import InputError, ModelError
-from tracekit.generation.cuda_gemv import (
+from tracekit.engines.cuda.ops.gemv import (
     MODE_NAMES,
     SWIGLU,
     TRITON,
@@ -62,8 +61,9 @@ from tracekit.generation.cuda_gemv import (
     on_side_stream,
     swiglu,
 )
-from tracekit.generation.engine import HostCopy, to_device
-from tracekit.generation.pooling import masked_sum
+from tracekit.engines.interface import HostCopy, to_device
+from tracekit.engines.pooling import masked_sum
+from tracekit.errors import InputError, ModelError
 from tracekit.models.capture import LayerTaps
 from tracekit.models.compat import output_cache
 from tracekit.models.layers import LayerHandles
@@ -71,7 +71,7 @@ from tracekit.models.layers import LayerHandles
 if TYPE_CHECKING:
     import torch
 
-    from tracekit.generation.engine import (
+    from tracekit.engines.interface import (
         CaptureSpec,
         GenerationOutput,
         GenerationParams,
@@ -382,7 +382,7 @@ def _capture(sink: Sink | None, h: torch.Tensor) -> None:
     The store is what makes the ring worth having: adding into the float32 sums reads them
     from memory in the middle of the step (the step's weights have evicted them from L2), and
     the kernel that also computes the next norm waits for that read. A store waits for
-    nothing; :meth:`tracekit.generation.cuda_ring.CaptureRings.flush` adds the ring into the
+    nothing; :meth:`tracekit.engines.cuda.ops.ring.CaptureRings.flush` adds the ring into the
     sums every K steps. Weights are 0 or 1, so ``h * weight`` in the model's dtype is exact:
     the sums are those of the states as stored, the values the next block reads. (The add in
     the step sums ``h`` before its rounding to the model's dtype, since inductor keeps a fused
@@ -472,7 +472,7 @@ def _qkv_product(
     kernel sums them, so no kernel here does)."""
     import torch
 
-    from tracekit.generation import cuda_gemv
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     assert w.qkv is not None
     x = _rms_norm(h, w.ln1, eps)
@@ -743,14 +743,14 @@ class _Runner:
         self.attn_config = dec.attention_config_for(b, self.total_len, p, qkv_mode, fused)
         self.work = None
         if self.dims.block is not None:
-            from tracekit.generation.cuda_block import workspace
+            from tracekit.engines.cuda.ops.block import workspace
 
             self.work = workspace(b, spec.hidden, dev)
         # the step stores captured states in rings, flushed into self.caps by the host
         # (cuda_ring); not with fused blocks, whose kernels add into the sums themselves
         self.rings = None
         if self.caps and dec.capture_ring and self.dims.block is None:
-            from tracekit.generation.cuda_ring import CaptureRings
+            from tracekit.engines.cuda.ops.ring import CaptureRings
 
             self.rings = CaptureRings(self.caps, dec.capture_ring, dec.dtype)
         self.graph: Any = None
@@ -826,7 +826,7 @@ class _Runner:
 
     def _step_fused(self) -> None:
         """One decode step with the fused attention kernel between the compiled pieces."""
-        from tracekit.generation.cuda_attention import AttentionShape, decode_attention
+        from tracekit.engines.cuda.ops.attention import AttentionShape, decode_attention
 
         dec, st, d = self.dec, self.st, self.dims
         shape = AttentionShape(d.n_heads, d.n_kv, d.head_dim, d.scaling, d.window)
@@ -864,10 +864,10 @@ class _Runner:
         self._last(h, attn, None, None)
 
     def _step_block(self) -> None:
-        """One decode step of fused block products (:mod:`tracekit.generation.cuda_block`)
+        """One decode step of fused block products (:mod:`tracekit.engines.cuda.ops.block`)
         and the fused attention kernel: five kernels per block."""
-        from tracekit.generation import cuda_block
-        from tracekit.generation.cuda_attention import AttentionShape, decode_attention
+        from tracekit.engines.cuda.ops import block as cuda_block
+        from tracekit.engines.cuda.ops.attention import AttentionShape, decode_attention
 
         dec, st, key, d = self.dec, self.st, self.key, self.dims
         splits, pdl, work = d.block, d.gemv.pdl, self.work
@@ -1071,7 +1071,7 @@ def _head(
 
 
 class GemvChoice(NamedTuple):
-    """Per linear layer, how it runs (:mod:`tracekit.generation.cuda_gemv` modes; 0 = F.linear)."""
+    """Per linear layer, how it runs (:mod:`tracekit.engines.cuda.ops.gemv` modes; 0 = F.linear)."""
 
     qkv: int = 0
     o: int = 0
@@ -1088,7 +1088,7 @@ NO_GEMV = GemvChoice()
 
 
 class BlockSplits(NamedTuple):
-    """K slices of each fused block product (:mod:`tracekit.generation.cuda_block`)."""
+    """K slices of each fused block product (:mod:`tracekit.engines.cuda.ops.block`)."""
 
     qkv: int
     o: int
@@ -1114,9 +1114,9 @@ class Dims(NamedTuple):
     """Chunk length of the two-stage argmax over the vocabulary (0: one stage)."""
     fused_attention: bool = False
     """True: rotary, KV write and attention in one Triton kernel per block
-    (:mod:`tracekit.generation.cuda_attention`), called between the compiled pieces."""
+    (:mod:`tracekit.engines.cuda.ops.attention`), called between the compiled pieces."""
     block: BlockSplits | None = None
-    """Set: every block runs as the fused products of :mod:`tracekit.generation.cuda_block`
+    """Set: every block runs as the fused products of :mod:`tracekit.engines.cuda.ops.block`
     around the fused attention kernel (K slices per product); only the embedding and the
     head are compiled pieces."""
 
@@ -1249,7 +1249,7 @@ def _embed_norm(
     cap0: Sink | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused-block step: embedding, its rows' sums of squares (block 0's norm), rotary rows."""
-    from tracekit.generation.cuda_block import row_sums
+    from tracekit.engines.cuda.ops.block import row_sums
 
     h, cos, sin = _embed_step(cur_tok, embed, slot, pad_len, cos_table, sin_table, cap0)
     return h, row_sums(h), cos, sin
@@ -1287,7 +1287,7 @@ keep the eager prefill, whose launch cost is small next to their device time."""
 SETUP_PARTS = ("kernel_choice", "compile_warmup", "graph_capture", "step_tuning")
 
 CAPTURE_RING = 8
-"""Decode steps per flush of the capture rings (:mod:`tracekit.generation.cuda_ring`), by
+"""Decode steps per flush of the capture rings (:mod:`tracekit.engines.cuda.ops.ring`), by
 default with captured steps."""
 
 FUSED_ATTENTION_MAX_LEN = 1024
@@ -1310,7 +1310,7 @@ GEMV_ROLES = ("qkv", "o", "gate_up", "down", "head")
 TUNED_ROLES = ("o", "qkv", "down", "gate_up")
 """The linear layers whose kernel step tuning (``FastDecoder(tune_steps=...)``) re-decides
 by timing whole decode steps, in this order: those that follow the step's small kernels, where
-a product timed alone (:func:`tracekit.generation.cuda_gemv.choose`) and the same product
+a product timed alone (:func:`tracekit.engines.cuda.ops.gemv.choose`) and the same product
 inside the step differ most, then ``gate_up`` for its one candidate (:data:`ROLE_CANDIDATES`).
 The head is long enough for the timing alone."""
 
@@ -1364,7 +1364,7 @@ def _persistent_choices() -> Any:
         import torch._inductor.config as inductor_config
 
         if hasattr(inductor_config, "inductor_choices_class"):
-            from tracekit.generation._inductor_choices import PersistentRows
+            from tracekit.engines.cuda.inductor_choices import PersistentRows
 
             return PersistentRows
     except ImportError:  # pragma: no cover - an older torch
@@ -1434,13 +1434,13 @@ class FastDecoder:
     Triton kernels; ``on``: the split-N Triton kernel wherever correct; ``splitk``: the split-K
     one in two slices wherever correct; ``off``: ``F.linear``), ``gemv_modes`` (pins the kernel
     of single layers over ``gemv``, e.g. ``{"o": "splitk8"}``: roles :data:`GEMV_ROLES`, modes
-    :data:`tracekit.generation.cuda_gemv.MODE_NAMES`; a pinned mode that fails its check runs
+    :data:`tracekit.engines.cuda.ops.gemv.MODE_NAMES`; a pinned mode that fails its check runs
     ``F.linear``; only where ``gemv`` is not ``off``), ``tune_steps`` (with ``gemv="auto"``
     and captured steps, the default unless ``TRACEKIT_STEP_TUNING=0``: the first step captured
     at a batch size re-decides the kernels of :data:`TUNED_ROLES` by timing whole steps, see
     :meth:`_tune`; tens of seconds once, then kept in the decisions file),
     ``attention_config`` (pins the fused attention kernel's (slots per block, warps, stages),
-    one of :data:`tracekit.generation.cuda_attention.CONFIGS`; ``None``: timed per shape, see
+    one of :data:`tracekit.engines.cuda.ops.attention.CONFIGS`; ``None``: timed per shape, see
     :meth:`attention_config_for`),
     ``pdl`` (programmatic dependent launch of the step's Triton and inductor kernels; ``None``:
     wherever available), ``time_with_pdl`` (the linear-layer kernel choice times the Triton
@@ -1451,14 +1451,14 @@ class FastDecoder:
     ``gated_down`` (where ``down_proj`` runs a Triton kernel, that kernel computes
     ``silu(gate) * up`` as it loads its input, one kernel less per block; off: on an H200 at
     batch 8 the step took 1.35 ms against 1.07 ms), ``fused_block`` (every block as
-    the five fused kernels of :mod:`tracekit.generation.cuda_block`, the norms, residual adds
+    the five fused kernels of :mod:`tracekit.engines.cuda.ops.block`, the norms, residual adds
     and SiLU inside the products; off: on an H200 the step took 1.03-1.16 ms against
     0.98-1.01 ms at batch 8 and 1.35 ms against 1.15-1.17 ms at batch 32),
     ``persistent_norms`` (the compiled step's row reductions, its norms, as one-pass kernels
     up to 4096 elements, see :func:`_persistent_choices`; on: on an
     H200 the step was 2.7-3.0% faster at batch 8 and 32), ``capture_ring`` (the step stores
     captured states in rings of this many steps that the host adds into the response sums,
-    see :mod:`tracekit.generation.cuda_ring`; 0: the step adds into the sums; ``None``:
+    see :mod:`tracekit.engines.cuda.ops.ring`; 0: the step adds into the sums; ``None``:
     :data:`CAPTURE_RING` with captured steps, 0 otherwise; not with ``fused_block``),
     ``check_every``
     (decode steps between host checks for "all rows done"), ``prompt_bucket``
@@ -1596,7 +1596,7 @@ class FastDecoder:
         self.attention_config = attention_config
         # programmatic dependent launch: default where it is available, in compiled, captured
         # steps (it saves the ramp and tail of each of the step's ~140 kernels)
-        from tracekit.generation.cuda_gemv import pdl_available
+        from tracekit.engines.cuda.ops.gemv import pdl_available
 
         can_pdl = self.compile and self.use_graphs and pdl_available(self.device)
         if pdl and not can_pdl:
@@ -1633,7 +1633,7 @@ class FastDecoder:
         """Which linear layers run the Triton matrix-vector kernel at ``batch`` rows."""
         if self.gemv_mode == "off":
             return NO_GEMV._replace(pdl=self.pdl)
-        from tracekit.generation import cuda_gemv
+        from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
         force = {"on": cuda_gemv.TRITON, "splitk": cuda_gemv.SPLIT_K2}.get(self.gemv_mode)
         w = self.weights[0]
@@ -1661,7 +1661,7 @@ class FastDecoder:
         return [r for r in TUNED_ROLES if r not in self.gemv_modes and getattr(w, r) is not None]
 
     def _step_key(self, role: str, batch: int) -> str:
-        from tracekit.generation.cuda_gemv import CONFIG_TAG, decision_key
+        from tracekit.engines.cuda.ops.gemv import CONFIG_TAG, decision_key
 
         weight = getattr(self.weights[0], role)
         # the kernels' tag: step tuning among another version's kernels is done again
@@ -1670,10 +1670,10 @@ class FastDecoder:
 
     def tuned_modes(self, batch: int) -> dict[str, int]:
         """The kernels step tuning chose for ``batch`` rows (this process, else the decisions
-        file of :func:`tracekit.generation.cuda_gemv.choose`); the layers not tuned yet are
+        file of :func:`tracekit.engines.cuda.ops.gemv.choose`); the layers not tuned yet are
         missing (all of them before the first tuning)."""
         if batch not in self._step_modes:
-            from tracekit.generation.cuda_gemv import read_decisions
+            from tracekit.engines.cuda.ops.gemv import read_decisions
 
             self._keep_tuned(batch, read_decisions())
         return self._step_modes.get(batch, {})
@@ -1697,7 +1697,7 @@ class FastDecoder:
         batch = runner.key.batch
         if len(self.tuned_modes(batch)) == len(self._tuned_roles()):
             return
-        from tracekit.generation.cuda_gemv import deciding, decisions_file
+        from tracekit.engines.cuda.ops.gemv import deciding, decisions_file
 
         started = time.perf_counter()
         keys = [self._step_key(role, batch) for role in self._tuned_roles()]
@@ -1735,7 +1735,7 @@ class FastDecoder:
         step 5% faster (benchmarks/RESULTS.md, seventh run). Each candidate is compiled and
         captured (seconds each, more where its Triton kernel is autotuned first) and timed over
         replays of the captured step. Leaves ``runner`` with the fastest step captured."""
-        from tracekit.generation import cuda_gemv
+        from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
         batch = runner.key.batch
         best, best_graph = runner.dims.gemv, runner.graph
@@ -1796,7 +1796,7 @@ class FastDecoder:
             or w.q_norm is not None
         ):
             return None
-        from tracekit.generation.cuda_block import choose_splits
+        from tracekit.engines.cuda.ops.block import choose_splits
 
         pdl = self.time_with_pdl
         got = [
@@ -1825,7 +1825,8 @@ class FastDecoder:
             return False
         if self.fused_attention == "auto" and length > FUSED_ATTENTION_MAX_LEN:
             return False
-        from tracekit.generation import cuda_attention, cuda_gemv
+        from tracekit.engines.cuda.ops import attention as cuda_attention
+        from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
         splits = cuda_gemv.splits_of(gemv_qkv) if gemv_qkv >= cuda_gemv.SPLIT_K2 else 1
         if splits not in self._fused_ok:
@@ -1850,12 +1851,13 @@ class FastDecoder:
     ) -> tuple[int, int, int] | None:
         """The fused attention kernel's configuration for decode steps of ``batch`` rows over
         a cache of ``length`` slots after a prompt of ``prompt_len``: timed where the steps
-        are captured (:func:`tracekit.generation.cuda_attention.kernel_config`, at the middle
+        are captured (:func:`tracekit.engines.cuda.ops.attention.kernel_config`, at the middle
         of the generation, both rounded up to 64 slots), the default one otherwise; ``None``
         without the kernel."""
         if not fused:
             return None
-        from tracekit.generation import cuda_attention, cuda_gemv
+        from tracekit.engines.cuda.ops import attention as cuda_attention
+        from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
         if self.attention_config is not None:
             return self.attention_config
@@ -2196,12 +2198,12 @@ class FastDecoder:
     ) -> torch.Tensor:
         """:meth:`_prefill_hf` through the engine's own block functions (compiled once, batch
         and length dynamic, as the teacher-forced forward's): left-padded rows with a boolean
-        mask (:func:`~tracekit.generation.cuda_forward.prefill_mask`), per-row rotary positions,
+        mask (:func:`~tracekit.engines.cuda.forward.prefill_mask`), per-row rotary positions,
         each block's keys and values written straight into the cache."""
         import torch
         import torch.nn.functional as F
 
-        from tracekit.generation.cuda_forward import _block_kv, _compiled_block, prefill_mask
+        from tracekit.engines.cuda.forward import _block_kv, _compiled_block, prefill_mask
 
         spec = self.spec
         cos, sin = self.cos_table[position_ids], self.sin_table[position_ids]
@@ -2409,11 +2411,11 @@ def _cache_layer(cache: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
 # The engine behind tracekit's interface
 # --------------------------------------------------------------------------------------------
 class CudaEngine:
-    """:class:`~tracekit.generation.engine.GenerationEngine` on :class:`FastDecoder`.
+    """:class:`~tracekit.engines.interface.GenerationEngine` on :class:`FastDecoder`.
 
     Registered as ``"cuda"``; ``"auto"`` picks it when the model sits on a CUDA device and
     :func:`unsupported_reason` has no objection
-    (:func:`tracekit.generation.engine.resolve_engine_name`). It keeps the reference engine's
+    (:func:`tracekit.engines.interface.resolve_engine_name`). It keeps the reference engine's
     contract (stop ids, eos excluded, pooling definitions, per-row seeds) except how a sampled
     row draws its randomness: a counter-based hash of its seed instead of a ``torch.Generator``,
     so sampled text differs from the reference engine's for the same seed (greedy is identical).
@@ -2429,7 +2431,7 @@ class CudaEngine:
         compile: bool | None = None,
         **decoder_options: Any,
     ) -> None:
-        from tracekit.generation.engine import stop_token_ids
+        from tracekit.engines.interface import stop_token_ids
 
         self.loaded = loaded
         reason = unsupported_reason(loaded.model)
@@ -2503,14 +2505,14 @@ class CudaEngine:
         pad_to: int | None = None,
     ) -> CudaPending | Ready:
         """:meth:`generate` without waiting for the device (see
-        :func:`tracekit.generation.engine.start_generation`): the batch is launched, and
+        :func:`tracekit.engines.interface.start_generation`): the batch is launched, and
         :meth:`CudaPending.result` detokenizes it once its results are copied. Starting the
         next batch first is safe: a batch's results are copied out of the decoder's buffers
         before the next batch's prefill is queued."""
         import torch
 
-        from tracekit.generation.engine import GenerationOutput, Ready, encode_prompts, left_pad
-        from tracekit.generation.hf_engine import check_capture_layers
+        from tracekit.engines.hf import check_capture_layers
+        from tracekit.engines.interface import GenerationOutput, Ready, encode_prompts, left_pad
 
         tokenizer = self.loaded.tokenizer
         rows = encode_prompts(tokenizer, prompts)
@@ -2573,8 +2575,8 @@ class CudaPending:
         self._capture = capture
 
     def result(self) -> GenerationOutput:
-        from tracekit.generation.engine import GenerationOutput
-        from tracekit.generation.pooling import Pooling
+        from tracekit.engines.interface import GenerationOutput
+        from tracekit.engines.pooling import Pooling
 
         if self._output is None:
             res = self.launched.result()

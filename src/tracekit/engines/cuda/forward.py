@@ -1,8 +1,8 @@
 """Teacher-forced pooled forward for Llama-family models: compiled blocks, causal flash attention.
 
 The fast path of ``tracekit extract activations`` (and of
-:func:`tracekit.generation.teacher_forced.pooled_forward` with ``engine="cuda"``). It runs the
-same functional decoder block as the CUDA engine (:mod:`tracekit.generation.cuda_engine`: fused
+:func:`tracekit.engines.teacher_forced.pooled_forward` with ``engine="cuda"``). It runs the
+same functional decoder block as the CUDA engine (:mod:`tracekit.engines.cuda.decoder`: fused
 q/k/v and gate/up products, the model's own rotary tables) over whole sequences, and pools each
 chosen layer's states as the block that makes them finishes.
 
@@ -13,7 +13,7 @@ Two choices make it fast:
   Under a causal mask no real token can see a pad token, so plain causal attention is exact for
   the real tokens (the pad positions compute values nobody reads), and
   ``scaled_dot_product_attention`` can take its flash kernel. The reference path
-  (:mod:`tracekit.generation.teacher_forced`) pads on the left and passes a mask.
+  (:mod:`tracekit.engines.teacher_forced`) pads on the left and passes a mask.
 - **One compiled block.** Every block runs the same function, compiled once by ``torch.compile``
   with the batch and sequence dimensions dynamic, so the norms, rotary embedding, SiLU and the
   residual adds fuse into a few kernels around cuBLAS products. Batches of any length reuse it.
@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tracekit.generation.cuda_engine import (
+from tracekit.engines.cuda.decoder import (
     LayerWeights,
     _rms_norm,
     _rotate_half,
@@ -40,7 +40,7 @@ from tracekit.generation.cuda_engine import (
     project_qkv,
     rope_tables,
 )
-from tracekit.generation.pooling import Pooling, masked_sums
+from tracekit.engines.pooling import Pooling, masked_sums
 from tracekit.models.layers import LayerHandles
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ class FastForward:
         pad_id: int = 0,
     ) -> dict[Pooling, torch.Tensor]:
         """Per pooling, ``[batch, len(layers), hidden]`` float32 on the model's device (the
-        work possibly still queued). Definitions as in :mod:`tracekit.generation.pooling`."""
+        work possibly still queued). Definitions as in :mod:`tracekit.engines.pooling`."""
         import torch
 
         if len(prompt_ids) != len(response_ids):

@@ -1,4 +1,4 @@
-"""Triton source of :mod:`tracekit.generation.cuda_block` (imported only where Triton is).
+"""Triton source of :mod:`tracekit.engines.cuda.ops.block` (imported only where Triton is).
 
 Kept in a module of its own, as the other kernels are: Triton resolves a kernel's helper
 functions through the module's globals, and the rest of tracekit must import without Triton.

@@ -1,4 +1,4 @@
-"""Triton source of :mod:`tracekit.generation.cuda_ring` (imported only where Triton is).
+"""Triton source of :mod:`tracekit.engines.cuda.ops.ring` (imported only where Triton is).
 
 Kept in a module of its own, like the other kernels: the rest of tracekit must import without
 Triton.

@@ -1,12 +1,12 @@
 """One Triton kernel for a decode step's attention: rotary, KV-cache write and attention.
 
-In the CUDA engine's decode step (:mod:`tracekit.generation.cuda_engine`) the attention of one
+In the CUDA engine's decode step (:mod:`tracekit.engines.cuda.decoder`) the attention of one
 block took six kernels: the q/k/v product's sum and rotary embedding (two or three pointwise
 kernels), the score product, the softmax and the value product, ~11 us per block at batch 8 on
 an H200 for a few KB of work. This kernel does all of it in one launch, one program per
 (row, kv head):
 
-1. sums the q/k/v product (the split-K partials of :mod:`tracekit.generation.cuda_gemv`, or
+1. sums the q/k/v product (the split-K partials of :mod:`tracekit.engines.cuda.ops.gemv`, or
    the product itself), rounds it to the model dtype and adds the bias, as the product would;
 2. applies the rotary embedding to the group's query heads and to the key;
 3. writes the new key and value into the static cache at ``slot``;
@@ -28,7 +28,7 @@ import os
 import zlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tracekit.generation.cuda_gemv import (
+from tracekit.engines.cuda.ops.gemv import (
     fastest_kept,
     import_kernel,
     relative_error,
@@ -59,7 +59,7 @@ def _build() -> Any:
     if "kernel" in _STATE:
         return _STATE["kernel"]
     _STATE["kernel"] = None
-    found = import_kernel("tracekit.generation._attention_kernel", "decode_attention_kernel")
+    found = import_kernel("tracekit.engines.cuda.ops._attention_kernel", "decode_attention_kernel")
     if found is None:
         return None
     triton, decode_attention_kernel = found
@@ -104,7 +104,7 @@ def decode_attention(
     """Attention output ``[batch, n_heads * head_dim]`` of one decode step (see the module
     docstring); writes the new key and value into ``k_cache``/``v_cache`` at ``slot``.
     ``pdl``: launched as a programmatic dependent launch (only where
-    :func:`tracekit.generation.cuda_gemv.pdl_available`).
+    :func:`tracekit.engines.cuda.ops.gemv.pdl_available`).
 
     ``qkv``: the q/k/v product ``[batch, N]`` or its split-K partials ``[splits, batch, N]``
     (``N = (n_heads + 2 * n_kv) * head_dim``); ``cos``/``sin``: this step's rotary rows
@@ -170,7 +170,7 @@ def reference(
     """:func:`decode_attention` in plain torch (the same arithmetic as the unfused step)."""
     import torch
 
-    from tracekit.generation.cuda_engine import _rotate_half
+    from tracekit.engines.cuda.decoder import _rotate_half
 
     n_heads, n_kv, head_dim, scaling, window = shape
     dtype = k_cache.dtype
@@ -266,7 +266,7 @@ def kernel_config(
     """The kernel's configuration for ``batch`` rows over caches of ``length`` slots, the
     q/k/v product in ``splits`` partials: the fastest of :data:`CONFIGS` with ``slot`` valid
     slots per row (a decode step's typical one), timed once per shape and kept in the decisions
-    file (:func:`tracekit.generation.cuda_gemv.deciding`), so the processes of a data-parallel
+    file (:func:`tracekit.engines.cuda.ops.gemv.deciding`), so the processes of a data-parallel
     run launch the same one and later runs skip the timing.
 
     Timed as the step launches the kernel: over copies of the cache larger than L2, back to

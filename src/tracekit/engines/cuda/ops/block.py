@@ -1,6 +1,6 @@
 """A decoder block's products with the small kernels around them folded in (Triton).
 
-After the fused attention kernel (:mod:`tracekit.generation.cuda_attention`), a compiled decode
+After the fused attention kernel (:mod:`tracekit.engines.cuda.ops.attention`), a compiled decode
 step spent about a quarter of its time on an H200 in kernels that move a few KB each: per
 block, two RMSNorm-and-residual reductions (3.2 us each at batch 8) and a SiLU (1.3 us), each a
 launch with its own ramp and tail between products that stream megabytes of weights. Here a
@@ -30,7 +30,7 @@ inductor's, so states agree within the dtype's rounding, not bit for bit (greedy
 part from the compiled step's at bf16 near-ties). :func:`choose_splits` checks each product
 against plain torch on the engine's shapes before the engine uses it, and times the K splits
 per shape and batch, as
-:func:`tracekit.generation.cuda_gemv.choose` does for plain products (decisions kept in the
+:func:`tracekit.engines.cuda.ops.gemv.choose` does for plain products (decisions kept in the
 same file, so the processes of a data-parallel run pick the same kernels).
 """
 
@@ -40,7 +40,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tracekit.generation import cuda_gemv
+from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +63,7 @@ def _build() -> Any:
     if "kernel" in _STATE:
         return _STATE["kernel"]
     _STATE["kernel"] = None
-    found = cuda_gemv.import_kernel("tracekit.generation._block_kernel", "block_gemv_kernel")
+    found = cuda_gemv.import_kernel("tracekit.engines.cuda.ops._block_kernel", "block_gemv_kernel")
     if found is None:
         return None
     triton, block_gemv_kernel = found

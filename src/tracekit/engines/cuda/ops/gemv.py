@@ -58,7 +58,7 @@ def _check_gated(x: torch.Tensor, w: torch.Tensor, gated: bool) -> None:
 
 def import_kernel(module: str, name: str) -> tuple[Any, Any] | None:
     """``(triton, kernel)``: the kernel ``name`` of tracekit's Triton source module ``module``
-    (``tracekit.generation._*_kernel``); ``None`` without Triton."""
+    (``tracekit.engines.cuda.ops._*_kernel``); ``None`` without Triton."""
     import importlib
 
     try:
@@ -105,7 +105,7 @@ def _build() -> Any:
         import torch
         import triton
 
-        from tracekit.generation._gemv_kernel import gemv_kernel
+        from tracekit.engines.cuda.ops._gemv_kernel import gemv_kernel
     except ImportError:  # pragma: no cover - CUDA builds of torch ship Triton
         return None
 

@@ -20,7 +20,7 @@ import functools
 import os
 from typing import TYPE_CHECKING, Any
 
-from tracekit.generation.cuda_gemv import import_kernel
+from tracekit.engines.cuda.ops.gemv import import_kernel
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +32,7 @@ BLOCK = 1024
 @functools.cache
 def _kernel() -> Any:
     """The flush kernel, defined once per process; ``None`` without Triton."""
-    found = import_kernel("tracekit.generation._ring_kernel", "ring_flush_kernel")
+    found = import_kernel("tracekit.engines.cuda.ops._ring_kernel", "ring_flush_kernel")
     return None if found is None else found[1]
 
 
