@@ -34,8 +34,8 @@ from pydantic import model_validator
 
 from tracekit.config.base import TracekitConfig
 from tracekit.config.types import LayerSpec
-from tracekit.errors import InputError
 from tracekit.engines.pooling import Pooling
+from tracekit.errors import InputError
 from tracekit.storage.atomic import check_writable, save_npy, write_json, write_text
 from tracekit.storage.experiment import Polarity, TraitPaths
 from tracekit.vectors.inputs import PooledActivations, load_pooled
