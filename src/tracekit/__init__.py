@@ -6,8 +6,7 @@ fast and does not pull in torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tracekit._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -20,7 +19,7 @@ _LAZY: dict[str, str] = {
     "ReconstructConfig": "tracekit.actlog.reconstruct",
     "open_store": "tracekit.storage.activation_store",
     "LayerSpec": "tracekit.config.types",
-    "Normalization": "tracekit.config.types",
+    "Normalization": "tracekit.config.choices",
     "parse_layers_arg": "tracekit.config.types",
     "TracekitError": "tracekit.errors",
     "ModelConfig": "tracekit.models.loading",
@@ -63,17 +62,6 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tracekit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_attributes("tracekit", _LAZY, globals())
 
 __all__ = ["__version__", *sorted(_LAZY)]

@@ -10,18 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -32,25 +26,36 @@ def debug_enabled() -> bool:
     return os.environ.get("TRACEKIT_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
-class RateColumn(TextColumn):
+def _rate_text(task: Any) -> Any:
     """Throughput of a task: ``<rate> <unit>/s``, with the unit from the task's fields."""
+    from rich.text import Text
 
-    def __init__(self) -> None:
-        super().__init__("")
-
-    def render(self, task: Any) -> Any:
-        from rich.text import Text
-
-        unit = task.fields.get("unit", "it")
-        speed = task.finished_speed or task.speed
-        if not speed:
-            return Text(f"- {unit}/s", style="progress.data.speed")
-        return Text(f"{speed:,.1f} {unit}/s", style="progress.data.speed")
+    unit = task.fields.get("unit", "it")
+    speed = task.finished_speed or task.speed
+    if not speed:
+        return Text(f"- {unit}/s", style="progress.data.speed")
+    return Text(f"{speed:,.1f} {unit}/s", style="progress.data.speed")
 
 
 @contextmanager
 def progress_bar(transient: bool = False) -> Iterator[Progress]:
     """A rich progress bar on stderr with count, rate (``unit`` task field) and ETA."""
+    # imported here: rich.progress is a fifth of the CLI's import time, and --help needs none
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        RenderableColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    class RateColumn(RenderableColumn):
+        def render(self, task: Any) -> Any:
+            return _rate_text(task)
+
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -207,14 +207,14 @@ def test_extract_vectors_applies_judge_filter_by_id(tmp_path, cli):
     assert np.array_equal(np.load(paths.vectors_dir / "mean_diff_response_avg.npy"), vectors)
     # and when neither gives them, the error names the option
     result = cli("extract", "vectors", "--trait", "t", "--experiments-dir", tmp_path)
-    assert result.exit_code == 2 and "error: --experiment: Field required" in _flat(result)
+    assert result.exit_code == 2 and "error: missing option --experiment" in _flat(result)
 
 
 def test_generate_without_an_experiment_names_the_option_and_writes_nothing(tmp_path, cli):
     base = tmp_path / "experiments"
     result = cli("generate", "--trait", "refusal", "--experiments-dir", base)
     assert result.exit_code == 2, result.output
-    assert "error: --experiment: Field required" in _flat(result)
+    assert "error: missing option --experiment" in _flat(result)
     assert not base.exists()
 
 
@@ -226,7 +226,7 @@ def test_generate_without_an_experiment_names_the_option_and_writes_nothing(tmp_
         (["--trait", "refusal", "--batch-size", "0"], 2, "--batch-size"),
         (["--trait", "refusal", "--pooling", "max"], 2, "unknown pooling 'max'"),
         (["--trait", "refusal", "--judge-metrics", "tone"], 2, "--judge-metrics: Input should be"),
-        ([], 2, "missing option --trait"),
+        ([], 2, "missing option --traits"),
     ],
 )
 def test_bad_generate_input_is_one_line_and_writes_nothing(tmp_path, cli, args, code, fragment):

@@ -401,7 +401,7 @@ def test_feature_option_errors(cli, data, args, message):
 
 def test_required_options_and_output_suffix(cli, data):
     tmp, _ = data
-    assert "--strategy: Field required" in run_err(
+    assert "missing option --strategy" in run_err(
         cli, "--input", tmp / "feat", "--output", tmp / "x.npz", "--layer", "1", code=2
     )
     assert "--output must be a .npz file" in run_err(

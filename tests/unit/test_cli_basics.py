@@ -45,7 +45,7 @@ def test_underscore_spellings_reach_the_same_command(cli):
 def test_unknown_command_is_a_usage_error(cli):
     result = cli("no-such-verb")
     assert result.exit_code == 2
-    assert "No such command" in result.output
+    assert "no such command 'no-such-verb'" in result.output
 
 
 def test_help_and_import_do_not_load_torch():

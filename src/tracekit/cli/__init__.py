@@ -6,9 +6,14 @@ Nothing here does real work; each verb lives in its own module and calls one cor
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
+from typer._click import exceptions as click_errors
+from typer._coercion import RuntimeParam
+from typer.core import _TyperParameter
 
 from tracekit import __version__
 from tracekit.console import debug_enabled, err_console
@@ -22,21 +27,24 @@ def normalize_token(token: str) -> str:
     return token.replace("_", "-")
 
 
-def report_error(exc: BaseException) -> int:
-    """Print ``exc`` as one red line (plus a hint line); return the exit code."""
-    from pydantic import ValidationError
+def line(message: str, hint: str | None = None) -> None:
+    """The error line (red) and an optional hint line, on stderr."""
     from rich.markup import escape
-
-    from tracekit.config.base import format_validation_error
-    from tracekit.errors import TracekitError
 
     # messages quote paths, shapes and user text: '[...]' in them is text, not rich markup;
     # soft_wrap: one line whatever the width (a terminal wraps it on screen; a log or a grep
     # gets the whole message on the line that starts with "error:")
-    def line(message: str, hint: str | None = None) -> None:
-        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-        if hint:
-            err_console.print(f"  [dim]hint: {escape(hint)}[/]", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    if hint:
+        err_console.print(f"  [dim]hint: {escape(hint)}[/]", highlight=False, soft_wrap=True)
+
+
+def report_error(exc: BaseException) -> int:
+    """Print ``exc`` as one red line (plus a hint line); return the exit code."""
+    from pydantic import ValidationError
+
+    from tracekit.config.base import format_validation_error
+    from tracekit.errors import TracekitError
 
     if isinstance(exc, TracekitError):
         line(exc.message, exc.hint)
@@ -54,8 +62,65 @@ def report_error(exc: BaseException) -> int:
     return 1
 
 
+class _AsParsed(RuntimeParam):
+    """Keeps a parsed value as it is (typer would build a pydantic adapter to coerce it)."""
+
+    def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+        return value
+
+
+def _keep_as_parsed(command: Any, ctx: Any, every_param: bool) -> None:
+    """Help options (all of them: of groups and verbs), and with ``every_param`` all other
+    parameters too, of ``command`` and the commands under it keep their parsed values:
+    typer would coerce each through a pydantic adapter, importing pydantic."""
+    params = [command.get_help_option(ctx), *(command.params if every_param else ())]
+    for param in params:
+        if isinstance(param, _TyperParameter):
+            param._runtime_param = _AsParsed(param.type_descriptor.parameter_info, object)
+    for sub in getattr(command, "commands", {}).values():
+        _keep_as_parsed(sub, ctx, every_param)
+
+
 class TracekitGroup(SeedSpellingGroup):
     """Root group: the one place where exceptions become a message and an exit code."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # '--help' must not import pydantic: a help option's value is a flag already, and the
+        # root's own options (parsed before a verb's '--help') are flags and a count. TAB
+        # completion parses (resiliently) values it never uses: all of them stay as parsed.
+        _keep_as_parsed(self, ctx, every_param=bool(ctx.resilient_parsing))
+        for param in self.params:
+            if isinstance(param, _TyperParameter):
+                param._runtime_param = _AsParsed(param.type_descriptor.parameter_info, object)
+        return super().parse_args(ctx, args)
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Click's usage errors as one line (see ``_usage``) instead of click's usage panel."""
+        expand = windows_expand_args
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, expand, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            result = super().main(argv, prog_name, complete_var, False, expand, **extra)
+        except click_errors.NoArgsIsHelpError as exc:
+            sys.exit(exc.exit_code)  # the help was printed
+        except click_errors.ClickException as exc:
+            from ._usage import usage_message
+
+            line(usage_message(exc, argv, self))
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err_console.print("[bold red]aborted[/]")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
         try:

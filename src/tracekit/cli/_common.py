@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from typer.core import TyperGroup
 
-from tracekit.config.base import TracekitConfig, resolve_config
+if TYPE_CHECKING:  # pydantic is imported only when a command runs, never for --help / TAB
+    from tracekit.config.base import TracekitConfig
 
-ConfigT = TypeVar("ConfigT", bound=TracekitConfig)
+ConfigT = TypeVar("ConfigT", bound="TracekitConfig")
 
 # names of click's ParameterSource members that mean "the user gave it"
 _EXPLICIT = frozenset({"COMMANDLINE", "ENVIRONMENT", "PROMPT"})
@@ -40,10 +41,19 @@ def build_config(
     ``derived`` holds values the command computed from explicit options (e.g. a parsed pair);
     they count as CLI values. The file section defaults to the command's name.
     """
+    from tracekit.config.base import resolve_config
+    from tracekit.errors import ConfigError
+
     values = explicit_params(ctx)
     values.update(derived)
     config_file = ctx.params.get("config")
-    return resolve_config(cls, values, config_file, section or ctx.info_name)
+    try:
+        return resolve_config(cls, values, config_file, section or ctx.info_name)
+    except ConfigError as exc:
+        if exc.hint is not None:
+            raise
+        # the same line as click's usage errors: what is wrong, then where the options are
+        raise ConfigError(f"{exc.message} (see '{ctx.command_path} --help')") from None
 
 
 # --- options shared by several commands ----------------------------------------------------

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tracekit.config.types import Normalization
+from tracekit.config.choices import Normalization, Strategy
 from tracekit.console import err_console, out_console, progress_bar
-from tracekit.datasets.build import Strategy
 
 from ._common import ConfigOpt, ForceOpt, JsonOpt, LayersOpt, build_config
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from tracekit.config.choices import DecodeFormat
 from tracekit.console import err_console, out_console
-from tracekit.storage.decode import DecodeFormat
 
 from ._common import ConfigOpt, DryRunOpt, ForceOpt, JsonOpt, build_config
 

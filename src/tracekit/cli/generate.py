@@ -161,8 +161,6 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("give --trait or --traits, not both")
         if trait is not None or traits is not None:
             derived["traits"] = trait if trait is not None else traits
-        if trait is None and traits is None and config is None:
-            raise ConfigError("missing option --trait (or --traits a,b,c)")
         cfg = build_config(ctx, GenerateConfig, **derived)
         if num_processes > 1:
             args = ["--json"] if json_output else []  # the config file carries the rest

@@ -31,16 +31,22 @@ def _option_name(field: str) -> str:
 
 def format_validation_error(error: ValidationError, source: str | None = None) -> str:
     """One line from a pydantic error: which option/key, what is wrong."""
-    parts = []
+    parts, missing = [], []
     for item in error.errors():
         loc = [str(x) for x in item.get("loc", ()) if not isinstance(x, int)]
         field = loc[0] if loc else ""
+        if item.get("type") == "missing" and field:
+            missing.append(_option_name(field))
+            continue
         message = str(item.get("msg", "invalid value"))
         message = message.removeprefix("Value error, ")
         if item.get("type") == "extra_forbidden":
             message = "unknown option"
         where = f"{_option_name(field)}" if source is None else f"'{field}' in {source}"
         parts.append(f"{where}: {message}" if field else message)
+    if missing:  # all at once, in the wording of click's missing options
+        plural = "s" if len(missing) > 1 else ""
+        parts.insert(0, f"missing option{plural} {', '.join(missing)}")
     return "; ".join(parts)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import Field, GetCoreSchemaHandler
@@ -17,14 +16,6 @@ MAX_BATCH_SIZE = 4096
 
 BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE, description="rows per forward pass")]
 """A batch size: a positive integer, at most :data:`MAX_BATCH_SIZE`."""
-
-
-class Normalization(StrEnum):
-    """How features are scaled before they are saved in a dataset."""
-
-    standardize = "standardize"
-    minmax = "minmax"
-    none = "none"
 
 
 _ITEM = re.compile(r"^\s*(\d+)\s*$")

@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, NonNegativeInt, model_validator
 
 from tracekit.config.base import TracekitConfig
-from tracekit.config.types import LayerSpec, Normalization
+from tracekit.config.choices import Normalization, Strategy
+from tracekit.config.types import LayerSpec
 from tracekit.datasets.normalization import apply_normalization, fit_normalization
 from tracekit.datasets.split import split_indices
 from tracekit.errors import InputError
@@ -37,18 +37,6 @@ if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger(__name__)
-
-
-class Strategy(StrEnum):
-    """What a dataset maps from and to."""
-
-    embedding_to_feature = "embedding-to-feature"
-    hidden_to_feature = "hidden-to-feature"
-    hidden_to_concept = "hidden-to-concept"
-
-    @property
-    def predicts_feature(self) -> bool:
-        return self is not Strategy.hidden_to_concept
 
 
 class BuildDatasetConfig(TracekitConfig):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tracekit.config.types import Normalization
+from tracekit.config.choices import Normalization
 
 if TYPE_CHECKING:
     import numpy as np

@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field
 
 from tracekit.config.base import TracekitConfig
+from tracekit.config.choices import DecodeFormat
 from tracekit.errors import InputError, TracekitError
 from tracekit.storage.atomic import write_text
 from tracekit.storage.generation_cache import (
@@ -32,18 +32,6 @@ from tracekit.storage.generation_cache import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class DecodeFormat(StrEnum):
-    """Which renderings ``decode`` writes."""
-
-    json = "json"
-    md = "md"
-    both = "both"
-
-    @property
-    def extensions(self) -> tuple[str, ...]:
-        return ("json", "md") if self is DecodeFormat.both else (self.value,)
 
 
 class DecodeConfig(TracekitConfig):

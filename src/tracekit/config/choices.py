@@ -1,0 +1,41 @@
+"""The closed sets of values that options take (normalizations, strategies, formats).
+
+Plain enums with no pydantic import: the CLI declares its options with them, and ``--help``
+and TAB completion must not pay for pydantic. Configs use the same enums as field types.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Normalization(StrEnum):
+    """How features are scaled before they are saved in a dataset."""
+
+    standardize = "standardize"
+    minmax = "minmax"
+    none = "none"
+
+
+class Strategy(StrEnum):
+    """What a dataset maps from and to."""
+
+    embedding_to_feature = "embedding-to-feature"
+    hidden_to_feature = "hidden-to-feature"
+    hidden_to_concept = "hidden-to-concept"
+
+    @property
+    def predicts_feature(self) -> bool:
+        return self is not Strategy.hidden_to_concept
+
+
+class DecodeFormat(StrEnum):
+    """Which renderings ``decode`` writes."""
+
+    json = "json"
+    md = "md"
+    both = "both"
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        return ("json", "md") if self is DecodeFormat.both else (self.value,)

@@ -1,0 +1,157 @@
+"""Usage errors are one red line (what is wrong, valid values, did you mean, where to look),
+every missing option at once, exit 2; ``--help`` and TAB completion do not import pydantic."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("pydantic", "torch", "transformers", "numpy", "pandas", "matplotlib", "sklearn")
+
+
+def _lines(result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["generate", "--experiment", "x", "--trait", "refusal", "--batch-size", "0"],
+            "error: --batch-size 0: must be an integer >= 1 (see 'tracekit generate --help')",
+        ),
+        (
+            ["generate", "--experiment", "x", "--trait", "refusal", "--temperature", "-1"],
+            "error: --temperature -1: must be a number >= 0.0 (see 'tracekit generate --help')",
+        ),
+        (
+            ["build-dataset", "--normalize", "zscore"],
+            "error: --normalize zscore: not one of standardize, minmax, none "
+            "(see 'tracekit build-dataset --help')",
+        ),
+        (
+            ["build-dataset", "--normalize", "minmx"],
+            "error: --normalize minmx: not one of standardize, minmax, none; did you mean "
+            "minmax? (see 'tracekit build-dataset --help')",
+        ),
+        (
+            ["decode", "--limit", "-3"],
+            "error: --limit -3: must be an integer >= 1 (see 'tracekit decode --help')",
+        ),
+        (
+            ["decode", "--limit=abc"],
+            "error: --limit abc: must be an integer >= 1 (see 'tracekit decode --help')",
+        ),
+        (
+            ["generate", "--batchsize", "3"],
+            "error: no such option --batchsize; did you mean --batch-size? "
+            "(see 'tracekit generate --help' for the options)",
+        ),
+        (
+            ["generate", "--batch-size"],
+            "error: --batch-size needs a value: an integer >= 1 (see 'tracekit generate --help')",
+        ),
+        (
+            ["gen"],
+            "error: no such command 'gen'; did you mean generate? (commands: build-dataset, "
+            "decode, extract, generate, judge, log, reconstruct)",
+        ),
+        (
+            ["extract", "vectorz"],
+            "error: no such command 'vectorz'; did you mean vectors? "
+            "(commands: activations, features, vectors)",
+        ),
+        (["log", "stats"], "error: missing argument PATH (see 'tracekit log stats --help')"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_usage_error_is_one_line_exit_2(cli, args, expected):
+    result = cli(*args, terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert _lines(result) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("args", "missing"),
+    [
+        (["generate"], "--experiment, --traits"),
+        (["build-dataset"], "--strategy, --input, --output"),
+        (["extract", "activations"], "--experiment, --trait"),
+        (["log"], "--qa, --lmdb"),
+        (["reconstruct"], "--qa-output-path, --lmdb-path, --output-path"),
+    ],
+)
+def test_all_missing_options_at_once_in_one_wording(cli, args, missing):
+    result = cli(*args, terminal_width=200)
+    assert result.exit_code == 2, result.output
+    command = " ".join(["tracekit", *args])
+    assert _lines(result) == [f"error: missing options {missing} (see '{command} --help')"]
+
+
+def test_one_missing_option_is_singular(cli):
+    result = cli("generate", "--trait", "refusal", terminal_width=200)
+    assert result.exit_code == 2
+    assert _lines(result) == ["error: missing option --experiment (see 'tracekit generate --help')"]
+
+
+def _imported_by(args: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """Run the tracekit console script's code with ``args`` in a fresh interpreter; return the
+    heavy modules it imported."""
+    code = (
+        "import sys\n"
+        f"sys.argv = ['tracekit', *{args!r}]\n"
+        "from tracekit.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+    assert done.stdout.strip(), done.stderr  # help or completions were printed
+    return done.stderr.split()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["generate", "--help"],
+        ["judge", "--help"],
+        ["extract", "activations", "--help"],
+        ["build-dataset", "-h"],
+        ["decode", "--help"],
+        ["log", "--help"],
+    ],
+    ids=" ".join,
+)
+def test_help_imports_no_pydantic_or_torch(args):
+    assert _imported_by(args) == []
+
+
+@pytest.mark.parametrize(
+    "words", ["tracekit ge", "tracekit generate --ba", "tracekit build-dataset --normalize "]
+)
+def test_completion_imports_no_pydantic(words):
+    cword = len(words.split()) - (0 if words.endswith(" ") else 1)
+    env = {"_TRACEKIT_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+    assert _imported_by([], env) == []
+
+
+def test_completion_still_completes_values_after_other_options():
+    """Completion keeps values uncoerced; it must still find the command and the option."""
+    exe = str(Path(sys.executable).parent / "tracekit")
+    words = "tracekit build-dataset --test-fraction 0.2 --normalize m"
+    env = {
+        **os.environ,
+        "_TRACEKIT_COMPLETE": "complete_bash",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split()) - 1),
+    }
+    done = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.split() == ["minmax"]
