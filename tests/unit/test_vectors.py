@@ -303,6 +303,7 @@ def test_gguf_export_of_layers_without_a_slot_is_refused_before_writing(tmp_path
 def test_projections_on_the_trait_vector_match_numpy_and_sklearn_auroc(tmp_path, cli):
     import csv
 
+    from matplotlib.image import imread
     from sklearn.metrics import roc_auc_score
 
     pos, neg = _planted(np.random.default_rng(11), n_pairs=9, layers=3)
@@ -340,6 +341,8 @@ def test_projections_on_the_trait_vector_match_numpy_and_sklearn_auroc(tmp_path,
     assert summary["projection"].startswith("a · v / |v|")
     written = json.loads(Path(f"{base}_summary.json").read_text())
     assert written["ids"] == {"pos": list(range(9)), "neg": list(range(9))}
+    image = imread(f"{base}.png")
+    assert image.shape[:2] == (456, 1200) and image[..., :3].std() > 0
     # outputs are not replaced without --force
     again = cli("extract", "projections", *args)
     assert again.exit_code == 1 and "pass --force" in _flat(again)

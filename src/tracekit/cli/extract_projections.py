@@ -37,7 +37,8 @@ def _print(result: ProjectionsResult) -> None:
         )  # fmt: skip
     table.caption = "projection = a · v / |v|; AUROC = P(pos projection > neg), ties half"
     out_console.print(table)
-    out_console.print(f"projections (csv, npy, summary): {result.files[0].parent}", markup=False)
+    shown = ", ".join(path.suffix.lstrip(".") for path in result.files)
+    out_console.print(f"projections ({shown}): {result.files[0].parent}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -67,6 +68,13 @@ def register(app: typer.Typer) -> None:
             str, typer.Option("--pooling", help="Which saved activations to project.")
         ] = "response_avg",
         layers: LayersOpt = None,
+        plot: Annotated[
+            bool,
+            typer.Option(
+                "--plot/--no-plot",
+                help="Draw a PNG: AUROC per layer, and the pos/neg projections at the best layer.",
+            ),
+        ] = True,
         force: ForceOpt = False,
         json_output: JsonOpt = False,
         config: ConfigOpt = None,

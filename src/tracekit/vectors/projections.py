@@ -9,9 +9,9 @@ trait; rows are not judge-filtered (monitoring looks at everything).
 
 Written to ``EXP/T/projections/{pooling}_on_{vector stem}``: ``.csv`` (one line per row and
 layer: id, polarity, layer, projection), ``.npy`` (float32 ``[n_rows, n_layers]``, pos rows by
-id then neg rows by id) and ``_summary.json`` (row order, layers, the vector file and its
+id then neg rows by id), ``_summary.json`` (row order, layers, the vector file and its
 SHA-256, and per layer how well the projection separates pos from neg: means, Cohen's d,
-AUROC).
+AUROC) and ``.png`` (AUROC per layer; the pos and neg projections at the best layer).
 
 Which vector belongs to which layer: a vectors file written by ``extract vectors`` has a
 ``{stem}_metadata.json`` beside it listing its layers; those are matched to the activations'
@@ -59,6 +59,7 @@ class ProjectionsConfig(TracekitConfig):
     method: Method = "mean_diff"
     pooling: Pooling = Pooling.response_avg
     layers: LayerSpec = LayerSpec(None)
+    plot: bool = True
     force: bool = False
 
     @model_validator(mode="after")
@@ -205,6 +206,7 @@ def extract_projections(config: ProjectionsConfig) -> ProjectionsResult:
     name = f"{pooling}_on_{vector_path.stem}"
     out_dir = paths.root / "projections"
     files = [out_dir / f"{name}.csv", out_dir / f"{name}.npy", out_dir / f"{name}_summary.json"]
+    files += [out_dir / f"{name}.png"] if config.plot else []
     array, vector_layers = load_vector_file(vector_path)
     pooled = load_pooled(paths, pooling)
     by_layer = _vector_rows(array, vector_layers, pooled, vector_path)
@@ -249,6 +251,10 @@ def extract_projections(config: ProjectionsConfig) -> ProjectionsResult:
             "ids": ids,
         },
     )
+    if config.plot:
+        from tracekit.vectors.figures import plot_projections
+
+        plot_projections(result, values["pos"], values["neg"], files[3])
     return result
 
 
