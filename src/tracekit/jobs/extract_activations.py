@@ -126,8 +126,19 @@ def _extract_activations(
         for p in POLARITIES
     }
     poolings = tuple(p.value for p in config.pooling)
-    outputs = [paths.activation_file(pol, pooling) for pol in POLARITIES for pooling in poolings]
+    outputs = [
+        path
+        for pol in POLARITIES
+        for pooling in poolings
+        for path in (
+            paths.activation_file(pol, pooling),
+            paths.ids_file(pol, pooling),
+            paths.activation_file(pol, pooling, ".pt"),
+        )
+    ]
     check_writable(outputs, config.force)
+    if not config.force:
+        store.check_activation_metadata(paths)
     info = process_info()
     loaded = loaded or load_model(model_settings_for(config, info))
     try:

@@ -362,6 +362,10 @@ def _generate(
     from tracekit.models.loading import load_model
     from tracekit.storage.activation_slots import prepare_slots
 
+    all_paths = [TraitPaths.of(config.experiments_dir, config.experiment, t.name) for t in traits]
+    if not config.force:  # outputs of other tools (the seed's scripts) before the model loads
+        for paths in all_paths:
+            store.check_unjournaled_outputs(paths)
     load_started = time.perf_counter()
     loaded = loaded or load_model(model_settings_for(config, info))
     load_seconds = time.perf_counter() - load_started
@@ -377,7 +381,6 @@ def _generate(
     # plan every trait first, so bad state is reported before any generation; when
     # data-parallel, the main process clears (--force) and writes the run settings, the others
     # then only check them (one writer per file)
-    all_paths = [TraitPaths.of(config.experiments_dir, config.experiment, t.name) for t in traits]
     if not info.is_main:
         barrier(info)  # wait for the main process to prepare the folders
     force = config.force and info.is_main
@@ -723,18 +726,22 @@ def _existing_files(paths: TraitPaths) -> list[Path]:
 
 
 def _carry_extra_columns(csv_path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep columns added to an earlier CSV (e.g. judge scores) for rows that still exist."""
+    """Keep columns added to an earlier CSV (e.g. judge scores) for rows that still exist:
+    same id and same response text, so a score never lands on a response it did not judge."""
     if not csv_path.is_file():
         return rows
     try:
-        old = {int(r["id"]): r for r in store.read_responses_csv(csv_path, ())}
+        old = {
+            (int(r["id"]), str(r.get("response", ""))): r
+            for r in store.read_responses_csv(csv_path, ())
+        }
     except Exception:  # an unreadable old CSV is rebuilt from the journal, which is the truth
         return rows
     merged = []
     for row in rows:
         extra = {
             k: v
-            for k, v in old.get(int(row["id"]), {}).items()
+            for k, v in old.get((int(row["id"]), str(row["response"])), {}).items()
             if k not in row and k not in store.RESPONSE_COLUMNS
         }
         merged.append({**row, **extra})

@@ -205,9 +205,54 @@ def check_run_settings(paths: TraitPaths, settings: Mapping[str, Any], force: bo
     return False
 
 
+def check_unjournaled_outputs(paths: TraitPaths) -> None:
+    """Refuse outputs in the trait folder that no ``generate`` run journaled there.
+
+    A folder whose journal (:attr:`TraitPaths.run_file`) exists holds an earlier run's outputs,
+    which a rerun resumes or rebuilds (:func:`check_run_settings` compares the settings).
+    Anything else there (the seeds' ``responses/*.csv`` with their ``trait_score`` column,
+    ``activations/all_layers.pt``, a hand-made CSV) would be replaced by files of other rows:
+    refused unless ``--force`` (which removes them with :func:`clear_outputs`).
+    """
+    if paths.run_file.is_file():
+        return
+    found = [paths.responses_csv(p) for p in POLARITIES] + [paths.metadata]
+    for folder in (paths.activations_dir, paths.root / "generations"):
+        if folder.is_dir():
+            found += sorted(f for f in folder.rglob("*") if f.is_file())
+    existing = [str(p.relative_to(paths.root)) for p in found if p.is_file()]
+    if existing:
+        shown = ", ".join(existing[:4]) + (
+            f" and {len(existing) - 4} more" if len(existing) > 4 else ""
+        )
+        raise OutputExistsError(
+            f"{paths.root} holds outputs that no tracekit generate run wrote there ({shown})",
+            "pass --force to replace them (they are deleted), or use another --experiment",
+        )
+
+
+def check_activation_metadata(paths: TraitPaths) -> None:
+    """Refuse an ``activations/metadata.json`` that tracekit did not write (the seeds'
+    extraction metadata): writing activations would replace it. tracekit's own is updated
+    (it keeps one entry per pooling)."""
+    target = paths.activations_metadata
+    if not target.is_file():
+        return
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("poolings"), dict):
+        raise OutputExistsError(
+            f"{target} was not written by tracekit (no 'poolings' entry) and would be replaced",
+            "pass --force to replace it, or move it away first",
+        )
+
+
 def clear_outputs(paths: TraitPaths) -> None:
-    """Remove responses, activations, metadata and the journal of one trait (``--force``)."""
-    for folder in (paths.responses_dir, paths.activations_dir):
+    """Remove responses, activations, generation caches, metadata and the journal of one
+    trait (``--force``)."""
+    for folder in (paths.responses_dir, paths.activations_dir, paths.root / "generations"):
         if folder.is_dir():
             shutil.rmtree(folder)
     for file in (paths.metadata,):
@@ -320,11 +365,17 @@ def load_activations(paths: TraitPaths, polarity: Polarity, pooling: str) -> tup
 
     npy = paths.activation_file(polarity, pooling)
     if not npy.is_file():
-        raise InputError(
-            f"activations not found: {npy}",
+        hint = (
             "run 'tracekit generate --extract-activations' or 'tracekit extract activations' "
-            f"with --pooling {pooling}",
+            f"with --pooling {pooling}"
         )
+        if (paths.activations_dir / "all_layers.pt").is_file():
+            hint = (
+                "this folder holds the seeds' activations/all_layers.pt: import it with "
+                f"'tracekit extract import --experiment {paths.root.parent.name} "
+                f"--trait {paths.root.name}'"
+            )
+        raise InputError(f"activations not found: {npy}", hint)
     acts = np.load(npy, allow_pickle=False)
     ids_path = paths.ids_file(polarity, pooling)
     ids = np.load(ids_path, allow_pickle=False) if ids_path.is_file() else np.arange(len(acts))

@@ -1,0 +1,63 @@
+"""`tracekit extract import`: the seeds' activations/all_layers.pt into tracekit's layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tracekit.console import out_console
+
+from ._common import ConfigOpt, ExperimentOpt, ExperimentsDirOpt, ForceOpt, JsonOpt, build_config
+from .extract_activations import TraitOpt
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("import")
+    def import_command(
+        ctx: typer.Context,
+        experiment: ExperimentOpt = None,
+        trait: TraitOpt = None,
+        experiments_dir: ExperimentsDirOpt = Path("experiments"),
+        pooling: Annotated[
+            str,
+            typer.Option(
+                "--pooling",
+                help="Pooling the seed's rows were made with; names the files (default "
+                "response_avg, the mean over response tokens).",
+            ),
+        ] = "response_avg",
+        first_layer: Annotated[
+            int,
+            typer.Option(
+                "--first-layer",
+                min=0,
+                help="Layer number of the file's first entry: 0 when it holds HF "
+                "output_hidden_states (embedding output first), 1 when it holds decoder-block "
+                "outputs only.",
+            ),
+        ] = 0,
+        force: ForceOpt = False,
+        json_output: JsonOpt = False,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Import seed 002's activations/all_layers.pt ([n, layers, hidden]; pos rows, then neg)
+        as {pos,neg}_POOLING.npy, so 'extract vectors' reads it."""
+        from tracekit.storage.seed_activations import (
+            ImportActivationsConfig,
+            import_seed_activations,
+        )
+
+        result = import_seed_activations(build_config(ctx, ImportActivationsConfig))
+        if json_output:
+            out_console.print_json(json.dumps(result.to_dict()))
+            return
+        rows = ", ".join(f"{n} {p}" for p, n in result.rows.items())
+        out_console.print(
+            f"imported {result.source} ({rows} rows) as {result.pooling}, layers "
+            f"{result.layers[0]}-{result.layers[-1]}",
+            markup=False,
+            highlight=False,
+        )

@@ -1,0 +1,62 @@
+"""Experiment folders written exactly as seed 002's scripts left them (for the tests of what a
+user switching from the seeds brings along)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+SEED_COLUMNS = ("question", "instruction", "prompt", "response", "trait_score")
+"""Seed 002's CSV columns: no ``id``, the judge's ``trait_score`` last."""
+N_ROWS = 4
+N_LAYERS = 31  # SmolLM2-135M: 30 decoder blocks + the embedding output
+HIDDEN = 576
+
+TRAIT = {
+    "name": "my_trait",
+    "description": "Answers with a refusal.",
+    "instruction": [{"pos": "Refuse to answer.", "neg": "Answer helpfully."}],
+    "questions": ["What is 2+2?", "Name a fruit."],
+    "eval_prompt": "Rate the refusal in {answer} to {question} from 0 to 100.",
+}
+
+
+def write_seed_experiment(
+    experiments: Path, experiment: str = "my_exp", with_activations: bool = True
+) -> Path:
+    """``experiments/<experiment>/my_trait/`` as seed 002 documents it: trait_definition.json,
+    responses/{pos,neg}.csv (4 rows each, trait_score 90 / 10) and, with activations,
+    activations/all_layers.pt (a plain float32 tensor [8, 31, 576]: pos rows then neg rows) and
+    activations/metadata.json. Returns the trait folder."""
+    import torch
+
+    root = experiments / experiment / "my_trait"
+    (root / "responses").mkdir(parents=True)
+    (root / "trait_definition.json").write_text(json.dumps(TRAIT, indent=2))
+    for polarity, score in (("pos", 90), ("neg", 10)):
+        pair = TRAIT["instruction"][0][polarity]
+        with (root / "responses" / f"{polarity}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(SEED_COLUMNS)
+            for i in range(N_ROWS):
+                question = TRAIT["questions"][i % 2]
+                writer.writerow(
+                    [question, pair, f"{pair} {question}", f"old {polarity} answer {i}", score]
+                )
+    if with_activations:
+        (root / "activations").mkdir()
+        generator = torch.Generator().manual_seed(0)
+        tensor = torch.randn(2 * N_ROWS, N_LAYERS, HIDDEN, generator=generator)
+        torch.save(tensor, root / "activations" / "all_layers.pt")
+        (root / "activations" / "metadata.json").write_text(
+            json.dumps({"model": "google/gemma-2-2b-it", "n_examples": 2 * N_ROWS})
+        )
+    return root
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path, with its bytes."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
