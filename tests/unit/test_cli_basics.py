@@ -16,6 +16,7 @@ VERBS = [
     ["extract", "activations"],
     ["extract", "vectors"],
     ["extract", "features"],
+    ["extract", "import"],
     ["log"],
     ["reconstruct"],
     ["decode"],
