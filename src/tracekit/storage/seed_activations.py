@@ -58,7 +58,7 @@ class ImportActivationsConfig(TracekitConfig):
     @field_validator("experiment", "trait")
     @classmethod
     def _names(cls, value: str) -> str:
-        from tracekit.generation.run import check_name
+        from tracekit.jobs.generate import check_name
 
         return check_name(value, "experiment or trait")
 
