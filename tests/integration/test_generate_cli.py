@@ -160,7 +160,7 @@ def test_extract_activations_refuses_overwrite_then_matches_generate_capture(gen
 def test_extract_vectors_table_and_files(generated, cli):
     base, _ = generated
     result = cli("extract", "vectors", "--experiment", "e1", "--trait", "refusal",
-                 "--experiments-dir", base, "--json")  # fmt: skip
+                 "--experiments-dir", base, "--export", "gguf", "--json")  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["n_pairs"] == N and summary["judged"] is False
@@ -170,6 +170,20 @@ def test_extract_vectors_table_and_files(generated, cli):
     neg = np.load(base / "e1" / "refusal" / "activations" / "neg_response_avg.npy")
     assert_close_to_scale(vectors, pos.mean(0) - neg.mean(0))
     assert "no judge scores found: using all 3 pairs" in result.stderr
+    # generate recorded LlamaForCausalLM: llama.cpp's hint; layers 15, 30 -> direction.14, .29
+    assert summary["gguf"]["model_hint"] == "llama"
+    assert summary["gguf"]["directions"] == {"15": 14, "30": 29}
+    assert summary["gguf"]["skipped_layers"] == [0]
+    # and the trait monitors itself: every row projected on the vector it built
+    result = cli("extract", "projections", "--experiment", "e1", "--trait", "refusal",
+                 "--experiments-dir", base, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.stdout)["layers"]
+    assert [(s["layer"], s["n_pos"], s["n_neg"]) for s in layers] == [
+        (0, N, N),
+        (15, N, N),
+        (30, N, N),
+    ]
 
 
 def test_extract_vectors_applies_judge_filter_by_id(tmp_path, cli):
