@@ -117,7 +117,7 @@ def import_seed_activations(config: ImportActivationsConfig) -> ImportActivation
     tables = {
         p: store.read_responses_csv(paths.responses_csv(p), ("response",)) for p in POLARITIES
     }
-    pooling = config.pooling
+    pooling: str = config.pooling
     outputs = [
         path
         for polarity in POLARITIES
@@ -129,7 +129,7 @@ def import_seed_activations(config: ImportActivationsConfig) -> ImportActivation
     ]
     check_writable(outputs, config.force)
     array = load_all_layers(source)
-    counts = {p: len(rows) for p, rows in tables.items()}
+    counts: dict[str, int] = {p: len(rows) for p, rows in tables.items()}
     if array.shape[0] != counts["pos"] + counts["neg"]:
         raise InputError(
             f"{source} holds {array.shape[0]} rows but responses/pos.csv and neg.csv hold "
