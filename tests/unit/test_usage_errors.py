@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_commands import command_at, every_command
+
 HEAVY = ("pydantic", "torch", "transformers", "numpy", "pandas", "matplotlib", "sklearn")
 
 
@@ -68,13 +70,7 @@ def test_usage_error_is_one_line_exit_2(cli, args, expected):
     [(["gen"], [], "generate"), (["extract", "vectorz"], ["extract"], "vectors")],
 )
 def test_unknown_command_lists_the_commands_and_guesses(cli, args, group, guess):
-    import typer
-
-    from tracekit.cli import app
-
-    command = typer.main.get_command(app)
-    for name in group:
-        command = command.commands[name]
+    command = command_at(group)
     names = ", ".join(sorted(command.commands))
     result = cli(*args, terminal_width=200)
     assert result.exit_code == 2, result.output
@@ -127,25 +123,12 @@ def _imported_by(args: list[str], env: dict[str, str] | None = None) -> list[str
     return done.stderr.split()
 
 
-def _every_command() -> list[list[str]]:
-    """The root and every command path of the app (verbs other helpers add included)."""
-    import typer
-
-    from tracekit.cli import app
-
-    paths: list[list[str]] = []
-
-    def walk(command, path):
-        paths.append(path)
-        for name, sub in getattr(command, "commands", {}).items():
-            walk(sub, [*path, name])
-
-    walk(typer.main.get_command(app), [])
+def _help_paths() -> list[list[str]]:
     # the log group's own options are coerced before 'stats' is looked up
-    return [p for p in paths if p != ["log", "stats"]]
+    return [p for p in every_command() if p != ["log", "stats"]]
 
 
-@pytest.mark.parametrize("args", [[*p, "--help"] for p in _every_command()], ids=" ".join)
+@pytest.mark.parametrize("args", [[*p, "--help"] for p in _help_paths()], ids=" ".join)
 def test_help_imports_no_pydantic_or_torch(args):
     assert _imported_by(args) == []
 

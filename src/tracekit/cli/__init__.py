@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
 from typer._click import exceptions as click_errors
 from typer._coercion import RuntimeParam
-from typer.core import _TyperParameter
+from typer.core import TyperOption, _TyperParameter
 
 from tracekit import __version__
 from tracekit.console import debug_enabled, err_console
@@ -69,6 +70,32 @@ class _AsParsed(RuntimeParam):
         return value
 
 
+def _metavar(param: Any) -> str | None:
+    """Click's names for what an option takes (TEXT, INTEGER, [a|b|c], PATH, ...), instead of
+    typer's ``<str>``/``<int range>``/``<list[str]>``; None for flags and counts."""
+    if getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return None
+    descriptor = param.type_descriptor
+    if descriptor.is_choice:
+        return "[" + "|".join(str(getattr(c, "value", c)) for c in descriptor.choices) + "]"
+    annotation = descriptor.annotation
+    if descriptor.is_list:
+        (annotation,) = typing.get_args(annotation) or (str,)
+    if descriptor.is_path:
+        info = descriptor.parameter_info
+        return "DIR" if not info.file_okay else "FILE" if not info.dir_okay else "PATH"
+    return {int: "INTEGER", float: "FLOAT", bool: "BOOLEAN"}.get(annotation, "TEXT")
+
+
+def _finish_help(command: Any) -> None:
+    """Metavars (see :func:`_metavar`) for the options of ``command`` and those under it."""
+    for param in command.params:
+        if isinstance(param, TyperOption) and param.metavar is None:
+            param.metavar = _metavar(param)
+    for sub in getattr(command, "commands", {}).values():
+        _finish_help(sub)
+
+
 def _keep_as_parsed(command: Any, ctx: Any, every_param: bool) -> None:
     """Help options (all of them: of groups and verbs), and with ``every_param`` all other
     parameters too, of ``command`` and the commands under it keep their parsed values:
@@ -89,6 +116,7 @@ class TracekitGroup(SeedSpellingGroup):
         # root's own options (parsed before a verb's '--help') are flags and a count. TAB
         # completion parses (resiliently) values it never uses: all of them stay as parsed.
         _keep_as_parsed(self, ctx, every_param=bool(ctx.resilient_parsing))
+        _finish_help(self)
         for param in self.params:
             if isinstance(param, _TyperParameter):
                 param._runtime_param = _AsParsed(param.type_descriptor.parameter_info, object)
@@ -111,7 +139,8 @@ class TracekitGroup(SeedSpellingGroup):
         try:
             result = super().main(argv, prog_name, complete_var, False, expand, **extra)
         except click_errors.NoArgsIsHelpError as exc:
-            sys.exit(exc.exit_code)  # the help was printed
+            exc.show()  # bare 'tracekit': the help, as '--help' prints it
+            sys.exit(exc.exit_code)
         except click_errors.ClickException as exc:
             from ._usage import usage_message
 
@@ -143,7 +172,7 @@ app = typer.Typer(
     help="Turn a Hugging Face causal LM into interpretability data: trait generations, "
     "judge scores, activations, trait vectors, activation logs and classifier datasets.",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={
         "token_normalize_func": normalize_token,

@@ -62,7 +62,7 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         help="YAML, TOML or JSON file supplying any option of this command "
-        "(a \\[command] table or flat keys); flags on the command line override it.",
+        "(a [command] table or flat keys); flags on the command line override it.",
         dir_okay=False,
     ),
 ]

@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
             Literal["dense", "sparse"],
             typer.Option(
                 "--sae-storage",
-                help="dense: 'activations' \\[layers, tokens, width] as the seed has it; sparse: "
+                help="dense: 'activations' [layers, tokens, width] as the seed has it; sparse: "
                 "CSR indices + values (much smaller; build-dataset reads both).",
             ),
         ] = "dense",

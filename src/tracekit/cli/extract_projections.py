@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(
                 "--vector",
-                help="Vectors file (.npy or .pt, \\[n_layers, hidden] or one \\[hidden] vector), "
+                help="Vectors file (.npy or .pt, [n_layers, hidden] or one [hidden] vector), "
                 "e.g. another experiment's. Default: this trait's vectors/{method}_{pooling}.npy.",
                 dir_okay=False,
             ),

@@ -94,11 +94,23 @@ def register(app: typer.Typer) -> None:
         n_examples: Annotated[
             int, typer.Option("--n-examples", min=1, help="Rows per polarity.")
         ] = 100,
-        max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 150,
+        max_new_tokens: Annotated[
+            int,
+            typer.Option(
+                "--max-new-tokens", min=1, help="Most tokens per response (each stops at eos)."
+            ),
+        ] = 150,
         temperature: Annotated[
             float, typer.Option("--temperature", min=0.0, help="0 = greedy.")
         ] = 1.0,
-        top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+        top_p: Annotated[
+            float,
+            typer.Option(
+                "--top-p",
+                help="Nucleus sampling: sample from the most likely tokens whose "
+                "probabilities sum to P (1.0 = all tokens).",
+            ),
+        ] = 1.0,
         seed: SeedOpt = None,
         layers: LayersOpt = None,
         pooling: PoolingOpt = None,

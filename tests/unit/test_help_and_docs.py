@@ -1,0 +1,49 @@
+"""--help at 80 columns names every option in full, flags without a type; the docs' options
+tables are the ones generated from the app (``python -m tracekit.cli._docs``)."""
+
+from pathlib import Path
+
+import pytest
+
+from cli_commands import command_at, every_command
+from tracekit.cli import _docs
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+@pytest.mark.parametrize("path", every_command(), ids=" ".join)
+def test_help_at_80_columns_names_every_option_in_full(cli, path):
+    result = cli(*path, "--help", terminal_width=80, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert max(len(line) for line in out.splitlines()) <= 80
+    for param in command_at(path).params:
+        for opt in (*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ())):
+            if opt.startswith("-"):
+                assert opt in out.split() or f"{opt}," in out.split(), (opt, out)
+    assert "…" not in out and "<bool>" not in out and "<str>" not in out
+
+
+def test_docs_tables_are_current():
+    stale = [
+        page.name
+        for page in sorted(DOCS.glob("*.md"))
+        if _docs.render(text := page.read_text(encoding="utf-8")) != text
+    ]
+    assert stale == [], f"stale options tables in {stale}: run python -m tracekit.cli._docs"
+
+
+def test_every_command_has_a_docs_table():
+    documented = {
+        m["command"] for page in DOCS.glob("*.md") for m in _docs.START.finditer(page.read_text())
+    }
+    commands = {" ".join(["tracekit", *p]) for p in every_command()}
+    groups = {"tracekit", "tracekit extract"}  # groups without options of their own
+    assert commands - groups - documented == set()
+
+
+def test_a_changed_option_makes_the_table_stale():
+    page = (DOCS / "decode.md").read_text(encoding="utf-8")
+    edited = page.replace("Render only the first N items", "Render the first N items", 1)
+    assert edited != page
+    assert _docs.render(edited) == page  # regenerating restores the app's help text
