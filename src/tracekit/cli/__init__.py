@@ -19,7 +19,7 @@ from typer.core import TyperOption, _TyperParameter
 from tracekit import __version__
 from tracekit.console import debug_enabled, err_console
 
-from . import build_dataset, decode, extract, generate, judge, log, reconstruct
+from . import build_dataset, decode, extract, generate, judge, log, reconstruct, report
 from ._common import SeedSpellingGroup
 
 
@@ -224,6 +224,7 @@ log.register(app)
 reconstruct.register(app)
 decode.register(app)
 build_dataset.register(app)
+report.register(app)
 
 
 def main() -> None:

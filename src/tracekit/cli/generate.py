@@ -41,19 +41,20 @@ def _print_result(result: GenerateResult) -> None:
     from rich.table import Table
 
     table = Table(title=f"generate · {result.model}")
-    for column, justify in (
-        ("trait", "left"),
-        ("pos rows", "right"),
-        ("neg rows", "right"),
-        ("new rows", "right"),
-        ("new tokens", "right"),
-        ("judged pos>=T / neg<T", "right"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    steered = any(t.steering is not None for t in result.traits)
+    names = ["trait", *(["steering"] if steered else []), "pos rows", "neg rows", "new rows"]
+    for column in [*names, "new tokens", "judged pos>=T / neg<T"]:
+        table.add_column(column, justify="left" if column in ("trait", "steering") else "right")
     for trait in result.traits:
+        steering = trait.steering or {}
         table.add_row(
             trait.trait,
-            str(trait.rows.get("pos", 0)),
+            *(
+                (f"L{steering['layer']} {steering['direction']} {steering['coef']:+g}",)
+                if steered
+                else ()
+            ),
+            str(trait.rows.get("pos", trait.rows.get("neutral", 0))),
             str(trait.rows.get("neg", 0)),
             str(trait.generated),
             f"{trait.tokens:,}",
@@ -67,8 +68,9 @@ def _print_result(result: GenerateResult) -> None:
         f"final batch size {result.batch_size}"
     )
     out_console.print(table)
-    for trait in result.traits:
-        out_console.print(f"{trait.trait}: {trait.root}", markup=False, highlight=False)
+    for trait in result.traits[:1] if steered else result.traits:
+        root = trait.root.parent.parent.parent if steered else trait.root
+        out_console.print(f"{trait.trait}: {root}", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -158,6 +160,60 @@ def register(app: typer.Typer) -> None:
             ),
         ] = True,
         pt: PtOpt = False,
+        steer_vector: Annotated[
+            Path | None,
+            typer.Option(
+                "--steer-vector",
+                dir_okay=False,
+                help="Steer: add COEF x this vector to the residual stream while generating "
+                "(a vectors .npy/.pt as 'extract vectors' writes it, [layers, hidden], or one "
+                "[hidden] vector). Outputs go to TRAIT/steering/. See docs/steering.md.",
+            ),
+        ] = None,
+        steer_layer: Annotated[
+            int | None,
+            typer.Option(
+                "--steer-layer",
+                min=0,
+                help="Layer to steer at (tracekit numbering: added where layer L is read, i.e. "
+                "to the output of block L-1).",
+            ),
+        ] = None,
+        steer_coef: Annotated[
+            str | None,
+            typer.Option(
+                "--steer-coef",
+                help="Coefficients, e.g. '-4,-2,0,2,4' (write --steer-coef=-4,... when the "
+                "list starts with a minus): one output set each.",
+            ),
+        ] = None,
+        steer_positions: Annotated[
+            str,
+            typer.Option(
+                "--steer-positions",
+                help="response (default: the last prompt position and every generated "
+                "token, as persona_vectors), prompt, or all.",
+            ),
+        ] = "response",
+        steer_control: Annotated[
+            str | None,
+            typer.Option(
+                "--steer-control",
+                help="random: also run the sweep along a seeded random direction of the same "
+                "norm (its own output sets).",
+            ),
+        ] = None,
+        steer_control_seed: Annotated[
+            int, typer.Option("--steer-control-seed", help="Seed of the random control.")
+        ] = 0,
+        steer_prompts: Annotated[
+            str,
+            typer.Option(
+                "--steer-prompts",
+                help="neutral (default: the questions without instruction, one neutral.csv) "
+                "or trait (the pos/neg instructed rows).",
+            ),
+        ] = "neutral",
         force: ForceOpt = False,
         num_processes: NumProcessesOpt = 1,
         json_output: JsonOpt = False,

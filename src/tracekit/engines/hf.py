@@ -35,6 +35,7 @@ from tracekit.models.compat import cache_kwarg, output_cache
 if TYPE_CHECKING:
     import torch
 
+    from tracekit.engines.steering import Steering
     from tracekit.models.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class HFEngine:
     """Reference :class:`~tracekit.engines.interface.GenerationEngine` (any device, any model)."""
 
     name = "hf"
+    supports_steering = True
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
@@ -105,9 +107,13 @@ class HFEngine:
         row_seeds: Sequence[int] | None = None,
         *,
         pad_to: int | None = None,  # nothing is prepared per batch size here: ignored
+        steering: Steering | None = None,
     ) -> GenerationOutput:
+        """See :class:`~tracekit.engines.interface.GenerationEngine`; ``steering`` adds a
+        vector to the residual stream (:mod:`tracekit.engines.steering`)."""
         import torch
 
+        from tracekit.engines.steering import SteeringHook
         from tracekit.models.capture import LayerTaps
 
         loaded, model, tokenizer = self.loaded, self.loaded.model, self.loaded.tokenizer
@@ -148,6 +154,7 @@ class HFEngine:
                 accumulator.add(layer, hidden.to(device), **state)
 
             taps = LayerTaps(loaded.handles, capture.layers, on_layer)
+        steer = SteeringHook(loaded.handles, steering) if steering is not None else None
 
         stop = torch.tensor(self.stop_ids or [-1], device=device)
         cache_key = self._cache_key
@@ -158,6 +165,8 @@ class HFEngine:
         unfed = torch.zeros(batch, dtype=torch.bool, device=device)
 
         with torch.inference_mode():
+            if steer is not None:  # before the taps, which then see the steered stream
+                steer.__enter__()
             if taps is not None:
                 taps.__enter__()
             try:
@@ -176,6 +185,8 @@ class HFEngine:
                 )
                 cache = output_cache(out)
                 logits = out.logits[:, -1, :]
+                if steer is not None:
+                    steer.prefill = False
                 for step in range(params.max_new_tokens):
                     token = sample_next(logits, params, generators)
                     token = token.masked_fill(finished, pad_id)
@@ -226,6 +237,8 @@ class HFEngine:
             finally:
                 if taps is not None:
                     taps.__exit__(None, None, None)
+                if steer is not None:
+                    steer.__exit__(None, None, None)
 
         tokens = torch.stack(generated, dim=1).cpu() if generated else None
         counts = n_response.cpu().tolist()

@@ -44,6 +44,7 @@ from tracekit.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+    from tracekit.engines.steering import Steering
     from tracekit.models.loading import LoadedModel
 
 FinishReason = Literal["eos", "length"]
@@ -126,6 +127,9 @@ class GenerationEngine(Protocol):
     ) -> GenerationOutput:
         """Generate for ``prompts`` (one batch; the caller chooses the batch size).
 
+        Engines that can steer (class attribute ``supports_steering = True``) also take
+        ``steering=`` (a :class:`~tracekit.engines.steering.Steering`, or None).
+
         ``pad_to``: the caller's batch size. An engine that prepares its steps per batch size
         (the CUDA engine compiles, times kernels and captures graphs) may run a smaller batch
         as this many rows, so a run's last batch reuses the prepared steps; the output still
@@ -159,6 +163,7 @@ def start_generation(
     row_seeds: Sequence[int] | None = None,
     *,
     pad_to: int | None = None,
+    steering: Steering | None = None,
 ) -> PendingOutput:
     """Hand a batch to ``engine`` without waiting for it where the engine can.
 
@@ -169,11 +174,24 @@ def start_generation(
     ``tracekit generate`` runs its batches so). Engines without ``start`` run ``generate``
     here and the result is ready at once.
     """
+    extra: dict[str, Any] = {}
+    if steering is not None:  # only engines that steer take the argument
+        check_steering(engine)
+        extra["steering"] = steering
     start = getattr(engine, "start", None)
     if start is None:
-        return Ready(engine.generate(prompts, params, capture, row_seeds, pad_to=pad_to))
-    pending: PendingOutput = start(prompts, params, capture, row_seeds, pad_to=pad_to)
+        return Ready(engine.generate(prompts, params, capture, row_seeds, pad_to=pad_to, **extra))
+    pending: PendingOutput = start(prompts, params, capture, row_seeds, pad_to=pad_to, **extra)
     return pending
+
+
+def check_steering(engine: GenerationEngine) -> None:
+    """Raise :class:`ConfigError` when ``engine`` cannot steer."""
+    if not getattr(engine, "supports_steering", False):
+        raise ConfigError(
+            f"the {engine.name} engine does not steer yet",
+            "pass --engine hf to generate with --steer-vector",
+        )
 
 
 ENGINES: dict[str, str] = {
@@ -183,23 +201,29 @@ ENGINES: dict[str, str] = {
 """Engine name -> ``module:Class``; the class is built as ``Class(loaded_model)``."""
 
 
-def resolve_engine_name(name: str, loaded: LoadedModel) -> str:
-    """``auto`` -> ``cuda`` for a model on one CUDA device that the fast path supports, else
-    ``hf``; any other name is returned as given."""
+def resolve_engine_name(name: str, loaded: LoadedModel, *, steering: bool = False) -> str:
+    """``auto`` -> ``cuda`` for a model on one CUDA device that the fast path supports (and,
+    with ``steering``, that can steer), else ``hf``; any other name is returned as given."""
     if name != "auto":
         return name
     if loaded.device.type != "cuda":
         return "hf"
+    if steering:
+        from tracekit.engines.cuda.decoder import CudaEngine
+
+        if not getattr(CudaEngine, "supports_steering", False):
+            return "hf"
     from tracekit.engines.cuda.decoder import unsupported_reason
 
     return "cuda" if unsupported_reason(loaded.model) is None else "hf"
 
 
-def create_engine(name: str, loaded: LoadedModel) -> GenerationEngine:
-    """Build the engine registered as ``name`` (or ``auto``) for ``loaded``."""
+def create_engine(name: str, loaded: LoadedModel, *, steering: bool = False) -> GenerationEngine:
+    """Build the engine registered as ``name`` (or ``auto``) for ``loaded``; ``steering``: the
+    run steers (``auto`` then picks an engine that can)."""
     import importlib
 
-    name = resolve_engine_name(name, loaded)
+    name = resolve_engine_name(name, loaded, steering=steering)
     target = ENGINES.get(name)
     if target is None:
         raise ConfigError(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tracekit.config.base import TracekitConfig
 from tracekit.config.types import BatchSize, LayerSpec
@@ -32,6 +32,7 @@ from tracekit.distributed import (
 )
 from tracekit.engines.interface import CaptureSpec, GenerationParams, create_engine
 from tracekit.engines.pooling import Pooling, Poolings
+from tracekit.engines.steering import SteerControl, SteerPositions
 from tracekit.errors import ConfigError, ModelError
 from tracekit.models.loading import DtypeName, ModelConfig
 from tracekit.storage import experiment as store
@@ -42,6 +43,7 @@ from tracekit.traits import TraitDefinition, load_trait
 
 if TYPE_CHECKING:
     from tracekit.engines.interface import GenerationEngine
+    from tracekit.engines.steering import Steering, SteeringSet
     from tracekit.models.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,64 @@ class GenerateConfig(RuntimeOptions):
     pt: bool = False
     """Also write each activation file as a ``.pt`` tensor (a second full copy on disk)."""
     force: bool = False
+    steer_vector: Path | None = None
+    """Steer: add ``coef * vector`` to the residual stream (:mod:`tracekit.engines.steering`);
+    a vectors file as ``extract vectors`` writes it (``[layers, hidden]``) or one ``[hidden]``."""
+    steer_layer: int | None = Field(default=None, ge=0)
+    steer_coef: tuple[float, ...] = ()
+    """One output set per coefficient (a sweep)."""
+    steer_positions: SteerPositions = "response"
+    steer_control: SteerControl | None = None
+    """``random``: also the same sweep along a seeded random direction of the vector's norm."""
+    steer_control_seed: int = 0
+    steer_prompts: Literal["neutral", "trait"] = "neutral"
+    """Steered runs ask the trait's questions without instruction (``neutral``, one CSV) or
+    with its pos/neg instructions (``trait``)."""
+
+    @field_validator("steer_coef", mode="before")
+    @classmethod
+    def _split_coefs(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)):
+            return (value,)
+        if isinstance(value, str):
+            try:
+                return tuple(float(v) for v in value.split(","))
+            except ValueError:
+                raise ValueError(f"'{value}' is not a list of numbers (e.g. -4,-2,0,2,4)") from None
+        return value
+
+    @field_validator("steer_coef")
+    @classmethod
+    def _unique_coefs(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        import math
+
+        if any(not math.isfinite(v) for v in value):
+            raise ValueError("coefficients must be finite numbers")
+        return tuple(dict.fromkeys(v + 0.0 for v in value))
+
+    @model_validator(mode="after")
+    def _steering_complete(self) -> GenerateConfig:
+        if self.steer_vector is None:
+            given = [
+                name
+                for name in ("steer_layer", "steer_coef", "steer_control")
+                if getattr(self, name) not in (None, ())
+            ]
+            if given:
+                option = "--" + given[0].replace("_", "-")
+                raise ValueError(f"{option} needs --steer-vector FILE")
+        elif self.steer_layer is None:
+            raise ValueError("--steer-vector needs --steer-layer L (the layer to add it at)")
+        elif not self.steer_coef:
+            raise ValueError("--steer-vector needs --steer-coef (e.g. -4,-2,0,2,4)")
+        return self
+
+    @property
+    def polarities(self) -> tuple[Polarity, ...]:
+        """The row sets a run generates: pos and neg, or only neutral rows when steering."""
+        if self.steer_vector is not None and self.steer_prompts == "neutral":
+            return ("neutral",)
+        return POLARITIES
 
     @field_validator("experiment")
     @classmethod
@@ -152,6 +212,8 @@ class TraitResult:
     files: list[Path] = field(default_factory=list)
     passing: dict[str, int] | None = None
     """With a judge: pos rows scoring >= threshold and neg rows scoring < threshold."""
+    steering: dict[str, Any] | None = None
+    """A steered run's set (:meth:`~tracekit.engines.steering.SteeringSet.describe`)."""
 
 
 @dataclass
@@ -188,6 +250,7 @@ class GenerateResult:
                     "generated": t.generated,
                     "tokens": t.tokens,
                     "passing": t.passing,
+                    "steering": t.steering,
                     "files": [str(f) for f in t.files],
                 }
                 for t in self.traits
@@ -212,13 +275,14 @@ def plan_rows(trait: TraitDefinition, polarity: Polarity, n_examples: int) -> li
     rows = []
     for k in range(n_examples):
         pair = trait.instruction[(k // n_q) % len(trait.instruction)]
-        text = pair.pos if polarity == "pos" else pair.neg
+        text = {"pos": pair.pos, "neg": pair.neg}.get(polarity, "")
         rows.append(PlannedRow(id=k, question=trait.questions[k % n_q], instruction=text))
     return rows
 
 
 def row_seed(seed: int, polarity: Polarity, row_id: int) -> int:
-    """Per-row sampling seed: independent of batch size, order and resume."""
+    """Per-row sampling seed: independent of batch size, order and resume (and of the
+    coefficient of a steering sweep, so each coefficient samples with the same seeds)."""
     return (seed * 1_000_003 + row_id * 2 + (0 if polarity == "pos" else 1)) % (2**62)
 
 
@@ -246,6 +310,7 @@ class _Batcher:
         capture: CaptureSpec | None,
         on_output: Callable[[int, int, Any], None],
         run_rows: int | None = None,
+        steering: Steering | None = None,
     ) -> None:
         """``run_rows``: rows of this polarity in the whole run (all processes); short batches
         are padded (by engines that pad) to the batch size, or to ``run_rows`` if fewer, so a
@@ -278,6 +343,7 @@ class _Batcher:
                     capture,
                     seeds[start:end],
                     pad_to=pad_to,
+                    steering=steering,
                 )
             except BaseException as exc:  # an interrupt too: the batch before is done, keep it
                 take_pending()
@@ -309,7 +375,11 @@ class _Batcher:
 
 
 def run_settings(
-    config: GenerateConfig, loaded: LoadedModel, layers: tuple[int, ...], trait: TraitDefinition
+    config: GenerateConfig,
+    loaded: LoadedModel,
+    layers: tuple[int, ...],
+    trait: TraitDefinition,
+    steer: SteeringSet | None = None,
 ) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the journal."""
     return {
@@ -324,7 +394,13 @@ def run_settings(
         "layers": list(layers) if config.extract_activations else None,
         "pooling": [p.value for p in config.pooling] if config.extract_activations else None,
         "trait": trait.model_dump(mode="json"),
+        **({"steering": _steer_settings(steer)} if steer is not None else {}),
     }
+
+
+def _steer_settings(steer: SteeringSet) -> dict[str, Any]:
+    """The steering a resumed set must share (the vector by content, not by path)."""
+    return {k: v for k, v in steer.describe().items() if k != "vector_file"}
 
 
 def generate(
@@ -333,7 +409,9 @@ def generate(
     on_total: Callable[[int], None] | None = None,
     loaded: LoadedModel | None = None,
 ) -> GenerateResult:
-    """Generate pos/neg responses (and activations) for each trait of ``config``.
+    """Generate pos/neg responses (and activations) for each trait of ``config``; with
+    ``steer_vector``, one steered output set per coefficient (and control direction) under
+    each trait's ``steering/`` folder.
 
     ``loaded`` reuses an already loaded model (it must match ``config``'s model options).
     """
@@ -341,12 +419,77 @@ def generate(
     info = process_info()
     traits = [load_trait(t, config.experiment, config.experiments_dir) for t in config.traits]
     judge_config = _judge_config(config)  # bad judge options fail before any generation
+    sets = _steering_sets(config)  # a bad vector file fails before the model loads
     with contextlib.ExitStack() as locks:
         if info.is_main:  # one writer per trait folder (the processes of one run are one)
             for trait in traits:
                 root = TraitPaths.of(config.experiments_dir, config.experiment, trait.name).root
                 locks.enter_context(output_lock(root))
-        return _generate(config, traits, judge_config, info, started, on_batch, on_total, loaded)
+        if not sets:
+            return _generate(
+                config, traits, judge_config, info, started, on_batch, on_total, loaded
+            )
+        return _generate_sweep(config, traits, judge_config, info, sets, on_batch, on_total, loaded)
+
+
+def _steering_sets(config: GenerateConfig) -> list[SteeringSet]:
+    """The output sets of a steering sweep (none without ``steer_vector``)."""
+    if config.steer_vector is None:
+        return []
+    from tracekit.engines.steering import steering_sets
+
+    assert config.steer_layer is not None  # the config's validator makes sure
+    return steering_sets(
+        config.steer_vector,
+        config.steer_layer,
+        config.steer_coef,
+        config.steer_positions,
+        config.steer_control,
+        config.steer_control_seed,
+    )
+
+
+def _generate_sweep(
+    config: GenerateConfig,
+    traits: list[TraitDefinition],
+    judge_config: Any,
+    info: ProcessInfo,
+    sets: list[SteeringSet],
+    on_batch: BatchHook | None,
+    on_total: Callable[[int], None] | None,
+    loaded: LoadedModel | None,
+) -> GenerateResult:
+    """One :func:`_generate` per steering set, on one loaded model; the results merged."""
+    from tracekit.engines.steering import check_fits
+    from tracekit.models.loading import load_model
+
+    loaded = loaded or load_model(model_settings_for(config, info))
+    for steer in sets:
+        check_fits(loaded.handles, steer.steering, loaded.name)
+    done_rows = 0
+
+    def set_total(total: int) -> None:
+        if on_total is not None:
+            on_total(done_rows + total)
+
+    results = []
+    for steer in sets:
+        started = time.perf_counter()
+        results.append(
+            _generate(
+                config, traits, judge_config, info, started, on_batch, set_total, loaded, steer
+            )
+        )
+        done_rows += sum(t.generated for t in results[-1].traits)
+    return GenerateResult(
+        model=loaded.name,
+        traits=[t for r in results for t in r.traits],
+        seconds=sum(r.seconds for r in results),
+        tokens=sum(r.tokens for r in results),
+        batch_size=results[-1].batch_size,
+        generation_seconds=sum(r.generation_seconds for r in results),
+        processes=results[-1].processes,
+    )
 
 
 def _generate(
@@ -358,11 +501,16 @@ def _generate(
     on_batch: BatchHook | None,
     on_total: Callable[[int], None] | None,
     loaded: LoadedModel | None,
+    steer: SteeringSet | None = None,
 ) -> GenerateResult:
+    """One output set per trait: the trait's own, or one steering set's (``steer``)."""
+    from tracekit.engines.interface import check_steering
     from tracekit.models.loading import load_model
     from tracekit.storage.activation_slots import prepare_slots
 
-    all_paths = [TraitPaths.of(config.experiments_dir, config.experiment, t.name) for t in traits]
+    all_paths = [
+        _trait_paths(config, t.name, steer.subdir if steer is not None else None) for t in traits
+    ]
     if not config.force:  # outputs of other tools (the seed's scripts) before the model loads
         for paths in all_paths:
             store.check_unjournaled_outputs(paths)
@@ -375,7 +523,9 @@ def _generate(
         raise ConfigError(f"--layers: {exc} for {loaded.name}") from None
     capture = CaptureSpec(layers, config.pooling) if config.extract_activations else None
     template = _template_kind(loaded, config)  # a missing chat template fails before any write
-    engine = create_engine(config.engine, loaded)
+    engine = create_engine(config.engine, loaded, steering=steer is not None)
+    if steer is not None:
+        check_steering(engine)
     params = config.generation_params()
 
     # plan every trait first, so bad state is reported before any generation; when
@@ -388,13 +538,14 @@ def _generate(
         if force:
             store.clear_outputs(paths)
         store.ensure_trait_definition(paths, trait.to_json(), force)
-        store.check_run_settings(paths, run_settings(config, loaded, layers, trait), force)
+        settings = run_settings(config, loaded, layers, trait, steer)
+        store.check_run_settings(paths, settings, force)
     if info.is_main:
         barrier(info)  # (no-op for a single process)
     plans = []
     for trait, paths in zip(traits, all_paths, strict=True):
         todo, run_rows = {}, {}
-        for polarity in POLARITIES:
+        for polarity in config.polarities:
             done = store.read_parts(paths, polarity)
             planned = plan_rows(trait, polarity, config.n_examples)
             remaining = [r for r in planned if r.id not in done]
@@ -422,7 +573,9 @@ def _generate(
     journal = BackgroundWrites("tracekit-journal")
     for trait, paths, todo, run_rows in plans:
         result = TraitResult(trait=trait.name, root=paths.root, rows={})
-        for polarity in POLARITIES:
+        if steer is not None:
+            result.steering = steer.describe()
+        for polarity in config.polarities:
             rows = todo[polarity]
             built = [_build(loaded, config, row.question, row.instruction) for row in rows]
 
@@ -473,6 +626,7 @@ def _generate(
                     capture,
                     on_output,
                     run_rows[polarity],
+                    steering=steer.steering if steer is not None else None,
                 )
             finally:
                 journal.drain()  # every finished batch on disk, also when the run failed
@@ -486,7 +640,7 @@ def _generate(
             result.tokens = sum(c[1] for c in counts)
         total_tokens += result.tokens
         finalize_started = time.perf_counter()
-        _finalize(config, loaded, trait, paths, layers, result, template, judge_config, info)
+        _finalize(config, loaded, trait, paths, layers, result, template, judge_config, info, steer)
         merge_seconds += time.perf_counter() - finalize_started
         results.append(result)
     journal.close()
@@ -527,6 +681,12 @@ def _device_label(loaded: LoadedModel) -> str:
     return str(loaded.device)
 
 
+def _trait_paths(config: GenerateConfig, trait: str, subdir: Path | None) -> TraitPaths:
+    """A trait's folder, or a steered set's folder inside it."""
+    paths = TraitPaths.of(config.experiments_dir, config.experiment, trait)
+    return paths if subdir is None else TraitPaths(paths.root / subdir)
+
+
 def model_settings_for(config: RuntimeOptions, info: ProcessInfo) -> ModelConfig:
     """The model options of ``config`` for this process (its own GPU when data-parallel)."""
     return process_model_config(config.model_settings(), info)
@@ -554,6 +714,7 @@ def _finalize(
     template: str,
     judge_config: Any = None,
     info: ProcessInfo | None = None,
+    steer: SteeringSet | None = None,
 ) -> None:
     """Rebuild the CSVs, activation files, metadata and generation cache from the journal;
     judge the rows when a judge is configured.
@@ -570,28 +731,29 @@ def _finalize(
 
     info = info or ProcessInfo()
     wanted = set(range(config.n_examples))
-    journal = {polarity: store.read_parts(paths, polarity) for polarity in POLARITIES}
+    polarities = config.polarities
+    journal = {polarity: store.read_parts(paths, polarity) for polarity in polarities}
     ids: dict[str, list[int]] = {}
-    for polarity in POLARITIES:
+    for polarity in polarities:
         ids[polarity] = sorted(i for i in journal[polarity] if i in wanted)
         result.rows[polarity] = len(ids[polarity])
     skip = False
     if info.is_main:
-        complete = all(paths.responses_csv(p).is_file() for p in POLARITIES)
+        complete = all(paths.responses_csv(p).is_file() for p in polarities)
         if judge_config is not None:
             complete = complete and all(
-                _has_scores(paths.responses_csv(p), config.judge_metrics) for p in POLARITIES
+                _has_scores(paths.responses_csv(p), config.judge_metrics) for p in polarities
             )
         skip = result.generated == 0 and complete and paths.metadata.is_file()
     if all_gather(info, skip)[0]:  # the main process decides for all
         if info.is_main:
             logger.info("%s: all %d rows per polarity already done", trait.name, config.n_examples)
-            result.files = _existing_files(paths)
+            result.files = _existing_files(paths, polarities)
         return
 
     # activation files: job k (a polarity and a pooling) is process k % N's, a few at a time
     poolings = [p.value for p in config.pooling] if config.extract_activations else []
-    jobs = [(polarity, pooling) for polarity in POLARITIES for pooling in poolings]
+    jobs = [(polarity, pooling) for polarity in polarities for pooling in poolings]
     mine = jobs[info.rank :: info.world_size]
     row_shape = (len(layers), loaded.hidden_size)
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(mine))))
@@ -603,7 +765,7 @@ def _finalize(
     failure: Exception | None = None
     try:
         if info.is_main:
-            rows = {p: [journal[p][i] for i in ids[p]] for p in POLARITIES}
+            rows = {p: [journal[p][i] for i in ids[p]] for p in polarities}
             files += _write_rows(config, loaded, trait, paths, result, judge_config, rows)
     except Exception as exc:  # every process learns of a failure below, then all stop
         failure = exc
@@ -636,7 +798,11 @@ def _finalize(
             ),
         )  # fmt: skip
         files.append(paths.activations_metadata)
-    write_json(paths.metadata, _metadata(config, loaded, trait, layers, result, template))
+    metadata = _metadata(config, loaded, trait, layers, result, template)
+    if steer is not None:
+        metadata["steering"] = steer.describe()
+        metadata["prompts"] = config.steer_prompts
+    write_json(paths.metadata, metadata)
     files.append(paths.metadata)
     result.files = files
 
@@ -653,7 +819,7 @@ def _write_rows(
     """The main process's part of the merge: CSVs (judged when a judge is set) and caches,
     from the journal's rows of this run (by polarity, in id order)."""
     files: list[Path] = []
-    for polarity in POLARITIES:
+    for polarity in config.polarities:
         rows = _carry_extra_columns(paths.responses_csv(polarity), journal_rows[polarity])
         store.write_responses_csv(paths.responses_csv(polarity), rows)
         if judge_config is not None and rows:
@@ -718,8 +884,8 @@ def _has_scores(csv_path: Path, metrics: tuple[str, ...]) -> bool:
     return all(f"{m}_score" in r for r in rows for m in metrics)
 
 
-def _existing_files(paths: TraitPaths) -> list[Path]:
-    found = [paths.responses_csv(p) for p in POLARITIES]
+def _existing_files(paths: TraitPaths, polarities: tuple[Polarity, ...]) -> list[Path]:
+    found = [paths.responses_csv(p) for p in polarities]
     if paths.activations_dir.is_dir():
         found += sorted(paths.activations_dir.glob("*.npy"))
     return [p for p in found if p.exists()] + [paths.metadata]

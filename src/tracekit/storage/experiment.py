@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Polarity = Literal["pos", "neg"]
+Polarity = Literal["pos", "neg", "neutral"]
+"""``neutral``: rows without an instruction (steered runs, see tracekit.engines.steering)."""
 POLARITIES: tuple[Polarity, Polarity] = ("pos", "neg")
 
 RESPONSE_COLUMNS = (

@@ -142,7 +142,7 @@ def import_seed_activations(config: ImportActivationsConfig) -> ImportActivation
     start = 0
     for polarity in POLARITIES:
         ids = [int(r["id"]) for r in tables[polarity]]
-        block = {pooling: array[start : start + counts[polarity]]}
+        block: dict[str, Any] = {pooling: array[start : start + counts[polarity]]}
         result.files += store.save_activations(paths, polarity, ids, block)
         start += counts[polarity]
     metadata = {

@@ -1,0 +1,101 @@
+"""`tracekit report`: summaries across finished runs (the steering dose-response)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from tracekit.console import err_console, out_console
+
+from ._common import ConfigOpt, ExperimentOpt, ExperimentsDirOpt, ForceOpt, JsonOpt, build_config
+
+if TYPE_CHECKING:
+    from tracekit.report.steering import MetricSummary, SteeringReport
+
+
+def _cell(summary: MetricSummary) -> str:
+    if summary.mean is None:
+        return "-"
+    if summary.low is None or summary.high is None:
+        return f"{summary.mean:.3g}"
+    return f"{summary.mean:.3g} [{summary.low:.3g}, {summary.high:.3g}]"
+
+
+def _print_report(report: SteeringReport) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"steering · {report.trait} · layer {report.layer}")
+    table.add_column("direction")
+    table.add_column("coef", justify="right")
+    table.add_column("rows", justify="right")
+    for metric in report.metrics:
+        table.add_column(f"{metric} (95% CI)", justify="right")
+        if metric.endswith("_score"):
+            table.add_column("failed", justify="right")
+    for point in report.points:
+        cells = []
+        for metric in report.metrics:
+            cells.append(_cell(point.metrics[metric]))
+            if metric.endswith("_score"):
+                cells.append(str(point.metrics[metric].failed))
+        table.add_row(point.direction, f"{point.coef:+g}", str(point.rows), *cells)
+    out_console.print(table)
+    for note in report.notes:
+        out_console.print(note, markup=False, highlight=False)
+    if report.png is not None:
+        out_console.print(f"plot: {report.png}", markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    report_app = typer.Typer(help="Summaries across finished runs.", no_args_is_help=True)
+
+    @report_app.command("steering")
+    def steering_command(
+        ctx: typer.Context,
+        experiment: ExperimentOpt = None,
+        trait: Annotated[
+            str | None,
+            typer.Option("--trait", help="Trait folder inside the experiment (required)."),
+        ] = None,
+        experiments_dir: ExperimentsDirOpt = Path("experiments"),
+        layer: Annotated[
+            int | None,
+            typer.Option("--layer", help="The steered layer (only when sweeps at several exist)."),
+        ] = None,
+        measure: Annotated[
+            str | None,
+            typer.Option(
+                "--measure",
+                help="An independent measure next to the judge's scores: a numeric CSV column "
+                "(n_tokens) or words:FILE (fraction of a response's words in a word list).",
+            ),
+        ] = None,
+        output: Annotated[
+            Path | None,
+            typer.Option(
+                "--output", dir_okay=False, help="The PNG (default: in the sweep's folder)."
+            ),
+        ] = None,
+        plot: Annotated[
+            bool, typer.Option("--plot/--no-plot", help="Write the dose-response PNG.")
+        ] = True,
+        force: ForceOpt = False,
+        json_output: JsonOpt = False,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Dose-response of a steering sweep: per coefficient, each metric's mean with its 95%
+        interval, vector against the random control (table, --json, PNG)."""
+        from tracekit.report.steering import SteeringReportConfig, steering_report
+
+        result = steering_report(build_config(ctx, SteeringReportConfig))
+        if json_output:
+            out_console.print_json(json.dumps(result.to_dict()))
+        else:
+            _print_report(result)
+        if not any(p.direction == "random" for p in result.points):
+            err_console.print("no random control in this sweep (generate --steer-control random)")
+
+    app.add_typer(report_app, name="report")

@@ -1,0 +1,1 @@
+"""Reports across finished runs: the steering dose-response (:mod:`.steering`)."""
