@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from tracekit.config.choices import NegRule, VectorExport, VectorMethod
 from tracekit.console import err_console, out_console
 
 from ._common import (
@@ -124,14 +125,14 @@ def register(app: typer.Typer) -> None:
         trait: TraitOpt = None,
         experiments_dir: ExperimentsDirOpt = Path("experiments"),
         method: Annotated[
-            str,
+            VectorMethod,
             typer.Option(
                 "--method",
                 help="mean_diff: mean(pos) - mean(neg) per layer; pca_diff: first principal "
                 "component of the paired differences, sign along the mean difference, unit norm "
                 "(repeng); probe: logistic-regression weight pos vs neg, unit norm.",
             ),
-        ] = "mean_diff",
+        ] = VectorMethod.mean_diff,
         pooling: Annotated[
             str, typer.Option("--pooling", help="Which saved activations to use.")
         ] = "response_avg",
@@ -151,14 +152,14 @@ def register(app: typer.Typer) -> None:
             ),
         ] = 50.0,
         neg_rule: Annotated[
-            str,
+            NegRule,
             typer.Option(
                 "--neg-rule",
                 help="Neg rows kept: 'mirrored' (default) neg score < 100 - T, as "
                 "persona_vectors, so raising T tightens both sides alike (same pairs at T=50); "
                 "'same' neg score < T.",
             ),
-        ] = "mirrored",
+        ] = NegRule.mirrored,
         plot: Annotated[
             bool,
             typer.Option(
@@ -168,7 +169,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = True,
         export: Annotated[
-            str | None,
+            VectorExport | None,
             typer.Option(
                 "--export",
                 help="gguf: also write a llama.cpp control vector (--control-vector FILE): "

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from tracekit.config.choices import VectorMethod
 from tracekit.console import out_console
 
 from ._common import (
@@ -61,9 +62,11 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         method: Annotated[
-            str,
-            typer.Option("--method", help="Picks the default --vector: mean_diff|pca_diff|probe."),
-        ] = "mean_diff",
+            VectorMethod,
+            typer.Option(
+                "--method", help="Picks the default --vector (vectors/{method}_{pooling}.npy)."
+            ),
+        ] = VectorMethod.mean_diff,
         pooling: Annotated[
             str, typer.Option("--pooling", help="Which saved activations to project.")
         ] = "response_avg",

@@ -39,3 +39,25 @@ class DecodeFormat(StrEnum):
     @property
     def extensions(self) -> tuple[str, ...]:
         return ("json", "md") if self is DecodeFormat.both else (self.value,)
+
+
+class VectorMethod(StrEnum):
+    """How ``extract vectors`` turns paired activations into a vector (``vectors.methods``)."""
+
+    mean_diff = "mean_diff"
+    pca_diff = "pca_diff"
+    probe = "probe"
+
+
+class NegRule(StrEnum):
+    """Which neg rows pass the judge filter: ``mirrored`` keeps neg ``trait < 100 - threshold``
+    (persona_vectors' ``generate_vec.py``), ``same`` keeps neg ``trait < threshold``."""
+
+    mirrored = "mirrored"
+    same = "same"
+
+
+class VectorExport(StrEnum):
+    """Extra formats ``extract vectors`` writes."""
+
+    gguf = "gguf"

@@ -20,11 +20,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from tracekit.config.base import TracekitConfig
+from tracekit.config.choices import NegRule, VectorExport, VectorMethod
 from tracekit.engines.pooling import Pooling
 from tracekit.errors import InputError
 from tracekit.storage import experiment as store
@@ -37,17 +38,13 @@ from tracekit.vectors.gguf_export import (
     write_control_vector,
 )
 from tracekit.vectors.inputs import PooledActivations, load_pooled
-from tracekit.vectors.methods import Method, compute_vectors
+from tracekit.vectors.methods import compute_vectors
 
 if TYPE_CHECKING:
     import numpy as np
 
 SCORE_COLUMN = "trait_score"
 COHERENCE_COLUMN = "coherence_score"
-
-NegRule = Literal["mirrored", "same"]
-"""Which neg rows pass the judge filter: ``mirrored`` keeps neg ``trait < 100 - threshold``
-(persona_vectors' ``generate_vec.py``), ``same`` keeps neg ``trait < threshold``."""
 
 
 class ExtractVectorsConfig(TracekitConfig):
@@ -56,13 +53,13 @@ class ExtractVectorsConfig(TracekitConfig):
     experiment: str
     trait: str
     experiments_dir: Path = Path("experiments")
-    method: Method = "mean_diff"
+    method: VectorMethod = VectorMethod.mean_diff
     pooling: Pooling = Pooling.response_avg
     threshold: float = Field(default=50.0, ge=0.0, le=100.0)
     min_coherence: float = Field(default=50.0, ge=0.0, le=100.0)
-    neg_rule: NegRule = "mirrored"
+    neg_rule: NegRule = NegRule.mirrored
     plot: bool = True
-    export: Literal["gguf"] | None = None
+    export: VectorExport | None = None
     """``gguf``: also write a llama.cpp control vector (:mod:`tracekit.vectors.gguf_export`)."""
     gguf_model_hint: str | None = None
     """``controlvector.model_hint``; default: the architecture in the trait's metadata."""
@@ -143,14 +140,14 @@ def _score(value: Any) -> float | None:
 
 def neg_limit(threshold: float, neg_rule: NegRule) -> float:
     """Neg rows pass with ``trait_score`` below this."""
-    return 100.0 - threshold if neg_rule == "mirrored" else threshold
+    return 100.0 - threshold if neg_rule is NegRule.mirrored else threshold
 
 
 def describe_filter(
     threshold: float, min_coherence: float, neg_rule: NegRule, coherence: bool
 ) -> str:
     """The judge filter in words, as the summary prints it."""
-    why = "100 - threshold, as persona_vectors" if neg_rule == "mirrored" else "below threshold"
+    why = "100 - threshold, as persona_vectors" if neg_rule is NegRule.mirrored else "= threshold"
     text = (
         f"pos trait >= {threshold:g}, neg trait < {neg_limit(threshold, neg_rule):g} "
         f"(neg rule {neg_rule}: {why})"
@@ -165,7 +162,7 @@ def select_pairs(
     neg_rows: list[dict[str, Any]],
     threshold: float,
     min_coherence: float,
-    neg_rule: NegRule = "mirrored",
+    neg_rule: NegRule = NegRule.mirrored,
 ) -> tuple[list[int], str | None, dict[str, int]]:
     """Ids of pairs passing the judge filter, the filter in words (None when there were no
     judge scores and every pair was kept), and drop counts per reason."""
@@ -264,11 +261,11 @@ def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
         "gguf": paths.vectors_dir / f"{stem}.gguf",
     }
     wanted = {"npy", "pt", "metadata"} | ({"png"} if config.plot else set())
-    wanted |= {"gguf"} if config.export == "gguf" else set()
+    wanted |= {"gguf"} if config.export is VectorExport.gguf else set()
     check_writable([path for key, path in files.items() if key in wanted], config.force)
 
     pooled = load_pooled(paths, config.pooling.value)
-    if config.export == "gguf":
+    if config.export is VectorExport.gguf:
         check_exportable(pooled.layers)
     ids, rule, dropped = _pairs(config, paths, pooled)
     pos = pooled.acts["pos"][_rows_of(pooled.ids["pos"], ids)]
@@ -337,7 +334,7 @@ def _write(
     buffer = io.BytesIO()
     torch.save(torch.from_numpy(vectors), buffer)
     write_bytes(files["pt"], buffer.getvalue())
-    if config.export == "gguf":
+    if config.export is VectorExport.gguf:
         trait_meta: dict[str, Any] = {}
         if paths.metadata.is_file():
             trait_meta = json.loads(paths.metadata.read_text(encoding="utf-8"))
@@ -357,7 +354,7 @@ def _write(
             "model": pooled.metadata.get("model"),
             "activations_source": pooled.source,
             "separation_note": "in-sample: the same pairs build the vector and score it",
-            "unit_norm": config.method != "mean_diff",
+            "unit_norm": config.method is not VectorMethod.mean_diff,
             "files": {"vectors": f"{stem}.npy and {stem}.pt (float32 [n_layers, hidden])"},
         },
     )

@@ -18,15 +18,14 @@ one pair) and returns float32 ``[n_layers, hidden]``:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
+from tracekit.config.choices import VectorMethod
 from tracekit.errors import InputError
 
 if TYPE_CHECKING:
     import numpy as np
 
-Method = Literal["mean_diff", "pca_diff", "probe"]
-METHODS: tuple[str, ...] = ("mean_diff", "pca_diff", "probe")
 PROBE_C = 1.0
 
 MIN_PAIRS = {"mean_diff": 1, "pca_diff": 2, "probe": 1}
@@ -76,7 +75,7 @@ def probe_vectors(pos: np.ndarray, neg: np.ndarray, c: float = PROBE_C) -> np.nd
     return out.astype("float32")
 
 
-def compute_vectors(method: str, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+def compute_vectors(method: VectorMethod, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     """The ``method``'s vectors for paired ``pos``/``neg`` ``[n_pairs, n_layers, hidden]``."""
     if len(pos) < MIN_PAIRS[method]:
         raise InputError(
@@ -84,8 +83,8 @@ def compute_vectors(method: str, pos: np.ndarray, neg: np.ndarray) -> np.ndarray
             "filters",
             "lower --threshold or --min-coherence, generate more examples, or use mean_diff",
         )
-    if method == "pca_diff":
+    if method is VectorMethod.pca_diff:
         return pca_diff_vectors(pos, neg)
-    if method == "probe":
+    if method is VectorMethod.probe:
         return probe_vectors(pos, neg)
     return mean_diff_vectors(pos, neg)

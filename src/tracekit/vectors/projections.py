@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import model_validator
 
 from tracekit.config.base import TracekitConfig
+from tracekit.config.choices import VectorMethod
 from tracekit.config.types import LayerSpec
 from tracekit.engines.pooling import Pooling
 from tracekit.errors import InputError
@@ -40,7 +41,6 @@ from tracekit.storage.atomic import check_writable, save_npy, write_json, write_
 from tracekit.storage.experiment import Polarity, TraitPaths
 from tracekit.vectors.inputs import PooledActivations, load_pooled
 from tracekit.vectors.mean_diff import auroc, cohen_d, json_safe
-from tracekit.vectors.methods import Method
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,7 +56,7 @@ class ProjectionsConfig(TracekitConfig):
     experiments_dir: Path = Path("experiments")
     vector: Path | None = None
     """Vectors file (.npy or .pt); default: this trait's ``vectors/{method}_{pooling}.npy``."""
-    method: Method = "mean_diff"
+    method: VectorMethod = VectorMethod.mean_diff
     pooling: Pooling = Pooling.response_avg
     layers: LayerSpec = LayerSpec(None)
     plot: bool = True
