@@ -140,14 +140,14 @@ def _score(value: Any) -> float | None:
 
 def neg_limit(threshold: float, neg_rule: NegRule) -> float:
     """Neg rows pass with ``trait_score`` below this."""
-    return 100.0 - threshold if neg_rule is NegRule.mirrored else threshold
+    return 100.0 - threshold if neg_rule == NegRule.mirrored else threshold
 
 
 def describe_filter(
     threshold: float, min_coherence: float, neg_rule: NegRule, coherence: bool
 ) -> str:
     """The judge filter in words, as the summary prints it."""
-    why = "100 - threshold, as persona_vectors" if neg_rule is NegRule.mirrored else "= threshold"
+    why = "100 - threshold, as persona_vectors" if neg_rule == NegRule.mirrored else "= threshold"
     text = (
         f"pos trait >= {threshold:g}, neg trait < {neg_limit(threshold, neg_rule):g} "
         f"(neg rule {neg_rule}: {why})"
@@ -261,11 +261,11 @@ def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
         "gguf": paths.vectors_dir / f"{stem}.gguf",
     }
     wanted = {"npy", "pt", "metadata"} | ({"png"} if config.plot else set())
-    wanted |= {"gguf"} if config.export is VectorExport.gguf else set()
+    wanted |= {"gguf"} if config.export == VectorExport.gguf else set()
     check_writable([path for key, path in files.items() if key in wanted], config.force)
 
     pooled = load_pooled(paths, config.pooling.value)
-    if config.export is VectorExport.gguf:
+    if config.export == VectorExport.gguf:
         check_exportable(pooled.layers)
     ids, rule, dropped = _pairs(config, paths, pooled)
     pos = pooled.acts["pos"][_rows_of(pooled.ids["pos"], ids)]
@@ -334,7 +334,7 @@ def _write(
     buffer = io.BytesIO()
     torch.save(torch.from_numpy(vectors), buffer)
     write_bytes(files["pt"], buffer.getvalue())
-    if config.export is VectorExport.gguf:
+    if config.export == VectorExport.gguf:
         trait_meta: dict[str, Any] = {}
         if paths.metadata.is_file():
             trait_meta = json.loads(paths.metadata.read_text(encoding="utf-8"))
@@ -354,7 +354,7 @@ def _write(
             "model": pooled.metadata.get("model"),
             "activations_source": pooled.source,
             "separation_note": "in-sample: the same pairs build the vector and score it",
-            "unit_norm": config.method is not VectorMethod.mean_diff,
+            "unit_norm": config.method != VectorMethod.mean_diff,
             "files": {"vectors": f"{stem}.npy and {stem}.pt (float32 [n_layers, hidden])"},
         },
     )

@@ -77,14 +77,16 @@ def probe_vectors(pos: np.ndarray, neg: np.ndarray, c: float = PROBE_C) -> np.nd
 
 def compute_vectors(method: VectorMethod, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     """The ``method``'s vectors for paired ``pos``/``neg`` ``[n_pairs, n_layers, hidden]``."""
-    if len(pos) < MIN_PAIRS[method]:
+    if len(pos) < MIN_PAIRS.get(method, 1):
         raise InputError(
             f"--method {method} needs at least {MIN_PAIRS[method]} pairs; {len(pos)} passed the "
             "filters",
             "lower --threshold or --min-coherence, generate more examples, or use mean_diff",
         )
-    if method is VectorMethod.pca_diff:
+    if method == VectorMethod.pca_diff:
         return pca_diff_vectors(pos, neg)
-    if method is VectorMethod.probe:
+    if method == VectorMethod.probe:
         return probe_vectors(pos, neg)
-    return mean_diff_vectors(pos, neg)
+    if method == VectorMethod.mean_diff:
+        return mean_diff_vectors(pos, neg)
+    raise ValueError(f"unknown vector method {method!r}")
