@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from embedded_weights import embedded_weights
 from tolerance import assert_close_to_scale
 
 pytestmark = pytest.mark.integration
@@ -86,6 +87,10 @@ def test_generate_writes_paired_responses_activations_and_metadata(generated):
     # the generation cache that `tracekit decode` reads
     cache = json.loads(next((root / "generations").glob("pos_*_metadata.json")).read_text())
     assert cache["count"] == N and cache["polarity"] == "pos"
+    # every record of the model id also pins its weights (Q4_1 de-quantized, GGUF hash)
+    weights = embedded_weights()
+    for record in (meta, acts_meta, cache, summary):
+        assert {k: record[k] for k in weights} == weights
 
 
 def test_rerun_without_force_generates_nothing(generated, cli):
@@ -170,6 +175,11 @@ def test_extract_vectors_table_and_files(generated, cli):
     neg = np.load(base / "e1" / "refusal" / "activations" / "neg_response_avg.npy")
     assert_close_to_scale(vectors, pos.mean(0) - neg.mean(0))
     assert "no judge scores found: using all 3 pairs" in result.stderr
+    vector_meta = json.loads(
+        (base / "e1" / "refusal" / "vectors" / "mean_diff_response_avg_metadata.json").read_text()
+    )
+    weights = embedded_weights()
+    assert {k: vector_meta[k] for k in weights} == weights
     # generate recorded LlamaForCausalLM: llama.cpp's hint; layers 15, 30 -> direction.14, .29
     assert summary["gguf"]["model_hint"] == "llama"
     assert summary["gguf"]["directions"] == {"15": 14, "30": 29}

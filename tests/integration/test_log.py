@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from embedded_weights import embedded_weights
 from tolerance import assert_close_to_scale
 from tracekit.actlog.logger import ActivationLogger
 from tracekit.actlog.prompts import DEFAULT_TEMPLATE, format_prompt
@@ -77,12 +78,18 @@ def test_log_response_positions_equal_an_unpadded_forward(
         "--dtype", "float32", "--max-new-tokens", "3", "--batch-size", "2", *placement,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    # the weights, not just the model id: Q4_1 de-quantized, pinned by the GGUF file's hash
+    weights = embedded_weights()
+    assert "Q4_1" in " ".join(result.output.split())  # the summary's model line
     tok = embedded_model.tokenizer
     with open_store(store_path) as store:
+        (record,) = store.provenance.values()
+        assert {k: record[k] for k in weights} == weights
         assert len(store) == 2
         for question in ["Hi?", QUESTIONS[5]]:
             entry = store.get_by_prompt(format_prompt(DEFAULT_TEMPLATE, question))
             meta, acts = entry.metadata, entry.arrays["layer_5"]
+            assert {k: meta[k] for k in weights} == weights
             response = meta["response_token_ids"]
             assert meta["positions"] == {"prompt": 0, "response": len(response)}
             assert acts.shape == (len(response), 576) and len(response) > 0

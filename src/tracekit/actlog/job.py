@@ -88,6 +88,8 @@ class LogResult:
     bytes_written: int
     seconds: float
     bad_line_numbers: list[int] = field(default_factory=list)
+    model_label: str = ""
+    """The model with its quantization and short weights hash, for the summary."""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "bad_line_numbers"}
@@ -174,6 +176,7 @@ def _log_activations(cfg: LogConfig, on_batch: BatchCallback | None) -> LogResul
         model_name=loaded.name,
         revision=cfg.revision,
         model_arg=cfg.model,
+        weights=loaded.provenance(),
         prompt_template=None if cfg.chat else cfg.prompt_template,
         chat=cfg.chat,
         generation=params.model_dump(),
@@ -252,6 +255,7 @@ def _log_activations(cfg: LogConfig, on_batch: BatchCallback | None) -> LogResul
     return LogResult(
         store=str(cfg.lmdb),
         model=loaded.name,
+        model_label=loaded.label,
         layers=list(layers),
         qa_rows=len(qa.rows),
         unique_prompts=unique,

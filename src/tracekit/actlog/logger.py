@@ -72,6 +72,7 @@ def build_provenance(
     model_name: str | None = None,
     revision: str | None = None,
     model_arg: str | None = None,
+    weights: Mapping[str, str | None] | None = None,
     prompt_template: str | None = None,
     chat: bool = False,
     generation: Mapping[str, Any] | None = None,
@@ -92,6 +93,8 @@ def build_provenance(
     first = next(model.parameters(), None)
     return {
         "model": name,
+        "quantization": (weights or {}).get("quantization"),
+        "weights_sha256": (weights or {}).get("weights_sha256"),
         "revision": revision,
         "model_arg": model_arg,
         "architecture": type(model).__name__,
@@ -280,6 +283,8 @@ class ActivationLogger:
                 "prompt": prompts[row],
                 "generation": generations[row] if generations is not None else None,
                 "model": self.provenance.get("model"),
+                "quantization": self.provenance.get("quantization"),
+                "weights_sha256": self.provenance.get("weights_sha256"),
                 "input_length": int(real[row]),
                 "timestamp": time.time(),
                 "messages": None,

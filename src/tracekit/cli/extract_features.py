@@ -45,7 +45,7 @@ def _print_result(result: FeaturesResult) -> None:
         )
     rows = [
         ("output", str(result.output)),
-        ("model", result.model),
+        ("model", result.model_label or result.model),
         ("layers", str(LayerSpec(result.layers))),
         ("SAE", sae),
         ("sentences", f"{result.written} written, {result.skipped} already done (resumed)"),

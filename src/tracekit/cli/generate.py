@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 def _print_result(result: GenerateResult) -> None:
     from rich.table import Table
 
-    table = Table(title=f"generate · {result.model}")
+    table = Table(title=f"generate · {result.model_label}")
     steered = any(t.steering is not None for t in result.traits)
     names = ["trait", *(["steering"] if steered else []), "pos rows", "neg rows", "new rows"]
     for column in [*names, "new tokens", "judged pos>=T / neg<T"]:

@@ -62,7 +62,7 @@ def _render_result(result: LogResult) -> None:
     table.add_column("value", justify="right")
     rate = result.logged / result.seconds if result.seconds > 0 else 0.0
     for name, value in [
-        ("model", result.model),
+        ("model", result.model_label or result.model),
         ("layers", ",".join(str(layer) for layer in result.layers)),
         ("QA rows", f"{result.qa_rows:,}"),
         ("unique prompts", f"{result.unique_prompts:,}"),

@@ -80,6 +80,8 @@ class FeaturesResult:
     sae_storage: str | None = None
     average_l0s: list[float] | None = None
     sae_formats: list[str] = field(default_factory=list)
+    model_label: str = ""
+    """The model with its quantization and short weights hash, for the summary."""
 
     @property
     def sentences_per_second(self) -> float:
@@ -214,7 +216,7 @@ def _settings(
 ) -> dict[str, Any]:
     """What must match for a rerun to resume into the same folder."""
     return {
-        "model": loaded.name,
+        **loaded.provenance(),
         "revision": loaded.revision,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "layers": layers,
@@ -570,6 +572,7 @@ def _extract_features(
         skipped=skipped,
         layers=layers,
         model=loaded.name,
+        model_label=loaded.label,
         seconds=time.perf_counter() - started,
         extract_seconds=time.perf_counter() - extract_started,
         tokens=tokens,

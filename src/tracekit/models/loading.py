@@ -62,6 +62,26 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     handles: LayerHandles
+    quantization: str | None = None
+    """How the weights were quantized before loading (``None``: not quantized)."""
+    weights_sha256: str | None = None
+    """SHA-256 of the weight file(s) (tracekit.models.weights), ``None`` when unknown."""
+
+    def provenance(self) -> dict[str, str | None]:
+        """The model id with what pins down its weights; recorded wherever a model id is."""
+        return {
+            "model": self.name,
+            "quantization": self.quantization,
+            "weights_sha256": self.weights_sha256,
+        }
+
+    @property
+    def label(self) -> str:
+        """The model for a summary line: id, quantization and a short weights hash."""
+        from tracekit.models.weights import short_weights
+
+        detail = short_weights(self.provenance())
+        return f"{self.name} ({detail})" if detail else self.name
 
     @property
     def n_layers(self) -> int:
@@ -82,7 +102,7 @@ class LoadedModel:
         import transformers
 
         return {
-            "model": self.name,
+            **self.provenance(),
             "revision": self.revision,
             "source_path": self.source_path,
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -206,6 +226,9 @@ def _load_model(cfg: ModelConfig) -> LoadedModel:
     model.eval()
     handles = LayerHandles.of(model)
     first_param = next(model.parameters())
+    from tracekit.models.weights import weights_provenance
+
+    weights = weights_provenance(source, cfg.revision, model.config)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -215,4 +238,6 @@ def _load_model(cfg: ModelConfig) -> LoadedModel:
         dtype=first_param.dtype if dtype is None else dtype,
         device=first_param.device if cfg.device_map is not None else torch.device(device),
         handles=handles,
+        quantization=weights["quantization"],
+        weights_sha256=weights["weights_sha256"],
     )

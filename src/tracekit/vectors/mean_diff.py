@@ -352,6 +352,8 @@ def _write(
             "neg_rule": config.neg_rule if judged else None,
             "pair_ids": ids,
             "model": pooled.metadata.get("model"),
+            "quantization": pooled.metadata.get("quantization"),
+            "weights_sha256": pooled.metadata.get("weights_sha256"),
             "activations_source": pooled.source,
             "separation_note": "in-sample: the same pairs build the vector and score it",
             "unit_norm": config.method != VectorMethod.mean_diff,

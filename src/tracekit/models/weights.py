@@ -1,0 +1,148 @@
+"""What exactly was loaded: the weights' SHA-256 and their quantization, for provenance.
+
+A model id alone does not say which weights ran: the embedded model is SmolLM2-135M-Instruct
+*Q4_1 de-quantized*, not the hub's bf16 checkpoint, and a folder can be edited in place.
+Every output that records a model id also records :func:`weights_provenance`'s two fields.
+
+``weights_sha256`` is the SHA-256 of the weight file when there is one (the GGUF file for the
+embedded model), else of the lines ``"<file name>  <sha256>\\n"`` of every weight file in name
+order. A file in the Hugging Face cache is a link to a blob named by its SHA-256, so it costs
+nothing; any other file is hashed once and remembered in
+``<tracekit cache dir>/weights-sha256.json`` under its path, size and modification time, so
+later loads cost nothing either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from tracekit.storage.atomic import atomic_open, file_lock
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_BLOB_NAME = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 8 << 20
+
+
+def _memo_path() -> Path:
+    from tracekit.models.embedded import cache_root
+
+    return cache_root() / "weights-sha256.json"
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of one weight file: free for Hugging Face cache blobs, else hashed once."""
+    real = path.resolve()
+    if path.is_symlink() and _BLOB_NAME.match(real.name):
+        return real.name  # HF cache: LFS blobs are stored under their SHA-256
+    stat = real.stat()
+    memo_key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo_file = _memo_path()
+    memo: dict[str, str] = {}
+    try:
+        memo = json.loads(memo_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    if isinstance(memo.get(memo_key), str):
+        return memo[memo_key]
+    logger.info("hashing %s once (SHA-256, for provenance)", real)
+    value = sha256_of(real)
+    try:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(memo_file.with_suffix(".lock")):
+            try:
+                current = json.loads(memo_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                current = {}
+            current[memo_key] = value
+            with atomic_open(memo_file, "w") as out:
+                json.dump(current, out, indent=0)
+    except OSError as exc:  # a read-only cache only costs the hash next time
+        logger.debug("cannot remember the weights hash in %s: %s", memo_file, exc)
+    return value
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder (not its sub-folders), by name."""
+    return sorted(
+        (p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()),
+        key=lambda p: p.name,
+    )
+
+
+def files_sha256(files: list[Path]) -> str | None:
+    """The ``weights_sha256`` of a set of weight files (see the module docstring)."""
+    if not files:
+        return None
+    if len(files) == 1:
+        return file_sha256(files[0])
+    lines = "".join(f"{p.name}  {file_sha256(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def model_folder(source: str, revision: str | None) -> Path | None:
+    """The local folder a model loads from (a path, or its snapshot in the HF cache)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache in a form we can read: no hash
+        return None
+
+
+def quantization_of(config: Any) -> str | None:
+    """``"gptq 4-bit"``, ``"bitsandbytes 8-bit"``, ... from a model config, None if plain."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return None
+    data = quant if isinstance(quant, dict) else getattr(quant, "to_dict", lambda: {})()
+    method = str(data.get("quant_method", "quantized"))
+    bits = data.get("bits") or (
+        4 if data.get("load_in_4bit") else 8 if data.get("load_in_8bit") else None
+    )
+    return f"{method} {bits}-bit" if bits else method
+
+
+def weights_provenance(source: str, revision: str | None, config: Any) -> dict[str, str | None]:
+    """``{"quantization": ..., "weights_sha256": ...}`` of a model loaded from ``source``."""
+    from tracekit.models.embedded import embedded_source_record
+
+    embedded = embedded_source_record(Path(source)) if Path(source).is_dir() else None
+    if embedded is not None:
+        return embedded
+    folder = model_folder(source, revision)
+    sha = None
+    if folder is not None:
+        try:
+            sha = files_sha256(weight_files(folder))
+        except OSError as exc:
+            logger.warning("cannot hash the weights in %s: %s", folder, exc)
+    return {"quantization": quantization_of(config), "weights_sha256": sha}
+
+
+def short_weights(provenance: dict[str, Any]) -> str:
+    """``"Q4_1 GGUF de-quantized, sha256 3f2a…"`` for a summary line ('' when unknown)."""
+    parts = []
+    if provenance.get("quantization"):
+        parts.append(str(provenance["quantization"]))
+    if provenance.get("weights_sha256"):
+        parts.append(f"sha256 {str(provenance['weights_sha256'])[:12]}")
+    return ", ".join(parts)
