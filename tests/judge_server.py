@@ -26,7 +26,8 @@ that tracekit scrubs it. ``reject_logprobs`` answers 400 to requests asking for 
 some models do). ``latency`` delays every answer (benchmarks). ``completions`` serves
 ``/v1/completions`` and renders the chat template (``template="apply"``: llama.cpp's
 ``/apply-template``; ``"tokenize"``: vLLM's ``/tokenize`` + ``/detokenize``); ``completions_shape``
-is ``"legacy"`` (``top_logprobs: [{token: logprob}]``, vLLM) or ``"content"`` (llama.cpp).
+is ``"legacy"`` (``top_logprobs: [{token: logprob}]``, vLLM), ``"content"`` (llama.cpp) or
+``"none"`` (``logprobs: null``: a server that ignores them).
 """
 
 from __future__ import annotations
@@ -270,10 +271,12 @@ class JudgeServer:
                 top = next_token(digit_model(parse_script(content)), written.strip())
                 top = top[: int(body.get("logprobs") or 1)]
                 token, prob = top[0]
-                if server.completions_shape == "content":
+                if server.completions_shape == "none":  # a server that ignores logprobs
+                    logprobs: dict[str, Any] | None = None
+                elif server.completions_shape == "content":
                     alternatives = [{"token": t, "logprob": math.log(p)} for t, p in top]
                     item = {"token": token, "logprob": math.log(prob), "top_logprobs": alternatives}
-                    logprobs: dict[str, Any] = {"content": [item]}
+                    logprobs = {"content": [item]}
                 else:
                     logprobs = {
                         "tokens": [token],

@@ -400,11 +400,18 @@ def test_digit_split_judge_gets_whole_number_probabilities(tmp_path, template, s
         assert [r["trait_score"] for r in again.rows] == [r["trait_score"] for r in result.rows]
 
 
-def test_digit_split_judge_without_completions_falls_back_to_text_for_the_run(tmp_path, caplog):
+@pytest.mark.parametrize(
+    "server_options",
+    [{"completions": False}, {"completions_shape": "none"}],
+    ids=["no-completions", "completions-without-logprobs"],
+)
+def test_digit_split_judge_without_completions_falls_back_to_text_for_the_run(
+    tmp_path, caplog, server_options
+):
     """A server that cannot be asked for the next digit: one warning, and every row of the
     run (also those with usable logprobs) is scored from the answer text, so the column holds
     one kind of score; the incomplete answers are not cached."""
-    with JudgeServer(completions=False) as server:
+    with JudgeServer(**server_options) as server:
         rows = [row("digits=85:0.6,90:0.4"), row("lp=20:0.5,40:0.5;text=30"), row("digits=7:1")]
         config = fast(server, tmp_path, concurrency=1)
         with caplog.at_level("WARNING", logger="tracekit.judge.backends"):

@@ -332,7 +332,8 @@ class OpenAIBackend:
         self, url: str, body: dict[str, Any], parse: Callable[[Any], Any], *, question: bool
     ) -> _Sent:
         """POST with bounded, jittered retries. ``question``: the chat request itself (a 404
-        stops the run); otherwise a 400/404/405/501 means the server lacks the endpoint."""
+        stops the run); otherwise a 400/404/405/501, or an answer without the expected fields
+        (say, no logprobs), means the server lacks the endpoint."""
         import httpx
 
         reason = "no attempt made"
@@ -373,6 +374,8 @@ class OpenAIBackend:
                         reason = "malformed JSON in the response"
                     except (KeyError, IndexError, TypeError, AttributeError):
                         reason = "unexpected response shape"
+                        if not question:  # e.g. no logprobs in a completion: not transient
+                            return _Sent(None, reason, attempt, unsupported=True)
                     else:
                         self._succeeded += 1
                         return _Sent(parsed, None, attempt)
