@@ -103,6 +103,12 @@ def test_rerun_without_force_generates_nothing(generated, cli):
     changed = cli("generate", *COMMON, "--experiments-dir", base, "--max-new-tokens", "6")
     assert changed.exit_code == 1
     assert "holds results of a run with different settings (max_new_tokens)" in _flat(changed)
+    # refused before the model loads: a model folder that does not exist is never opened
+    missing_model = base / "no-such-model"
+    early = cli("generate", *COMMON, "--experiments-dir", base, "--max-new-tokens", "6",
+                "--model", missing_model)  # fmt: skip
+    assert early.exit_code == 1
+    assert "holds results of a run with different settings (max_new_tokens)" in _flat(early)
 
 
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(generated, tmp_path):

@@ -82,3 +82,15 @@ def test_file_lock_makes_a_second_process_wait(tmp_path: Path):
     assert log.read_text().splitlines() == ["child waits", "parent out", "child in"]
     with file_lock(lock):  # released: taken again at once
         pass
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_work():
+    """/proc refuses new folders even for root (ENOENT): an InputError naming the path, not
+    an unexpected FileNotFoundError after the work."""
+    from tracekit.errors import InputError
+    from tracekit.storage.atomic import output_lock
+
+    missing = r"cannot write /proc/no-such-dir/out.*No such file"
+    with pytest.raises(InputError, match=missing), output_lock(Path("/proc/no-such-dir/out")):
+        pass

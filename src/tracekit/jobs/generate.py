@@ -397,12 +397,22 @@ def run_settings(
         "model": loaded.name,
         "revision": loaded.revision,
         "dtype": str(loaded.dtype).removeprefix("torch."),
+        "layers": list(layers) if config.extract_activations else None,
+        **settings_before_load(config, trait, steer),
+    }
+
+
+def settings_before_load(
+    config: GenerateConfig, trait: TraitDefinition, steer: SteeringSet | None = None
+) -> dict[str, Any]:
+    """The part of :func:`run_settings` known before the model loads (a rerun that differs
+    here is refused without loading it)."""
+    return {
         "chat_template": config.chat_template,
         "max_new_tokens": config.max_new_tokens,
         "temperature": config.temperature,
         "top_p": config.top_p,
         "seed": config.seed,
-        "layers": list(layers) if config.extract_activations else None,
         "pooling": [p.value for p in config.pooling] if config.extract_activations else None,
         "trait": trait.model_dump(mode="json"),
         **({"steering": _steer_settings(steer)} if steer is not None else {}),
@@ -522,9 +532,12 @@ def _generate(
     all_paths = [
         _trait_paths(config, t.name, steer.subdir if steer is not None else None) for t in traits
     ]
-    if not config.force:  # outputs of other tools (the seed's scripts) before the model loads
-        for paths in all_paths:
+    if not config.force:  # outputs of other tools (the seed's scripts), and an earlier run
+        # with other settings, are refused before the model loads
+        for trait, paths in zip(traits, all_paths, strict=True):
             store.check_unjournaled_outputs(paths)
+            early = settings_before_load(config, trait, steer)
+            store.check_run_settings(paths, early, force=False, partial=True)
     load_started = time.perf_counter()
     loaded = loaded or load_model(model_settings_for(config, info))
     load_seconds = time.perf_counter() - load_started

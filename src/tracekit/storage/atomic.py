@@ -117,6 +117,15 @@ def make_parent(target: Path) -> None:
         raise _parent_is_a_file(target) from None
     except PermissionError:
         raise _not_writable(target) from None
+    except OSError as exc:  # a read-only file system, /proc, ...
+        raise _cannot_create(target, exc) from None
+
+
+def _cannot_create(target: Path, exc: OSError) -> InputError:
+    return InputError(
+        f"cannot write {target}: {exc.strerror or exc} ({exc.filename or target.parent})",
+        "choose a writable output folder",
+    )
 
 
 def _parent_is_a_file(target: Path) -> InputError:
@@ -192,6 +201,8 @@ def output_lock(output: str | os.PathLike[str], folder: bool = True) -> Iterator
             raise _not_writable(lock_path) from None
         except NotADirectoryError:
             raise _parent_is_a_file(lock_path) from None
+        except OSError as exc:
+            raise _cannot_create(lock_path, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

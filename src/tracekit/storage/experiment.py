@@ -183,26 +183,30 @@ def write_pt_file(path: Path, array: np.ndarray) -> None:
         torch.save(torch.from_numpy(np.asarray(array)), handle)
 
 
-def check_run_settings(paths: TraitPaths, settings: Mapping[str, Any], force: bool) -> bool:
+def check_run_settings(
+    paths: TraitPaths, settings: Mapping[str, Any], force: bool, partial: bool = False
+) -> bool:
     """Compare ``settings`` with those of an earlier partial run; True if resuming.
 
     Writes the settings when there is nothing to resume. A different earlier run is an error
     unless ``force`` (the caller then clears the trait with :func:`clear_outputs`).
+    ``partial``: ``settings`` are some of the keys (those known before the model loads): only
+    they are compared, and nothing is written.
     """
     canonical = json.loads(json.dumps(settings, sort_keys=True, default=str))
     if paths.run_file.is_file():
         previous = json.loads(paths.run_file.read_text(encoding="utf-8"))
-        if previous != canonical:
-            changed = sorted(
-                k for k in set(previous) | set(canonical) if previous.get(k) != canonical.get(k)
-            )
+        keys = set(canonical) if partial else set(previous) | set(canonical)
+        changed = sorted(k for k in keys if previous.get(k) != canonical.get(k))
+        if changed:
             raise OutputExistsError(
                 f"{paths.root} holds results of a run with different settings "
                 f"({', '.join(changed)})",
                 "pass --force to discard them, or use another --experiment",
             )
         return True
-    write_json(paths.run_file, canonical)
+    if not partial:
+        write_json(paths.run_file, canonical)
     return False
 
 
