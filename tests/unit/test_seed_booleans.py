@@ -62,3 +62,11 @@ def test_the_seed_debugging_command_parses(cli, tmp_path):
     assert result.exit_code != 0
     assert "unknown trait 'test_trait'" in " ".join(result.output.split())
     assert "unexpected extra argument" not in result.output.lower()
+
+
+def test_a_group_leaves_its_subcommands_arguments_alone():
+    log = _command("log")
+    args = ["stats", "--allow_pickle", "True", "--json"]
+    assert seed_boolean_args(log, args, normalize_token) == args  # for 'stats' to rewrite
+    stats = log.commands["stats"]  # type: ignore[attr-defined]
+    assert seed_boolean_args(stats, args[1:], normalize_token) == ["--allow-pickle", "--json"]

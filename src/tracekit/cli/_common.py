@@ -223,7 +223,8 @@ def seed_boolean_args(
     ``--extract_activations False`` and ``--extract-activations=false`` become
     ``--no-extract-activations``; ``... True`` becomes ``--extract-activations``. An on-only
     flag given False (``--force False``) is dropped: the default (or the config file's value)
-    stands. Values of options that take one are skipped, and nothing after ``--`` is touched.
+    stands. Values of options that take one are skipped, and nothing after ``--`` (or, for a
+    group, after its subcommand's name) is touched.
     """
     norm = normalize or (lambda token: token)
     flags: dict[str, tuple[str, str | None]] = {}  # spelling -> (on, off)
@@ -238,13 +239,14 @@ def seed_boolean_args(
                 flags.update(dict.fromkeys(param.secondary_opts, (off, on)))
         elif not param.is_flag and not param.count:
             takes_value.update(param.opts)
+    is_group = hasattr(command, "commands")
     out: list[str] = []
     index = 0
     while index < len(args):
         token = args[index]
         index += 1
-        if token == "--":
-            out += args[index - 1 :]
+        if token == "--" or (is_group and not token.startswith("-")):
+            out += args[index - 1 :]  # (a group's subcommand parses the rest itself)
             break
         name, eq, value = token.partition("=")
         name = norm(name) if name.startswith("--") else name

@@ -20,6 +20,7 @@ from ._common import (
     LayersOpt,
     ModelOpt,
     NumProcessesOpt,
+    SeedSpellingGroup,
     build_config,
     is_main_process,
 )
@@ -110,6 +111,7 @@ def _render_stats(stats: StoreStats) -> None:
 
 def register(app: typer.Typer) -> None:
     log_app = typer.Typer(
+        cls=SeedSpellingGroup,
         invoke_without_command=True,
         help="Log activations to an LMDB store (keyed by prompt hash) while generating; "
         "'tracekit log stats PATH' inspects a store.",
