@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench_generate import bandwidth  # noqa: E402  (this folder: the same measure in both)
 
-from tracekit.engines.cuda.decoder import CudaEngine  # noqa: E402
+from tracekit.engines.cuda.engine import CudaEngine  # noqa: E402
 from tracekit.engines.hf import HFEngine  # noqa: E402
 from tracekit.engines.interface import CaptureSpec, GenerationParams  # noqa: E402
 from tracekit.engines.pooling import Pooling  # noqa: E402
@@ -241,8 +241,8 @@ def main() -> None:
         "--variants",
         default="",
         help=(
-            "graph-eager,kv-eager,sdpa,no-gemv,gemv-on,unfused,no-pdl,pdl-timing,"
-            "hf-prefill,gated-down,fused-block,looped-norms, pin:o=splitk8/qkv=splitk4 (layers' "
+            "graph-eager,no-gemv,gemv-on,unfused,no-pdl,hf-prefill,fused-block,no-tuning,"
+            "no-ring, pin:o=splitk8/qkv=splitk4 (layers' "
             "kernels pinned), attn:128/4/2 (the attention kernel's configuration pinned); a name "
             "ending in +capture runs with capture"
         ),
@@ -291,23 +291,17 @@ def main() -> None:
     # variants without capture, to see what each choice is worth
     variant_options: dict[str, dict[str, Any]] = {
         "graph-eager": {"compile": False},  # CUDA graphs over eager kernels
-        "kv-eager": {"write_kv_in_graph": False},  # KV written outside the compiled code
-        "sdpa": {"sdpa_attention": True},  # scaled_dot_product_attention for decode
         "no-gemv": {"gemv": "off"},  # cuBLAS for every linear layer
         "gemv-on": {"gemv": "on"},  # the Triton kernel for every linear layer it serves
         "unfused": {"fused_attention": "off"},  # attention as two products and a softmax
         "no-pdl": {"pdl": False},  # kernels wait for the previous one to end before starting
-        "pdl-timing": {"time_with_pdl": True},  # kernel choice times Triton as PDL launches
         # prompt through the HF model (the default runs it through the compiled block
         # functions)
         "hf-prefill": {"fast_prefill": False},
-        "gated-down": {"gated_down": True},  # SiLU * up inside the down kernel (Triton modes)
         # norms, residual adds and SiLU folded into the block's products (cuda_block)
         "fused-block": {"fused_block": True},
         # kernels chosen per product timed alone (the default re-times whole steps)
         "no-tuning": {"tune_steps": False},
-        # the step's norms as inductor's looped reductions (the default: one-pass kernels)
-        "looped-norms": {"persistent_norms": False},
         # captured states added into the sums in the step (the default: stored in rings that
         # the host flushes every 8 steps, cuda_ring)
         "no-ring": {"capture_ring": 0},
@@ -529,15 +523,14 @@ def main() -> None:
         )
     from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
-    for engine in [cuda_engine, *variants.values()]:
+    for label, engine in [("default options", cuda_engine), *variants.items()]:
         for dec in engine._decoders.values():
             for key, runner in dec._runners.items():
                 print(f"decode step b={key.batch} len={runner.total_len}: fused attention "
                       f"{'on' if runner.dims.fused_attention else 'off'}, fused block "
                       f"{runner.dims.block}")  # fmt: skip
             for batch, tried in dec.step_timings.items():
-                options = engine.decoder_options or "default options"
-                print(f"step tuning b={batch} ({options}):")
+                print(f"step tuning b={batch} ({label}):")
                 for label, us in sorted(tried.items(), key=lambda kv: kv[1]):
                     print(f"  {us:7.1f} us per step  {label}")
     from tracekit.engines.cuda.ops import block as cuda_block

@@ -45,7 +45,7 @@ _LAZY: dict[str, str] = {
     "GenerationParams": "tracekit.engines.interface",
     "CaptureSpec": "tracekit.engines.interface",
     "create_engine": "tracekit.engines.interface",
-    "CudaEngine": "tracekit.engines.cuda.decoder",
+    "CudaEngine": "tracekit.engines.cuda.engine",
     "Pooling": "tracekit.engines.pooling",
     "generate": "tracekit.jobs.generate",
     "GenerateConfig": "tracekit.jobs.generate",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tracekit.engines.cuda.decoder import CudaEngine
+from tracekit.engines.cuda.engine import CudaEngine
 from tracekit.engines.cuda.ops import block as cuda_block
 from tracekit.engines.cuda.ops import gemv as cuda_gemv
 from tracekit.engines.interface import CaptureSpec, GenerationParams
@@ -86,9 +86,9 @@ def test_norm_product_matches_reference(rows, splits):
     want = cuda_block.norm_product_reference(h, ss, ln, w, 1e-5)
     assert _rel(got, want) < 1e-2
     # the same norm as the engine's compiled pieces compute it
-    from tracekit.engines.cuda.decoder import _rms_norm
+    from tracekit.engines.cuda.llama import rms_norm
 
-    assert _rel(want, torch.nn.functional.linear(_rms_norm(h, ln, 1e-5), w)) < 1e-2
+    assert _rel(want, torch.nn.functional.linear(rms_norm(h, ln, 1e-5), w)) < 1e-2
 
 
 @pytest.mark.parametrize("rows", [1, 8, 32])

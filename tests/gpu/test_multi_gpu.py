@@ -188,7 +188,7 @@ def test_cuda_engine_on_both_gpus_in_one_process():
     """The CUDA engine on ``cuda:0``, then on ``cuda:1``, in one process: both decode from
     captured graphs (each GPU's captures on a stream of that GPU: ``torch.cuda.graph``'s own
     default is one stream, on the GPU of the process's first capture) and agree."""
-    from tracekit.engines.cuda.decoder import CudaEngine
+    from tracekit.engines.cuda.engine import CudaEngine
     from tracekit.engines.interface import CaptureSpec, GenerationParams
     from tracekit.engines.pooling import Pooling
 

@@ -8,7 +8,7 @@ magnitude (float32; the fast path computes attention and RMSNorm with its own ke
 
 import pytest
 
-from tracekit.engines.cuda.decoder import CudaEngine
+from tracekit.engines.cuda.engine import CudaEngine
 from tracekit.engines.hf import HFEngine
 from tracekit.engines.interface import CaptureSpec, GenerationParams
 from tracekit.engines.pooling import Pooling

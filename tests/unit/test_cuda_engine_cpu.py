@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from tolerance import assert_close_to_scale
-from tracekit.engines.cuda.decoder import CudaEngine, FastDecoder
+from tracekit.engines.cuda.decoder import FastDecoder
+from tracekit.engines.cuda.engine import CudaEngine
+from tracekit.engines.cuda.plan import DecoderPlan
 from tracekit.engines.hf import HFEngine
 from tracekit.engines.interface import CaptureSpec, GenerationParams, resolve_engine_name
 from tracekit.engines.pooling import Pooling
@@ -110,7 +112,7 @@ def test_capture_rings_give_the_sums_of_an_add_per_step(tiny, ring):
         for pooling in ALL_POOLINGS:
             assert torch.equal(got.pooled[pooling], want.pooled[pooling]), pooling
     with pytest.raises(ValueError, match="capture_ring"):
-        FastDecoder(tiny.model, eos_token_ids=[0], capture_ring=-1)
+        FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0], capture_ring=-1))
 
 
 def test_sampling_depends_on_row_seed_only(tiny):
@@ -260,12 +262,12 @@ def test_fused_weights_keep_the_model_unchanged():
     params = GenerationParams(max_new_tokens=6, temperature=0)
     before = HFEngine(loaded).generate(PROMPTS, params).response_ids
     q_before = loaded.model.model.layers[0].self_attn.q_proj.weight.clone()
-    dec = FastDecoder(loaded.model, eos_token_ids=[0], fuse_weights=True)
+    dec = FastDecoder(loaded.model, DecoderPlan(eos_token_ids=[0], fuse_weights=True))
     assert torch.equal(loaded.model.model.layers[0].self_attn.q_proj.weight, q_before)
     assert dec.weights[0].qkv is not None
     assert HFEngine(loaded).generate(PROMPTS, params).response_ids == before
     # building a second decoder finds the weights already fused and shares them
-    again = FastDecoder(loaded.model, eos_token_ids=[0], fuse_weights=True)
+    again = FastDecoder(loaded.model, DecoderPlan(eos_token_ids=[0], fuse_weights=True))
     assert again.weights[0].qkv.data_ptr() == dec.weights[0].qkv.data_ptr()
     ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
@@ -274,7 +276,7 @@ def test_fused_weights_keep_the_model_unchanged():
 
 
 def test_right_padding_and_unsupported_models_are_refused(tiny):
-    dec = FastDecoder(tiny.model, eos_token_ids=[0])
+    dec = FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0]))
     ids = torch.tensor([[5, 6, 0]])
     with pytest.raises(InputError, match="left-padded"):
         dec.generate(ids, torch.tensor([[1, 1, 0]]), max_new_tokens=2)
@@ -282,31 +284,33 @@ def test_right_padding_and_unsupported_models_are_refused(tiny):
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ModelError, match="cannot run this model: model type 'gpt2'"):
-        FastDecoder(gpt2, eos_token_ids=[0])
+        FastDecoder(gpt2, DecoderPlan(eos_token_ids=[0]))
     assert resolve_engine_name("auto", tiny) == "hf"  # CPU: the reference engine
 
 
 def test_pinned_linear_modes_are_checked(tiny):
-    dec = FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"o": "splitk8", "head": "linear"})
-    assert dec.gemv_modes == {"o": 5, "head": 0}
+    dec = FastDecoder(
+        tiny.model, DecoderPlan(eos_token_ids=[0], gemv_modes={"o": "splitk8", "head": "linear"})
+    )
+    assert dec.plan.pinned == {"o": 5, "head": 0}
     with pytest.raises(ValueError, match="unknown layer 'v'; choose from qkv, o, gate_up"):
-        FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"v": "triton"})
+        FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0], gemv_modes={"v": "triton"}))
     with pytest.raises(ValueError, match="unknown mode 'splitk3' for o; choose from linear"):
-        FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"o": "splitk3"})
-    dec = FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"gate_up": "swiglu"})
-    assert dec.gemv_modes == {"gate_up": 6}
+        FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0], gemv_modes={"o": "splitk3"}))
+    dec = FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0], gemv_modes={"gate_up": "swiglu"}))
+    assert dec.plan.pinned == {"gate_up": 6}
     with pytest.raises(ValueError, match="swiglu is a mode of gate_up only, not of down"):
-        FastDecoder(tiny.model, eos_token_ids=[0], gemv_modes={"down": "swiglu"})
+        FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0], gemv_modes={"down": "swiglu"}))
 
 
 def test_pinned_attention_configuration_is_checked(tiny):
-    dec = FastDecoder(tiny.model, eos_token_ids=[0], attention_config=(128, 4, 2))
-    assert dec.attention_config == (128, 4, 2)
+    dec = FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0], attention_config=(128, 4, 2)))
+    assert dec.plan.attention_config == (128, 4, 2)
     assert dec.attention_config_for(8, 192, 64, 0, fused=False) is None  # no fused kernel
     assert dec.attention_config_for(8, 192, 64, 0, fused=True) == (128, 4, 2)
     for bad in ((24, 4, 2), (8, 4, 2), (64, 0, 2)):
         with pytest.raises(ValueError, match="attention_config is .slots per block"):
-            FastDecoder(tiny.model, eos_token_ids=[0], attention_config=bad)
+            FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0], attention_config=bad))
 
 
 def test_kept_decisions_are_read_in_range_and_checked_by_their_reader(tiny, tmp_path, monkeypatch):
@@ -326,25 +330,25 @@ def test_kept_decisions_are_read_in_range_and_checked_by_their_reader(tiny, tmp_
     assert cuda_gemv.read_decisions() == {**kept, "new": 3}
     # step tuning takes a batch's kept modes that are modes (of that layer); it is done when
     # every tuned layer has one (fused weights: q/k/v and gate/up are tuned too)
-    dec = FastDecoder(tiny.model, eos_token_ids=[0], fuse_weights=True)
-    keys = {role: dec._step_key(role, 8) for role in dec._tuned_roles()}
+    dec = FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0], fuse_weights=True))
+    keys = {role: dec.tuner._key(role, 8) for role in dec.tuner.roles()}
     assert set(keys) == {"o", "qkv", "down", "gate_up"}
-    assert not dec._keep_tuned(8, {key: 7 for key in keys.values()})  # 7: no mode
-    assert dec.tuned_modes(8) == {}
+    assert not dec.tuner._keep(8, {key: 7 for key in keys.values()})  # 7: no mode
+    assert dec.tuner.modes(8) == {}
     swiglu = {key: cuda_gemv.SWIGLU for key in keys.values()}  # a mode of gate_up only
-    assert not dec._keep_tuned(8, swiglu)
-    assert dec.tuned_modes(8) == {"gate_up": cuda_gemv.SWIGLU}
+    assert not dec.tuner._keep(8, swiglu)
+    assert dec.tuner.modes(8) == {"gate_up": cuda_gemv.SWIGLU}
     # a file from a version that tuned o, qkv and down only: those kept, gate_up still tuned
     older = {key: cuda_gemv.SPLIT_K4 for role, key in keys.items() if role != "gate_up"}
-    assert not dec._keep_tuned(8, older)
-    assert dec.tuned_modes(8) == {"o": 4, "qkv": 4, "down": 4}
-    assert dec._keep_tuned(8, {**older, keys["gate_up"]: cuda_gemv.LINEAR})
-    assert dec.tuned_modes(8) == {"o": 4, "qkv": 4, "down": 4, "gate_up": 0}
+    assert not dec.tuner._keep(8, older)
+    assert dec.tuner.modes(8) == {"o": 4, "qkv": 4, "down": 4}
+    assert dec.tuner._keep(8, {**older, keys["gate_up"]: cuda_gemv.LINEAR})
+    assert dec.tuner.modes(8) == {"o": 4, "qkv": 4, "down": 4, "gate_up": 0}
     # another version's kernel lists (another tag): its step tuning is not taken, it is redone
     monkeypatch.setattr(cuda_gemv, "CONFIG_TAG", "other")
-    fresh = FastDecoder(tiny.model, eos_token_ids=[0], fuse_weights=True)
-    assert fresh.tuned_modes(8) == {}
-    assert all(fresh._step_key(role, 8) not in cuda_gemv.read_decisions() for role in keys)
+    fresh = FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0], fuse_weights=True))
+    assert fresh.tuner.modes(8) == {}
+    assert all(fresh.tuner._key(role, 8) not in cuda_gemv.read_decisions() for role in keys)
 
 
 def test_fastest_candidate_is_timed_once_and_kept(tmp_path, monkeypatch):
@@ -380,7 +384,7 @@ def test_fastest_candidate_is_timed_once_and_kept(tmp_path, monkeypatch):
     ("value", "on"), [(None, True), ("1", True), ("0", False), (" OFF ", False), ("no", False)]
 )
 def test_step_tuning_can_be_switched_off_from_the_environment(monkeypatch, value, on):
-    from tracekit.engines.cuda.decoder import step_tuning_default
+    from tracekit.engines.cuda.plan import step_tuning_default
 
     if value is None:
         monkeypatch.delenv("TRACEKIT_STEP_TUNING", raising=False)
@@ -428,7 +432,7 @@ def test_other_supported_families_match_generate(family):
         )
     want = ref[:, ids.shape[1] :].tolist()
     for fuse in (False, True):
-        dec = FastDecoder(model, eos_token_ids=[-1], pad_token_id=0, fuse_weights=fuse)
+        dec = FastDecoder(model, DecoderPlan(eos_token_ids=[-1], pad_token_id=0, fuse_weights=fuse))
         assert dec.generate(ids, mask, max_new_tokens=8).tokens == want
 
 
@@ -437,7 +441,7 @@ def test_fast_prefill_matches_the_hf_prefill(family):
     """The prompt through the engine's own block functions (``fast_prefill``) gives the HF
     prefill's tokens, prompt and response captures, and keys and values at every valid cache
     slot; rows of different lengths (left padding) included."""
-    from tracekit.engines.cuda.decoder import POOLINGS
+    from tracekit.engines.cuda.plan import POOLINGS
     from tracekit.engines.interface import left_pad
 
     model = _tiny_family(family, num_hidden_layers=2)
@@ -446,8 +450,8 @@ def test_fast_prefill_matches_the_hf_prefill(family):
     options = dict(
         layers=(0, 1, 2), poolings=POOLINGS, eos_token_ids=[-1], pad_token_id=0, fuse_weights=True
     )
-    plain_dec = FastDecoder(model, **options)
-    fast_dec = FastDecoder(model, fast_prefill=True, **options)
+    plain_dec = FastDecoder(model, DecoderPlan(**options))
+    fast_dec = FastDecoder(model, DecoderPlan(fast_prefill=True, **options))
     plain = plain_dec.generate(ids, mask, max_new_tokens=8)
     fast = fast_dec.generate(ids, mask, max_new_tokens=8)
     assert fast.tokens == plain.tokens
@@ -499,16 +503,16 @@ def test_fast_teacher_forced_forward_matches_reference(family, fuse):
 def test_compiled_steps_run_under_the_persistent_row_heuristics():
     from torch._inductor.virtualized import V
 
-    from tracekit.engines.cuda.decoder import _persistent_choices, _under_choices
+    from tracekit.engines.cuda.compiled import persistent_choices, under_choices
     from tracekit.engines.cuda.inductor_choices import PERSISTENT_REDUCTION_MAX
 
-    choices = _persistent_choices()
+    choices = persistent_choices()
     assert choices is not None
     # importable by name: inductor pickles it into its cache key where torch has no uuid()
     assert pickle.loads(pickle.dumps(choices)) is choices
     # part of inductor's cache key: a compilation under other heuristics is not reused
     assert str(PERSISTENT_REDUCTION_MAX) in choices().uuid()
     before = V.choices
-    seen = _under_choices(lambda x: (V.choices, x + 1), choices)(1)
+    seen = under_choices(lambda x: (V.choices, x + 1), choices)(1)
     assert isinstance(seen[0], choices) and seen[1] == 2  # in force during the call...
     assert V.choices is before and not isinstance(V.choices, choices)  # ...and only then

@@ -91,6 +91,11 @@ class HFEngine:
     name = "hf"
     supports_steering = True
 
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Whether this engine runs ``model``: every causal LM."""
+        return True
+
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.stop_ids = stop_token_ids(loaded)

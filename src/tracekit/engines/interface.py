@@ -196,9 +196,10 @@ def check_steering(engine: GenerationEngine) -> None:
 
 ENGINES: dict[str, str] = {
     "hf": "tracekit.engines.hf:HFEngine",
-    "cuda": "tracekit.engines.cuda.decoder:CudaEngine",
+    "cuda": "tracekit.engines.cuda.engine:CudaEngine",
 }
-"""Engine name -> ``module:Class``; the class is built as ``Class(loaded_model)``."""
+"""Engine name -> ``module:Class``; the class is built as ``Class(loaded_model)`` and answers
+``Class.supports(model)`` (whether it runs that model; ``auto`` asks the fast engine)."""
 
 
 def resolve_engine_name(name: str, loaded: LoadedModel, *, steering: bool = False) -> str:
@@ -208,29 +209,28 @@ def resolve_engine_name(name: str, loaded: LoadedModel, *, steering: bool = Fals
         return name
     if loaded.device.type != "cuda":
         return "hf"
-    if steering:
-        from tracekit.engines.cuda.decoder import CudaEngine
-
-        if not getattr(CudaEngine, "supports_steering", False):
-            return "hf"
-    from tracekit.engines.cuda.decoder import unsupported_reason
-
-    return "cuda" if unsupported_reason(loaded.model) is None else "hf"
+    if steering and not getattr(engine_class("cuda"), "supports_steering", False):
+        return "hf"
+    return "cuda" if engine_class("cuda").supports(loaded.model) else "hf"
 
 
-def create_engine(name: str, loaded: LoadedModel, *, steering: bool = False) -> GenerationEngine:
-    """Build the engine registered as ``name`` (or ``auto``) for ``loaded``; ``steering``: the
-    run steers (``auto`` then picks an engine that can)."""
+def engine_class(name: str) -> Any:
+    """The class registered as ``name`` in :data:`ENGINES` (imported now)."""
     import importlib
 
-    name = resolve_engine_name(name, loaded, steering=steering)
     target = ENGINES.get(name)
     if target is None:
         raise ConfigError(
             f"unknown engine '{name}'", f"available engines: auto, {', '.join(sorted(ENGINES))}"
         )
     module_name, _, class_name = target.partition(":")
-    engine_cls = getattr(importlib.import_module(module_name), class_name)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def create_engine(name: str, loaded: LoadedModel, *, steering: bool = False) -> GenerationEngine:
+    """Build the engine registered as ``name`` (or ``auto``) for ``loaded``; ``steering``: the
+    run steers (``auto`` then picks an engine that can)."""
+    engine_cls = engine_class(resolve_engine_name(name, loaded, steering=steering))
     engine: GenerationEngine = engine_cls(loaded)
     return engine
 

@@ -39,7 +39,7 @@ TEACHER_FORCED_ENGINES = ("auto", "hf", "cuda")
 def resolve_forward_engine(name: str, loaded: LoadedModel) -> str:
     """``auto`` -> ``cuda`` for a supported model on one CUDA device, else ``hf``; ``cuda`` on
     a model the fast forward cannot run raises :class:`ModelError` saying why."""
-    from tracekit.engines.cuda.decoder import unsupported_reason
+    from tracekit.engines.cuda.arch import unsupported_reason
 
     if name not in TEACHER_FORCED_ENGINES:
         raise ConfigError(

@@ -1,9 +1,10 @@
-"""Teacher-forced pooled forward for Llama-family models: compiled blocks, causal flash attention.
+"""Teacher-forced pooled forward on the fast path: compiled blocks, causal flash attention.
 
 The fast path of ``tracekit extract activations`` (and of
 :func:`tracekit.engines.teacher_forced.pooled_forward` with ``engine="cuda"``). It runs the
-same functional decoder block as the CUDA engine (:mod:`tracekit.engines.cuda.decoder`: fused
-q/k/v and gate/up products, the model's own rotary tables) over whole sequences, and pools each
+same functional decoder block as the CUDA engine (the architecture's ``block_kv``,
+:mod:`tracekit.engines.cuda.arch`: fused q/k/v and gate/up products, the model's own rotary
+tables) over whole sequences, and pools each
 chosen layer's states as the block that makes them finishes.
 
 Two choices make it fast:
@@ -31,15 +32,7 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tracekit.engines.cuda.decoder import (
-    LayerWeights,
-    _rms_norm,
-    _rotate_half,
-    collect_weights,
-    decoder_spec,
-    project_qkv,
-    rope_tables,
-)
+from tracekit.engines.cuda.arch import architecture_for
 from tracekit.engines.pooling import Pooling, masked_sums
 from tracekit.models.layers import LayerHandles
 
@@ -50,105 +43,17 @@ SEQ_MULTIPLE = 8
 """Sequence lengths are padded up to a multiple of this (pad positions are never read)."""
 
 
-def _block(
-    h: torch.Tensor,
-    w: LayerWeights,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    window_mask: torch.Tensor | None,
-    n_heads: int,
-    n_kv: int,
-    head_dim: int,
-    eps: float,
-    scaling: float,
-) -> torch.Tensor:
-    """One decoder block over ``h`` ``[batch, seq, hidden]`` (causal; ``window_mask`` for a
-    sliding window). Same arithmetic as the HF Llama block, with q/k/v (and gate/up) products
-    fused where the weights are."""
-    return _block_kv(h, w, cos, sin, window_mask, n_heads, n_kv, head_dim, eps, scaling)[0]
+def _states_only(block_kv: Any) -> Any:
+    """The architecture's sequence block returning only its output states (no keys, values)."""
 
+    def block(*args: Any) -> Any:
+        return block_kv(*args)[0]
 
-def _block_kv(
-    h: torch.Tensor,
-    w: LayerWeights,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    mask: torch.Tensor | None,
-    n_heads: int,
-    n_kv: int,
-    head_dim: int,
-    eps: float,
-    scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_block`, also returning the block's keys and values ``[batch, n_kv, seq,
-    head_dim]`` (rotated, as a KV cache holds them). ``cos``/``sin``: ``[seq, head_dim]``
-    shared by the rows, or ``[batch, seq, head_dim]`` per row; ``mask``: ``None`` (causal) or
-    a boolean attention mask broadcastable to ``[batch, 1, seq, seq]``."""
-    import torch.nn.functional as F
-
-    batch, seq, _ = h.shape
-    x = _rms_norm(h, w.ln1, eps)
-    q, k, v = project_qkv(x, w, n_heads * head_dim, n_kv * head_dim)
-    q = q.reshape(batch, seq, n_heads, head_dim)
-    k = k.reshape(batch, seq, n_kv, head_dim)
-    v = v.reshape(batch, seq, n_kv, head_dim)
-    if w.q_norm is not None and w.k_norm is not None:
-        q = _rms_norm(q, w.q_norm, eps)
-        k = _rms_norm(k, w.k_norm, eps)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    c, s = (cos[:, None], sin[:, None]) if cos.dim() == 3 else (cos[None, None], sin[None, None])
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
-    attn = F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        is_causal=mask is None,
-        scale=scaling,
-        enable_gqa=n_kv != n_heads,
-    )
-    attn = attn.transpose(1, 2).reshape(batch, seq, n_heads * head_dim)
-    out = F.linear(attn, w.o, w.o_bias)
-    h = h + out
-    x = _rms_norm(h, w.ln2, eps)
-    if w.gate_up is not None:
-        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
-    else:
-        assert w.gate is not None and w.up is not None
-        gate, up = F.linear(x, w.gate), F.linear(x, w.up)
-    return h + F.linear(F.silu(gate) * up, w.down), k, v
-
-
-_COMPILED_BLOCKS: dict[str, Any] = {}
-
-
-def _compiled_block(name: str = "block") -> Any:
-    """``_block`` (``name="block"``) or ``_block_kv`` (``"block_kv"``) compiled once per
-    process (batch and sequence dimensions dynamic)."""
-    import torch
-
-    if name not in _COMPILED_BLOCKS:
-        fn = {"block": _block, "block_kv": _block_kv}[name]
-        _COMPILED_BLOCKS[name] = torch.compile(fn, dynamic=None, fullgraph=True)
-    return _COMPILED_BLOCKS[name]
-
-
-def prefill_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Boolean attention mask ``[batch, 1, seq, seq]`` for left-padded rows (``mask`` is the
-    0/1 ``[batch, seq]`` attention mask): causal over each row's real tokens. A pad position
-    attends to itself only, so no row of the softmax is empty (an empty one is NaN, and a NaN
-    key or value in the cache would reach later steps through a zero weight)."""
-    import torch
-
-    seq = mask.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
-    eye = torch.eye(seq, dtype=torch.bool, device=mask.device)
-    return ((causal[None] & mask.bool()[:, None, :]) | eye[None])[:, None]
+    return block
 
 
 class FastForward:
-    """Pooled teacher-forced states of a Llama-family HF model (see the module docstring).
+    """Pooled teacher-forced states of an HF model the fast path runs (see the module docstring).
 
     ``compile`` and ``fuse_weights`` default to on for CUDA and off elsewhere. Fusing re-lays
     the model's q/k/v and gate/up weights into one buffer each (values unchanged; the HF model
@@ -161,27 +66,34 @@ class FastForward:
         import torch
 
         self.model = model
-        self.spec = decoder_spec(model)  # raises ModelError for unsupported models
+        arch = architecture_for(model)  # raises ModelError for unsupported models
+        self.spec = arch.decoder_spec(model)
         self.handles = LayerHandles.of(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile
-        base = getattr(model, getattr(model, "base_model_prefix", "model"))
-        self.embed = base.embed_tokens.weight.detach()
-        self.rotary = base.rotary_emb
+        tensors = arch.model_tensors(model)
+        self.embed = tensors.embed
+        self.rotary = tensors.rotary
+        self.rope_tables = arch.rope_tables
         with torch.no_grad():
             fuse = on_cuda if fuse_weights is None else fuse_weights
-            self.weights = collect_weights(model, self.handles, fuse=fuse)
+            self.weights = arch.collect_weights(model, self.handles, bool(fuse))
         self.cos_table = self.sin_table = torch.empty(0)
-        self.fn_block = _compiled_block() if self.compile else _block
+        self.fn_block = _states_only(arch.block_kv)
+        if self.compile:  # one compiled block for every batch size and length
+            from tracekit.engines.cuda.compiled import compiled_dynamic
+
+            self.fn_block = compiled_dynamic(f"{arch.name}.block", self.fn_block)
 
     def _ensure_rope(self, length: int) -> None:
-
         if self.cos_table.shape[0] >= length:
             return
         size = max(length, 2 * self.cos_table.shape[0], 256)
-        self.cos_table, self.sin_table = rope_tables(self.rotary, size, self.dtype, self.device)
+        self.cos_table, self.sin_table = self.rope_tables(
+            self.rotary, size, self.dtype, self.device
+        )
 
     def pooled(
         self,

@@ -1,6 +1,6 @@
 """One Triton kernel for a decode step's attention: rotary, KV-cache write and attention.
 
-In the CUDA engine's decode step (:mod:`tracekit.engines.cuda.decoder`) the attention of one
+In the CUDA engine's decode step (:mod:`tracekit.engines.cuda.runner`) the attention of one
 block took six kernels: the q/k/v product's sum and rotary embedding (two or three pointwise
 kernels), the score product, the softmax and the value product, ~11 us per block at batch 8 on
 an H200 for a few KB of work. This kernel does all of it in one launch, one program per
@@ -170,7 +170,7 @@ def reference(
     """:func:`decode_attention` in plain torch (the same arithmetic as the unfused step)."""
     import torch
 
-    from tracekit.engines.cuda.decoder import _rotate_half
+    from tracekit.engines.cuda.llama import rotate_half
 
     n_heads, n_kv, head_dim, scaling, window = shape
     dtype = k_cache.dtype
@@ -183,8 +183,8 @@ def reference(
     k = k.reshape(batch, n_kv, head_dim)
     v = v.reshape(batch, n_kv, head_dim)
     c, s = cos[:, None, :], sin[:, None, :]
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
+    q = q * c + rotate_half(q) * s
+    k = k * c + rotate_half(k) * s
     k_cache.index_copy_(2, slot, k[:, :, None, :])
     v_cache.index_copy_(2, slot, v[:, :, None, :])
     slots = torch.arange(k_cache.shape[2], device=k_cache.device)
