@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tracekit.engines.cuda.ops import gemv as ops_gemv
 from tracekit.engines.cuda.plan import GEMV_ROLES, GemvChoice, mode_fits
@@ -159,7 +159,8 @@ class StepTuner:
                 if got in tried:  # not correct here, or K does not split: F.linear
                     continue
                 tried.add(got)
-                candidate = best._replace(**{role: got})
+                fields: dict[str, Any] = {role: got}
+                candidate = best._replace(**fields)
                 self._use(runner, candidate)
                 try:
                     runner.capture()
