@@ -158,9 +158,59 @@ def test_no_caches_and_missing_base_dir(cli, tmp_path: Path):
     )
     result = cli("decode", "--base-dir", tmp_path / "empty", "--model", "other")
     assert "for model 'other'" in flat(result.output)
-    assert "models found there: m" in flat(result.output)
+    assert "models" not in flat(result.output)  # a folder without caches is no model
     result = cli("decode", "--base-dir", tmp_path / "nope")
     assert result.exit_code == 1 and "base directory not found" in flat(result.output)
+
+
+EXP_CACHE = "demo/refusal/generations/pos_n3_t1.0_maxtok24"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture()
+def generated_tree(tmp_path: Path) -> Path:
+    """A cache where ``tracekit generate`` writes it (EXP/TRAIT/generations), with its JSON."""
+    base = tmp_path / "demo" / "experiments"
+    save_generations_to_cache(
+        base / EXP_CACHE, ["p1c1", "p2c2", "p3c3"], ["c1", "c2", "c3"], {"model": HUB_ID},
+        formats=["json"],
+    )  # fmt: skip
+    return base
+
+
+@pytest.mark.parametrize("model", [HUB_ID, "SmolLM2-135M-Instruct"])
+def test_model_matches_generate_caches_by_their_metadata(cli, generated_tree: Path, model):
+    result = cli("decode", "--base-dir", generated_tree, "--model", model, "--format", "md")
+    assert result.exit_code == 0, result.output
+    assert (generated_tree / f"{EXP_CACHE}_completions.md").is_file()
+
+
+def test_unknown_model_hint_lists_the_caches_models(cli, generated_tree: Path):
+    result = cli("decode", "--base-dir", generated_tree, "--model", "demo-model")
+    assert result.exit_code == 1
+    assert f"hint: models of the caches there: {HUB_ID}" in flat(result.output)
+
+
+def test_limit_after_generate_renders_markdown_and_says_why_json_is_kept(cli, generated_tree: Path):
+    md = cli("decode", "--base-dir", generated_tree, "--format", "md", "--limit", "2")
+    assert md.exit_code == 0, md.output
+    text = (generated_tree / f"{EXP_CACHE}_completions.md").read_text()
+    assert "c1" in text and "c2" in text and "c3" not in text
+    kept = cli("decode", "--base-dir", generated_tree, "--format", "json", "--limit", "2")
+    assert kept.exit_code == 0
+    assert "outputs exist; --force to rewrite them with the first 2 items" in flat(kept.output)
+    assert json.loads((generated_tree / f"{EXP_CACHE}_completions.json").read_text()) == [
+        "c1", "c2", "c3",
+    ]  # fmt: skip
+
+
+def test_missing_base_dir_points_at_an_experiments_folder_nearby(
+    cli, generated_tree: Path, monkeypatch
+):
+    monkeypatch.chdir(generated_tree.parents[1])  # the repo root after `make demo`
+    result = cli("decode")
+    assert result.exit_code == 1
+    assert "hint: pass --base-dir demo/experiments (found here)" in flat(result.output)
 
 
 def test_config_file_supplies_options(cli, tree: Path, tmp_path: Path):

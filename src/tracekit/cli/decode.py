@@ -28,7 +28,7 @@ def _print_file(outcome: DecodedFile) -> None:
         err_console.print(f"{label} {escape(outcome.error or '')}", highlight=False, soft_wrap=True)
         return
     if outcome.status == "skipped":
-        note = "outputs exist (--force to redo)"
+        note = f"outputs exist; {outcome.note or '--force to redo'}"
     else:
         note = f"{outcome.items} of {outcome.total} items"
         if outcome.note:
@@ -62,14 +62,17 @@ def register(app: typer.Typer) -> None:
             Path,
             typer.Option(
                 "--base-dir",
-                help="Folder searched for caches (experiments/<model>/...).",
+                help="Folder searched (recursively) for caches: generate's --experiments-dir "
+                "(EXP/TRAIT/generations/) or the seed's experiments/<model>/generations/.",
                 file_okay=False,
             ),
         ] = Path("experiments"),
         model: Annotated[
             str | None,
             typer.Option(
-                "--model", help="Only caches under BASE_DIR/MODEL (first folder under base dir)."
+                "--model",
+                help="Only the caches of this model: the model their metadata records (hub id "
+                "or its last part) or, in the seed's layout, the first folder under BASE_DIR.",
             ),
         ] = None,
         limit: Annotated[

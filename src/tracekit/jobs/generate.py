@@ -1035,5 +1035,6 @@ def _save_cache(
             "max_new_tokens": config.max_new_tokens,
             "seed": config.seed,
         },
+        formats=("json",),  # as the seed cached; Markdown (and --limit) is decode's job
     )
     return [files.npy("completions"), files.metadata]

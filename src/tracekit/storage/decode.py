@@ -108,30 +108,61 @@ class DecodeResult:
         }
 
 
+def _cache_model(source: Path) -> str | None:
+    """The ``model`` a cache's metadata names (None without readable metadata)."""
+    try:
+        metadata = read_metadata(CacheFiles.of(source), missing_ok=True)
+    except TracekitError:
+        return None
+    model = (metadata or {}).get("model")
+    return str(model) if model else None
+
+
+def _names_model(source: Path, base_dir: Path, model: str) -> bool:
+    """Whether ``source`` is a cache of ``model``: the seed's layout names the model as the
+    first folder under the base dir; tracekit's (``EXP/TRAIT/generations``) records it in
+    the metadata, as a hub id or folder (``HuggingFaceTB/SmolLM2-135M-Instruct``) whose last
+    part also matches."""
+    if source.relative_to(base_dir).parts[0] == model:
+        return True
+    recorded = _cache_model(source)
+    return recorded is not None and model in (recorded, recorded.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _experiments_dirs_near() -> list[str]:
+    """Folders named ``experiments`` one level below the working folder (``demo/experiments``
+    after ``make demo``): where a base dir that is not found may be."""
+    return sorted(str(p) for p in Path().glob("*/experiments") if p.is_dir())
+
+
 def find_cache_files(base_dir: Path, model: str | None = None) -> list[Path]:
     """Every cached ``*_completions.npy`` / ``*_full_texts.npy`` under ``base_dir``, sorted.
 
-    ``model`` keeps only files whose first path component under ``base_dir`` is ``model``.
+    ``model`` keeps the caches of that model (see :func:`_names_model`).
     """
     if not base_dir.is_dir():
+        near = _experiments_dirs_near()
         raise InputError(
             f"base directory not found: {base_dir}",
-            "pass --base-dir pointing at the folder that holds <model>/generations/...",
+            f"pass --base-dir {near[0]} (found here)"
+            if near
+            else "pass --base-dir: the --experiments-dir that 'tracekit generate' wrote to",
         )
-    root = base_dir / model if model else base_dir
-    found = sorted(
+    every = sorted(
         path
         for kind in KINDS
-        for path in (root.rglob(f"*_{kind}.npy") if root.is_dir() else [])
+        for path in base_dir.rglob(f"*_{kind}.npy")
         if path.is_file() and not path.name.startswith(".tmp-")
     )
+    found = [p for p in every if model is None or _names_model(p, base_dir, model)]
     if not found:
-        where = f"{root}" if model is None else f"{base_dir} for model '{model}'"
-        models = sorted(p.name for p in base_dir.iterdir() if p.is_dir()) if model else []
+        where = f"{base_dir}" if model is None else f"{base_dir} for model '{model}'"
+        models = sorted({m for m in map(_cache_model, every) if m})
         hint = (
-            f"models found there: {', '.join(models)}"
+            f"models of the caches there: {', '.join(models)}"
             if models
-            else "generate first, or point --base-dir at the experiments folder"
+            else "generate first (tracekit generate writes EXP/TRAIT/generations), or point "
+            "--base-dir at the --experiments-dir it wrote to"
         )
         raise InputError(
             f"no cached generations (*_completions.npy, *_full_texts.npy) under {where}", hint
@@ -146,7 +177,10 @@ def decode_file(source: Path, config: DecodeConfig) -> DecodedFile:
     targets = [files.rendered(kind, ext) for ext in config.format.extensions]
     todo = targets if config.force else [p for p in targets if not p.exists()]
     if not todo:
-        return DecodedFile(source, "skipped", tuple(targets))
+        note = None
+        if config.limit is not None:  # say that --limit was not applied, and how to apply it
+            note = f"--force to rewrite them with the first {config.limit} items"
+        return DecodedFile(source, "skipped", tuple(targets), note=note)
     # caches older than their metadata file (the seed's decode did not need one) are rendered
     # with the model and generation time shown as unknown
     metadata = read_metadata(files, missing_ok=True)
