@@ -6,6 +6,20 @@ Core code raises these; the CLI turns them into a single red line and a non-zero
 
 from __future__ import annotations
 
+import re
+
+KEY_PATTERN = re.compile(
+    r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{12,}|\b(?:sk|hf|ghp|gho|github_pat|xox[bpas])_[A-Za-z0-9_]{12,}"
+    r"|\bAIza[0-9A-Za-z_-]{20,}|\bBearer\s+\S{12,}"
+)
+"""Text that looks like an API key or token (OpenAI, Anthropic, Hugging Face, GitHub, Slack,
+Google): :func:`redact_keys` hides it in anything tracekit prints."""
+
+
+def redact_keys(text: str) -> str:
+    """``text`` with anything that looks like an API key replaced by ``<redacted key>``."""
+    return KEY_PATTERN.sub("<redacted key>", text)
+
 
 class TracekitError(Exception):
     """Base class: an error a user can act on."""

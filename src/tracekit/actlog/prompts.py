@@ -66,31 +66,42 @@ class QARows:
     bad_lines: list[int] = field(default_factory=list)
 
 
+def _qa_problem(line: str, question_field: str) -> str | None:
+    """What is wrong with one QA line, None if nothing."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    if not isinstance(row.get(question_field), str):
+        return f"no text field '{question_field}'"
+    return None
+
+
 def read_qa_jsonl(
     path: Path, question_field: str = "prompt", skip_bad_lines: bool = False
 ) -> QARows:
     """Read ``path`` (one JSON object per line, the question in ``question_field``).
 
-    A malformed line raises :class:`InputError` naming its number, unless ``skip_bad_lines``
-    (then it is counted in ``bad_lines``). Blank lines are ignored.
+    A malformed line (bad JSON, not UTF-8, no question) raises :class:`InputError` naming its
+    number, unless ``skip_bad_lines`` (then it is counted in ``bad_lines``). Blank lines are
+    ignored; a file with no question at all is an error (before any model is loaded).
     """
     if not path.is_file():
         raise InputError(f"QA file not found: {path}", "check the path of the QA JSONL file")
     out = QARows()
-    with path.open("r", encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            problem = None
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            problem: str | None
+            try:  # strictly: a replaced byte would be logged under the hash of other text
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problem = f"not valid UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
             else:
-                if not isinstance(row, dict):
-                    problem = "not a JSON object"
-                elif not isinstance(row.get(question_field), str):
-                    problem = f"no text field '{question_field}'"
+                if not line.strip():
+                    continue
+                problem = _qa_problem(line, question_field)
             if problem is not None:
                 if not skip_bad_lines:
                     raise InputError(
@@ -99,6 +110,13 @@ def read_qa_jsonl(
                     )
                 out.bad_lines.append(number)
                 continue
+            row = json.loads(line)
             out.rows.append(row)
             out.questions.append(row[question_field])
+    if not out.questions:
+        skipped = f" ({len(out.bad_lines)} malformed line(s) skipped)" if out.bad_lines else ""
+        raise InputError(
+            f"{path} holds no questions{skipped}",
+            f"give a JSONL file with one object per line and the question in '{question_field}'",
+        )
     return out

@@ -32,9 +32,13 @@ def line(message: str, hint: str | None = None) -> None:
     """The error line (red) and an optional hint line, on stderr."""
     from rich.markup import escape
 
+    from tracekit.errors import redact_keys
+
     # messages quote paths, shapes and user text: '[...]' in them is text, not rich markup;
     # soft_wrap: one line whatever the width (a terminal wraps it on screen; a log or a grep
     # gets the whole message on the line that starts with "error:")
+    message = redact_keys(message)  # a key typed into the wrong option is never echoed
+    hint = redact_keys(hint) if hint else hint
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if hint:
         err_console.print(f"  [dim]hint: {escape(hint)}[/]", highlight=False, soft_wrap=True)

@@ -55,7 +55,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file not found: {file}", "check the --config path")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {file} is not valid UTF-8", "save it as UTF-8") from None
     suffix = file.suffix.lower()
     try:
         if suffix == ".toml":
@@ -113,10 +116,20 @@ def resolve_config(
                 f"valid options: {', '.join(sorted(cls.model_fields))}",
             )
     cli = {k: v for k, v in (cli_values or {}).items() if k in cls.model_fields}
+    in_file = dict(merged)
     merged.update(cli)
     try:
-        return cls(**merged)
+        config = cls(**merged)
     except ValidationError as exc:
         bad_fields = {str(e["loc"][0]) for e in exc.errors() if e.get("loc")}
         from_file = source is not None and not (bad_fields & set(cli))
         raise ConfigError(format_validation_error(exc, source if from_file else None)) from None
+    for key in sorted(set(in_file) & set(cli)):  # a bad file value stays an error when a flag
+        try:  # overrides it: the same file without that flag would fail
+            cls(**{**merged, key: in_file[key]})
+        except ValidationError as exc:  # (the merged values were valid: this is the file's)
+            raise ConfigError(
+                format_validation_error(exc, source),
+                "fix it there: the command-line value only overrides it",
+            ) from None
+    return config

@@ -40,6 +40,11 @@ def read_sentences(
         raise InputError(f"sentences file not found: {path}", "check the --sentences path")
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError:
+        from tracekit.storage.text import read_utf8
+
+        read_utf8(path, "CSV")  # raises, naming the line
+        raise
     except Exception as exc:  # pandas raises several parser error types; one message serves
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot read sentences CSV {path}: {first}") from exc

@@ -29,6 +29,19 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 BackendName = Literal["openai", "local"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def looks_like_api_key(value: str) -> bool:
+    """Whether ``value`` looks like a secret rather than a variable name: a known key prefix
+    (``sk-``, ``hf_``, ...; :data:`tracekit.errors.KEY_PATTERN`) or a long run of mixed-case
+    letters and digits, which variable names (``OPENAI_API_KEY``) are not."""
+    from tracekit.errors import KEY_PATTERN
+
+    if KEY_PATTERN.search(value):
+        return True
+    return len(value) >= 24 and any(c.islower() for c in value) and any(c.isdigit() for c in value)
+
+
 _COLUMN = re.compile(r"^\S(.*\S)?$")
 
 
@@ -95,10 +108,12 @@ class JudgeConfig(TracekitConfig):
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, value: str) -> str:
-        if not _ENV_NAME.match(value):
+        # the value is never echoed: what was typed here is often the key itself
+        if looks_like_api_key(value) or not _ENV_NAME.match(value):
             raise ValueError(
-                f"'{value}' is not an environment variable name: give the NAME of the variable "
-                "that holds the key (e.g. OPENAI_API_KEY), never the key itself"
+                "expects the NAME of an environment variable (e.g. OPENAI_API_KEY) and the "
+                "value given is not one (it looks like a key or has characters a name cannot "
+                "have): put the key in a variable and pass that variable's name"
             )
         return value
 

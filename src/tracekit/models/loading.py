@@ -8,6 +8,8 @@ never inside config validators. ``auto`` dtype is bfloat16 on CUDA and float32 e
 from __future__ import annotations
 
 import logging
+import pickle
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,6 +146,11 @@ def _model_source(cfg: ModelConfig) -> tuple[str, str]:
     if cfg.model is None:
         return EMBEDDED_MODEL_NAME, str(embedded_model_dir())
     path = Path(cfg.model).expanduser()
+    if path.is_file():
+        raise ModelError(
+            f"--model {path} is a file, not a model folder",
+            "point --model at a Hugging Face model folder (config.json + weights) or give a hub id",
+        )
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(
@@ -214,7 +221,15 @@ def _load_model(cfg: ModelConfig) -> LoadedModel:
         }
         if cfg.device_map is not None:
             kwargs["device_map"] = cfg.device_map
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with warnings.catch_warnings():  # torch's note on a pickle it is about to refuse
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met more than tensors
+        raise ModelError(
+            f"cannot load model '{name}': its weights file is a pickle that holds more than "
+            "tensors, and loading it would run code from the file",
+            "convert the weights to safetensors with a tool you trust, or use another model",
+        ) from None
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(

@@ -92,10 +92,8 @@ def _replacing(
     make_parent(target)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent)
-    except PermissionError:
-        raise _not_writable(target) from None
     except OSError as exc:
-        raise_if_disk_full(target, exc, needed)
+        raise_if_not_writable(target, exc, needed)
         raise
     tmp = Path(tmp_name)
     try:
@@ -113,11 +111,8 @@ def make_parent(target: Path) -> None:
     """Create ``target``'s folder (and its parents), or say in one line why it cannot be."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise _parent_is_a_file(target) from None
-    except PermissionError:
-        raise _not_writable(target) from None
-    except OSError as exc:  # a read-only file system, /proc, ...
+    except OSError as exc:
+        raise_if_not_writable(target, exc)
         raise _cannot_create(target, exc) from None
 
 
@@ -128,11 +123,25 @@ def _cannot_create(target: Path, exc: OSError) -> InputError:
     )
 
 
-def _parent_is_a_file(target: Path) -> InputError:
-    return InputError(
-        f"cannot write {target}: {_first_file(target.parent)} is a file, not a folder",
-        "choose an output path whose folders are folders",
-    )
+_NO_PERMISSION = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def raise_if_not_writable(target: Path, exc: OSError, needed: int | None = None) -> None:
+    """Raise the one-line error for creating ``target`` failing with ``exc`` (a full disk, no
+    permission, a read-only file system, a parent that is a file); return if it is none of
+    those."""
+    raise_if_disk_full(target, exc, needed)
+    if exc.errno in _NO_PERMISSION:
+        reason = "the file system is read-only" if exc.errno == errno.EROFS else "no permission"
+        raise InputError(
+            f"cannot write {target}: {reason} to create files in {target.parent}",
+            "choose a writable output folder, or change its permissions",
+        ) from None
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        raise InputError(
+            f"cannot write {target}: {_first_file(target.parent)} is a file, not a folder",
+            "choose an output path whose folders are folders",
+        ) from None
 
 
 def _first_file(folder: Path) -> Path:
@@ -141,13 +150,6 @@ def _first_file(folder: Path) -> Path:
         if candidate.exists() and not candidate.is_dir():
             return candidate
     return folder
-
-
-def _not_writable(target: Path) -> InputError:
-    return InputError(
-        f"cannot write {target}: no permission to create files in {target.parent}",
-        "choose a writable output folder, or change its permissions",
-    )
 
 
 def remove_stray_temps(folder: Path, pattern: str = ".tmp-*", recursive: bool = True) -> list[Path]:
@@ -197,11 +199,8 @@ def output_lock(output: str | os.PathLike[str], folder: bool = True) -> Iterator
     while True:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:
-            raise _not_writable(lock_path) from None
-        except NotADirectoryError:
-            raise _parent_is_a_file(lock_path) from None
         except OSError as exc:
+            raise_if_not_writable(lock_path, exc)
             raise _cannot_create(lock_path, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

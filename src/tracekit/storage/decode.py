@@ -25,6 +25,8 @@ from tracekit.storage.atomic import write_text
 from tracekit.storage.generation_cache import (
     KINDS,
     CacheFiles,
+    Kind,
+    check_same_length,
     kind_of,
     read_metadata,
     read_text_array,
@@ -186,6 +188,15 @@ def decode_file(source: Path, config: DecodeConfig) -> DecodedFile:
     metadata = read_metadata(files, missing_ok=True)
     note = None if metadata is not None else f"no {files.metadata.name}: model and time unknown"
     items, total = read_text_array(source, limit=config.limit, allow_pickle=config.allow_pickle)
+    other: Kind = "full_texts" if kind == "completions" else "completions"
+    try:  # the other file of the pair: unreadable, it fails on its own, and this one decodes
+        _, other_total = read_text_array(
+            files.npy(other), limit=0, allow_pickle=config.allow_pickle
+        )
+    except TracekitError:
+        other_total = total
+    lengths = {kind: total, other: other_total}
+    check_same_length(files, lengths["full_texts"], lengths["completions"])
     # render everything before writing anything: a failure leaves no partial output
     rendered = {path: render(kind, path.suffix[1:], items, metadata, total) for path in todo}
     status: Status = "would-decode" if config.dry_run else "decoded"

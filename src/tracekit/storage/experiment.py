@@ -43,6 +43,7 @@ from tracekit.storage.atomic import (
     write_json,
     write_text,
 )
+from tracekit.storage.text import read_utf8
 
 if TYPE_CHECKING:
     import numpy as np
@@ -292,16 +293,15 @@ def read_responses_csv(path: Path, required: Sequence[str] = REQUIRED_COLUMNS) -
     """
     if not path.is_file():
         raise InputError(f"responses file not found: {path}", "run 'tracekit generate' first")
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise InputError(
-                f"{path} is missing column(s) {', '.join(missing)}",
-                f"a responses CSV needs the columns {', '.join(required)} (id optional)",
-            )
-        rows = [dict(row) for row in reader]
+    reader = csv.DictReader(io.StringIO(read_utf8(path, "CSV"), newline=""))
+    columns = reader.fieldnames or []
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise InputError(
+            f"{path} is missing column(s) {', '.join(missing)}",
+            f"a responses CSV needs the columns {', '.join(required)} (id optional)",
+        )
+    rows = [dict(row) for row in reader]
     seen: set[int] = set()
     for index, row in enumerate(rows):
         raw = row.get("id")
@@ -381,12 +381,43 @@ def load_activations(paths: TraitPaths, polarity: Polarity, pooling: str) -> tup
                 f"--trait {paths.root.name}'"
             )
         raise InputError(f"activations not found: {npy}", hint)
-    acts = np.load(npy, allow_pickle=False)
+    acts = read_npy(npy, "[rows, layers, hidden] floats", ndim=3, kinds="fiu")
     ids_path = paths.ids_file(polarity, pooling)
-    ids = np.load(ids_path, allow_pickle=False) if ids_path.is_file() else np.arange(len(acts))
+    ids = (
+        read_npy(ids_path, "row ids", ndim=1, kinds="iu")
+        if ids_path.is_file()
+        else np.arange(len(acts))
+    )
     if len(ids) != len(acts):
         raise InputError(f"{ids_path} has {len(ids)} ids but {npy} has {len(acts)} rows")
     return ids, acts
+
+
+def read_npy(path: Path, what: str, ndim: int, kinds: str) -> np.ndarray:
+    """``np.load`` without pickle, or one line saying why the file is not ``what``: object
+    arrays (pickle), truncated or non-``.npy`` files, a wrong number of dimensions, or a dtype
+    kind outside ``kinds`` (numpy's letters: f float, i/u integer)."""
+    import numpy as np
+
+    def refuse(problem: str) -> InputError:
+        return InputError(
+            f"{path} is not {what}: {problem}",
+            "re-run 'tracekit generate' or 'tracekit extract activations --force' to rewrite it",
+        )
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise refuse("it holds Python objects, which would need pickle to load") from None
+        raise refuse(f"not a readable .npy file ({str(exc).splitlines()[0]})") from None
+    except (EOFError, OSError) as exc:
+        raise refuse(f"not a readable .npy file ({exc})") from None
+    if array.ndim != ndim:
+        raise refuse(f"it has shape {array.shape}")
+    if array.dtype.kind not in kinds:
+        raise refuse(f"it holds {array.dtype} values")
+    return array
 
 
 def ensure_trait_definition(paths: TraitPaths, trait_json: str, force: bool) -> None:

@@ -320,6 +320,16 @@ def read_text_array(
     return items, total
 
 
+def check_same_length(files: CacheFiles, n_full_texts: int, n_completions: int) -> None:
+    """Refuse a cache whose two arrays disagree: item k of one belongs to item k of the other."""
+    if n_full_texts != n_completions:
+        raise InputError(
+            f"{files.stem}: the cache is damaged: {files.npy('completions').name} holds "
+            f"{n_completions} items but {files.npy('full_texts').name} holds {n_full_texts}",
+            "regenerate the cache (item k of one file must belong to item k of the other)",
+        )
+
+
 def _as_text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
@@ -375,6 +385,7 @@ def load_generations_from_cache(
     metadata = read_metadata(files)
     full_texts, _ = read_text_array(files.npy("full_texts"), allow_pickle=allow_pickle)
     completions, _ = read_text_array(files.npy("completions"), allow_pickle=allow_pickle)
+    check_same_length(files, len(full_texts), len(completions))
     count = metadata.get("count")
     if isinstance(count, int) and count != len(completions):
         logger.warning(

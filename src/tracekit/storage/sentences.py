@@ -295,17 +295,24 @@ def file_layer_numbers(sentence: SentenceFile) -> tuple[list[int], str]:
     tracekit's files list them in ``layers``. Seed 004's files have no ``layers`` array and
     address ``hidden_states`` (and ``activations``) by position, so there layer L is row L.
     """
+    for name in ("hidden_states", "activations"):
+        if name in sentence and len(shape := sentence.info(name).shape) != 3:
+            raise InputError(
+                f"{sentence.path}: '{name}' has shape {shape}, expected [layers, fragments, width]",
+                "rebuild the file with 'tracekit extract features'",
+            )
     if "layers" in sentence:
-        return [int(x) for x in sentence["layers"].reshape(-1).tolist()], TRACEKIT_NUMBERING
+        numbers = [int(x) for x in sentence["layers"].reshape(-1).tolist()]
+        if "hidden_states" in sentence and sentence.info("hidden_states").shape[0] != len(numbers):
+            raise InputError(
+                f"{sentence.path}: 'hidden_states' has {sentence.info('hidden_states').shape[0]} "
+                f"layer rows but 'layers' lists {len(numbers)}",
+                "rebuild the file with 'tracekit extract features'",
+            )
+        return numbers, TRACEKIT_NUMBERING
     for name in ("hidden_states", "activations"):
         if name in sentence:
-            shape = sentence.info(name).shape
-            if len(shape) != 3:
-                raise InputError(
-                    f"{sentence.path}: '{name}' has shape {shape}, expected "
-                    "[layers, fragments, width]"
-                )
-            return list(range(shape[0])), SEED_NUMBERING
+            return list(range(sentence.info(name).shape[0])), SEED_NUMBERING
     if "act_shape" in sentence:
         return list(range(int(sentence["act_shape"].reshape(-1)[0]))), SEED_NUMBERING
     return [], TRACEKIT_NUMBERING
