@@ -93,8 +93,9 @@ def test_config_validation_messages():
     assert JudgeConfig(metrics="trait, coherence").metrics == ("trait", "coherence")
     with pytest.raises(ValueError, match="unknown metric 'style'"):
         JudgeConfig(metrics="trait,style")
-    with pytest.raises(ValueError, match="give the NAME of the variable"):
+    with pytest.raises(ValueError, match="expects the NAME of an environment variable") as err:
         JudgeConfig(api_key_env="sk-abc123")
+    assert "sk-abc123" not in str(err.value)  # no echo, even in pydantic's own text
     with pytest.raises(ValueError, match="either --trait or --eval-prompt"):
         JudgeConfig(trait="refusal", eval_prompt="p.txt")
 

@@ -22,7 +22,11 @@ ConfigT = TypeVar("ConfigT", bound="TracekitConfig")
 class TracekitConfig(BaseModel):
     """Base class: frozen, unknown keys rejected, enums kept as their values."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    # hide_input_in_errors: a rejected value is never repeated in an error's text (it may be
+    # an API key typed into the wrong option)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", arbitrary_types_allowed=True, hide_input_in_errors=True
+    )
 
 
 def _option_name(field: str) -> str:
