@@ -204,7 +204,8 @@ def test_extract_vectors_table_and_files(generated, cli):
 
 def test_extract_vectors_applies_judge_filter_by_id(tmp_path, cli):
     """Scores pair by id even when the CSV rows are in a different order."""
-    from tracekit.storage.experiment import TraitPaths, save_activations, write_responses_csv
+    from tracekit.storage.activation_slots import save_activations
+    from tracekit.storage.experiment import TraitPaths, write_responses_csv
 
     paths = TraitPaths.of(tmp_path, "e", "t")
     rng = np.random.default_rng(0)

@@ -20,8 +20,9 @@ def _flat(result) -> str:
 def write_experiment(base, acts, trait_scores=None, coherence=None, layers=None, experiment="e"):
     """Experiment ``e``, trait ``t`` under ``base`` with pos/neg activations ``acts`` (rows in
     id order) and optional per-row score columns ('' = an empty cell)."""
+    from tracekit.storage.activation_slots import save_activations
     from tracekit.storage.atomic import write_json
-    from tracekit.storage.experiment import TraitPaths, save_activations, write_responses_csv
+    from tracekit.storage.experiment import TraitPaths, write_responses_csv
 
     paths = TraitPaths.of(base, experiment, "t")
     for polarity in ("pos", "neg"):

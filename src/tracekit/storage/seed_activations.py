@@ -28,6 +28,7 @@ from pydantic import Field, field_validator
 
 from tracekit.config.base import TracekitConfig
 from tracekit.errors import InputError
+from tracekit.storage import activation_slots as activations
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import check_writable, write_json
 from tracekit.storage.experiment import POLARITIES, TraitPaths
@@ -143,7 +144,7 @@ def import_seed_activations(config: ImportActivationsConfig) -> ImportActivation
     for polarity in POLARITIES:
         ids = [int(r["id"]) for r in tables[polarity]]
         block: dict[str, Any] = {pooling: array[start : start + counts[polarity]]}
-        result.files += store.save_activations(paths, polarity, ids, block)
+        result.files += activations.save_activations(paths, polarity, ids, block)
         start += counts[polarity]
     metadata = {
         "model": seed_metadata.get("model") if isinstance(seed_metadata, dict) else None,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tracekit.errors import InputError
-from tracekit.storage import experiment as store
+from tracekit.storage import activation_slots as activations
 from tracekit.storage.experiment import Polarity, TraitPaths
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def load_pooled(
     ids: dict[Polarity, np.ndarray] = {}
     acts: dict[Polarity, np.ndarray] = {}
     for polarity in polarities:
-        ids[polarity], acts[polarity] = store.load_activations(paths, polarity, pooling)
+        ids[polarity], acts[polarity] = activations.load_activations(paths, polarity, pooling)
     shapes = {array.shape[1:] for array in acts.values()}
     if len(shapes) > 1:
         shown = " and ".join(str(acts[p].shape[1:]) for p in polarities)
