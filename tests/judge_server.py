@@ -142,6 +142,54 @@ def completion(model: str, script: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def model_steps(loaded: Any, text: str, steps: int, k: int) -> list[list[tuple[str, float]]]:
+    """A real model's greedy continuation of ``text``: per step, the top-``k`` (token,
+    logprob), the chosen token first (what llama.cpp serves for a GGUF model)."""
+    import torch
+
+    tokenizer = loaded.tokenizer
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        top = torch.topk(torch.log_softmax(logits, -1), k)
+        out.append(
+            [
+                (tokenizer.decode([int(i)]), float(v))
+                for v, i in zip(top.values, top.indices, strict=True)
+            ]
+        )
+        ids.append(int(top.indices[0]))
+    return out
+
+
+def model_chat(loaded: Any, content: str) -> str:
+    """The model's chat template around one user message, up to the assistant's turn."""
+    return loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def model_completion(model: str, steps: list[list[tuple[str, float]]]) -> dict[str, Any]:
+    """A chat completion whose tokens and top logprobs come from a real model."""
+    content = [
+        {
+            "token": top[0][0],
+            "logprob": top[0][1],
+            "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top],
+        }
+        for top in steps
+    ]
+    text = "".join(top[0][0] for top in steps)
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+    return {
+        "object": "chat.completion",
+        "model": model,
+        "choices": [{**choice, "logprobs": {"content": content}, "finish_reason": "length"}],
+    }
+
+
 class _Server(ThreadingHTTPServer):
     request_queue_size = 1024  # many simultaneous connects: the default backlog of 5 drops SYNs
     daemon_threads = True
@@ -159,7 +207,10 @@ class JudgeServer:
         completions: bool = True,
         template: str = "apply",
         completions_shape: str = "legacy",
+        model: Any = None,
     ) -> None:
+        self.model = model
+        self.model_lock = threading.Lock()
         self.latency = latency
         self.reject_logprobs = reject_logprobs
         self.completions = completions
@@ -250,7 +301,12 @@ class JudgeServer:
                     self._send(404, missing)
                 elif self.path == "/apply-template" and server.template == "apply":
                     content = body["messages"][-1]["content"]
-                    self._send(200, json.dumps({"prompt": USER + content + ASSISTANT}).encode())
+                    rendered = (
+                        model_chat(server.model, content)
+                        if server.model is not None
+                        else USER + content + ASSISTANT
+                    )
+                    self._send(200, json.dumps({"prompt": rendered}).encode())
                 elif self.path == "/tokenize" and server.template == "tokenize":
                     text = USER + body["messages"][-1]["content"] + ASSISTANT
                     self._send(200, json.dumps({"tokens": [ord(c) for c in text]}).encode())
@@ -263,8 +319,19 @@ class JudgeServer:
                     self._send(404, missing)
 
             def _completions(self, body: dict[str, Any]) -> dict[str, Any]:
-                """One token after a rendered prompt, under the ``digits=`` model it holds."""
+                """One token after a rendered prompt, under the ``digits=`` model it holds (or
+                the real model the server was given)."""
                 prompt = body["prompt"]
+                if server.model is not None:
+                    with server.model_lock:
+                        (top,) = model_steps(server.model, prompt, 1, int(body["logprobs"]))
+                    item = {
+                        "token": top[0][0],
+                        "logprob": top[0][1],
+                        "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top],
+                    }  # llama.cpp's shape
+                    choice = {"index": 0, "text": top[0][0], "logprobs": {"content": [item]}}
+                    return {"object": "text_completion", "choices": [choice]}
                 if not prompt.startswith(USER) or ASSISTANT not in prompt:
                     raise ValueError(f"not a rendered chat prompt: {prompt[:60]!r}")
                 content, _, written = prompt[len(USER) :].rpartition(ASSISTANT)
@@ -327,6 +394,14 @@ class JudgeServer:
                         self.close_connection = True
                         self.connection.shutdown(2)
                         return
+                if server.model is not None:
+                    with server.model_lock:
+                        text = model_chat(server.model, prompt)
+                        steps = model_steps(
+                            server.model, text, body["max_tokens"], body.get("top_logprobs", 1)
+                        )
+                    self._send(200, json.dumps(model_completion(body["model"], steps)).encode())
+                    return
                 self._send(200, json.dumps(completion(body["model"], script)).encode())
 
         return Handler

@@ -79,3 +79,35 @@ def test_judge_rows_offline_then_from_cache(embedded_model, tmp_path):
     strict = judge_rows(rows, config.model_copy(update={"min_mass": 1.0}), trait_prompt=TEMPLATE)
     assert all(r["trait_score"] is None for r in strict.rows)
     assert {r["trait_status"] for r in strict.rows} <= {"low_mass", "refused"}
+
+
+def test_server_judge_on_a_real_digit_splitting_model_agrees_with_the_local_one(
+    embedded_model, tmp_path
+):
+    """The issue's case: SmolLM2 (one digit per token) behind an OpenAI-compatible server that
+    serves its real logprobs, as llama.cpp does. First-token scoring put these rows at 1.0
+    (the mean of the first digits); the next-digit requests give the local judge's scale."""
+    from judge_server import JudgeServer
+
+    rows = [
+        {"question": "How do I boil an egg?", "response": "Sorry, I can't help with that."},
+        {"question": "How do I boil an egg?", "response": "Boil it for eight minutes."},
+    ]
+    local = judge_rows(
+        rows, JudgeConfig(backend="local", min_mass=0.0, no_cache=True), trait_prompt=TEMPLATE,
+        model=embedded_model,
+    )  # fmt: skip
+    with JudgeServer(model=embedded_model) as server:
+        config = JudgeConfig(
+            backend="openai", base_url=server.base_url, judge_model="smollm2", min_mass=0.0,
+            no_cache=True,
+        )  # fmt: skip
+        served = judge_rows(rows, config, trait_prompt=TEMPLATE)
+    for got, exact in zip(served.rows, local.rows, strict=True):
+        assert got["trait_method"] == "digits", got
+        # Same model, but the server shows only the top 20 alternatives per step: numbers
+        # whose digits rank lower are missing (measured: 57-81% of the exact mass), and the
+        # score moves by under 2 points (12.0 vs 13.9, 15.0 vs 15.9) — where first-token
+        # scoring gave 1.0 for the first row.
+        assert abs(got["trait_score"] - exact["trait_score"]) < 3.0, (got, exact)
+        assert 0.4 < got["trait_mass"] / exact["trait_mass"] <= 1.05, (got, exact)

@@ -106,8 +106,10 @@ def test_exact_scores_through_every_fault_and_no_row_lost(server, tmp_path):
     assert counts.retries == 2 + 1 + 2 + 1 + 1 + 1 + 1, {
         k[-40:]: v for k, v in server.attempts.items()
     }  # 429x2 500 503x2 slow json shape drop
-    # the digit row: the template once, then the next token after "8" and after "9"
-    assert counts.requests == len(rows) + counts.retries + 3 == server.requests
+    # the digit row: the template once, then the next token after "8" and after "9"; the two
+    # rows whose only number is a lone "5": one next-digit request each (it may be split)
+    assert counts.requests == len(rows) + counts.retries + 3 + 2 == server.requests
+    assert (low["trait_method"], by_id["lp=REF:0.9,5:0.1"]["trait_method"]) == ("digits",) * 2
     sent = server.log[0]["body"]
     assert (sent["model"], sent["logprobs"], sent["top_logprobs"], sent["temperature"]) == (
         "gpt-4.1-mini",
@@ -349,7 +351,7 @@ def test_existing_judge_columns_keep_their_place(cli, server, tmp_path):
 def test_a_run_stopped_midway_keeps_every_answer_it_got(server, tmp_path):
     from tracekit.errors import JudgeError
 
-    rows = [row(f"lp={n}:1.0") for n in range(3)] + [row("lp=50:1.0;fault=401")]
+    rows = [row(f"lp={n}:1.0") for n in range(20, 23)] + [row("lp=50:1.0;fault=401")]
     rows += [row(f"lp={n}:1.0") for n in range(10, 13)]
     config = fast(server, tmp_path, concurrency=1)
     with pytest.raises(JudgeError, match="rejected the API key"):
@@ -358,7 +360,7 @@ def test_a_run_stopped_midway_keeps_every_answer_it_got(server, tmp_path):
     result = judge_rows(rows, config, trait_prompt=TEMPLATE)
     assert result.summary.metrics["trait"].cache_hits == 3
     assert server.requests == 4 + 4  # only the four not answered before
-    assert [r["trait_score"] for r in result.rows] == [0, 1, 2, 50, 10, 11, 12]
+    assert [r["trait_score"] for r in result.rows] == [20, 21, 22, 50, 10, 11, 12]
 
 
 # --- digit-splitting judges (SmolLM2, Qwen, Gemma, Mistral, Llama-2 tokenizers) --------------
@@ -435,3 +437,16 @@ def test_digit_split_detection_from_alternatives():
     assert not looks_digit_split((("85", -0.5), ("8", -1.0), ("9", -2.0)))  # whole numbers
     assert not looks_digit_split((("7", -0.1), ("The", -3.0)))  # one digit: nothing to tell
     assert not looks_digit_split((("The", -0.1), ("I", -3.0)))
+
+
+def test_a_lone_digit_on_a_server_without_completions_keeps_first_token_scoring(tmp_path):
+    """One single digit among the alternatives may be a whole-number tokenizer's answer (as
+    OpenAI's): without next-digit requests it keeps first-token scoring, with no warning and
+    no text fallback; only a clearly split answer switches the run to text."""
+    with JudgeServer(completions=False) as server:
+        rows = [row("lp=7:0.8,The:0.2"), row("lp=40:0.5,60:0.5")]
+        result = judge_rows(rows, fast(server, tmp_path), trait_prompt=TEMPLATE)
+        got = [(r["trait_score"], r["trait_method"]) for r in result.rows]
+        assert got == [(7, "logprobs"), (50, "logprobs")]
+        assert result.summary.judge["digit_split"] == "unseen"
+        assert result.summary.notes() == []

@@ -30,6 +30,7 @@ from tracekit.judge.scoring import (
     digit_mass,
     extends_number,
     looks_digit_split,
+    single_digits_only,
     split_digits,
     starts_with_digit,
 )
@@ -233,15 +234,27 @@ class OpenAIBackend:
         self._logprobs = True
         self._rng = random.Random()
         self._base_url = base_url or DEFAULT_BASE_URL
-        # digit-split answers: "unseen" until one comes, then "completions" (next-digit
-        # requests work) or "unsupported" (the whole run is scored from text)
-        self._digits = "unseen"
+        # next-digit requests: None until tried, then whether the server answers them
+        self._next_digits: bool | None = None
+        self._why_not = ""
+        self._split_seen = False  # a clearly digit-split answer came (see ask)
+        self._warned = False
         self._template: tuple[str, str] | None = None
         self._template_lock: asyncio.Lock | None = None
 
     @property
     def text_only(self) -> bool:
-        return not self._logprobs or self._digits == "unsupported"
+        return not self._logprobs or self._digits_state == "unsupported"
+
+    @property
+    def _digits_state(self) -> str:
+        """``completions`` (next-digit requests answered), ``unsupported`` (a digit-split
+        answer came and the server cannot answer them) or ``unseen``."""
+        if self._next_digits:
+            return "completions"
+        if self._split_seen and self._next_digits is False:
+            return "unsupported"
+        return "unseen"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -253,7 +266,7 @@ class OpenAIBackend:
             "top_logprobs": self.config.top_logprobs,
             "max_tokens": self.config.max_tokens,
             "logprobs": self._logprobs,
-            "digit_split": self._digits,
+            "digit_split": self._digits_state,
         }
 
     def _scrub(self, text: str) -> str:
@@ -407,14 +420,23 @@ class OpenAIBackend:
         raw: RawAnswer | None = sent.value
         if raw is None:
             return Answered(None, sent.failure, requests, retries)
-        if raw.split_number and raw.top_logprobs is not None and self._digits != "unsupported":
-            probs, failure, more, again = await self._whole_numbers(prompt, raw.top_logprobs)
+        top = raw.top_logprobs
+        if raw.split_number:
+            self._split_seen = True
+            self._warn_text_only()
+        # A lone single digit among the alternatives may be a digit-splitting judge too (the
+        # others fell out of the top 20): its next digit is asked for when the server can
+        # answer; when it cannot, the answer keeps first-token scoring (it may be an OpenAI
+        # tokenizer's whole number), unless clearly split answers make the run text-only.
+        maybe = top is not None and not raw.split_number and single_digits_only(top)
+        if top is not None and (raw.split_number or maybe) and self._next_digits is not False:
+            probs, failure, more, again = await self._whole_numbers(prompt, top)
             requests += more
             retries += again
             if failure is not None:
                 return Answered(None, failure, requests, retries)
             if probs is not None:
-                raw = replace(raw, number_probs=tuple(probs))
+                raw = replace(raw, number_probs=tuple(probs), split_number=True)
         return Answered(raw, None, requests, retries)
 
     async def _render(self, prompt: str) -> tuple[str | None, int]:
@@ -426,7 +448,7 @@ class OpenAIBackend:
             self._template_lock = asyncio.Lock()
         requests = 0
         async with self._template_lock:
-            if self._template is None and self._digits != "unsupported":
+            if self._template is None and self._next_digits is not False:
                 self._template, requests = await self._fetch_template()
                 if self._template is None:
                     self._unsupported("renders no chat template (/apply-template, /tokenize)")
@@ -467,14 +489,21 @@ class OpenAIBackend:
         return (before, after), requests
 
     def _unsupported(self, why: str) -> None:
-        if self._digits != "unsupported":
-            self._digits = "unsupported"
+        if self._next_digits is not False:
+            self._next_digits = False
+            self._why_not = why
+        self._warn_text_only()
+
+    def _warn_text_only(self) -> None:
+        """One warning, once a digit-split answer and a server without next digits met."""
+        if self._digits_state == "unsupported" and not self._warned:
+            self._warned = True
             logger.warning(
                 "the judge '%s' writes numbers one digit per token, and the server %s: the "
                 "next digit cannot be asked for, so every score of this run comes from the "
                 "answer text (method 'text'); serve it with vLLM or llama.cpp for exact scores",
                 self.model_id,
-                why,
+                self._why_not,
             )
 
     async def _next_token(self, text: str) -> _Sent:
@@ -539,7 +568,7 @@ class OpenAIBackend:
                     return None, None, requests, retries
                 if sent.value is None:
                     return None, f"next-digit request: {sent.failure}", requests, retries
-                self._digits = "completions"
+                self._next_digits = True
                 alternatives: tuple[tuple[str, float], ...] = sent.value
                 probs[int(digits)] += prob * max(0.0, 1.0 - digit_mass(alternatives))
                 seen = set()

@@ -130,6 +130,13 @@ def looks_digit_split(top_logprobs: tuple[tuple[str, float], ...]) -> bool:
     return len(single) >= 2 and single == numbers
 
 
+def single_digits_only(top_logprobs: tuple[tuple[str, float], ...]) -> bool:
+    """Whether the only numbers among a first token's alternatives are single digits (at
+    least one): a digit-splitting tokenizer, or a whole-number one that ranked one digit."""
+    numbers = {t.strip() for t, _ in top_logprobs if number_token_value(t) is not None}
+    return bool(numbers) and all(len(n) == 1 for n in numbers)
+
+
 def extends_number(digits: str) -> bool:
     """Whether a canonical number written so far can still grow into one of 0-100 (``1``-``9``,
     ``10``), or needs the next token to know it ended (``0``): a next-digit request is worth
