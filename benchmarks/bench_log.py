@@ -4,7 +4,7 @@
    transaction per batch, map growth from 64 MiB) against raw LMDB puts of the *same bytes*
    (values encoded beforehand, same batches, a map sized up front), both into fresh stores in
    this run. Reports entries/s, MB/s and the ratio to the raw baseline.
-2. Reconstruct: ``tracekit.actlog.reconstruct.reconstruct`` over N entries and an N-row QA
+2. Reconstruct: ``tracekit.jobs.reconstruct.reconstruct`` over N entries and an N-row QA
    file, against a baseline that only walks the metadata database with a cursor and parses
    every JSON value (the least any reconstruct must do). Reports rows/s and the ratio.
 
@@ -26,7 +26,7 @@ import lmdb
 import numpy as np
 
 from tracekit.actlog.prompts import DEFAULT_TEMPLATE, format_prompt
-from tracekit.actlog.reconstruct import ReconstructConfig, reconstruct
+from tracekit.jobs.reconstruct import ReconstructConfig, reconstruct
 from tracekit.storage.activation_store import (
     ActivationStoreWriter,
     PendingEntry,

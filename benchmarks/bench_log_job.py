@@ -1,6 +1,6 @@
 """Benchmark ``tracekit log`` end to end: store writes on the writer thread vs. in line.
 
-The job (``tracekit.actlog.job.log_activations``) runs on a random-init model saved to a
+The job (``tracekit.jobs.log.log_activations``) runs on a random-init model saved to a
 temporary folder (``tracekit.models.random_model``, nothing downloaded), twice per
 repetition over fresh stores and fresh QA files of random prompts:
 

@@ -188,8 +188,8 @@ def test_batches_are_written_on_a_background_thread_and_a_failure_keeps_the_fini
     rerun logs only the rest."""
     import threading
 
-    from tracekit.actlog.job import LogConfig, log_activations
     from tracekit.engines import interface as engine_module
+    from tracekit.jobs.log import LogConfig, log_activations
     from tracekit.storage.activation_store import ActivationStoreWriter
 
     qa = tmp_path / "qa.jsonl"

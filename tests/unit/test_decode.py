@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tracekit
-from tracekit.storage.decode import DecodeConfig
+from tracekit.jobs.decode import DecodeConfig
 from tracekit.storage.generation_cache import CacheFiles, save_generations_to_cache
 
 GEMMA = "gemma/generations/benign/all/n3_t1.0_maxtok100"

@@ -28,15 +28,15 @@ LONG_FUNCTIONS = {
 """``path:function`` allowed past :data:`MAX_FUNCTION_LINES`, each with its reason."""
 
 TO_SPLIT = {
-    "actlog/job.py:_log_activations",
+    "jobs/log.py:_log_activations",
     "datasets/build.py:build_dataset",
     "engines/cuda/forward.py:pooled",
     "engines/hf.py:generate",
-    "features/job.py:_extract_features",
+    "jobs/extract_features.py:_extract_features",
     "jobs/extract_activations.py:_extract_activations",
     "jobs/generate.py",
     "jobs/generate.py:_generate",
-    "judge/job.py:ajudge_rows",
+    "jobs/judge.py:ajudge_rows",
     "storage/sentences.py:get_final_token_data",
 }
 """Modules and functions still past the limits, to be split: this set only shrinks (a test

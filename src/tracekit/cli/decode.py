@@ -14,7 +14,7 @@ from tracekit.console import err_console, out_console
 from ._common import ConfigOpt, DryRunOpt, ForceOpt, JsonOpt, build_config
 
 if TYPE_CHECKING:
-    from tracekit.storage.decode import DecodedFile, DecodeResult
+    from tracekit.jobs.decode import DecodedFile, DecodeResult
 
 _STYLE = {"decoded": "green", "would-decode": "cyan", "skipped": "yellow", "failed": "bold red"}
 
@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Decode cached generation .npy files into JSON and Markdown."""
         from tracekit.errors import InputError
-        from tracekit.storage.decode import DecodeConfig, decode
+        from tracekit.jobs.decode import DecodeConfig, decode
 
         cfg = build_config(ctx, DecodeConfig)
         result = decode(cfg, on_file=None if json_output else _print_file)

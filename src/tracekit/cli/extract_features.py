@@ -25,7 +25,7 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from tracekit.features.job import FeaturesResult
+    from tracekit.jobs.extract_features import FeaturesResult
 
 
 def _print_result(result: FeaturesResult) -> None:

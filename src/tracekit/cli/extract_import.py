@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Import seed 002's activations/all_layers.pt ([n, layers, hidden]; pos rows, then neg)
         as {pos,neg}_POOLING.npy, so 'extract vectors' reads it."""
-        from tracekit.storage.seed_activations import (
+        from tracekit.jobs.extract_import import (
             ImportActivationsConfig,
             import_seed_activations,
         )

@@ -26,7 +26,7 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from tracekit.actlog.job import LogResult
+    from tracekit.jobs.log import LogResult
     from tracekit.storage.activation_store import StoreStats
 
 PromptTemplateOpt = Annotated[
@@ -190,8 +190,8 @@ def register(app: typer.Typer) -> None:
         """Generate for each QA question and log its activations to an LMDB store."""
         if ctx.invoked_subcommand is not None:
             return
-        from tracekit.actlog.job import LogConfig, log_activations
         from tracekit.distributed import launch
+        from tracekit.jobs.log import LogConfig, log_activations
 
         cfg = build_config(ctx, LogConfig)
         if num_processes > 1:

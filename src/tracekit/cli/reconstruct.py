@@ -14,7 +14,7 @@ from ._common import ConfigOpt, ForceOpt, JsonOpt, ModelOpt, build_config
 from .log import PromptTemplateOpt, QuestionFieldOpt, SkipBadLinesOpt, StorePickleOpt
 
 if TYPE_CHECKING:
-    from tracekit.actlog.reconstruct import ReconstructResult
+    from tracekit.jobs.reconstruct import ReconstructResult
 
 
 def _render(result: ReconstructResult) -> None:
@@ -81,8 +81,8 @@ def register(app: typer.Typer) -> None:
         the seed's)."""
         import logging
 
-        from tracekit.actlog.reconstruct import ReconstructConfig, reconstruct
         from tracekit.errors import InputError
+        from tracekit.jobs.reconstruct import ReconstructConfig, reconstruct
 
         cfg = build_config(ctx, ReconstructConfig)
         if cfg.verbose:

@@ -1,13 +1,47 @@
 """Sentence feature files (``extract features``): hidden states and SAE activations per token."""
 
-from tracekit.features.config import FeaturesConfig, SaeStorage, parse_label_range
-from tracekit.features.files import MANIFEST_NAME, csr_to_dense, sentence_file
-from tracekit.features.job import FeaturesResult, extract_features
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the same names, for type checkers
+    from tracekit.config.features import FeaturesConfig, SaeStorage, parse_label_range
+    from tracekit.features.files import MANIFEST_NAME, csr_to_dense, sentence_file
+    from tracekit.jobs.extract_features import FeaturesResult, extract_features
+
+# public name -> module that defines it, imported on first use, so that the package's own
+# modules import without the job (tracekit.jobs) that combines them
+
+_LAZY: dict[str, str] = {
+    "FeaturesConfig": "tracekit.config.features",
+    "SaeStorage": "tracekit.config.features",
+    "parse_label_range": "tracekit.config.features",
+    "MANIFEST_NAME": "tracekit.features.files",
+    "csr_to_dense": "tracekit.features.files",
+    "sentence_file": "tracekit.features.files",
+    "FeaturesResult": "tracekit.jobs.extract_features",
+    "extract_features": "tracekit.jobs.extract_features",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
-    "MANIFEST_NAME",
     "FeaturesConfig",
     "FeaturesResult",
+    "MANIFEST_NAME",
     "SaeStorage",
     "csr_to_dense",
     "extract_features",

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tracekit import __version__
+from tracekit.config.features import FeaturesConfig
 from tracekit.errors import ConfigError, InputError, OutputExistsError
-from tracekit.features.config import FeaturesConfig
 from tracekit.features.files import (
     MANIFEST_NAME,
     SaeMeta,

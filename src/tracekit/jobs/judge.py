@@ -22,16 +22,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tracekit.errors import InputError
-from tracekit.judge.backends import Answered, JudgeBackend, LocalBackend, OpenAIBackend
-from tracekit.judge.cache import JudgeCache, cache_key, default_cache_path
-from tracekit.judge.config import (
+from tracekit.config.judge import (
     JudgeConfig,
     JudgeJobConfig,
     judge_columns,
     resolve_backend,
     resolve_base_url,
 )
+from tracekit.errors import InputError
+from tracekit.judge.backends import Answered, JudgeBackend, LocalBackend, OpenAIBackend
+from tracekit.judge.cache import JudgeCache, cache_key, default_cache_path
 from tracekit.judge.prompts import fill, resolve_templates
 from tracekit.judge.scoring import RawAnswer, Verdict, score_answer
 
@@ -138,7 +138,7 @@ class JudgeResult:
 
 # --- the core --------------------------------------------------------------------------------
 def make_backend(config: JudgeConfig, model: LoadedModel | None = None) -> JudgeBackend:
-    """The backend ``config`` asks for (see :func:`~tracekit.judge.config.resolve_backend`)."""
+    """The backend ``config`` asks for (see :func:`~tracekit.config.judge.resolve_backend`)."""
     if resolve_backend(config) == "openai":
         return OpenAIBackend(
             config, resolve_base_url(config), os.environ.get(config.api_key_env) or None

@@ -28,30 +28,72 @@ unreachable server, unknown model) and :class:`~tracekit.errors.InputError` for 
 per-row problems never raise: they become ``failed: <reason>`` rows. docs/judge.md has the rest.
 """
 
-from tracekit.judge.config import (
-    METRICS,
-    JudgeConfig,
-    JudgeJobConfig,
-    judge_columns,
-    resolve_backend,
-    score_column,
-)
-from tracekit.judge.job import (
-    JudgeResult,
-    JudgeSummary,
-    MetricCounts,
-    ajudge_rows,
-    judge_file,
-    judge_rows,
-)
-from tracekit.judge.scoring import RawAnswer, Verdict, logprob_score, score_answer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the same names, for type checkers
+    from tracekit.config.judge import (
+        METRICS,
+        JudgeConfig,
+        JudgeJobConfig,
+        judge_columns,
+        resolve_backend,
+        score_column,
+    )
+    from tracekit.jobs.judge import (
+        JudgeResult,
+        JudgeSummary,
+        MetricCounts,
+        ajudge_rows,
+        judge_file,
+        judge_rows,
+    )
+    from tracekit.judge.scoring import RawAnswer, Verdict, logprob_score, score_answer
+
+# public name -> module that defines it, imported on first use, so that the package's own
+# modules import without the job (tracekit.jobs) that combines them
+
+_LAZY: dict[str, str] = {
+    "METRICS": "tracekit.config.judge",
+    "JudgeConfig": "tracekit.config.judge",
+    "JudgeJobConfig": "tracekit.config.judge",
+    "judge_columns": "tracekit.config.judge",
+    "resolve_backend": "tracekit.config.judge",
+    "score_column": "tracekit.config.judge",
+    "JudgeResult": "tracekit.jobs.judge",
+    "JudgeSummary": "tracekit.jobs.judge",
+    "MetricCounts": "tracekit.jobs.judge",
+    "ajudge_rows": "tracekit.jobs.judge",
+    "judge_file": "tracekit.jobs.judge",
+    "judge_rows": "tracekit.jobs.judge",
+    "RawAnswer": "tracekit.judge.scoring",
+    "Verdict": "tracekit.judge.scoring",
+    "logprob_score": "tracekit.judge.scoring",
+    "score_answer": "tracekit.judge.scoring",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
-    "METRICS",
     "JudgeConfig",
     "JudgeJobConfig",
     "JudgeResult",
     "JudgeSummary",
+    "METRICS",
     "MetricCounts",
     "RawAnswer",
     "Verdict",

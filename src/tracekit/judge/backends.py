@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tracekit.config.judge import DEFAULT_BASE_URL, DEFAULT_OPENAI_MODEL, JudgeConfig
 from tracekit.errors import JudgeError, ModelError
-from tracekit.judge.config import DEFAULT_BASE_URL, DEFAULT_OPENAI_MODEL, JudgeConfig
 from tracekit.judge.scoring import (
     RawAnswer,
     canonical_number,

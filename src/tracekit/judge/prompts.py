@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tracekit.config.judge import JudgeConfig
 from tracekit.errors import InputError
-from tracekit.judge.config import JudgeConfig
 
 COHERENCE_PROMPT = """\
 I am evaluating a different language model. I want to assess the coherence of its answer - \

@@ -6,7 +6,7 @@ readable without pickle), their ``.json`` (a JSON array of strings) and ``.md`` 
 ``<stem>_metadata.json``. Every file is written atomically, and the metadata file last, so a
 cache whose metadata exists is complete.
 
-This module owns the on-disk format (writing, reading, rendering); ``tracekit.storage.decode``
+This module owns the on-disk format (writing, reading, rendering); ``tracekit.jobs.decode``
 walks a tree of caches and renders the ones that lack JSON/Markdown.
 """
 
