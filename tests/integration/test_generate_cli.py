@@ -93,6 +93,18 @@ def test_generate_writes_paired_responses_activations_and_metadata(generated):
         assert {k: record[k] for k in weights} == weights
 
 
+def test_the_job_size_and_a_first_estimate_come_before_the_work_is_done(generated):
+    """A slow job must not look hung: its size before the first batch, the first batch's
+    speed and an estimate for the rest after it (the run has 2 * N rows, batches of up to 4)."""
+    _, result = generated
+    err = " ".join(result.stderr.split())
+    assert f"{2 * N} rows to run of up to 5 new tokens; the first batch sets the estimate" in err
+    batch = min(4, N)  # batches do not cross polarities
+    first = err.index(f"first batch: {batch} rows,")
+    assert err.index(f"{2 * N} rows to run") < first
+    assert f"for the {2 * N - batch} rows left" in err[first:]
+
+
 def test_rerun_without_force_generates_nothing(generated, cli):
     base, _ = generated
     csv_before = (base / "e1" / "refusal" / "responses" / "pos.csv").read_bytes()

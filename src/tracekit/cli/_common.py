@@ -185,9 +185,52 @@ def is_main_process() -> bool:
     return process_info().is_main
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+LONG_ON_CPU_TOKENS = 10_000
+"""A job of more new tokens than this on a CPU is announced as long before it starts."""
+
+
+def note_long_cpu_job(device: str, rows: int, max_new_tokens: int) -> None:
+    """Say up front when a generation job of ``rows`` responses is large for a CPU."""
+    if device not in ("auto", "cpu"):
+        return
+    tokens = rows * max_new_tokens
+    if tokens <= LONG_ON_CPU_TOKENS or not is_main_process():
+        return
+    import torch
+
+    if device == "auto" and torch.cuda.is_available():
+        return
+    from tracekit.console import err_console
+
+    err_console.print(
+        f"[yellow]note:[/] on CPU: {rows:,} responses of up to {max_new_tokens} new tokens "
+        f"({tokens:,} tokens at most) can take an hour or more (hours with a large model); "
+        "--n-examples 10 --max-new-tokens 32 gives a first look in minutes",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @contextmanager
-def batch_progress() -> Iterator[tuple[Callable[[int], None], Callable[[int, int], None]]]:
-    """Rows and tokens/s bars on stderr, fed by the core's ``on_total``/``on_batch`` hooks."""
+def batch_progress(
+    max_new_tokens: int | None = None,
+) -> Iterator[tuple[Callable[[int], None], Callable[[int, int], None]]]:
+    """Rows and tokens/s bars on stderr, fed by the core's ``on_total``/``on_batch`` hooks.
+
+    When the job's size is known (``on_total``, before the first batch) a line says it; after
+    the first batch a line gives its speed and an estimate of the time left, so a slow job
+    does not look hung behind a bar at 0.
+    """
+    import time
+
     from tracekit.console import progress_bar
 
     if not is_main_process():  # one set of bars per data-parallel run: the main process's
@@ -196,13 +239,31 @@ def batch_progress() -> Iterator[tuple[Callable[[int], None], Callable[[int, int
     with progress_bar() as progress:
         rows = progress.add_task("rows", total=None, unit="rows")
         tokens = progress.add_task("new tokens", total=None, unit="tok")
+        state = {"total": 0, "done": 0, "started": 0.0}
+
+        def say(text: str) -> None:
+            progress.console.print(text, highlight=False, soft_wrap=True)
 
         def on_total(total: int) -> None:
             progress.update(rows, total=total)
+            state.update(total=total, started=time.perf_counter())
+            each = f" of up to {max_new_tokens} new tokens" if max_new_tokens else ""
+            say(f"{total:,} rows to run{each}; the first batch sets the estimate")
 
         def on_batch(n_rows: int, n_tokens: int) -> None:
             progress.advance(rows, n_rows)
             progress.advance(tokens, n_tokens)
+            first = state["done"] == 0
+            state["done"] += n_rows
+            if first and state["started"]:
+                seconds = time.perf_counter() - state["started"]
+                left = state["total"] - state["done"]
+                estimate = seconds / n_rows * left if n_rows else 0.0
+                say(
+                    f"first batch: {n_rows} rows, {n_tokens:,} new tokens in {seconds:.1f} s "
+                    f"({n_tokens / max(seconds, 1e-9):,.1f} tok/s); about "
+                    f"{_duration(estimate)} for the {left:,} rows left"
+                )
 
         yield on_total, on_batch
 

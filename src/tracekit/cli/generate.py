@@ -31,6 +31,7 @@ from ._common import (
     batch_progress,
     build_config,
     is_main_process,
+    note_long_cpu_job,
 )
 
 if TYPE_CHECKING:
@@ -62,9 +63,12 @@ def _print_result(result: GenerateResult) -> None:
             if trait.passing is None
             else f"{trait.passing.get('pos', 0)} / {trait.passing.get('neg', 0)}",
         )
-    rate = result.tokens / result.seconds if result.seconds > 0 else 0.0
+    generation = result.generation_seconds
+    rate = result.tokens / generation if generation > 0 else 0.0
+    load = max((float(p.get("load_seconds", 0.0)) for p in result.processes), default=0.0)
     table.caption = (
-        f"{result.tokens:,} new tokens in {result.seconds:.1f} s ({rate:,.1f} tok/s), "
+        f"{result.tokens:,} new tokens in {generation:.1f} s of generation ({rate:,.1f} tok/s); "
+        f"model load {load:.1f} s; {result.seconds:.1f} s in all; "
         f"final batch size {result.batch_size}"
     )
     out_console.print(table)
@@ -233,7 +237,8 @@ def register(app: typer.Typer) -> None:
         if num_processes > 1:
             args = ["--json"] if json_output else []  # the config file carries the rest
             raise typer.Exit(launch(["generate"], cfg, num_processes, args))
-        with batch_progress() as (on_total, on_batch):
+        note_long_cpu_job(cfg.device, 2 * cfg.n_examples * len(cfg.traits), cfg.max_new_tokens)
+        with batch_progress(cfg.max_new_tokens) as (on_total, on_batch):
             result = generate(cfg, on_batch=on_batch, on_total=on_total)
         if not is_main_process():
             return  # the main process reports the merged result

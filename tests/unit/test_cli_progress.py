@@ -1,0 +1,61 @@
+"""Long work does not look hung: the job's size up front, a first estimate after the first
+batch, a CPU warning for large jobs, and a closing speed line without the model load."""
+
+import pytest
+
+from tracekit.cli._common import batch_progress, note_long_cpu_job
+from tracekit.console import err_console
+
+
+@pytest.fixture()
+def wide(monkeypatch):
+    monkeypatch.setattr(err_console, "width", 400)
+
+
+def test_size_before_the_first_batch_then_an_estimate(wide):
+    with err_console.capture() as captured, batch_progress(150) as (on_total, on_batch):
+        on_total(10)
+        on_batch(2, 300)
+        on_batch(2, 300)  # only the first batch gives the estimate
+    text = captured.get()
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines[0] == "10 rows to run of up to 150 new tokens; the first batch sets the estimate"
+    assert lines[1].startswith("first batch: 2 rows, 300 new tokens in ")
+    assert lines[1].endswith("for the 8 rows left")
+    assert text.count("first batch:") == 1
+
+
+@pytest.mark.parametrize(
+    ("device", "rows", "tokens", "warned"),
+    [("cpu", 400, 150, True), ("cpu", 10, 32, False), ("cuda", 400, 150, False)],
+)
+def test_a_large_job_on_cpu_is_announced(wide, device, rows, tokens, warned):
+    with err_console.capture() as captured:
+        note_long_cpu_job(device, rows, tokens)
+    text = " ".join(captured.get().split())
+    assert (f"note: on CPU: {rows:,} responses of up to {tokens} new tokens" in text) is warned
+
+
+def test_generate_speed_line_reports_load_and_generation_apart(tmp_path, monkeypatch):
+    """'2 new tokens in 44.9 s (0.0 tok/s)' counted the model load as generation time."""
+    from tracekit.cli.generate import _print_result
+    from tracekit.console import out_console
+    from tracekit.jobs.generate import GenerateResult, TraitResult
+
+    result = GenerateResult(
+        model="m",
+        traits=[TraitResult(trait="refusal", root=tmp_path, rows={"pos": 1, "neg": 1})],
+        seconds=44.9,
+        tokens=200,
+        batch_size=8,
+        generation_seconds=4.0,
+        processes=[{"load_seconds": 40.0}],
+    )
+    monkeypatch.setattr(out_console, "width", 400)
+    with out_console.capture() as captured:
+        _print_result(result)
+    text = " ".join(captured.get().split())
+    assert (
+        "200 new tokens in 4.0 s of generation (50.0 tok/s); model load 40.0 s; 44.9 s in all"
+        in text
+    )
