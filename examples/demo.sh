@@ -5,21 +5,25 @@
 set -euo pipefail
 D="${DEMO_DIR:-demo}"
 EXP_DIR="$D/experiments"
+STEER_LAYER=12
 step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 tracekit --version
 
-step "1. generate: contrastive pos/neg responses for the shipped 'refusal' trait, capturing"
+# The demo's trait is 'french' (answer in French vs in English): the embedded 135M model follows
+# that instruction, and a word list measures it independently of any judge. (It does not follow
+# a 'refusal' instruction: a vector of that would separate texts, not behaviour.)
+step "1. generate: contrastive pos/neg responses for the shipped 'french' trait, capturing"
 step "   pooled activations of every layer (0-30) during generation"
-tracekit generate --experiments-dir "$EXP_DIR" --experiment demo --trait refusal \
+tracekit generate --experiments-dir "$EXP_DIR" --experiment demo --trait french \
   --n-examples 6 --batch-size 6 --max-new-tokens 24 --seed 0 \
   --pooling response_avg,prompt_last
 
 step "2. extract vectors: per-layer mean difference pos - neg (paired by row id) + separation table"
-tracekit extract vectors --experiments-dir "$EXP_DIR" --experiment demo --trait refusal --force
+tracekit extract vectors --experiments-dir "$EXP_DIR" --experiment demo --trait french --force
 
 step "3. judge: score the positive responses 0-100 with the local embedded judge"
 step "   (a 135M judge is for plumbing, not for research conclusions; --min-mass 0 keeps its scores)"
-tracekit judge --input "$EXP_DIR/demo/refusal/responses/pos.csv" --trait refusal \
+tracekit judge --input "$EXP_DIR/demo/french/responses/pos.csv" --trait french \
   --backend local --min-mass 0 --output "$D/judged/pos_scored.csv" --force
 
 step "4. decode: the generation cache (.npy) -> JSON and Markdown"
@@ -46,4 +50,18 @@ tracekit log stats "$D/acts.lmdb"
 tracekit reconstruct --qa-output-path "$(dirname "$0")/qa.jsonl" --lmdb-path "$D/acts.lmdb" \
   --output-path "$D/reconstructed.jsonl" --force
 
-step "done: outputs under $D/"
+step "8. steer: add coef x the layer-$STEER_LAYER vector while answering the questions with no"
+step "   instruction, one output set per coefficient, and the same sweep along a random direction"
+step "   of the same norm (the control); greedy, so the sweep is deterministic"
+tracekit generate --experiments-dir "$EXP_DIR" --experiment demo --trait french \
+  --steer-vector "$EXP_DIR/demo/french/vectors/mean_diff_response_avg.npy" \
+  --steer-layer "$STEER_LAYER" --steer-coef=-1,0,1,2 --steer-control random \
+  --n-examples 15 --batch-size 15 --max-new-tokens 24 --temperature 0 \
+  --no-extract-activations --no-generation-cache
+
+step "9. dose-response: the fraction of French function words per coefficient (a measure"
+step "   independent of the judge), vector against the random control, table + PNG"
+tracekit report steering --experiments-dir "$EXP_DIR" --experiment demo --trait french \
+  --measure "words:$(dirname "$0")/french_words.txt" --force
+
+step "done: outputs under $D/ (the dose-response plot: $EXP_DIR/demo/french/steering/L$STEER_LAYER/dose_response.png)"

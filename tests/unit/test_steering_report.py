@@ -101,8 +101,8 @@ def test_report_cli_json_and_errors(cli, tmp_path):
                "--trait", "t")  # fmt: skip
     assert both.exit_code == 1
     assert "layers 5, 12" in both.output and "--layer" in both.output
-    ok = cli("report", "steering", "--experiments-dir", tmp_path, "--experiment", "e",
-             "--trait", "t", "--layer", 5, "--measure", "n_tokens", "--no-plot", "--json")  # fmt: skip
+    base = ["report", "steering", "--experiments-dir", tmp_path, "--experiment", "e"]
+    ok = cli(*base, "--trait", "t", "--layer", 5, "--measure", "n_tokens", "--no-plot", "--json")
     assert ok.exit_code == 0, ok.output
     data = json.loads(ok.stdout)
     assert data["metrics"] == ["trait_score", "coherence_score", "n_tokens"]
