@@ -453,3 +453,28 @@ def test_a_lone_digit_on_a_server_without_completions_keeps_first_token_scoring(
         assert got == [(7, "logprobs"), (50, "logprobs")]
         assert result.summary.judge["digit_split"] == "unseen"
         assert result.summary.notes() == []
+
+
+def test_an_answer_cached_before_digit_detection_is_asked_again(tmp_path):
+    """A cache written by a tracekit that averaged first digits holds the answer without the
+    split flag: it is asked again (with next digits), never scored on the 0-9 scale."""
+    import math
+
+    from tracekit.judge.cache import JudgeCache, cache_key
+    from tracekit.judge.scoring import RawAnswer
+
+    with JudgeServer() as server:
+        judged = row("digits=85:0.6,90:0.3,7:0.1")
+        config = fast(server, tmp_path)
+        old = RawAnswer(
+            text="85",
+            top_logprobs=tuple((d, math.log(p)) for d, p in (("8", 0.6), ("9", 0.3), ("7", 0.1))),
+        )
+        key = cache_key("openai", "gpt-4.1-mini", "trait", TEMPLATE, "q", judged["response"])
+        cache = JudgeCache(config.cache)
+        cache.put(key, "openai", "gpt-4.1-mini", "trait", old)
+        cache.close()
+        result = judge_rows([judged], config, trait_prompt=TEMPLATE)
+        (got,) = result.rows
+        assert (got["trait_method"], got["trait_score"]) == ("digits", pytest.approx(78.7))
+        assert result.summary.metrics["trait"].cache_hits == 0

@@ -69,9 +69,17 @@ class RawAnswer:
         )
 
     @property
+    def digit_split(self) -> bool:
+        """Whether the answer shows a digit-splitting judge: flagged when it arrived, or (an
+        answer cached before tracekit looked at the alternatives) single digits only."""
+        return self.split_number or (
+            self.top_logprobs is not None and looks_digit_split(self.top_logprobs)
+        )
+
+    @property
     def incomplete(self) -> bool:
         """A digit-split answer whose whole-number probabilities were not obtained."""
-        return self.split_number and self.number_probs is None
+        return self.number_probs is None and self.digit_split
 
     @classmethod
     def from_json(cls, text: str) -> RawAnswer:
@@ -229,7 +237,7 @@ def score_answer(raw: RawAnswer, min_mass: float = 0.25, *, text_only: bool = Fa
     if raw.number_probs is not None:
         score, mass = distribution_score(raw.number_probs)
         method = "digits" if raw.split_number else "local"
-    elif raw.top_logprobs is not None and not raw.split_number:
+    elif raw.top_logprobs is not None and not raw.digit_split:
         score, mass = logprob_score(raw.top_logprobs)
         method = "logprobs"
     else:
