@@ -54,18 +54,24 @@ def word_tokenizer(vocab_size: int) -> Any:
 
 
 def random_llama(
-    shape: str = "tiny", *, device: str = "cpu", dtype: str = "float32", seed: int = 0
+    shape: str = "tiny",
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    model_type: str = "llama",
 ) -> LoadedModel:
-    """A random-init Llama of ``shape`` (see :data:`SHAPES`) as a :class:`LoadedModel`."""
+    """A random-init Llama-family model of ``shape`` (see :data:`SHAPES`) as a
+    :class:`LoadedModel`; ``overrides`` replace config values of the shape, ``model_type``
+    picks the family (``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tracekit.models.layers import LayerHandles
-    from tracekit.models.loading import LoadedModel
-
-    params = dict(SHAPES[shape])
+    params = {**SHAPES[shape], **(overrides or {})}
     rope_theta = params.pop("rope_theta", 10000.0)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        model_type,
         **params,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
@@ -81,15 +87,26 @@ def random_llama(
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch_dtype)
+        model = AutoModelForCausalLM.from_config(config).to(torch_dtype)
+    return as_loaded(model, shape, device)
+
+
+def as_loaded(model: Any, shape: str, device: str) -> LoadedModel:
+    """A random-init ``model`` on ``device`` (put in eval mode) with the word tokenizer of its
+    vocabulary, as a :class:`LoadedModel` named after ``shape``."""
+    import torch
+
+    from tracekit.models.layers import LayerHandles
+    from tracekit.models.loading import LoadedModel
+
     model.eval()
     return LoadedModel(
         model=model,
-        tokenizer=word_tokenizer(params["vocab_size"]),
+        tokenizer=word_tokenizer(model.config.get_text_config().vocab_size),
         name=f"random-init {shape}",
         revision=None,
         source_path="random-init",
-        dtype=torch_dtype,
+        dtype=next(model.parameters()).dtype,
         device=torch.device(device),
         handles=LayerHandles.of(model),
     )

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from tracekit.models.layers import LayerHandles
 
-MODULES = ("tracekit.engines.cuda.llama",)
+MODULES = ("tracekit.engines.cuda.llama", "tracekit.engines.cuda.gemma")
 """The architecture modules, each with an ``ARCHITECTURE``; the first that claims a model's
 ``model_type`` runs it."""
 
@@ -66,7 +66,9 @@ class Architecture:
     attention over the cache), ``first_fused``/``middle_fused`` (pieces around the fused
     attention kernel), ``embed_norm``/``head_advance`` (around the fused block kernels),
     ``block_kv`` (a block over whole sequences, returning its keys and values: the engine's
-    own prefill and the teacher-forced forward) and ``head`` (final norm and logits).
+    own prefill and the teacher-forced forward), ``embed`` (the embedding of token ids) and
+    ``head`` (final norm and logits). ``embed``, ``block_kv`` and ``head`` also take the
+    spec's :attr:`DecoderSpec.extra` (last).
     """
 
     name: str
@@ -88,10 +90,17 @@ class Architecture:
     head_advance: Callable[..., Any]
     block_kv: Callable[..., Any]
     head: Callable[..., Any]
+    embed: Callable[..., Any]
     fused_attention: bool = False
     """Whether :mod:`.ops.attention` computes this family's attention (rotary, GQA, window)."""
     fused_block: bool = False
     """Whether :mod:`.ops.block`'s fused products compute this family's blocks."""
+    swiglu: bool = False
+    """Whether its MLP gates with SiLU (``silu(gate) * up``), which the ``swiglu`` product of
+    :mod:`.ops.gemv` computes in its epilogue (step tuning tries it then)."""
+    hf_prefill: bool = True
+    """Whether the HF model's own prefill can fill the engine's cache (``fast_prefill=False``):
+    not where HF's cache keeps only a sliding window of some layers' keys."""
 
 
 def text_config(model: Any) -> Any:

@@ -74,6 +74,7 @@ class FastForward:
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile
         tensors = arch.model_tensors(model)
+        self.arch = arch
         self.embed = tensors.embed
         self.rotary = tensors.rotary
         self.rope_tables = arch.rope_tables
@@ -86,6 +87,17 @@ class FastForward:
             from tracekit.engines.cuda.compiled import compiled_dynamic
 
             self.fn_block = compiled_dynamic(f"{arch.name}.block", self.fn_block)
+
+    @staticmethod
+    def _length_dims(
+        h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        """The batch and sequence dimensions of the block's inputs (dynamic when compiled):
+        ``cos``/``sin`` ``[seq, ...]``, ``mask`` ``[seq, seq]``."""
+        dims = [(h, (0, 1)), (cos, (0,)), (sin, (0,))]
+        if mask is not None:
+            dims.append((mask, (0, 1)))
+        return dims
 
     def _ensure_rope(self, length: int) -> None:
         if self.cos_table.shape[0] >= length:
@@ -165,11 +177,11 @@ class FastForward:
 
         deepest = max(layers, default=0)
         with torch.inference_mode():
-            h = torch.nn.functional.embedding(ids, self.embed)
+            h = self.arch.embed(ids, self.embed, spec.extra)
             pool(0, h)
             for i in range(deepest):
                 if self.compile:  # one compiled block for every batch size and length
-                    for t, dims in ((h, (0, 1)), (cos, (0,)), (sin, (0,))):
+                    for t, dims in self._length_dims(h, cos, sin, window_mask):
                         for d in dims:
                             torch._dynamo.maybe_mark_dynamic(t, d)
                 h = self.fn_block(
@@ -183,6 +195,7 @@ class FastForward:
                     spec.head_dim,
                     spec.eps,
                     spec.scaling,
+                    spec.extra,
                 )
                 pool(i + 1, h)
         # an empty prompt (or response) has count 0: its mean is 0, as in the reference path

@@ -114,6 +114,15 @@ class LayerWeights(NamedTuple):
     gate: torch.Tensor | None
     up: torch.Tensor | None
     down: torch.Tensor
+    # Gemma's (tracekit.engines.cuda.gemma): norms after attention and MLP, the layer's kind
+    post_attn: torch.Tensor | None = None
+    """Norm of the attention branch, before its residual add."""
+    post_mlp: torch.Tensor | None = None
+    """Norm of the MLP branch, before its residual add."""
+    local: bool = False
+    """A sliding-window layer among global ones (its mask is the local one)."""
+    rope: int = 0
+    """Index of its rotary table where the model has several."""
 
 
 def _adjacent_rows(tensors: Sequence[torch.Tensor]) -> bool:
@@ -424,8 +433,16 @@ def head(
     eps: float,
     gemv: int = 0,
     pdl: bool = False,
+    extra: tuple[Any, ...] = (),
 ) -> torch.Tensor:
     return linear(rms_norm(h, norm, eps), lm_head, gemv, pdl).float()
+
+
+def embed(ids: torch.Tensor, table: torch.Tensor, extra: tuple[Any, ...] = ()) -> torch.Tensor:
+    """The embedding of ``ids`` (layer 0)."""
+    import torch.nn.functional as F
+
+    return F.embedding(ids, table)
 
 
 def first(
@@ -582,6 +599,7 @@ def block_kv(
     head_dim: int,
     eps: float,
     scaling: float,
+    extra: tuple[Any, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A decoder block over ``h`` ``[batch, seq, hidden]`` (the HF Llama block's arithmetic,
     q/k/v and gate/up products fused where the weights are), also returning its keys and
@@ -642,6 +660,8 @@ ARCHITECTURE = Architecture(
     head_advance=head_advance,
     block_kv=block_kv,
     head=head,
+    embed=embed,
     fused_attention=True,
     fused_block=True,
+    swiglu=True,
 )

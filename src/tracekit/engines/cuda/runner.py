@@ -544,7 +544,8 @@ class Runner:
         # positions as HF generate builds them from the mask: 0 at each row's first real token
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         # later cache slots may hold keys of an earlier batch; the mask never lets them in
-        prefill = self._prefill_fast if plan.fast_prefill else self._prefill_hf
+        own = plan.fast_prefill or not self.m.arch.hf_prefill
+        prefill = self._prefill_fast if own else self._prefill_hf
         logits = prefill(ids, mask, positions, pool)
         st.pad_len.copy_(prompt_len - n_real)
         st.slot.fill_(prompt_len - 1)
@@ -613,27 +614,28 @@ class Runner:
         boolean mask (:func:`prefill_mask`), per-row rotary positions, each block's keys and
         values written straight into the cache."""
         import torch
-        import torch.nn.functional as F
 
         m, compiled = self.m, bool(self.plan.compile)
         spec = m.spec
+        # [batch, seq, head_dim] (or [batch, seq, tables, head_dim] for several tables)
         cos, sin = m.cos_table[position_ids], m.sin_table[position_ids]
         attn_mask = prefill_mask(mask)
         wanted = set(self.plan.layers)
         prompt_len = ids.shape[1]
-        h = F.embedding(ids, m.embed)
+        h = m.arch.embed(ids, m.embed, spec.extra)
         if 0 in wanted:
             pool(0, h)
 
-        def mark_dynamic(*tensors: torch.Tensor) -> None:
+        def mark_dynamic(t: torch.Tensor, *dims: int) -> None:
             # one compilation for every batch size and prompt length
-            for t in tensors if compiled else ():
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2)
+            for d in dims if compiled else ():
+                torch._dynamo.maybe_mark_dynamic(t, d)
 
-        mark_dynamic(cos, sin, attn_mask)
+        mark_dynamic(cos, 0, 1)
+        mark_dynamic(sin, 0, 1)
+        mark_dynamic(attn_mask, 0, 2, 3)
         for i, w in enumerate(m.weights):
-            mark_dynamic(h)
+            mark_dynamic(h, 0, 1)
             h, keys, values = m.fns.block_kv(
                 h,
                 w,
@@ -645,12 +647,15 @@ class Runner:
                 spec.head_dim,
                 spec.eps,
                 spec.scaling,
+                spec.extra,
             )
             self.k_cache[i][:, :, :prompt_len].copy_(keys)
             self.v_cache[i][:, :, :prompt_len].copy_(values)
             if i + 1 in wanted:
                 pool(i + 1, h)
-        logits: torch.Tensor = m.arch.head(h[:, -1], m.final_norm, m.lm_head, spec.eps)
+        logits: torch.Tensor = m.arch.head(
+            h[:, -1], m.final_norm, m.lm_head, spec.eps, extra=spec.extra
+        )
         return logits
 
 

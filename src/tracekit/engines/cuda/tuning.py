@@ -68,7 +68,13 @@ class StepTuner:
         """The layers step tuning decides: :data:`TUNED_ROLES` not pinned by the plan."""
         w = self.dec.weights[0]
         pinned = self.dec.plan.pinned
-        return [r for r in TUNED_ROLES if r not in pinned and getattr(w, r, None) is not None]
+        # gate_up's one candidate gates with SiLU: only for architectures that do
+        skip = () if self.dec.arch.swiglu else ("gate_up",)
+        return [
+            r
+            for r in TUNED_ROLES
+            if r not in pinned and r not in skip and getattr(w, r, None) is not None
+        ]
 
     def _key(self, role: str, batch: int) -> str:
         dec = self.dec
