@@ -30,6 +30,7 @@ Contract every engine keeps (the tests check the reference engine against it):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 
     from tracekit.engines.steering import Steering
     from tracekit.models.loading import LoadedModel
+
+logger = logging.getLogger(__name__)
 
 FinishReason = Literal["eos", "length"]
 Prompt = str | Sequence[int]
@@ -230,10 +233,135 @@ def engine_class(name: str) -> Any:
 
 def create_engine(name: str, loaded: LoadedModel, *, steering: bool = False) -> GenerationEngine:
     """Build the engine registered as ``name`` (or ``auto``) for ``loaded``; ``steering``: the
-    run steers (``auto`` then picks an engine that can)."""
-    engine_cls = engine_class(resolve_engine_name(name, loaded, steering=steering))
-    engine: GenerationEngine = engine_cls(loaded)
+    run steers (``auto`` then picks an engine that can). Under ``auto`` a fast engine comes
+    wrapped in :class:`FallbackEngine`: if it fails, the reference engine takes over (one
+    warning) instead of the run stopping."""
+    resolved = resolve_engine_name(name, loaded, steering=steering)
+    engine: GenerationEngine = engine_class(resolved)(loaded)
+    if name == "auto" and resolved != "hf":
+        return FallbackEngine(engine)
     return engine
+
+
+def falls_back(exc: BaseException) -> bool:
+    """Whether :class:`FallbackEngine` hands a batch that raised ``exc`` to the reference
+    engine: not for running out of memory (the caller retries a smaller batch) nor for the
+    caller's own mistakes (:class:`~tracekit.errors.InputError`, :class:`ConfigError`), which
+    the reference engine would raise too."""
+    from tracekit.errors import InputError
+
+    if isinstance(exc, (InputError, ConfigError)) or not isinstance(exc, Exception):
+        return False
+    message = str(exc).lower()
+    return "out of memory" not in message and type(exc).__name__ != "OutOfMemoryError"
+
+
+class FallbackEngine:
+    """``auto``'s fast engine, with the reference engine behind it.
+
+    A batch the fast engine fails on (a compilation it cannot do, a shape it does not take) is
+    run again by the reference engine, with one warning naming the error; every later batch
+    goes to the reference engine too, so a run never mixes engines after a failure. Errors that
+    the reference engine would raise as well (:func:`falls_back`) propagate.
+    """
+
+    def __init__(self, fast: GenerationEngine) -> None:
+        self.fast = fast
+        self.loaded = fast.loaded
+        self.name = fast.name
+        """The engine that runs the next batch: the fast one's name, ``hf`` after a failure."""
+        self.supports_steering = bool(getattr(fast, "supports_steering", False))
+        self.fallback: GenerationEngine | None = None
+
+    def _switch(self, exc: BaseException) -> GenerationEngine:
+        from tracekit.engines.hf import HFEngine
+
+        logger.warning(
+            "the %s engine failed on this model (%s: %s); the run falls back to the hf engine",
+            self.fast.name,
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
+        self.fallback = HFEngine(self.loaded)
+        self.name = self.fallback.name
+        return self.fallback
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        capture: CaptureSpec | None = None,
+        row_seeds: Sequence[int] | None = None,
+        *,
+        pad_to: int | None = None,
+        steering: Steering | None = None,
+    ) -> GenerationOutput:
+        return self.start(
+            prompts, params, capture, row_seeds, pad_to=pad_to, steering=steering
+        ).result()
+
+    def start(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        capture: CaptureSpec | None = None,
+        row_seeds: Sequence[int] | None = None,
+        *,
+        pad_to: int | None = None,
+        steering: Steering | None = None,
+    ) -> PendingOutput:
+        """:func:`start_generation` on the engine in use; a failure of the fast engine, when
+        starting the batch or when taking its result, reruns the batch on the reference."""
+        batch = _Batch(prompts, params, capture, row_seeds, pad_to, steering)
+        if self.fallback is not None:
+            return batch.start(self.fallback)
+        try:
+            pending = batch.start(self.fast)
+        except Exception as exc:
+            if not falls_back(exc):
+                raise
+            return batch.start(self._switch(exc))
+        return _Guarded(self, pending, batch)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One batch's arguments, to hand to either engine."""
+
+    prompts: Sequence[Prompt]
+    params: GenerationParams
+    capture: CaptureSpec | None
+    row_seeds: Sequence[int] | None
+    pad_to: int | None
+    steering: Steering | None
+
+    def start(self, engine: GenerationEngine) -> PendingOutput:
+        return start_generation(
+            engine,
+            self.prompts,
+            self.params,
+            self.capture,
+            self.row_seeds,
+            pad_to=self.pad_to,
+            steering=self.steering,
+        )
+
+
+class _Guarded:
+    """A fast engine's pending batch whose failure reruns it on the reference engine."""
+
+    def __init__(self, owner: FallbackEngine, pending: PendingOutput, batch: _Batch) -> None:
+        self._owner, self._pending, self._batch = owner, pending, batch
+
+    def result(self) -> GenerationOutput:
+        try:
+            return self._pending.result()
+        except Exception as exc:
+            if not falls_back(exc):
+                raise
+            owner = self._owner
+            engine = owner.fallback if owner.fallback is not None else owner._switch(exc)
+            return self._batch.start(engine).result()
 
 
 def stop_token_ids(loaded: LoadedModel) -> list[int]:

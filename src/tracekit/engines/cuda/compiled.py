@@ -84,11 +84,15 @@ _COMPILED_DYNAMIC: dict[str, Any] = {}
 
 
 def compiled_dynamic(name: str, fn: Any) -> Any:
-    """``fn`` compiled once per process with its dimensions dynamic (``dynamic=None``: sizes
-    that change between calls become symbolic): the blocks over whole sequences, whose batch
-    and length vary (the engine's prefill, the teacher-forced forward)."""
+    """``fn`` compiled once per process for the blocks over whole sequences, whose batch and
+    length vary (the engine's prefill, the teacher-forced forward): the dimensions the caller
+    marks (``torch._dynamo.maybe_mark_dynamic``) are dynamic, everything else static. Under
+    ``dynamic=None`` a second model with other head counts recompiled the block with the counts
+    symbolic, and on CUDA ``scaled_dot_product_attention`` rejected ``enable_gqa`` as a
+    symbolic bool (a Mistral-7B-shaped model, then a Qwen2.5-7B-shaped one); now each model
+    shape compiles its own graph."""
     import torch
 
     if name not in _COMPILED_DYNAMIC:
-        _COMPILED_DYNAMIC[name] = torch.compile(fn, dynamic=None, fullgraph=True)
+        _COMPILED_DYNAMIC[name] = torch.compile(fn, dynamic=False, fullgraph=True)
     return _COMPILED_DYNAMIC[name]
