@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_generate import bandwidth  # noqa: E402  (this folder: the same measure in both)
+from bench_generate import bandwidth, step_read_bytes  # noqa: E402  (this folder: same measures)
 
 from tracekit.engines.cuda.engine import CudaEngine  # noqa: E402
 from tracekit.engines.hf import HFEngine  # noqa: E402
@@ -329,9 +329,10 @@ def main() -> None:
         ids, mask = ids.to(dev), torch.ones_like(ids).to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         tokens = batch * T
-        # floor: every decode step reads all weights once plus the KV cache written so far
+        # floor: every decode step reads the weights it uses once plus the KV cache written so far
         kv_avg = batch * kv_bytes_per_token * (P + (T - 1) / 2)
-        floor_step = (weight_bytes + kv_avg) / bw
+        # a step reads every weight but an untied input embedding (one row per sequence)
+        floor_step = (step_read_bytes(model) + kv_avg) / bw
 
         def prefill(ids: Any = ids, mask: Any = mask, pos: Any = pos) -> Any:
             with torch.no_grad():

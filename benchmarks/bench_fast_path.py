@@ -1,0 +1,307 @@
+"""The fast path for the models users run (issue 33), checked and timed in one command.
+
+Random-init models (nothing downloaded), bf16 unless said, one table per part:
+
+- ``two``: two model shapes in one process. A Mistral-7B-shaped and then a Qwen2.5-7B-shaped
+  model (their attention shapes, two blocks, vocabulary cut to 512) generate through ``auto``
+  with capture; each row says which engine ran it (both must say ``cuda``).
+- ``exact``: the bf16 error against float32, per pooling, the largest over all layers: the
+  engine's captures and HF's own bf16 teacher-forced forward, both against HF's float32
+  forward of the same weights over the same tokens (:mod:`tracekit.engines.exactness`).
+- ``gemma``: Gemma-2-2B, Gemma-2-9B and Gemma-3-12B shapes, every layer captured: the decode
+  step on the device against the floor (the bytes one step reads, untied input embedding
+  excluded, plus the mean KV cache, over the copy bandwidth measured here), tokens/s against
+  ``model.generate`` in the same process.
+- ``cold``: a 200-row trait run (Llama-3.2-1B shape, batch 32, 128 new tokens, every layer
+  captured) with no decisions file: seconds from the engine's creation to the first batch's
+  results, and end to end, against ``model.generate`` over the same rows.
+
+Run on the device: ``python benchmarks/bench_fast_path.py`` (all parts, about 6 minutes on an
+H100) or ``--parts two,exact``; ``--csv out.csv`` writes the rows. Step tuning is off for the
+``gemma`` rows (``TRACEKIT_STEP_TUNING=0``; it is worth 1-3% and costs a minute per batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_generate import (  # this folder: the same measures as the other benches
+    bandwidth,
+    kv_bytes_per_step,
+    step_read_bytes,
+)
+
+from tracekit.engines.exactness import bf16_errors
+from tracekit.engines.interface import CaptureSpec, GenerationParams, create_engine
+from tracekit.engines.pooling import Pooling
+from tracekit.models.random_gemma import random_gemma
+from tracekit.models.random_model import random_llama
+
+ALL_POOLINGS = tuple(Pooling)
+SMOKE = {"device": "cuda"}
+"""``--smoke`` sets ``device`` to ``cpu``: every part on tiny shapes, to check the script."""
+
+
+def device() -> str:
+    return SMOKE["device"]
+
+
+def half() -> str:
+    return "bfloat16" if device() == "cuda" else "float32"
+
+
+def random_prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    ids: list[list[int]] = torch.randint(2, vocab, (batch, length), generator=gen).tolist()
+    return ids
+
+
+def sync() -> None:
+    if device() == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def hf_generate(loaded: Any, prompts: list[list[int]], new: int) -> None:
+    ids = torch.tensor(prompts, device=loaded.device)
+    with torch.no_grad():
+        loaded.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+def part_two(rows: list[dict[str, Any]]) -> None:
+    params = GenerationParams(max_new_tokens=16, temperature=0)
+    capture = CaptureSpec(layers=(0, 1, 2), poolings=ALL_POOLINGS)
+    shapes = [("mistral-7b", 32, 8, 4096, "mistral"), ("qwen2.5-7b", 28, 4, 3584, "qwen2")]
+    if device() != "cuda":
+        shapes = [("mistral-tiny", 8, 2, 128, "mistral"), ("qwen2-tiny", 4, 1, 128, "qwen2")]
+    for name, heads, kv_heads, hidden, family in shapes:
+        overrides = {
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "initializer_range": 0.02,
+        }
+        loaded = random_llama(
+            "tiny", device=device(), dtype=half(), overrides=overrides, model_type=family
+        )
+        engine = create_engine("auto", loaded)
+        started = time.perf_counter()
+        out = engine.generate(random_prompts(512, 4, 24, 0), params, capture)
+        rows.append(
+            {
+                "part": "two",
+                "shape": name,
+                "engine": engine.name,
+                "tokens": sum(len(r) for r in out.response_ids),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+        del engine, loaded
+        empty_cache()
+
+
+def empty_cache() -> None:
+    if device() == "cuda":
+        torch.cuda.empty_cache()
+
+
+def part_exact(rows: list[dict[str, Any]]) -> None:
+    shapes = ("llama-3.2-1b", "gemma-2-2b") if device() == "cuda" else ("tiny", "gemma2-tiny")
+    for shape in shapes:
+        maker = random_gemma if shape.startswith("gemma") else random_llama
+        loaded = maker(shape, device=device(), dtype="float32", seed=0)
+        vocab = loaded.model.config.get_text_config().vocab_size
+        gen = torch.Generator().manual_seed(1)
+        lengths = torch.randint(8, 64, (8,), generator=gen).tolist()
+        prompts = [torch.randint(2, vocab, (k,), generator=gen).tolist() for k in lengths]
+        errors = bf16_errors(loaded, prompts, new_tokens=32)
+        for pooling, err in errors.items():
+            engine, hf = max(err["engine"]), max(err["hf"])
+            rows.append(
+                {
+                    "part": "exact",
+                    "shape": shape,
+                    "pooling": pooling,
+                    "engine err": f"{engine:.2%}",
+                    "engine worst layer": err["engine"].index(engine),
+                    "hf err": f"{hf:.2%}",
+                    "hf worst layer": err["hf"].index(hf),
+                    "ratio": round(engine / hf, 2),
+                }
+            )
+        del loaded
+        empty_cache()
+
+
+def part_gemma(rows: list[dict[str, Any]], bw: float, batches: dict[str, list[int]]) -> None:
+    for shape, sizes in batches.items():
+        gemma_rows(rows, bw, shape, sizes)
+        empty_cache()
+
+
+def gemma_rows(rows: list[dict[str, Any]], bw: float, shape: str, sizes: list[int]) -> None:
+    prompt, new = (64, 128) if device() == "cuda" else (8, 8)
+    params = GenerationParams(max_new_tokens=new, temperature=0)
+    loaded = random_gemma(shape, device=device(), dtype=half(), seed=0)
+    loaded.model.generation_config.eos_token_id = None
+    capture = CaptureSpec(layers=tuple(range(loaded.n_layers)), poolings=ALL_POOLINGS)
+    engine: Any = create_engine("cuda", loaded)
+    engine.stop_ids = [-1]  # every row makes `new` tokens
+    vocab = loaded.model.config.get_text_config().vocab_size
+    weights = step_read_bytes(loaded.model)
+    for batch in sizes:
+        prompts = random_prompts(vocab, batch, prompt, batch)
+
+        def run(p: list[list[int]] = prompts) -> None:
+            engine.generate(p, params, capture)
+
+        setup = seconds(run)
+        steps, calls = [], []
+        for _ in range(3):
+            calls.append(seconds(run))
+            on_device = engine._decoder(capture).last_decode_seconds  # None off CUDA
+            steps.append((calls[-1] if on_device is None else on_device) / new)
+        step, call = statistics.median(steps), statistics.median(calls)
+        hf = seconds(lambda p=prompts: hf_generate(loaded, p, new))
+        floor = (weights + kv_bytes_per_step(loaded.model, batch, prompt, new)) / bw
+        rows.append(
+            {
+                "part": "gemma",
+                "shape": shape,
+                "batch": batch,
+                "setup s": round(setup, 1),
+                "step ms": round(step * 1e3, 3),
+                "floor ms": round(floor * 1e3, 3),
+                "of floor": f"{floor / step:.0%}",
+                "tok/s": round(batch * new / call),
+                "generate tok/s": round(batch * new / hf),
+                "x generate": round(hf / call, 1),
+            }
+        )
+
+
+def part_cold(rows: list[dict[str, Any]]) -> None:
+    """A 200-row trait run on a machine without a decisions file."""
+    n_rows, batch, prompt, new = (200, 32, 64, 128) if device() == "cuda" else (10, 4, 8, 8)
+    os.environ["TRACEKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="tracekit-cold-")
+    shape = "llama-3.2-1b" if device() == "cuda" else "tiny"
+    loaded = random_llama(shape, device=device(), dtype=half(), seed=0)
+    loaded.model.generation_config.eos_token_id = None
+    prompts = random_prompts(loaded.model.config.vocab_size, n_rows, prompt, 7)
+    capture = CaptureSpec(layers=tuple(range(loaded.n_layers)), poolings=ALL_POOLINGS)
+    params = GenerationParams(max_new_tokens=new, temperature=0)
+    sync()
+    started = time.perf_counter()
+    engine = create_engine("cuda", loaded)
+    engine.stop_ids = [-1]  # type: ignore[attr-defined]
+    plan = getattr(engine, "plan_job", None)
+    if plan is not None:  # what `tracekit generate` tells the engine
+        plan(rows=n_rows, max_new_tokens=new)
+    first = None
+    for i in range(0, n_rows, batch):
+        engine.generate(prompts[i : i + batch], params, capture, pad_to=batch)
+        if first is None:
+            first = time.perf_counter() - started
+    total = time.perf_counter() - started
+    hf_total = sum(
+        seconds(lambda i=i: hf_generate(loaded, prompts[i : i + batch], new))
+        for i in range(0, n_rows, batch)
+    )
+    rows.append(
+        {
+            "part": "cold",
+            "shape": shape,
+            "rows": n_rows,
+            "first batch s": round(first or 0.0, 1),
+            "end to end s": round(total, 1),
+            "generate s": round(hf_total, 1),
+            "setup": " ".join(f"{k}={v:.1f}" for k, v in engine.setup_parts.items()),  # type: ignore[attr-defined]
+        }
+    )
+
+
+def print_tables(rows: list[dict[str, Any]]) -> None:
+    for part in dict.fromkeys(r["part"] for r in rows):
+        chunk = [r for r in rows if r["part"] == part]
+        columns = list(dict.fromkeys(c for r in chunk for c in r if c != "part"))
+        print(f"\n{part}\n| " + " | ".join(columns) + " |")
+        print("|" + "|".join("---" for _ in columns) + "|")
+        for row in chunk:
+            print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="two,exact,gemma,cold")
+    ap.add_argument(
+        "--gemma",
+        default="gemma-2-2b:8/32,gemma-2-9b:32,gemma-3-12b:32",
+        help="shape:batch/batch,... for the gemma part",
+    )
+    ap.add_argument("--csv", type=Path, default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (no timings)")
+    args = ap.parse_args()
+    os.environ.setdefault("TRACEKIT_STEP_TUNING", "0")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if args.smoke:
+        SMOKE["device"] = "cpu"
+        args.gemma = "gemma2-tiny:2,gemma3-tiny:2"
+        bw, name = float("nan"), "cpu"
+    else:
+        bw, _ = bandwidth(torch.device("cuda"), 2 << 30, reps=10)
+        name = torch.cuda.get_device_name()
+    print(f"device {name}  torch {torch.__version__}  HBM {bw / 1e12:.2f} TB/s", flush=True)
+    rows: list[dict[str, Any]] = []
+    parts = args.parts.split(",")
+    started = time.perf_counter()
+    if "two" in parts:
+        part_two(rows)
+    if "exact" in parts:
+        part_exact(rows)
+    if "gemma" in parts:
+        batches = {
+            shape: [int(b) for b in sizes.split("/")]
+            for shape, sizes in (item.split(":") for item in args.gemma.split(","))
+        }
+        part_gemma(rows, bw, batches)
+    if "cold" in parts:
+        part_cold(rows)
+    print_tables(rows)
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
+    if args.csv is not None:
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
