@@ -1,12 +1,13 @@
 """Two model shapes in one process: the compiled block keeps each model's head counts static.
 
 The blocks over whole sequences (the fast forward's, the prefill's) are compiled once per
-process, their batch and sequence dimensions dynamic (``tracekit.engines.cuda.compiled``). Under ``dynamic=None`` a second model with other head counts made dynamo recompile
-with the counts symbolic, and on CUDA ``scaled_dot_product_attention`` rejected ``enable_gqa``
-as a symbolic bool (a Mistral-7B-shaped model, then a Qwen2.5-7B-shaped one). Here dynamo
-compiles through a backend that records each graph's symbolic inputs (torch's own eager
-execution of the graph, no inductor), for two shapes and two batch shapes each: every graph has
-the same symbols (batch and length), never the counts, and the results equal the reference.
+process, their batch and sequence dimensions dynamic (``tracekit.engines.cuda.compiled``).
+Under ``dynamic=None`` a second model with other head counts made dynamo recompile with the
+counts symbolic, and on CUDA ``scaled_dot_product_attention`` rejected ``enable_gqa`` as a
+symbolic bool (a Mistral-7B-shaped model, then a Qwen2.5-7B-shaped one). Here dynamo compiles
+through a backend that records each graph's symbolic inputs (torch's own eager execution of
+the graph, no inductor), for two shapes and two batch shapes each: every graph has the same
+symbols (batch and length), never the counts, and the results equal the reference.
 """
 
 from __future__ import annotations
