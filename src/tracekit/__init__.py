@@ -48,7 +48,7 @@ _LAZY: dict[str, str] = {
     "CudaEngine": "tracekit.engines.cuda.engine",
     "Pooling": "tracekit.engines.pooling",
     "generate": "tracekit.jobs.generate",
-    "GenerateConfig": "tracekit.jobs.generate",
+    "GenerateConfig": "tracekit.config.generate",
     "extract_activations": "tracekit.jobs.extract_activations",
     "ExtractActivationsConfig": "tracekit.jobs.extract_activations",
     "Steering": "tracekit.engines.steering",

@@ -7,9 +7,10 @@ import logging
 import pytest
 import torch
 
+from tracekit.config.generate import GenerateConfig
 from tracekit.engines import interface as engine_module
 from tracekit.engines.hf import HFEngine
-from tracekit.jobs.generate import GenerateConfig, generate
+from tracekit.jobs.generate import generate
 from tracekit.storage.experiment import TraitPaths, read_parts
 
 pytestmark = pytest.mark.integration

@@ -180,7 +180,7 @@ def test_next_batch_started_before_the_result_is_taken_changes_nothing(tiny):
 
 def _job_config(tmp_path, engine: str, n_examples: int):
     """A small greedy generate job at batch size 2 on a registered test engine."""
-    from tracekit.jobs.generate import GenerateConfig
+    from tracekit.config.generate import GenerateConfig
 
     return GenerateConfig(
         experiment="e",

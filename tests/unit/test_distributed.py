@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from tracekit.config.generate import GenerateConfig
 from tracekit.distributed import (
     COMPILE_THREADS_ENV,
     GPU_PER_PROCESS_ENV,
@@ -14,7 +15,6 @@ from tracekit.distributed import (
     share_host_cpus,
 )
 from tracekit.errors import ConfigError
-from tracekit.jobs.generate import GenerateConfig
 
 
 def test_single_process_without_world_size(monkeypatch):

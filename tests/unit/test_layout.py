@@ -34,7 +34,6 @@ TO_SPLIT = {
     "engines/hf.py:generate",
     "jobs/extract_features.py:_extract_features",
     "jobs/extract_activations.py:_extract_activations",
-    "jobs/generate.py",
     "jobs/generate.py:_generate",
     "jobs/judge.py:ajudge_rows",
     "storage/sentences.py:get_final_token_data",

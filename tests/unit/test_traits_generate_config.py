@@ -4,10 +4,11 @@ import pytest
 from pydantic import ValidationError
 
 from tracekit.config.base import resolve_config
+from tracekit.config.generate import GenerateConfig
 from tracekit.engines.interface import GenerationParams
 from tracekit.engines.pooling import Pooling, parse_poolings
 from tracekit.errors import ConfigError
-from tracekit.jobs.generate import GenerateConfig, plan_rows, row_seed
+from tracekit.jobs.generate import plan_rows, row_seed
 from tracekit.traits import load_trait
 
 

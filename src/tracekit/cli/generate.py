@@ -224,9 +224,10 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
     ) -> None:
         """Generate positive/negative trait responses with activation capture."""
+        from tracekit.config.generate import GenerateConfig
         from tracekit.distributed import launch
         from tracekit.errors import ConfigError
-        from tracekit.jobs.generate import GenerateConfig, generate
+        from tracekit.jobs.generate import generate
 
         derived = {}
         if trait is not None and traits is not None:

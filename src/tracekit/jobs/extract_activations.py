@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import field_validator
 
+from tracekit.config.generate import RuntimeOptions, check_name
 from tracekit.config.types import BatchSize, LayerSpec
 from tracekit.distributed import barrier, process_info
 from tracekit.engines.interface import CaptureSpec
 from tracekit.engines.pooling import Pooling, Poolings
 from tracekit.errors import ConfigError, InputError
-from tracekit.jobs.generate import RuntimeOptions, check_name, model_settings_for
+from tracekit.jobs.generate import model_settings_for
 from tracekit.storage import activation_slots as activations
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import atomic_npy_memmap, check_writable, output_lock, write_json

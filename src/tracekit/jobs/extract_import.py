@@ -59,7 +59,7 @@ class ImportActivationsConfig(TracekitConfig):
     @field_validator("experiment", "trait")
     @classmethod
     def _names(cls, value: str) -> str:
-        from tracekit.jobs.generate import check_name
+        from tracekit.config.generate import check_name
 
         return check_name(value, "experiment or trait")
 

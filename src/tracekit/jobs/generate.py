@@ -17,12 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, field_validator, model_validator
-
-from tracekit.config.base import TracekitConfig
-from tracekit.config.types import BatchSize, LayerSpec
+from tracekit.config.generate import GenerateConfig, RuntimeOptions
 from tracekit.distributed import (
     ProcessInfo,
     all_gather,
@@ -30,172 +27,21 @@ from tracekit.distributed import (
     process_info,
     process_model_config,
 )
-from tracekit.engines.interface import CaptureSpec, GenerationParams, create_engine
-from tracekit.engines.pooling import Pooling, Poolings
-from tracekit.engines.steering import SteerControl, SteerPositions
+from tracekit.engines.batching import Batcher
+from tracekit.engines.interface import CaptureSpec, create_engine
 from tracekit.errors import ConfigError, ModelError
-from tracekit.models.loading import DtypeName, ModelConfig
+from tracekit.models.loading import ModelConfig
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import output_lock, write_json
 from tracekit.storage.background import BackgroundWrites
-from tracekit.storage.experiment import POLARITIES, Polarity, TraitPaths
+from tracekit.storage.experiment import Polarity, TraitPaths
 from tracekit.traits import TraitDefinition, load_trait
 
 if TYPE_CHECKING:
-    from tracekit.engines.interface import GenerationEngine
-    from tracekit.engines.steering import Steering, SteeringSet
+    from tracekit.engines.steering import SteeringSet
     from tracekit.models.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
-
-_NAME_HINT = "use letters, digits, '_', '-' or '.'"
-
-
-def check_name(value: str, what: str) -> str:
-    value = value.strip()
-    if not value or "/" in value or "\\" in value or value.startswith("."):
-        raise ValueError(f"invalid {what} name '{value}': {_NAME_HINT}")
-    return value
-
-
-class RuntimeOptions(TracekitConfig):
-    """Model selection options shared by generate and extract."""
-
-    model: str | None = None
-    revision: str | None = None
-    dtype: DtypeName = "auto"
-    device: str = "auto"
-    device_map: Literal["auto"] | None = None
-    chat_template: bool = True
-    """Use the tokenizer's chat template (instruction as system prompt); False for base models."""
-
-    def model_settings(self) -> ModelConfig:
-        return ModelConfig(
-            model=self.model,
-            revision=self.revision,
-            dtype=self.dtype,
-            device=self.device,
-            device_map=self.device_map,
-        )
-
-
-class GenerateConfig(RuntimeOptions):
-    """Options of ``tracekit generate`` (and of :func:`generate`)."""
-
-    experiment: str
-    traits: tuple[str, ...] = Field(min_length=1)
-    experiments_dir: Path = Path("experiments")
-    engine: str = "auto"
-    batch_size: BatchSize = 8
-    n_examples: int = Field(default=100, ge=1, le=1_000_000)
-    max_new_tokens: int = Field(default=150, ge=1, le=100_000)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int = 0
-    layers: LayerSpec = LayerSpec(None)
-    pooling: Poolings = (Pooling.response_avg,)
-    extract_activations: bool = True
-    judge_model: str | None = None
-    """Judge each response with this model (tracekit.judge; backend from the options below)."""
-    judge_metrics: tuple[Literal["trait", "coherence"], ...] = ("trait",)
-    judge_base_url: str | None = None
-    judge_min_mass: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25
-    """OpenAI-compatible server; None: ``OPENAI_BASE_URL``, else the local backend."""
-    threshold: float = Field(default=50.0, ge=0.0, le=100.0)
-    generation_cache: bool = True
-    pt: bool = False
-    """Also write each activation file as a ``.pt`` tensor (a second full copy on disk)."""
-    force: bool = False
-    steer_vector: Path | None = None
-    """Steer: add ``coef * vector`` to the residual stream (:mod:`tracekit.engines.steering`);
-    a vectors file as ``extract vectors`` writes it (``[layers, hidden]``) or one ``[hidden]``."""
-    steer_layer: int | None = Field(default=None, ge=0)
-    steer_coef: tuple[float, ...] = ()
-    """One output set per coefficient (a sweep)."""
-    steer_positions: SteerPositions = "response"
-    steer_control: SteerControl | None = None
-    """``random``: also the same sweep along a seeded random direction of the vector's norm."""
-    steer_control_seed: int = 0
-    steer_prompts: Literal["neutral", "trait"] = "neutral"
-    """Steered runs ask the trait's questions without instruction (``neutral``, one CSV) or
-    with its pos/neg instructions (``trait``)."""
-
-    @field_validator("steer_coef", mode="before")
-    @classmethod
-    def _split_coefs(cls, value: Any) -> Any:
-        if isinstance(value, (int, float)):
-            return (value,)
-        if isinstance(value, str):
-            try:
-                return tuple(float(v) for v in value.split(","))
-            except ValueError:
-                raise ValueError(f"'{value}' is not a list of numbers (e.g. -4,-2,0,2,4)") from None
-        return value
-
-    @field_validator("steer_coef")
-    @classmethod
-    def _unique_coefs(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        import math
-
-        if any(not math.isfinite(v) for v in value):
-            raise ValueError("coefficients must be finite numbers")
-        return tuple(dict.fromkeys(v + 0.0 for v in value))
-
-    @model_validator(mode="after")
-    def _steering_complete(self) -> GenerateConfig:
-        if self.steer_vector is None:
-            given = [
-                name
-                for name in ("steer_layer", "steer_coef", "steer_control")
-                if getattr(self, name) not in (None, ())
-            ]
-            if given:
-                option = "--" + given[0].replace("_", "-")
-                raise ValueError(f"{option} needs --steer-vector FILE")
-        elif self.steer_layer is None:
-            raise ValueError("--steer-vector needs --steer-layer L (the layer to add it at)")
-        elif not self.steer_coef:
-            raise ValueError("--steer-vector needs --steer-coef (e.g. -4,-2,0,2,4)")
-        return self
-
-    @property
-    def polarities(self) -> tuple[Polarity, ...]:
-        """The row sets a run generates: pos and neg, or only neutral rows when steering."""
-        if self.steer_vector is not None and self.steer_prompts == "neutral":
-            return ("neutral",)
-        return POLARITIES
-
-    @field_validator("experiment")
-    @classmethod
-    def _experiment_name(cls, value: str) -> str:
-        return check_name(value, "experiment")
-
-    @field_validator("judge_metrics", mode="before")
-    @classmethod
-    def _split_metrics(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        return value
-
-    @field_validator("traits", mode="before")
-    @classmethod
-    def _split_traits(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v for v in value.split(",")]
-        if isinstance(value, (list, tuple)):
-            items = [str(v).strip() for v in value]
-            if any(not v for v in items):
-                raise ValueError("empty trait name in the trait list (look for ',,')")
-            return tuple(dict.fromkeys(items))
-        return value
-
-    def generation_params(self) -> GenerationParams:
-        return GenerationParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-        )
 
 
 @dataclass
@@ -295,94 +141,6 @@ def row_seed(seed: int, polarity: Polarity, row_id: int) -> int:
     """Per-row sampling seed: independent of batch size, order and resume (and of the
     coefficient of a steering sweep, so each coefficient samples with the same seeds)."""
     return (seed * 1_000_003 + row_id * 2 + (0 if polarity == "pos" else 1)) % (2**62)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-class _Batcher:
-    """Runs rows through the engine in batches, halving the batch size on out-of-memory."""
-
-    def __init__(self, engine: GenerationEngine, batch_size: int) -> None:
-        self.engine = engine
-        self.batch_size = batch_size
-        self._warned = False
-
-    def run(
-        self,
-        prompts: list[list[int]],
-        seeds: list[int],
-        params: GenerationParams,
-        capture: CaptureSpec | None,
-        on_output: Callable[[int, int, Any], None],
-        run_rows: int | None = None,
-        steering: Steering | None = None,
-    ) -> None:
-        """``run_rows``: rows of this polarity in the whole run (all processes); short batches
-        are padded (by engines that pad) to the batch size, or to ``run_rows`` if fewer, so a
-        run smaller than one batch is not padded and every process pads alike.
-
-        Each batch is started before the previous one's output is taken (engines with
-        ``start``, see :func:`~tracekit.engines.interface.start_generation`), so the host
-        builds one batch's records while the device generates the next. A finished batch is
-        handed to ``on_output`` before an error of the next one is raised or handled."""
-        from tracekit.engines.interface import start_generation
-
-        pending: tuple[int, int, Any] | None = None
-
-        def take_pending() -> None:
-            nonlocal pending
-            if pending is not None:
-                first, last, launched = pending
-                pending = None
-                on_output(first, last, launched.result())
-
-        start = 0
-        while start < len(prompts):
-            end = min(start + self.batch_size, len(prompts))
-            try:
-                pad_to = min(self.batch_size, run_rows or self.batch_size)
-                launched = start_generation(
-                    self.engine,
-                    prompts[start:end],
-                    params,
-                    capture,
-                    seeds[start:end],
-                    pad_to=pad_to,
-                    steering=steering,
-                )
-            except BaseException as exc:  # an interrupt too: the batch before is done, keep it
-                take_pending()
-                if not is_out_of_memory(exc):
-                    raise
-                if self.batch_size == 1:
-                    raise ModelError(
-                        "out of memory even at batch size 1",
-                        "use a smaller --max-new-tokens, a smaller dtype or --device-map auto",
-                    ) from exc
-                self._halve()
-                continue
-            take_pending()
-            pending = (start, end, launched)
-            start = end
-        take_pending()
-
-    def _halve(self) -> None:
-        import torch
-
-        self.batch_size = max(1, self.batch_size // 2)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if not self._warned:
-            logger.warning("out of memory: continuing with batch size %d", self.batch_size)
-            self._warned = True
-        else:
-            logger.info("out of memory again: batch size %d", self.batch_size)
 
 
 def run_settings(
@@ -587,7 +345,7 @@ def _generate(
     if on_total is not None:
         on_total(sum(len(rows) for _, _, todo, _ in plans for rows in todo.values()))
 
-    batcher = _Batcher(engine, config.batch_size)
+    batcher = Batcher(engine, config.batch_size)
     results = []
     total_tokens = 0
     # every process starts generating together, once the slot files exist (no-op for one process)

@@ -47,6 +47,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tracekit.engines.batching import is_out_of_memory as is_oom
 from tracekit.engines.cuda.arch import architecture_for
 from tracekit.engines.cuda.ops.gemv import mode_for_splits
 from tracekit.engines.cuda.plan import (
@@ -60,7 +61,7 @@ from tracekit.engines.cuda.plan import (
 )
 from tracekit.engines.cuda.runner import Runner, StepModel, settle, step_functions
 from tracekit.engines.cuda.sampling import argmax_chunk_for
-from tracekit.engines.cuda.tuning import StepTuner, is_oom
+from tracekit.engines.cuda.tuning import StepTuner
 from tracekit.engines.interface import HostCopy, to_device
 from tracekit.errors import InputError, ModelError
 from tracekit.models.layers import LayerHandles

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from tracekit.engines.batching import is_out_of_memory as is_oom
 from tracekit.engines.cuda.arch import unsupported_reason
 from tracekit.engines.cuda.decoder import FastDecoder, LaunchedRun
 from tracekit.engines.cuda.plan import SETUP_PARTS, DecoderPlan
 from tracekit.engines.cuda.runner import settle
-from tracekit.engines.cuda.tuning import is_oom
 from tracekit.errors import ModelError
 
 if TYPE_CHECKING:

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from tracekit.engines.batching import is_out_of_memory as is_oom
 from tracekit.engines.cuda.ops.gemv import capture_graph, on_side_stream
 from tracekit.engines.cuda.plan import PREFILL_GRAPH_TOKENS, SETUP_PARTS, DecoderPlan, Dims, RunKey
 from tracekit.engines.cuda.state import Caches, Sink, StepState
-from tracekit.engines.cuda.tuning import is_oom
 from tracekit.engines.pooling import masked_sum
 from tracekit.errors import ModelError
 from tracekit.models.capture import LayerTaps

@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from tracekit.engines.batching import is_out_of_memory as is_oom
 from tracekit.engines.cuda.ops import gemv as ops_gemv
 from tracekit.engines.cuda.plan import GEMV_ROLES, GemvChoice, mode_fits
 
@@ -43,15 +44,6 @@ STEP_TUNING_MARGIN = 0.01
 def modes_label(gemv: GemvChoice) -> str:
     """``qkv=linear o=splitk4 ...``: a step's linear-layer kernels, for logs and benchmarks."""
     return " ".join(f"{r}={ops_gemv.MODE_NAMES[getattr(gemv, r)]}" for r in GEMV_ROLES)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is the device running out of memory."""
-    import torch
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 class StepTuner:
