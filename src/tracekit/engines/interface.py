@@ -274,15 +274,13 @@ class FallbackEngine:
         self.fallback: GenerationEngine | None = None
 
     def _switch(self, exc: BaseException) -> GenerationEngine:
-        from tracekit.engines.hf import HFEngine
-
         logger.warning(
             "the %s engine failed on this model (%s: %s); the run falls back to the hf engine",
             self.fast.name,
             type(exc).__name__,
             str(exc).splitlines()[0] if str(exc) else "",
         )
-        self.fallback = HFEngine(self.loaded)
+        self.fallback = engine_class("hf")(self.loaded)  # by name: hf imports this module
         self.name = self.fallback.name
         return self.fallback
 
