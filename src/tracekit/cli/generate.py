@@ -43,8 +43,9 @@ def _print_result(result: GenerateResult) -> None:
 
     table = Table(title=f"generate · {result.model_label}")
     steered = any(t.steering is not None for t in result.traits)
-    names = ["trait", *(["steering"] if steered else []), "pos rows", "neg rows", "new rows"]
-    for column in [*names, "new tokens", "judged pos>=T / neg<T"]:
+    polarities = list(dict.fromkeys(p for t in result.traits for p in t.rows)) or ["pos", "neg"]
+    names = ["trait", *(["steering"] if steered else []), *(f"{p} rows" for p in polarities)]
+    for column in [*names, "new rows", "new tokens", "judged pos>=T / neg<T"]:
         table.add_column(column, justify="left" if column in ("trait", "steering") else "right")
     for trait in result.traits:
         steering = trait.steering or {}
@@ -55,8 +56,7 @@ def _print_result(result: GenerateResult) -> None:
                 if steered
                 else ()
             ),
-            str(trait.rows.get("pos", trait.rows.get("neutral", 0))),
-            str(trait.rows.get("neg", 0)),
+            *(str(trait.rows.get(p, 0)) for p in polarities),
             str(trait.generated),
             f"{trait.tokens:,}",
             "-"
