@@ -105,3 +105,24 @@ def test_random_control_is_seeded_with_the_vectors_norm():
     assert np.array_equal(one, again) and not np.array_equal(one, other)
     assert np.linalg.norm(one) == pytest.approx(np.linalg.norm(vector), rel=1e-6)
     assert abs(float(one @ vector)) < 0.9 * np.linalg.norm(vector) ** 2  # not the vector itself
+
+
+def test_steering_options_come_from_a_config_file(tmp_path):
+    from tracekit.config.base import resolve_config
+    from tracekit.jobs.generate import GenerateConfig
+
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[generate]\nexperiment = "e"\ntraits = "french"\nsteer_vector = "v.npy"\n'
+        'steer-layer = 12\nsteer_coef = [-2, 0, 2.5]\nsteer_control = "random"\n'
+        'steer_positions = "all"\n'
+    )
+    config = resolve_config(GenerateConfig, {"steer_coef": "0,1"}, path, "generate")
+    assert config.steer_coef == (0.0, 1.0)  # the command line wins
+    config = resolve_config(GenerateConfig, {}, path, "generate")
+    assert (config.steer_layer, config.steer_coef, config.steer_positions) == (
+        12,
+        (-2.0, 0.0, 2.5),
+        "all",
+    )
+    assert config.polarities == ("neutral",)
