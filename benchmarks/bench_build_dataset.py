@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results import add_csv_option, write_csv
 
 
 def make_files(folder: Path, files: int, layers: int, hidden: int, width: int, frags: int) -> int:
@@ -119,6 +120,7 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--fragments", type=int, default=10)
     parser.add_argument("--keep", type=Path, help="write the data here and keep it")
+    add_csv_option(parser)
     parser.add_argument("--child", choices=["baseline", "tracekit"], help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -170,6 +172,7 @@ def main() -> int:
             f"{'approach':<10} {'time s':>8} {'peak RSS MiB':>13} {'over floor':>11} "
             f"{'time ratio':>11} {'RSS-over-floor ratio':>21}"
         )
+        write_csv(args.csv, [{"approach": name, **r} for name, r in results.items()])
         for name, r in results.items():
             over = r["peak_mb"] - r["floor_mb"]
             base_over = base["peak_mb"] - base["floor_mb"]

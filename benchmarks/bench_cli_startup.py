@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from results import add_csv_option, write_csv
+
 HELP_TARGET_S = 0.3
 COMPLETION_TARGET_S = 0.2
 # what a user has typed when pressing TAB: a verb, an option, an option's value
@@ -88,6 +90,7 @@ def _time(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    add_csv_option(parser)
     args = parser.parse_args()
     cases = _cases(_script())
     wall: dict[str, list[float]] = {label: [] for label, *_ in cases}
@@ -111,6 +114,7 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|---|")
     missed = 0
+    rows = []
     for label, kind, _, _ in cases:
         target = {"help": HELP_TARGET_S, "completion": COMPLETION_TARGET_S}.get(kind)
         w, c = statistics.median(wall[label]), statistics.median(cpu[label])
@@ -119,6 +123,9 @@ def main() -> int:
         over = ("", "") if target is None else (f"{w - base_wall:+.3f}", f"{c - base_cpu:+.3f}")
         shown = "" if target is None else f"{target:.1f}"
         print(f"| `{label}` | {w:.3f} | {over[0]} | {c:.3f} | {over[1]} | {shown} | {met} |")
+        rows.append({"command": label, "wall_s": w, "over_python_wall_s": over[0], "cpu_s": c,
+                     "over_python_cpu_s": over[1], "target_s": shown, "met": met})  # fmt: skip
+    write_csv(args.csv, rows)
     return 1 if missed else 0
 
 

@@ -36,22 +36,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_generate import bandwidth, step_read_bytes  # this folder: the same measures
+from results import add_csv_option, write_csv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from bench_generate import bandwidth, step_read_bytes  # noqa: E402  (this folder: same measures)
-
-from tracekit.engines.cuda.engine import CudaEngine  # noqa: E402
-from tracekit.engines.hf import HFEngine  # noqa: E402
-from tracekit.engines.interface import CaptureSpec, GenerationParams  # noqa: E402
-from tracekit.engines.pooling import Pooling  # noqa: E402
-from tracekit.models.random_model import random_llama  # noqa: E402
+from tracekit.engines.cuda.engine import CudaEngine
+from tracekit.engines.hf import HFEngine
+from tracekit.engines.interface import CaptureSpec, GenerationParams
+from tracekit.engines.pooling import Pooling
+from tracekit.models.random_model import random_llama
 
 
 def sync(device: str) -> None:
@@ -253,6 +250,7 @@ def main() -> None:
     ap.add_argument("--tf-compile", action="store_true", help="also time a compiled HF forward")
     ap.add_argument("--tf-profile", action="store_true", help="profile one teacher-forced batch")
     ap.add_argument("--json", type=Path, default=None)
+    add_csv_option(ap)
     args = ap.parse_args()
     dev = args.device
     dtype = "bfloat16" if dev.startswith("cuda") else "float32"
@@ -546,6 +544,7 @@ def main() -> None:
     clocks_end = gpu_clocks() if dev.startswith("cuda") else ""
     if clocks_end:
         print(f"at the end: {clocks_end}")
+    write_csv(args.csv, rows)
     if args.json:
         args.json.write_text(
             json.dumps(

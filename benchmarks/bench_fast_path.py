@@ -24,14 +24,12 @@ H100) or ``--parts two,exact``; ``--csv out.csv`` writes the rows. Step tuning i
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +38,7 @@ from bench_generate import (  # this folder: the same measures as the other benc
     kv_bytes_per_step,
     step_read_bytes,
 )
+from results import add_csv_option, write_csv
 
 from tracekit.engines.exactness import bf16_errors
 from tracekit.engines.interface import CaptureSpec, GenerationParams, create_engine
@@ -264,7 +263,7 @@ def main() -> None:
         default="gemma-2-2b:8/32,gemma-2-9b:32,gemma-3-12b:32",
         help="shape:batch/batch,... for the gemma part",
     )
-    ap.add_argument("--csv", type=Path, default=None)
+    add_csv_option(ap)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (no timings)")
     args = ap.parse_args()
     os.environ.setdefault("TRACEKIT_STEP_TUNING", "0")
@@ -294,12 +293,7 @@ def main() -> None:
         part_cold(rows)
     print_tables(rows)
     print(f"\n{time.perf_counter() - started:.0f} s in all")
-    if args.csv is not None:
-        columns = list(dict.fromkeys(c for r in rows for c in r))
-        with args.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csv(args.csv, rows)
     sys.exit(0)
 
 

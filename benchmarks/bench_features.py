@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results import add_csv_option, write_csv
 
 EXAMPLE_CSV = Path(__file__).resolve().parents[1] / "examples" / "sentences.csv"
 
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("--random-init", action="store_true")
     parser.add_argument("--shape", default=None, help="random-init shape: tiny or llama-3.2-1b")
     parser.add_argument("--json-out", type=Path, default=None)
+    add_csv_option(parser)
     args = parser.parse_args()
 
     from tracekit.features import FeaturesConfig, extract_features
@@ -273,6 +275,7 @@ def main() -> None:
         r["speedup"] = rate / base_rate
         speedup = rate / base_rate
         print(f"| {name} | {r['sentences']} | {r['seconds']:.2f} | {rate:.2f} | {speedup:.1f}x |")
+    write_csv(args.csv, [{"approach": name, **r} for name, r in results.items()])
     if args.json_out:
         args.json_out.write_text(
             json.dumps({"device": device_name, "model": loaded.name, "results": results}, indent=2)

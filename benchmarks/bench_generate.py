@@ -32,25 +32,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from results import add_csv_option, write_csv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from tracekit.engines.interface import (  # noqa: E402
+from tracekit.engines.interface import (
     CaptureSpec,
     GenerationParams,
     create_engine,
     left_pad,
     position_ids_from_mask,
 )
-from tracekit.engines.pooling import Pooling  # noqa: E402
-from tracekit.models.loading import LoadedModel  # noqa: E402
+from tracekit.engines.pooling import Pooling
+from tracekit.models.loading import LoadedModel
 
 
 def sync(device: torch.device) -> None:
@@ -213,6 +211,7 @@ def main() -> None:
     parser.add_argument("--engines", default="hf", help="tracekit engines to time, e.g. hf,cuda")
     parser.add_argument("--reps", type=int, default=1, help="timed repetitions (median)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    add_csv_option(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -306,6 +305,7 @@ def main() -> None:
     print("|" + "|".join("---" for _ in columns) + "|")
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    write_csv(args.csv, rows)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from results import add_csv_option, write_csv
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 TEMPLATE = "Q: {question}\nA: {answer}\nScore:"
@@ -80,6 +82,7 @@ def main() -> None:
         help="connections per httpx client (default tracekit's POOL_SIZE; 1024 = one client)",
     )
     parser.add_argument("--json", action="store_true")
+    add_csv_option(parser)
     args = parser.parse_args()
     if args.pool_size is not None:
         from tracekit.judge import backends
@@ -105,6 +108,7 @@ def main() -> None:
     ceiling["speedup"] = ceiling["per_s"] / base
     ceiling["efficiency"] = float("nan")
     results.append(ceiling)
+    write_csv(args.csv, results)
     if args.json:
         print(json.dumps(results, indent=2))
         return

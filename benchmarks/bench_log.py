@@ -24,6 +24,7 @@ from pathlib import Path
 
 import lmdb
 import numpy as np
+from results import add_csv_option, write_csv
 
 from tracekit.actlog.prompts import DEFAULT_TEMPLATE, format_prompt
 from tracekit.jobs.reconstruct import ReconstructConfig, reconstruct
@@ -166,6 +167,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reconstruct-entries", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3, help="best of N runs of each side")
+    add_csv_option(parser)
     args = parser.parse_args()
     print(f"machine: {platform.platform()}, {platform.processor() or 'cpu'}")
     with tempfile.TemporaryDirectory(prefix="bench-log-") as tmp:
@@ -190,6 +192,7 @@ def main() -> None:
             f"{rec['baseline_s']:.2f} s | tracekit {rec['reconstruct_s']:.2f} s "
             f"({rec['reconstruct_rows_per_s']:,.0f} rows/s) | time ratio {rec['time_ratio']:.2f}"
         )
+        write_csv(args.csv, [{"part": "logging", **log}, {"part": "reconstruct", **rec}])
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results import add_csv_option, write_csv
 
-from tracekit.actlog import job
+from tracekit.jobs import log as job
 from tracekit.models.random_model import random_llama
 
 
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--prompt-words", type=int, default=40)
     ap.add_argument("--layers", default="8,16")
     ap.add_argument("--repeats", type=int, default=2)
+    add_csv_option(ap)
     args = ap.parse_args()
     on_cuda = args.device.startswith("cuda")
     dtype = "bfloat16" if on_cuda else "float32"
@@ -121,10 +123,14 @@ def main() -> None:
     print("| store writes | loop s | entries/s | speed-up |")
     print("|---|---|---|---|")
     base = best["in line"]
+    rows = []
     for mode in ("in line", "writer thread"):
         seconds = best[mode]
         rate = args.questions / seconds
         print(f"| {mode} | {seconds:.2f} | {rate:.0f} | {base / seconds:.2f}x |")
+        rows.append({"store_writes": mode, "loop_s": seconds, "entries_per_s": rate,
+                     "speedup": base / seconds, "device": device})  # fmt: skip
+    write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from results import add_csv_option, write_csv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from tracekit.models.random_model import random_llama  # noqa: E402
+from tracekit.models.random_model import random_llama
 
 POOLINGS = ("response_avg", "prompt_last")
 
@@ -123,6 +122,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tolerance", type=float, default=1e-2)
+    add_csv_option(parser)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-multigpu-") as tmp:
@@ -191,6 +191,8 @@ def main() -> None:
     if single["tokens"] != multi["tokens"]:
         print("WARNING: the runs made different numbers of tokens")
     ok = check["same_csv"] and check["activation_rel_diff"] <= args.tolerance
+    ratios = {"throughput_ratio": rate_n / rate_1, "steady_ratio": steady_ratio}
+    write_csv(args.csv, [{"processes": n, **ratios, "end_to_end_ratio": e2e, **check}])
     raise SystemExit(0 if ok else 1)
 
 
