@@ -265,7 +265,7 @@ def main() -> None:
     kv_bytes_per_token = (
         cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
     )  # bf16 keys + values
-    # a ~2 GB copy, timed on the device (and by the host clock, as runs before session 16 were)
+    # a ~2 GB copy, timed on the device (and by the host clock, which reads it ~1.7% low)
     bw, bw_host = (
         bandwidth(torch.device(dev), 2 << 30, reps=10)
         if dev.startswith("cuda")

@@ -17,10 +17,9 @@ batches 1/8/32/128; it also reports the fraction of the memory-bandwidth floor p
 decode step time, the bandwidth from a ~2 GB device-to-device copy (read + write bytes, CUDA
 events) in the same run. Decode step time = (generate time - prefill time) / new tokens, median
 over the calls; the prefill is the engine's own where it reports one (the ``cuda`` engine's
-CUDA-event time of that call's prefill), else one forward over the prompts. Before session 16
-every row subtracted that forward, ~2x longer than the ``cuda`` engine's graph-replayed
-prefill, which made its steps look shorter (``benchmarks/bench_engine_gpu.py`` was not
-affected). ``--gpu --tiny`` runs the same code on a tiny model (CPU works) as a
+CUDA-event time of that call's prefill), else one forward over the prompts (for the ``cuda``
+engine that forward is ~2x longer than its graph-replayed prefill, and would make its steps
+look shorter). ``--gpu --tiny`` runs the same code on a tiny model (CPU works) as a
 smoke check. Engines are a flag (``--engines hf,cuda``) so new engines add rows.
 
 Run: ``python benchmarks/bench_generate.py [--batches 1,8] [--max-new-tokens 32]`` or
@@ -61,7 +60,7 @@ def bandwidth(device: torch.device, n_bytes: int, reps: int = 5) -> tuple[float,
     of ``reps`` copies: timed with CUDA events on a GPU (the measure), and with the host clock
     around each copy and its synchronize (on a CPU, the only one). The host clock also counts
     the launch and the synchronize, ~10-20 us on a ~1 ms copy: the bandwidth looked ~1.7%
-    lower, and the floor longer, in runs before session 16, which used it.
+    lower and the floor longer with it.
     ``bench_engine_gpu.py`` measures with this function too."""
     src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)

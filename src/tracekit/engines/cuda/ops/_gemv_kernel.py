@@ -118,7 +118,7 @@ def gemv_kernel(  # pragma: no cover - runs on the GPU (or the Triton interprete
 
     ``SWAPPED``: the multiply's operands swapped (:func:`_swapped_product`), same results. At
     32 rows on an H200 its fastest configuration streamed the weights 5-18% faster than the
-    unswapped loop's (benchmarks/RESULTS.md, seventeenth run).
+    unswapped loop's (docs/engine.md).
 
     Unswapped, the first weight tile is loaded before anything else: weights are never
     written by the kernel before, so with programmatic dependent launch (``USE_PDL``) that

@@ -74,7 +74,7 @@ CONFIGS = (
 )  # fmt: skip
 """(cache slots per loop step, warps, pipeline stages) :func:`kernel_config` times. Each was
 the fastest, or within 3% of it, for some batch size and cache length on an H200, timed as the
-step runs the kernel (benchmarks/RESULTS.md, eleventh run): one program per row and kv head
+step runs the kernel: one program per row and kv head
 wants few warps when there are thousands of programs (batch 128) and long slot blocks when
 the cache is long."""
 DEFAULT_CONFIG = (64, 4, 2)
@@ -272,7 +272,7 @@ def kernel_config(
     Timed as the step launches the kernel: over copies of the cache larger than L2, back to
     back, as dependent launches where ``pdl``. Triton's autotuner, used before, timed one launch
     at a time over the same cache; on an H200 it chose a configuration 10-24% slower than the
-    best at batch 128 and at long caches (benchmarks/RESULTS.md, eleventh run). The chosen
+    best at batch 128 and at long caches. The chosen
     configuration is checked against :func:`reference` like the default one;
     :data:`DEFAULT_CONFIG` under the CPU interpreter, during a CUDA graph capture or where
     nothing could be timed."""

@@ -16,12 +16,12 @@ block is five kernels, all one Triton body (:func:`_block_kernel.block_gemv_kern
 4. ``silu(gate) * up`` of the norm of those states (:func:`norm_gated_product`);
 5. ``h + act @ down.T`` with the capture sums (:func:`residual_product` again).
 
-**Measured slower, so off by default** (``FastDecoder(fused_block=True)``, bench variant
+**Measured slower, so off by default** (``DecoderPlan(fused_block=True)``, bench variant
 ``fused-block``). On an H200 at batch 8 the step took 1.03-1.16 ms, against 0.98-1.01 ms for
-the compiled step, and at batch 32 1.35 ms, against 1.15-1.17 ms (``benchmarks/RESULTS.md``,
-sixth run). A split-K residual product cannot finish until its partials are added. The
-counter and the second read at the end of the kernel are dependent memory round trips, and
-they cost more than the norm kernel they replace. The norm prologue also adds ~1.5 us to the
+the compiled step, and at batch 32 1.35 ms, against 1.15-1.17 ms (docs/engine.md). A split-K
+residual product cannot finish until its partials are added. The counter and the second read
+at the end of the kernel are dependent memory round trips, and they cost more than the norm
+kernel they replace. The norm prologue also adds ~1.5 us to the
 q/k/v product.
 
 Rounding follows the reference step (the model dtype after every product, after the norm and

@@ -224,7 +224,7 @@ MODE_NAMES = ("linear", "transposed", "triton", "splitk2", "splitk4", "splitk8",
 TUNED_MODES = (LINEAR, SPLIT_K2, SPLIT_K4, SPLIT_K8)
 """The modes step tuning tries per layer, besides the one chosen alone: not the transposed
 product (cuBLAS again), nor the split-N kernel (in whole steps on an H200 it was never the
-fastest for o, q/k/v or down at batch 8 or 32: benchmarks/RESULTS.md, seventh run)."""
+fastest for o, q/k/v or down at batch 8 or 32)."""
 
 
 def pdl_available(device: torch.device) -> bool:
@@ -379,7 +379,7 @@ SPLIT_N_CONFIGS: tuple[Config, ...] = (
 slabs of rows, long pipelined loops over K. ``swapped``: the kernel's ``SWAPPED`` form (the
 weight tile as the multiply's long side). At 32 rows on an H200 the fastest swapped
 configuration beat the fastest unswapped one by 5-18% for each of the four products of a
-Llama block (benchmarks/RESULTS.md, seventeenth run)."""
+Llama block (docs/engine.md)."""
 SPLIT_K_CONFIGS: tuple[Config, ...] = (
     (16, 256, 4, 3, False), (32, 128, 4, 3, False), (32, 128, 4, 4, False),
     (64, 64, 4, 4, False), (64, 128, 4, 4, False), (64, 512, 4, 3, False),
@@ -391,7 +391,7 @@ SPLIT_K_CONFIGS: tuple[Config, ...] = (
 them (chained dependent launches over weights read from HBM), the fastest of the unswapped
 ones was up to 10% faster per product than the fastest of the five configurations Triton's
 autotuner chose from before, and the ranking differs from one without the overlap: wider
-blocks (64-128 rows) gain most from it (benchmarks/RESULTS.md, eighth run)."""
+blocks (64-128 rows) gain most from it."""
 CONFIG_TAG = f"{zlib.crc32(repr((SPLIT_N_CONFIGS, SPLIT_K_CONFIGS)).encode()):08x}"[:6]
 _CONFIGS: dict[tuple[int, int, int, int, bool, str, str], Config] = {}
 
