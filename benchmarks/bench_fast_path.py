@@ -16,9 +16,13 @@ Random-init models (nothing downloaded), bf16 unless said, one table per part:
   captured) with no decisions file: seconds from the engine's creation to the first batch's
   results, and end to end, against ``model.generate`` over the same rows.
 
-Run on the device: ``python benchmarks/bench_fast_path.py`` (all parts, about 6 minutes on an
-H100) or ``--parts two,exact``; ``--csv out.csv`` writes the rows. Step tuning is off for the
-``gemma`` rows (``TRACEKIT_STEP_TUNING=0``; it is worth 1-3% and costs a minute per batch size).
+With ``tuned`` among the parts, ``cold`` also runs the same rows on an engine that times every
+kernel and tunes whole steps first (a minute or two more), for the step time cold start gives up.
+
+Run on the device: ``python benchmarks/bench_fast_path.py`` (parts two, exact, gemma, cold:
+about 7 minutes on an H100) or ``--parts two,exact``; ``--csv out.csv`` writes the rows. Step
+tuning is off for the ``gemma`` rows (``TRACEKIT_STEP_TUNING=0``; it is worth 1-3% and costs a
+minute per batch size).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from bench_generate import (  # this folder: the same measures as the other benc
 )
 from results import add_csv_option, write_csv
 
+from tracekit.engines.cuda.engine import CudaEngine
 from tracekit.engines.exactness import bf16_errors
 from tracekit.engines.interface import CaptureSpec, GenerationParams, create_engine
 from tracekit.engines.pooling import Pooling
@@ -205,44 +210,48 @@ def gemma_rows(rows: list[dict[str, Any]], bw: float, shape: str, sizes: list[in
         )
 
 
-def part_cold(rows: list[dict[str, Any]]) -> None:
-    """A 200-row trait run on a machine without a decisions file."""
+def part_cold(rows: list[dict[str, Any]], tuned: bool) -> None:
+    """A 200-row trait run on a machine without a decisions file, as ``tracekit generate``
+    runs it (the engine told the job's size: too short to repay timing kernels); with
+    ``tuned``, the same engine timing every kernel and tuning whole steps first, for its step
+    time (and what that costs)."""
     n_rows, batch, prompt, new = (200, 32, 64, 128) if device() == "cuda" else (10, 4, 8, 8)
-    os.environ["TRACEKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="tracekit-cold-")
     shape = "llama-3.2-1b" if device() == "cuda" else "tiny"
     loaded = random_llama(shape, device=device(), dtype=half(), seed=0)
     loaded.model.generation_config.eos_token_id = None
     prompts = random_prompts(loaded.model.config.vocab_size, n_rows, prompt, 7)
     capture = CaptureSpec(layers=tuple(range(loaded.n_layers)), poolings=ALL_POOLINGS)
     params = GenerationParams(max_new_tokens=new, temperature=0)
-    sync()
-    started = time.perf_counter()
-    engine = create_engine("cuda", loaded)
-    engine.stop_ids = [-1]  # type: ignore[attr-defined]
-    plan = getattr(engine, "plan_job", None)
-    if plan is not None:  # what `tracekit generate` tells the engine
-        plan(rows=n_rows, max_new_tokens=new)
-    first = None
-    for i in range(0, n_rows, batch):
-        engine.generate(prompts[i : i + batch], params, capture, pad_to=batch)
-        if first is None:
-            first = time.perf_counter() - started
-    total = time.perf_counter() - started
     hf_total = sum(
         seconds(lambda i=i: hf_generate(loaded, prompts[i : i + batch], new))
         for i in range(0, n_rows, batch)
     )
-    rows.append(
-        {
-            "part": "cold",
-            "shape": shape,
-            "rows": n_rows,
-            "first batch s": round(first or 0.0, 1),
-            "end to end s": round(total, 1),
-            "generate s": round(hf_total, 1),
-            "setup": " ".join(f"{k}={v:.1f}" for k, v in engine.setup_parts.items()),  # type: ignore[attr-defined]
-        }
-    )
+    for mode in ("cold", "tuned") if tuned else ("cold",):
+        os.environ["TRACEKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"tracekit-{mode}-")
+        sync()
+        started = time.perf_counter()
+        engine = CudaEngine(loaded, tune_steps=True if mode == "tuned" else None)
+        engine.stop_ids = [-1]  # every row makes `new` tokens
+        # what `tracekit generate` tells the engine; the tuned one times whatever the size
+        timing = engine.plan_job(n_rows, new, batch) if mode == "cold" else True
+        first, steps = None, []
+        for i in range(0, n_rows, batch):
+            engine.generate(prompts[i : i + batch], params, capture, pad_to=batch)
+            first = time.perf_counter() - started if first is None else first
+            on_device = engine._decoder(capture).last_decode_seconds
+            steps.append(float("nan") if on_device is None else on_device / new)
+        rows.append(
+            {
+                "part": "cold",
+                "engine": f"{mode} ({'times kernels' if timing else 'no timing'})",
+                "rows": n_rows,
+                "first batch s": round(first or 0.0, 1),
+                "end to end s": round(time.perf_counter() - started, 1),
+                "step ms (device)": round(statistics.median(steps[1:] or steps) * 1e3, 3),
+                "generate s": round(hf_total, 1),
+                "setup": " ".join(f"{k}={v:.1f}" for k, v in engine.setup_parts.items()),
+            }
+        )
 
 
 def print_tables(rows: list[dict[str, Any]]) -> None:
@@ -289,8 +298,8 @@ def main() -> None:
             for shape, sizes in (item.split(":") for item in args.gemma.split(","))
         }
         part_gemma(rows, bw, batches)
-    if "cold" in parts:
-        part_cold(rows)
+    if "cold" in parts or "tuned" in parts:
+        part_cold(rows, tuned="tuned" in parts)
     print_tables(rows)
     print(f"\n{time.perf_counter() - started:.0f} s in all")
     write_csv(args.csv, rows)

@@ -111,3 +111,27 @@ def test_bf16_error_against_float32_is_hfs_own(shape):
     for pooling, err in errors.items():
         engine, hf = max(err["engine"]), max(err["hf"])
         assert engine <= BF16_MARGIN * hf, (pooling, engine, hf)
+
+
+def test_a_short_job_times_nothing_and_runs_cublas(tmp_path, monkeypatch):
+    """Without a decisions file, a job too short to repay kernel timing (``plan_job``, as
+    ``tracekit generate`` calls it) times nothing: no decision is written, no step tuned, and
+    its tokens are those of the engine with every product on cuBLAS."""
+    from tracekit.engines.cuda.engine import CudaEngine
+    from tracekit.engines.cuda.ops import gemv as ops_gemv
+
+    monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path))  # a fresh decisions file
+    loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=3)
+    prompts = _prompts(8, seed=3)
+    params = GenerationParams(max_new_tokens=16, temperature=0)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    cold = CudaEngine(loaded)
+    assert cold.plan_job(200, 128, 8) is False
+    out = cold.generate(prompts, params, capture)
+    dec = cold._decoder(capture)
+    assert dec.setup_parts["step_tuning"] == 0 and not dec.plan.tune_steps
+    assert ops_gemv.read_decisions() == {}
+    runner = next(iter(dec._runners.values()))
+    assert runner.graph is not None and not any(runner.dims.gemv[:5])  # cuBLAS everywhere
+    plain = CudaEngine(loaded, gemv="off").generate(prompts, params, capture)
+    assert out.response_ids == plain.response_ids

@@ -273,6 +273,11 @@ class FallbackEngine:
         self.supports_steering = bool(getattr(fast, "supports_steering", False))
         self.fallback: GenerationEngine | None = None
 
+    def plan_job(self, rows: int, max_new_tokens: int, batch_size: int) -> bool:
+        """The fast engine's ``plan_job`` where it has one (see the CUDA engine's)."""
+        plan = getattr(self.fast, "plan_job", None)
+        return bool(plan(rows, max_new_tokens, batch_size)) if plan is not None else False
+
     def _switch(self, exc: BaseException) -> GenerationEngine:
         logger.warning(
             "the %s engine failed on this model (%s: %s); the run falls back to the hf engine",

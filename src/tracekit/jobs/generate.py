@@ -346,6 +346,10 @@ def _generate(
         on_total(sum(len(rows) for _, _, todo, _ in plans for rows in todo.values()))
 
     batcher = Batcher(engine, config.batch_size)
+    plan_job = getattr(engine, "plan_job", None)
+    if plan_job is not None:  # the fast engine times its kernels only where the job repays it
+        own = sum(len(rows) for _, _, todo, _ in plans for rows in todo.values())
+        plan_job(own, params.max_new_tokens, batcher.batch_size)
     results = []
     total_tokens = 0
     # every process starts generating together, once the slot files exist (no-op for one process)

@@ -194,7 +194,10 @@ class FastDecoder:
         def choose(role: str, weight: torch.Tensor | None) -> int:
             if weight is None:
                 return 0
-            return ops_gemv.choose(batch, weight, pinned.get(role, tuned.get(role, force)))
+            mode = pinned.get(role, tuned.get(role, force))
+            if mode is None and not plan.time_kernels:  # kept decisions only, no timing
+                return ops_gemv.kept_choice(batch, weight)
+            return ops_gemv.choose(batch, weight, mode)
 
         return GemvChoice(
             pdl=bool(plan.pdl),
@@ -289,7 +292,7 @@ class FastDecoder:
 
         if self.plan.attention_config is not None:
             return self.plan.attention_config
-        if not self.plan.use_graphs:
+        if not self.plan.use_graphs or not self.plan.time_kernels:
             return ops_attention.DEFAULT_CONFIG
         spec = self.spec
         splits = ops_gemv.splits_of(gemv_qkv) if gemv_qkv >= ops_gemv.SPLIT_K2 else 1

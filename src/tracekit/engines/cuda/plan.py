@@ -127,6 +127,11 @@ class DecoderPlan:
     prompt_bucket: int = 16
     max_runners: int = 2
     pad_batches: bool | None = None
+    time_kernels: bool = True
+    """Time the linear layers' and the attention kernel's candidates (and tune whole steps)
+    where no decision is kept yet. False: the kept decisions where there are any, else
+    cuBLAS and the attention kernel's default configuration, no timing (a first batch in
+    seconds instead of minutes; :meth:`CudaEngine.plan_job` sets it for short jobs)."""
     resolved_for: str | None = field(default=None, compare=False)
     """The device type whose defaults :meth:`resolved` filled in (``None``: not yet)."""
 
@@ -213,7 +218,7 @@ class DecoderPlan:
             compile=compiled,
             fuse_weights=fuse,
             gemv=gemv,
-            tune_steps=tune and graphs and gemv == "auto" and not fused_block,
+            tune_steps=tune and graphs and gemv == "auto" and not fused_block and self.time_kernels,
             fused_attention=fused_attention,
             pdl=can_pdl if self.pdl is None else bool(self.pdl) and can_pdl,
             # on with compiled steps: +10% tokens/s end to end at batch 32 on an H200

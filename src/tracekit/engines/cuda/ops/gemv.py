@@ -604,6 +604,19 @@ def save_decisions(decisions: dict[str, int]) -> None:
         logger.info("could not keep kernel decisions in %s (%s)", path, exc)
 
 
+def kept_choice(rows: int, w: torch.Tensor, pdl: bool = False) -> int:
+    """:func:`choose`'s decision for ``x @ w.T`` where one is kept (in this process, or on
+    disk, checked as :func:`choose` checks it), else ``F.linear``: nothing is timed."""
+    key = (rows, w.shape[0], w.shape[1], str(w.dtype) + ("/pdl" if pdl else ""))
+    if key in _CHOICES:
+        return _CHOICES[key]
+    if w.device.type != "cuda" or not w.is_contiguous():
+        return LINEAR
+    if decision_key(rows, w, pdl, role=f"mode-{CONFIG_TAG}") in read_decisions():
+        return choose(rows, w, None, pdl)
+    return LINEAR
+
+
 def choose(rows: int, w: torch.Tensor, force: int | None = None, pdl: bool = False) -> int:
     """How to compute ``x @ w.T`` for ``rows`` rows: the fastest correct of ``F.linear``,
     the transposed product and (up to :data:`MAX_ROWS` rows, bf16/fp16) the Triton kernels.
