@@ -183,3 +183,60 @@ def test_log_on_two_processes_merges_shard_stores_into_one(tmp_path: Path, two_p
             assert x.shape == y.shape
             # stored as float16: allow a few float16 steps of the largest magnitude
             np.testing.assert_allclose(y, x, rtol=0, atol=1e-3 * np.abs(x).max())
+
+
+def test_a_steered_sweep_on_two_processes_equals_one(tmp_path: Path, two_processes):
+    """A steering sweep (2 coefficients, neutral prompts): every set is sharded like an
+    unsteered run, and its CSV, activations and recorded steering equal one process's."""
+    from typer.testing import CliRunner
+
+    from tracekit.cli import app
+
+    rng = np.random.default_rng(0)
+    vector = rng.standard_normal(576).astype(np.float32)
+    np.save(tmp_path / "v.npy", vector / np.linalg.norm(vector))
+    base = tmp_path / "experiments"
+    args = [
+        "generate", "--trait", "refusal", "--n-examples", str(N), "--max-new-tokens", "4",
+        "--temperature", "0", "--layers", "0,5,30", "--pooling", ",".join(POOLINGS),
+        "--batch-size", "2", "--device", "cpu", "--no-generation-cache",
+        "--experiments-dir", str(base), "--steer-vector", str(tmp_path / "v.npy"),
+        "--steer-layer", "10", "--steer-coef", "0,100",
+    ]  # fmt: skip
+    one = CliRunner().invoke(app, [*args, "--experiment", "one"])
+    assert one.exit_code == 0, one.output
+    summary = two_processes(*args, "--experiment", "two")
+
+    assert [t["steering"]["coef"] for t in summary["traits"]] == [0.0, 100.0]
+    assert [t["rows"] for t in summary["traits"]] == [{"neutral": N}] * 2
+    # each process's report covers the whole sweep: half the rows of each of the 2 sets
+    procs = summary["processes"]
+    assert [(p["rank"], p["rows"]) for p in procs] == [(0, N), (1, N)]
+    assert sum(p["tokens"] for p in procs) == summary["tokens"] > 0
+    assert all(p["load_seconds"] > 0 for p in procs)
+    sets = {}
+    for coef in ("+0", "+100"):
+        want = base / "one" / "refusal" / "steering" / "L10" / "vector" / f"coef{coef}"
+        got = base / "two" / "refusal" / "steering" / "L10" / "vector" / f"coef{coef}"
+        want_csv = (want / "responses" / "neutral.csv").read_text(encoding="utf-8")
+        assert (got / "responses" / "neutral.csv").read_text(encoding="utf-8") == want_csv
+        sets[coef] = _rows(want / "responses" / "neutral.csv")
+        for pooling in POOLINGS:
+            act = f"activations/neutral_{pooling}"
+            ids = np.load(got / f"{act}_ids.npy", allow_pickle=False)
+            assert ids.tolist() == list(range(N))
+            x = np.load(want / f"{act}.npy", allow_pickle=False)
+            y = np.load(got / f"{act}.npy", allow_pickle=False)
+            assert y.shape == x.shape == (N, 3, 576)
+            assert_close_to_scale(y, x)
+        # each process journaled its block of this set; the steering is recorded as one
+        # process records it (the vector by content)
+        parts = sorted(p.name for p in (got / "responses" / "parts").glob("neutral-*.json"))
+        assert parts == ["neutral-0000000-rank0.json", "neutral-0000002-rank1.json"]
+        steering = json.loads((got / "metadata.json").read_text())["steering"]
+        assert steering == json.loads((want / "metadata.json").read_text())["steering"]
+        assert steering["coef"] == float(coef) and steering["layer"] == 10
+    # the coefficient took effect (else equal outputs would prove nothing): layer 10's
+    # residual stream is O(100), so +100 x a unit vector changes every greedy response
+    responses = {coef: [r["response"] for r in rows] for coef, rows in sets.items()}
+    assert all(a != b for a, b in zip(responses["+0"], responses["+100"], strict=True))

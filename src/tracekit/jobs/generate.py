@@ -242,7 +242,9 @@ def _generate_sweep(
     from tracekit.engines.steering import check_fits
     from tracekit.models.loading import load_model
 
+    load_started = time.perf_counter()
     loaded = loaded or load_model(model_settings_for(config, info))
+    load_seconds = time.perf_counter() - load_started
     for steer in sets:
         check_fits(loaded.handles, steer.steering, loaded.name)
     done_rows = 0
@@ -267,8 +269,29 @@ def _generate_sweep(
         tokens=sum(r.tokens for r in results),
         batch_size=results[-1].batch_size,
         generation_seconds=sum(r.generation_seconds for r in results),
-        processes=results[-1].processes,
+        processes=_sweep_processes([r.processes for r in results], load_seconds),
+        model_weights=results[-1].model_weights,
     )
+
+
+def _sweep_processes(per_set: list[list[dict[str, Any]]], load_seconds: float) -> list[dict]:
+    """Each process's report over a whole sweep: its numbers summed over the sets, and the
+    model's loading (done once, before the first set) as its ``load_seconds``."""
+    merged = []
+    for reports in zip(*per_set, strict=True):
+        total = dict(reports[0])
+        for report in reports[1:]:
+            for key, value in report.items():
+                if key == "setup_parts":
+                    parts = dict(total[key])
+                    for name, seconds in value.items():
+                        parts[name] = round(parts.get(name, 0.0) + seconds, 3)
+                    total[key] = parts
+                elif key not in ("rank", "device"):
+                    total[key] = round(total[key] + value, 3)
+        total["load_seconds"] = round(load_seconds, 3)
+        merged.append(total)
+    return merged
 
 
 def _generate(
