@@ -154,33 +154,9 @@ def load_vector_file(path: Path) -> np.ndarray:
     """A ``.npy`` (no pickle) or ``.pt`` (``weights_only``) vectors file as float32."""
     import numpy as np
 
-    if not path.is_file():
-        raise InputError(f"--steer-vector: file not found: {path}", "check the path")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-        elif suffix == ".pt":
-            import torch
+    from tracekit.storage.vectors import read_vectors
 
-            tensor = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(tensor, torch.Tensor):
-                raise ValueError(f"holds a {type(tensor).__name__}, not a tensor")
-            array = tensor.float().numpy()
-        else:
-            raise InputError(
-                f"--steer-vector: {path} is neither .npy nor .pt",
-                "pass a vectors file as 'tracekit extract vectors' writes it",
-            )
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"--steer-vector: cannot read {path}: {exc}") from None
-    if array.dtype.kind not in "fiu" or array.ndim not in (1, 2) or 0 in array.shape:
-        raise InputError(
-            f"--steer-vector: {path} holds an array of shape {list(array.shape)} "
-            f"({array.dtype}); expected [layers, hidden] or [hidden] numbers"
-        )
+    array = read_vectors(path, "--steer-vector", "check the path")
     array = array.astype("float32")
     if not np.isfinite(array).all():
         raise InputError(f"--steer-vector: {path} holds nan or inf values")

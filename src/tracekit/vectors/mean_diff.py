@@ -29,7 +29,7 @@ from tracekit.config.choices import NegRule, VectorExport, VectorMethod
 from tracekit.engines.pooling import Pooling
 from tracekit.errors import InputError
 from tracekit.storage import experiment as store
-from tracekit.storage.atomic import check_writable, save_npy, write_bytes, write_json
+from tracekit.storage.atomic import check_writable, write_json
 from tracekit.storage.experiment import TraitPaths
 from tracekit.vectors.gguf_export import (
     GgufExport,
@@ -325,15 +325,11 @@ def _write(
     ids: list[int],
 ) -> None:
     """The vectors (.npy, .pt), the llama.cpp export, the metadata and the PNG."""
-    import io
     import json
 
-    import torch
+    from tracekit.storage.vectors import write_vectors
 
-    save_npy(files["npy"], vectors)
-    buffer = io.BytesIO()
-    torch.save(torch.from_numpy(vectors), buffer)
-    write_bytes(files["pt"], buffer.getvalue())
+    write_vectors(files["npy"], files["pt"], vectors)
     if config.export == VectorExport.gguf:
         trait_meta: dict[str, Any] = {}
         if paths.metadata.is_file():

@@ -108,26 +108,9 @@ def load_vector_file(path: Path) -> tuple[np.ndarray, list[int] | None]:
     """``(vectors as float64 [n_layers, hidden] or [hidden], their layers or None)`` from a
     ``.npy`` (no pickle) or ``.pt`` (``weights_only``) file, with the layers from the
     ``{stem}_metadata.json`` that ``extract vectors`` writes beside it, if any."""
-    import numpy as np
+    from tracekit.storage.vectors import read_vectors
 
-    if not path.is_file():
-        raise InputError(f"vectors file not found: {path}", "run 'tracekit extract vectors'")
-    try:
-        if path.suffix == ".pt":
-            import torch
-
-            array = torch.load(path, map_location="cpu", weights_only=True).float().numpy()
-        else:
-            array = np.load(path, allow_pickle=False)
-    except Exception as exc:  # a truncated or foreign file: say which
-        raise InputError(
-            f"cannot read vectors file {path}: {exc}", "pass a .npy or .pt tensor"
-        ) from None
-    if array.ndim not in (1, 2):
-        raise InputError(
-            f"{path} holds an array of shape {tuple(array.shape)}",
-            "pass [n_layers, hidden] vectors or one [hidden] vector",
-        )
+    array = read_vectors(path, "vectors file", "run 'tracekit extract vectors'")
     meta = path.with_name(f"{path.stem}_metadata.json")
     layers = None
     if array.ndim == 2 and meta.is_file():
