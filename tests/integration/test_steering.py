@@ -198,3 +198,23 @@ def test_cli_sweep_sets_coefficient_zero_and_resume(cli, embedded_model, tmp_pat
     again = cli(*common, *sweep, "--json")
     assert again.exit_code == 0, again.output
     assert [t["generated"] for t in json.loads(again.stdout)["traits"]] == [0, 0, 0]
+
+
+def test_a_vector_of_another_width_or_layer_count_fails_before_any_write(cli, tmp_path):
+    narrow = tmp_path / "narrow.npy"
+    np.save(narrow, np.ones(100, dtype="float32"))
+    deep = tmp_path / "deep.npy"
+    np.save(deep, np.ones((40, 576), dtype="float32"))
+    out = tmp_path / "x"
+    for path, layer, message in (
+        (narrow, 3, "a vector of size 100 does not fit"),
+        (deep, 35, "--steer-layer: layer 35 out of range"),
+    ):
+        result = cli(
+            "generate", "--experiments-dir", out, "--experiment", "e", "--trait", "french",
+            "--n-examples", 1, "--max-new-tokens", 1, "--device", "cpu",
+            "--steer-vector", path, "--steer-layer", layer, "--steer-coef", 1,
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()), result.output
+        assert not (out / "e" / "french" / "steering").exists()
