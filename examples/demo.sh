@@ -26,13 +26,13 @@ step "   (a 135M judge is for plumbing, not for research conclusions; --min-mass
 tracekit judge --input "$EXP_DIR/demo/french/responses/pos.csv" --trait french \
   --backend local --min-mass 0 --output "$D/judged/pos_scored.csv" --force
 
-step "4. decode: the generation cache (.npy) -> JSON and Markdown"
-tracekit decode --base-dir "$EXP_DIR" --limit 3 --force
+step "4. decode: the generation cache (.npy) -> JSON (generate wrote it whole; here the first 3)"
+tracekit decode --base-dir "$EXP_DIR" --format json --limit 3 --force
 
 step "5. extract features: one forward pass per batch over labelled sentences, SAE-encoded"
-python "$(dirname "$0")/make_example_saes.py" "$D/saes" --release-layers 0-4 --width 256 --l0 16 \
+python "$(dirname "$0")/make_example_saes.py" "$D/saes" --release-layers 0-4,9 --width 256 --l0 16 \
   --sentences "$(dirname "$0")/sentences.csv"
-tracekit extract features --sentences "$(dirname "$0")/sentences.csv" --layers 1-5 \
+tracekit extract features --sentences "$(dirname "$0")/sentences.csv" --layers 1-5,10 \
   --sae "$D/saes" --sae-storage sparse --output "$D/features" --force
 
 step "6. build-dataset: classifier datasets from the feature files (all three strategies)"
@@ -64,4 +64,25 @@ step "   independent of the judge), vector against the random control, table + P
 tracekit report steering --experiments-dir "$EXP_DIR" --experiment demo --trait french \
   --measure "words:$(dirname "$0")/french_words.txt" --force
 
-step "done: outputs under $D/ (the dose-response plot: $EXP_DIR/demo/french/steering/L$STEER_LAYER/dose_response.png)"
+# defaults for commands run inside the demo folder (README: "After the demo")
+cat > "$D/tracekit.toml" <<'TOML'
+# Written by examples/demo.sh: options that tracekit commands run in this folder take when
+# neither the command line nor --config gives them.
+[build-dataset]
+strategy = "hidden-to-concept"
+input = "features"
+output = "datasets/card.npz"
+test_fraction = 0.25
+seed = 0
+force = true
+TOML
+
+step "done: outputs under $D/"
+pictures=$(find "$D" -name '*.png' | sort)
+if [ -n "$pictures" ]; then
+  printf 'pictures:\n' >&2
+  printf '  %s\n' $pictures >&2
+else
+  printf 'pictures: none\n' >&2
+fi
+printf '\nnext, in %s/:\n  tracekit decode --format md --limit 10\n  tracekit build-dataset --layers 0-2,10\n  tracekit log stats acts.lmdb\n' "$D" >&2

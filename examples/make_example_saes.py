@@ -129,7 +129,7 @@ def main() -> None:
     )
     parser.add_argument("out", type=Path, help="folder to create (the --sae DIR)")
     parser.add_argument("--format", choices=["gemma-scope", "saelens"], default="gemma-scope")
-    parser.add_argument("--release-layers", default="0-5", help="SAE-release layers, e.g. 0-5")
+    parser.add_argument("--release-layers", default="0-5", help="SAE-release layers, e.g. 0-5 or 0-4,9")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--l0", default="16,32", help="average L0s (gemma-scope: one SAE each)")
     parser.add_argument("--activation", choices=["relu", "jumprelu", "topk"], default="jumprelu")
@@ -139,8 +139,14 @@ def main() -> None:
     parser.add_argument("--sentences", type=Path, default=Path(__file__).with_name("sentences.csv"))
     args = parser.parse_args()
 
-    start, _, end = args.release_layers.partition("-")
-    layers = list(range(int(start), int(end or start) + 1))
+    layers = sorted(
+        {
+            n
+            for part in args.release_layers.split(",")
+            for start, _, end in [part.partition("-")]
+            for n in range(int(start), int(end or start) + 1)
+        }
+    )
     l0s = [int(v) for v in args.l0.split(",")]
     states = None if args.no_calibrate else residual_states(layers, args.sentences)
     for layer in layers:

@@ -83,7 +83,11 @@ def test_unknown_command_lists_the_commands_and_guesses(cli, args, group, guess)
     ("args", "missing"),
     [
         (["generate"], "--experiment, --traits"),
-        (["build-dataset"], "--strategy, --input, --output"),
+        (
+            ["build-dataset"],
+            "--strategy (one of embedding-to-feature, hidden-to-feature, hidden-to-concept), "
+            "--input, --output",
+        ),
         (["extract", "activations"], "--experiment, --trait"),
         (["log"], "--qa, --lmdb"),
         (["reconstruct"], "--qa-output-path, --lmdb-path, --output-path"),
@@ -154,3 +158,24 @@ def test_completion_still_completes_values_after_other_options():
     }
     done = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=60)
     assert done.stdout.split() == ["minmax"]
+
+
+def test_a_folder_tracekit_toml_supplies_its_commands_options(cli, tmp_path, monkeypatch):
+    """The demo folder's tracekit.toml makes 'tracekit build-dataset --layers 0-2,10' complete
+    there; the command line and --config still win, and a command without a table there
+    ignores the file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tracekit.toml").write_text(
+        '[build-dataset]\nstrategy = "hidden-to-concept"\ninput = "nope"\noutput = "x.npz"\n'
+    )
+    result = cli("build-dataset", "--layers", "0-2,10", terminal_width=200)
+    # the file's options were taken: the input folder it names is what is missing now
+    assert "options from ./tracekit.toml [build-dataset]" in result.output
+    assert "missing option" not in result.output and "nope" in result.output
+    flag = cli("build-dataset", "--layers", "0-2,10", "--input", "elsewhere", terminal_width=200)
+    assert "elsewhere" in flag.output and "nope" not in flag.output
+    (tmp_path / "other.toml").write_text("[build-dataset]\nstrategy = 'hidden-to-concept'\n")
+    other = cli("build-dataset", "--config", "other.toml", terminal_width=200)
+    assert _lines(other)[-1].startswith("error: missing options --input, --output")
+    decode = cli("decode", terminal_width=200)  # no [decode] table: the file is not read
+    assert "tracekit.toml" not in decode.output

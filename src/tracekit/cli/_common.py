@@ -33,6 +33,26 @@ def explicit_params(ctx: typer.Context) -> dict[str, Any]:
     }
 
 
+FOLDER_CONFIG = Path("tracekit.toml")
+"""Read, when no ``--config`` is given, by commands run in the folder that holds it (the demo
+writes one): its ``[command]`` table supplies options the command line does not give."""
+
+
+def _folder_config(section: str | None) -> Path | None:
+    """``./tracekit.toml`` when it has a table for ``section`` (said on stderr), else None."""
+    if section is None or not FOLDER_CONFIG.is_file():
+        return None
+    from tracekit.config.base import read_config_file
+    from tracekit.console import err_console
+
+    tables = read_config_file(FOLDER_CONFIG)
+    if not any(isinstance(tables.get(k), dict) for k in {section, section.replace("-", "_")}):
+        return None
+    if is_main_process():
+        err_console.print(f"options from ./{FOLDER_CONFIG} [{section}]", style="dim", markup=False)
+    return FOLDER_CONFIG
+
+
 def build_config(
     ctx: typer.Context, cls: type[ConfigT], section: str | None = None, **derived: Any
 ) -> ConfigT:
@@ -46,14 +66,17 @@ def build_config(
 
     values = explicit_params(ctx)
     values.update(derived)
-    config_file = ctx.params.get("config")
+    config_file = ctx.params.get("config") or _folder_config(section or ctx.info_name)
     try:
         return resolve_config(cls, values, config_file, section or ctx.info_name)
     except ConfigError as exc:
         if exc.hint is not None:
             raise
+        from ._usage import with_valid_values
+
         # the same line as click's usage errors: what is wrong, then where the options are
-        raise ConfigError(f"{exc.message} (see '{ctx.command_path} --help')") from None
+        message = with_valid_values(exc.message, ctx.command)
+        raise ConfigError(f"{message} (see '{ctx.command_path} --help')") from None
 
 
 # --- options shared by several commands ----------------------------------------------------

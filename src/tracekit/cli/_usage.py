@@ -198,3 +198,19 @@ def _param_named(command: Any, option: str) -> Parameter | None:
         if option in (*param.opts, *param.secondary_opts):
             return param
     return None
+
+
+def with_valid_values(message: str, command: Any) -> str:
+    """``missing options --strategy, --input`` -> ``missing options --strategy (one of
+    embedding-to-feature, ...), --input``: a missing option that takes one of a few values
+    names them."""
+    head, sep, rest = message.partition("; ")
+    prefix = next((p for p in ("missing options ", "missing option ") if head.startswith(p)), "")
+    if not prefix:
+        return message
+    names = []
+    for name in head.removeprefix(prefix).split(", "):
+        param = _param_named(command, name)
+        choices = _choices(param) if param is not None else None
+        names.append(f"{name} (one of {', '.join(choices)})" if choices else name)
+    return prefix + ", ".join(names) + sep + rest
