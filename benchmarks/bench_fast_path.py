@@ -2,6 +2,8 @@
 
 Random-init models (nothing downloaded), bf16 unless said, one table per part:
 
+- ``check``: Gemma-2 and Gemma-3 (tiny, float32, TF32 off, 8 rows) through ``auto`` with CUDA
+  graphs and compile against the hf engine: identical tokens and captures within 1e-3 (``ok``).
 - ``two``: two model shapes in one process. A Mistral-7B-shaped and then a Qwen2.5-7B-shaped
   model (their attention shapes, two blocks, vocabulary cut to 512) generate through ``auto``
   with capture; each row says which engine ran it (both must say ``cuda``).
@@ -19,8 +21,9 @@ Random-init models (nothing downloaded), bf16 unless said, one table per part:
 With ``tuned`` among the parts, ``cold`` also runs the same rows on an engine that times every
 kernel and tunes whole steps first (a minute or two more), for the step time cold start gives up.
 
-Run on the device: ``python benchmarks/bench_fast_path.py`` (parts two, exact, gemma, cold:
-about 7 minutes on an H100) or ``--parts two,exact``; ``--csv out.csv`` writes the rows. Step
+Run on the device: ``python benchmarks/bench_fast_path.py`` (parts check, two, exact, gemma,
+cold: about 7 minutes on an H100; ``--parts check,two,exact`` and ``--parts gemma,cold`` split
+it in two); ``--csv out.csv`` writes the rows. Step
 tuning is off for the ``gemma`` rows (``TRACEKIT_STEP_TUNING=0``; it is worth 1-3% and costs a
 minute per batch size).
 """
@@ -115,6 +118,9 @@ def part_two(rows: list[dict[str, Any]]) -> None:
             "tiny", device=device(), dtype=half(), overrides=overrides, model_type=family
         )
         engine = create_engine("auto", loaded)
+        plan_job = getattr(engine, "plan_job", None)  # auto's CUDA engine (hf has none)
+        if plan_job is not None:
+            plan_job(4, 16, 4)  # a short job: no kernel timing
         started = time.perf_counter()
         out = engine.generate(random_prompts(512, 4, 24, 0), params, capture)
         rows.append(
@@ -133,6 +139,37 @@ def part_two(rows: list[dict[str, Any]]) -> None:
 def empty_cache() -> None:
     if device() == "cuda":
         torch.cuda.empty_cache()
+
+
+def part_check(rows: list[dict[str, Any]]) -> None:
+    """Gemma-2 and Gemma-3 (tiny, float32, TF32 off) with CUDA graphs and compile against the
+    hf engine: the same tokens, captures within 1e-3 (relative, by norm)."""
+    from tracekit.engines.exactness import relative_error
+    from tracekit.engines.hf import HFEngine
+
+    params = GenerationParams(max_new_tokens=24, temperature=0)
+    capture = CaptureSpec(layers=(0, 1, 2, 4), poolings=ALL_POOLINGS)
+    for shape in ("gemma2-tiny", "gemma3-tiny"):
+        loaded = random_gemma(shape, device=device(), dtype="float32", seed=0)
+        gen = torch.Generator().manual_seed(5)
+        lengths = torch.randint(3, 40, (8,), generator=gen).tolist()
+        prompts = [torch.randint(2, 512, (k,), generator=gen).tolist() for k in lengths]
+        ref = HFEngine(loaded).generate(prompts, params, capture)
+        engine = create_engine("auto", loaded)
+        out = engine.generate(prompts, params, capture)
+        worst = max(relative_error(out.pooled[p], ref.pooled[p]) for p in ALL_POOLINGS)
+        rows.append(
+            {
+                "part": "check",
+                "shape": shape,
+                "engine": engine.name,
+                "tokens equal": out.response_ids == ref.response_ids,
+                "worst pooled rel err": f"{worst:.1e}",
+                "ok": engine.name == ("cuda" if device() == "cuda" else "hf")
+                and out.response_ids == ref.response_ids
+                and worst < 1e-3,
+            }
+        )
 
 
 def part_exact(rows: list[dict[str, Any]]) -> None:
@@ -266,7 +303,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="two,exact,gemma,cold")
+    ap.add_argument("--parts", default="check,two,exact,gemma,cold")
     ap.add_argument(
         "--gemma",
         default="gemma-2-2b:8/32,gemma-2-9b:32,gemma-3-12b:32",
@@ -288,6 +325,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     parts = args.parts.split(",")
     started = time.perf_counter()
+    if "check" in parts:
+        part_check(rows)
     if "two" in parts:
         part_two(rows)
     if "exact" in parts:

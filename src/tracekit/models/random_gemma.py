@@ -139,8 +139,10 @@ def random_gemma(
     torch_dtype = getattr(torch, dtype)
     with torch.device(device):
         # eager attention: HF's own choice for soft-capped Gemma-2, and exact for Gemma-3
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-        model = model.to(torch_dtype)
+        # built in its dtype: a float32 copy of a 12B model first would not fit beside it
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation="eager", dtype=torch_dtype
+        ).to(torch_dtype)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "norm" in name:
