@@ -187,8 +187,7 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--steer-coef",
-                help="Coefficients, e.g. '-4,-2,0,2,4' (write --steer-coef=-4,... when the "
-                "list starts with a minus): one output set each.",
+                help="Coefficients, e.g. -4,-2,0,2,4: one output set each.",
             ),
         ] = None,
         steer_positions: Annotated[
