@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
     from tracekit.models.layers import LayerHandles
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+"""Phi-3 is Llama's block with q/k/v and gate/up stored fused (``qkv_proj``, ``gate_up_proj``)."""
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
@@ -55,6 +56,10 @@ def unsupported_reason(model: Any) -> str | None:
         return "MLP biases"
     if _rope_type(cfg) in _LENGTH_DEPENDENT_ROPE:
         return f"rope type '{_rope_type(cfg)}' (its frequencies depend on the sequence length)"
+    params = getattr(cfg, "rope_parameters", None) or {}
+    partial = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
+    if float(partial or 1.0) != 1.0:
+        return f"partial rotary embeddings (factor {partial})"
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     if base is None or not hasattr(base, "rotary_emb") or not hasattr(base, "embed_tokens"):
         return f"{type(model).__name__} has no embed_tokens/rotary_emb where Llama keeps them"
@@ -176,6 +181,8 @@ def collect_weights(model: Any, handles: LayerHandles, *, fuse: bool) -> list[La
     """Per-block weights of a Llama-family model; ``fuse`` re-lays q/k/v and gate/up rows."""
     layers = []
     blocks: list[Any] = list(handles.blocks)
+    if hasattr(blocks[0].self_attn, "qkv_proj"):  # Phi-3: q/k/v and gate/up stored fused
+        return [_stored_fused(block, text_config(model), fuse) for block in blocks]
     for block in blocks:
         attn, mlp = block.self_attn, block.mlp
         q_norm = getattr(attn, "q_norm", None)
@@ -210,6 +217,38 @@ def collect_weights(model: Any, handles: LayerHandles, *, fuse: bool) -> list[La
             )
         )
     return layers
+
+
+def _stored_fused(block: Any, cfg: Any, fuse: bool) -> LayerWeights:
+    """The weights of a block that stores q/k/v and gate/up fused (Phi-3), in the same layout:
+    the stored matrices as they are, or (``fuse`` off) row slices of them."""
+    attn, mlp = block.self_attn, block.mlp
+    qkv, gate_up = attn.qkv_proj.weight.detach(), mlp.gate_up_proj.weight.detach()
+    n_heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim])
+    gate, up = gate_up.chunk(2)  # gate first, as Phi3MLP chunks it
+    return LayerWeights(
+        ln1=block.input_layernorm.weight.detach(),
+        qkv=qkv if fuse else None,
+        qkv_bias=None,
+        q=None if fuse else q,
+        k=None if fuse else k,
+        v=None if fuse else v,
+        q_bias=None,
+        k_bias=None,
+        v_bias=None,
+        q_norm=None,
+        k_norm=None,
+        o=attn.o_proj.weight.detach(),
+        o_bias=_detached(attn.o_proj.bias),
+        ln2=block.post_attention_layernorm.weight.detach(),
+        gate_up=gate_up if fuse else None,
+        gate=None if fuse else gate,
+        up=None if fuse else up,
+        down=mlp.down_proj.weight.detach(),
+    )
 
 
 def model_tensors(model: Any) -> ModelTensors:
