@@ -117,3 +117,14 @@ def test_report_cli_json_and_errors(cli, tmp_path):
     missing = cli("report", "steering", "--experiments-dir", tmp_path, "--experiment", "e",
                   "--trait", "nope")  # fmt: skip
     assert missing.exit_code == 1 and "no steering sweep" in missing.output
+
+
+def test_report_reads_one_polarity_when_asked(cli, tmp_path):
+    _write_sweep(tmp_path)
+    base = ["report", "steering", "--experiments-dir", tmp_path, "--experiment", "e"]
+    neutral = cli(*base, "--trait", "t", "--polarity", "neutral", "--no-plot", "--json")
+    assert neutral.exit_code == 0, neutral.output
+    assert json.loads(neutral.stdout)["points"][0]["rows"] == 3
+    pos = cli(*base, "--trait", "t", "--polarity", "pos", "--no-plot")
+    assert pos.exit_code == 1
+    assert "have no pos rows" in " ".join(pos.output.split())

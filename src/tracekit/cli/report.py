@@ -73,6 +73,14 @@ def register(app: typer.Typer) -> None:
                 "(n_tokens) or words:FILE (fraction of a response's words in a word list).",
             ),
         ] = None,
+        polarity: Annotated[
+            str,
+            typer.Option(
+                "--polarity",
+                help="Which rows of each set: all (default), neutral, pos or neg (the last two "
+                "for --steer-prompts trait sweeps).",
+            ),
+        ] = "all",
         output: Annotated[
             Path | None,
             typer.Option(

@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tracekit.config.base import TracekitConfig
 from tracekit.engines.steering import STEERING_DIR
@@ -49,6 +49,9 @@ class SteeringReportConfig(TracekitConfig):
     """The steered layer to report; needed only when the trait has sweeps at several."""
     measure: str | None = None
     """A numeric CSV column, or ``words:FILE`` (fraction of words in a word list)."""
+    polarity: Literal["all", "neutral", "pos", "neg"] = "all"
+    """Which CSV of each set to read (``all``: every one; ``--steer-prompts trait`` sets have
+    ``pos.csv`` and ``neg.csv``)."""
     output: Path | None = None
     """The PNG; default ``<trait>/steering/L<layer>/dose_response.png``."""
     plot: bool = True
@@ -216,10 +219,17 @@ def steering_report(config: SteeringReportConfig) -> SteeringReport:
     loaded_rows = {}
     for direction, coef, folder, _ in sets:
         rows: list[dict[str, Any]] = []
-        for csv_path in sorted((folder / "responses").glob("*.csv")):
+        pattern = "*.csv" if config.polarity == "all" else f"{config.polarity}.csv"
+        for csv_path in sorted((folder / "responses").glob(pattern)):
             rows += store.read_responses_csv(csv_path, ("response",))
         loaded_rows[(direction, coef)] = (folder, rows)
     all_rows = [r for _, rows in loaded_rows.values() for r in rows]
+    if not all_rows:
+        which = "" if config.polarity == "all" else f"{config.polarity} "
+        raise InputError(
+            f"the sets under {root} have no {which}rows",
+            "a steered set holds neutral.csv (--steer-prompts neutral) or pos.csv and neg.csv",
+        )
     metrics = [m for m in JUDGE_METRICS if any(m in r for r in all_rows)]
     if measure is not None:
         metrics.append(measure[0])
