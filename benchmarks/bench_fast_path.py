@@ -2,7 +2,7 @@
 
 Random-init models (nothing downloaded), bf16 unless said, one table per part:
 
-- ``check``: Gemma-2 and Gemma-3 (tiny, float32, TF32 off, 8 rows) through ``auto`` with CUDA
+- ``check``: Gemma-2, Gemma-3 and Phi-3 (tiny, float32, TF32 off, 8 rows) through ``auto`` with CUDA
   graphs and compile against the hf engine: identical tokens and captures within 1e-3 (``ok``).
 - ``two``: two model shapes in one process. A Mistral-7B-shaped and then a Qwen2.5-7B-shaped
   model (their attention shapes, two blocks, vocabulary cut to 512) generate through ``auto``
@@ -149,8 +149,11 @@ def part_check(rows: list[dict[str, Any]]) -> None:
 
     params = GenerationParams(max_new_tokens=24, temperature=0)
     capture = CaptureSpec(layers=(0, 1, 2, 4), poolings=ALL_POOLINGS)
-    for shape in ("gemma2-tiny", "gemma3-tiny"):
-        loaded = random_gemma(shape, device=device(), dtype="float32", seed=0)
+    for shape in ("gemma2-tiny", "gemma3-tiny", "phi3-tiny"):
+        if shape == "phi3-tiny":
+            loaded = random_llama("tiny", device=device(), dtype="float32", model_type="phi3")
+        else:
+            loaded = random_gemma(shape, device=device(), dtype="float32", seed=0)
         gen = torch.Generator().manual_seed(5)
         lengths = torch.randint(3, 40, (8,), generator=gen).tolist()
         prompts = [torch.randint(2, 512, (k,), generator=gen).tolist() for k in lengths]

@@ -45,10 +45,13 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32 = False
 
 
-@pytest.mark.parametrize("shape", ["gemma2-tiny", "gemma3-tiny"])
+@pytest.mark.parametrize("shape", ["gemma2-tiny", "gemma3-tiny", "phi3-tiny"])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_gemma_greedy_equals_reference_with_graphs(shape, batch):
-    loaded = random_gemma(shape, device="cuda", dtype="float32", seed=0)
+    if shape == "phi3-tiny":  # Phi-3: q/k/v and gate/up stored fused
+        loaded = random_llama("tiny", device="cuda", dtype="float32", model_type="phi3")
+    else:
+        loaded = random_gemma(shape, device="cuda", dtype="float32", seed=0)
     prompts = _prompts(batch, seed=batch)
     params = GenerationParams(max_new_tokens=24, temperature=0)
     capture = CaptureSpec(layers=(0, 1, 2, 4), poolings=ALL_POOLINGS)
