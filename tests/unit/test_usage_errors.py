@@ -127,12 +127,7 @@ def _imported_by(args: list[str], env: dict[str, str] | None = None) -> list[str
     return done.stderr.split()
 
 
-def _help_paths() -> list[list[str]]:
-    # the log group's own options are coerced before 'stats' is looked up
-    return [p for p in every_command() if p != ["log", "stats"]]
-
-
-@pytest.mark.parametrize("args", [[*p, "--help"] for p in _help_paths()], ids=" ".join)
+@pytest.mark.parametrize("args", [[*p, "--help"] for p in every_command()], ids=" ".join)
 def test_help_imports_no_pydantic_or_torch(args):
     assert _imported_by(args) == []
 

@@ -100,16 +100,18 @@ def _finish_help(command: Any) -> None:
         _finish_help(sub)
 
 
-def _keep_as_parsed(command: Any, ctx: Any, every_param: bool) -> None:
-    """Help options (all of them: of groups and verbs), and with ``every_param`` all other
-    parameters too, of ``command`` and the commands under it keep their parsed values:
-    typer would coerce each through a pydantic adapter, importing pydantic."""
-    params = [command.get_help_option(ctx), *(command.params if every_param else ())]
-    for param in params:
+def _keep_as_parsed(command: Any, ctx: Any, every_param: bool, group_params: bool) -> None:
+    """Help options (all of them: of groups and verbs), with ``group_params`` the options of
+    groups too, and with ``every_param`` all parameters, of ``command`` and the commands under
+    it keep their parsed values: typer would coerce each through a pydantic adapter, importing
+    pydantic."""
+    is_group = hasattr(command, "commands")
+    own = command.params if every_param or (group_params and is_group) else ()
+    for param in [command.get_help_option(ctx), *own]:
         if isinstance(param, _TyperParameter):
             param._runtime_param = _AsParsed(param.type_descriptor.parameter_info, object)
     for sub in getattr(command, "commands", {}).values():
-        _keep_as_parsed(sub, ctx, every_param)
+        _keep_as_parsed(sub, ctx, every_param, group_params)
 
 
 class TracekitGroup(SeedSpellingGroup):
@@ -117,9 +119,11 @@ class TracekitGroup(SeedSpellingGroup):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         # '--help' must not import pydantic: a help option's value is a flag already, and the
-        # root's own options (parsed before a verb's '--help') are flags and a count. TAB
+        # root's own options (parsed before a verb's '--help') are flags and a count; a group's
+        # options (log's) are parsed before its subcommand's '--help' and go unused then. TAB
         # completion parses (resiliently) values it never uses: all of them stay as parsed.
-        _keep_as_parsed(self, ctx, every_param=bool(ctx.resilient_parsing))
+        asks_help = any(arg in ctx.help_option_names for arg in args)
+        _keep_as_parsed(self, ctx, bool(ctx.resilient_parsing), group_params=asks_help)
         _finish_help(self)
         for param in self.params:
             if isinstance(param, _TyperParameter):
