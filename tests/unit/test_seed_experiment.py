@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from seed_data import snapshot, write_seed_experiment
-from tracekit.jobs.generate import _carry_extra_columns
+from tracekit.storage.experiment import carry_extra_columns as _carry_extra_columns
 
 
 def _flat(text: str) -> str:

@@ -188,7 +188,7 @@ def _extract_activations(
             paths, polarity, pooling, ids, config.pt, source=path
         )
 
-    from tracekit.jobs.generate import activation_metadata
+    from tracekit.storage.activation_slots import activation_metadata
 
     write_json(
         paths.activations_metadata,

@@ -31,6 +31,7 @@ from tracekit.engines.batching import Batcher
 from tracekit.engines.interface import CaptureSpec, create_engine
 from tracekit.errors import ConfigError, ModelError
 from tracekit.models.loading import ModelConfig
+from tracekit.storage import activation_slots as activations
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import output_lock, write_json
 from tracekit.storage.background import BackgroundWrites
@@ -552,7 +553,7 @@ def _finalize(
         complete = all(paths.responses_csv(p).is_file() for p in polarities)
         if judge_config is not None:
             complete = complete and all(
-                _has_scores(paths.responses_csv(p), config.judge_metrics) for p in polarities
+                store.has_scores(paths.responses_csv(p), config.judge_metrics) for p in polarities
             )
         skip = result.generated == 0 and complete and paths.metadata.is_file()
     if all_gather(info, skip)[0]:  # the main process decides for all
@@ -602,7 +603,7 @@ def _finalize(
     if config.extract_activations:
         store.write_json(
             paths.activations_metadata,
-            activation_metadata(
+            activations.activation_metadata(
                 loaded, layers, poolings, result.rows, "generate",
                 previous=paths.activations_metadata,
             ),
@@ -630,7 +631,7 @@ def _write_rows(
     from the journal's rows of this run (by polarity, in id order)."""
     files: list[Path] = []
     for polarity in config.polarities:
-        rows = _carry_extra_columns(paths.responses_csv(polarity), journal_rows[polarity])
+        rows = store.carry_extra_columns(paths.responses_csv(polarity), journal_rows[polarity])
         store.write_responses_csv(paths.responses_csv(polarity), rows)
         if judge_config is not None and rows:
             rows = _judge(judge_config, trait, rows, loaded, config)
@@ -686,83 +687,11 @@ def _judge(
     return [dict(r) for r in judged.rows]
 
 
-def _has_scores(csv_path: Path, metrics: tuple[str, ...]) -> bool:
-    """Whether every row of a responses CSV has a score column for each metric."""
-    if not csv_path.is_file():
-        return False
-    rows = store.read_responses_csv(csv_path, ())
-    return all(f"{m}_score" in r for r in rows for m in metrics)
-
-
 def _existing_files(paths: TraitPaths, polarities: tuple[Polarity, ...]) -> list[Path]:
     found = [paths.responses_csv(p) for p in polarities]
     if paths.activations_dir.is_dir():
         found += sorted(paths.activations_dir.glob("*.npy"))
     return [p for p in found if p.exists()] + [paths.metadata]
-
-
-def _carry_extra_columns(csv_path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep columns added to an earlier CSV (e.g. judge scores) for rows that still exist:
-    same id and same response text, so a score never lands on a response it did not judge."""
-    if not csv_path.is_file():
-        return rows
-    try:
-        old = {
-            (int(r["id"]), str(r.get("response", ""))): r
-            for r in store.read_responses_csv(csv_path, ())
-        }
-    except Exception:  # an unreadable old CSV is rebuilt from the journal, which is the truth
-        return rows
-    merged = []
-    for row in rows:
-        extra = {
-            k: v
-            for k, v in old.get((int(row["id"]), str(row["response"])), {}).items()
-            if k not in row and k not in store.RESPONSE_COLUMNS
-        }
-        merged.append({**row, **extra})
-    return merged
-
-
-def activation_metadata(
-    loaded: LoadedModel,
-    layers: tuple[int, ...],
-    poolings: list[str],
-    rows: dict[str, int],
-    source: str,
-    previous: Path | None = None,
-) -> dict[str, Any]:
-    """``activations/metadata.json``: what each pooling's files hold and how they were made.
-
-    Entries for poolings not written now are kept from ``previous`` (an earlier metadata
-    file), since their files stay; each pooling records its own layers and source.
-    """
-    import json
-
-    entries: dict[str, Any] = {}
-    if previous is not None and previous.is_file():
-        try:
-            entries = dict(json.loads(previous.read_text(encoding="utf-8")).get("poolings", {}))
-        except (OSError, ValueError, AttributeError):
-            entries = {}
-    for pooling in poolings:
-        entries[pooling] = {
-            "source": source,
-            "layers": list(layers),
-            "shape": {p: [n, len(layers), loaded.hidden_size] for p, n in rows.items()},
-            "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-    return {
-        **loaded.provenance(),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "layer_indexing": "0 = embedding output; i = residual stream after decoder block i-1 "
-        "(before the final norm)",
-        "files": {
-            "activations": "{polarity}_{pooling}.npy and .pt (float32 [n_rows, n_layers, hidden])",
-            "ids": "{polarity}_{pooling}_ids.npy (int64 row ids; pos and neg pair by id)",
-        },
-        "poolings": entries,
-    }
 
 
 def _metadata(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from tracekit.storage.atomic import atomic_npy_memmap, atomic_open, save_npy
 if TYPE_CHECKING:
     import numpy as np
 
+    from tracekit.models.loading import LoadedModel
     from tracekit.storage.experiment import Polarity, TraitPaths
 
 _COPY_ROWS = 1024
@@ -414,3 +416,44 @@ def read_npy(path: Path, what: str, ndim: int, kinds: str) -> np.ndarray:
     if array.dtype.kind not in kinds:
         raise refuse(f"it holds {array.dtype} values")
     return array
+
+
+def activation_metadata(
+    loaded: LoadedModel,
+    layers: tuple[int, ...],
+    poolings: list[str],
+    rows: dict[str, int],
+    source: str,
+    previous: Path | None = None,
+) -> dict[str, Any]:
+    """``activations/metadata.json``: what each pooling's files hold and how they were made.
+
+    Entries for poolings not written now are kept from ``previous`` (an earlier metadata
+    file), since their files stay; each pooling records its own layers and source.
+    """
+    import json
+
+    entries: dict[str, Any] = {}
+    if previous is not None and previous.is_file():
+        try:
+            entries = dict(json.loads(previous.read_text(encoding="utf-8")).get("poolings", {}))
+        except (OSError, ValueError, AttributeError):
+            entries = {}
+    for pooling in poolings:
+        entries[pooling] = {
+            "source": source,
+            "layers": list(layers),
+            "shape": {p: [n, len(layers), loaded.hidden_size] for p, n in rows.items()},
+            "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+    return {
+        **loaded.provenance(),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "layer_indexing": "0 = embedding output; i = residual stream after decoder block i-1 "
+        "(before the final norm)",
+        "files": {
+            "activations": "{polarity}_{pooling}.npy and .pt (float32 [n_rows, n_layers, hidden])",
+            "ids": "{polarity}_{pooling}_ids.npy (int64 row ids; pos and neg pair by id)",
+        },
+        "poolings": entries,
+    }

@@ -301,6 +301,36 @@ def read_responses_csv(path: Path, required: Sequence[str] = REQUIRED_COLUMNS) -
     return rows
 
 
+def has_scores(csv_path: Path, metrics: tuple[str, ...]) -> bool:
+    """Whether every row of a responses CSV has a score column for each metric."""
+    if not csv_path.is_file():
+        return False
+    rows = read_responses_csv(csv_path, ())
+    return all(f"{m}_score" in r for r in rows for m in metrics)
+
+
+def carry_extra_columns(csv_path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep columns added to an earlier CSV (e.g. judge scores) for rows that still exist:
+    same id and same response text, so a score never lands on a response it did not judge."""
+    if not csv_path.is_file():
+        return rows
+    try:
+        old = {
+            (int(r["id"]), str(r.get("response", ""))): r for r in read_responses_csv(csv_path, ())
+        }
+    except Exception:  # an unreadable old CSV is rebuilt from the journal, which is the truth
+        return rows
+    merged = []
+    for row in rows:
+        extra = {
+            k: v
+            for k, v in old.get((int(row["id"]), str(row["response"])), {}).items()
+            if k not in row and k not in RESPONSE_COLUMNS
+        }
+        merged.append({**row, **extra})
+    return merged
+
+
 def ensure_trait_definition(paths: TraitPaths, trait_json: str, force: bool) -> None:
     """Save the trait definition; refuse to replace a different one without ``force``."""
     target = paths.trait_definition
