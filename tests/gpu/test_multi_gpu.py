@@ -3,10 +3,14 @@
 Needs 2+ CUDA GPUs (skipped otherwise). A random-init tiny Llama in float32 (TF32 off in the
 engines' default settings) is saved to a folder and used through the real CLI:
 
-- ``generate``, ``extract activations`` and ``log`` with ``--num-processes 2`` (torchrun, one
-  GPU per process, nccl) merge into the files a single-GPU run writes (the ``hf`` engine: these
-  tests are about the processes, and it needs no compilation; the CUDA engine's data-parallel
-  run is ``benchmarks/bench_multigpu.py``);
+- ``generate``, ``extract activations``, ``extract features`` and ``log`` with
+  ``--num-processes 2`` (torchrun, one GPU per process, nccl) merge into the files a single-GPU
+  run writes (the ``hf`` engine: these tests are about the processes, and it needs no
+  compilation; the CUDA engine's data-parallel run at full size is
+  ``benchmarks/bench_multigpu.py``);
+- a steering sweep (``--engine auto``: the CUDA engine where it steers) and a tiny Gemma-2 /
+  Gemma-3 on the CUDA engine (skipped, with the reason, where the engine does not run it) on
+  two GPUs write what one GPU writes;
 - ``--device-map auto`` places the model's blocks on both GPUs, and generation, capture and the
   teacher-forced forward give what the same model on one GPU gives;
 - one process with ``--device cuda:1`` runs the CUDA engine (graphs, Triton kernels, capture
@@ -26,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 
+from tolerance import assert_close_to_scale
 from tracekit.models.random_model import random_llama
 
 pytestmark = [
@@ -71,8 +76,13 @@ def _generate(
     )  # fmt: skip
 
 
-def _assert_same(single: Path, other: Path, poolings: tuple[str, ...] = POOLINGS) -> None:
-    for polarity in ("pos", "neg"):
+def _assert_same(
+    single: Path,
+    other: Path,
+    poolings: tuple[str, ...] = POOLINGS,
+    polarities: tuple[str, ...] = ("pos", "neg"),
+) -> None:
+    for polarity in polarities:
         want_csv = (single / "responses" / f"{polarity}.csv").read_text(encoding="utf-8")
         got_csv = (other / "responses" / f"{polarity}.csv").read_text(encoding="utf-8")
         assert got_csv == want_csv
@@ -225,3 +235,82 @@ def test_host_copy_of_values_on_two_gpus_waits_for_both():
         assert copy.ready()
         for name, value in out.items():
             assert torch.equal(value, expected), name
+
+
+def test_steered_sweep_on_two_gpus_equals_one(model_dir: Path, tmp_path: Path):
+    """A steering sweep on two GPUs: each coefficient's set is the single-GPU set, and records
+    the same steering. ``--engine auto`` steers on the CUDA engine where it can, else on hf."""
+    vector = np.random.default_rng(0).standard_normal(128).astype(np.float32)
+    np.save(tmp_path / "v.npy", vector / np.linalg.norm(vector))
+    steer = ["--steer-vector", str(tmp_path / "v.npy"), "--steer-layer", "2"]
+    steer += ["--steer-coef", "0,8", "--engine", "auto"]  # the last --engine wins
+    base = tmp_path / "experiments"
+    one = _generate(model_dir, base, "one", *steer)
+    two = _generate(model_dir, base, "two", *steer, "--num-processes", "2")
+    assert [t["steering"]["coef"] for t in two["traits"]] == [0.0, 8.0]
+    assert two["tokens"] == one["tokens"]
+    responses = []
+    for coef in ("+0", "+8"):
+        subdir = Path("steering") / "L2" / "vector" / f"coef{coef}"
+        want, got = base / "one" / "refusal" / subdir, base / "two" / "refusal" / subdir
+        _assert_same(want, got, polarities=("neutral",))
+        steering = json.loads((got / "metadata.json").read_text())["steering"]
+        assert steering == json.loads((want / "metadata.json").read_text())["steering"]
+        responses.append((want / "responses" / "neutral.csv").read_text(encoding="utf-8"))
+    assert responses[0] != responses[1]  # the coefficient took effect
+
+
+@pytest.mark.parametrize("shape", ["gemma2-tiny", "gemma3-tiny"])
+def test_gemma_on_the_cuda_engine_on_two_gpus_equals_one(shape: str, tmp_path: Path):
+    from tracekit.engines.cuda.arch import unsupported_reason
+    from tracekit.models.random_gemma import random_gemma
+
+    loaded = random_gemma(shape, device="cpu", dtype="float32", seed=3)
+    reason = unsupported_reason(loaded.model)
+    if reason is not None:
+        pytest.skip(f"the CUDA engine does not run {shape}: {reason}")
+    folder = tmp_path / "model"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    base = tmp_path / "experiments"
+    one = _generate(folder, base, "one", "--engine", "cuda")
+    two = _generate(folder, base, "two", "--engine", "cuda", "--num-processes", "2")
+    assert two["tokens"] == one["tokens"]
+    _assert_same(base / "one" / "refusal", base / "two" / "refusal")
+
+
+def test_extract_features_on_two_gpus_equals_one(model_dir: Path, tmp_path: Path):
+    """Each process writes its block of sentence files; together they are one GPU's files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_example_saes",
+        Path(__file__).resolve().parents[2] / "examples" / "make_example_saes.py",
+    )
+    assert spec and spec.loader
+    saes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(saes)
+    for release_layer in (0, 2):  # tracekit layers 1 and 3
+        saes.write_gemma_scope(tmp_path / "saes", release_layer, saes.random_sae(128, 256, 7), 16)
+    rng = np.random.default_rng(5)
+    sentences = tmp_path / "sentences.csv"
+    with sentences.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sentence", "concept_strength_label"])
+        for i in range(10):  # batches of 4: rank 0 takes 8 sentences, rank 1 the last 2
+            words = " ".join(f"w{w}" for w in rng.integers(2, 512, rng.integers(4, 20)))
+            writer.writerow([words, i % 4])
+    args = ["extract", "features", "--model", str(model_dir), "--sentences", str(sentences)]
+    args += ["--sae", str(tmp_path / "saes"), "--dtype", "float32", "--batch-size", "4"]
+    one = _tracekit(*args, "--output", str(tmp_path / "one"), "--device", "cuda:0")
+    two = _tracekit(*args, "--output", str(tmp_path / "two"), "--num-processes", "2")
+    assert two["written"] == one["written"] == 10
+    for index in range(10):
+        name = f"sentence_{index:06d}.npz"
+        with np.load(tmp_path / "one" / name) as want, np.load(tmp_path / "two" / name) as got:
+            assert sorted(got.files) == sorted(want.files)
+            for key in want.files:
+                if want[key].dtype.kind == "f":
+                    assert_close_to_scale(got[key], want[key], rel=REL_TOL)
+                else:
+                    assert np.array_equal(got[key], want[key]), key
