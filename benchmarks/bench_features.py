@@ -105,7 +105,7 @@ def sync(device: torch.device) -> None:
 
 def baseline(loaded, saes, sentences, output: Path, storage: str) -> None:
     """One forward pass per layer per sentence (batch 1), as the original stage did."""
-    from tracekit.features.files import SaeMeta, to_csr, write_sentence_file
+    from tracekit.storage.sentences import SaeMeta, to_csr, write_sentence_file
 
     layers = sorted(saes)
     meta = SaeMeta(

@@ -5,7 +5,7 @@ pass with an attention mask and explicit position ids captures the embedding out
 and every chosen layer at every token position through :class:`tracekit.models.LayerTaps`;
 the pass stops after the last needed block (later blocks, the final norm and the LM head never
 run). Each layer's states are encoded by that layer's SAE on the model's device, and each
-sentence is written atomically as ``sentence_{row:06d}.npz`` (:mod:`tracekit.features.files`).
+sentence is written atomically as ``sentence_{row:06d}.npz`` (:mod:`tracekit.storage.sentences`).
 
 Fragments are the sentence's own tokens: special tokens the tokenizer adds (a BOS) are fed to
 the model, since it expects them, but not saved. Fragment j is the state at token j, which in a
@@ -37,7 +37,9 @@ from typing import TYPE_CHECKING, Any
 from tracekit import __version__
 from tracekit.config.features import FeaturesConfig
 from tracekit.errors import ConfigError, InputError, OutputExistsError
-from tracekit.features.files import (
+from tracekit.features.inputs import Sentences, read_sentences
+from tracekit.storage.atomic import output_lock, write_json
+from tracekit.storage.sentences import (
     MANIFEST_NAME,
     SaeMeta,
     existing_sentence_files,
@@ -46,8 +48,6 @@ from tracekit.features.files import (
     to_csr,
     write_sentence_file,
 )
-from tracekit.features.inputs import Sentences, read_sentences
-from tracekit.storage.atomic import output_lock, write_json
 
 if TYPE_CHECKING:
     import torch
