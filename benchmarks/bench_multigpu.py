@@ -267,9 +267,13 @@ def _print_processes(case: str, one: dict, many: dict) -> None:
             )
 
 
-def generate_pair(bench: Bench, case: str, model: Path, rows: int, *extra: str) -> tuple:
-    """Warm-up, then the same ``generate`` on 1 and N processes; their summaries and check."""
-    bench.generate(model, f"{case}-warmup", bench.args.batch_size, *extra)
+def generate_pair(
+    bench: Bench, case: str, model: Path, rows: int, *extra: str, warm_up: bool = True
+) -> tuple:
+    """Warm-up (compile caches, kernel decisions: the CUDA engine's), then the same
+    ``generate`` on 1 and N processes; their summaries and the check of their outputs."""
+    if warm_up:
+        bench.generate(model, f"{case}-warmup", bench.args.batch_size, *extra)
     one = bench.generate(model, f"{case}-one", rows, *extra)
     many = bench.generate(model, f"{case}-many", rows, *extra, processes=bench.n)
     check = compare_files(
@@ -302,7 +306,9 @@ def case_steered(bench: Bench) -> dict:
     steer = ["--steer-vector", str(path), "--steer-layer", str(bench.layers // 2)]
     steer += ["--steer-coef", "0,8", "--engine", "auto"]
     rows = bench.args.steer_examples
-    one, many, check = generate_pair(bench, "steered", bench.llama, rows, *steer)
+    one, many, check = generate_pair(
+        bench, "steered", bench.llama, rows, *steer, warm_up=engine == "cuda"
+    )
     out = speed_row(bench, "steered", engine, one, many, check)
     coefs = [t["steering"]["coef"] for t in many["traits"]]
     if coefs != [0.0, 8.0]:
@@ -479,7 +485,7 @@ def main() -> None:
     )
     parser.add_argument("--n-examples", type=int, default=8192, help="generate: rows per polarity")
     parser.add_argument("--gemma-examples", type=int, default=2048, help="gemma: rows per polarity")
-    parser.add_argument("--steer-examples", type=int, default=256, help="steered: rows per set")
+    parser.add_argument("--steer-examples", type=int, default=128, help="steered: rows per set")
     parser.add_argument("--sentences", type=int, default=512, help="extract features: sentences")
     parser.add_argument("--log-prompts", type=int, default=512, help="log: prompts")
     parser.add_argument("--max-new-tokens", type=int, default=128)
