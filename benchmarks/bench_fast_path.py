@@ -21,9 +21,9 @@ Random-init models (nothing downloaded), bf16 unless said, one table per part:
 With ``tuned`` among the parts, ``cold`` also runs the same rows on an engine that times every
 kernel and tunes whole steps first (a minute or two more), for the step time cold start gives up.
 
-Run on the device: ``python benchmarks/bench_fast_path.py`` (parts check, two, exact, gemma,
-cold: about 7 minutes on an H100; ``--parts check,two,exact`` and ``--parts gemma,cold`` split
-it in two); ``--csv out.csv`` writes the rows. Step
+Run on the device: ``python benchmarks/bench_fast_path.py`` (parts check, two, exact, cold,
+gemma, each table printed when done: about 8 minutes on an H100; ``--parts check,two,exact,cold``
+and ``--parts gemma`` split it in two); ``--csv out.csv`` writes the rows. Step
 tuning is off for the ``gemma`` rows (``TRACEKIT_STEP_TUNING=0``; it is worth 1-3% and costs a
 minute per batch size).
 """
@@ -205,7 +205,9 @@ def part_exact(rows: list[dict[str, Any]]) -> None:
 
 def part_gemma(rows: list[dict[str, Any]], bw: float, batches: dict[str, list[int]]) -> None:
     for shape, sizes in batches.items():
+        done = len(rows)
         gemma_rows(rows, bw, shape, sizes)
+        print_tables(rows[done:])  # each shape as it is done
         empty_cache()
 
 
@@ -295,13 +297,14 @@ def part_cold(rows: list[dict[str, Any]], tuned: bool) -> None:
 
 
 def print_tables(rows: list[dict[str, Any]]) -> None:
+    """One markdown table per part among ``rows`` (printed at once, flushed)."""
     for part in dict.fromkeys(r["part"] for r in rows):
         chunk = [r for r in rows if r["part"] == part]
         columns = list(dict.fromkeys(c for r in chunk for c in r if c != "part"))
         print(f"\n{part}\n| " + " | ".join(columns) + " |")
         print("|" + "|".join("---" for _ in columns) + "|")
         for row in chunk:
-            print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+            print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |", flush=True)
 
 
 def main() -> None:
@@ -309,7 +312,7 @@ def main() -> None:
     ap.add_argument("--parts", default="check,two,exact,gemma,cold")
     ap.add_argument(
         "--gemma",
-        default="gemma-2-2b:8/32,gemma-2-9b:32,gemma-3-12b:32",
+        default="gemma-2-2b:32,gemma-2-9b:32,gemma-3-12b:32",
         help="shape:batch/batch,... for the gemma part",
     )
     add_csv_option(ap)
@@ -328,21 +331,26 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     parts = args.parts.split(",")
     started = time.perf_counter()
-    if "check" in parts:
-        part_check(rows)
-    if "two" in parts:
-        part_two(rows)
-    if "exact" in parts:
-        part_exact(rows)
-    if "gemma" in parts:
-        batches = {
-            shape: [int(b) for b in sizes.split("/")]
-            for shape, sizes in (item.split(":") for item in args.gemma.split(","))
-        }
-        part_gemma(rows, bw, batches)
-    if "cold" in parts or "tuned" in parts:
-        part_cold(rows, tuned="tuned" in parts)
-    print_tables(rows)
+    batches = {
+        shape: [int(b) for b in sizes.split("/")]
+        for shape, sizes in (item.split(":") for item in args.gemma.split(","))
+    }
+    # each part's table as soon as it is done (the longest, gemma, last)
+    runs: list[tuple[str, Callable[[list[dict[str, Any]]], None]]] = [
+        ("check", part_check),
+        ("two", part_two),
+        ("exact", part_exact),
+        ("cold", lambda out: part_cold(out, tuned="tuned" in parts)),
+        ("gemma", lambda out: part_gemma(out, bw, batches)),
+    ]
+    for name, run in runs:
+        if name in parts or (name == "cold" and "tuned" in parts):
+            chunk: list[dict[str, Any]] = []
+            run(chunk)
+            if name != "gemma":  # that one prints each shape's rows as they come
+                print_tables(chunk)
+            print(f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+            rows.extend(chunk)
     print(f"\n{time.perf_counter() - started:.0f} s in all")
     write_csv(args.csv, rows)
     sys.exit(0)
