@@ -9,21 +9,12 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tracekit.config.base import TracekitConfig
-from tracekit.config.types import BatchSize, LayerSpec
+from tracekit.config.types import BatchSize, LayerSpec, check_name
 from tracekit.engines.interface import GenerationParams
 from tracekit.engines.pooling import Pooling, Poolings
 from tracekit.engines.steering import SteerControl, SteerPositions
 from tracekit.models.loading import DtypeName, ModelConfig
 from tracekit.storage.experiment import POLARITIES, Polarity
-
-_NAME_HINT = "use letters, digits, '_', '-' or '.'"
-
-
-def check_name(value: str, what: str) -> str:
-    value = value.strip()
-    if not value or "/" in value or "\\" in value or value.startswith("."):
-        raise ValueError(f"invalid {what} name '{value}': {_NAME_HINT}")
-    return value
 
 
 class RuntimeOptions(TracekitConfig):

@@ -9,12 +9,26 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Annotated, Any
 
-from pydantic import Field, GetCoreSchemaHandler
+from pydantic import AfterValidator, Field, GetCoreSchemaHandler
 from pydantic_core import core_schema
 
 MAX_BATCH_SIZE = 4096
 
 BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE, description="rows per forward pass")]
+
+_NAME_HINT = "use letters, digits, '_', '-' or '.'"
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` stripped, if it can name a folder of its own; else :class:`ValueError`."""
+    value = value.strip()
+    if not value or "/" in value or "\\" in value or value.startswith("."):
+        raise ValueError(f"invalid {what} name '{value}': {_NAME_HINT}")
+    return value
+
+
+FolderName = Annotated[str, AfterValidator(lambda v: check_name(v, "experiment or trait"))]
+"""An experiment or trait name: one folder, no separators, not hidden."""
 """A batch size: a positive integer, at most :data:`MAX_BATCH_SIZE`."""
 
 

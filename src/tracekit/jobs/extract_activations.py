@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import field_validator
-
-from tracekit.config.generate import RuntimeOptions, check_name
-from tracekit.config.types import BatchSize, LayerSpec
+from tracekit.config.generate import RuntimeOptions
+from tracekit.config.types import BatchSize, FolderName, LayerSpec
 from tracekit.distributed import barrier, process_info
 from tracekit.engines.interface import CaptureSpec
 from tracekit.engines.pooling import Pooling, Poolings
@@ -44,8 +42,8 @@ logger = logging.getLogger(__name__)
 class ExtractActivationsConfig(RuntimeOptions):
     """Options of ``tracekit extract activations``."""
 
-    experiment: str
-    trait: str
+    experiment: FolderName
+    trait: FolderName
     experiments_dir: Path = Path("experiments")
     batch_size: BatchSize = 8
     layers: LayerSpec = LayerSpec(None)
@@ -56,11 +54,6 @@ class ExtractActivationsConfig(RuntimeOptions):
     pt: bool = False
     """Also write each activation file as a ``.pt`` tensor (a second full copy on disk)."""
     force: bool = False
-
-    @field_validator("experiment", "trait")
-    @classmethod
-    def _names(cls, value: str) -> str:
-        return check_name(value, "experiment or trait")
 
 
 @dataclass

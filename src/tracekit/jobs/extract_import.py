@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from tracekit.config.base import TracekitConfig
+from tracekit.config.types import FolderName
 from tracekit.errors import InputError
 from tracekit.storage import activation_slots as activations
 from tracekit.storage import experiment as store
@@ -46,8 +47,8 @@ LAYER_INDEXING = (
 class ImportActivationsConfig(TracekitConfig):
     """Options of ``tracekit extract import``."""
 
-    experiment: str
-    trait: str
+    experiment: FolderName
+    trait: FolderName
     experiments_dir: Path = Path("experiments")
     pooling: Literal["response_avg", "prompt_last", "prompt_avg"] = "response_avg"
     """The pooling the seed's rows were made with (the files are named after it)."""
@@ -55,13 +56,6 @@ class ImportActivationsConfig(TracekitConfig):
     """Layer number of the file's first entry (0: HF ``output_hidden_states``; 1: block
     outputs only)."""
     force: bool = False
-
-    @field_validator("experiment", "trait")
-    @classmethod
-    def _names(cls, value: str) -> str:
-        from tracekit.config.generate import check_name
-
-        return check_name(value, "experiment or trait")
 
 
 @dataclass
