@@ -59,3 +59,12 @@ def test_generate_speed_line_reports_load_and_generation_apart(tmp_path, monkeyp
         "200 new tokens in 4.0 s of generation (50.0 tok/s); model load 40.0 s; 44.9 s in all"
         in text
     )
+
+
+def test_the_cpu_note_comes_with_the_job_size_after_the_checks(wide):
+    """Announced when the job is about to run (a refused job prints no note)."""
+    with err_console.capture() as captured, batch_progress(150, "cpu") as (on_total, _):
+        on_total(400)
+    lines = [line for line in captured.get().splitlines() if line.strip()]
+    assert lines[0].startswith("note: on CPU: 400 responses of up to 150 new tokens")
+    assert lines[1].startswith("400 rows to run")

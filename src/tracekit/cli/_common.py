@@ -221,7 +221,8 @@ LONG_ON_CPU_TOKENS = 10_000
 
 
 def note_long_cpu_job(device: str, rows: int, max_new_tokens: int) -> None:
-    """Say up front when a generation job of ``rows`` responses is large for a CPU."""
+    """Say, before its first batch, when a generation job of ``rows`` responses is large for
+    a CPU."""
     if device not in ("auto", "cpu"):
         return
     tokens = rows * max_new_tokens
@@ -244,13 +245,14 @@ def note_long_cpu_job(device: str, rows: int, max_new_tokens: int) -> None:
 
 @contextmanager
 def batch_progress(
-    max_new_tokens: int | None = None,
+    max_new_tokens: int | None = None, device: str | None = None
 ) -> Iterator[tuple[Callable[[int], None], Callable[[int, int], None]]]:
     """Rows and tokens/s bars on stderr, fed by the core's ``on_total``/``on_batch`` hooks.
 
-    When the job's size is known (``on_total``, before the first batch) a line says it; after
-    the first batch a line gives its speed and an estimate of the time left, so a slow job
-    does not look hung behind a bar at 0.
+    When the job's size is known (``on_total``, after every check, before the first batch) a
+    line says it, with :func:`note_long_cpu_job`'s warning for a generation job on ``device``;
+    after the first batch a line gives its speed and an estimate of the time left, so a slow
+    job does not look hung behind a bar at 0.
     """
     import time
 
@@ -268,6 +270,8 @@ def batch_progress(
             progress.console.print(text, highlight=False, soft_wrap=True)
 
         def on_total(total: int) -> None:
+            if device is not None and max_new_tokens is not None:
+                note_long_cpu_job(device, total, max_new_tokens)
             progress.update(rows, total=total)
             state.update(total=total, started=time.perf_counter())
             each = f" of up to {max_new_tokens} new tokens" if max_new_tokens else ""

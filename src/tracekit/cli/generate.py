@@ -31,7 +31,6 @@ from ._common import (
     batch_progress,
     build_config,
     is_main_process,
-    note_long_cpu_job,
 )
 
 if TYPE_CHECKING:
@@ -237,8 +236,7 @@ def register(app: typer.Typer) -> None:
         if num_processes > 1:
             args = ["--json"] if json_output else []  # the config file carries the rest
             raise typer.Exit(launch(["generate"], cfg, num_processes, args))
-        note_long_cpu_job(cfg.device, 2 * cfg.n_examples * len(cfg.traits), cfg.max_new_tokens)
-        with batch_progress(cfg.max_new_tokens) as (on_total, on_batch):
+        with batch_progress(cfg.max_new_tokens, cfg.device) as (on_total, on_batch):
             result = generate(cfg, on_batch=on_batch, on_total=on_total)
         if not is_main_process():
             return  # the main process reports the merged result
