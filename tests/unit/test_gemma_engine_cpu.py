@@ -109,3 +109,38 @@ def test_teacher_forced_fast_forward_equals_reference(tiny):
     fast = FastForward(tiny.model).pooled(PROMPTS, responses, capture.layers, ALL_POOLINGS)
     for pooling in ALL_POOLINGS:
         assert_close_to_scale(fast[pooling], ref[pooling])
+
+
+@pytest.mark.slow
+def test_step_functions_trace_whole_under_dynamo(monkeypatch):
+    """The compiled path without a GPU: every Gemma step function and the sequence block go
+    through dynamo whole (``fullgraph=True``: no graph break from the per-layer constants,
+    the soft-caps or the windows) and through AOT autograd, the backend swapped for torch's
+    ``aot_eager`` (no inductor, so no GPU); tokens and captures stay the reference's."""
+    compile_ = torch.compile
+
+    def traced(fn, **kw):
+        kw.pop("options", None)  # inductor's options
+        return compile_(fn, **{**kw, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", traced)
+    from tracekit.engines.cuda import compiled
+
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    monkeypatch.setattr(compiled, "_COMPILED_DYNAMIC", {})
+    from torch._dynamo.utils import counters
+
+    loaded = random_gemma("gemma2-tiny")
+    params = GenerationParams(max_new_tokens=10, temperature=0)
+    capture = CaptureSpec(layers=(0, 2, 4), poolings=ALL_POOLINGS)
+    ref = HFEngine(loaded).generate(PROMPTS, params, capture)
+    engine = CudaEngine(loaded, use_graphs=False, compile=True, fast_prefill=True)
+    torch._dynamo.reset()
+    counters.clear()
+    out = engine.generate(PROMPTS, params, capture)
+    # first, middle (local->global, global->local), last, advance, the prefill's block
+    assert counters["stats"]["unique_graphs"] >= 6, dict(counters["stats"])
+    assert out.response_ids == ref.response_ids
+    for pooling in ALL_POOLINGS:
+        assert_close_to_scale(out.pooled[pooling], ref.pooled[pooling])
+    torch._dynamo.reset()
