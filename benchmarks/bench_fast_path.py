@@ -137,6 +137,11 @@ def part_two(rows: list[dict[str, Any]]) -> None:
 
 
 def empty_cache() -> None:
+    """Free the last model's memory: its decoder and tuner refer to each other, so only the
+    cycle collector frees them."""
+    import gc
+
+    gc.collect()
     if device() == "cuda":
         torch.cuda.empty_cache()
 
@@ -347,6 +352,7 @@ def main() -> None:
         if name in parts or (name == "cold" and "tuned" in parts):
             chunk: list[dict[str, Any]] = []
             run(chunk)
+            empty_cache()  # the part's models
             if name != "gemma":  # that one prints each shape's rows as they come
                 print_tables(chunk)
             print(f"({time.perf_counter() - started:.0f} s so far)", flush=True)
