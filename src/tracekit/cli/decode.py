@@ -96,8 +96,9 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
     ) -> None:
         """Decode cached generation .npy files into JSON and Markdown."""
+        from tracekit.config.decode import DecodeConfig
         from tracekit.errors import InputError
-        from tracekit.jobs.decode import DecodeConfig, decode
+        from tracekit.jobs.decode import decode
 
         cfg = build_config(ctx, DecodeConfig)
         result = decode(cfg, on_file=None if json_output else _print_file)

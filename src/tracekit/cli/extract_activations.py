@@ -96,8 +96,9 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
     ) -> None:
         """Stage 2: teacher-forced activations for saved responses (responses/{pos,neg}.csv)."""
+        from tracekit.config.extract_activations import ExtractActivationsConfig
         from tracekit.distributed import launch
-        from tracekit.jobs.extract_activations import ExtractActivationsConfig, extract_activations
+        from tracekit.jobs.extract_activations import extract_activations
 
         cfg = build_config(ctx, ExtractActivationsConfig)
         if num_processes > 1:

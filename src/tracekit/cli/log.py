@@ -190,8 +190,9 @@ def register(app: typer.Typer) -> None:
         """Generate for each QA question and log its activations to an LMDB store."""
         if ctx.invoked_subcommand is not None:
             return
+        from tracekit.config.log import LogConfig
         from tracekit.distributed import launch
-        from tracekit.jobs.log import LogConfig, log_activations
+        from tracekit.jobs.log import log_activations
 
         cfg = build_config(ctx, LogConfig)
         if num_processes > 1:

@@ -81,8 +81,9 @@ def register(app: typer.Typer) -> None:
         the seed's)."""
         import logging
 
+        from tracekit.config.reconstruct import ReconstructConfig
         from tracekit.errors import InputError
-        from tracekit.jobs.reconstruct import ReconstructConfig, reconstruct
+        from tracekit.jobs.reconstruct import reconstruct
 
         cfg = build_config(ctx, ReconstructConfig)
         if cfg.verbose:

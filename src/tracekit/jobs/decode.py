@@ -14,12 +14,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field
-
-from tracekit.config.base import TracekitConfig
-from tracekit.config.choices import DecodeFormat
+from tracekit.config.decode import DecodeConfig
 from tracekit.errors import InputError, TracekitError
 from tracekit.storage.atomic import write_text
 from tracekit.storage.generation_cache import (
@@ -34,18 +31,6 @@ from tracekit.storage.generation_cache import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class DecodeConfig(TracekitConfig):
-    """Options of ``tracekit decode``."""
-
-    base_dir: Path = Path("experiments")
-    model: str | None = None
-    limit: Annotated[int, Field(ge=1, description="items rendered per file")] | None = None
-    format: DecodeFormat = DecodeFormat.both
-    dry_run: bool = False
-    force: bool = False
-    allow_pickle: bool = False
 
 
 Status = Literal["decoded", "skipped", "would-decode", "failed"]

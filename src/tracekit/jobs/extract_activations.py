@@ -19,13 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from tracekit.config.extract_activations import ExtractActivationsConfig
 from tracekit.config.generate import RuntimeOptions
-from tracekit.config.types import BatchSize, FolderName, LayerSpec
 from tracekit.distributed import barrier, process_info
 from tracekit.engines.interface import CaptureSpec
-from tracekit.engines.pooling import Pooling, Poolings
 from tracekit.errors import ConfigError, InputError
 from tracekit.jobs.generate import model_settings_for
 from tracekit.storage import activation_slots as activations
@@ -37,23 +36,6 @@ if TYPE_CHECKING:
     from tracekit.models.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
-
-
-class ExtractActivationsConfig(RuntimeOptions):
-    """Options of ``tracekit extract activations``."""
-
-    experiment: FolderName
-    trait: FolderName
-    experiments_dir: Path = Path("experiments")
-    batch_size: BatchSize = 8
-    layers: LayerSpec = LayerSpec(None)
-    pooling: Poolings = (Pooling.response_avg,)
-    engine: Literal["auto", "hf", "cuda"] = "auto"
-    """Teacher-forced forward: ``cuda`` = compiled blocks + flash attention
-    (:mod:`tracekit.engines.cuda.forward`), ``hf`` = the model's own forward."""
-    pt: bool = False
-    """Also write each activation file as a ``.pt`` tensor (a second full copy on disk)."""
-    force: bool = False
 
 
 @dataclass

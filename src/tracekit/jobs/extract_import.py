@@ -22,12 +22,9 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from tracekit.config.base import TracekitConfig
-from tracekit.config.types import FolderName
+from tracekit.config.extract_import import ImportActivationsConfig
 from tracekit.errors import InputError
 from tracekit.storage import activation_slots as activations
 from tracekit.storage import experiment as store
@@ -42,20 +39,6 @@ LAYER_INDEXING = (
     "seed all_layers.pt: file entry i = layer {first} + i (0 = embedding output; i = residual "
     "stream after decoder block i-1)"
 )
-
-
-class ImportActivationsConfig(TracekitConfig):
-    """Options of ``tracekit extract import``."""
-
-    experiment: FolderName
-    trait: FolderName
-    experiments_dir: Path = Path("experiments")
-    pooling: Literal["response_avg", "prompt_last", "prompt_avg"] = "response_avg"
-    """The pooling the seed's rows were made with (the files are named after it)."""
-    first_layer: int = Field(default=0, ge=0)
-    """Layer number of the file's first entry (0: HF ``output_hidden_states``; 1: block
-    outputs only)."""
-    force: bool = False
 
 
 @dataclass

@@ -15,61 +15,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, field_validator
-
-from tracekit.actlog.logger import SequenceMode, StoreDtype
 from tracekit.actlog.prompts import (
-    DEFAULT_TEMPLATE,
-    check_template,
     format_prompt,
     prompt_token_ids,
     read_qa_jsonl,
     render_chat,
 )
-from tracekit.config import BatchSize, LayerSpec, TracekitConfig
+from tracekit.config.log import LogConfig
 from tracekit.distributed import all_gather, barrier, process_info, process_model_config
 from tracekit.errors import ConfigError, StoreError
 from tracekit.storage.activation_store import ActivationStore, PendingEntry, describe_mismatch
 from tracekit.storage.background import BackgroundWrites
 
 logger = logging.getLogger(__name__)
-
-
-class LogConfig(TracekitConfig):
-    """Options of ``tracekit log``."""
-
-    qa: Path
-    """QA JSONL file: one object per line, the raw question in ``question_field``."""
-    lmdb: Path
-    """Store directory (created if missing; resumed if it exists)."""
-    model: str | None = None
-    revision: str | None = None
-    prompt_template: str = DEFAULT_TEMPLATE
-    chat: bool = False
-    """Format questions with the tokenizer's chat template instead of ``prompt_template``."""
-    question_field: str = "prompt"
-    layers: LayerSpec | None = None
-    """None: the model's last layer."""
-    sequence_mode: SequenceMode = "all"
-    dtype: StoreDtype = "float16"
-    """dtype of the stored activations."""
-    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    device_map: Literal["auto"] | None = None
-    """``auto``: spread a model too large for one device over all devices (accelerate); each
-    captured layer is copied to the host as it is computed, wherever its block sits."""
-    batch_size: BatchSize = 8
-    max_new_tokens: int = Field(64, ge=1, le=100_000)
-    engine: str = "auto"
-    allow_mixed: bool = False
-    skip_bad_lines: bool = False
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _has_placeholder(cls, value: str) -> str:
-        return check_template(value)
 
 
 @dataclass

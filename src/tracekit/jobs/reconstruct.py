@@ -19,16 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import field_validator
-
 from tracekit.actlog.prompts import (
     DEFAULT_TEMPLATE,
-    check_template,
     format_prompt,
     read_qa_jsonl,
     render_chat,
 )
-from tracekit.config import TracekitConfig
+from tracekit.config.reconstruct import ReconstructConfig
 from tracekit.storage.activation_store import prompt_key
 from tracekit.storage.atomic import atomic_open, check_writable
 from tracekit.storage.seed_store import open_any_store
@@ -37,31 +34,6 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_FIELDS = ("generation", "model", "input_length", "timestamp", "messages", "trim_position")
 _CLOSEST_POOL = 5000  # stored prompts compared for the zero-match diagnostic (difflib is O(n*m))
-
-
-class ReconstructConfig(TracekitConfig):
-    """Options of ``tracekit reconstruct`` (the seed's flag names)."""
-
-    qa_output_path: Path
-    lmdb_path: Path
-    output_path: Path
-    prompt_template: str | None = None
-    """None: the template recorded in the store (``log`` wrote it), else the seed's default."""
-    chat: bool = False
-    """Format with the chat template of ``model`` (default: the model recorded in the store)."""
-    model: str | None = None
-    question_field: str = "prompt"
-    skip_bad_lines: bool = False
-    force: bool = False
-    verbose: bool = False
-    allow_pickle: bool = False
-    """Read a seed store's pickled values with :mod:`pickle` itself (runs code from the store)
-    instead of the restricted unpickler."""
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _has_placeholder(cls, value: str | None) -> str | None:
-        return None if value is None else check_template(value)
 
 
 @dataclass
