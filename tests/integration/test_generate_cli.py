@@ -268,6 +268,7 @@ def test_generate_without_an_experiment_names_the_option_and_writes_nothing(tmp_
         (["--trait", "refusal", "--layers", "0,31"], 2, "--layers: layer(s) 31 out of range"),
         (["--trait", "refusal", "--batch-size", "0"], 2, "--batch-size"),
         (["--trait", "refusal", "--pooling", "max"], 2, "unknown pooling 'max'"),
+        (["--trait", "refusal", "--engine", "fast"], 2, "--engine: unknown engine 'fast'"),
         (["--trait", "refusal", "--judge-metrics", "tone"], 2, "--judge-metrics: Input should be"),
         ([], 2, "missing option --traits"),
     ],

@@ -174,3 +174,13 @@ def test_a_folder_tracekit_toml_supplies_its_commands_options(cli, tmp_path, mon
     assert _lines(other)[-1].startswith("error: missing options --input, --output")
     decode = cli("decode", terminal_width=200)  # no [decode] table: the file is not read
     assert "tracekit.toml" not in decode.output
+
+
+@pytest.mark.parametrize("verb", [["generate", "--experiment", "e", "--trait", "t"], ["log"]])
+def test_an_unknown_engine_is_refused_by_the_config(cli, tmp_path, verb):
+    """Before any model loads (it was refused by create_engine, after the load)."""
+    extra = ["--qa", tmp_path / "qa.jsonl", "--lmdb", tmp_path / "store"] if verb == ["log"] else []
+    result = cli(*verb, *extra, "--engine", "fast", terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert _lines(result)[0].startswith("error: --engine: unknown engine 'fast': use auto, ")
+    assert not (tmp_path / "store").exists()

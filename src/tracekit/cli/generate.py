@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
                 "probabilities sum to P (1.0 = all tokens).",
             ),
         ] = 1.0,
-        seed: SeedOpt = None,
+        seed: SeedOpt = 0,
         layers: LayersOpt = None,
         pooling: PoolingOpt = None,
         extract_activations: Annotated[

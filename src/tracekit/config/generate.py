@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tracekit.config.base import TracekitConfig
 from tracekit.config.types import BatchSize, LayerSpec, check_name
-from tracekit.engines.interface import GenerationParams
+from tracekit.engines.interface import GenerationParams, check_engine_name
 from tracekit.engines.pooling import Pooling, Poolings
 from tracekit.engines.steering import SteerControl, SteerPositions
 from tracekit.models.loading import DtypeName, ModelConfig
@@ -78,6 +78,8 @@ class GenerateConfig(RuntimeOptions):
     steer_prompts: Literal["neutral", "trait"] = "neutral"
     """Steered runs ask the trait's questions without instruction (``neutral``, one CSV) or
     with its pos/neg instructions (``trait``)."""
+
+    _engine_name = field_validator("engine")(check_engine_name)
 
     @field_validator("steer_coef", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ from tracekit.actlog.prompts import (
     check_template,
 )
 from tracekit.config import BatchSize, LayerSpec, TracekitConfig
+from tracekit.engines.interface import check_engine_name
 
 
 class LogConfig(TracekitConfig):
@@ -43,6 +44,8 @@ class LogConfig(TracekitConfig):
     engine: str = "auto"
     allow_mixed: bool = False
     skip_bad_lines: bool = False
+
+    _engine_name = field_validator("engine")(check_engine_name)
 
     @field_validator("prompt_template")
     @classmethod

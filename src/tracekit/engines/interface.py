@@ -218,6 +218,14 @@ def resolve_engine_name(name: str, loaded: LoadedModel, *, steering: bool = Fals
     return "cuda" if engine_class("cuda").supports(loaded.model) else "hf"
 
 
+def check_engine_name(name: str) -> str:
+    """``name`` if it is ``auto`` or a registered engine, else a ``ValueError`` naming them
+    (a config validator: an unknown engine is refused before the model loads)."""
+    if name != "auto" and name not in ENGINES:
+        raise ValueError(f"unknown engine '{name}': use auto, {', '.join(sorted(ENGINES))}")
+    return name
+
+
 def engine_class(name: str) -> Any:
     """The class registered as ``name`` in :data:`ENGINES` (imported now)."""
     import importlib
