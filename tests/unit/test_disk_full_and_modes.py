@@ -120,6 +120,30 @@ def test_other_writes_on_a_full_disk_name_the_file(small_disk: Path):
     assert "big.json" in done.stdout and "No space left on device" in done.stdout
 
 
+def test_a_store_on_a_full_disk_names_the_store(small_disk: Path):
+    done = _child(
+        f"""
+        import sys
+        import numpy as np
+        from tracekit.errors import StoreError
+        from tracekit.storage.activation_store import ActivationStoreWriter, PendingEntry
+
+        prov = {{"model": "m", "layers": [1], "sequence_mode": "all", "dtype": "float16"}}
+        with ActivationStoreWriter({str(small_disk / "acts.lmdb")!r}, prov) as writer:
+            try:
+                for i in range(64):
+                    arrays = {{"layer_1": np.ones((50, 1000), np.float16)}}
+                    writer.write_batch([PendingEntry(f"k{{i}}", {{"prompt": str(i)}}, arrays)])
+            except StoreError as exc:
+                print(exc.message)
+                sys.exit(3)
+        """,
+        tmpfs=small_disk,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert f"cannot write to store {small_disk / 'acts.lmdb'}" in done.stdout
+
+
 def test_a_file_size_limit_names_the_file_and_the_space(tmp_path: Path):
     # RLIMIT_FSIZE: the portable stand-in for a full disk (EFBIG instead of ENOSPC)
     target = tmp_path / "acts.npy"

@@ -482,6 +482,12 @@ class ActivationStoreWriter:
                     "store %s full at %d MiB: growing to %d MiB", self.path, size >> 20, size >> 19
                 )
                 self.env.set_mapsize(size * 2)
+            except lmdb.Error as exc:  # a full disk reaches LMDB as an I/O error
+                raise StoreError(
+                    f"cannot write to store {self.path}: {exc} (a full disk shows as an "
+                    "input/output error)",
+                    "free disk space and run the same command again; committed entries are kept",
+                ) from None
 
     def close(self) -> None:
         self.env.close()
