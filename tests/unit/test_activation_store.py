@@ -213,3 +213,18 @@ def test_log_on_a_path_that_is_not_a_store(cli, tmp_path: Path):
     result = cli("log", "--qa", _qa(tmp_path, ['{"prompt": "q"}']), "--lmdb", notes)
     assert result.exit_code == 1
     assert "is not an LMDB store (no data.mdb inside)" in " ".join(result.output.split())
+
+
+def test_a_store_killed_before_its_first_commit_counts_as_empty(tmp_path: Path):
+    # a log run SIGKILLed between creating data.mdb and its first transaction (found by the
+    # crash test) left a store that the next run refused as "not a tracekit activation store"
+    from tracekit.actlog.job import LogConfig, _precheck_store
+    from tracekit.storage.activation_store import nothing_committed
+
+    path = tmp_path / "acts.lmdb"
+    lmdb.open(str(path), max_dbs=4, map_size=1 << 20).close()
+    assert nothing_committed(path)
+    _precheck_store(LogConfig(qa=tmp_path / "qa.jsonl", lmdb=path))  # no error: an empty store
+    with ActivationStoreWriter(path, PROV) as writer:
+        writer.write_batch([_entry("a")])
+    assert not nothing_committed(path)

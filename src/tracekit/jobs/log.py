@@ -26,7 +26,12 @@ from tracekit.actlog.prompts import (
 from tracekit.config.log import LogConfig
 from tracekit.distributed import all_gather, barrier, process_info, process_model_config
 from tracekit.errors import ConfigError, StoreError
-from tracekit.storage.activation_store import ActivationStore, PendingEntry, describe_mismatch
+from tracekit.storage.activation_store import (
+    ActivationStore,
+    PendingEntry,
+    describe_mismatch,
+    nothing_committed,
+)
 from tracekit.storage.background import BackgroundWrites
 
 logger = logging.getLogger(__name__)
@@ -64,7 +69,7 @@ def _precheck_store(cfg: LogConfig) -> None:
     """Refuse a store from another model before spending time on loading one."""
     if cfg.allow_mixed or not cfg.lmdb.exists():
         return
-    if cfg.lmdb.is_dir() and not any(cfg.lmdb.iterdir()):
+    if cfg.lmdb.is_dir() and (not any(cfg.lmdb.iterdir()) or nothing_committed(cfg.lmdb)):
         return
     from tracekit.models.embedded import EMBEDDED_MODEL_NAME
 

@@ -237,6 +237,19 @@ def _check_store_path(path: Path, for_writing: bool) -> None:
         )
 
 
+def nothing_committed(path: Path) -> bool:
+    """Whether ``path`` is an LMDB store into which nothing was ever committed: a writer killed
+    between creating ``data.mdb`` and its first transaction leaves one. It is an empty store,
+    not a foreign database."""
+    if not (path / "data.mdb").is_file():
+        return False
+    env = _open_env(path, readonly=True)
+    try:
+        return int(env.stat()["entries"]) == 0
+    finally:
+        env.close()
+
+
 def _open_env(path: Path, readonly: bool, map_size: int = INITIAL_MAP_SIZE) -> lmdb.Environment:
     import lmdb
 
