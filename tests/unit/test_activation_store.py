@@ -218,7 +218,7 @@ def test_log_on_a_path_that_is_not_a_store(cli, tmp_path: Path):
 def test_a_store_killed_before_its_first_commit_counts_as_empty(tmp_path: Path):
     # a log run SIGKILLed between creating data.mdb and its first transaction (found by the
     # crash test) left a store that the next run refused as "not a tracekit activation store"
-    from tracekit.actlog.job import LogConfig, _precheck_store
+    from tracekit.jobs.log import LogConfig, _precheck_store
     from tracekit.storage.activation_store import nothing_committed
 
     path = tmp_path / "acts.lmdb"
