@@ -11,9 +11,7 @@ judgment that could not be made is a row with status ``failed: <reason>``.
 from __future__ import annotations
 
 import asyncio
-import csv
 import hashlib
-import json
 import logging
 import os
 import time
@@ -34,6 +32,7 @@ from tracekit.judge.backends import Answered, JudgeBackend, LocalBackend, OpenAI
 from tracekit.judge.cache import JudgeCache, cache_key, default_cache_path
 from tracekit.judge.prompts import fill, resolve_templates
 from tracekit.judge.scoring import RawAnswer, Verdict, score_answer
+from tracekit.storage.table import read_table, write_table
 
 if TYPE_CHECKING:
     from tracekit.models.loading import LoadedModel
@@ -337,53 +336,6 @@ def judge_rows(
 
 
 # --- files -----------------------------------------------------------------------------------
-def read_table(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows and column names of a ``.csv`` (all values text) or ``.jsonl`` file."""
-    if not path.is_file():
-        raise InputError(f"input file not found: {path}", "check --input")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
-    if not text.strip():
-        raise InputError(f"input file {path} is empty", "judge a CSV or JSONL file with rows")
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines(keepends=True))
-        columns = list(reader.fieldnames or [])
-        rows: list[dict[str, Any]] = [dict(row) for row in reader]
-    else:
-        rows, columns = [], []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path} line {number} is not valid JSON: {exc.msg}") from None
-            if not isinstance(item, dict):
-                raise InputError(f"{path} line {number} is not a JSON object")
-            rows.append(item)
-            columns.extend(k for k in item if k not in columns)
-    if not rows:
-        raise InputError(f"input file {path} has no rows", "judge a CSV or JSONL file with rows")
-    return rows, columns
-
-
-def write_table(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    """Write rows atomically as CSV (None -> empty cell) or JSONL (None -> null)."""
-    from tracekit.storage import atomic_open
-
-    with atomic_open(path, "w") as handle:
-        if path.suffix.lower() == ".csv":
-            writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-        else:
-            for row in rows:
-                handle.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
-
-
 def metadata_path(output: Path) -> Path:
     """The judge metadata written beside an output: ``<output>.judge.json``."""
     return output.with_name(output.name + ".judge.json")

@@ -26,8 +26,6 @@ instruction pair. Anything that combines pos and neg pairs by id, never by row o
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import shutil
@@ -41,6 +39,7 @@ from tracekit.storage.atomic import (
     write_json,
     write_text,
 )
+from tracekit.storage.table import csv_text, parse_csv
 from tracekit.storage.text import read_utf8
 
 if TYPE_CHECKING:
@@ -262,12 +261,7 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def write_responses_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Write rows (sorted by id) as CSV atomically; extra keys become extra columns."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_columns(rows), extrasaction="ignore")
-    writer.writeheader()
-    for row in sorted(rows, key=lambda r: int(r["id"])):
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    write_text(path, buffer.getvalue())
+    write_text(path, csv_text(sorted(rows, key=lambda r: int(r["id"])), _columns(rows)))
 
 
 def read_responses_csv(path: Path, required: Sequence[str] = REQUIRED_COLUMNS) -> list[dict]:
@@ -278,15 +272,13 @@ def read_responses_csv(path: Path, required: Sequence[str] = REQUIRED_COLUMNS) -
     """
     if not path.is_file():
         raise InputError(f"responses file not found: {path}", "run 'tracekit generate' first")
-    reader = csv.DictReader(io.StringIO(read_utf8(path, "CSV"), newline=""))
-    columns = reader.fieldnames or []
+    rows, columns = parse_csv(read_utf8(path, "CSV"))
     missing = [c for c in required if c not in columns]
     if missing:
         raise InputError(
             f"{path} is missing column(s) {', '.join(missing)}",
             f"a responses CSV needs the columns {', '.join(required)} (id optional)",
         )
-    rows = [dict(row) for row in reader]
     seen: set[int] = set()
     for index, row in enumerate(rows):
         raw = row.get("id")
