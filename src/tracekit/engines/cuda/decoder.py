@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     import torch
 
     from tracekit.engines.cuda.state import StepState
+    from tracekit.engines.steering import Steering
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +354,10 @@ class FastDecoder:
         before = self.setup_seconds
         started = time.perf_counter()
         gemv = self.gemv_choice(key.batch)
-        dims, attn_config = self.step_dims(key, gemv, self.block_splits_for(key.batch))
+        # the fused block kernels add the residual inside the product: a steered step keeps
+        # the compiled pieces, whose capture points add the steering
+        block = self.block_splits_for(key.batch) if key.steer is None else None
+        dims, attn_config = self.step_dims(key, gemv, block)
         runner = Runner(self.plan, self.model, key, dims, attn_config)
         self.setup_parts["kernel_choice"] += time.perf_counter() - started
         if self.plan.use_graphs:
@@ -386,6 +390,7 @@ class FastDecoder:
         temperature: float | Sequence[float] = 1.0,
         top_p: float | Sequence[float] = 1.0,
         seeds: Sequence[int] | None = None,
+        steering: Steering | None = None,
     ) -> FastResult:
         """Generate up to ``max_new_tokens`` per row from left-padded ``input_ids``."""
         return self.launch(
@@ -396,6 +401,7 @@ class FastDecoder:
             temperature=temperature,
             top_p=top_p,
             seeds=seeds,
+            steering=steering,
         ).result()
 
     def launch(
@@ -408,8 +414,14 @@ class FastDecoder:
         temperature: float | Sequence[float] = 1.0,
         top_p: float | Sequence[float] = 1.0,
         seeds: Sequence[int] | None = None,
+        steering: Steering | None = None,
     ) -> LaunchedRun:
         """:meth:`generate`'s work queued on the device; :meth:`LaunchedRun.result` waits for it.
+
+        ``steering`` adds ``coef * v`` to the residual stream as the reference engine does
+        (:mod:`tracekit.engines.steering`): in the prefill at the chosen positions, and in
+        every decode step's captured graph (``response``, ``all``) through a buffer the graph
+        reads, so another coefficient at the same layer and positions replays the same graph.
 
         Returns once the prefill, every decode step and the copies of the results are queued
         (on CUDA the host runs a few checks behind the device, see :class:`_DoneCheck`). The
@@ -449,12 +461,19 @@ class FastDecoder:
         temps = _per_row(temperature, batch, "temperature")
         tops = _per_row(top_p, batch, "top_p")
         use_top_p = sampling and any(p < 1.0 for p in tops)
-        key = RunKey(batch, prompt_len, int(max_new_tokens), sampling, use_top_p)
+        steer = None
+        if steering is not None:
+            from tracekit.engines.steering import check_fits
+
+            check_fits(self.model.handles, steering)
+            steer = (steering.layer, str(steering.positions))
+        key = RunKey(batch, prompt_len, int(max_new_tokens), sampling, use_top_p, steer)
         try:
             # the decoder's GPU as the current one: CUDA graph capture, the replays' streams
             # and Triton's launches use the current device, which need not be the model's
             # (one process with --device cuda:1)
             with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+                self._set_steering(steering)
                 return self._launch(key, ids, mask, temps, tops, seeds)
         except Exception as exc:
             if is_oom(exc):
@@ -462,6 +481,21 @@ class FastDecoder:
                 self.drop_runners()
                 torch.cuda.empty_cache()
             raise
+
+    def _set_steering(self, steering: Steering | None) -> None:
+        """Copy ``steering``'s ``coef * v`` into the decoder's steering buffer (queued behind
+        the work already on the stream: an earlier batch's steps still read the old value)."""
+        import torch
+
+        m = self.model
+        m.steering = steering
+        if steering is None:
+            return
+        # the reference engine's arithmetic: float32 product on the host, then the model dtype
+        value = (torch.from_numpy(steering.vector) * steering.coef).to(m.dtype)
+        if m.steer_delta is None:
+            m.steer_delta = torch.zeros(value.shape, dtype=m.dtype, device=m.device)
+        m.steer_delta.copy_(to_device(value, m.device))
 
     def _launch(
         self,

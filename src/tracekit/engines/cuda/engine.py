@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         Prompt,
         Ready,
     )
+    from tracekit.engines.steering import Steering
     from tracekit.models.loading import LoadedModel
 
 __all__ = ["CudaEngine", "CudaPending", "unsupported_reason"]
@@ -50,6 +51,7 @@ class CudaEngine:
     """
 
     name = "cuda"
+    supports_steering = True
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -140,8 +142,14 @@ class CudaEngine:
         row_seeds: Sequence[int] | None = None,
         *,
         pad_to: int | None = None,
+        steering: Steering | None = None,
     ) -> GenerationOutput:
-        return self.start(prompts, params, capture, row_seeds, pad_to=pad_to).result()
+        """See :class:`~tracekit.engines.interface.GenerationEngine`; ``steering`` adds a
+        vector to the residual stream exactly as the reference engine does
+        (:mod:`tracekit.engines.steering`)."""
+        return self.start(
+            prompts, params, capture, row_seeds, pad_to=pad_to, steering=steering
+        ).result()
 
     def start(
         self,
@@ -151,6 +159,7 @@ class CudaEngine:
         row_seeds: Sequence[int] | None = None,
         *,
         pad_to: int | None = None,
+        steering: Steering | None = None,
     ) -> CudaPending | Ready:
         """:meth:`generate` without waiting for the device (see
         :func:`tracekit.engines.interface.start_generation`): the batch is launched, and
@@ -194,6 +203,7 @@ class CudaEngine:
                 temperature=params.temperature,
                 top_p=params.top_p,
                 seeds=seeds,
+                steering=steering,
             )
         except Exception as exc:
             if is_oom(exc):  # the caller retries smaller: drop every decoder's caches too

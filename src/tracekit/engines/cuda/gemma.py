@@ -418,7 +418,7 @@ def first(
     import torch
 
     h = embed(cur_tok, table, _extra(d))
-    capture(cap0, h)
+    h = capture(cap0, h)
     pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
     cos, sin = cos_table[pos], sin_table[pos]
     valid = (slot_range[None, :] >= pad_len[:, None]) & (slot_range[None, :] <= slot)
@@ -447,7 +447,7 @@ def middle(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rest of block i and block i+1 up to its attention input (one compiled region)."""
     h = _branch_out(h, _attend(q, cache, bias, w, d), w, d.eps, d.gemv)
-    capture(cap, h)
+    h = capture(cap, h)
     write = (cache_next.k, cache_next.v, slot) if d.write_kv else None
     q, k, v = _attn_in(h, w_next, cos, sin, d, write)
     return h, q, k, v
@@ -474,7 +474,7 @@ def last(
     """Rest of the last block, final norm, soft-capped logits, sampling and bookkeeping."""
     assert cache is not None and bias is not None
     h = _branch_out(h, _attend(q, cache, bias, w, d), w, d.eps, d.gemv)
-    capture(cap, h)
+    h = capture(cap, h)
     logits = head(h, final, lm_head, d.eps, d.gemv.head, d.gemv.pdl, _extra(d))
     advance(logits, st, eos_ids, pad_id, max_new, include_eos, do_sample, use_top_p, d.argmax_chunk)
 

@@ -9,10 +9,10 @@ kernel (``first_fused``, ``middle_fused``) and around the fused block kernels (`
 and the teacher-forced forward. Each linear layer runs the way
 :func:`tracekit.engines.cuda.ops.gemv.choose` timed fastest for the batch size.
 
-Residual-stream steering (adding ``coef * v`` where a tracekit layer is read) belongs where
-:func:`~tracekit.engines.cuda.state.capture` is called: the state of tracekit layer ``i + 1``
-is ``h`` at the end of block ``i`` (:func:`out_mlp`), layer 0's the embedding
-(:func:`embed_step`).
+Residual-stream steering (adding ``coef * v`` where a tracekit layer is read) happens where
+:func:`~tracekit.engines.cuda.state.capture` is called, which returns the steered state: the
+state of tracekit layer ``i + 1`` is ``h`` at the end of block ``i`` (:func:`out_mlp`), layer
+0's the embedding (:func:`embed_step`).
 """
 
 from __future__ import annotations
@@ -355,8 +355,8 @@ def attn_out_mlp(
     """Attention over the static cache (GQA without repeating K/V), o_proj, MLP, residuals.
     Two matmuls and a softmax: ``scaled_dot_product_attention`` was slower here (docs/engine.md).
 
-    ``cap`` receives the block's output state (:func:`capture`): the capture hook of the fast
-    path, inside the captured step.
+    ``cap`` steers and receives the block's output state (:func:`capture`): the steering and
+    capture hook of the fast path, inside the captured step.
     """
     import torch
 
@@ -392,8 +392,7 @@ def out_mlp(
         assert w.gate is not None and w.up is not None
         act = F.silu(F.linear(x, w.gate)) * F.linear(x, w.up)
     h = h + linear(act, w.down, gemv.down, gemv.pdl)
-    capture(cap, h)
-    return h
+    return capture(cap, h)
 
 
 def qkv_product(
@@ -449,7 +448,7 @@ def embed_step(
 
     h = F.embedding(cur_tok, embed)
     pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
-    capture(cap0, h)
+    h = capture(cap0, h)
     return h, cos_table[pos], sin_table[pos]
 
 

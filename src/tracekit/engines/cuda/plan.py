@@ -243,6 +243,10 @@ class RunKey:
     max_new_tokens: int
     do_sample: bool
     use_top_p: bool
+    steer: tuple[int, str] | None = None
+    """Steering's ``(layer, positions)`` (:class:`~tracekit.engines.steering.Steering`), or
+    ``None``: where the step adds the decoder's steering delta. Its value is not part of the
+    key: a sweep's coefficients share one captured step."""
 
 
 class GemvChoice(NamedTuple):

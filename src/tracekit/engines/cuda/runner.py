@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from tracekit.engines.cuda.arch import Architecture, DecoderSpec
+    from tracekit.engines.steering import Steering
     from tracekit.models.layers import LayerHandles
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,12 @@ class StepModel:
     sin_table: Any = None
     prefill_pool: Any = None
     """Memory pool of the runners' prefill graphs (:meth:`Runner.prefill`)."""
+    steer_delta: Any = None
+    """Steering's ``coef * v`` ``[hidden]`` in the model's dtype, allocated at the first steered
+    batch and never replaced (the runners' graphs read it): each steered batch copies its value
+    in (:meth:`FastDecoder.launch`)."""
+    steering: Steering | None = None
+    """The steering of the batch now launched (the HF prefill's hook reads it)."""
     setup_parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SETUP_PARTS, 0.0))
     """Time spent preparing decode steps, by part: kernel choice (timing the linear-layer
     kernels, checking the attention kernel, allocating buffers), compile + warm-up steps,
@@ -197,10 +204,30 @@ class Runner:
         self._prefill_out: dict[str, torch.Tensor] = {}
 
     def sink(self, layer: int) -> Sink | None:
-        """Where the step puts tracekit layer ``layer``'s state: its ring or its sums."""
+        """What the step does with tracekit layer ``layer``'s state: the steering delta to add
+        (at the steered layer, where decode steps steer) and its ring or its sums."""
         buf = (self.rings.rings if self.rings is not None else self.caps).get(layer)
+        steer = self.key.steer
+        steered = steer is not None and steer[0] == layer and steer[1] in ("response", "all")
+        if buf is None and not steered:
+            return None
         st = self.st
-        return None if buf is None else Sink(buf, st.feed_weight, st.slot, st.start)
+        delta = self.m.steer_delta if steered else None
+        return Sink(buf, st.feed_weight, st.slot, st.start, delta)
+
+    def _steer_prompt(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` ``[batch, seq, d]`` of the prefill at tracekit layer ``layer``, steered
+        where the key steers there: every position (``prompt``, ``all``) or the last one
+        (``response``: left padding puts every row's last prompt token in the last column)."""
+        steer = self.key.steer
+        if steer is None or steer[0] != layer:
+            return hidden
+        delta = self.m.steer_delta
+        if steer[1] != "response":
+            return hidden + delta
+        steered = hidden.clone()
+        steered[:, -1, :] += delta
+        return steered
 
     @property
     def ring_size(self) -> int:
@@ -582,7 +609,14 @@ class Runner:
     ) -> torch.Tensor:
         """The prompt through the HF model itself (its hooks call ``pool(layer, states)``);
         keys and values copied into the cache; last-column logits (float32)."""
+        from tracekit.engines.steering import SteeringHook
+
         m, layers = self.m, self.plan.layers
+        steer = None
+        if self.key.steer is not None:
+            assert m.steering is not None
+            steer = SteeringHook(m.handles, m.steering)  # before the taps: they see its add
+            steer.__enter__()
         taps = LayerTaps(m.handles, layers, pool) if layers else None
         if taps is not None:
             taps.__enter__()
@@ -597,6 +631,8 @@ class Runner:
         finally:
             if taps is not None:
                 taps.__exit__(None, None, None)
+            if steer is not None:
+                steer.__exit__(None, None, None)
         cache = output_cache(out)
         prompt_len = ids.shape[1]
         for i in range(m.spec.n_blocks):
@@ -622,7 +658,7 @@ class Runner:
         attn_mask = prefill_mask(mask)
         wanted = set(self.plan.layers)
         prompt_len = ids.shape[1]
-        h = m.arch.embed(ids, m.embed, spec.extra)
+        h = self._steer_prompt(0, m.arch.embed(ids, m.embed, spec.extra))
         if 0 in wanted:
             pool(0, h)
 
@@ -651,6 +687,7 @@ class Runner:
             )
             self.k_cache[i][:, :, :prompt_len].copy_(keys)
             self.v_cache[i][:, :, :prompt_len].copy_(values)
+            h = self._steer_prompt(i + 1, h)
             if i + 1 in wanted:
                 pool(i + 1, h)
         logits: torch.Tensor = m.arch.head(

@@ -32,18 +32,24 @@ class StepState(NamedTuple):
 
 
 class Sink(NamedTuple):
-    """Where one captured layer's state goes in a decode step (see :func:`capture`)."""
+    """What a decode step does where one tracekit layer is read (see :func:`capture`): add
+    the steering delta, then capture the (steered) state."""
 
-    buf: torch.Tensor
+    buf: torch.Tensor | None
     """float32 ``[B, hidden]`` response sums, or a ring ``[K, B, hidden]`` in the model's dtype
-    (:attr:`FastDecoder.capture_ring`)."""
+    (:attr:`FastDecoder.capture_ring`); ``None``: the layer is steered, not captured."""
     weight: torch.Tensor  # [B] float32 feed weights of this step's tokens (0 or 1)
     slot: torch.Tensor  # [1] long, the step's cache slot
     start: torch.Tensor  # [1] long, the first response slot (slot - start picks the ring slot)
+    delta: torch.Tensor | None = None
+    """Steering: ``coef * v`` ``[hidden]`` in the model's dtype, added to the state of every
+    row before it is captured and read by the next block (a runner-owned buffer, so a captured
+    graph replays the value copied in last; :mod:`tracekit.engines.steering`)."""
 
 
-def capture(sink: Sink | None, h: torch.Tensor) -> None:
-    """Add ``h * weight`` into the response sums, or store it in the ring's slot for this step.
+def capture(sink: Sink | None, h: torch.Tensor) -> torch.Tensor:
+    """The state ``h`` with the sink's steering added; adds it ``* weight`` into the response
+    sums, or stores it in the ring's slot for this step. Returns the state the next block reads.
 
     The store is what makes the ring worth having: adding into the float32 sums reads them
     from memory in the middle of the step (the step's weights have evicted them from L2), and
@@ -54,13 +60,18 @@ def capture(sink: Sink | None, h: torch.Tensor) -> None:
     the step sums ``h`` before its rounding to the model's dtype, since inductor keeps a fused
     kernel's intermediates in float32; that is the only difference.)"""
     if sink is None:
-        return
-    buf, weight, slot, start = sink
+        return h
+    buf, weight, slot, start, delta = sink
+    if delta is not None:
+        h = h + delta
+    if buf is None:
+        return h
     if buf.dim() == 3:
         ring = buf.shape[0]
         buf.index_copy_(0, (slot - start) % ring, (h * weight[:, None].to(h.dtype))[None])
     else:
         buf.add_(h.float() * weight[:, None])
+    return h
 
 
 class Caches(NamedTuple):
