@@ -24,6 +24,12 @@ events around the decode loop of each timed call, over its steps, median over th
 ms (device)"): the steps without
 the per-call work around them (the host preparing the batch, copying and detokenizing results),
 which the first measure spreads over the steps and the e2e column counts in full.
+``--steer`` adds the same two engine rows while steering (``... steered``: a random vector of
+norm 8 at the middle layer, ``response`` positions, every step of every row) and prints what
+steering costs per decode step on the device (target: at most 5%, issue 30).
+``--no-kernel-timing`` runs cuBLAS and the attention kernel's default configuration (or the
+decisions kept on disk) without timing kernels or tuning steps: a first batch in seconds, for
+quick checks such as the steering cost.
 ``--teacher-forced`` also times the teacher-forced pooled forward over all layers (batch 32 x
 256 tokens) against the bf16 matmul rate measured here.
 
@@ -221,6 +227,29 @@ def profile(fn: Any, steps: int, device: str) -> None:
     )
 
 
+STEER_COST_TARGET = 0.05
+"""Issue 30: steering on may cost at most 5% of a decode step (device time)."""
+
+
+def steer_cost(rows: list[dict[str, Any]], batch: int) -> None:
+    """Per engine row with a ``... steered`` twin at ``batch``: the steered device step's extra
+    time over the unsteered one's, stored in the steered row (``steer_cost``) and printed."""
+    at = {row["method"]: row for row in rows if row["batch"] == batch}
+    for name, steered in at.items():
+        plain = at.get(name.removesuffix(" steered"))
+        if not name.endswith(" steered") or plain is None:
+            continue
+        cost = steered["step_dev_ms"] / plain["step_dev_ms"] - 1
+        steered["steer_cost"] = cost
+        verdict = "ok" if cost <= STEER_COST_TARGET else "OVER"
+        print(
+            f"b={batch:<4d} steering cost ({plain['method']}): {100 * cost:+.1f}% of a decode "
+            f"step on device ({steered['step_dev_ms']:.3f} vs {plain['step_dev_ms']:.3f} ms; "
+            f"target <= {100 * STEER_COST_TARGET:.0f}%: {verdict})",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-3.2-1b")
@@ -243,6 +272,10 @@ def main() -> None:
             "kernels pinned), attn:128/4/2 (the attention kernel's configuration pinned); a name "
             "ending in +capture runs with capture"
         ),
+    )
+    ap.add_argument("--steer", action="store_true", help="also time steered decode steps")
+    ap.add_argument(
+        "--no-kernel-timing", action="store_true", help="no kernel timing nor step tuning"
     )
     ap.add_argument("--static-batches", default=None, help="batches for static (default all)")
     ap.add_argument("--profile", type=int, default=0, help="profile one capture run at batch B")
@@ -284,7 +317,8 @@ def main() -> None:
         print(f"after the matmul: {clocks_start}", flush=True)
     capture = CaptureSpec(layers=tuple(range(n_layers)), poolings=tuple(Pooling))
     params = GenerationParams(max_new_tokens=args.new_tokens, temperature=0)
-    cuda_engine = CudaEngine(loaded)
+    timing_options: dict[str, Any] = {"time_kernels": False} if args.no_kernel_timing else {}
+    cuda_engine = CudaEngine(loaded, **timing_options)
     cuda_engine.stop_ids = [-1]  # no early stop: every row makes max_new_tokens
     # variants without capture, to see what each choice is worth
     variant_options: dict[str, dict[str, Any]] = {
@@ -313,11 +347,17 @@ def main() -> None:
         if base.startswith("attn:"):  # attn:128/4/2 pins the attention kernel's configuration
             block_n, warps, stages = (int(v) for v in base.removeprefix("attn:").split("/"))
             variant_options[base] = {"attention_config": (block_n, warps, stages)}
-        engine = CudaEngine(loaded, **variant_options[base])
+        engine = CudaEngine(loaded, **variant_options[base], **timing_options)
         engine.stop_ids = [-1]
         variants[f"tracekit cuda {name}"] = engine
     ref_engine = HFEngine(loaded)
     ref_engine.stop_ids = []
+    steering = None
+    if args.steer:
+        from tracekit.engines.steering import Steering
+
+        direction = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+        steering = Steering(n_layers // 2, (direction * 8 / direction.norm()).numpy(), 1.0)
     rows: list[dict[str, Any]] = []
     T, P = args.new_tokens, args.prompt_len
     for batch in [int(b) for b in args.batches.split(",") if b]:
@@ -341,6 +381,17 @@ def main() -> None:
             ("tracekit cuda +capture", lambda p=prompts: cuda_engine.generate(p, params, capture)),
             ("tracekit cuda", lambda p=prompts: cuda_engine.generate(p, params)),
         ]
+        if steering is not None:  # the same engine (same kernels), the steered decode step
+            methods += [
+                (
+                    "tracekit cuda +capture steered",
+                    lambda p=prompts: cuda_engine.generate(p, params, capture, steering=steering),
+                ),
+                (
+                    "tracekit cuda steered",
+                    lambda p=prompts: cuda_engine.generate(p, params, steering=steering),
+                ),
+            ]
         # batches per call of a method (streamed ones run several) and, for those, each
         # call's prefill and decode device times (means over its batches)
         per_call: dict[str, int] = {}
@@ -383,6 +434,8 @@ def main() -> None:
         decoders: dict[str, Any] = {
             "tracekit cuda +capture": lambda: cuda_engine._decoder(capture),
             "tracekit cuda": lambda: cuda_engine._decoder(None),
+            "tracekit cuda +capture steered": lambda: cuda_engine._decoder(capture),
+            "tracekit cuda steered": lambda: cuda_engine._decoder(None),
         }
         for label, engine in variants.items():
             cap = capture if label.endswith("+capture") else None
@@ -461,7 +514,7 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"b={batch:<4d} {name:<24s} {row['tok_s']:>9.0f} tok/s  step "
+                f"b={batch:<4d} {name:<30s} {row['tok_s']:>9.0f} tok/s  step "
                 f"{row['step_ms']:.2f} ms ({row['step_dev_ms']:.2f} on device)  prefill "
                 f"{row['prefill_ms']:.1f} ms  floor {100 * row['floor_frac']:.0f}% "
                 f"({100 * row['floor_frac_dev']:.0f}% on device)  "
@@ -472,6 +525,7 @@ def main() -> None:
         for row in rows:
             if row["batch"] == batch:
                 row["x_generate"] = base / row["seconds"]
+        steer_cost(rows, batch)
         if args.profile == batch:
             profile(lambda p=prompts: cuda_engine.generate(p, params, capture), T, dev)
         print(
@@ -527,7 +581,7 @@ def main() -> None:
             for key, runner in dec._runners.items():
                 print(f"decode step b={key.batch} len={runner.total_len}: fused attention "
                       f"{'on' if runner.dims.fused_attention else 'off'}, fused block "
-                      f"{runner.dims.block}")  # fmt: skip
+                      f"{runner.dims.block}, steering {key.steer}")  # fmt: skip
             for batch, tried in dec.step_timings.items():
                 print(f"step tuning b={batch} ({label}):")
                 for label, us in sorted(tried.items(), key=lambda kv: kv[1]):
