@@ -66,3 +66,27 @@ def two_processes():
         return json.loads(done.stdout)
 
     return run
+
+
+@pytest.fixture()
+def traced_compile(monkeypatch):
+    """The CUDA engine's compiled path without a GPU: ``torch.compile`` with torch's
+    ``aot_eager`` backend (dynamo and AOT autograd trace the functions whole, with the engine's
+    ``fullgraph=True``; no inductor), the engine's caches of compiled functions emptied, dynamo
+    reset before and after."""
+    import torch
+
+    from tracekit.engines.cuda import compiled
+
+    compile_ = torch.compile
+
+    def traced(fn, **kw):
+        kw.pop("options", None)  # inductor's options
+        return compile_(fn, **{**kw, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", traced)
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    monkeypatch.setattr(compiled, "_COMPILED_DYNAMIC", {})
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -152,3 +152,14 @@ def test_steering_is_offered_and_checked(llama):
         engine.generate(PROMPTS, GREEDY, steering=wrong)
     with pytest.raises(ConfigError, match="out of range"):
         engine.generate(PROMPTS, GREEDY, steering=Steering(5, _direction(llama), 1.0))
+
+
+@pytest.mark.slow
+def test_steered_step_functions_trace_whole_under_dynamo(llama, traced_compile):
+    """The compiled path without a GPU: the steered step's pieces (a capture point that adds
+    the steering buffer) go through dynamo whole (``fullgraph=True``) and AOT autograd
+    (``traced_compile``); tokens and captures stay the reference's."""
+    steering = Steering(LAYER, _direction(llama), 1.0, "all")
+    ref = HFEngine(llama).generate(PROMPTS, GREEDY, CAPTURE, steering=steering)
+    engine = CudaEngine(llama, use_graphs=False, compile=True, fast_prefill=True)
+    _assert_same(engine.generate(PROMPTS, GREEDY, CAPTURE, steering=steering), ref)

@@ -112,22 +112,11 @@ def test_teacher_forced_fast_forward_equals_reference(tiny):
 
 
 @pytest.mark.slow
-def test_step_functions_trace_whole_under_dynamo(monkeypatch):
+def test_step_functions_trace_whole_under_dynamo(traced_compile):
     """The compiled path without a GPU: every Gemma step function and the sequence block go
     through dynamo whole (``fullgraph=True``: no graph break from the per-layer constants,
     the soft-caps or the windows) and through AOT autograd, the backend swapped for torch's
     ``aot_eager`` (no inductor, so no GPU); tokens and captures stay the reference's."""
-    compile_ = torch.compile
-
-    def traced(fn, **kw):
-        kw.pop("options", None)  # inductor's options
-        return compile_(fn, **{**kw, "backend": "aot_eager"})
-
-    monkeypatch.setattr(torch, "compile", traced)
-    from tracekit.engines.cuda import compiled
-
-    monkeypatch.setattr(compiled, "_COMPILED", {})
-    monkeypatch.setattr(compiled, "_COMPILED_DYNAMIC", {})
     from torch._dynamo.utils import counters
 
     loaded = random_gemma("gemma2-tiny")
