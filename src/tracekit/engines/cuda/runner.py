@@ -289,10 +289,7 @@ class Runner:
 
     def _step_fused(self) -> None:
         """One decode step with the fused attention kernel between the compiled pieces."""
-        from tracekit.engines.cuda.ops.attention import AttentionShape, decode_attention
-
         m, st, d = self.m, self.st, self.dims
-        shape = AttentionShape(d.n_heads, d.n_kv, d.head_dim, d.scaling, d.window)
         slot = st.slot
         weights = m.weights
         last = len(weights) - 1
@@ -308,19 +305,7 @@ class Runner:
             d,
         )
         for i, w in enumerate(weights):
-            attn = decode_attention(
-                qkv,
-                w.qkv_bias,
-                cos,
-                sin,
-                self.k_cache[i],
-                self.v_cache[i],
-                slot,
-                st.pad_len,
-                shape,
-                d.gemv.pdl,
-                self.attn_config,
-            )
+            attn = self._attend(i, qkv, w.qkv_bias, cos, sin)
             if i < last:
                 cap = self.sink(i + 1)
                 h, qkv = m.fns.middle_fused(h, attn, w, cap, weights[i + 1], d)
@@ -330,12 +315,10 @@ class Runner:
         """One decode step of fused block products (:mod:`tracekit.engines.cuda.ops.block`)
         and the fused attention kernel: five kernels per block."""
         from tracekit.engines.cuda.ops import block as cuda_block
-        from tracekit.engines.cuda.ops.attention import AttentionShape, decode_attention
 
         m, st, key, d = self.m, self.st, self.key, self.dims
         splits, pdl, work = d.block, d.gemv.pdl, self.work
         assert splits is not None and work is not None
-        shape = AttentionShape(d.n_heads, d.n_kv, d.head_dim, d.scaling, d.window)
         slot = st.slot
         h, ss, cos, sin = m.fns.embed_norm(
             st.cur_tok,
@@ -349,19 +332,7 @@ class Runner:
         for i, w in enumerate(m.weights):
             assert w.qkv is not None and w.gate_up is not None
             qkv = cuda_block.norm_product(h, ss, w.ln1, w.qkv, d.eps, splits.qkv, pdl)
-            attn = decode_attention(
-                qkv,
-                w.qkv_bias,
-                cos,
-                sin,
-                self.k_cache[i],
-                self.v_cache[i],
-                slot,
-                st.pad_len,
-                shape,
-                pdl,
-                self.attn_config,
-            )
+            attn = self._attend(i, qkv, w.qkv_bias, cos, sin)
             h, ss = cuda_block.residual_product(attn, w.o, h, work, splits.o, None, pdl)
             act = cuda_block.norm_gated_product(h, ss, w.ln2, w.gate_up, d.eps, pdl)
             cap = self.caps.get(i + 1)  # no ring here (FastDecoder.capture_ring)
@@ -379,6 +350,25 @@ class Runner:
             key.do_sample,
             key.use_top_p,
             d,
+        )
+
+    def _attend(
+        self,
+        i: int,
+        qkv: torch.Tensor,
+        bias: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """Block ``i``'s attention through the fused kernel: rotary, KV write, attention."""
+        from tracekit.engines.cuda.ops.attention import AttentionShape, decode_attention
+
+        d, st = self.dims, self.st
+        shape = AttentionShape(d.n_heads, d.n_kv, d.head_dim, d.scaling, d.window)
+        k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+        pdl, config = d.gemv.pdl, self.attn_config
+        return decode_attention(
+            qkv, bias, cos, sin, k_cache, v_cache, st.slot, st.pad_len, shape, pdl, config
         )
 
     def _last(
