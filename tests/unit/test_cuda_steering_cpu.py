@@ -101,15 +101,18 @@ def test_steered_equals_reference_gemma(gemma, positions):
 
 @pytest.mark.parametrize("fast_prefill", [False, True], ids=["hf-prefill", "own-prefill"])
 def test_coefficient_zero_is_the_unsteered_run(llama, fast_prefill):
+    """Bit for bit: a zero coefficient (or a zero vector) runs the unsteered step itself."""
     engine = _eager(llama, fast_prefill)
     plain = engine.generate(PROMPTS, GREEDY, CAPTURE)
-    for positions in POSITIONS:
-        zero = engine.generate(
-            PROMPTS, GREEDY, CAPTURE, steering=Steering(LAYER, _direction(llama), 0.0, positions)
-        )
+    zeros = [Steering(LAYER, _direction(llama), 0.0, positions) for positions in POSITIONS]
+    zeros.append(Steering(LAYER, np.zeros(llama.hidden_size, dtype="float32"), 2.0))
+    for steering in zeros:
+        zero = engine.generate(PROMPTS, GREEDY, CAPTURE, steering=steering)
         assert zero.response_ids == plain.response_ids
         for pooling, tensor in plain.pooled.items():
-            assert torch.equal(zero.pooled[pooling], tensor), (positions, pooling)
+            assert torch.equal(zero.pooled[pooling], tensor), (steering.positions, pooling)
+    (decoder,) = engine._decoders.values()
+    assert [key.steer for key in decoder._runners] == [None]
 
 
 def test_steered_batch_of_8_equals_batch_of_1(llama):

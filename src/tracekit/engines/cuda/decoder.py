@@ -422,6 +422,7 @@ class FastDecoder:
         (:mod:`tracekit.engines.steering`): in the prefill at the chosen positions, and in
         every decode step's captured graph (``response``, ``all``) through a buffer the graph
         reads, so another coefficient at the same layer and positions replays the same graph.
+        A zero coefficient (or vector) runs the unsteered step.
 
         Returns once the prefill, every decode step and the copies of the results are queued
         (on CUDA the host runs a few checks behind the device, see :class:`_DoneCheck`). The
@@ -466,7 +467,13 @@ class FastDecoder:
             from tracekit.engines.steering import check_fits
 
             check_fits(self.model.handles, steering)
-            steer = (steering.layer, str(steering.positions))
+            if steering.coef == 0 or not steering.vector.any():
+                # adding zero is the unsteered run: run its step, so the outputs are its own
+                # bit for bit (a step compiled with the add may fuse and tune its kernels
+                # differently, and differ in the last bit)
+                steering = None
+            else:
+                steer = (steering.layer, str(steering.positions))
         key = RunKey(batch, prompt_len, int(max_new_tokens), sampling, use_top_p, steer)
         try:
             # the decoder's GPU as the current one: CUDA graph capture, the replays' streams
