@@ -235,7 +235,7 @@ class Runner:
         return 0 if self.rings is None else self.rings.size
 
     def flush(self, count: int) -> None:
-        """Add the last ``count`` steps' captured states into the sums (see ``cuda_ring``)."""
+        """Add the last ``count`` steps' captured states into the sums (:mod:`.ops.ring`)."""
         if self.rings is not None:
             self.rings.flush(count)
 
