@@ -21,9 +21,9 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from tracekit.config.base import TracekitConfig
+from tracekit.config.report import SteeringReportConfig
 from tracekit.engines.steering import STEERING_DIR
 from tracekit.errors import InputError
 from tracekit.storage import experiment as store
@@ -37,25 +37,6 @@ if TYPE_CHECKING:
 JUDGE_METRICS = ("trait_score", "coherence_score")
 _WORD = re.compile(r"[^\W\d_]+")
 """A word: a run of letters (an apostrophe splits, so "l'heure" is "l" and "heure")."""
-
-
-class SteeringReportConfig(TracekitConfig):
-    """Options of ``tracekit report steering``."""
-
-    experiment: str
-    trait: str
-    experiments_dir: Path = Path("experiments")
-    layer: int | None = None
-    """The steered layer to report; needed only when the trait has sweeps at several."""
-    measure: str | None = None
-    """A numeric CSV column, or ``words:FILE`` (fraction of words in a word list)."""
-    polarity: Literal["all", "neutral", "pos", "neg"] = "all"
-    """Which CSV of each set to read (``all``: every one; ``--steer-prompts trait`` sets have
-    ``pos.csv`` and ``neg.csv``)."""
-    output: Path | None = None
-    """The PNG; default ``<trait>/steering/L<layer>/dose_response.png``."""
-    plot: bool = True
-    force: bool = False
 
 
 @dataclass

@@ -22,11 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from tracekit.config.base import TracekitConfig
 from tracekit.config.choices import NegRule, VectorExport, VectorMethod
-from tracekit.engines.pooling import Pooling
+from tracekit.config.extract_vectors import ExtractVectorsConfig
 from tracekit.errors import InputError
 from tracekit.storage import experiment as store
 from tracekit.storage.atomic import check_writable, write_json
@@ -45,25 +42,6 @@ if TYPE_CHECKING:
 
 SCORE_COLUMN = "trait_score"
 COHERENCE_COLUMN = "coherence_score"
-
-
-class ExtractVectorsConfig(TracekitConfig):
-    """Options of ``tracekit extract vectors``."""
-
-    experiment: str
-    trait: str
-    experiments_dir: Path = Path("experiments")
-    method: VectorMethod = VectorMethod.mean_diff
-    pooling: Pooling = Pooling.response_avg
-    threshold: float = Field(default=50.0, ge=0.0, le=100.0)
-    min_coherence: float = Field(default=50.0, ge=0.0, le=100.0)
-    neg_rule: NegRule = NegRule.mirrored
-    plot: bool = True
-    export: VectorExport | None = None
-    """``gguf``: also write a llama.cpp control vector (:mod:`tracekit.vectors.gguf_export`)."""
-    gguf_model_hint: str | None = None
-    """``controlvector.model_hint``; default: the architecture in the trait's metadata."""
-    force: bool = False
 
 
 @dataclass

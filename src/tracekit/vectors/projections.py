@@ -30,12 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import model_validator
-
-from tracekit.config.base import TracekitConfig
-from tracekit.config.choices import VectorMethod
+from tracekit.config.extract_projections import ProjectionsConfig
 from tracekit.config.types import LayerSpec
-from tracekit.engines.pooling import Pooling
 from tracekit.errors import InputError
 from tracekit.storage.atomic import check_writable, save_npy, write_json, write_text
 from tracekit.storage.experiment import Polarity, TraitPaths
@@ -46,27 +42,6 @@ if TYPE_CHECKING:
     import numpy as np
 
 DEFINITION = "a · v / |v| (scalar projection of the pooled activation on the layer's vector)"
-
-
-class ProjectionsConfig(TracekitConfig):
-    """Options of ``tracekit extract projections``."""
-
-    experiment: str
-    trait: str
-    experiments_dir: Path = Path("experiments")
-    vector: Path | None = None
-    """Vectors file (.npy or .pt); default: this trait's ``vectors/{method}_{pooling}.npy``."""
-    method: VectorMethod = VectorMethod.mean_diff
-    pooling: Pooling = Pooling.response_avg
-    layers: LayerSpec = LayerSpec(None)
-    plot: bool = True
-    force: bool = False
-
-    @model_validator(mode="after")
-    def _vector_suffix(self) -> ProjectionsConfig:
-        if self.vector is not None and self.vector.suffix not in (".npy", ".pt"):
-            raise ValueError(f"'{self.vector}' is not a .npy or .pt vectors file")
-        return self
 
 
 @dataclass
