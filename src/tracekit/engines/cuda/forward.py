@@ -107,24 +107,18 @@ class FastForward:
             self.rotary, size, self.dtype, self.device
         )
 
-    def pooled(
+    def _inputs(
         self,
         prompt_ids: Sequence[Sequence[int]],
         response_ids: Sequence[Sequence[int]],
-        layers: Sequence[int],
-        poolings: Sequence[Pooling],
-        pad_id: int = 0,
-    ) -> dict[Pooling, torch.Tensor]:
-        """Per pooling, ``[batch, len(layers), hidden]`` float32 on the model's device (the
-        work possibly still queued). Definitions as in :mod:`tracekit.engines.pooling`."""
+        pad_id: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On the model's device (queued through pinned memory): the right-padded ids
+        ``[batch, width]``, the prompt and response masks ``[batch, 2, width]`` in the model's
+        dtype, and each row's last prompt position."""
         import torch
 
-        if len(prompt_ids) != len(response_ids):
-            raise ValueError("prompt_ids and response_ids must have the same number of rows")
-        bad = [layer for layer in layers if not 0 <= layer < self.handles.n_layers]
-        if bad:
-            raise ValueError(f"layer(s) {bad} out of range 0-{self.handles.n_layers - 1}")
-        spec, dev = self.spec, self.device
+        dev = self.device
         batch = len(prompt_ids)
         p_len = [len(p) for p in prompt_ids]
         n_len = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
@@ -144,8 +138,33 @@ class FastForward:
         if pinned:
             host_ids, masks, last = (t.pin_memory() for t in (host_ids, masks, last))
         ids = host_ids.to(dev, non_blocking=pinned)
-        masks = masks.to(dev, non_blocking=pinned).to(self.dtype)
-        last = last.to(dev, non_blocking=pinned)
+        return (
+            ids,
+            masks.to(dev, non_blocking=pinned).to(self.dtype),
+            last.to(dev, non_blocking=pinned),
+        )
+
+    def pooled(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        layers: Sequence[int],
+        poolings: Sequence[Pooling],
+        pad_id: int = 0,
+    ) -> dict[Pooling, torch.Tensor]:
+        """Per pooling, ``[batch, len(layers), hidden]`` float32 on the model's device (the
+        work possibly still queued). Definitions as in :mod:`tracekit.engines.pooling`."""
+        import torch
+
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError("prompt_ids and response_ids must have the same number of rows")
+        bad = [layer for layer in layers if not 0 <= layer < self.handles.n_layers]
+        if bad:
+            raise ValueError(f"layer(s) {bad} out of range 0-{self.handles.n_layers - 1}")
+        spec, dev = self.spec, self.device
+        batch = len(prompt_ids)
+        ids, masks, last = self._inputs(prompt_ids, response_ids, pad_id)
+        width = ids.shape[1]
         counts = masks.float().sum(dim=2).clamp(min=1.0)  # [batch, 2]
 
         self._ensure_rope(width)
