@@ -26,7 +26,8 @@ the per-call work around them (the host preparing the batch, copying and detoken
 which the first measure spreads over the steps and the e2e column counts in full.
 ``--steer`` adds the same two engine rows while steering (``... steered``: a random vector of
 norm 8 at the middle layer, ``response`` positions, every step of every row) and prints what
-steering costs per decode step on the device (target: at most 5%, issue 30).
+steering costs per decode step on the device (target: at most 5%, issue 30); ``--steer-only``
+runs just the capture row and its steered twin.
 ``--no-kernel-timing`` runs cuBLAS and the attention kernel's default configuration (or the
 decisions kept on disk) without timing kernels or tuning steps: a first batch in seconds, for
 quick checks such as the steering cost.
@@ -275,6 +276,11 @@ def main() -> None:
     )
     ap.add_argument("--steer", action="store_true", help="also time steered decode steps")
     ap.add_argument(
+        "--steer-only",
+        action="store_true",
+        help="--steer with only the capture row and its steered twin (a quick cost check)",
+    )
+    ap.add_argument(
         "--no-kernel-timing", action="store_true", help="no kernel timing nor step tuning"
     )
     ap.add_argument("--static-batches", default=None, help="batches for static (default all)")
@@ -353,7 +359,7 @@ def main() -> None:
     ref_engine = HFEngine(loaded)
     ref_engine.stop_ids = []
     steering = None
-    if args.steer:
+    if args.steer or args.steer_only:
         from tracekit.engines.steering import Steering
 
         direction = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -459,6 +465,9 @@ def main() -> None:
                 )
 
         methods.append(("generate dynamic", lambda: hf_generate(False)))
+        if args.steer_only:  # the steering cost alone: the capture row and its steered twin
+            keep = ("tracekit cuda +capture", "tracekit cuda +capture steered")
+            methods = [(name, fn) for name, fn in methods if name in keep]
         static_batches = args.static_batches or args.batches
         if args.with_static and str(batch) in static_batches.split(","):
             methods.append(("generate static+compile", lambda: hf_generate(True)))
@@ -521,9 +530,9 @@ def main() -> None:
                 f"(e2e {100 * row['floor_frac_e2e']:.0f}%)  first call {setup:.1f}s",
                 flush=True,
             )
-        base = results["generate dynamic"]
+        base = results.get("generate dynamic")
         for row in rows:
-            if row["batch"] == batch:
+            if row["batch"] == batch and base is not None:
                 row["x_generate"] = base / row["seconds"]
         steer_cost(rows, batch)
         if args.profile == batch:
