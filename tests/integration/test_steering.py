@@ -218,3 +218,33 @@ def test_a_vector_of_another_width_or_layer_count_fails_before_any_write(cli, tm
         assert result.exit_code == 2, result.output
         assert message in " ".join(result.output.split()), result.output
         assert not (out / "e" / "french" / "steering").exists()
+
+
+def test_cli_sweep_on_the_cuda_engine_equals_hf(cli, embedded_model, tmp_path):
+    """``--engine cuda`` steers (eagerly here, on CPU): the same sets as ``--engine hf``, with
+    the same responses and close activations."""
+    vectors = tmp_path / "v.npy"
+    np.save(vectors, _direction(embedded_model))
+    for engine in ("hf", "cuda"):
+        done = cli(
+            "generate", "--experiments-dir", tmp_path, "--experiment", engine, "--trait",
+            "french", "--n-examples", 2, "--batch-size", 2, "--max-new-tokens", 4,
+            "--temperature", 0, "--layers", f"{LAYER},30", "--no-generation-cache",
+            "--device", "cpu", "--dtype", "float32", "--engine", engine,
+            "--steer-vector", vectors, "--steer-layer", LAYER, "--steer-coef=-3,3",
+            "--steer-positions", "all", "--json",
+        )  # fmt: skip
+        assert done.exit_code == 0, done.output
+    sets = [tmp_path / e / "french/steering/L10/vector" for e in ("hf", "cuda")]
+    for coef in ("coef-3", "coef+3"):
+        hf, cuda = (s / coef for s in sets)
+        csv = (hf / "responses/neutral.csv").read_text()
+        assert csv == (cuda / "responses/neutral.csv").read_text(), coef
+        arrays = sorted(p.name for p in (hf / "activations").glob("*.npy"))
+        assert arrays and arrays == sorted(p.name for p in (cuda / "activations").glob("*.npy"))
+        for name in arrays:
+            want = torch.from_numpy(np.load(hf / "activations" / name))
+            assert_close_to_scale(torch.from_numpy(np.load(cuda / "activations" / name)), want)
+    assert (sets[0] / "coef-3/responses/neutral.csv").read_text() != (
+        sets[0] / "coef+3/responses/neutral.csv"
+    ).read_text()
