@@ -4,8 +4,9 @@ Random-init tiny Llama (nothing downloaded). float32 with TF32 off: steered gree
 the reference engine's steered tokens, captures within 1e-3 (relative, by norm), for every
 positions mode, with the decode step and the prefill replayed as CUDA graphs; a sweep's
 coefficients replay one captured step; coefficient 0 is the unsteered run bit for bit (float32
-and bfloat16). bfloat16 against the reference: the first token (the prefill's) and the prompt
-poolings, as the other bf16 GPU tests compare (later tokens may part at bf16 near-ties).
+and bfloat16). bfloat16 against the reference: the prompt poolings, and the first token (the
+prefill's) where the reference's choice is clear of bf16 near-ties (later tokens may part at
+them, as the other bf16 GPU tests allow).
 """
 
 from __future__ import annotations
@@ -105,6 +106,27 @@ def test_coefficient_zero_is_the_unsteered_run(fp32_model, dtype):
             assert torch.equal(zero.pooled[pooling], plain.pooled[pooling]), (positions, pooling)
 
 
+def _clear_first_tokens(loaded, prompts, steering: Steering) -> torch.Tensor:
+    """Rows whose first token the reference picks by a margin that bf16 rounding cannot
+    cross: its steered logits' top two at least 2% of their range apart (random-init bf16
+    models have exact ties)."""
+    from tracekit.engines.interface import left_pad, position_ids_from_mask
+    from tracekit.engines.steering import SteeringHook
+
+    ids, mask = left_pad(prompts, 0, loaded.device)
+    with torch.no_grad(), SteeringHook(loaded.handles, steering):  # its prefill positions
+        logits = (
+            loaded.model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+            )
+            .logits[:, -1]
+            .float()
+        )
+    top = logits.topk(2, dim=-1).values
+    spread = logits.max(dim=-1).values - logits.min(dim=-1).values
+    return (top[:, 0] - top[:, 1] >= 0.02 * spread).cpu()
+
+
 def test_bf16_steered_first_token_and_prompt_poolings_equal_reference():
     loaded = random_llama("tiny", device="cuda", dtype="bfloat16", seed=4)
     prompts = _prompts(8, seed=4)
@@ -114,6 +136,10 @@ def test_bf16_steered_first_token_and_prompt_poolings_equal_reference():
     moved = relative_error(ref.pooled[Pooling.prompt_last], plain.pooled[Pooling.prompt_last])
     assert moved > 0.1, "the steering barely moved the prompt states: this proves nothing"
     out = CudaEngine(loaded).generate(prompts, PARAMS, CAPTURE, steering=steering)
-    assert [r[:1] for r in out.response_ids] == [r[:1] for r in ref.response_ids]
     for pooling in (Pooling.prompt_last, Pooling.prompt_avg):
         assert relative_error(out.pooled[pooling], ref.pooled[pooling]) < 2e-2, pooling
+    clear = _clear_first_tokens(loaded, prompts, steering).tolist()
+    assert sum(clear) >= 2, clear
+    for row, (got, want) in enumerate(zip(out.response_ids, ref.response_ids, strict=True)):
+        if clear[row]:
+            assert got[:1] == want[:1], row
