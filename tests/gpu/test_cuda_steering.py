@@ -3,10 +3,10 @@
 Random-init tiny Llama (nothing downloaded). float32 with TF32 off: steered greedy tokens equal
 the reference engine's steered tokens, captures within 1e-3 (relative, by norm), for every
 positions mode, with the decode step and the prefill replayed as CUDA graphs; a sweep's
-coefficients replay one captured step; coefficient 0 is the unsteered run bit for bit (float32
-and bfloat16). bfloat16 against the reference: the prompt poolings, and the first token (the
-prefill's) where the reference's choice is clear of bf16 near-ties (later tokens may part at
-them, as the other bf16 GPU tests allow).
+coefficients replay one captured step (also when started back to back); coefficient 0 is the
+unsteered run bit for bit (float32 and bfloat16). bfloat16 against the reference: the prompt
+poolings, and the first token (the prefill's) where the reference's choice is clear of bf16
+near-ties (later tokens may part at them, as the other bf16 GPU tests allow).
 """
 
 from __future__ import annotations
@@ -90,6 +90,12 @@ def test_sweep_replays_one_captured_step_with_each_coefficient(fp32_model):
         outs.append(out.response_ids)
     assert graphs[0] is not None and all(g is graphs[0] for g in graphs)
     assert outs[0] != outs[1]
+    # batches started back to back: each value is copied in behind the previous batch's steps
+    pending = [
+        engine.start(prompts, PARAMS, CAPTURE, steering=Steering(LAYER, vector, coef))
+        for coef in (1.0, -1.0, 0.5)
+    ]
+    assert [one.result().response_ids for one in pending] == outs
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
