@@ -35,5 +35,6 @@ def test_killed_then_rerun_equals_an_uninterrupted_run(name: str, tmp_path: Path
     assert expected  # the uninterrupted run wrote outputs to compare
     outcome = harness.crash_and_compare(job, tmp_path / "trial", KILLS[name], expected)
     assert all("finished first" not in hit for hit in outcome.kills), outcome.kills
-    assert outcome.identical, outcome.kills
+    assert outcome.equal, outcome.kills
+    assert outcome.identical or not job.bitwise
     assert outcome.strays == []  # no temp file of a killed run is left behind
