@@ -208,12 +208,12 @@ ENGINES: dict[str, str] = {
 
 def resolve_engine_name(name: str, loaded: LoadedModel, *, steering: bool = False) -> str:
     """``auto`` -> ``cuda`` for a model on one CUDA device that the fast path supports (and,
-    with ``steering``, that can steer), else ``hf``; any other name is returned as given."""
+    with ``steering``, whose steering ``auto`` may take: ``steers_under_auto``), else ``hf``; any other name is returned as given."""
     if name != "auto":
         return name
     if loaded.device.type != "cuda":
         return "hf"
-    if steering and not getattr(engine_class("cuda"), "supports_steering", False):
+    if steering and not getattr(engine_class("cuda"), "steers_under_auto", False):
         return "hf"
     return "cuda" if engine_class("cuda").supports(loaded.model) else "hf"
 
