@@ -129,7 +129,9 @@ def main() -> None:
     )
     parser.add_argument("out", type=Path, help="folder to create (the --sae DIR)")
     parser.add_argument("--format", choices=["gemma-scope", "saelens"], default="gemma-scope")
-    parser.add_argument("--release-layers", default="0-5", help="SAE-release layers, e.g. 0-5 or 0-4,9")
+    parser.add_argument(
+        "--release-layers", default="0-5", help="SAE-release layers, e.g. 0-5 or 0-4,9"
+    )
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--l0", default="16,32", help="average L0s (gemma-scope: one SAE each)")
     parser.add_argument("--activation", choices=["relu", "jumprelu", "topk"], default="jumprelu")
