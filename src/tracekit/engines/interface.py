@@ -208,7 +208,8 @@ ENGINES: dict[str, str] = {
 
 def resolve_engine_name(name: str, loaded: LoadedModel, *, steering: bool = False) -> str:
     """``auto`` -> ``cuda`` for a model on one CUDA device that the fast path supports (and,
-    with ``steering``, whose steering ``auto`` may take: ``steers_under_auto``), else ``hf``; any other name is returned as given."""
+    with ``steering``, only where the engine's ``steers_under_auto`` says so), else ``hf``; any
+    other name is returned as given."""
     if name != "auto":
         return name
     if loaded.device.type != "cuda":
