@@ -68,3 +68,10 @@ def test_the_cpu_note_comes_with_the_job_size_after_the_checks(wide):
     lines = [line for line in captured.get().splitlines() if line.strip()]
     assert lines[0].startswith("note: on CPU: 400 responses of up to 150 new tokens")
     assert lines[1].startswith("400 rows to run")
+
+
+def test_no_estimate_when_the_first_batch_was_the_whole_job(wide):
+    with err_console.capture() as captured, batch_progress(24) as (on_total, on_batch):
+        on_total(15)
+        on_batch(15, 326)
+    assert "first batch" not in captured.get()

@@ -282,7 +282,7 @@ def batch_progress(
             progress.advance(tokens, n_tokens)
             first = state["done"] == 0
             state["done"] += n_rows
-            if first and state["started"]:
+            if first and state["started"] and state["done"] < state["total"]:
                 seconds = time.perf_counter() - state["started"]
                 left = state["total"] - state["done"]
                 estimate = seconds / n_rows * left if n_rows else 0.0
