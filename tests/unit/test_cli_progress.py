@@ -74,4 +74,4 @@ def test_no_estimate_when_the_first_batch_was_the_whole_job(wide):
     with err_console.capture() as captured, batch_progress(24) as (on_total, on_batch):
         on_total(15)
         on_batch(15, 326)
-    assert "first batch" not in captured.get()
+    assert "first batch:" not in captured.get()
