@@ -98,6 +98,12 @@ CASES = {
         "{tmp}/e/t",
         True,
     ),
+    "extract vectors": (  # reads the folder's activations; their writer cleans its temps
+        ["extract", "vectors", "--experiment", "e", "--trait", "t", "--experiments-dir",
+         "{tmp}"],
+        "{tmp}/e/t",
+        True,
+    ),
     "extract features": (
         ["extract", "features", "--sentences", "{tmp}/s.csv", "--output", "{tmp}/feats"],
         "{tmp}/feats",

@@ -26,7 +26,7 @@ from tracekit.config.choices import NegRule, VectorExport, VectorMethod
 from tracekit.config.extract_vectors import ExtractVectorsConfig
 from tracekit.errors import InputError
 from tracekit.storage import experiment as store
-from tracekit.storage.atomic import check_writable, write_json
+from tracekit.storage.atomic import check_writable, output_lock, write_json
 from tracekit.storage.experiment import TraitPaths
 from tracekit.vectors.gguf_export import (
     GgufExport,
@@ -227,9 +227,18 @@ def json_safe(value: Any) -> Any:
 
 
 def extract_vectors(config: ExtractVectorsConfig) -> ExtractVectorsResult:
-    """Trait vectors for one trait; see the module docstring."""
-    started = time.perf_counter()
+    """Trait vectors for one trait; see the module docstring.
+
+    Holds the trait folder's one-writer lock, as generate and extract activations do: it reads
+    their activation files, and a writer of that folder removes stray temp files under it
+    (``vectors/`` included) when it starts."""
     paths = TraitPaths.of(config.experiments_dir, config.experiment, config.trait)
+    with output_lock(paths.root):
+        return _extract_vectors(config, paths)
+
+
+def _extract_vectors(config: ExtractVectorsConfig, paths: TraitPaths) -> ExtractVectorsResult:
+    started = time.perf_counter()
     stem = f"{config.method}_{config.pooling.value}"
     files = {
         "npy": paths.vectors_dir / f"{stem}.npy",
