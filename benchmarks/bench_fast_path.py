@@ -210,9 +210,7 @@ def part_exact(rows: list[dict[str, Any]]) -> None:
 
 def part_gemma(rows: list[dict[str, Any]], bw: float, batches: dict[str, list[int]]) -> None:
     for shape, sizes in batches.items():
-        done = len(rows)
-        gemma_rows(rows, bw, shape, sizes)
-        print_tables(rows[done:])  # each shape as it is done
+        gemma_rows(rows, bw, shape, sizes)  # prints each row as it is done
         empty_cache()
 
 
@@ -255,6 +253,7 @@ def gemma_rows(rows: list[dict[str, Any]], bw: float, shape: str, sizes: list[in
                 "x generate": round(hf / call, 1),
             }
         )
+        print_tables(rows[-1:])  # each batch size as soon as it is done
 
 
 def part_cold(rows: list[dict[str, Any]], tuned: bool) -> None:
