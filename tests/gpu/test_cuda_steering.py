@@ -57,9 +57,7 @@ def _assert_reference(out, ref) -> None:
 
 
 def test_steered_graphs_equal_reference_for_every_positions_mode(fp32_model):
-    # auto keeps hf for steered runs until this file has passed on a device (steers_under_auto)
-    expected = "cuda" if CudaEngine.steers_under_auto else "hf"
-    assert resolve_engine_name("auto", fp32_model, steering=True) == expected
+    assert resolve_engine_name("auto", fp32_model, steering=True) == "cuda"
     prompts = _prompts(8, seed=1)
     vector = _direction(fp32_model, 4.0)
     reference = HFEngine(fp32_model)

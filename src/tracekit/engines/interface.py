@@ -207,14 +207,14 @@ ENGINES: dict[str, str] = {
 
 
 def resolve_engine_name(name: str, loaded: LoadedModel, *, steering: bool = False) -> str:
-    """``auto`` -> ``cuda`` for a model on one CUDA device that the fast path supports (and,
-    with ``steering``, only where the engine's ``steers_under_auto`` says so), else ``hf``; any
+    """``auto`` -> ``cuda`` for a model on one CUDA device that the fast path supports (with
+    ``steering``, only where the engine class says ``supports_steering``), else ``hf``; any
     other name is returned as given."""
     if name != "auto":
         return name
     if loaded.device.type != "cuda":
         return "hf"
-    if steering and not getattr(engine_class("cuda"), "steers_under_auto", False):
+    if steering and not getattr(engine_class("cuda"), "supports_steering", False):
         return "hf"
     return "cuda" if engine_class("cuda").supports(loaded.model) else "hf"
 

@@ -51,11 +51,7 @@ class CudaEngine:
     """
 
     name = "cuda"
-    supports_steering = True
-    # ``auto`` takes this engine for a steered run only once its steered graphs have been
-    # checked against hf on a GPU (tests/gpu/test_cuda_steering.py); until then a steered
-    # ``auto`` run goes to hf and ``--engine cuda`` is the explicit opt-in.
-    steers_under_auto = False
+    supports_steering = True  # checked against hf on a GPU: tests/gpu/test_cuda_steering.py
 
     @staticmethod
     def supports(model: Any) -> bool:
