@@ -105,7 +105,8 @@ def sync(device: torch.device) -> None:
 
 def baseline(loaded, saes, sentences, output: Path, storage: str) -> None:
     """One forward pass per layer per sentence (batch 1), as the original stage did."""
-    from tracekit.storage.sentences import SaeMeta, to_csr, write_sentence_file
+    from tracekit.sae.csr import to_csr
+    from tracekit.storage.sentences import SaeMeta, write_sentence_file
 
     layers = sorted(saes)
     meta = SaeMeta(

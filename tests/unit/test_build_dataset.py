@@ -639,7 +639,23 @@ def test_inconsistent_files(cli, tmp_path: Path):
         "--output",
         tmp_path / "x.npz",
     )
-    assert "hidden size 8 differs from 16" in text
+    assert "hidden size 8 differs from 16 in" in text
+    assert "all sentence files must come from one model" in text
+    text = run_err(
+        cli,
+        "--strategy",
+        "embedding-to-feature",
+        "--input",
+        tmp_path / "bad",
+        "--target-layer",
+        "1",
+        "--target-feature",
+        "3",
+        "--output",
+        tmp_path / "x.npz",
+    )
+    assert "embedding size 8 differs from 16 in" in text
+    assert "sentence_000000.npz" in text  # the first file, whose size the others must have
     nolabel = ex.sentence_arrays(rng, label=0, n_fragments=2)
     del nolabel["concept_strength_label"]
     np.savez(tmp_path / "wide" / "sentence_000001.npz", **nolabel)

@@ -198,7 +198,8 @@ def test_reads_files_from_the_extract_features_writer(tmp_path: Path, storage: s
     """Contract: what `tracekit extract features` writes is what build-dataset reads."""
     import torch
 
-    from tracekit.storage.sentences import SaeMeta, to_csr, write_sentence_file
+    from tracekit.sae.csr import to_csr
+    from tracekit.storage.sentences import SaeMeta, write_sentence_file
 
     rng = np.random.default_rng(11)
     arrays = ex.sentence_arrays(rng, label=2, n_fragments=4, layers=[0, 3, 6])

@@ -9,7 +9,8 @@ from tracekit._lazy import lazy_attributes
 if TYPE_CHECKING:  # the same names, for type checkers
     from tracekit.config.features import FeaturesConfig, SaeStorage, parse_label_range
     from tracekit.jobs.extract_features import FeaturesResult, extract_features
-    from tracekit.storage.sentences import MANIFEST_NAME, csr_to_dense, sentence_file
+    from tracekit.sae.csr import csr_to_dense
+    from tracekit.storage.sentences import MANIFEST_NAME, sentence_file
 
 # public name -> module that defines it, imported on first use, so that the package's own
 # modules import without the job (tracekit.jobs) that combines them
@@ -19,7 +20,7 @@ _LAZY: dict[str, str] = {
     "SaeStorage": "tracekit.config.features",
     "parse_label_range": "tracekit.config.features",
     "MANIFEST_NAME": "tracekit.storage.sentences",
-    "csr_to_dense": "tracekit.storage.sentences",
+    "csr_to_dense": "tracekit.sae.csr",
     "sentence_file": "tracekit.storage.sentences",
     "FeaturesResult": "tracekit.jobs.extract_features",
     "extract_features": "tracekit.jobs.extract_features",

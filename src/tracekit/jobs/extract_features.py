@@ -38,14 +38,13 @@ from tracekit import __version__
 from tracekit.config.features import FeaturesConfig
 from tracekit.errors import ConfigError, InputError, OutputExistsError
 from tracekit.features.inputs import Sentences, read_sentences
+from tracekit.sae.csr import take_csr_rows, to_csr
 from tracekit.storage.atomic import output_lock, write_json
 from tracekit.storage.sentences import (
     MANIFEST_NAME,
     SaeMeta,
     existing_sentence_files,
     sentence_file,
-    take_csr_rows,
-    to_csr,
     write_sentence_file,
 )
 

@@ -43,7 +43,6 @@ from tracekit.storage.atomic import save_npz
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -410,6 +409,151 @@ def _sae_width(sentence: SentenceFile) -> tuple[str | None, int | None, int | No
     return None, None, None
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What :func:`get_final_token_data` gathers (its keyword arguments)."""
+
+    layers: list[int] | None
+    embeddings: bool
+    hidden_states: bool
+    labels: bool
+    target: tuple[int, int] | None
+    group_field: str | None
+
+
+@dataclass
+class _Survey:
+    """The first pass over the files: one :class:`_FilePlan` per file, and what every file
+    must agree on (numbering, sizes, the SAE's average L0), set by the first file that has it."""
+
+    request: _Request
+    first: Path  # named in the messages about files that disagree
+    want_layers: list[int] | None = None
+    numbering: str | None = None
+    hidden_dim: int | None = None
+    embed_dim: int | None = None
+    sae_width: int | None = None
+    l0s: set[float] = field(default_factory=set)
+
+    def plan(self, sentence: SentenceFile) -> _FilePlan:
+        """Validate ``sentence`` from its headers and small arrays; say what to read from it."""
+        import numpy as np
+
+        request = self.request
+        with sentence.opened():
+            final_info = sentence.require("is_final_token", "marks the samples")
+            finals = [int(i) for i in np.flatnonzero(sentence["is_final_token"])]
+            n_frag = final_info.shape[0] if final_info.shape else 0
+            file_layers = self._layer_numbers(sentence)
+            if self.want_layers is None:
+                self.want_layers = file_layers if request.hidden_states else []
+            plan = _FilePlan(sentence, finals, [])
+            if request.hidden_states and self.want_layers:
+                plan.layer_source = self._hidden_sources(sentence, file_layers, n_frag)
+            if request.embeddings:
+                shape = sentence.require("embeddings", "holds the embedding output").shape
+                self.embed_dim = self._agreed_size(sentence, "embedding", shape[-1], self.embed_dim)
+            if request.labels:
+                sentence.require("concept_strength_label", "holds the sentence's label")
+                plan.label = int(sentence.scalar("concept_strength_label"))
+            if request.group_field is not None:
+                plan.group = _group_value(sentence, request.group_field)
+            if request.target is not None:
+                plan.target_pos, plan.average_l0, self.sae_width = _plan_target(
+                    sentence, file_layers, request.target
+                )
+                if plan.average_l0 is not None:
+                    self.l0s.add(plan.average_l0)
+        return plan
+
+    def _layer_numbers(self, sentence: SentenceFile) -> list[int]:
+        """The file's layer numbers; its numbering must be the first file's."""
+        file_layers, file_numbering = file_layer_numbers(sentence)
+        if self.numbering is None:
+            self.numbering = file_numbering
+        elif file_numbering != self.numbering:
+            raise InputError(
+                f"{sentence.path} {'lacks' if self.numbering == TRACEKIT_NUMBERING else 'has'} "
+                f"a 'layers' array, unlike {self.first}: the files number layers "
+                "two ways",
+                "build from files written by one tool (tracekit's, or the seed's)",
+            )
+        return file_layers
+
+    def _hidden_sources(
+        self, sentence: SentenceFile, file_layers: list[int], n_frag: int
+    ) -> list[tuple[str, int | None]]:
+        """Where each wanted layer's rows are in ``sentence``, checked against its fragments."""
+        assert self.want_layers is not None
+        if file_layers:
+            sentence.require("hidden_states", "holds the hidden states of 'layers'")
+        sources = _layer_sources(sentence, file_layers, self.want_layers)
+        for source, _ in sources:
+            shape = sentence.info(source).shape
+            if shape[-2] != n_frag:
+                raise InputError(
+                    f"{sentence.path}: '{source}' has {shape[-2]} fragments but "
+                    f"'is_final_token' has {n_frag}"
+                )
+            self.hidden_dim = self._agreed_size(sentence, "hidden", shape[-1], self.hidden_dim)
+        return sources
+
+    def _agreed_size(self, sentence: SentenceFile, what: str, size: int, agreed: int | None) -> int:
+        """``size``, which must equal the ``agreed`` one of the first file (None: none yet)."""
+        if agreed is not None and size != agreed:
+            raise InputError(
+                f"{sentence.path}: {what} size {size} differs from {agreed} in {self.first}",
+                "all sentence files must come from one model",
+            )
+        return size
+
+    def allocate(self, plans: list[_FilePlan]) -> FinalTokenData:
+        """The empty output for ``plans``: one row per final token, float32 arrays."""
+        import numpy as np
+
+        request = self.request
+        n = sum(len(p.finals) for p in plans)
+        selected = tuple(self.want_layers or [])
+        data = FinalTokenData(
+            sentence_indices=np.empty(n, dtype=np.int64),
+            layers=selected,
+            numbering=self.numbering or TRACEKIT_NUMBERING,
+            n_files=len(plans),
+            files_without_final_token=[p.sentence.path for p in plans if not p.finals],
+        )
+        if request.embeddings:
+            data.embeddings = np.empty((n, self.embed_dim or 0), dtype=np.float32)
+        if request.hidden_states and selected:
+            data.hidden_states = np.empty((n, len(selected), self.hidden_dim or 0), np.float32)
+        if request.labels:
+            data.labels = np.empty(n, dtype=np.int64)
+        if request.target is not None:
+            data.target_activations = np.empty(n, dtype=np.float32)
+            data.sae_width = self.sae_width
+            data.average_l0 = self._average_l0(request.target[0])
+        if request.group_field is not None:
+            data.groups = np.array([p.group for p in plans for _ in p.finals])
+        return data
+
+    def _average_l0(self, layer: int) -> float | None:
+        """The one average L0 the files record for the target layer (None: none recorded)."""
+        if len(self.l0s) > 1:
+            raise InputError(
+                f"average_l0 mismatch: the files record different average L0s for layer "
+                f"{layer} ({', '.join(f'{v:g}' for v in sorted(self.l0s))})",
+                "the files were written with different SAEs; rebuild them with one SAE",
+            )
+        return next(iter(self.l0s)) if self.l0s else None
+
+
+def _group_value(sentence: SentenceFile, group_field: str) -> Any:
+    """The value ``sentence`` is grouped by for a split (``"sentence"``: its own number)."""
+    if group_field == "sentence":
+        return sentence.index
+    sentence.require(group_field, f"--group-by {group_field} needs")
+    return sentence.scalar(group_field)
+
+
 def get_final_token_data(
     sentences: Sequence[SentenceFile],
     *,
@@ -430,106 +574,30 @@ def get_final_token_data(
     preallocated, so peak memory is about the size of the result. ``on_file(i)`` is called
     after each file of the filling pass.
     """
-    import numpy as np
-
     if not sentences:
         raise InputError("no sentence files given", "load them with load_all_sentences(DIR)")
-    plans: list[_FilePlan] = []
-    want_layers: list[int] | None = list(layers) if layers is not None else None
-    embed_dim = hidden_dim = sae_width = None
-    l0s: set[float] = set()
-    numbering: str | None = None
-    for sentence in sentences:
-        with sentence.opened():
-            final_info = sentence.require("is_final_token", "marks the samples")
-            finals = [int(i) for i in np.flatnonzero(sentence["is_final_token"])]
-            n_frag = final_info.shape[0] if final_info.shape else 0
-            file_layers, file_numbering = file_layer_numbers(sentence)
-            if numbering is None:
-                numbering = file_numbering
-            elif file_numbering != numbering:
-                raise InputError(
-                    f"{sentence.path} {'lacks' if numbering == TRACEKIT_NUMBERING else 'has'} "
-                    f"a 'layers' array, unlike {sentences[0].path}: the files number layers "
-                    "two ways",
-                    "build from files written by one tool (tracekit's, or the seed's)",
-                )
-            if want_layers is None:
-                want_layers = file_layers if hidden_states else []
-            plan = _FilePlan(sentence, finals, [])
-            if hidden_states and want_layers:
-                if file_layers:
-                    sentence.require("hidden_states", "holds the hidden states of 'layers'")
-                plan.layer_source = _layer_sources(sentence, file_layers, want_layers)
-                for source, _ in plan.layer_source:
-                    shape = sentence.info(source).shape
-                    if shape[-2] != n_frag:
-                        raise InputError(
-                            f"{sentence.path}: '{source}' has {shape[-2]} fragments but "
-                            f"'is_final_token' has {n_frag}"
-                        )
-                    if hidden_dim is None:
-                        hidden_dim = shape[-1]
-                    elif shape[-1] != hidden_dim:
-                        raise InputError(
-                            f"{sentence.path}: hidden size {shape[-1]} differs from "
-                            f"{hidden_dim} in {sentences[0].path}",
-                            "all sentence files must come from one model",
-                        )
-            if embeddings:
-                shape = sentence.require("embeddings", "holds the embedding output").shape
-                if embed_dim is None:
-                    embed_dim = shape[-1]
-                elif shape[-1] != embed_dim:
-                    raise InputError(
-                        f"{sentence.path}: embedding size {shape[-1]} differs from {embed_dim} "
-                        f"in {sentences[0].path}",
-                        "all sentence files must come from one model",
-                    )
-            if labels:
-                sentence.require("concept_strength_label", "holds the sentence's label")
-                plan.label = int(sentence.scalar("concept_strength_label"))
-            if group_field is not None:
-                if group_field == "sentence":
-                    plan.group = sentence.index
-                else:
-                    sentence.require(group_field, f"--group-by {group_field} needs")
-                    plan.group = sentence.scalar(group_field)
-            if target is not None:
-                plan.target_pos, plan.average_l0, width = _plan_target(
-                    sentence, file_layers, target
-                )
-                sae_width = width
-                if plan.average_l0 is not None:
-                    l0s.add(plan.average_l0)
-        plans.append(plan)
-    n = sum(len(p.finals) for p in plans)
-    selected = tuple(want_layers or [])
-    data = FinalTokenData(
-        sentence_indices=np.empty(n, dtype=np.int64),
-        layers=selected,
-        numbering=numbering or TRACEKIT_NUMBERING,
-        n_files=len(plans),
-        files_without_final_token=[p.sentence.path for p in plans if not p.finals],
+    request = _Request(
+        layers=list(layers) if layers is not None else None,
+        embeddings=embeddings,
+        hidden_states=hidden_states,
+        labels=labels,
+        target=target,
+        group_field=group_field,
     )
-    if embeddings:
-        data.embeddings = np.empty((n, embed_dim or 0), dtype=np.float32)
-    if hidden_states and selected:
-        data.hidden_states = np.empty((n, len(selected), hidden_dim or 0), dtype=np.float32)
-    if labels:
-        data.labels = np.empty(n, dtype=np.int64)
-    if target is not None:
-        data.target_activations = np.empty(n, dtype=np.float32)
-        data.sae_width = sae_width
-        if len(l0s) > 1:
-            raise InputError(
-                f"average_l0 mismatch: the files record different average L0s for layer "
-                f"{target[0]} ({', '.join(f'{v:g}' for v in sorted(l0s))})",
-                "the files were written with different SAEs; rebuild them with one SAE",
-            )
-        data.average_l0 = l0s.pop() if l0s else None
-    if group_field is not None:
-        data.groups = np.array([p.group for p in plans for _ in p.finals])
+    survey = _Survey(request, first=sentences[0].path, want_layers=request.layers)
+    plans = [survey.plan(sentence) for sentence in sentences]
+    data = survey.allocate(plans)
+    _fill(data, plans, None if target is None else target[1], on_file)
+    return data
+
+
+def _fill(
+    data: FinalTokenData,
+    plans: list[_FilePlan],
+    feature: int | None,
+    on_file: Callable[[int], None] | None,
+) -> None:
+    """The second pass: read each plan's final-token rows into ``data``'s arrays."""
     row = 0
     for i, plan in enumerate(plans):
         with plan.sentence.opened():
@@ -543,15 +611,14 @@ def get_final_token_data(
                         data.hidden_states[row, j] = plan.sentence.read_rows(source, index)
                 if data.labels is not None:
                     data.labels[row] = plan.label
-                if data.target_activations is not None and target is not None:
+                if data.target_activations is not None and feature is not None:
                     assert plan.target_pos is not None
                     data.target_activations[row] = _feature_value(
-                        plan.sentence, plan.target_pos, frag, target[1]
+                        plan.sentence, plan.target_pos, frag, feature
                     )
                 row += 1
         if on_file is not None:
             on_file(i)
-    return data
 
 
 def _plan_target(
@@ -625,62 +692,6 @@ def existing_sentence_files(output: Path) -> list[Path]:
     if not output.is_dir():
         return []
     return sorted(p for p in output.iterdir() if SENTENCE_FILE.match(p.name))
-
-
-def to_csr(acts: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR of a 2-D activation matrix ``[rows, width]``, computed on its own device.
-
-    Returns numpy ``(values float32, indices int32, indptr int64)``; ``nonzero`` walks rows in
-    order, so the entries of row r are ``indptr[r]:indptr[r + 1]`` with ascending feature ids.
-    """
-    import torch
-
-    nz = acts.nonzero()
-    rows, cols = nz[:, 0], nz[:, 1]
-    values = acts[rows, cols].to(torch.float32)
-    counts = torch.bincount(rows, minlength=acts.shape[0])
-    indptr = torch.zeros(acts.shape[0] + 1, dtype=torch.int64, device=acts.device)
-    indptr[1:] = torch.cumsum(counts, 0)
-    return (
-        values.cpu().numpy(),
-        cols.to(torch.int32).cpu().numpy(),
-        indptr.cpu().numpy(),
-    )
-
-
-def take_csr_rows(
-    csr: tuple[np.ndarray, np.ndarray, np.ndarray], row_ranges: list[tuple[int, int]]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The rows ``[start, stop)`` of each range, concatenated in order, as a new CSR.
-
-    One ``nonzero`` over a whole batch on the device, then this per sentence on the host, is
-    much cheaper than one device round trip per sentence.
-    """
-    import numpy as np
-
-    values, indices, indptr = csr
-    taken_v, taken_i, counts = [], [], []
-    for start, stop in row_ranges:
-        lo, hi = int(indptr[start]), int(indptr[stop])
-        taken_v.append(values[lo:hi])
-        taken_i.append(indices[lo:hi])
-        counts.append(np.diff(indptr[start : stop + 1]))
-    new_indptr = np.zeros(sum(len(c) for c in counts) + 1, dtype=np.int64)
-    np.cumsum(np.concatenate(counts), out=new_indptr[1:])
-    return np.concatenate(taken_v), np.concatenate(taken_i), new_indptr
-
-
-def csr_to_dense(
-    values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, ...]
-) -> np.ndarray:
-    """Dense ``[n_layers, n_fragments, width]`` from the sparse layout (for tests and tools)."""
-    import numpy as np
-
-    n_layers, n_fragments, width = (int(s) for s in shape)
-    dense = np.zeros((n_layers * n_fragments, width), dtype=np.float32)
-    rows = np.repeat(np.arange(n_layers * n_fragments), np.diff(indptr))
-    dense[rows, indices] = values
-    return dense.reshape(n_layers, n_fragments, width)
 
 
 @dataclass(frozen=True)
