@@ -2,7 +2,10 @@
 
 A trait definition follows the persona-vectors format: a name, a description, instruction
 pairs (``pos`` elicits the trait, ``neg`` suppresses it), the questions to ask, and the judge's
-``eval_prompt`` with ``{question}`` and ``{answer}`` placeholders.
+``eval_prompt`` with ``{question}`` and ``{answer}`` placeholders. persona_vectors' own files
+have no ``name`` or ``description``: read from a file, the name defaults to the file's stem (the
+trait folder's name for a ``trait_definition.json``) and the description to empty, with one
+logged notice per file.
 
 :func:`load_trait` resolves a name or path in this order:
 
@@ -16,6 +19,7 @@ pairs (``pos`` elicits the trait, ``neg`` suppresses it), the questions to ask, 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import string
 from pathlib import Path
@@ -31,6 +35,8 @@ from pydantic import (
 )
 
 from tracekit.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 TRAIT_FILE = "trait_definition.json"
 """File name of a trait definition inside an experiment's trait folder."""
@@ -56,7 +62,8 @@ class TraitDefinition(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    description: NonEmptyText
+    description: Annotated[str, StringConstraints(strip_whitespace=True)] = ""
+    """Free text for people; persona_vectors' files have none (empty then)."""
     instruction: list[InstructionPair] = Field(min_length=1)
     questions: list[NonEmptyText] = Field(min_length=1)
     eval_prompt: NonEmptyText
@@ -112,6 +119,8 @@ class TraitDefinition(BaseModel):
             raise InputError(
                 f"trait file {file} is not valid JSON: {exc.msg} at line {exc.lineno}"
             ) from None
+        if isinstance(data, dict) and not {"name", "description"} <= data.keys():
+            data = _fill_persona_vectors_defaults(file, data)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -123,6 +132,47 @@ class TraitDefinition(BaseModel):
     def to_json(self) -> str:
         """Pretty JSON for ``trait_definition.json``."""
         return json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+
+
+_NOTICED: set[Path] = set()
+"""Files whose defaulted name/description were already reported (one notice per file)."""
+
+
+def default_trait_name(file: Path) -> str:
+    """The name of a trait file without a ``name``: its stem, or for a
+    ``trait_definition.json`` the folder holding it (``EXP/<trait>/trait_definition.json``)."""
+    return file.resolve().parent.name if file.name == TRAIT_FILE else file.stem
+
+
+def _fill_persona_vectors_defaults(file: Path, data: dict[str, object]) -> dict[str, object]:
+    """``data`` with the name and description persona_vectors' trait files lack, said once."""
+    filled = dict(data)
+    used = []
+    if "name" not in data:
+        name = default_trait_name(file)
+        source = "its folder" if file.name == TRAIT_FILE else "the file name"
+        if not _NAME.match(name):
+            raise InputError(
+                f"trait file {file} has no \"name\" and its default, '{name}' (from "
+                f"{source}), is not a valid trait name",
+                "add \"name\": \"...\" (letters, digits, '_', '-' or '.') or rename the file",
+            )
+        filled["name"] = name
+        used.append(f"the name '{name}' (from {source})")
+    if "description" not in data:
+        filled["description"] = ""
+        used.append("an empty description")
+    key = file.resolve()
+    if key not in _NOTICED:
+        _NOTICED.add(key)
+        missing = " or ".join(f'"{k}"' for k in ("name", "description") if k not in data)
+        logger.warning(
+            "trait file %s has no %s (persona_vectors' format): using %s",
+            file,
+            missing,
+            " and ".join(used),
+        )
+    return filled
 
 
 def _describe(exc: ValidationError) -> str:

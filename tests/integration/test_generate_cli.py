@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from embedded_weights import embedded_weights
+from seed_data import PERSONA_VECTORS_TRAIT, write_persona_vectors_trait
 from tolerance import assert_close_to_scale
 
 pytestmark = pytest.mark.integration
@@ -315,6 +316,46 @@ def test_invalid_trait_file_names_the_field(tmp_path, cli):
     result = cli("generate", "--experiment", "e", "--experiments-dir", tmp_path, "--trait", bad)
     assert result.exit_code == 1
     assert "field 'eval_prompt': must contain the placeholder(s) {answer}" in _flat(result)
+
+
+def test_persona_vectors_trait_files_generate_as_given(tmp_path, cli):
+    """persona_vectors' trait files (no name or description), given as a path and as the seed
+    layout's EXP/TRAIT/trait_definition.json: named after the file / folder, said once each;
+    the seed's file is used as it is, not rewritten."""
+    base = tmp_path / "experiments"
+    given = write_persona_vectors_trait(tmp_path / "contempt.json")
+    seed_file = write_persona_vectors_trait(base / "my_exp" / "my_trait" / "trait_definition.json")
+    seed_bytes = seed_file.read_bytes()
+    result = cli("generate", "--experiment", "my_exp", "--traits", f"{given},my_trait",
+                 "--n-examples", "1", "--max-new-tokens", "2", "--no-extract-activations",
+                 "--no-generation-cache", "--experiments-dir", base, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = _flat(result)
+    assert text.count('has no "name" or "description" (persona_vectors\' format)') == 2
+    assert "using the name 'contempt' (from the file name)" in text
+    assert "using the name 'my_trait' (from its folder)" in text
+    assert [t["trait"] for t in json.loads(result.stdout)["traits"]] == ["contempt", "my_trait"]
+    saved = json.loads((base / "my_exp" / "contempt" / "trait_definition.json").read_text())
+    assert saved == {"name": "contempt", "description": "", **PERSONA_VECTORS_TRAIT}
+    assert seed_file.read_bytes() == seed_bytes
+    for trait in ("contempt", "my_trait"):
+        for polarity in ("pos", "neg"):
+            rows = _rows(base / "my_exp" / trait / "responses" / f"{polarity}.csv")
+            pair = PERSONA_VECTORS_TRAIT["instruction"][0][polarity]
+            assert [(r["question"], r["instruction"]) for r in rows] == [
+                (PERSONA_VECTORS_TRAIT["questions"][0], pair)
+            ]
+
+
+def test_a_bad_persona_vectors_trait_file_is_refused_before_the_model_loads(tmp_path, cli):
+    bad = tmp_path / "contempt.json"
+    bad.write_text(json.dumps({**PERSONA_VECTORS_TRAIT, "questions": []}))
+    base = tmp_path / "experiments"
+    result = cli("generate", "--experiment", "e", "--experiments-dir", base, "--trait", bad,
+                 "--model", tmp_path / "no-such-model")  # fmt: skip
+    assert result.exit_code == 1
+    assert "field 'questions': List should have at least 1 item" in _flat(result)
+    assert "no-such-model" not in result.output and not base.exists()
 
 
 def test_csv_missing_columns_is_named(tmp_path, cli):

@@ -1,11 +1,14 @@
 """Trait definitions: schema validation with errors that name the field, and name resolution."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
-from tracekit.errors import InputError
+from seed_data import PERSONA_VECTORS_TRAIT, write_persona_vectors_trait
+from tracekit.errors import InputError, OutputExistsError
+from tracekit.storage.experiment import TraitPaths, ensure_trait_definition
 from tracekit.traits import (
     TraitDefinition,
     load_trait,
@@ -110,3 +113,68 @@ def test_unknown_trait_and_missing_path_are_clear():
     assert "refusal" in (info.value.hint or "")
     with pytest.raises(InputError, match="trait file not found: nowhere/x.json"):
         load_trait("nowhere/x.json")
+
+
+def test_persona_vectors_file_gets_its_stem_as_name_and_says_so_once(tmp_path, caplog):
+    path = write_persona_vectors_trait(tmp_path / "contempt.json")
+    with caplog.at_level(logging.WARNING, logger="tracekit.traits"):
+        trait = load_trait(path)
+        again = load_trait(str(path))
+    assert trait == again
+    assert trait.name == "contempt" and trait.description == ""
+    assert [p.model_dump() for p in trait.instruction] == PERSONA_VECTORS_TRAIT["instruction"]
+    assert trait.questions == PERSONA_VECTORS_TRAIT["questions"]
+    assert "{answer}" in trait.eval_prompt
+    notices = [r.getMessage() for r in caplog.records if r.name == "tracekit.traits"]
+    assert notices == [
+        f'trait file {path} has no "name" or "description" (persona_vectors\' format): using '
+        "the name 'contempt' (from the file name) and an empty description"
+    ]
+
+
+def test_persona_vectors_trait_definition_is_named_after_its_folder(tmp_path):
+    base = tmp_path / "experiments"
+    write_persona_vectors_trait(base / "my_exp" / "my_trait" / "trait_definition.json")
+    assert load_trait("my_trait", "my_exp", base).name == "my_trait"
+
+
+def test_a_given_name_or_description_is_kept(tmp_path):
+    named = _write(tmp_path, {**PERSONA_VECTORS_TRAIT, "name": "evil"}, "contempt.json")
+    assert (load_trait(named).name, load_trait(named).description) == ("evil", "")
+    described = _write(tmp_path, {**PERSONA_VECTORS_TRAIT, "description": "d"}, "c2.json")
+    assert (load_trait(described).name, load_trait(described).description) == ("c2", "d")
+
+
+def test_persona_vectors_file_is_still_validated(tmp_path):
+    bad = {**PERSONA_VECTORS_TRAIT, "eval_prompt": "Rate {answer} from 0 to 100."}
+    with pytest.raises(InputError) as info:
+        load_trait(_write(tmp_path, bad, "contempt.json"))
+    assert "field 'eval_prompt': must contain the placeholder(s) {question}" in info.value.message
+
+
+def test_a_file_name_that_is_no_trait_name_is_refused_clearly(tmp_path):
+    path = _write(tmp_path, PERSONA_VECTORS_TRAIT, "my trait.json")
+    with pytest.raises(InputError) as info:
+        load_trait(path)
+    assert info.value.message == (
+        f"trait file {path} has no \"name\" and its default, 'my trait' (from the file name), "
+        "is not a valid trait name"
+    )
+    assert 'add "name"' in (info.value.hint or "")
+
+
+def test_a_saved_definition_is_compared_as_a_trait(tmp_path):
+    """generate keeps a persona_vectors-style trait_definition.json that defines the same
+    trait, and still refuses (without --force) one that defines another."""
+    paths = TraitPaths.of(tmp_path, "my_exp", "my_trait")
+    write_persona_vectors_trait(paths.trait_definition)
+    before = paths.trait_definition.read_bytes()
+    trait = load_trait("my_trait", "my_exp", tmp_path)
+    ensure_trait_definition(paths, trait, force=False)
+    assert paths.trait_definition.read_bytes() == before
+    other = trait.model_copy(update={"questions": ["Another question?"]})
+    with pytest.raises(OutputExistsError, match="differs from the trait definition given"):
+        ensure_trait_definition(paths, other, force=False)
+    assert paths.trait_definition.read_bytes() == before
+    ensure_trait_definition(paths, other, force=True)
+    assert load_trait(paths.trait_definition) == other

@@ -343,7 +343,7 @@ def _generate(
     for trait, paths in zip(traits, all_paths, strict=True):
         if force:
             store.clear_outputs(paths)
-        store.ensure_trait_definition(paths, trait.to_json(), force)
+        store.ensure_trait_definition(paths, trait, force)
         settings = run_settings(config, loaded, layers, trait, steer)
         store.check_run_settings(paths, settings, force)
     if info.is_main:

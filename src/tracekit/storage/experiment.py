@@ -45,6 +45,8 @@ from tracekit.storage.text import read_utf8
 if TYPE_CHECKING:
     import numpy as np
 
+    from tracekit.traits import TraitDefinition
+
 logger = logging.getLogger(__name__)
 
 Polarity = Literal["pos", "neg", "neutral"]
@@ -323,15 +325,24 @@ def carry_extra_columns(csv_path: Path, rows: list[dict[str, Any]]) -> list[dict
     return merged
 
 
-def ensure_trait_definition(paths: TraitPaths, trait_json: str, force: bool) -> None:
-    """Save the trait definition; refuse to replace a different one without ``force``."""
+def ensure_trait_definition(paths: TraitPaths, trait: TraitDefinition, force: bool) -> None:
+    """Save the trait definition; refuse to replace a different one without ``force``.
+
+    The file there is compared as a trait, so a persona_vectors-style file (no name or
+    description, read with the defaults :func:`~tracekit.traits.load_trait` gives it) that
+    defines this same trait is kept as it is."""
+    from tracekit.traits import TraitDefinition
+
     target = paths.trait_definition
     if target.is_file() and not force:
-        existing = json.loads(target.read_text(encoding="utf-8"))
-        if existing != json.loads(trait_json):
+        try:
+            same = TraitDefinition.from_file(target) == trait
+        except InputError:
+            same = False
+        if not same:
             raise OutputExistsError(
                 f"{target} differs from the trait definition given",
                 "pass --force to replace it (and regenerate), or use another --experiment",
             )
         return
-    write_text(target, trait_json)
+    write_text(target, trait.to_json())
