@@ -29,7 +29,6 @@ LONG_FUNCTIONS = {
 
 TO_SPLIT = {
     "jobs/log.py:_log_activations",
-    "datasets/build.py:build_dataset",
     "engines/hf.py:generate",
     "jobs/extract_features.py:_extract_features",
     "jobs/extract_activations.py:_extract_activations",

@@ -26,6 +26,7 @@ from tracekit.errors import InputError
 from tracekit.storage.atomic import check_writable, save_npz
 from tracekit.storage.sentences import (
     SEED_NUMBERING,
+    FinalTokenData,
     get_final_token_data,
     load_all_sentences,
 )
@@ -139,92 +140,45 @@ def build_dataset(
 
     ``on_progress(done, total)`` is called after each sentence file is read.
     """
-    import numpy as np
-
     check_writable(config.output, config.force)
     sentences = load_all_sentences(config.input)
-    strategy = config.strategy
     target = None
-    if strategy.predicts_feature:
+    if config.strategy.predicts_feature:
         assert config.target_layer is not None and config.target_feature is not None
         target = (config.target_layer, config.target_feature)
-    group_field = config.group_by if config.test_fraction is not None else None
     total = len(sentences)
     data = get_final_token_data(
         sentences,
         **_select(config),
         target=target,
-        group_field=group_field,
+        group_field=config.group_by if config.test_fraction is not None else None,
         on_file=None if on_progress is None else (lambda i: on_progress(i + 1, total)),
     )
-    n = data.n_samples
-    if n == 0:
-        raise InputError(
-            f"no final tokens in {total} sentence files under {config.input} "
-            "(is_final_token is never True)",
-            "re-run `tracekit extract features`; every sentence marks its last token",
-        )
-    warnings: list[str] = []
-    if data.files_without_final_token:
-        missing = data.files_without_final_token
-        warnings.append(
-            f"Only {n} samples (expected ~{total}): {len(missing)} sentence file(s) have no "
-            f"final token, e.g. {missing[0].name}"
-        )
-    if target is not None:
-        _check_average_l0(config, data.average_l0, warnings)
-    notices: list[str] = []
-    if data.numbering == SEED_NUMBERING:
-        notices.append(
-            "the files have no 'layers' array (seed 004's layout): layer L is "
-            "hidden_states[L], as in the seed, not README's numbering (where 0 is the "
-            "embedding output)"
-        )
-
-    if strategy is Strategy.embedding_to_feature:
-        assert data.embeddings is not None
-        X, source, input_layers = data.embeddings, "embeddings", [0]
-    else:
-        assert data.hidden_states is not None
-        X = data.hidden_states.reshape(n, -1)  # a view: layers concatenated per sample
-        source, input_layers = "hidden_states", list(data.layers)
+    warnings, notices = _check_samples(config, data, total)
+    X, source, input_layers = _inputs(config.strategy, data)
     y = data.target_activations if target is not None else data.labels
     assert y is not None
 
     train = test = None
     if config.test_fraction is not None:
-        train, test = split_indices(n, config.test_fraction, config.seed, data.groups)
+        train, test = split_indices(data.n_samples, config.test_fraction, config.seed, data.groups)
     # fitted on the training rows only: the test part must not shape the statistics
     norm = fit_normalization(X, config.normalize, rows=train)
     apply_normalization(X, norm, out=X)
 
-    metadata: dict[str, Any] = {
-        "strategy": strategy.value,
-        "input_source": source,
-        "input_layers": np.asarray(input_layers, dtype=np.int64),
-        "input_dims": X.shape[1],
-        "n_samples": n,
-        "sentence_indices": data.sentence_indices,
-        "input_dir": str(config.input),
-        "layer_numbering": data.numbering,
-    }
-    if target is not None:
-        metadata["target_layer"] = target[0]
-        metadata["target_feature"] = target[1]
-        metadata["average_l0"] = np.nan if data.average_l0 is None else data.average_l0
-        metadata["sae_width"] = data.sae_width
+    metadata = _metadata(config, data, source, input_layers, X.shape[1])
     metadata.update(norm)
     result = BuildDatasetResult(
         output=config.output,
-        strategy=strategy.value,
+        strategy=config.strategy.value,
         input_source=source,
         input_layers=input_layers,
         n_files=total,
-        n_samples=n,
+        n_samples=data.n_samples,
         x_shape=tuple(X.shape),
         norm_method=norm["norm_method"],
-        target_layer=None if target is None else target[0],
-        target_feature=None if target is None else target[1],
+        target_layer=config.target_layer if target is not None else None,
+        target_feature=config.target_feature if target is not None else None,
         average_l0=data.average_l0,
         sae_width=data.sae_width,
         layer_numbering=data.numbering,
@@ -254,6 +208,74 @@ def build_dataset(
     for message in notices:
         logger.info(message)
     return result
+
+
+def _check_samples(
+    config: BuildDatasetConfig, data: FinalTokenData, total: int
+) -> tuple[list[str], list[str]]:
+    """(warnings, notices) about the samples gathered from ``total`` files; none at all fails."""
+    n = data.n_samples
+    if n == 0:
+        raise InputError(
+            f"no final tokens in {total} sentence files under {config.input} "
+            "(is_final_token is never True)",
+            "re-run `tracekit extract features`; every sentence marks its last token",
+        )
+    warnings: list[str] = []
+    if data.files_without_final_token:
+        missing = data.files_without_final_token
+        warnings.append(
+            f"Only {n} samples (expected ~{total}): {len(missing)} sentence file(s) have no "
+            f"final token, e.g. {missing[0].name}"
+        )
+    if config.strategy.predicts_feature:
+        _check_average_l0(config, data.average_l0, warnings)
+    notices: list[str] = []
+    if data.numbering == SEED_NUMBERING:
+        notices.append(
+            "the files have no 'layers' array (seed 004's layout): layer L is "
+            "hidden_states[L], as in the seed, not README's numbering (where 0 is the "
+            "embedding output)"
+        )
+    return warnings, notices
+
+
+def _inputs(strategy: Strategy, data: FinalTokenData) -> tuple[np.ndarray, str, list[int]]:
+    """(X, the array it comes from, its layers) for ``strategy``."""
+    if strategy is Strategy.embedding_to_feature:
+        assert data.embeddings is not None
+        return data.embeddings, "embeddings", [0]
+    assert data.hidden_states is not None
+    # a view: layers concatenated per sample
+    return data.hidden_states.reshape(data.n_samples, -1), "hidden_states", list(data.layers)
+
+
+def _metadata(
+    config: BuildDatasetConfig,
+    data: FinalTokenData,
+    source: str,
+    input_layers: list[int],
+    input_dims: int,
+) -> dict[str, Any]:
+    """The dataset's ``meta_*`` entries (the normalization's ``norm_*`` are added after)."""
+    import numpy as np
+
+    metadata: dict[str, Any] = {
+        "strategy": config.strategy.value,
+        "input_source": source,
+        "input_layers": np.asarray(input_layers, dtype=np.int64),
+        "input_dims": input_dims,
+        "n_samples": data.n_samples,
+        "sentence_indices": data.sentence_indices,
+        "input_dir": str(config.input),
+        "layer_numbering": data.numbering,
+    }
+    if config.strategy.predicts_feature:
+        metadata["target_layer"] = config.target_layer
+        metadata["target_feature"] = config.target_feature
+        metadata["average_l0"] = np.nan if data.average_l0 is None else data.average_l0
+        metadata["sae_width"] = data.sae_width
+    return metadata
 
 
 def _check_average_l0(
