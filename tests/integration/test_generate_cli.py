@@ -271,7 +271,7 @@ def test_generate_without_an_experiment_names_the_option_and_writes_nothing(tmp_
         (["--trait", "refusal", "--pooling", "max"], 2, "unknown pooling 'max'"),
         (["--trait", "refusal", "--engine", "fast"], 2, "--engine: unknown engine 'fast'"),
         (["--trait", "refusal", "--judge-metrics", "tone"], 2, "--judge-metrics: Input should be"),
-        ([], 2, "missing option --traits"),
+        ([], 2, "missing option --trait (or --traits for several)"),
     ],
 )
 def test_bad_generate_input_is_one_line_and_writes_nothing(tmp_path, cli, args, code, fragment):

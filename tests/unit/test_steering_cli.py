@@ -126,3 +126,43 @@ def test_steering_options_come_from_a_config_file(tmp_path):
         "all",
     )
     assert config.polarities == ("neutral",)
+
+
+@pytest.mark.parametrize(
+    ("option", "field"),
+    [
+        ("--steer-positions", "steer_positions"),
+        ("--steer-control", "steer_control"),
+        ("--steer-prompts", "steer_prompts"),
+    ],
+)
+def test_steering_choices_complete_and_are_the_ones_the_config_takes(option, field):
+    """TAB after a steering option offers its values, and those are exactly what the config
+    accepts (one set, in tracekit.config.choices)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tracekit.config.base import resolve_config
+    from tracekit.errors import ConfigError
+    from tracekit.jobs.generate import GenerateConfig
+
+    words = f"tracekit generate {option} "
+    env = {
+        **os.environ,
+        "_TRACEKIT_COMPLETE": "complete_bash",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split())),
+    }
+    exe = str(Path(sys.executable).parent / "tracekit")
+    offered = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=60)
+    values = offered.stdout.split()
+    assert values, offered.stderr
+    base = {"experiment": "e", "traits": "french", "steer_vector": "v.npy", "steer_layer": 1}
+    base["steer_coef"] = "1"
+    for value in values:
+        config = resolve_config(GenerateConfig, {**base, field: value})
+        assert getattr(config, field) == value
+    with pytest.raises(ConfigError, match=option):
+        resolve_config(GenerateConfig, {**base, field: "".join(values) + "x"})

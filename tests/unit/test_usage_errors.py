@@ -82,7 +82,7 @@ def test_unknown_command_lists_the_commands_and_guesses(cli, args, group, guess)
 @pytest.mark.parametrize(
     ("args", "missing"),
     [
-        (["generate"], "--experiment, --traits"),
+        (["generate"], "--experiment, --trait (or --traits for several)"),
         (
             ["build-dataset"],
             "--strategy (one of embedding-to-feature, hidden-to-feature, hidden-to-concept), "

@@ -7,7 +7,7 @@ actually typed (click's parameter source) override the file; parser defaults nev
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -54,12 +54,19 @@ def _folder_config(section: str | None) -> Path | None:
 
 
 def build_config(
-    ctx: typer.Context, cls: type[ConfigT], section: str | None = None, **derived: Any
+    ctx: typer.Context,
+    cls: type[ConfigT],
+    section: str | None = None,
+    *,
+    given_as: Mapping[str, str] | None = None,
+    **derived: Any,
 ) -> ConfigT:
     """Config ``cls`` from explicit CLI options > ``--config`` file > ``cls`` defaults.
 
     ``derived`` holds values the command computed from explicit options (e.g. a parsed pair);
-    they count as CLI values. The file section defaults to the command's name.
+    they count as CLI values. The file section defaults to the command's name. ``given_as``
+    names the options of a derived field in a missing-option message (``{"--traits":
+    "--trait (or --traits for several)"}``).
     """
     from tracekit.config.base import resolve_config
     from tracekit.errors import ConfigError
@@ -75,7 +82,7 @@ def build_config(
         from ._usage import with_valid_values
 
         # the same line as click's usage errors: what is wrong, then where the options are
-        message = with_valid_values(exc.message, ctx.command)
+        message = with_valid_values(exc.message, ctx.command, given_as)
         raise ConfigError(f"{message} (see '{ctx.command_path} --help')") from None
 
 

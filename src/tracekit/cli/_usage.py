@@ -10,7 +10,7 @@ all missing options of a command are named at once.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from typer._click import exceptions as click_errors
@@ -200,16 +200,20 @@ def _param_named(command: Any, option: str) -> Parameter | None:
     return None
 
 
-def with_valid_values(message: str, command: Any) -> str:
+def with_valid_values(message: str, command: Any, given_as: Mapping[str, str] | None = None) -> str:
     """``missing options --strategy, --input`` -> ``missing options --strategy (one of
     embedding-to-feature, ...), --input``: a missing option that takes one of a few values
-    names them."""
+    names them. ``given_as`` names the options that give a config field whose option has
+    another name (generate's ``traits`` field: ``--trait`` or ``--traits``)."""
     head, sep, rest = message.partition("; ")
     prefix = next((p for p in ("missing options ", "missing option ") if head.startswith(p)), "")
     if not prefix:
         return message
     names = []
     for name in head.removeprefix(prefix).split(", "):
+        if given_as and name in given_as:
+            names.append(given_as[name])
+            continue
         param = _param_named(command, name)
         choices = _choices(param) if param is not None else None
         names.append(f"{name} (one of {', '.join(choices)})" if choices else name)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from tracekit.config.choices import SteerControl, SteerPositions, SteerPrompts
 from tracekit.console import out_console
 
 from ._common import (
@@ -74,6 +75,11 @@ def _print_result(result: GenerateResult) -> None:
     for trait in result.traits[:1] if steered else result.traits:
         root = trait.root.parent.parent.parent if steered else trait.root
         out_console.print(f"{trait.trait}: {root}", markup=False, highlight=False)
+
+
+_TRAIT_OPTIONS = {"--traits": "--trait (or --traits for several)"}
+"""The config's ``traits`` field comes from ``--trait`` or ``--traits``: a missing-option
+message names the one-trait spelling first."""
 
 
 def register(app: typer.Typer) -> None:
@@ -190,15 +196,15 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         steer_positions: Annotated[
-            str,
+            SteerPositions,
             typer.Option(
                 "--steer-positions",
                 help="response (default: the last prompt position and every generated "
                 "token, as persona_vectors), prompt, or all.",
             ),
-        ] = "response",
+        ] = SteerPositions.response,
         steer_control: Annotated[
-            str | None,
+            SteerControl | None,
             typer.Option(
                 "--steer-control",
                 help="random: also run the sweep along a seeded random direction of the same "
@@ -209,13 +215,13 @@ def register(app: typer.Typer) -> None:
             int, typer.Option("--steer-control-seed", help="Seed of the random control.")
         ] = 0,
         steer_prompts: Annotated[
-            str,
+            SteerPrompts,
             typer.Option(
                 "--steer-prompts",
                 help="neutral (default: the questions without instruction, one neutral.csv) "
                 "or trait (the pos/neg instructed rows).",
             ),
-        ] = "neutral",
+        ] = SteerPrompts.neutral,
         force: ForceOpt = False,
         num_processes: NumProcessesOpt = 1,
         json_output: JsonOpt = False,
@@ -232,7 +238,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("give --trait or --traits, not both")
         if trait is not None or traits is not None:
             derived["traits"] = trait if trait is not None else traits
-        cfg = build_config(ctx, GenerateConfig, **derived)
+        cfg = build_config(ctx, GenerateConfig, given_as=_TRAIT_OPTIONS, **derived)
         if num_processes > 1:
             args = ["--json"] if json_output else []  # the config file carries the rest
             raise typer.Exit(launch(["generate"], cfg, num_processes, args))

@@ -1,4 +1,4 @@
-"""The closed sets of values that options take (normalizations, strategies, formats).
+"""The closed sets of values that options take (normalizations, strategies, formats, steering).
 
 Plain enums with no pydantic import: the CLI declares its options with them, and ``--help``
 and TAB completion must not pay for pydantic. Configs use the same enums as field types.
@@ -61,3 +61,25 @@ class VectorExport(StrEnum):
     """Extra formats ``extract vectors`` writes."""
 
     gguf = "gguf"
+
+
+class SteerPositions(StrEnum):
+    """Where ``generate --steer-vector`` adds the vector (:mod:`tracekit.engines.steering`)."""
+
+    response = "response"
+    prompt = "prompt"
+    all = "all"
+
+
+class SteerControl(StrEnum):
+    """The control direction of a steering sweep."""
+
+    random = "random"
+
+
+class SteerPrompts(StrEnum):
+    """Which rows a steered run asks: the questions without instruction, or the trait's
+    pos/neg instructed rows."""
+
+    neutral = "neutral"
+    trait = "trait"

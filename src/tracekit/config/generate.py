@@ -9,10 +9,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tracekit.config.base import TracekitConfig
+from tracekit.config.choices import SteerControl, SteerPositions, SteerPrompts
 from tracekit.config.types import BatchSize, LayerSpec, check_name
 from tracekit.engines.interface import GenerationParams, check_engine_name
 from tracekit.engines.pooling import Pooling, Poolings
-from tracekit.engines.steering import SteerControl, SteerPositions
 from tracekit.models.loading import DtypeName, ModelConfig
 from tracekit.storage.experiment import POLARITIES, Polarity
 
@@ -71,11 +71,11 @@ class GenerateConfig(RuntimeOptions):
     steer_layer: int | None = Field(default=None, ge=0)
     steer_coef: tuple[float, ...] = ()
     """One output set per coefficient (a sweep)."""
-    steer_positions: SteerPositions = "response"
+    steer_positions: SteerPositions = SteerPositions.response
     steer_control: SteerControl | None = None
     """``random``: also the same sweep along a seeded random direction of the vector's norm."""
     steer_control_seed: int = 0
-    steer_prompts: Literal["neutral", "trait"] = "neutral"
+    steer_prompts: SteerPrompts = SteerPrompts.neutral
     """Steered runs ask the trait's questions without instruction (``neutral``, one CSV) or
     with its pos/neg instructions (``trait``)."""
 
@@ -122,7 +122,7 @@ class GenerateConfig(RuntimeOptions):
     @property
     def polarities(self) -> tuple[Polarity, ...]:
         """The row sets a run generates: pos and neg, or only neutral rows when steering."""
-        if self.steer_vector is not None and self.steer_prompts == "neutral":
+        if self.steer_vector is not None and self.steer_prompts == SteerPrompts.neutral:
             return ("neutral",)
         return POLARITIES
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from tracekit.config.choices import SteerControl, SteerPositions
 from tracekit.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
 
     from tracekit.models.layers import LayerHandles
 
-SteerPositions = Literal["response", "prompt", "all"]
-SteerControl = Literal["random"]
 STEERING_DIR = "steering"
 
 
@@ -47,7 +46,11 @@ class Steering:
     vector: np.ndarray
     """float32 ``[hidden]``: the direction, before the coefficient."""
     coef: float
-    positions: SteerPositions = "response"
+    positions: SteerPositions = SteerPositions.response
+    """A plain string is taken too (``"all"``); anything but the three names is refused."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positions", SteerPositions(self.positions))
 
     def delta(self, like: torch.Tensor) -> torch.Tensor:
         """``coef * vector`` in the dtype and on the device of ``like``."""
@@ -251,7 +254,7 @@ def steering_sets(
         SteeringSet(Steering(layer, vector, coef, positions), "vector", vector_file, sha)
         for coef in coefs
     ]
-    if control == "random":
+    if control == SteerControl.random:
         control_vector = random_direction(vector, control_seed)
         sets += [
             SteeringSet(
