@@ -270,6 +270,7 @@ def test_generate_without_an_experiment_names_the_option_and_writes_nothing(tmp_
         (["--trait", "refusal", "--batch-size", "0"], 2, "--batch-size"),
         (["--trait", "refusal", "--pooling", "max"], 2, "unknown pooling 'max'"),
         (["--trait", "refusal", "--engine", "fast"], 2, "--engine: unknown engine 'fast'"),
+        (["--trait", "refusal", "--device", "tpu"], 2, "--device: unknown device 'tpu'"),
         (["--trait", "refusal", "--judge-metrics", "tone"], 2, "--judge-metrics: Input should be"),
         ([], 2, "missing option --trait (or --traits for several)"),
     ],

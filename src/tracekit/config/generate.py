@@ -8,34 +8,22 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tracekit.config.base import TracekitConfig
 from tracekit.config.choices import SteerControl, SteerPositions, SteerPrompts
-from tracekit.config.types import BatchSize, LayerSpec, check_name
+from tracekit.config.types import BatchSize, LayerSpec, check_name, split_commas
 from tracekit.engines.interface import GenerationParams, check_engine_name
 from tracekit.engines.pooling import Pooling, Poolings
-from tracekit.models.loading import DtypeName, ModelConfig
+from tracekit.models.loading import ModelChoice, ModelConfig
 from tracekit.storage.experiment import POLARITIES, Polarity
 
 
-class RuntimeOptions(TracekitConfig):
+class RuntimeOptions(ModelChoice):
     """Model selection options shared by generate and extract."""
 
-    model: str | None = None
-    revision: str | None = None
-    dtype: DtypeName = "auto"
-    device: str = "auto"
-    device_map: Literal["auto"] | None = None
     chat_template: bool = True
     """Use the tokenizer's chat template (instruction as system prompt); False for base models."""
 
     def model_settings(self) -> ModelConfig:
-        return ModelConfig(
-            model=self.model,
-            revision=self.revision,
-            dtype=self.dtype,
-            device=self.device,
-            device_map=self.device_map,
-        )
+        return ModelConfig(**self.model_dump(include=set(ModelChoice.model_fields)))
 
 
 class GenerateConfig(RuntimeOptions):
@@ -131,12 +119,7 @@ class GenerateConfig(RuntimeOptions):
     def _experiment_name(cls, value: str) -> str:
         return check_name(value, "experiment")
 
-    @field_validator("judge_metrics", mode="before")
-    @classmethod
-    def _split_metrics(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        return value
+    _split_metrics = field_validator("judge_metrics", mode="before")(split_commas)
 
     @field_validator("traits", mode="before")
     @classmethod

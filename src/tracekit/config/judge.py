@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tracekit.config.base import TracekitConfig
+from tracekit.config.types import split_commas
 
 METRICS = ("trait", "coherence")
 """Metrics tracekit knows: ``trait`` uses the trait's ``eval_prompt``; ``coherence`` is built in."""
@@ -88,12 +89,7 @@ class JudgeConfig(TracekitConfig):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
-    @field_validator("metrics", mode="before")
-    @classmethod
-    def _split_metrics(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    _split_metrics = field_validator("metrics", mode="before")(split_commas)
 
     @field_validator("metrics")
     @classmethod

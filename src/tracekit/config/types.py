@@ -15,6 +15,7 @@ from pydantic_core import core_schema
 MAX_BATCH_SIZE = 4096
 
 BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE, description="rows per forward pass")]
+"""A batch size: a positive integer, at most :data:`MAX_BATCH_SIZE`."""
 
 _NAME_HINT = "use letters, digits, '_', '-' or '.'"
 
@@ -29,7 +30,14 @@ def check_name(value: str, what: str) -> str:
 
 FolderName = Annotated[str, AfterValidator(lambda v: check_name(v, "experiment or trait"))]
 """An experiment or trait name: one folder, no separators, not hidden."""
-"""A batch size: a positive integer, at most :data:`MAX_BATCH_SIZE`."""
+
+
+def split_commas(value: Any) -> Any:
+    """``"a, b"`` -> ``["a", "b"]`` (empty parts dropped), for a list option given as one
+    string on the command line or in a config file; any other value as it is (a validator)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 _ITEM = re.compile(r"^\s*(\d+)\s*$")

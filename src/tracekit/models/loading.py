@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-class ModelConfig(TracekitConfig):
-    """Which model to load, and where."""
+class ModelChoice(TracekitConfig):
+    """Which model, and where: the fields :class:`ModelConfig` shares with the configs of
+    ``generate`` and ``extract activations`` (:class:`tracekit.config.generate.RuntimeOptions`)."""
 
     model: str | None = None
     """Hub id or local folder; ``None`` is the embedded SmolLM2-135M-Instruct."""
@@ -40,7 +41,6 @@ class ModelConfig(TracekitConfig):
     dtype: DtypeName = "auto"
     device: str = "auto"
     device_map: Literal["auto"] | None = None
-    trust_remote_code: bool = False
 
     @field_validator("device")
     @classmethod
@@ -50,6 +50,12 @@ class ModelConfig(TracekitConfig):
         if head not in ("auto", "cpu", "cuda", "mps", "xpu"):
             raise ValueError(f"unknown device '{value}': use auto, cpu, cuda, cuda:N or mps")
         return value
+
+
+class ModelConfig(ModelChoice):
+    """Which model to load, and where."""
+
+    trust_remote_code: bool = False
 
 
 @dataclass
