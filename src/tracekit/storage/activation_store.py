@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from tracekit.errors import StoreError
 
@@ -353,7 +353,23 @@ class PendingEntry:
     arrays: Mapping[str, Any] = field(default_factory=dict)
 
 
-class ActivationStoreWriter:
+class StoreHandle:
+    """An open LMDB environment at ``path``: ``close`` it when done, or use it in ``with``."""
+
+    path: Path
+    env: lmdb.Environment
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ActivationStoreWriter(StoreHandle):
     """Writes batches of entries into a store; one LMDB transaction per batch.
 
     Opening checks ``provenance`` against the store's records: a new setup is refused unless
@@ -381,6 +397,23 @@ class ActivationStoreWriter:
             self.env.close()
             raise
 
+    def _put_provenance(self, pid: str, record: Mapping[str, Any]) -> None:
+        key = _PROVENANCE_PREFIX + pid.encode()
+        value = json.dumps(record, sort_keys=True).encode("utf-8")
+        self._write(lambda txn: txn.put(key, value, db=self._dbs[2]))
+
+    def _put_entries(self, encoded: Sequence[tuple[bytes, bytes, bytes | None]]) -> None:
+        """Write (key, metadata, activations or None) values in one transaction."""
+        act_db, meta_db, _ = self._dbs
+
+        def put_all(txn: Any) -> None:
+            for key, meta, acts in encoded:
+                if acts is not None:
+                    txn.put(key, acts, db=act_db)
+                txn.put(key, meta, db=meta_db)
+
+        self._write(put_all)
+
     def _register_provenance(self, allow_mixed: bool) -> None:
         with self.env.begin() as txn:
             known = _read_provenance(txn, self._dbs[2])
@@ -393,9 +426,7 @@ class ActivationStoreWriter:
                 f"store {self.path} was written by another setup: {mismatch}",
                 "log into a new --lmdb path, or pass --allow-mixed to keep both in one store",
             )
-        key = _PROVENANCE_PREFIX + self.provenance_id.encode()
-        value = json.dumps(self.provenance, sort_keys=True).encode("utf-8")
-        self._write(lambda txn: txn.put(key, value, db=self._dbs[2]))
+        self._put_provenance(self.provenance_id, self.provenance)
 
     def existing_keys(self) -> set[str]:
         """Keys already in the store (entries with metadata)."""
@@ -410,15 +441,7 @@ class ActivationStoreWriter:
             meta = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
             acts = encode_arrays(entry.arrays) if entry.arrays else None
             encoded.append((entry.key.encode("utf-8"), meta, acts))
-        act_db, meta_db, _ = self._dbs
-
-        def put_all(txn: Any) -> None:
-            for key, meta, acts in encoded:
-                if acts is not None:
-                    txn.put(key, acts, db=act_db)
-                txn.put(key, meta, db=meta_db)
-
-        self._write(put_all)
+        self._put_entries(encoded)
         return sum(len(m) + (len(a) if a else 0) for _, m, a in encoded)
 
     def merge_from(self, source: str | Path, allow_mixed: bool = False, batch: int = 256) -> int:
@@ -442,25 +465,10 @@ class ActivationStoreWriter:
                         f"store {source} was written by another setup than {self.path}: {mismatch}",
                         "merge into a new store, or pass --allow-mixed",
                     )
-                key = _PROVENANCE_PREFIX + pid.encode()
-                value = json.dumps(record, sort_keys=True).encode("utf-8")
-                self._write(lambda txn, k=key, v=value: txn.put(k, v, db=self._dbs[2]))
+                self._put_provenance(pid, record)
             have = self.existing_keys()
-            act_db, meta_db, _ = self._dbs
             copied = 0
             pending: list[tuple[bytes, bytes, bytes | None]] = []
-
-            def flush() -> None:
-                items = list(pending)
-
-                def put_all(txn: Any) -> None:
-                    for key, meta, acts in items:
-                        if acts is not None:
-                            txn.put(key, acts, db=act_db)
-                        txn.put(key, meta, db=meta_db)
-
-                self._write(put_all)
-                pending.clear()
 
             with src._begin(buffers=False) as txn, txn.cursor(db=src._meta_db) as cursor:
                 for key, meta in cursor:
@@ -471,9 +479,10 @@ class ActivationStoreWriter:
                     pending.append((key_bytes, bytes(meta), None if acts is None else bytes(acts)))
                     copied += 1
                     if len(pending) >= batch:
-                        flush()
+                        self._put_entries(pending)
+                        pending.clear()
             if pending:
-                flush()
+                self._put_entries(pending)
         return copied
 
     def _write(self, body: Any) -> None:
@@ -501,15 +510,6 @@ class ActivationStoreWriter:
                     "input/output error)",
                     "free disk space and run the same command again; committed entries are kept",
                 ) from None
-
-    def close(self) -> None:
-        self.env.close()
-
-    def __enter__(self) -> ActivationStoreWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --- reader -----------------------------------------------------------------------------------
@@ -552,8 +552,32 @@ class StoreStats:
             "provenance": self.provenance,
         }
 
+    @classmethod
+    def of_store(
+        cls,
+        store: StoreHandle,
+        counts: tuple[int, int, int, int],
+        arrays: dict[str, dict[str, Any]],
+        **extra: Any,
+    ) -> StoreStats:
+        """The stats of ``store`` from ``counts`` (entries, with activations, activation bytes,
+        metadata bytes) and ``arrays`` (see :func:`count_array`), with its file and map sizes."""
+        entries, with_acts, act_bytes, meta_bytes = counts
+        file_bytes, map_size = file_and_map_size(store.path, store.env)
+        return cls(
+            str(store.path),
+            entries,
+            with_acts,
+            sort_arrays(arrays),
+            act_bytes,
+            meta_bytes,
+            file_bytes,
+            map_size,
+            **extra,
+        )
 
-class ActivationStore:
+
+class ActivationStore(StoreHandle):
     """A read-only view of a store. Open with :func:`open_store`; close (or ``with``) when done.
 
     ``get``/``get_by_prompt``/iteration return copies that outlive any transaction.
@@ -577,9 +601,6 @@ class ActivationStore:
             raise
 
     # --- lifecycle -----------------------------------------------------------------------
-    def close(self) -> None:
-        self.env.close()
-
     def _begin(self, buffers: bool = False) -> Any:
         """A read transaction; adopts a map a writer in another process grew meanwhile."""
         import lmdb
@@ -590,12 +611,6 @@ class ActivationStore:
         except lmdb.MapResizedError:
             self.env.set_mapsize(0)  # 0: take the size the data file has now
             return begin(buffers=buffers)
-
-    def __enter__(self) -> ActivationStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- metadata ------------------------------------------------------------------------
     @property
@@ -716,16 +731,8 @@ class ActivationStore:
                     with_acts += 1
                     for spec in specs:
                         count_array(arrays, spec.name, spec.dtype, spec.shape)
-        return StoreStats(
-            str(self.path),
-            entries,
-            with_acts,
-            sort_arrays(arrays),
-            act_bytes,
-            meta_bytes,
-            *file_and_map_size(self.path, self.env),
-            provenance=self.provenance,
-        )
+        counts = (entries, with_acts, act_bytes, meta_bytes)
+        return StoreStats.of_store(self, counts, arrays, provenance=self.provenance)
 
 
 def count_array(

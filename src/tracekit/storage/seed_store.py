@@ -37,12 +37,11 @@ from tracekit.storage.activation_store import (
     DB_INFO,
     DB_META,
     ActivationStore,
+    StoreHandle,
     StoreStats,
     _check_store_path,
     _open_env,
     count_array,
-    file_and_map_size,
-    sort_arrays,
 )
 
 SEED_FORMAT = "seed-003-lmdb"
@@ -137,7 +136,7 @@ def is_seed_store(path: str | Path) -> bool:
     return all(_KEY.match(k) for k in keys)
 
 
-class SeedStore:
+class SeedStore(StoreHandle):
     """A read-only view of a seed store, with :class:`ActivationStore`'s reading interface
     for ``reconstruct`` and ``log stats`` (``provenance``, ``iter_metadata``, ``stats``)."""
 
@@ -149,15 +148,6 @@ class SeedStore:
         self.allow_pickle = allow_pickle
         _check_store_path(self.path, for_writing=False)
         self.env = _open_env(self.path, readonly=True)
-
-    def close(self) -> None:
-        self.env.close()
-
-    def __enter__(self) -> SeedStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def provenance(self) -> dict[str, dict[str, Any]]:
@@ -220,17 +210,8 @@ class SeedStore:
                 shape = tuple(getattr(array, "shape", ()))
                 dtype = str(getattr(array, "dtype", type(array).__name__))
                 count_array(arrays, str(name), dtype, shape)
-        return StoreStats(
-            str(self.path),
-            entries,
-            with_acts,
-            sort_arrays(arrays),
-            act_bytes,
-            meta_bytes,
-            *file_and_map_size(self.path, self.env),
-            provenance={},
-            format=SEED_FORMAT,
-        )
+        counts = (entries, with_acts, act_bytes, meta_bytes)
+        return StoreStats.of_store(self, counts, arrays, provenance={}, format=SEED_FORMAT)
 
 
 def _split(key: str, data: Any, kind: str) -> SeedEntry:
