@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from tracekit.errors import InputError, StoreError
 from tracekit.storage.atomic import atomic_npy_memmap, atomic_open, save_npy
+from tracekit.storage.npy import read_npy_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,11 +55,7 @@ def _shape(path: Path) -> tuple[int, ...] | None:
         return None
     try:
         with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            shape, fortran, dtype = read_npy_header(handle)
     except (OSError, ValueError):
         return None
     if fortran or dtype != np.float32:
@@ -75,13 +72,7 @@ class _Mapped:
 
         self._file = open(path, "r+b")  # noqa: SIM115 (closed in close())
         try:
-            version = np.lib.format.read_magic(self._file)
-            read = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _, dtype = read(self._file)
+            shape, _, dtype = read_npy_header(self._file)
             self._offset = self._file.tell()
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_WRITE)
         except BaseException:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from tracekit.errors import InputError, UnsafeInputError
 from tracekit.storage.atomic import save_npy, write_json, write_text
+from tracekit.storage.npy import read_npy_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -272,13 +273,7 @@ def read_text_array(
         raise InputError(f"cache file not found: {path}", "check the cache path")
     try:
         with path.open("rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _fortran, dtype = read_header(handle)
+            shape, _fortran, dtype = read_npy_header(handle)
     except (ValueError, EOFError, OSError) as exc:
         raise InputError(
             f"cannot read {path}: not a valid .npy file ({_first_line(exc)})",

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tracekit.errors import InputError, UnsafeInputError
 from tracekit.storage.atomic import save_npz
+from tracekit.storage.npy import read_npy_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -161,8 +162,6 @@ class SentenceFile(Mapping[str, "np.ndarray"]):
         cached = self._infos.get(name)
         if cached is not None:
             return cached
-        import numpy as np
-
         if name not in self:
             raise KeyError(name)
         member = f"{name}.npy"
@@ -171,13 +170,7 @@ class SentenceFile(Mapping[str, "np.ndarray"]):
             try:
                 zinfo = self._zip.getinfo(member)
                 with self._zip.open(zinfo) as handle:
-                    version = np.lib.format.read_magic(handle)
-                    read_header = (
-                        np.lib.format.read_array_header_1_0
-                        if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0
-                    )
-                    shape, fortran, dtype = read_header(handle)
+                    shape, fortran, dtype = read_npy_header(handle)
                     data_offset = handle.tell()
                 raw_offset = None
                 if zinfo.compress_type == zipfile.ZIP_STORED:
@@ -199,7 +192,7 @@ class SentenceFile(Mapping[str, "np.ndarray"]):
                 "execute code from the file",
                 "sentence files must hold numeric and fixed-width text arrays only",
             )
-        info = ArrayInfo(tuple(shape), dtype, bool(fortran), member, data_offset, raw_offset)
+        info = ArrayInfo(shape, dtype, fortran, member, data_offset, raw_offset)
         self._infos[name] = info
         return info
 
