@@ -20,34 +20,32 @@ _GEMMA3_ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
 }
 
+_TINY: dict[str, Any] = {
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "sliding_window": 6,
+    "initializer_range": 0.1,
+    "tie_word_embeddings": False,
+}
+"""What the two CPU test shapes share (see the module docstring)."""
+
 SHAPES: dict[str, dict[str, Any]] = {
     "gemma2-tiny": {
+        **_TINY,
         "family": "gemma2",
-        "vocab_size": 512,
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
         "query_pre_attn_scalar": 24,
-        "sliding_window": 6,
         "attn_logit_softcapping": 3.0,
         "final_logit_softcapping": 4.0,
-        "initializer_range": 0.1,
-        "tie_word_embeddings": False,
     },
     "gemma3-tiny": {
+        **_TINY,
         "family": "gemma3",
-        "vocab_size": 512,
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
         "query_pre_attn_scalar": 32,
-        "sliding_window": 6,
         "layer_types": [
             "sliding_attention",
             "full_attention",
@@ -56,8 +54,6 @@ SHAPES: dict[str, dict[str, Any]] = {
         ],
         "rope_parameters": _GEMMA3_ROPE,
         "final_logit_softcapping": 6.0,
-        "initializer_range": 0.1,
-        "tie_word_embeddings": False,
     },
     "gemma-2-2b": {
         "family": "gemma2",
