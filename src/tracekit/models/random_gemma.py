@@ -34,6 +34,18 @@ _TINY: dict[str, Any] = {
 }
 """What the two CPU test shapes share (see the module docstring)."""
 
+_GEMMA2: dict[str, Any] = {
+    "family": "gemma2",
+    "vocab_size": 256000,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "initializer_range": 0.02,
+}
+"""What the Gemma-2 2B and 9B checkpoints' config.json files share."""
+
 SHAPES: dict[str, dict[str, Any]] = {
     "gemma2-tiny": {
         **_TINY,
@@ -56,34 +68,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         "final_logit_softcapping": 6.0,
     },
     "gemma-2-2b": {
-        "family": "gemma2",
-        "vocab_size": 256000,
+        **_GEMMA2,
         "hidden_size": 2304,
         "intermediate_size": 9216,
         "num_hidden_layers": 26,
         "num_attention_heads": 8,
         "num_key_value_heads": 4,
-        "head_dim": 256,
-        "query_pre_attn_scalar": 256,
-        "sliding_window": 4096,
-        "attn_logit_softcapping": 50.0,
-        "final_logit_softcapping": 30.0,
-        "initializer_range": 0.02,
     },
     "gemma-2-9b": {
-        "family": "gemma2",
-        "vocab_size": 256000,
+        **_GEMMA2,
         "hidden_size": 3584,
         "intermediate_size": 14336,
         "num_hidden_layers": 42,
         "num_attention_heads": 16,
         "num_key_value_heads": 8,
-        "head_dim": 256,
-        "query_pre_attn_scalar": 256,
-        "sliding_window": 4096,
-        "attn_logit_softcapping": 50.0,
-        "final_logit_softcapping": 30.0,
-        "initializer_range": 0.02,
     },
     "gemma-3-12b": {
         "family": "gemma3",
