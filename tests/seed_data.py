@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 SEED_COLUMNS = ("question", "instruction", "prompt", "response", "trait_score")
 """Seed 002's CSV columns: no ``id``, the judge's ``trait_score`` last."""
@@ -85,3 +88,29 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+def write_pickled_cache(
+    stem: Path, full_texts: Sequence[Any], completions: Sequence[Any], model: str = "org/m"
+) -> None:
+    """A generation cache as the seeds' ``save_generations_to_cache`` could leave it: each
+    ``.npy`` an object array (a pickle inside the ``.npy``), metadata with a Unix timestamp."""
+    import numpy as np
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for kind, items in (("full_texts", full_texts), ("completions", completions)):
+        array = np.empty(len(items), dtype=object)
+        array[:] = list(items)
+        np.save(stem.with_name(f"{stem.name}_{kind}.npy"), array, allow_pickle=True)
+    metadata = {"model": model, "timestamp": 1763002335.0}
+    stem.with_name(f"{stem.name}_metadata.json").write_text(json.dumps(metadata))
+
+
+class RunsCommand:
+    """Pickled, this makes the unpickler call ``os.system(command)``: a hostile file's payload."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (self.command,))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -286,8 +287,8 @@ CASES: dict[str, Case] = {
     "decode: empty cache file": Case(
         lambda t: _empty_cache(t), 1, "not a valid .npy file", per_file=True
     ),
-    "decode: pickled cache": Case(
-        lambda t: _pickled_cache(t), 1, "pickled object array", per_file=True
+    "decode: pickled cache of objects that are not plain data": Case(
+        lambda t: _pickled_cache(t), 1, "is a pickle that needs decimal.Decimal", per_file=True
     ),
     # --- JSONL / CSV: empty, truncated, not UTF-8 -------------------------------------------
     "log: empty QA file": Case(lambda t: _log(t, ""), 1, "qa.jsonl holds no questions"),
@@ -404,7 +405,7 @@ def _pickled_cache(tmp: Path) -> list[str]:
     args = _cache(tmp, ["a"], ["a"])
     for kind in ("completions", "full_texts"):
         path = tmp / "gen" / "m" / "generations" / f"c_{kind}.npy"
-        np.save(path, np.array(["a"], dtype=object), allow_pickle=True)
+        np.save(path, np.array([Decimal("1")], dtype=object), allow_pickle=True)
     return args
 
 

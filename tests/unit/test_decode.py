@@ -1,12 +1,15 @@
 """`tracekit decode` through the CLI: discovery, options, skipping, errors, no partial output."""
 
 import json
+import os
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import tracekit
+from seed_data import RunsCommand, write_pickled_cache
 from tracekit.jobs.decode import DecodeConfig
 from tracekit.storage.generation_cache import CacheFiles, save_generations_to_cache
 
@@ -106,20 +109,51 @@ def test_json_output_lists_each_file(cli, tree: Path):
     assert data["files"][0]["items"] == 1 and data["files"][0]["total"] == 3
 
 
-def test_pickled_cache_refused_then_allowed(cli, tree: Path):
+def test_a_seed_pickled_cache_decodes_without_allow_pickle(cli, tmp_path: Path):
+    """Object-array .npy files of plain texts (the seeds' caches) go through the restricted
+    unpickler: no flag needed, same renderings as for tracekit's own caches."""
+    base = tmp_path / "experiments"
+    write_pickled_cache(base / SMOL, ["g1", "g2"], ["d1", "d2"], model="smol")
+    result = cli("decode", "--base-dir", base)
+    assert result.exit_code == 0, result.output
+    files = CacheFiles.of(base / SMOL)
+    assert json.loads(files.rendered("completions", "json").read_text()) == ["d1", "d2"]
+    markdown = files.rendered("full_texts", "md").read_text()
+    assert "**Generated:** 2025-11-13 02:52:15 UTC" in markdown and "\ng2\n" in markdown
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_one_line_and_never_runs(
+    cli, tree: Path, tmp_path: Path
+):
+    marker = tmp_path / "ran"
+    write_pickled_cache(tree / SMOL, ["g1"], [RunsCommand(f"touch {marker}")], model="smol")
     files = CacheFiles.of(tree / SMOL)
-    np.save(files.npy("completions"), np.array(["old1", "old2"], dtype=object), allow_pickle=True)
     result = cli("decode", "--base-dir", tree, "--model", "smol")
     assert result.exit_code == 1
-    text = flat(result.output)
-    assert "is an old cache saved as a pickled object array" in text
-    assert "error: 1 of 2 cache files could not be decoded" in text
+    failed = [line for line in result.output.splitlines() if line.startswith("failed")]
+    assert failed == [
+        f"failed       {files.npy('completions')} is a pickle that needs "
+        f"{os.system.__module__}.system, which tracekit does not load (only containers, "
+        "strings, numbers and numpy arrays); nothing from it was run (pass --allow-pickle "
+        "(allow_pickle=True) to load it with pickle, which EXECUTES CODE from the file: only "
+        "for a file you trust)"
+    ]
+    assert "error: 1 of 2 cache files could not be decoded" in flat(result.output)
+    assert not marker.exists()
     assert not files.rendered("completions", "json").exists()
-    assert not files.rendered("completions", "md").exists()
-    assert files.rendered("full_texts", "md").exists()  # the good file of the pair still decodes
+    assert json.loads(files.rendered("full_texts", "json").read_text()) == ["g1"]
+
+
+def test_allow_pickle_is_the_opt_in_for_other_classes(cli, tree: Path):
+    write_pickled_cache(tree / SMOL, ["g1", "g2"], [Decimal("0.25"), "d2"], model="smol")
+    files = CacheFiles.of(tree / SMOL)
+    result = cli("decode", "--base-dir", tree, "--model", "smol")
+    assert result.exit_code == 1
+    assert "needs decimal.Decimal" in flat(result.output) and "--allow-pickle" in result.output
+    assert not files.rendered("completions", "json").exists()
     result = cli("decode", "--base-dir", tree, "--model", "smol", "--allow-pickle")
     assert result.exit_code == 0, result.output
-    assert json.loads(files.rendered("completions", "json").read_text()) == ["old1", "old2"]
+    assert json.loads(files.rendered("completions", "json").read_text()) == ["0.25", "d2"]
 
 
 def test_allow_pickle_help_warns_about_code_execution(cli):

@@ -1,11 +1,15 @@
 """The generation cache format: npy (no pickle) + JSON + Markdown + metadata, read back."""
 
 import json
+import os
+import pickle
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from seed_data import RunsCommand, write_pickled_cache
 from tracekit.errors import InputError, UnsafeInputError
 from tracekit.storage.generation_cache import (
     CacheFiles,
@@ -88,12 +92,70 @@ def test_bad_arguments_write_nothing(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_pickled_object_cache_is_refused_unless_allowed(tmp_path: Path):
-    files = CacheFiles.of(tmp_path / "old")
-    np.save(files.npy("completions"), np.array(COMP, dtype=object), allow_pickle=True)
-    with pytest.raises(UnsafeInputError, match="pickled object array; loading it would execute"):
-        read_text_array(files.npy("completions"))
-    assert read_text_array(files.npy("completions"), allow_pickle=True) == (COMP, 3)
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_plain_pickled_caches_are_read_without_allow_pickle(tmp_path: Path, protocol: int):
+    """The seeds' caches hold pickles (object arrays, or a bare pickled list, both of which
+    np.load(allow_pickle=True) reads): texts and numbers come through the restricted unpickler."""
+    stem = tmp_path / "old" / "n3_t1.0_maxtok100"
+    write_pickled_cache(stem, FULL, COMP)
+    assert load_generations_from_cache(stem) == (
+        FULL,
+        COMP,
+        {"model": "org/m", "timestamp": 1763002335.0},
+    )
+    files = CacheFiles.of(stem)
+    assert read_text_array(files.npy("completions"), limit=2) == (COMP[:2], 3)
+    with files.npy("completions").open("wb") as handle:
+        pickle.dump(["a", b"b", 3, np.float32(0.5)], handle, protocol=protocol)
+    assert read_text_array(files.npy("completions")) == (["a", "b", "3", "0.5"], 4)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path: Path):
+    marker = tmp_path / "ran"
+    stem = tmp_path / "old" / "n1_t1.0_maxtok100"
+    write_pickled_cache(stem, ["f"], [RunsCommand(f"touch {marker}")])
+    path = CacheFiles.of(stem).npy("completions")
+    with pytest.raises(UnsafeInputError) as info:
+        read_text_array(path)
+    assert info.value.message == (
+        f"{path} is a pickle that needs {os.system.__module__}.system, which tracekit does not "
+        "load (only containers, strings, numbers and numpy arrays); nothing from it was run"
+    )
+    assert "--allow-pickle" in (info.value.hint or "") and "EXECUTES CODE" in info.value.hint
+    assert not marker.exists()
+
+
+def test_allow_pickle_opts_in_to_every_class(tmp_path: Path):
+    stem = tmp_path / "old" / "n2_t1.0_maxtok100"
+    write_pickled_cache(stem, ["f1", "f2"], [Decimal("1.5"), "two"])
+    path = CacheFiles.of(stem).npy("completions")
+    with pytest.raises(UnsafeInputError, match="needs decimal.Decimal"):
+        read_text_array(path)
+    assert read_text_array(path, allow_pickle=True) == (["1.5", "two"], 2)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"completions": ["a"]}, "holds a pickled dict, not a list of texts"),
+        (np.array([["a"], ["b"]], dtype=object), "holds an array of shape (2, 1), not a list"),
+    ],
+)
+def test_a_pickle_that_is_no_list_of_texts_is_refused(tmp_path: Path, value, message):
+    path = tmp_path / "c_completions.npy"
+    path.write_bytes(pickle.dumps(value, protocol=4))
+    with pytest.raises(InputError) as info:
+        read_text_array(path)
+    assert message in info.value.message
+
+
+def test_a_truncated_pickled_cache_is_one_clear_error(tmp_path: Path):
+    stem = tmp_path / "old" / "n3_t1.0_maxtok100"
+    write_pickled_cache(stem, FULL, COMP)
+    path = CacheFiles.of(stem).npy("completions")
+    path.write_bytes(path.read_bytes()[:-6])
+    with pytest.raises(InputError, match="the file is truncated or corrupt"):
+        read_text_array(path)
 
 
 def test_limit_reads_a_prefix_and_reports_the_total(tmp_path: Path):

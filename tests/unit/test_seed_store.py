@@ -14,7 +14,7 @@ import pytest
 
 from tracekit.actlog.prompts import DEFAULT_TEMPLATE, format_prompt
 from tracekit.storage.activation_store import ActivationStoreWriter, PendingEntry, prompt_key
-from tracekit.storage.seed_store import UnsafePickleError, restricted_loads
+from tracekit.storage.restricted_pickle import UnsafePickleError, restricted_loads
 
 QUESTIONS = ["Who played Sarah Packard?", "What is the capital of France?", "Name a color."]
 STAT_FIELDS = (

@@ -86,8 +86,9 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--allow-pickle",
-                help="Read old caches saved as pickled object arrays. Unpickling EXECUTES CODE "
-                "from the file: use only on files you trust.",
+                help="Old caches whose pickles hold more than containers, strings, numbers and "
+                "numpy arrays: load them with pickle, which EXECUTES CODE from the file. Use "
+                "only on files you trust.",
             ),
         ] = False,
         dry_run: DryRunOpt = False,

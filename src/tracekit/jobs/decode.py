@@ -1,11 +1,11 @@
 """The ``decode`` job: render every cached generation ``.npy`` under a tree as JSON / Markdown.
 
 Finds ``*_completions.npy`` and ``*_full_texts.npy`` under ``base_dir`` (optionally only under
-``base_dir/<model>``), reads each without pickle (unless allowed), and writes
-``<same name>.json`` and/or ``.md`` in seed 001's shape next to it. A file's renderings are
-built in memory before anything is written, and each is written atomically, so a bad input
-leaves no partial output. A file that cannot be decoded is reported and the job goes on with
-the others; the result says which failed.
+``base_dir/<model>``), reads each (an old cache's pickle through the restricted unpickler
+unless pickle is allowed), and writes ``<same name>.json`` and/or ``.md`` in seed 001's shape
+next to it. A file's renderings are built in memory before anything is written, and each is
+written atomically, so a bad input leaves no partial output. A file that cannot be decoded is
+reported and the job goes on with the others; the result says which failed.
 """
 
 from __future__ import annotations

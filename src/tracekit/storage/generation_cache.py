@@ -19,11 +19,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
 from tracekit.errors import InputError, UnsafeInputError
 from tracekit.storage.atomic import save_npy, write_json, write_text
 from tracekit.storage.npy import read_npy_header
+from tracekit.storage.restricted_pickle import UnsafePickleError, restricted_load
 
 if TYPE_CHECKING:
     import numpy as np
@@ -263,17 +264,53 @@ def read_text_array(
 ) -> tuple[list[str], int]:
     """The first ``limit`` strings of a cache ``.npy`` (all if ``None``) and its item count.
 
-    Fixed-width text arrays are memory-mapped, so ``limit`` reads only what it shows. Object
-    arrays (old caches) need pickle, which executes code from the file: they raise
-    :class:`UnsafeInputError` unless ``allow_pickle``.
+    Fixed-width text arrays are memory-mapped, so ``limit`` reads only what it shows. Old caches
+    hold a pickle: an object array (``np.save`` of ``dtype=object`` texts) or a bare pickled
+    list of texts (``np.load(allow_pickle=True)`` reads both). They are unpickled by the
+    restricted unpickler (plain containers, strings, numbers, numpy arrays), and one that needs
+    any other class raises :class:`UnsafeInputError` naming it, before anything is called.
+    ``allow_pickle`` loads them with :mod:`pickle` instead, which executes code from the file.
     """
     import numpy as np
 
     if not path.is_file():
         raise InputError(f"cache file not found: {path}", "check the cache path")
+    with path.open("rb") as handle:
+        header = _npy_header(path, handle)
+        if header is None or header[1].hasobject:  # a bare pickle, or an object array's
+            values = _unpickle_texts(path, handle, allow_pickle)
+            total = len(values)
+            chosen: Any = values if limit is None else values[:limit]
+            return [_as_text(v) for v in chosen], total
+    shape, dtype = header
+    if dtype.kind not in ("U", "S"):
+        raise InputError(
+            f"{path} holds {dtype} values, not texts", "a generation cache holds strings"
+        )
     try:
-        with path.open("rb") as handle:
-            shape, _fortran, dtype = read_npy_header(handle)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        chosen = array if limit is None else array[:limit]
+        items = [_as_text(v) for v in chosen.tolist()]
+    except (ValueError, EOFError, OSError) as exc:
+        raise InputError(
+            f"cannot read {path}: the file is truncated or corrupt ({_first_line(exc)})",
+            "regenerate the cache or remove the file",
+        ) from None
+    return items, int(shape[0])
+
+
+_PICKLE_START = b"\x80"  # the PROTO opcode that starts a pickle of protocol 2 or later
+
+
+def _npy_header(path: Path, handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype from a ``.npy`` header (``handle`` is left at the data), or None for a
+    file that is a bare pickle (``handle`` back at its start)."""
+    if handle.read(1) == _PICKLE_START:
+        handle.seek(0)
+        return None
+    handle.seek(0)
+    try:
+        shape, _fortran, dtype = read_npy_header(handle)
     except (ValueError, EOFError, OSError) as exc:
         raise InputError(
             f"cannot read {path}: not a valid .npy file ({_first_line(exc)})",
@@ -284,35 +321,42 @@ def read_text_array(
             f"{path} holds an array of shape {tuple(shape)}, not a list of texts",
             "a generation cache holds one text per item",
         )
-    if dtype.hasobject and not allow_pickle:
-        raise UnsafeInputError(
-            f"{path} is an old cache saved as a pickled object array; loading it would "
-            "execute code from the file",
-            "pass --allow-pickle (allow_pickle=True) only if you trust where the file came from",
-        )
-    if not dtype.hasobject and dtype.kind not in ("U", "S"):
-        raise InputError(
-            f"{path} holds {dtype} values, not texts", "a generation cache holds strings"
-        )
+    return shape, dtype
+
+
+def _unpickle_texts(path: Path, handle: BinaryIO, allow_pickle: bool) -> list[Any]:
+    """The items of the pickle at ``handle``: a one-dimensional array, a list or a tuple."""
+    import pickle
+
+    import numpy as np
+
     try:
-        if dtype.hasobject:
-            array = np.load(path, allow_pickle=True)
-        else:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        total = int(array.shape[0])
-        chosen = array if limit is None else array[:limit]
-        items = [_as_text(v) for v in chosen.tolist()]
-    except (ValueError, EOFError, OSError) as exc:
-        raise InputError(
-            f"cannot read {path}: the file is truncated or corrupt ({_first_line(exc)})",
-            "regenerate the cache or remove the file",
+        data = pickle.load(handle) if allow_pickle else restricted_load(handle)  # noqa: S301
+    except UnsafePickleError as exc:
+        raise UnsafeInputError(
+            f"{path} is a pickle that needs {exc}, which tracekit does not load (only "
+            "containers, strings, numbers and numpy arrays); nothing from it was run",
+            "pass --allow-pickle (allow_pickle=True) to load it with pickle, which EXECUTES "
+            "CODE from the file: only for a file you trust",
         ) from None
     except Exception as exc:  # unpickling failures come in every type
         raise InputError(
-            f"cannot read {path}: {type(exc).__name__}: {_first_line(exc)}",
+            f"cannot read {path}: the file is truncated or corrupt "
+            f"({type(exc).__name__}: {_first_line(exc)})",
             "regenerate the cache or remove the file",
         ) from None
-    return items, total
+    if isinstance(data, np.ndarray) and data.ndim == 1:
+        return data.tolist()
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    what = (
+        f"an array of shape {data.shape}"
+        if isinstance(data, np.ndarray)
+        else (f"a pickled {type(data).__name__}")
+    )
+    raise InputError(
+        f"{path} holds {what}, not a list of texts", "a generation cache holds one text per item"
+    )
 
 
 def check_same_length(files: CacheFiles, n_full_texts: int, n_completions: int) -> None:
