@@ -51,6 +51,7 @@ from tracekit.storage.sentences import (
 if TYPE_CHECKING:
     import torch
 
+    from tracekit.distributed import ProcessInfo
     from tracekit.models.loading import LoadedModel
     from tracekit.sae.model import SparseAutoencoder
 
@@ -402,15 +403,7 @@ def _start_copy(
     return wait
 
 
-def _write_batch(
-    batch: _Batch,
-    writer: _FileWriter,
-    output: Path,
-    layers: list[int],
-    sentences: Sentences,
-    loaded: LoadedModel,
-    sae_meta: SaeMeta | None,
-) -> int:
+def _write_batch(run: _Run, batch: _Batch, writer: _FileWriter) -> int:
     """Submit one file per sentence of ``batch``; returns the tokens (fragments) written."""
     host = batch.host()
     hidden_np, embeddings_np = host["hidden"], host["embeddings"]
@@ -423,19 +416,19 @@ def _write_batch(
         sparse = None
         if csr is not None:  # this sentence's rows of every layer, layer-major
             ranges = [
-                (lp * n_batch + offset, lp * n_batch + offset + n) for lp in range(len(layers))
+                (lp * n_batch + offset, lp * n_batch + offset + n) for lp in range(len(run.layers))
             ]
             sparse = take_csr_rows(csr, ranges)
         writer.submit(
-            sentence_file(output, index),
+            sentence_file(run.config.output, index),
             embeddings=embeddings_np[rows],
             hidden_states=hidden_np[:, rows],
-            layers=layers,
-            label=sentences.labels[index],
-            sentence=sentences.texts[index],
-            tokens=_token_strings(loaded.tokenizer, item),
-            model=loaded.name,
-            sae=sae_meta,
+            layers=run.layers,
+            label=run.sentences.labels[index],
+            sentence=run.sentences.texts[index],
+            tokens=_token_strings(run.loaded.tokenizer, item),
+            model=run.loaded.name,
+            sae=run.sae_meta,
             activations=None if acts_np is None else acts_np[:, rows],
             sparse=sparse,
         )
@@ -481,13 +474,65 @@ def extract_features(
         return _extract_features(config, loaded, on_progress)
 
 
+@dataclass
+class _Run:
+    """What the steps of one run share: its settings, sentences, model, layers and SAEs."""
+
+    config: FeaturesConfig
+    info: ProcessInfo
+    sentences: Sentences
+    loaded: LoadedModel
+    layers: list[int]
+    saes: dict[int, SparseAutoencoder] | None
+    """On the model's device; None without ``--sae``."""
+    sae_meta: SaeMeta | None
+
+
 def _extract_features(
     config: FeaturesConfig, loaded: LoadedModel | None, on_progress: ProgressCallback | None
 ) -> FeaturesResult:
-    from tracekit.distributed import all_gather, barrier, process_info, process_model_config
-    from tracekit.models.loading import load_model
+    from tracekit.distributed import all_gather
 
     started = time.perf_counter()
+    run = _start_run(config, loaded)
+    extract_started = time.perf_counter()
+    tokenized = _tokenize(run.loaded.tokenizer, run.sentences)
+    settings = _settings(config, run.loaded, run.layers, run.saes, run.sentences)
+    pending, skipped = _claim_pending(run, settings)
+    if on_progress is not None:
+        on_progress(0, len(pending))
+    written, tokens = _write_features(run, tokenized, pending, on_progress)
+    if run.info.distributed:  # returns once every process wrote its block
+        counts = all_gather(run.info, (written, tokens))
+        written, tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    n_sentences = len(run.sentences)
+    if run.info.is_main:
+        _write_manifest(config.output, settings, complete=True, written=n_sentences, config=config)
+    sae_meta = run.sae_meta
+    return FeaturesResult(
+        output=config.output,
+        n_sentences=n_sentences,
+        written=written,
+        skipped=skipped,
+        layers=run.layers,
+        model=run.loaded.name,
+        model_label=run.loaded.label,
+        seconds=time.perf_counter() - started,
+        extract_seconds=time.perf_counter() - extract_started,
+        tokens=tokens,
+        sae_width=sae_meta.width if sae_meta else None,
+        sae_storage=sae_meta.storage if sae_meta else None,
+        average_l0s=sae_meta.average_l0s if sae_meta else None,
+        sae_formats=sorted({sae.format for sae in run.saes.values()}) if run.saes else [],
+    )
+
+
+def _start_run(config: FeaturesConfig, loaded: LoadedModel | None) -> _Run:
+    """Read the sentences, load the SAEs and the model, and check them against each other:
+    everything that can fail before the first file is written."""
+    from tracekit.distributed import process_info, process_model_config
+    from tracekit.models.loading import load_model
+
     info = process_info()
     sentences = read_sentences(
         config.sentences, config.text_column, config.label_column, config.label_range
@@ -508,41 +553,50 @@ def _extract_features(
     _check_layers(layers, loaded.n_layers, config)
     if saes is not None:
         saes = _saes_for_model(saes, loaded.hidden_size, loaded.device)
-    extract_started = time.perf_counter()
-    tokenized = _tokenize(loaded.tokenizer, sentences)
-    settings = _settings(config, loaded, layers, saes, sentences)
-    output = config.output
-    if info.is_main:  # data-parallel: the main process checks and clears, the others wait
-        _prepare_output(output, settings, config.force)
-    barrier(info)
+    sae_meta = _sae_meta(saes, layers, config.sae_storage) if saes else None
+    return _Run(config, info, sentences, loaded, layers, saes, sae_meta)
 
-    pending = [i for i in range(len(sentences)) if not sentence_file(output, i).is_file()]
-    skipped = len(sentences) - len(pending)
+
+def _claim_pending(run: _Run, settings: dict[str, Any]) -> tuple[list[int], int]:
+    """Prepare the output folder and take this process's block of the sentences whose file is
+    still missing; returns that block and how many sentences were already written."""
+    from tracekit.distributed import barrier
+
+    info, output, n_sentences = run.info, run.config.output, len(run.sentences)
+    if info.is_main:  # data-parallel: the main process checks and clears, the others wait
+        _prepare_output(output, settings, run.config.force)
+    barrier(info)
+    pending = [i for i in range(n_sentences) if not sentence_file(output, i).is_file()]
+    skipped = n_sentences - len(pending)
     if skipped and info.is_main:
-        logger.info("resuming: %d of %d sentence files already written", skipped, len(sentences))
+        logger.info("resuming: %d of %d sentence files already written", skipped, n_sentences)
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
-        _write_manifest(output, settings, complete=False, written=skipped, config=config)
+        _write_manifest(output, settings, complete=False, written=skipped, config=run.config)
     # every process has read the same pending list before any of them writes a file; each
     # takes a contiguous block of it (sentence files are per row: nothing to merge)
     barrier(info)
-    pending = info.block(pending, multiple=config.batch_size)
-    if on_progress is not None:
-        on_progress(0, len(pending))
+    return info.block(pending, multiple=run.config.batch_size), skipped
 
-    sae_meta = _sae_meta(saes, layers, config.sae_storage) if saes else None
-    capture_layers = sorted({0, *layers})
-    pending.sort(key=lambda i: len(tokenized[i].ids))  # similar lengths -> little padding
+
+def _write_features(
+    run: _Run,
+    tokenized: list[_Tokenized],
+    pending: list[int],
+    on_progress: ProgressCallback | None,
+) -> tuple[int, int]:
+    """Write the files of the sentences ``pending``; returns the sentences and the tokens
+    written."""
+    batch_size = run.config.batch_size
+    capture_layers = sorted({0, *run.layers})
+    # similar lengths -> little padding
+    ordered = sorted(pending, key=lambda i: len(tokenized[i].ids))
+    sparse = bool(run.saes) and run.config.sae_storage == "sparse"
     written = tokens = 0
-    sparse = bool(saes) and config.sae_storage == "sparse"
-    batches = [
-        pending[start : start + config.batch_size]
-        for start in range(0, len(pending), config.batch_size)
-    ]
 
     def write(batch: _Batch) -> None:
         nonlocal written, tokens
-        tokens += _write_batch(batch, writer, output, layers, sentences, loaded, sae_meta)
+        tokens += _write_batch(run, batch, writer)
         written += len(batch.indices)
         if on_progress is not None:
             on_progress(len(batch.indices), len(pending))
@@ -551,32 +605,13 @@ def _extract_features(
     # batch i-1 into files (its copies were queued behind its own work, so they have landed)
     with _FileWriter() as writer:
         previous: _Batch | None = None
-        for indices in batches:
+        for start in range(0, len(ordered), batch_size):
+            indices = ordered[start : start + batch_size]
             items = [tokenized[i] for i in indices]
-            arrays = _queue_batch(loaded, items, capture_layers, layers, saes)
+            arrays = _queue_batch(run.loaded, items, capture_layers, run.layers, run.saes)
             if previous is not None:
                 write(previous)
-            previous = _Batch(indices, items, _start_copy(arrays, sparse, len(layers)))
+            previous = _Batch(indices, items, _start_copy(arrays, sparse, len(run.layers)))
         if previous is not None:
             write(previous)
-    if info.distributed:  # returns once every process wrote its block
-        counts = all_gather(info, (written, tokens))
-        written, tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    if info.is_main:
-        _write_manifest(output, settings, complete=True, written=len(sentences), config=config)
-    return FeaturesResult(
-        output=output,
-        n_sentences=len(sentences),
-        written=written,
-        skipped=skipped,
-        layers=layers,
-        model=loaded.name,
-        model_label=loaded.label,
-        seconds=time.perf_counter() - started,
-        extract_seconds=time.perf_counter() - extract_started,
-        tokens=tokens,
-        sae_width=sae_meta.width if sae_meta else None,
-        sae_storage=sae_meta.storage if sae_meta else None,
-        average_l0s=sae_meta.average_l0s if sae_meta else None,
-        sae_formats=sorted({sae.format for sae in saes.values()}) if saes else [],
-    )
+    return written, tokens

@@ -182,75 +182,18 @@ async def ajudge_rows(
     backend = make_backend(config, model)
     cache_path = None if config.no_cache else (config.cache or default_cache_path())
     cache = JudgeCache(cache_path) if cache_path is not None else None
-    counts = {metric: MetricCounts() for metric in config.metrics}
-    # (row, metric) -> key; key -> (metric, prompt) for the unique judgments to make
-    keys: list[dict[str, str]] = []
-    todo: dict[str, tuple[str, str]] = {}
-    for row in rows:
-        question, response = (
-            _text(row.get(config.question_column)),
-            _text(row.get(config.response_column)),
-        )
-        row_keys = {}
-        for metric, template in templates.items():
-            key = cache_key(backend.name, backend.model_id, metric, template, question, response)
-            row_keys[metric] = key
-            todo.setdefault(key, (metric, fill(template, question, response)))
-        keys.append(row_keys)
-    total = len(rows) * len(templates)
+    judging = _plan(rows, config, templates, backend, progress)
     try:
-        # a digit-split answer without whole-number probabilities is asked again
-        cached = cache.get_many(todo) if cache else {}
-        answers: dict[str, RawAnswer | str] = {
-            k: raw for k, raw in cached.items() if not raw.incomplete
-        }
-        done = sum(1 for row_keys in keys for key in row_keys.values() if key in answers)
-        for row_keys in keys:
-            for metric, key in row_keys.items():
-                counts[metric].cache_hits += key in answers
-        if progress:
-            progress(done, total)
-        per_key_rows: dict[str, int] = {}
-        for row_keys in keys:
-            for key in row_keys.values():
-                per_key_rows[key] = per_key_rows.get(key, 0) + 1
-        limit = asyncio.Semaphore(config.concurrency)
-
-        async def one(key: str, metric: str, prompt: str) -> None:
-            nonlocal done
-            async with limit:
-                answered: Answered = await backend.ask(prompt)
-            counts[metric].requests += answered.requests
-            counts[metric].retries += answered.retries
-            if answered.raw is not None:
-                answers[key] = answered.raw
-                if cache is not None and not answered.raw.incomplete:
-                    cache.put(key, backend.name, backend.model_id, metric, answered.raw)
-            else:
-                answers[key] = answered.failure or "unknown failure"
-            done += per_key_rows[key]
-            if progress:
-                progress(done, total)
-
-        misses = [
-            (key, metric, prompt) for key, (metric, prompt) in todo.items() if key not in answers
-        ]
-        if misses:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for key, metric, prompt in misses:
-                        group.create_task(one(key, metric, prompt))
-            except BaseExceptionGroup as errors:
-                # the first real error (e.g. a bad API key) stops the run; others are echoes
-                raise errors.exceptions[0] from None
+        judging.take_cached(cache)
+        await judging.ask_missing(backend, cache, config.concurrency)
     finally:
         await backend.aclose()
         if cache is not None:
             cache.close()
-    judged = _apply(rows, keys, answers, config, counts, text_only=backend.text_only)
+    judged = _apply(rows, judging, config, text_only=backend.text_only)
     summary = JudgeSummary(
         rows=len(rows),
-        metrics=counts,
+        metrics=judging.counts,
         seconds=time.perf_counter() - started,
         judge={
             **backend.describe(),
@@ -266,27 +209,123 @@ async def ajudge_rows(
     return JudgeResult(rows=judged, summary=summary)
 
 
+@dataclass
+class _Judging:
+    """One run's judgments: the cache key of each (row, metric), the unique prompts behind the
+    keys, the answers so far, the per-metric counts and the progress."""
+
+    keys: list[dict[str, str]]
+    """Per row: metric -> key."""
+    todo: dict[str, tuple[str, str]]
+    """key -> (metric, prompt), one per unique judgment."""
+    counts: dict[str, MetricCounts]
+    total: int
+    """Judgments in total, one per (row, metric)."""
+    progress: ProgressFn | None
+    answers: dict[str, RawAnswer | str] = field(default_factory=dict)
+    """key -> the judge's answer, or why there is none."""
+    done: int = 0
+
+    def take_cached(self, cache: JudgeCache | None) -> None:
+        """Answer the keys the cache holds (a digit-split answer without whole-number
+        probabilities is asked again)."""
+        cached = cache.get_many(self.todo) if cache else {}
+        self.answers.update({k: raw for k, raw in cached.items() if not raw.incomplete})
+        for row_keys in self.keys:
+            for metric, key in row_keys.items():
+                if key in self.answers:
+                    self.counts[metric].cache_hits += 1
+                    self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total)
+
+    async def ask_missing(
+        self, backend: JudgeBackend, cache: JudgeCache | None, concurrency: int
+    ) -> None:
+        """Ask ``backend`` for every unanswered key, at most ``concurrency`` at a time; each
+        answer is cached the moment it arrives."""
+        rows_per_key: dict[str, int] = {}
+        for row_keys in self.keys:
+            for key in row_keys.values():
+                rows_per_key[key] = rows_per_key.get(key, 0) + 1
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(key: str, metric: str, prompt: str) -> None:
+            async with limit:
+                answered: Answered = await backend.ask(prompt)
+            self.counts[metric].requests += answered.requests
+            self.counts[metric].retries += answered.retries
+            if answered.raw is not None:
+                self.answers[key] = answered.raw
+                if cache is not None and not answered.raw.incomplete:
+                    cache.put(key, backend.name, backend.model_id, metric, answered.raw)
+            else:
+                self.answers[key] = answered.failure or "unknown failure"
+            self.done += rows_per_key[key]
+            if self.progress:
+                self.progress(self.done, self.total)
+
+        misses = [
+            (key, metric, prompt)
+            for key, (metric, prompt) in self.todo.items()
+            if key not in self.answers
+        ]
+        if not misses:
+            return
+        try:
+            async with asyncio.TaskGroup() as group:
+                for key, metric, prompt in misses:
+                    group.create_task(one(key, metric, prompt))
+        except BaseExceptionGroup as errors:
+            # the first real error (e.g. a bad API key) stops the run; others are echoes
+            raise errors.exceptions[0] from None
+
+
+def _plan(
+    rows: Sequence[Mapping[str, Any]],
+    config: JudgeConfig,
+    templates: Mapping[str, str],
+    backend: JudgeBackend,
+    progress: ProgressFn | None,
+) -> _Judging:
+    """The judgments ``rows`` need: one key per (row, metric), one prompt per unique key."""
+    keys: list[dict[str, str]] = []
+    todo: dict[str, tuple[str, str]] = {}
+    for row in rows:
+        question, response = (
+            _text(row.get(config.question_column)),
+            _text(row.get(config.response_column)),
+        )
+        row_keys = {}
+        for metric, template in templates.items():
+            key = cache_key(backend.name, backend.model_id, metric, template, question, response)
+            row_keys[metric] = key
+            todo.setdefault(key, (metric, fill(template, question, response)))
+        keys.append(row_keys)
+    counts = {metric: MetricCounts() for metric in config.metrics}
+    return _Judging(keys, todo, counts, total=len(rows) * len(templates), progress=progress)
+
+
 def _apply(
     rows: Sequence[Mapping[str, Any]],
-    keys: list[dict[str, str]],
-    answers: Mapping[str, RawAnswer | str],
+    judging: _Judging,
     config: JudgeConfig,
-    counts: dict[str, MetricCounts],
     *,
     text_only: bool = False,
 ) -> list[dict[str, Any]]:
+    """``rows`` with the judge columns added; counts each verdict in ``judging.counts``."""
     judged = []
-    for row, row_keys in zip(rows, keys, strict=True):
+    for row, row_keys in zip(rows, judging.keys, strict=True):
         out = dict(row)
         for metric, key in row_keys.items():
-            answer = answers.get(key, "not judged")
+            answer = judging.answers.get(key, "not judged")
             verdict = (
                 score_answer(answer, config.min_mass, text_only=text_only)
                 if isinstance(answer, RawAnswer)
                 else Verdict.failed(answer)
             )
             kind = verdict.kind
-            bucket = counts[metric]
+            bucket = judging.counts[metric]
             if verdict.score is not None:
                 bucket.methods[verdict.method] = bucket.methods.get(verdict.method, 0) + 1
             if kind == "ok":

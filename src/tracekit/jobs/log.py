@@ -12,19 +12,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tracekit.actlog.prompts import (
+    QARows,
     format_prompt,
     prompt_token_ids,
     read_qa_jsonl,
     render_chat,
 )
 from tracekit.config.log import LogConfig
-from tracekit.distributed import all_gather, barrier, process_info, process_model_config
+from tracekit.distributed import (
+    ProcessInfo,
+    all_gather,
+    barrier,
+    process_info,
+    process_model_config,
+)
 from tracekit.errors import ConfigError, StoreError
 from tracekit.storage.activation_store import (
     ActivationStore,
@@ -33,6 +40,11 @@ from tracekit.storage.activation_store import (
     nothing_committed,
 )
 from tracekit.storage.background import BackgroundWrites
+
+if TYPE_CHECKING:
+    from tracekit.actlog.logger import ActivationLogger
+    from tracekit.engines.interface import GenerationParams
+    from tracekit.models.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -97,44 +109,124 @@ def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> Lo
         return _log_activations(cfg, on_batch)
 
 
+@dataclass
+class _Run:
+    """What the steps of one log run share: its settings, inputs, model, engine and provenance."""
+
+    cfg: LogConfig
+    info: ProcessInfo
+    qa: QARows
+    loaded: LoadedModel
+    layers: tuple[int, ...]
+    prompts: list[str]
+    """One formatted prompt per QA row."""
+    params: GenerationParams
+    provenance: dict[str, Any]
+    engine: Any
+
+
+@dataclass
+class _Tally:
+    """What this process logged: entries, batches, bytes written."""
+
+    logged: int = 0
+    batches: int = 0
+    written: int = 0
+
+
 def _log_activations(cfg: LogConfig, on_batch: BatchCallback | None) -> LogResult:
-    from tracekit.actlog.logger import ActivationLogger, build_provenance
+    started = time.perf_counter()
+    run = _start_run(cfg)
+    info = run.info
+    if info.distributed:
+        # LMDB has one writer: each process logs into its own store, the main process merges
+        # (first any shard stores a crashed run left, so their entries count as done)
+        if info.is_main:
+            _merge_shard_stores(cfg, run.provenance)
+        barrier(info)
+    with _open_logger(run) as act_log:
+        todo = _unique_prompts(run.prompts)
+        done = _logged_keys(run, act_log)
+        already = sum(1 for key in todo if key in done)
+        # this process's contiguous block of the unique prompts (batch-aligned, so its batches
+        # are a single run's), less what its shard or the merged store already holds
+        mine = info.block(list(todo.items()), multiple=cfg.batch_size)
+        pending = [index for key, index in mine if key not in done]
+        tally = _log_pending(run, act_log, pending, min(cfg.batch_size, len(todo)), on_batch)
+    if info.distributed:
+        counts = all_gather(info, (tally.logged, tally.batches, tally.written))
+        barrier(info)  # every shard store is closed
+        tally = _Tally(*(sum(c[i] for c in counts) for i in range(3)))
+        if info.is_main:
+            _merge_shard_stores(cfg, run.provenance)
+    return LogResult(
+        store=str(cfg.lmdb),
+        model=run.loaded.name,
+        model_label=run.loaded.label,
+        layers=list(run.layers),
+        qa_rows=len(run.qa.rows),
+        unique_prompts=len(todo),
+        already_logged=already,
+        logged=tally.logged,
+        bad_lines=len(run.qa.bad_lines),
+        batches=tally.batches,
+        bytes_written=tally.written,
+        seconds=time.perf_counter() - started,
+        bad_line_numbers=run.qa.bad_lines,
+    )
+
+
+def _start_run(cfg: LogConfig) -> _Run:
+    """Read the QA file, check the store, load the model and engine: everything before the
+    first batch."""
     from tracekit.engines.interface import GenerationParams, create_engine
     from tracekit.models.loading import ModelConfig, load_model
-    from tracekit.storage.activation_store import prompt_key
 
-    started = time.perf_counter()
     info = process_info()
     qa = read_qa_jsonl(cfg.qa, cfg.question_field, cfg.skip_bad_lines)
     if info.is_main:
         _precheck_store(cfg)
-    loaded = load_model(
-        process_model_config(
-            ModelConfig(
-                model=cfg.model,
-                revision=cfg.revision,
-                dtype=cfg.model_dtype,
-                device=cfg.device,
-                device_map=cfg.device_map,
-            ),
-            info,
-        )
+    model_config = ModelConfig(
+        model=cfg.model,
+        revision=cfg.revision,
+        dtype=cfg.model_dtype,
+        device=cfg.device,
+        device_map=cfg.device_map,
     )
+    loaded = load_model(process_model_config(model_config, info))
     try:
         layers = (
             (loaded.n_layers - 1,) if cfg.layers is None else cfg.layers.resolve(loaded.n_layers)
         )
     except ValueError as exc:
         raise ConfigError(f"--layers: {exc} for {loaded.name}") from None
-    tokenizer = loaded.tokenizer
     prompts = [
-        render_chat(tokenizer, q) if cfg.chat else format_prompt(cfg.prompt_template, q)
+        render_chat(loaded.tokenizer, q) if cfg.chat else format_prompt(cfg.prompt_template, q)
         for q in qa.questions
     ]
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0)
-    provenance = build_provenance(
+    return _Run(
+        cfg=cfg,
+        info=info,
+        qa=qa,
+        loaded=loaded,
+        layers=layers,
+        prompts=prompts,
+        params=params,
+        provenance=_provenance(cfg, loaded, layers, params),
+        engine=create_engine(cfg.engine, loaded),
+    )
+
+
+def _provenance(
+    cfg: LogConfig, loaded: LoadedModel, layers: Sequence[int], params: GenerationParams
+) -> dict[str, Any]:
+    """The provenance record of the store's entries (what must match to log into it)."""
+    from tracekit.actlog.logger import build_provenance
+
+    return build_provenance(
         loaded.model,
-        tokenizer,
+        loaded.tokenizer,
         layers=layers,
         sequence_mode=cfg.sequence_mode,
         dtype=cfg.dtype,
@@ -146,92 +238,81 @@ def _log_activations(cfg: LogConfig, on_batch: BatchCallback | None) -> LogResul
         chat=cfg.chat,
         generation=params.model_dump(),
     )
-    engine = create_engine(cfg.engine, loaded)
 
-    if info.distributed:
-        # LMDB has one writer: each process logs into its own store, the main process merges
-        # (first any shard stores a crashed run left, so their entries count as done)
-        if info.is_main:
-            _merge_shard_stores(cfg, provenance)
-        barrier(info)
-    store_path = shard_store_path(cfg.lmdb, info.rank) if info.distributed else cfg.lmdb
-    logged = batches = written = 0
-    with ActivationLogger(
-        store_path,
-        loaded.model,
-        tokenizer,
-        layers=layers,
+
+def _open_logger(run: _Run) -> ActivationLogger:
+    """The logger over this process's store (its shard store in a data-parallel run)."""
+    from tracekit.actlog.logger import ActivationLogger
+
+    cfg = run.cfg
+    return ActivationLogger(
+        shard_store_path(cfg.lmdb, run.info.rank) if run.info.distributed else cfg.lmdb,
+        run.loaded.model,
+        run.loaded.tokenizer,
+        layers=run.layers,
         sequence_mode=cfg.sequence_mode,
         dtype=cfg.dtype,
-        provenance=provenance,
+        provenance=run.provenance,
         allow_mixed=cfg.allow_mixed,
-    ) as act_log:
-        done = act_log.existing_keys()
-        if info.distributed:
-            with ActivationStore(cfg.lmdb) as merged:
-                done |= set(merged.keys())
-        todo: dict[str, int] = {}  # key -> first QA row with that prompt (duplicates log once)
-        for index, prompt in enumerate(prompts):
-            todo.setdefault(prompt_key(prompt), index)
-        unique = len(todo)
-        already = sum(1 for key in todo if key in done)
-        # this process's contiguous block of the unique prompts (batch-aligned, so its batches
-        # are a single run's), less what its shard or the merged store already holds
-        mine = info.block(list(todo.items()), multiple=cfg.batch_size)
-        pending = [index for key, index in mine if key not in done]
-        if on_batch is not None:
-            on_batch(0, 0, len(pending))
-
-        def write(entries: list[PendingEntry]) -> tuple[int, int]:
-            return len(entries), act_log.write(entries)
-
-        def written_batch(result: tuple[int, int] | None) -> None:
-            nonlocal logged, batches, written
-            if result is None:
-                return
-            logged += result[0]
-            batches += 1
-            written += result[1]
-            if on_batch is not None:
-                on_batch(result[0], result[1], len(pending))
-
-        # each batch's store transaction runs on a background thread while the next batch
-        # generates; at most one batch is not yet written, and it is written before the job
-        # ends or fails (a rerun skips it)
-        writes = BackgroundWrites("tracekit-log")
-        try:
-            for start in range(0, len(pending), cfg.batch_size):
-                rows = pending[start : start + cfg.batch_size]
-                texts = [prompts[i] for i in rows]
-                questions = [qa.questions[i] for i in rows]
-                entries = _log_batch(
-                    loaded, engine, act_log, params, cfg, texts, questions,
-                    min(cfg.batch_size, unique),
-                )  # fmt: skip
-                written_batch(writes.submit(write, entries))
-        finally:
-            written_batch(writes.close())
-    if info.distributed:
-        counts = all_gather(info, (logged, batches, written))
-        barrier(info)  # every shard store is closed
-        logged, batches, written = (sum(c[i] for c in counts) for i in range(3))
-        if info.is_main:
-            _merge_shard_stores(cfg, provenance)
-    return LogResult(
-        store=str(cfg.lmdb),
-        model=loaded.name,
-        model_label=loaded.label,
-        layers=list(layers),
-        qa_rows=len(qa.rows),
-        unique_prompts=unique,
-        already_logged=already,
-        logged=logged,
-        bad_lines=len(qa.bad_lines),
-        batches=batches,
-        bytes_written=written,
-        seconds=time.perf_counter() - started,
-        bad_line_numbers=qa.bad_lines,
     )
+
+
+def _unique_prompts(prompts: list[str]) -> dict[str, int]:
+    """Store key -> the first QA row with that prompt (duplicates log once)."""
+    from tracekit.storage.activation_store import prompt_key
+
+    todo: dict[str, int] = {}
+    for index, prompt in enumerate(prompts):
+        todo.setdefault(prompt_key(prompt), index)
+    return todo
+
+
+def _logged_keys(run: _Run, act_log: ActivationLogger) -> set[str]:
+    """The keys already logged: in this process's store, and in a data-parallel run also in
+    the merged store."""
+    done = act_log.existing_keys()
+    if run.info.distributed:
+        with ActivationStore(run.cfg.lmdb) as merged:
+            done |= set(merged.keys())
+    return done
+
+
+def _log_pending(
+    run: _Run,
+    act_log: ActivationLogger,
+    pending: list[int],
+    pad_to: int,
+    on_batch: BatchCallback | None,
+) -> _Tally:
+    """Log the QA rows ``pending`` in batches of ``cfg.batch_size``; ``pad_to`` is the batch
+    size the engine is told (so a short last batch reuses the steps it prepared)."""
+    tally = _Tally()
+    if on_batch is not None:
+        on_batch(0, 0, len(pending))
+
+    def write(entries: list[PendingEntry]) -> tuple[int, int]:
+        return len(entries), act_log.write(entries)
+
+    def written_batch(result: tuple[int, int] | None) -> None:
+        if result is None:
+            return
+        tally.logged += result[0]
+        tally.batches += 1
+        tally.written += result[1]
+        if on_batch is not None:
+            on_batch(result[0], result[1], len(pending))
+
+    # each batch's store transaction runs on a background thread while the next batch
+    # generates; at most one batch is not yet written, and it is written before the job
+    # ends or fails (a rerun skips it)
+    writes = BackgroundWrites("tracekit-log")
+    try:
+        for start in range(0, len(pending), run.cfg.batch_size):
+            entries = _log_batch(run, act_log, pending[start : start + run.cfg.batch_size], pad_to)
+            written_batch(writes.submit(write, entries))
+    finally:
+        written_batch(writes.close())
+    return tally
 
 
 def shard_store_path(store: Path, rank: int) -> Path:
@@ -256,16 +337,9 @@ def _merge_shard_stores(cfg: LogConfig, provenance: dict[str, Any]) -> None:
 
 
 def _log_batch(
-    loaded: Any,
-    engine: Any,
-    act_log: Any,
-    params: Any,
-    cfg: LogConfig,
-    texts: list[str],
-    questions: list[str],
-    pad_to: int,
+    run: _Run, act_log: ActivationLogger, rows: list[int], pad_to: int
 ) -> list[PendingEntry]:
-    """Generate for one batch, teacher-force prompt + response under ``act_log``; returns the
+    """Generate for the QA ``rows``, teacher-force prompt + response under ``act_log``; returns the
     batch's store entries (:meth:`ActivationLogger.collect`), not yet written.
 
     The forward runs over ``[left-padded prompt | right-padded response]`` with position ids
@@ -277,12 +351,15 @@ def _log_batch(
     from tracekit.engines.hf import forward_kwargs, input_device
     from tracekit.engines.interface import left_pad, position_ids_from_mask
 
+    loaded, cfg = run.loaded, run.cfg
+    texts = [run.prompts[i] for i in rows]
+    questions = [run.qa.questions[i] for i in rows]
     tokenizer = loaded.tokenizer
     device = input_device(loaded)
     pad_id = int(tokenizer.pad_token_id)
     ids = [prompt_token_ids(tokenizer, t) for t in texts]
     with act_log.paused():
-        out = engine.generate(ids, params, pad_to=pad_to)
+        out = run.engine.generate(ids, run.params, pad_to=pad_to)
     prompt_ids, prompt_mask = left_pad(ids, pad_id, device)
     full_ids, full_mask = prompt_ids, prompt_mask
     if cfg.sequence_mode != "prompt" and max(len(r) for r in out.response_ids) > 0:
