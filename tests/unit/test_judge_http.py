@@ -3,6 +3,7 @@ exact scores from known logprobs, retries on injected faults, Retry-After, bound
 the cache, the API key never leaking, and one clear line for each bad input."""
 
 import csv
+import itertools
 import json
 import socket
 
@@ -364,6 +365,25 @@ def test_a_run_stopped_midway_keeps_every_answer_it_got(server, tmp_path):
     assert result.summary.metrics["trait"].cache_hits == 3
     assert server.requests == 4 + 4  # only the four not answered before
     assert [r["trait_score"] for r in result.rows] == [20, 21, 22, 50, 10, 11, 12]
+
+
+def test_progress_counts_cached_and_duplicate_rows_once_each(server, tmp_path):
+    config = fast(server, tmp_path)
+    judge_rows([row("lp=40:1.0")], config, trait_prompt=TEMPLATE)  # cached for the run below
+    rows = [row("lp=40:1.0"), row("lp=60:1.0"), row("lp=60:1.0"), row("lp=80:1.0")]
+    calls: list[tuple[int, int]] = []
+    result = judge_rows(
+        rows,
+        config,
+        trait_prompt=TEMPLATE,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert [r["trait_score"] for r in result.rows] == [40, 60, 60, 80]
+    assert server.requests == 1 + 2  # the duplicate pair is asked once
+    # the cached row before any request, then one call per answer: the pair's answer counts
+    # both of its rows
+    assert calls[0] == (1, 4) and calls[-1] == (4, 4) and len(calls) == 3
+    assert sorted(b[0] - a[0] for a, b in itertools.pairwise(calls)) == [1, 2]
 
 
 # --- digit-splitting judges (SmolLM2, Qwen, Gemma, Mistral, Llama-2 tokenizers) --------------
