@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
 from typer.core import TyperGroup
@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pydantic is imported only when a command runs, never for --
     from tracekit.config.base import TracekitConfig
 
 ConfigT = TypeVar("ConfigT", bound="TracekitConfig")
+ResultT = TypeVar("ResultT")
 
 # names of click's ParameterSource members that mean "the user gave it"
 _EXPLICIT = frozenset({"COMMANDLINE", "ENVIRONMENT", "PROMPT"})
@@ -207,12 +208,70 @@ ChatTemplateOpt = Annotated[
 ]
 
 
+# --- the steps of a command body ----------------------------------------------------------
+def show_result(
+    result: ResultT,
+    json_output: bool,
+    render: Callable[[ResultT], None],
+    payload: Mapping[str, Any] | None = None,
+) -> None:
+    """``result`` as JSON on stdout with ``--json`` (``payload``, by default its ``to_dict()``),
+    else as ``render`` shows it (tables)."""
+    if not json_output:
+        render(result)
+        return
+    import json
+
+    from tracekit.console import out_console
+
+    data = payload if payload is not None else cast(Any, result).to_dict()
+    out_console.print_json(json.dumps(data))
+
+
+class TaskBar:
+    """One bar of a rich progress display, fed by a core function's progress hook."""
+
+    def __init__(self, progress: Any, description: str, unit: str) -> None:
+        self._progress = progress
+        self._task = progress.add_task(description, total=None, unit=unit)
+
+    def completed(self, done: int, total: int) -> None:
+        """A hook that reports how many are done so far."""
+        self._progress.update(self._task, completed=done, total=total)
+
+    def advance(self, count: int, total: int) -> None:
+        """A hook that reports how many more are done."""
+        self._progress.update(self._task, advance=count, total=total)
+
+
+@contextmanager
+def task_progress(description: str, unit: str, transient: bool = False) -> Iterator[TaskBar]:
+    """A progress bar on stderr for one task, counted in ``unit``."""
+    from tracekit.console import progress_bar
+
+    with progress_bar(transient=transient) as progress:
+        yield TaskBar(progress, description, unit)
+
+
 # --- data-parallel runs and progress -----------------------------------------------------
 def is_main_process() -> bool:
     """False in the non-main processes of a data-parallel run (they print nothing)."""
     from tracekit.distributed import process_info
 
     return process_info().is_main
+
+
+def launch_processes(
+    command: list[str], config: TracekitConfig, num_processes: int, json_output: bool
+) -> None:
+    """With ``--num-processes`` N > 1: run ``command`` as N data-parallel processes (the
+    config file that :func:`tracekit.distributed.launch` writes carries every option) and exit
+    with their status; with 1, nothing (the command runs here)."""
+    if num_processes <= 1:
+        return
+    from tracekit.distributed import launch
+
+    raise typer.Exit(launch(command, config, num_processes, ["--json"] if json_output else []))
 
 
 def _duration(seconds: float) -> str:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tracekit.config.choices import Normalization, Strategy
-from tracekit.console import err_console, out_console, progress_bar
+from tracekit.console import err_console, out_console
 
-from ._common import ConfigOpt, ForceOpt, JsonOpt, LayersOpt, build_config
+from ._common import (
+    ConfigOpt,
+    ForceOpt,
+    JsonOpt,
+    LayersOpt,
+    build_config,
+    show_result,
+    task_progress,
+)
 
 if TYPE_CHECKING:
     from tracekit.datasets.build import BuildDatasetResult
@@ -143,14 +150,6 @@ def register(app: typer.Typer) -> None:
         from tracekit.datasets.build import BuildDatasetConfig, build_dataset
 
         cfg = build_config(ctx, BuildDatasetConfig)
-        with progress_bar(transient=True) as progress:
-            task = progress.add_task("reading sentence files", total=None, unit="files")
-
-            def on_progress(done: int, total: int) -> None:
-                progress.update(task, completed=done, total=total)
-
-            result = build_dataset(cfg, on_progress=on_progress)
-        if json_output:
-            out_console.print_json(json.dumps(result.as_dict()))
-        else:
-            _print_result(result)
+        with task_progress("reading sentence files", "files", transient=True) as bar:
+            result = build_dataset(cfg, on_progress=bar.completed)
+        show_result(result, json_output, _print_result, result.as_dict())

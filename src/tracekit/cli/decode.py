@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,7 +11,7 @@ import typer
 from tracekit.config.choices import DecodeFormat
 from tracekit.console import err_console, out_console
 
-from ._common import ConfigOpt, DryRunOpt, ForceOpt, JsonOpt, build_config
+from ._common import ConfigOpt, DryRunOpt, ForceOpt, JsonOpt, build_config, show_result
 
 if TYPE_CHECKING:
     from tracekit.jobs.decode import DecodedFile, DecodeResult
@@ -103,11 +103,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = build_config(ctx, DecodeConfig)
         result = decode(cfg, on_file=None if json_output else _print_file)
-        if json_output:
-            payload = {**result.summary(), "files": [f.as_dict() for f in result.files]}
-            out_console.print_json(json.dumps(payload))
-        else:
-            _print_summary(result, cfg.dry_run)
+        payload = {**result.summary(), "files": [f.as_dict() for f in result.files]}
+        show_result(result, json_output, partial(_print_summary, dry_run=cfg.dry_run), payload)
         if result.failed:
             raise InputError(
                 f"{result.failed} of {result.total} cache files could not be decoded",

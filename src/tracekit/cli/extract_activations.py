@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -31,9 +30,12 @@ from ._common import (
     batch_progress,
     build_config,
     is_main_process,
+    launch_processes,
+    show_result,
 )
 
 if TYPE_CHECKING:
+    from tracekit.jobs.extract_activations import ExtractActivationsResult
     from tracekit.vectors.mean_diff import ExtractVectorsResult
 
 TraitOpt = Annotated[
@@ -42,6 +44,16 @@ TraitOpt = Annotated[
         "--trait", help="Trait folder name inside the experiment. Required (here or in --config)."
     ),
 ]
+
+
+def _print_activations(result: ExtractActivationsResult) -> None:
+    out_console.print(
+        f"{result.trait}: pos {result.rows.get('pos', 0)} rows, neg "
+        f"{result.rows.get('neg', 0)} rows, {len(result.layers)} layers, "
+        f"{', '.join(result.poolings)} in {result.seconds:.1f} s -> "
+        f"{result.files[-1].parent}",
+        highlight=False,
+    )
 
 
 def _print_vectors(result: ExtractVectorsResult) -> None:
@@ -97,27 +109,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Stage 2: teacher-forced activations for saved responses (responses/{pos,neg}.csv)."""
         from tracekit.config.extract_activations import ExtractActivationsConfig
-        from tracekit.distributed import launch
         from tracekit.jobs.extract_activations import extract_activations
 
         cfg = build_config(ctx, ExtractActivationsConfig)
-        if num_processes > 1:
-            args = ["--json"] if json_output else []  # the config file carries the rest
-            raise typer.Exit(launch(["extract", "activations"], cfg, num_processes, args))
+        launch_processes(["extract", "activations"], cfg, num_processes, json_output)
         with batch_progress() as (on_total, on_batch):
             result = extract_activations(cfg, on_batch=on_batch, on_total=on_total)
-        if not is_main_process():
-            return  # the main process reports the merged result
-        if json_output:
-            out_console.print_json(json.dumps(result.to_dict()))
-            return
-        out_console.print(
-            f"{result.trait}: pos {result.rows.get('pos', 0)} rows, neg "
-            f"{result.rows.get('neg', 0)} rows, {len(result.layers)} layers, "
-            f"{', '.join(result.poolings)} in {result.seconds:.1f} s -> "
-            f"{result.files[-1].parent}",
-            highlight=False,
-        )
+        if is_main_process():  # (it reports the merged result)
+            show_result(result, json_output, _print_activations)
 
     @app.command("vectors")
     def vectors_command(
@@ -192,8 +191,7 @@ def register(app: typer.Typer) -> None:
         """Stage 3: per-layer trait vectors (mean_diff, pca_diff, probe) and a separation table."""
         from tracekit.vectors.mean_diff import ExtractVectorsConfig, extract_vectors
 
-        cfg = build_config(ctx, ExtractVectorsConfig)
-        result = extract_vectors(cfg)
+        result = extract_vectors(build_config(ctx, ExtractVectorsConfig))
         if not result.judged:
             err_console.print(
                 f"no judge scores found: using all {result.n_pairs} pairs "
@@ -203,7 +201,4 @@ def register(app: typer.Typer) -> None:
             err_console.print(f"judge filter: {result.judge_filter}", markup=False)
             shown = ", ".join(f"{n} {why}" for why, n in result.dropped.items()) or "none"
             err_console.print(f"left out: {shown}; {result.n_pairs} pairs used")
-        if json_output:
-            out_console.print_json(json.dumps(result.to_dict()))
-        else:
-            _print_vectors(result)
+        show_result(result, json_output, _print_vectors)

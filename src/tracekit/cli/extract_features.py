@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from tracekit.console import err_console, out_console, progress_bar
+from tracekit.console import err_console, out_console
 
 from ._common import (
     BatchSizeOpt,
@@ -22,6 +21,9 @@ from ._common import (
     NumProcessesOpt,
     build_config,
     is_main_process,
+    launch_processes,
+    show_result,
+    task_progress,
 )
 
 if TYPE_CHECKING:
@@ -139,24 +141,12 @@ def register(app: typer.Typer) -> None:
         from tracekit.features import FeaturesConfig, extract_features
 
         cfg = build_config(ctx, FeaturesConfig, section="extract-features")
-        if num_processes > 1:
-            from tracekit.distributed import launch
-
-            args = ["--json"] if json_output else []
-            raise typer.Exit(launch(["extract", "features"], cfg, num_processes, args))
+        launch_processes(["extract", "features"], cfg, num_processes, json_output)
         if not is_main_process():  # data-parallel: the main process shows progress and result
             extract_features(cfg)
             return
-        with progress_bar() as progress:
-            task = progress.add_task("extracting features", total=None, unit="sentences")
-
-            def on_progress(advance: int, total: int) -> None:
-                progress.update(task, advance=advance, total=total)
-
-            result = extract_features(cfg, on_progress=on_progress)
+        with task_progress("extracting features", "sentences") as bar:
+            result = extract_features(cfg, on_progress=bar.advance)
         if result.skipped and not result.written:
             err_console.print("all sentence files already exist; nothing to do (--force redoes)")
-        if json_output:
-            out_console.print_json(json.dumps(result.to_dict()))
-        else:
-            _print_result(result)
+        show_result(result, json_output, _print_result)

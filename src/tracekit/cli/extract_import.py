@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tracekit.console import out_console
 
-from ._common import ConfigOpt, ExperimentOpt, ExperimentsDirOpt, ForceOpt, JsonOpt, build_config
+from ._common import (
+    ConfigOpt,
+    ExperimentOpt,
+    ExperimentsDirOpt,
+    ForceOpt,
+    JsonOpt,
+    build_config,
+    show_result,
+)
 from .extract_activations import TraitOpt
+
+if TYPE_CHECKING:
+    from tracekit.jobs.extract_import import ImportActivationsResult
+
+
+def _print_result(result: ImportActivationsResult) -> None:
+    rows = ", ".join(f"{n} {p}" for p, n in result.rows.items())
+    out_console.print(
+        f"imported {result.source} ({rows} rows) as {result.pooling}, layers "
+        f"{result.layers[0]}-{result.layers[-1]}",
+        markup=False,
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -51,13 +71,4 @@ def register(app: typer.Typer) -> None:
         )
 
         result = import_seed_activations(build_config(ctx, ImportActivationsConfig))
-        if json_output:
-            out_console.print_json(json.dumps(result.to_dict()))
-            return
-        rows = ", ".join(f"{n} {p}" for p, n in result.rows.items())
-        out_console.print(
-            f"imported {result.source} ({rows} rows) as {result.pooling}, layers "
-            f"{result.layers[0]}-{result.layers[-1]}",
-            markup=False,
-            highlight=False,
-        )
+        show_result(result, json_output, _print_result)

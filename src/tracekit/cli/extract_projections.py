@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,6 +18,7 @@ from ._common import (
     JsonOpt,
     LayersOpt,
     build_config,
+    show_result,
 )
 
 if TYPE_CHECKING:
@@ -87,7 +87,4 @@ def register(app: typer.Typer) -> None:
         from tracekit.vectors.projections import ProjectionsConfig, extract_projections
 
         result = extract_projections(build_config(ctx, ProjectionsConfig))
-        if json_output:
-            out_console.print_json(json.dumps(result.to_dict()))
-        else:
-            _print(result)
+        show_result(result, json_output, _print)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -32,6 +31,8 @@ from ._common import (
     batch_progress,
     build_config,
     is_main_process,
+    launch_processes,
+    show_result,
 )
 
 if TYPE_CHECKING:
@@ -229,7 +230,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate positive/negative trait responses with activation capture."""
         from tracekit.config.generate import GenerateConfig
-        from tracekit.distributed import launch
         from tracekit.errors import ConfigError
         from tracekit.jobs.generate import generate
 
@@ -239,14 +239,8 @@ def register(app: typer.Typer) -> None:
         if trait is not None or traits is not None:
             derived["traits"] = trait if trait is not None else traits
         cfg = build_config(ctx, GenerateConfig, given_as=_TRAIT_OPTIONS, **derived)
-        if num_processes > 1:
-            args = ["--json"] if json_output else []  # the config file carries the rest
-            raise typer.Exit(launch(["generate"], cfg, num_processes, args))
+        launch_processes(["generate"], cfg, num_processes, json_output)
         with batch_progress(cfg.max_new_tokens, cfg.device) as (on_total, on_batch):
             result = generate(cfg, on_batch=on_batch, on_total=on_total)
-        if not is_main_process():
-            return  # the main process reports the merged result
-        if json_output:
-            out_console.print_json(json.dumps(result.to_dict()))
-        else:
-            _print_result(result)
+        if is_main_process():  # (it reports the merged result)
+            show_result(result, json_output, _print_result)

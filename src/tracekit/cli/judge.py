@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tracekit.console import err_console, out_console, progress_bar
+from tracekit.console import err_console, out_console
 
-from ._common import ConfigOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, build_config
+from ._common import (
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    build_config,
+    show_result,
+    task_progress,
+)
 
 if TYPE_CHECKING:
     from tracekit.judge import JudgeSummary
@@ -155,19 +163,9 @@ def judge(
     from tracekit.judge import JudgeJobConfig, judge_file
 
     cfg = build_config(ctx, JudgeJobConfig)
-    with progress_bar() as bar:
-        task = bar.add_task("judging", total=None, unit="judgments")
-        result = judge_file(
-            cfg, progress=lambda done, total: bar.update(task, completed=done, total=total)
-        )
-    summary = result.summary
-    if json_output:
-        out_console.print_json(json.dumps(summary.to_dict()))
-    else:
-        out_console.print(_table(summary))
-        for note in summary.notes():
-            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
-        err_console.print(f"wrote {summary.output}", highlight=False)
+    with task_progress("judging", "judgments") as bar:
+        summary = judge_file(cfg, progress=bar.completed).summary
+    show_result(summary, json_output, _print_summary)
     if summary.failed and not cfg.allow_failures:
         from tracekit.errors import JudgeError
 
@@ -175,6 +173,13 @@ def judge(
             f"{summary.failed} judgment(s) failed (status column says why)",
             "rerun to retry them, or pass --allow-failures",
         )
+
+
+def _print_summary(summary: JudgeSummary) -> None:
+    out_console.print(_table(summary))
+    for note in summary.notes():
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    err_console.print(f"wrote {summary.output}", highlight=False)
 
 
 def _table(summary: JudgeSummary) -> Any:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tracekit.console import err_console, out_console, progress_bar
+from tracekit.console import err_console, out_console
 
 from ._common import (
     BatchSizeOpt,
@@ -23,6 +22,9 @@ from ._common import (
     SeedSpellingGroup,
     build_config,
     is_main_process,
+    launch_processes,
+    show_result,
+    task_progress,
 )
 
 if TYPE_CHECKING:
@@ -191,29 +193,18 @@ def register(app: typer.Typer) -> None:
         if ctx.invoked_subcommand is not None:
             return
         from tracekit.config.log import LogConfig
-        from tracekit.distributed import launch
         from tracekit.jobs.log import log_activations
 
         cfg = build_config(ctx, LogConfig)
-        if num_processes > 1:
-            args = ["--json"] if json_output else []
-            raise typer.Exit(launch(["log"], cfg, num_processes, args))
+        launch_processes(["log"], cfg, num_processes, json_output)
         if not is_main_process():  # data-parallel: the main process shows progress and result
             log_activations(cfg)
             return
-        with progress_bar() as progress:
-            task = progress.add_task("logging", total=None, unit="entries")
-
-            def on_batch(entries: int, size: int, total: int) -> None:
-                progress.update(task, advance=entries, total=total)
-
-            result = log_activations(cfg, on_batch=on_batch)
+        with task_progress("logging", "entries") as bar:
+            result = log_activations(cfg, on_batch=lambda n, size, total: bar.advance(n, total))
         if result.bad_lines:
             err_console.print(f"skipped {result.bad_lines} malformed QA line(s)")
-        if json_output:
-            out_console.print_json(json.dumps(result.to_dict()))
-        else:
-            _render_result(result)
+        show_result(result, json_output, _render_result)
 
     @log_app.command("stats")
     def stats_command(
@@ -227,10 +218,6 @@ def register(app: typer.Typer) -> None:
 
         with open_any_store(path, allow_pickle) as store:
             stats = store.stats()
-        if json_output:
-            payload: dict[str, Any] = stats.to_dict()
-            out_console.print_json(json.dumps(payload))
-        else:
-            _render_stats(stats)
+        show_result(stats, json_output, _render_stats)
 
     app.add_typer(log_app, name="log")

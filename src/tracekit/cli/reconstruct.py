@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -10,7 +9,7 @@ import typer
 
 from tracekit.console import err_console, out_console
 
-from ._common import ConfigOpt, ForceOpt, JsonOpt, ModelOpt, build_config
+from ._common import ConfigOpt, ForceOpt, JsonOpt, ModelOpt, build_config, show_result
 from .log import PromptTemplateOpt, QuestionFieldOpt, SkipBadLinesOpt, StorePickleOpt
 
 if TYPE_CHECKING:
@@ -89,10 +88,7 @@ def register(app: typer.Typer) -> None:
         if cfg.verbose:
             logging.getLogger("tracekit").setLevel(logging.INFO)
         result = reconstruct(cfg)
-        if json_output:
-            out_console.print_json(json.dumps(result.to_dict()))
-        else:
-            _render(result)
+        show_result(result, json_output, _render)
         if result.matched == 0:
             if result.closest is not None:
                 mine, closest = result.closest

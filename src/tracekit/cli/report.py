@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -10,7 +9,15 @@ import typer
 
 from tracekit.console import err_console, out_console
 
-from ._common import ConfigOpt, ExperimentOpt, ExperimentsDirOpt, ForceOpt, JsonOpt, build_config
+from ._common import (
+    ConfigOpt,
+    ExperimentOpt,
+    ExperimentsDirOpt,
+    ForceOpt,
+    JsonOpt,
+    build_config,
+    show_result,
+)
 
 if TYPE_CHECKING:
     from tracekit.report.steering import MetricSummary, SteeringReport
@@ -99,10 +106,7 @@ def register(app: typer.Typer) -> None:
         from tracekit.report.steering import SteeringReportConfig, steering_report
 
         result = steering_report(build_config(ctx, SteeringReportConfig))
-        if json_output:
-            out_console.print_json(json.dumps(result.to_dict()))
-        else:
-            _print_report(result)
+        show_result(result, json_output, _print_report)
         if not any(p.direction == "random" for p in result.points):
             err_console.print("no random control in this sweep (generate --steer-control random)")
 
