@@ -4,7 +4,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tracekit.cli._common import BatchSizeOpt, ConfigOpt, LayersOpt, build_config
+from tracekit.cli import _options as opt
+from tracekit.cli._common import build_config
 from tracekit.config import BatchSize, LayerSpec, Normalization, TracekitConfig, resolve_config
 from tracekit.errors import ConfigError
 
@@ -83,9 +84,9 @@ def test_build_config_takes_only_options_the_user_typed(tmp_path: Path):
     @app.command("demo")
     def demo(
         ctx: typer.Context,
-        config: ConfigOpt = None,
-        batch_size: BatchSizeOpt = 8,
-        layers: LayersOpt = None,
+        config: opt.Config = None,
+        batch_size: opt.BatchSize = 8,
+        layers: opt.Layers = None,
     ) -> None:
         seen.append(build_config(ctx, DemoConfig))
 

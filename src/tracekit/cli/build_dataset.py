@@ -10,15 +10,8 @@ import typer
 from tracekit.config.choices import Normalization, Strategy
 from tracekit.console import err_console, out_console
 
-from ._common import (
-    ConfigOpt,
-    ForceOpt,
-    JsonOpt,
-    LayersOpt,
-    build_config,
-    show_result,
-    task_progress,
-)
+from . import _options as opt
+from ._common import build_config, show_result, task_progress
 
 if TYPE_CHECKING:
     from tracekit.datasets.build import BuildDatasetResult
@@ -112,7 +105,7 @@ def register(app: typer.Typer) -> None:
             int | None,
             typer.Option("--layer", min=0, help="hidden-to-concept: one input layer."),
         ] = None,
-        layers: LayersOpt = None,
+        layers: opt.Layers = None,
         average_l0: Annotated[
             float | None,
             typer.Option(
@@ -142,9 +135,9 @@ def register(app: typer.Typer) -> None:
                 "(e.g. concept_strength_label).",
             ),
         ] = None,
-        force: ForceOpt = False,
-        json_output: JsonOpt = False,
-        config: ConfigOpt = None,
+        force: opt.Force = False,
+        json_output: opt.Json = False,
+        config: opt.Config = None,
     ) -> None:
         """Build classifier datasets (X, y, metadata) from sentence feature NPZ files."""
         from tracekit.datasets.build import BuildDatasetConfig, build_dataset

@@ -11,7 +11,8 @@ import typer
 from tracekit.config.choices import DecodeFormat
 from tracekit.console import err_console, out_console
 
-from ._common import ConfigOpt, DryRunOpt, ForceOpt, JsonOpt, build_config, show_result
+from . import _options as opt
+from ._common import build_config, show_result
 
 if TYPE_CHECKING:
     from tracekit.jobs.decode import DecodedFile, DecodeResult
@@ -91,10 +92,10 @@ def register(app: typer.Typer) -> None:
                 "only on files you trust.",
             ),
         ] = False,
-        dry_run: DryRunOpt = False,
-        force: ForceOpt = False,
-        json_output: JsonOpt = False,
-        config: ConfigOpt = None,
+        dry_run: opt.DryRun = False,
+        force: opt.Force = False,
+        json_output: opt.Json = False,
+        config: opt.Config = None,
     ) -> None:
         """Decode cached generation .npy files into JSON and Markdown."""
         from tracekit.config.decode import DecodeConfig

@@ -10,40 +10,12 @@ import typer
 from tracekit.config.choices import NegRule, VectorExport, VectorMethod
 from tracekit.console import err_console, out_console
 
-from ._common import (
-    BatchSizeOpt,
-    ChatTemplateOpt,
-    ConfigOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ExperimentOpt,
-    ExperimentsDirOpt,
-    ForceOpt,
-    ForwardEngineOpt,
-    JsonOpt,
-    LayersOpt,
-    ModelOpt,
-    NumProcessesOpt,
-    PoolingOpt,
-    PtOpt,
-    batch_progress,
-    build_config,
-    is_main_process,
-    launch_processes,
-    show_result,
-)
+from . import _options as opt
+from ._common import batch_progress, build_config, is_main_process, launch_processes, show_result
 
 if TYPE_CHECKING:
     from tracekit.jobs.extract_activations import ExtractActivationsResult
     from tracekit.vectors.mean_diff import ExtractVectorsResult
-
-TraitOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--trait", help="Trait folder name inside the experiment. Required (here or in --config)."
-    ),
-]
 
 
 def _print_activations(result: ExtractActivationsResult) -> None:
@@ -89,23 +61,23 @@ def register(app: typer.Typer) -> None:
     @app.command("activations")
     def activations_command(
         ctx: typer.Context,
-        experiment: ExperimentOpt = None,
-        trait: TraitOpt = None,
-        experiments_dir: ExperimentsDirOpt = Path("experiments"),
-        model: ModelOpt = None,
-        dtype: DtypeOpt = "auto",
-        device: DeviceOpt = "auto",
-        device_map: DeviceMapOpt = None,
-        chat_template: ChatTemplateOpt = True,
-        batch_size: BatchSizeOpt = 8,
-        layers: LayersOpt = None,
-        pooling: PoolingOpt = None,
-        engine: ForwardEngineOpt = "auto",
-        pt: PtOpt = False,
-        force: ForceOpt = False,
-        num_processes: NumProcessesOpt = 1,
-        json_output: JsonOpt = False,
-        config: ConfigOpt = None,
+        experiment: opt.Experiment = None,
+        trait: opt.Trait = None,
+        experiments_dir: opt.ExperimentsDir = Path("experiments"),
+        model: opt.Model = None,
+        dtype: opt.Dtype = "auto",
+        device: opt.Device = "auto",
+        device_map: opt.DeviceMap = None,
+        chat_template: opt.ChatTemplate = True,
+        batch_size: opt.BatchSize = 8,
+        layers: opt.Layers = None,
+        pooling: opt.Pooling = None,
+        engine: opt.ForwardEngine = "auto",
+        pt: opt.Pt = False,
+        force: opt.Force = False,
+        num_processes: opt.NumProcesses = 1,
+        json_output: opt.Json = False,
+        config: opt.Config = None,
     ) -> None:
         """Stage 2: teacher-forced activations for saved responses (responses/{pos,neg}.csv)."""
         from tracekit.config.extract_activations import ExtractActivationsConfig
@@ -121,9 +93,9 @@ def register(app: typer.Typer) -> None:
     @app.command("vectors")
     def vectors_command(
         ctx: typer.Context,
-        experiment: ExperimentOpt = None,
-        trait: TraitOpt = None,
-        experiments_dir: ExperimentsDirOpt = Path("experiments"),
+        experiment: opt.Experiment = None,
+        trait: opt.Trait = None,
+        experiments_dir: opt.ExperimentsDir = Path("experiments"),
         method: Annotated[
             VectorMethod,
             typer.Option(
@@ -184,9 +156,9 @@ def register(app: typer.Typer) -> None:
                 "by generate, e.g. llama).",
             ),
         ] = None,
-        force: ForceOpt = False,
-        json_output: JsonOpt = False,
-        config: ConfigOpt = None,
+        force: opt.Force = False,
+        json_output: opt.Json = False,
+        config: opt.Config = None,
     ) -> None:
         """Stage 3: per-layer trait vectors (mean_diff, pca_diff, probe) and a separation table."""
         from tracekit.vectors.mean_diff import ExtractVectorsConfig, extract_vectors

@@ -9,22 +9,8 @@ import typer
 
 from tracekit.console import err_console, out_console
 
-from ._common import (
-    BatchSizeOpt,
-    ConfigOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ForceOpt,
-    JsonOpt,
-    LayersOpt,
-    ModelOpt,
-    NumProcessesOpt,
-    build_config,
-    is_main_process,
-    launch_processes,
-    show_result,
-    task_progress,
-)
+from . import _options as opt
+from ._common import build_config, is_main_process, launch_processes, show_result, task_progress
 
 if TYPE_CHECKING:
     from tracekit.jobs.extract_features import FeaturesResult
@@ -90,8 +76,8 @@ def register(app: typer.Typer) -> None:
         label_range: Annotated[
             str, typer.Option("--label-range", help="Allowed labels, MIN-MAX.")
         ] = "0-3",
-        model: ModelOpt = None,
-        layers: LayersOpt = None,
+        model: opt.Model = None,
+        layers: opt.Layers = None,
         sae: Annotated[
             Path | None,
             typer.Option(
@@ -125,13 +111,13 @@ def register(app: typer.Typer) -> None:
                 "CSR indices + values (much smaller; build-dataset reads both).",
             ),
         ] = "dense",
-        batch_size: BatchSizeOpt = 16,
-        dtype: DtypeOpt = "auto",
-        device: DeviceOpt = "auto",
-        force: ForceOpt = False,
-        num_processes: NumProcessesOpt = 1,
-        json_output: JsonOpt = False,
-        config: ConfigOpt = None,
+        batch_size: opt.BatchSize = 16,
+        dtype: opt.Dtype = "auto",
+        device: opt.Device = "auto",
+        force: opt.Force = False,
+        num_processes: opt.NumProcesses = 1,
+        json_output: opt.Json = False,
+        config: opt.Config = None,
     ) -> None:
         """Sentence feature files: embeddings, hidden states and SAE activations per token.
 

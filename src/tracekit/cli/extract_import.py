@@ -9,16 +9,8 @@ import typer
 
 from tracekit.console import out_console
 
-from ._common import (
-    ConfigOpt,
-    ExperimentOpt,
-    ExperimentsDirOpt,
-    ForceOpt,
-    JsonOpt,
-    build_config,
-    show_result,
-)
-from .extract_activations import TraitOpt
+from . import _options as opt
+from ._common import build_config, show_result
 
 if TYPE_CHECKING:
     from tracekit.jobs.extract_import import ImportActivationsResult
@@ -38,9 +30,9 @@ def register(app: typer.Typer) -> None:
     @app.command("import")
     def import_command(
         ctx: typer.Context,
-        experiment: ExperimentOpt = None,
-        trait: TraitOpt = None,
-        experiments_dir: ExperimentsDirOpt = Path("experiments"),
+        experiment: opt.Experiment = None,
+        trait: opt.Trait = None,
+        experiments_dir: opt.ExperimentsDir = Path("experiments"),
         pooling: Annotated[
             str,
             typer.Option(
@@ -59,9 +51,9 @@ def register(app: typer.Typer) -> None:
                 "outputs only.",
             ),
         ] = 0,
-        force: ForceOpt = False,
-        json_output: JsonOpt = False,
-        config: ConfigOpt = None,
+        force: opt.Force = False,
+        json_output: opt.Json = False,
+        config: opt.Config = None,
     ) -> None:
         """Import seed 002's activations/all_layers.pt ([n, layers, hidden]; pos rows, then neg)
         as {pos,neg}_POOLING.npy, so 'extract vectors' reads it."""

@@ -10,16 +10,8 @@ import typer
 from tracekit.config.choices import VectorMethod
 from tracekit.console import out_console
 
-from ._common import (
-    ConfigOpt,
-    ExperimentOpt,
-    ExperimentsDirOpt,
-    ForceOpt,
-    JsonOpt,
-    LayersOpt,
-    build_config,
-    show_result,
-)
+from . import _options as opt
+from ._common import build_config, show_result
 
 if TYPE_CHECKING:
     from tracekit.vectors.projections import ProjectionsResult
@@ -46,12 +38,12 @@ def register(app: typer.Typer) -> None:
     @app.command("projections")
     def projections_command(
         ctx: typer.Context,
-        experiment: ExperimentOpt = None,
+        experiment: opt.Experiment = None,
         trait: Annotated[
             str | None,
             typer.Option("--trait", help="Trait whose activations are projected. Required."),
         ] = None,
-        experiments_dir: ExperimentsDirOpt = Path("experiments"),
+        experiments_dir: opt.ExperimentsDir = Path("experiments"),
         vector: Annotated[
             Path | None,
             typer.Option(
@@ -70,7 +62,7 @@ def register(app: typer.Typer) -> None:
         pooling: Annotated[
             str, typer.Option("--pooling", help="Which saved activations to project.")
         ] = "response_avg",
-        layers: LayersOpt = None,
+        layers: opt.Layers = None,
         plot: Annotated[
             bool,
             typer.Option(
@@ -78,9 +70,9 @@ def register(app: typer.Typer) -> None:
                 help="Draw a PNG: AUROC per layer, and the pos/neg projections at the best layer.",
             ),
         ] = True,
-        force: ForceOpt = False,
-        json_output: JsonOpt = False,
-        config: ConfigOpt = None,
+        force: opt.Force = False,
+        json_output: opt.Json = False,
+        config: opt.Config = None,
     ) -> None:
         """Project every row's pooled activation on a trait vector (a · v / |v|) per layer:
         CSV + .npy, and how well the projection separates pos from neg (AUROC) per layer."""

@@ -10,30 +10,8 @@ import typer
 from tracekit.config.choices import SteerControl, SteerPositions, SteerPrompts
 from tracekit.console import out_console
 
-from ._common import (
-    BatchSizeOpt,
-    ChatTemplateOpt,
-    ConfigOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EngineOpt,
-    ExperimentOpt,
-    ExperimentsDirOpt,
-    ForceOpt,
-    JsonOpt,
-    LayersOpt,
-    ModelOpt,
-    NumProcessesOpt,
-    PoolingOpt,
-    PtOpt,
-    SeedOpt,
-    batch_progress,
-    build_config,
-    is_main_process,
-    launch_processes,
-    show_result,
-)
+from . import _options as opt
+from ._common import batch_progress, build_config, is_main_process, launch_processes, show_result
 
 if TYPE_CHECKING:
     from tracekit.jobs.generate import GenerateResult
@@ -87,7 +65,7 @@ def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate_command(
         ctx: typer.Context,
-        experiment: ExperimentOpt = None,
+        experiment: opt.Experiment = None,
         trait: Annotated[
             str | None,
             typer.Option("--trait", help="Trait name (shipped or in the experiment) or JSON path."),
@@ -95,14 +73,14 @@ def register(app: typer.Typer) -> None:
         traits: Annotated[
             str | None, typer.Option("--traits", help="Several traits: 'refusal,verbosity'.")
         ] = None,
-        experiments_dir: ExperimentsDirOpt = Path("experiments"),
-        model: ModelOpt = None,
-        dtype: DtypeOpt = "auto",
-        device: DeviceOpt = "auto",
-        device_map: DeviceMapOpt = None,
-        chat_template: ChatTemplateOpt = True,
-        engine: EngineOpt = "auto",
-        batch_size: BatchSizeOpt = 8,
+        experiments_dir: opt.ExperimentsDir = Path("experiments"),
+        model: opt.Model = None,
+        dtype: opt.Dtype = "auto",
+        device: opt.Device = "auto",
+        device_map: opt.DeviceMap = None,
+        chat_template: opt.ChatTemplate = True,
+        engine: opt.Engine = "auto",
+        batch_size: opt.BatchSize = 8,
         n_examples: Annotated[
             int, typer.Option("--n-examples", min=1, help="Rows per polarity.")
         ] = 100,
@@ -123,9 +101,9 @@ def register(app: typer.Typer) -> None:
                 "probabilities sum to P (1.0 = all tokens).",
             ),
         ] = 1.0,
-        seed: SeedOpt = 0,
-        layers: LayersOpt = None,
-        pooling: PoolingOpt = None,
+        seed: opt.Seed = 0,
+        layers: opt.Layers = None,
+        pooling: opt.Pooling = None,
         extract_activations: Annotated[
             bool,
             typer.Option(
@@ -169,7 +147,7 @@ def register(app: typer.Typer) -> None:
                 help="Also write a generation cache that 'tracekit decode' reads.",
             ),
         ] = True,
-        pt: PtOpt = False,
+        pt: opt.Pt = False,
         steer_vector: Annotated[
             Path | None,
             typer.Option(
@@ -223,10 +201,10 @@ def register(app: typer.Typer) -> None:
                 "or trait (the pos/neg instructed rows).",
             ),
         ] = SteerPrompts.neutral,
-        force: ForceOpt = False,
-        num_processes: NumProcessesOpt = 1,
-        json_output: JsonOpt = False,
-        config: ConfigOpt = None,
+        force: opt.Force = False,
+        num_processes: opt.NumProcesses = 1,
+        json_output: opt.Json = False,
+        config: opt.Config = None,
     ) -> None:
         """Generate positive/negative trait responses with activation capture."""
         from tracekit.config.generate import GenerateConfig

@@ -9,16 +9,8 @@ import typer
 
 from tracekit.console import err_console, out_console
 
-from ._common import (
-    ConfigOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ForceOpt,
-    JsonOpt,
-    build_config,
-    show_result,
-    task_progress,
-)
+from . import _options as opt
+from ._common import build_config, show_result, task_progress
 
 if TYPE_CHECKING:
     from tracekit.judge import JudgeSummary
@@ -149,11 +141,11 @@ def judge(
     allow_failures: Annotated[
         bool, typer.Option("--allow-failures", help="Exit 0 even when some judgments failed.")
     ] = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    force: ForceOpt = False,
-    json_output: JsonOpt = False,
-    config: ConfigOpt = None,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "auto",
+    force: opt.Force = False,
+    json_output: opt.Json = False,
+    config: opt.Config = None,
 ) -> None:
     """Score responses 0-100 with an LLM judge (OpenAI-compatible API or local model).
 

@@ -9,16 +9,8 @@ import typer
 
 from tracekit.console import err_console, out_console
 
+from . import _options as opt
 from ._common import (
-    BatchSizeOpt,
-    ConfigOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    EngineOpt,
-    JsonOpt,
-    LayersOpt,
-    ModelOpt,
-    NumProcessesOpt,
     SeedSpellingGroup,
     build_config,
     is_main_process,
@@ -30,31 +22,6 @@ from ._common import (
 if TYPE_CHECKING:
     from tracekit.jobs.log import LogResult
     from tracekit.storage.activation_store import StoreStats
-
-PromptTemplateOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--prompt-template",
-        help="How a raw question becomes the prompt; must contain {question}. Default: "
-        "'user: Answer in one sentence. Q:{question}\\n A:' (the seed's format).",
-    ),
-]
-SkipBadLinesOpt = Annotated[
-    bool,
-    typer.Option("--skip-bad-lines", help="Skip malformed QA lines (counted) instead of stopping."),
-]
-StorePickleOpt = Annotated[
-    bool,
-    typer.Option(
-        "--allow-pickle",
-        help="A seed store's pickled values holding more than containers, strings, numbers "
-        "and numpy arrays (e.g. torch tensors): load them with pickle, which EXECUTES CODE "
-        "from the store. Use only on stores you made yourself.",
-    ),
-]
-QuestionFieldOpt = Annotated[
-    str, typer.Option("--question-field", help="QA field holding the raw question.")
-]
 
 
 def _render_result(result: LogResult) -> None:
@@ -138,17 +105,17 @@ def register(app: typer.Typer) -> None:
                 file_okay=False,
             ),
         ] = None,
-        model: ModelOpt = None,
+        model: opt.Model = None,
         revision: Annotated[
             str | None, typer.Option("--revision", help="Model revision (hub models).")
         ] = None,
-        prompt_template: PromptTemplateOpt = None,
+        prompt_template: opt.PromptTemplate = None,
         chat: Annotated[
             bool,
             typer.Option("--chat", help="Format questions with the model's chat template."),
         ] = False,
-        question_field: QuestionFieldOpt = "prompt",
-        layers: LayersOpt = None,
+        question_field: opt.QuestionField = "prompt",
+        layers: opt.Layers = None,
         sequence_mode: Annotated[
             str,
             typer.Option(
@@ -170,13 +137,13 @@ def register(app: typer.Typer) -> None:
                 help="Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
             ),
         ] = "auto",
-        device: DeviceOpt = "auto",
-        device_map: DeviceMapOpt = None,
-        batch_size: BatchSizeOpt = 8,
+        device: opt.Device = "auto",
+        device_map: opt.DeviceMap = None,
+        batch_size: opt.BatchSize = 8,
         max_new_tokens: Annotated[
             int, typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")
         ] = 64,
-        engine: EngineOpt = "auto",
+        engine: opt.Engine = "auto",
         allow_mixed: Annotated[
             bool,
             typer.Option(
@@ -184,10 +151,10 @@ def register(app: typer.Typer) -> None:
                 help="Let a store hold entries from another setup (model, template, layers...).",
             ),
         ] = False,
-        skip_bad_lines: SkipBadLinesOpt = False,
-        num_processes: NumProcessesOpt = 1,
-        json_output: JsonOpt = False,
-        config: ConfigOpt = None,
+        skip_bad_lines: opt.SkipBadLines = False,
+        num_processes: opt.NumProcesses = 1,
+        json_output: opt.Json = False,
+        config: opt.Config = None,
     ) -> None:
         """Generate for each QA question and log its activations to an LMDB store."""
         if ctx.invoked_subcommand is not None:
@@ -209,8 +176,8 @@ def register(app: typer.Typer) -> None:
     @log_app.command("stats")
     def stats_command(
         path: Annotated[Path, typer.Argument(help="Store directory.")],
-        allow_pickle: StorePickleOpt = False,
-        json_output: JsonOpt = False,
+        allow_pickle: opt.StorePickle = False,
+        json_output: opt.Json = False,
     ) -> None:
         """Show a store's entries, layers, dtype, bytes and provenance (tracekit's stores and
         the seed's)."""

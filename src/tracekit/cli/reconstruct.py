@@ -9,8 +9,8 @@ import typer
 
 from tracekit.console import err_console, out_console
 
-from ._common import ConfigOpt, ForceOpt, JsonOpt, ModelOpt, build_config, show_result
-from .log import PromptTemplateOpt, QuestionFieldOpt, SkipBadLinesOpt, StorePickleOpt
+from . import _options as opt
+from ._common import build_config, show_result
 
 if TYPE_CHECKING:
     from tracekit.jobs.reconstruct import ReconstructResult
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--output-path", help="Where the inference JSONL goes.", dir_okay=False),
         ] = None,
-        prompt_template: PromptTemplateOpt = None,
+        prompt_template: opt.PromptTemplate = None,
         chat: Annotated[
             bool,
             typer.Option(
@@ -65,16 +65,16 @@ def register(app: typer.Typer) -> None:
                 "store's model). Stores logged with --chat use it automatically.",
             ),
         ] = False,
-        model: ModelOpt = None,
-        question_field: QuestionFieldOpt = "prompt",
-        skip_bad_lines: SkipBadLinesOpt = False,
+        model: opt.Model = None,
+        question_field: opt.QuestionField = "prompt",
+        skip_bad_lines: opt.SkipBadLines = False,
         verbose: Annotated[
             bool, typer.Option("--verbose", help="Log matching details (counts, prompt hashes).")
         ] = False,
-        allow_pickle: StorePickleOpt = False,
-        force: ForceOpt = False,
-        json_output: JsonOpt = False,
-        config: ConfigOpt = None,
+        allow_pickle: opt.StorePickle = False,
+        force: opt.Force = False,
+        json_output: opt.Json = False,
+        config: opt.Config = None,
     ) -> None:
         """Rebuild an inference JSONL from QA data and an activation store (tracekit's or
         the seed's)."""

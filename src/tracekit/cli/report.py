@@ -9,15 +9,8 @@ import typer
 
 from tracekit.console import err_console, out_console
 
-from ._common import (
-    ConfigOpt,
-    ExperimentOpt,
-    ExperimentsDirOpt,
-    ForceOpt,
-    JsonOpt,
-    build_config,
-    show_result,
-)
+from . import _options as opt
+from ._common import build_config, show_result
 
 if TYPE_CHECKING:
     from tracekit.report.steering import MetricSummary, SteeringReport
@@ -62,12 +55,12 @@ def register(app: typer.Typer) -> None:
     @report_app.command("steering")
     def steering_command(
         ctx: typer.Context,
-        experiment: ExperimentOpt = None,
+        experiment: opt.Experiment = None,
         trait: Annotated[
             str | None,
             typer.Option("--trait", help="Trait folder inside the experiment (required)."),
         ] = None,
-        experiments_dir: ExperimentsDirOpt = Path("experiments"),
+        experiments_dir: opt.ExperimentsDir = Path("experiments"),
         layer: Annotated[
             int | None,
             typer.Option("--layer", help="The steered layer (only when sweeps at several exist)."),
@@ -97,9 +90,9 @@ def register(app: typer.Typer) -> None:
         plot: Annotated[
             bool, typer.Option("--plot/--no-plot", help="Write the dose-response PNG.")
         ] = True,
-        force: ForceOpt = False,
-        json_output: JsonOpt = False,
-        config: ConfigOpt = None,
+        force: opt.Force = False,
+        json_output: opt.Json = False,
+        config: opt.Config = None,
     ) -> None:
         """Dose-response of a steering sweep: per coefficient, each metric's mean with its 95%
         interval, vector against the random control (table, --json, PNG)."""
