@@ -128,15 +128,22 @@ def test_steering_options_come_from_a_config_file(tmp_path):
     assert config.polarities == ("neutral",)
 
 
+_STEERED = {"experiment": "e", "traits": "french", "steer_vector": "v.npy", "steer_layer": 1}
+_REPORT = {"experiment": "e", "trait": "french"}
+
+
 @pytest.mark.parametrize(
-    ("option", "field"),
+    ("command", "option", "config_name", "given"),
     [
-        ("--steer-positions", "steer_positions"),
-        ("--steer-control", "steer_control"),
-        ("--steer-prompts", "steer_prompts"),
+        ("generate", "--steer-positions", "GenerateConfig", _STEERED),
+        ("generate", "--steer-control", "GenerateConfig", _STEERED),
+        ("generate", "--steer-prompts", "GenerateConfig", _STEERED),
+        ("report steering", "--polarity", "SteeringReportConfig", _REPORT),
     ],
 )
-def test_steering_choices_complete_and_are_the_ones_the_config_takes(option, field):
+def test_steering_choices_complete_and_are_the_ones_the_config_takes(
+    command, option, config_name, given
+):
     """TAB after a steering option offers its values, and those are exactly what the config
     accepts (one set, in tracekit.config.choices)."""
     import os
@@ -147,8 +154,10 @@ def test_steering_choices_complete_and_are_the_ones_the_config_takes(option, fie
     from tracekit.config.base import resolve_config
     from tracekit.errors import ConfigError
     from tracekit.jobs.generate import GenerateConfig
+    from tracekit.report.steering import SteeringReportConfig
 
-    words = f"tracekit generate {option} "
+    cls = {"GenerateConfig": GenerateConfig, "SteeringReportConfig": SteeringReportConfig}
+    words = f"tracekit {command} {option} "
     env = {
         **os.environ,
         "_TRACEKIT_COMPLETE": "complete_bash",
@@ -159,10 +168,10 @@ def test_steering_choices_complete_and_are_the_ones_the_config_takes(option, fie
     offered = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=60)
     values = offered.stdout.split()
     assert values, offered.stderr
-    base = {"experiment": "e", "traits": "french", "steer_vector": "v.npy", "steer_layer": 1}
-    base["steer_coef"] = "1"
+    field = option.removeprefix("--").replace("-", "_")
+    base = {**given, "steer_coef": "1"} if command == "generate" else given
     for value in values:
-        config = resolve_config(GenerateConfig, {**base, field: value})
+        config = resolve_config(cls[config_name], {**base, field: value})
         assert getattr(config, field) == value
     with pytest.raises(ConfigError, match=option):
-        resolve_config(GenerateConfig, {**base, field: "".join(values) + "x"})
+        resolve_config(cls[config_name], {**base, field: "".join(values) + "x"})

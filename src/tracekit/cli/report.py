@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from tracekit.config.choices import ReportPolarity
 from tracekit.console import err_console, out_console
 
 from . import _options as opt
@@ -74,13 +75,13 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         polarity: Annotated[
-            str,
+            ReportPolarity,
             typer.Option(
                 "--polarity",
                 help="Which rows of each set: all (default), neutral, pos or neg (the last two "
                 "for --steer-prompts trait sweeps).",
             ),
-        ] = "all",
+        ] = ReportPolarity.all,
         output: Annotated[
             Path | None,
             typer.Option(

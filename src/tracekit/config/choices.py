@@ -83,3 +83,13 @@ class SteerPrompts(StrEnum):
 
     neutral = "neutral"
     trait = "trait"
+
+
+class ReportPolarity(StrEnum):
+    """Which rows of each steering set ``report steering`` reads (``pos``/``neg``: the sets of
+    a ``--steer-prompts trait`` sweep)."""
+
+    all = "all"
+    neutral = "neutral"
+    pos = "pos"
+    neg = "neg"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from tracekit.config.base import TracekitConfig
+from tracekit.config.choices import ReportPolarity
 
 
 class SteeringReportConfig(TracekitConfig):
@@ -18,7 +18,7 @@ class SteeringReportConfig(TracekitConfig):
     """The steered layer to report; needed only when the trait has sweeps at several."""
     measure: str | None = None
     """A numeric CSV column, or ``words:FILE`` (fraction of words in a word list)."""
-    polarity: Literal["all", "neutral", "pos", "neg"] = "all"
+    polarity: ReportPolarity = ReportPolarity.all
     """Which CSV of each set to read (``all``: every one; ``--steer-prompts trait`` sets have
     ``pos.csv`` and ``neg.csv``)."""
     output: Path | None = None
