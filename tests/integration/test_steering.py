@@ -162,6 +162,10 @@ def test_cli_sweep_sets_coefficient_zero_and_resume(cli, embedded_model, tmp_pat
     ]  # fmt: skip
     first = cli(*common, *sweep, "--json")
     assert first.exit_code == 0, first.output
+    # the sweep's size is said once: 3 sets (vector 0 and 4, random 4) of 2 rows a polarity
+    err = " ".join(first.stderr.split())
+    assert err.count("rows to run") == 1, err
+    assert "12 rows to run of up to 4 new tokens" in err
     plain = cli(*common)
     assert plain.exit_code == 0, plain.output
 

@@ -11,10 +11,11 @@ Capture goes through :class:`~tracekit.models.LayerTaps` into a
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tracekit.engines.interface import (
@@ -26,6 +27,7 @@ from tracekit.engines.interface import (
     encode_prompts,
     left_pad,
     position_ids_from_mask,
+    sampling_seeds,
     stop_token_ids,
 )
 from tracekit.engines.pooling import PooledAccumulator
@@ -35,7 +37,8 @@ from tracekit.models.compat import cache_kwarg, output_cache
 if TYPE_CHECKING:
     import torch
 
-    from tracekit.engines.steering import Steering
+    from tracekit.engines.steering import Steering, SteeringHook
+    from tracekit.models.capture import LayerTaps
     from tracekit.models.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -119,144 +122,197 @@ class HFEngine:
         import torch
 
         from tracekit.engines.steering import SteeringHook
-        from tracekit.models.capture import LayerTaps
 
-        loaded, model, tokenizer = self.loaded, self.loaded.model, self.loaded.tokenizer
-        rows = encode_prompts(tokenizer, prompts)
-        batch = len(rows)
-        if batch == 0:
+        loaded = self.loaded
+        rows = encode_prompts(loaded.tokenizer, prompts)
+        if not rows:
             return GenerationOutput([], [], [], [])
         device = input_device(loaded)
-        pad_id = int(tokenizer.pad_token_id)
-        ids, mask = left_pad(rows, pad_id, device)
-        width = ids.shape[1]
-
-        generators = None
-        if not params.greedy:
-            if row_seeds is not None and len(row_seeds) != batch:
-                raise ValueError("row_seeds must have one seed per prompt")
-            # no seed: fresh entropy, without touching torch's global generator
-            base = params.seed if params.seed is not None else secrets.randbits(31)
-            seeds = list(row_seeds) if row_seeds is not None else [base + i for i in range(batch)]
-            generators = []
-            for seed in seeds:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(int(seed))
-                generators.append(gen)
-
-        acc: PooledAccumulator | None = None
-        # what the hooks should do with the forward call now running (mutated per step)
-        state: dict[str, Any] = {}
-        taps = None
-        if capture is not None:
-            check_capture_layers(loaded, capture)
-            acc = PooledAccumulator(
-                capture.layers, capture.poolings, batch, loaded.hidden_size, device
-            )
-            accumulator = acc
-
-            def on_layer(layer: int, hidden: torch.Tensor) -> None:
-                accumulator.add(layer, hidden.to(device), **state)
-
-            taps = LayerTaps(loaded.handles, capture.layers, on_layer)
+        ids, mask = left_pad(rows, int(loaded.tokenizer.pad_token_id), device)
+        seeds = sampling_seeds(params, row_seeds, len(rows))
+        # what the hooks should do with the forward call now running (set before each call)
+        hook_state: dict[str, Any] = {}
+        acc, taps = _capture_taps(loaded, capture, len(rows), device, hook_state)
         steer = SteeringHook(loaded.handles, steering) if steering is not None else None
-
-        stop = torch.tensor(self.stop_ids or [-1], device=device)
-        cache_key = self._cache_key
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        hit_eos = torch.zeros(batch, dtype=torch.bool, device=device)
-        n_response = torch.zeros(batch, dtype=torch.long, device=device)
-        generated: list[torch.Tensor] = []
-        unfed = torch.zeros(batch, dtype=torch.bool, device=device)
-
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as hooks:
             if steer is not None:  # before the taps, which then see the steered stream
-                steer.__enter__()
+                hooks.enter_context(steer)
             if taps is not None:
-                taps.__enter__()
-            try:
-                state.update(
-                    prompt_mask=mask,
-                    response_mask=None,
-                    prompt_last_index=torch.full((batch,), width - 1, device=device),
-                    step=0,
-                )
-                out = model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=position_ids_from_mask(mask),
-                    use_cache=True,
-                    **self._forward_kwargs,
-                )
-                cache = output_cache(out)
-                logits = out.logits[:, -1, :]
-                if steer is not None:
-                    steer.prefill = False
-                for step in range(params.max_new_tokens):
-                    token = sample_next(logits, params, generators)
-                    token = token.masked_fill(finished, pad_id)
-                    is_eos = torch.isin(token, stop) & ~finished
-                    is_response = ~finished & ~is_eos
-                    generated.append(token)
-                    n_response += is_response.long()
-                    hit_eos |= is_eos
-                    finished |= is_eos
-                    if step == params.max_new_tokens - 1 or bool(finished.all()):
-                        unfed = is_response
-                        break
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                    state.update(
-                        prompt_mask=None,
-                        response_mask=is_response.unsqueeze(1),
-                        prompt_last_index=None,
-                        step=step + 1,
-                    )
-                    out = model(
-                        input_ids=token.unsqueeze(1),
-                        attention_mask=mask,
-                        position_ids=(mask.sum(dim=1, keepdim=True) - 1),
-                        use_cache=True,
-                        **{cache_key: cache},
-                        **self._forward_kwargs,
-                    )
-                    cache = output_cache(out)
-                    logits = out.logits[:, -1, :]
-                # the state at the last response token of rows stopped by length is not
-                # computed by the loop; response_avg includes it, so feed it once more
-                if acc is not None and acc.wants_response and bool(unfed.any()):
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                    state.update(
-                        prompt_mask=None,
-                        response_mask=unfed.unsqueeze(1),
-                        prompt_last_index=None,
-                        step=len(generated) + 1,
-                    )
-                    model(
-                        input_ids=generated[-1].unsqueeze(1),
-                        attention_mask=mask,
-                        position_ids=(mask.sum(dim=1, keepdim=True) - 1),
-                        use_cache=True,
-                        **{cache_key: cache},
-                        **self._forward_kwargs,
-                    )
-            finally:
-                if taps is not None:
-                    taps.__exit__(None, None, None)
-                if steer is not None:
-                    steer.__exit__(None, None, None)
+                hooks.enter_context(taps)
+            loop = _DecodeLoop(
+                self, params, hook_state, steer, ids, mask, _generators(seeds, device)
+            )
+            decoded = loop.run()
+            if acc is not None and acc.wants_response:
+                loop.feed_unfed(decoded)
+        return _output(loaded, rows, decoded, acc, capture)
 
-        tokens = torch.stack(generated, dim=1).cpu() if generated else None
-        counts = n_response.cpu().tolist()
-        response_ids = [
-            tokens[i, : counts[i]].tolist() if tokens is not None else [] for i in range(batch)
-        ]
-        reasons: list[FinishReason] = ["eos" if e else "length" for e in hit_eos.cpu().tolist()]
-        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in response_ids]
-        return GenerationOutput(
-            response_ids=response_ids,
-            texts=texts,
-            finish_reasons=reasons,
-            prompt_lengths=[len(r) for r in rows],
-            pooled=acc.result() if acc is not None else {},
-            layers=capture.layers if capture is not None else (),
+
+def _generators(seeds: list[int] | None, device: torch.device) -> list[torch.Generator] | None:
+    """One random generator per row (None when greedy)."""
+    import torch
+
+    if seeds is None:
+        return None
+    generators = []
+    for seed in seeds:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed))
+        generators.append(gen)
+    return generators
+
+
+def _capture_taps(
+    loaded: LoadedModel,
+    capture: CaptureSpec | None,
+    batch: int,
+    device: torch.device,
+    hook_state: dict[str, Any],
+) -> tuple[PooledAccumulator | None, LayerTaps | None]:
+    """The accumulator of the pooled activations and the taps that feed it (None, None
+    without capture); the taps pool each forward call as ``hook_state`` says."""
+    from tracekit.models.capture import LayerTaps
+
+    if capture is None:
+        return None, None
+    check_capture_layers(loaded, capture)
+    acc = PooledAccumulator(capture.layers, capture.poolings, batch, loaded.hidden_size, device)
+
+    def on_layer(layer: int, hidden: torch.Tensor) -> None:
+        acc.add(layer, hidden.to(device), **hook_state)
+
+    return acc, LayerTaps(loaded.handles, capture.layers, on_layer)
+
+
+@dataclass
+class _Decoded:
+    """What the decode loop produced, per row."""
+
+    generated: list[torch.Tensor]
+    """The sampled token of each step, ``[batch]`` each (pad after a row finished)."""
+    n_response: torch.Tensor
+    """Response tokens per row (eos excluded)."""
+    hit_eos: torch.Tensor
+    unfed: torch.Tensor
+    """Rows whose last response token was never fed back (stopped by length)."""
+
+
+@dataclass
+class _DecodeLoop:
+    """One batch's decode loop: the prefill, then one forward call per new token."""
+
+    engine: HFEngine
+    params: GenerationParams
+    hook_state: dict[str, Any]
+    steer: SteeringHook | None
+    ids: torch.Tensor
+    mask: torch.Tensor
+    """The attention mask, one column longer after each fed token."""
+    generators: list[torch.Generator] | None
+    cache: Any = None
+    """The model's KV cache, once the prefill ran."""
+    prefilled: bool = False
+
+    def forward(self, input_ids: torch.Tensor, **state: Any) -> torch.Tensor:
+        """A forward call on the cache so far (none for the prefill); the hooks see ``state``.
+        Returns the last position's logits."""
+        self.hook_state.update(state)
+        if not self.prefilled:
+            positions = position_ids_from_mask(self.mask)
+            cache_kwargs: dict[str, Any] = {}
+        else:
+            positions = self.mask.sum(dim=1, keepdim=True) - 1
+            cache_kwargs = {self.engine._cache_key: self.cache}
+        out = self.engine.loaded.model(
+            input_ids=input_ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            use_cache=True,
+            **cache_kwargs,
+            **self.engine._forward_kwargs,
         )
+        self.cache, self.prefilled = output_cache(out), True
+        return out.logits[:, -1, :]
+
+    def feed(self, token: torch.Tensor, response_mask: torch.Tensor, step: int) -> torch.Tensor:
+        """Feed one token per row (``response_mask``: the rows whose token is a response's)."""
+        import torch
+
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        return self.forward(
+            token.unsqueeze(1),
+            prompt_mask=None,
+            response_mask=response_mask.unsqueeze(1),
+            prompt_last_index=None,
+            step=step,
+        )
+
+    def run(self) -> _Decoded:
+        import torch
+
+        batch, width = self.ids.shape
+        device = self.ids.device
+        stop = torch.tensor(self.engine.stop_ids or [-1], device=device)
+        pad_id = int(self.engine.loaded.tokenizer.pad_token_id)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        done = _Decoded(
+            generated=[],
+            n_response=torch.zeros(batch, dtype=torch.long, device=device),
+            hit_eos=torch.zeros(batch, dtype=torch.bool, device=device),
+            unfed=torch.zeros(batch, dtype=torch.bool, device=device),
+        )
+        logits = self.forward(
+            self.ids,
+            prompt_mask=self.mask,
+            response_mask=None,
+            prompt_last_index=torch.full((batch,), width - 1, device=device),
+            step=0,
+        )
+        if self.steer is not None:
+            self.steer.prefill = False
+        for step in range(self.params.max_new_tokens):
+            token = sample_next(logits, self.params, self.generators)
+            token = token.masked_fill(finished, pad_id)
+            is_eos = torch.isin(token, stop) & ~finished
+            is_response = ~finished & ~is_eos
+            done.generated.append(token)
+            done.n_response += is_response.long()
+            done.hit_eos |= is_eos
+            finished |= is_eos
+            if step == self.params.max_new_tokens - 1 or bool(finished.all()):
+                done.unfed = is_response
+                break
+            logits = self.feed(token, is_response, step + 1)
+        return done
+
+    def feed_unfed(self, done: _Decoded) -> None:
+        """The state at the last response token of rows stopped by length is not computed by
+        the loop; response_avg includes it, so feed it once more."""
+        if bool(done.unfed.any()):
+            self.feed(done.generated[-1], done.unfed, len(done.generated) + 1)
+
+
+def _output(
+    loaded: LoadedModel,
+    rows: list[list[int]],
+    done: _Decoded,
+    acc: PooledAccumulator | None,
+    capture: CaptureSpec | None,
+) -> GenerationOutput:
+    """The batch's output, on the CPU."""
+    import torch
+
+    tokens = torch.stack(done.generated, dim=1).cpu() if done.generated else None
+    counts = done.n_response.cpu().tolist()
+    response_ids = [
+        tokens[i, : counts[i]].tolist() if tokens is not None else [] for i in range(len(rows))
+    ]
+    reasons: list[FinishReason] = ["eos" if e else "length" for e in done.hit_eos.cpu().tolist()]
+    return GenerationOutput(
+        response_ids=response_ids,
+        texts=[loaded.tokenizer.decode(r, skip_special_tokens=True) for r in response_ids],
+        finish_reasons=reasons,
+        prompt_lengths=[len(r) for r in rows],
+        pooled=acc.result() if acc is not None else {},
+        layers=capture.layers if capture is not None else (),
+    )

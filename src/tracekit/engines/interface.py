@@ -392,6 +392,24 @@ def stop_token_ids(loaded: LoadedModel) -> list[int]:
     return ids
 
 
+def sampling_seeds(
+    params: GenerationParams, row_seeds: Sequence[int] | None, batch: int
+) -> list[int] | None:
+    """Each row's sampling seed for a batch of ``batch`` rows (None when greedy): ``row_seeds``,
+    else ``params.seed`` plus the row's index, else fresh entropy plus the row's index (drawn
+    without touching torch's global generator)."""
+    import secrets
+
+    if params.greedy:
+        return None
+    if row_seeds is not None and len(row_seeds) != batch:
+        raise ValueError("row_seeds must have one seed per prompt")
+    if row_seeds is not None:
+        return list(row_seeds)
+    base = params.seed if params.seed is not None else secrets.randbits(31)
+    return [base + i for i in range(batch)]
+
+
 def encode_prompts(tokenizer: object, prompts: Sequence[Prompt]) -> list[list[int]]:
     """Token ids for each prompt; strings are tokenized as-is (no special tokens added)."""
     out: list[list[int]] = []

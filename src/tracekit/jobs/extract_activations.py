@@ -103,17 +103,7 @@ def _extract_activations(
         for p in POLARITIES
     }
     poolings = tuple(p.value for p in config.pooling)
-    outputs = [
-        path
-        for pol in POLARITIES
-        for pooling in poolings
-        for path in (
-            paths.activation_file(pol, pooling),
-            paths.ids_file(pol, pooling),
-            paths.activation_file(pol, pooling, ".pt"),
-        )
-    ]
-    check_writable(outputs, config.force)
+    check_writable(activations.activation_outputs(paths, POLARITIES, poolings), config.force)
     if not config.force:
         store.check_activation_metadata(paths)
     info = process_info()
@@ -122,63 +112,85 @@ def _extract_activations(
         layers = config.layers.resolve(loaded.n_layers)
     except ValueError as exc:
         raise ConfigError(f"--layers: {exc} for {loaded.name}") from None
-    capture = CaptureSpec(layers, config.pooling)
     ordered = {p: sorted(rows, key=lambda r: int(r["id"])) for p, rows in all_tables.items()}
     if not any(ordered.values()):
         raise InputError(f"no responses in {paths.responses_dir}", "run 'tracekit generate' first")
     # data-parallel: each process takes a contiguous block of the rows (in id order)
     spans = {p: info.block_range(len(rows), config.batch_size) for p, rows in ordered.items()}
-    tables = {p: rows[spans[p].start : spans[p].stop] for p, rows in ordered.items()}
     if on_total is not None:
-        on_total(sum(len(rows) for rows in tables.values()))
+        on_total(sum(len(span) for span in spans.values()))
+    counts = {p: len(rows) for p, rows in ordered.items()}
     row_shape = (len(layers), loaded.hidden_size)
-    staged: dict[tuple[Polarity, str], Path] = {
-        (pol, pooling): _staged_file(paths, pol, pooling)
-        for pol in POLARITIES
-        for pooling in poolings
-    }
-    if info.is_main:  # every process writes its rows straight into these files
-        for (pol, _), path in staged.items():
-            _create_staged(path, (len(ordered[pol]), *row_shape))
+    staged = _stage_files(paths, poolings, counts, row_shape, info.is_main)
     barrier(info)
 
     result = ExtractActivationsResult(config.trait, {}, layers, poolings, 0.0)
+    capture = CaptureSpec(layers, config.pooling)
     try:
-        for polarity, rows in tables.items():
-            result.rows[polarity] = len(ordered[polarity])
-            start = spans[polarity].start  # where this process's block starts
-            _extract_rows(loaded, config, rows, capture, polarity, start, staged, on_batch)
+        for polarity, rows in ordered.items():
+            result.rows[polarity] = len(rows)
+            span = spans[polarity]  # this process's block
+            mine = rows[span.start : span.stop]
+            _extract_rows(loaded, config, mine, capture, polarity, span.start, staged, on_batch)
         barrier(info)  # every process's rows are written
     except BaseException:
         if not info.distributed:  # (a data-parallel run's next start recreates them)
             for path in staged.values():
                 path.unlink(missing_ok=True)
         raise
-    if not info.is_main:
-        result.seconds = time.perf_counter() - started
-        return result
+    if info.is_main:
+        _publish(loaded, config, paths, result, ordered, staged)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _stage_files(
+    paths: TraitPaths,
+    poolings: tuple[str, ...],
+    counts: dict[Polarity, int],
+    row_shape: tuple[int, int],
+    create: bool,
+) -> dict[tuple[Polarity, str], Path]:
+    """The staged file of each polarity and pooling, which every process writes its rows
+    straight into; ``create``: make them (the main process), ``counts[polarity]`` rows each."""
+    staged = {
+        (pol, pooling): _staged_file(paths, pol, pooling)
+        for pol in POLARITIES
+        for pooling in poolings
+    }
+    if create:
+        for (pol, _), path in staged.items():
+            _create_staged(path, (counts[pol], *row_shape))
+    return staged
+
+
+def _publish(
+    loaded: LoadedModel,
+    config: ExtractActivationsConfig,
+    paths: TraitPaths,
+    result: ExtractActivationsResult,
+    ordered: dict[Polarity, list[dict[str, Any]]],
+    staged: dict[tuple[Polarity, str], Path],
+) -> None:
+    """Move the staged files into place with their ids (and ``.pt`` copies), and write the
+    activations' metadata (main process)."""
     for (polarity, pooling), path in staged.items():
         ids = [int(r["id"]) for r in ordered[polarity]]
         result.files += activations.publish_activation_file(
             paths, polarity, pooling, ids, config.pt, source=path
         )
-
-    from tracekit.storage.activation_slots import activation_metadata
-
     write_json(
         paths.activations_metadata,
-        activation_metadata(
+        activations.activation_metadata(
             loaded,
-            layers,
-            list(poolings),
+            result.layers,
+            list(result.poolings),
             result.rows,
             "teacher-forced",
             previous=paths.activations_metadata,
         ),
     )
     result.files.append(paths.activations_metadata)
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 def _staged_file(paths: TraitPaths, polarity: Polarity, pooling: str) -> Path:

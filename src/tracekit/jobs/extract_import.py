@@ -96,16 +96,7 @@ def import_seed_activations(config: ImportActivationsConfig) -> ImportActivation
         p: store.read_responses_csv(paths.responses_csv(p), ("response",)) for p in POLARITIES
     }
     pooling: str = config.pooling
-    outputs = [
-        path
-        for polarity in POLARITIES
-        for path in (
-            paths.activation_file(polarity, pooling),
-            paths.ids_file(polarity, pooling),
-            paths.activation_file(polarity, pooling, ".pt"),
-        )
-    ]
-    check_writable(outputs, config.force)
+    check_writable(activations.activation_outputs(paths, POLARITIES, [pooling]), config.force)
     array = load_all_layers(source)
     counts: dict[str, int] = {p: len(rows) for p, rows in tables.items()}
     if array.shape[0] != counts["pos"] + counts["neg"]:

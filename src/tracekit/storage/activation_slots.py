@@ -292,6 +292,24 @@ def finalize_activation_file(
     return publish_activation_file(paths, polarity, pooling, order, write_pt)
 
 
+def activation_outputs(
+    paths: TraitPaths, polarities: Iterable[Polarity], poolings: Iterable[str]
+) -> list[Path]:
+    """Every file an activation set of ``polarities`` x ``poolings`` may write: the ``.npy``,
+    its ``_ids.npy`` and the ``.pt`` copy of each (what ``--force`` must allow to replace)."""
+    poolings = list(poolings)
+    return [
+        path
+        for polarity in polarities
+        for pooling in poolings
+        for path in (
+            paths.activation_file(polarity, pooling),
+            paths.ids_file(polarity, pooling),
+            paths.activation_file(polarity, pooling, ".pt"),
+        )
+    ]
+
+
 def publish_activation_file(
     paths: TraitPaths,
     polarity: Polarity,

@@ -169,7 +169,13 @@ class CudaEngine:
         import torch
 
         from tracekit.engines.hf import check_capture_layers
-        from tracekit.engines.interface import GenerationOutput, Ready, encode_prompts, left_pad
+        from tracekit.engines.interface import (
+            GenerationOutput,
+            Ready,
+            encode_prompts,
+            left_pad,
+            sampling_seeds,
+        )
 
         tokenizer = self.loaded.tokenizer
         rows = encode_prompts(tokenizer, prompts)
@@ -179,12 +185,7 @@ class CudaEngine:
         if capture is not None:
             check_capture_layers(self.loaded, capture)
         dec = self._decoder(capture)
-        seeds: list[int] = [0] * batch
-        if not params.greedy:
-            if row_seeds is not None and len(row_seeds) != batch:
-                raise ValueError("row_seeds must have one seed per prompt")
-            base = params.seed if params.seed is not None else int(torch.seed() % (2**31))
-            seeds = list(row_seeds) if row_seeds is not None else [base + i for i in range(batch)]
+        seeds = sampling_seeds(params, row_seeds, batch) or [0] * batch
         # a short batch (a run's last one, a resumed remainder) runs at the caller's batch size,
         # so it reuses the decode step prepared for it instead of compiling, timing kernels and
         # capturing a new one; the extra rows copy row 0 (prompt and seed), so they finish with
