@@ -304,9 +304,13 @@ class _Tally:
     """This process's counts over one output set's generation, for its report."""
 
     rows: int = 0
+    """Rows this process generated."""
     tokens: int = 0
+    """New tokens of those rows."""
     engine_seconds: float = 0.0
+    """Seconds in the engine's batches (setup included)."""
     merge_seconds: float = 0.0
+    """Seconds merging the journal into the outputs (judging included)."""
 
 
 def _generate(
