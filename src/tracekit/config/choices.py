@@ -67,8 +67,12 @@ class SteerPositions(StrEnum):
     """Where ``generate --steer-vector`` adds the vector (:mod:`tracekit.engines.steering`)."""
 
     response = "response"
+    """The positions that produce response tokens: the last prompt position in the prefill
+    and the fed token of every decode step (persona_vectors' ``steering_type="response"``)."""
     prompt = "prompt"
+    """Every prompt position in the prefill; nothing while decoding."""
     all = "all"
+    """Every position of every forward call."""
 
 
 class SteerControl(StrEnum):
