@@ -15,8 +15,6 @@ from ._common import build_config, show_result, task_progress
 if TYPE_CHECKING:
     from tracekit.judge import JudgeSummary
 
-_NET = "Server and retries"
-
 
 def judge(
     ctx: typer.Context,
@@ -89,7 +87,6 @@ def judge(
             "--base-url",
             help="OpenAI-compatible server, e.g. http://localhost:8000/v1 "
             "(default: $OPENAI_BASE_URL, else api.openai.com).",
-            rich_help_panel=_NET,
         ),
     ] = None,
     api_key_env: Annotated[
@@ -97,18 +94,15 @@ def judge(
         typer.Option(
             "--api-key-env",
             help="NAME of the variable holding the API key (default OPENAI_API_KEY).",
-            rich_help_panel=_NET,
         ),
     ] = None,
     concurrency: Annotated[
         int | None,
-        typer.Option(
-            "--concurrency", min=1, help="Requests in flight (default 32).", rich_help_panel=_NET
-        ),
+        typer.Option("--concurrency", min=1, help="Requests in flight (default 32)."),
     ] = None,
     timeout: Annotated[
         float | None,
-        typer.Option("--timeout", help="Seconds per request (default 60).", rich_help_panel=_NET),
+        typer.Option("--timeout", help="Seconds per request (default 60)."),
     ] = None,
     max_attempts: Annotated[
         int | None,
@@ -116,7 +110,6 @@ def judge(
             "--max-attempts",
             min=1,
             help="Attempts per judgment before it is marked failed (default 6).",
-            rich_help_panel=_NET,
         ),
     ] = None,
     backoff: Annotated[
@@ -124,7 +117,6 @@ def judge(
         typer.Option(
             "--backoff",
             help="First retry delay in seconds, doubling with jitter (default 1).",
-            rich_help_panel=_NET,
         ),
     ] = None,
     cache: Annotated[
