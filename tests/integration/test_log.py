@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from embedded_weights import embedded_weights
+from store_records import edit_provenance_records
 from tolerance import assert_close_to_scale
 from tracekit.actlog.logger import ActivationLogger
 from tracekit.actlog.prompts import DEFAULT_TEMPLATE, format_prompt
@@ -59,7 +60,68 @@ def test_logger_around_a_users_forward_stores_unpadded_states(embedded_model, tm
         for layer in (0, 12):
             expected = _unpadded_hidden(embedded_model, ids, layer)
             assert_close_to_scale(entry.arrays[f"layer_{layer}"], expected)
-        assert set(store.provenance.values().__iter__().__next__()["layers"]) == {0, 12}
+        (record,) = store.provenance.values()
+        assert set(record["layers"]) == {0, 12}
+        # a plain HF model: the weights are found from the folder its config names
+        assert {k: record[k] for k in embedded_weights()} == embedded_weights()
+
+
+def test_logger_given_a_loaded_model_records_its_weights(embedded_model, tmp_path: Path):
+    tok = embedded_model.tokenizer
+    enc = tok(["Hi"], return_tensors="pt", padding=True)
+    # no tokenizer, no provenance: everything comes from the LoadedModel
+    with ActivationLogger(tmp_path / "s.lmdb", embedded_model, layers=[3]) as act_log:
+        with torch.inference_mode():
+            embedded_model.model(**enc, use_cache=False)
+        act_log.log(["Hi"], enc["attention_mask"])
+    weights = embedded_weights()
+    with open_store(tmp_path / "s.lmdb") as store:
+        (record,) = store.provenance.values()
+        meta = store.get_by_prompt("Hi").metadata
+    assert record["model"] == embedded_model.name == meta["model"]
+    assert {k: record[k] for k in weights} == weights == {k: meta[k] for k in weights}
+    # the same store under other weights of the same model id: refused, nothing opened
+    other = {**weights, "weights_sha256": "0" * 64}
+    with pytest.raises(StoreError, match="written with other weights of model"):
+        ActivationLogger(
+            tmp_path / "s.lmdb", embedded_model, layers=[3], provenance=other
+        ).__enter__()
+
+
+def test_resuming_log_checks_the_weights_before_the_model_runs(cli, tmp_path: Path):
+    qa = tmp_path / "qa.jsonl"
+    store_path = tmp_path / "s.lmdb"
+    args = ["log", "--qa", qa, "--lmdb", store_path, "--layers", "1", "--max-new-tokens", "1"]
+    args += ["--device", "cpu"]
+    qa.write_text(json.dumps({"prompt": "Hi?"}) + "\n")
+    assert cli(*args).exit_code == 0
+    # the store says other weights of the same model id (another checkpoint or quantization)
+    edit_provenance_records(
+        store_path, lambda old: {k: {**r, "weights_sha256": "f" * 64} for k, r in old.items()}
+    )
+    qa.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi?", "Yes?"]))
+    refused = cli(*args)
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert (
+        "was written with other weights of model 'HuggingFaceTB/SmolLM2-135M-Instruct': "
+        f"weights_sha256 '{'f' * 64}' (store) != '{embedded_weights()['weights_sha256']}' "
+        "(this run)" in text
+    )
+    assert "--allow-mixed" in text
+    with open_store(store_path) as store:
+        assert len(store) == 1
+    # a store from a tracekit that did not record weights: resumed, with one notice
+    drop = ("quantization", "weights_sha256")
+    edit_provenance_records(
+        store_path,
+        lambda old: {k: {f: v for f, v in r.items() if f not in drop} for k, r in old.items()},
+    )
+    resumed = cli(*args)
+    assert resumed.exit_code == 0, resumed.output
+    assert " ".join(resumed.output.split()).count("does not record which weights") == 1
+    with open_store(store_path) as store:
+        assert len(store) == 2
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from store_records import edit_provenance_records
 from tracekit.errors import StoreError
 from tracekit.storage.activation_store import (
     ActivationStoreWriter,
@@ -120,6 +121,87 @@ def test_other_provenance_is_refused_unless_mixing_is_allowed(tmp_path: Path):
         ]
         ids = {store.get_by_prompt(p).metadata["provenance_id"] for p in ("a", "b")}
         assert ids == set(store.provenance)
+
+
+WEIGHTS_A = {"quantization": None, "weights_sha256": "a" * 64}
+
+
+def test_other_weights_of_the_same_model_are_refused_unless_mixing_is_allowed(tmp_path: Path):
+    path = tmp_path / "acts.lmdb"
+    with ActivationStoreWriter(path, {**PROV, **WEIGHTS_A}) as writer:
+        writer.write_batch([_entry("a")])
+    other = {**PROV, "quantization": "gptq 4-bit", "weights_sha256": "b" * 64}
+    with pytest.raises(StoreError) as refused:
+        ActivationStoreWriter(path, other)
+    assert refused.value.message == (
+        f"store {path} was written with other weights of model 'org/model-a': "
+        "quantization null (store) != 'gptq 4-bit' (this run)"
+    )
+    assert "--allow-mixed" in refused.value.hint
+    with pytest.raises(StoreError, match="weights_sha256 'aaaa.*' \\(store\\) != 'bbbb"):
+        ActivationStoreWriter(path, {**PROV, **WEIGHTS_A, "weights_sha256": "b" * 64})
+    with ActivationStoreWriter(path, other, allow_mixed=True) as writer:
+        writer.write_batch([_entry("b")])
+    with open_store(path) as store:
+        by_pid = store.provenance
+        pids = {p: store.get_by_prompt(p).metadata["provenance_id"] for p in ("a", "b")}
+    assert len(by_pid) == 2 and pids["a"] != pids["b"]
+    assert by_pid[pids["b"]]["weights_sha256"] == "b" * 64
+    assert by_pid[pids["a"]]["weights_sha256"] == "a" * 64
+
+
+def test_a_store_without_weights_fields_is_resumed_with_one_notice(tmp_path: Path, caplog):
+    path = tmp_path / "acts.lmdb"
+    with ActivationStoreWriter(path, PROV) as writer:  # an older tracekit's record
+        writer.write_batch([_entry("a")])
+    # and an id computed another way (older tracekit hashed fewer fields)
+    edit_provenance_records(
+        path, lambda records: {"0123456789abcdef": next(iter(records.values()))}
+    )
+    with (
+        caplog.at_level("WARNING", logger="tracekit"),
+        ActivationStoreWriter(path, {**PROV, **WEIGHTS_A}) as writer,
+    ):
+        writer.write_batch([_entry("b")])
+    notices = [r.getMessage() for r in caplog.records]
+    assert len(notices) == 1
+    assert "does not record which weights of org/model-a" in notices[0]
+    with open_store(path) as store:
+        assert list(store.provenance) == ["0123456789abcdef"]
+        assert store.get_by_prompt("b").metadata["provenance_id"] == "0123456789abcdef"
+    # the record that states its weights is checked again: same weights resume, quietly
+    edit_provenance_records(
+        path, lambda records: {k: {**r, **WEIGHTS_A} for k, r in records.items()}
+    )
+    caplog.clear()
+    with (
+        caplog.at_level("WARNING", logger="tracekit"),
+        ActivationStoreWriter(path, {**PROV, **WEIGHTS_A}) as writer,
+    ):
+        assert writer.provenance_id == "0123456789abcdef"
+    assert not caplog.records
+    with pytest.raises(StoreError, match="other weights"):
+        ActivationStoreWriter(path, {**PROV, **WEIGHTS_A, "weights_sha256": "c" * 64})
+
+
+def test_merge_refuses_entries_pointing_at_undefined_provenance(tmp_path: Path):
+    source, target = tmp_path / "src.lmdb", tmp_path / "dst.lmdb"
+    with ActivationStoreWriter(source, PROV) as writer:
+        writer.write_batch([_entry("a"), _entry("b")])
+    with ActivationStoreWriter(target, PROV) as writer:
+        assert writer.merge_from(source) == 2
+    edit_provenance_records(
+        source, lambda records: {"feedfacefeedface": next(iter(records.values()))}
+    )
+    fresh = tmp_path / "fresh.lmdb"
+    with ActivationStoreWriter(fresh, PROV) as writer:
+        with pytest.raises(StoreError) as refused:
+            writer.merge_from(source)
+        assert writer.existing_keys() == set()  # nothing copied
+    assert refused.value.message.startswith(
+        f"store {source} has entries whose provenance id is not among its provenance records "
+        "(1 undefined id(s), e.g. "
+    )
 
 
 def test_paths_that_are_not_stores_are_one_clear_error(tmp_path: Path):

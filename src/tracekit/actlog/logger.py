@@ -116,20 +116,36 @@ def build_provenance(
     }
 
 
+def model_weights(model: Any) -> dict[str, str | None] | None:
+    """``{"quantization", "weights_sha256"}`` of a Hugging Face model, from the folder or hub
+    cache snapshot its config names (:func:`tracekit.models.weights.weights_provenance`); None
+    when the config names none (a model built in memory)."""
+    config = getattr(model, "config", None)
+    source = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    if not source:
+        return None
+    from tracekit.models.weights import weights_provenance
+
+    return weights_provenance(str(source), None, config)
+
+
 class ActivationLogger:
     """Context manager that logs activations of ``model`` into the store at ``store``.
 
+    ``model`` is a :class:`~tracekit.models.LoadedModel` (then ``tokenizer`` may be left out)
+    or a Hugging Face model; either way the record names the weights (``quantization``,
+    ``weights_sha256``): the loaded model's, or those of the folder the model was loaded from.
     ``layers`` follow tracekit's numbering (0 = embedding output, ``i`` = after block ``i-1``);
     default: the last layer. ``provenance`` overrides/extends the record built from the model
-    (:func:`build_provenance`); a store written under another setup is refused unless
-    ``allow_mixed``.
+    (:func:`build_provenance`); a store written under another setup or other weights is refused
+    unless ``allow_mixed``.
     """
 
     def __init__(
         self,
         store: str | Path,
         model: Any,
-        tokenizer: Any,
+        tokenizer: Any = None,
         layers: Sequence[int] | None = None,
         sequence_mode: SequenceMode = "all",
         dtype: StoreDtype = "float16",
@@ -142,13 +158,26 @@ class ActivationLogger:
             )
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        from tracekit.models.loading import LoadedModel
+
         self.store_path = Path(store)
+        loaded = model if isinstance(model, LoadedModel) else None
+        if loaded is not None:
+            model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+        elif tokenizer is None:
+            raise ValueError("tokenizer is required unless model is a LoadedModel")
         self.model = model
         self.tokenizer = tokenizer
-        self.handles = LayerHandles.of(model)
+        self.handles = loaded.handles if loaded is not None else LayerHandles.of(model)
         self.layers = tuple(layers) if layers is not None else (self.handles.n_layers - 1,)
         self.sequence_mode = sequence_mode
         self.dtype = dtype
+        given = dict(provenance or {})
+        weights: Mapping[str, str | None] | None = None
+        if loaded is not None:
+            weights = loaded.provenance()
+        elif not all(name in given for name in ("quantization", "weights_sha256")):
+            weights = model_weights(model)
         self.provenance = {
             **build_provenance(
                 model,
@@ -156,8 +185,11 @@ class ActivationLogger:
                 layers=self.layers,
                 sequence_mode=sequence_mode,
                 dtype=dtype,
+                model_name=loaded.name if loaded is not None else None,
+                revision=loaded.revision if loaded is not None else None,
+                weights=weights,
             ),
-            **(provenance or {}),
+            **given,
         }
         self.allow_mixed = allow_mixed
         self.writer: ActivationStoreWriter | None = None

@@ -36,6 +36,7 @@ from tracekit.errors import ConfigError, StoreError
 from tracekit.storage.activation_store import (
     ActivationStore,
     PendingEntry,
+    check_store_provenance,
     describe_mismatch,
     nothing_committed,
 )
@@ -205,6 +206,10 @@ def _start_run(cfg: LogConfig) -> _Run:
         for q in qa.questions
     ]
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0)
+    provenance = _provenance(cfg, loaded, layers, params)
+    if info.is_main and not cfg.allow_mixed:
+        # the full check (the weights too) before the engine prepares or the model runs
+        check_store_provenance(cfg.lmdb, provenance)
     return _Run(
         cfg=cfg,
         info=info,
@@ -213,7 +218,7 @@ def _start_run(cfg: LogConfig) -> _Run:
         layers=layers,
         prompts=prompts,
         params=params,
-        provenance=_provenance(cfg, loaded, layers, params),
+        provenance=provenance,
         engine=create_engine(cfg.engine, loaded),
     )
 
@@ -247,8 +252,7 @@ def _open_logger(run: _Run) -> ActivationLogger:
     cfg = run.cfg
     return ActivationLogger(
         shard_store_path(cfg.lmdb, run.info.rank) if run.info.distributed else cfg.lmdb,
-        run.loaded.model,
-        run.loaded.tokenizer,
+        run.loaded,
         layers=run.layers,
         sequence_mode=cfg.sequence_mode,
         dtype=cfg.dtype,
