@@ -155,6 +155,24 @@ def test_completion_still_completes_values_after_other_options():
     assert done.stdout.split() == ["minmax"]
 
 
+def test_judge_backend_completes_and_refuses_other_values(cli):
+    exe = str(Path(sys.executable).parent / "tracekit")
+    words = "tracekit judge --backend "
+    env = {
+        **os.environ,
+        "_TRACEKIT_COMPLETE": "complete_bash",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split())),
+    }
+    done = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.split() == ["openai", "local"]
+    result = cli("judge", "--input", "x.csv", "--backend", "anthropic", terminal_width=200)
+    assert result.exit_code == 2
+    assert _lines(result) == [
+        "error: --backend anthropic: not one of openai, local (see 'tracekit judge --help')"
+    ]
+
+
 def test_a_folder_tracekit_toml_supplies_its_commands_options(cli, tmp_path, monkeypatch):
     """The demo folder's tracekit.toml makes 'tracekit build-dataset --layers 0-2,10' complete
     there; the command line and --config still win, and a command without a table there

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from tracekit.config.choices import JudgeBackendName
 from tracekit.console import err_console, out_console
 
 from . import _options as opt
@@ -55,7 +56,7 @@ def judge(
         ),
     ] = None,
     backend: Annotated[
-        str | None,
+        JudgeBackendName | None,
         typer.Option(
             "--backend",
             help="openai or local. Default: openai when a base URL or API key is "

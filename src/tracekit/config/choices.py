@@ -97,3 +97,10 @@ class ReportPolarity(StrEnum):
     neutral = "neutral"
     pos = "pos"
     neg = "neg"
+
+
+class JudgeBackendName(StrEnum):
+    """Where judge scores come from: an OpenAI-compatible server, or a local model."""
+
+    openai = "openai"
+    local = "local"

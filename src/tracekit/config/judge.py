@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tracekit.config.base import TracekitConfig
+from tracekit.config.choices import JudgeBackendName
 from tracekit.config.types import split_commas
 
 METRICS = ("trait", "coherence")
@@ -27,7 +28,6 @@ DEFAULT_OPENAI_MODEL = "gpt-4.1-mini"
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
-BackendName = Literal["openai", "local"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -62,7 +62,7 @@ class JudgeConfig(TracekitConfig):
     metrics: tuple[str, ...] = ("trait",)
     judge_model: str | None = None
     """openai: model name (default gpt-4.1-mini); local: hub id or folder (default embedded)."""
-    backend: BackendName | None = None
+    backend: JudgeBackendName | None = None
     """None: openai when a base URL or API key is configured, else local (see resolve_backend)."""
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -166,7 +166,7 @@ def resolve_base_url(config: JudgeConfig, env: Mapping[str, str] | None = None) 
     return config.base_url or env.get("OPENAI_BASE_URL") or None
 
 
-def resolve_backend(config: JudgeConfig, env: Mapping[str, str] | None = None) -> BackendName:
+def resolve_backend(config: JudgeConfig, env: Mapping[str, str] | None = None) -> JudgeBackendName:
     """The backend to use: ``--backend`` if given; else openai when a base URL (flag or
     ``OPENAI_BASE_URL``) or an API key (in ``--api-key-env``'s variable) is configured; else
     local, so that with nothing configured the whole chain runs offline on the embedded model.
@@ -175,8 +175,8 @@ def resolve_backend(config: JudgeConfig, env: Mapping[str, str] | None = None) -
     if config.backend is not None:
         return config.backend
     if resolve_base_url(config, env) or env.get(config.api_key_env):
-        return "openai"
-    return "local"
+        return JudgeBackendName.openai
+    return JudgeBackendName.local
 
 
 def score_column(metric: str) -> str:
