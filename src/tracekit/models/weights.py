@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from tracekit.storage.atomic import atomic_open, file_lock
 
 logger = logging.getLogger(__name__)
 
+WEIGHTS_FIELDS = ("quantization", "weights_sha256")
+"""The fields recorded next to a model id that pin down its weights."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _BLOB_NAME = re.compile(r"^[0-9a-f]{64}$")
 
@@ -138,3 +141,29 @@ def short_weights(provenance: dict[str, Any]) -> str:
     if provenance.get("weights_sha256"):
         parts.append(f"sha256 {str(provenance['weights_sha256'])[:12]}")
     return ", ".join(parts)
+
+
+def weights_mismatch(
+    old: Mapping[str, Any], new: Mapping[str, Any], where: str = "store"
+) -> str | None:
+    """How the weights recorded in ``old`` (an output's, named ``where``) and ``new`` (this
+    run's) differ, as ``field 'old' (where) != 'new' (this run)``; None when they agree or
+    cannot be compared: a record without the fields (an older tracekit's) or an unknown hash
+    matches any weights (:func:`weights_unrecorded` tells the caller to say so)."""
+    for name in WEIGHTS_FIELDS:
+        if name not in old or name not in new:
+            continue
+        if name == "weights_sha256" and (old[name] is None or new[name] is None):
+            continue
+        if old[name] != new[name]:
+            return f"{name} {_quoted(old[name])} ({where}) != {_quoted(new[name])} (this run)"
+    return None
+
+
+def weights_unrecorded(record: Mapping[str, Any]) -> bool:
+    """Whether a record leaves its weights unchecked (an older tracekit's, or an unknown hash)."""
+    return record.get("weights_sha256") is None
+
+
+def _quoted(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value)

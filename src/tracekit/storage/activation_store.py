@@ -36,6 +36,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from tracekit.errors import StoreError
+from tracekit.models.weights import weights_unrecorded
+from tracekit.storage.store_provenance import (
+    check_entry_provenance,
+    describe_mismatch,
+    matching_provenance,
+    provenance_id,
+    provenance_mismatch,
+    refuse_other_setup,
+)
 
 if TYPE_CHECKING:
     import lmdb
@@ -54,36 +63,10 @@ INITIAL_MAP_SIZE = 64 << 20
 MAX_MAP_SIZE = 1 << 44  # 16 TiB: a guard against doubling forever on a broken filesystem
 DTYPES = ("float16", "bfloat16", "float32")
 
-PROVENANCE_COMPAT_FIELDS = (
-    "model",
-    "revision",
-    "tokenizer_sha256",
-    "prompt_format",
-    "prompt_format_sha256",
-    "generation",
-    "layers",
-    "sequence_mode",
-    "dtype",
-    "model_dtype",
-)
-"""Fields of a provenance record that must agree for entries to share a store."""
-
-WEIGHTS_FIELDS = ("quantization", "weights_sha256")
-"""Fields that pin down the weights behind the model id (:mod:`tracekit.models.weights`); they
-must agree too where both records state them. A record written before tracekit recorded them
-lacks them and matches any weights (a writer says so in one notice line)."""
-
 
 def prompt_key(prompt: str) -> str:
     """The store key of a formatted prompt: SHA-256 hex digest of its UTF-8 bytes."""
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
-
-
-def provenance_id(record: Mapping[str, Any]) -> str:
-    """Short stable id of the compatibility-relevant part of a provenance record."""
-    compat = {name: record.get(name) for name in (*PROVENANCE_COMPAT_FIELDS, *WEIGHTS_FIELDS)}
-    text = json.dumps(compat, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 # --- value format ---------------------------------------------------------------------------
@@ -335,70 +318,6 @@ def _read_provenance(txn: Any, info_db: Any) -> dict[str, dict[str, Any]]:
     return records
 
 
-def describe_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """The first compatibility field that differs, as ``field 'old' != 'new'``."""
-    for name in PROVENANCE_COMPAT_FIELDS:
-        if old.get(name) != new.get(name):
-            return f"{name} {_short(old.get(name))} (store) != {_short(new.get(name))} (this run)"
-    return "provenance differs"
-
-
-def weights_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
-    """How the weights of two records differ (``field 'old' != 'new'``), None when they agree
-    or a record does not state them (``quantization`` absent, ``weights_sha256`` unknown)."""
-    for name in WEIGHTS_FIELDS:
-        if name not in old or name not in new:
-            continue
-        if name == "weights_sha256" and (old[name] is None or new[name] is None):
-            continue
-        if old[name] != new[name]:
-            return f"{name} {_short(old[name])} (store) != {_short(new[name])} (this run)"
-    return None
-
-
-def weights_unrecorded(record: Mapping[str, Any]) -> bool:
-    """Whether a record leaves its weights unchecked (an older tracekit's, or an unknown hash)."""
-    return record.get("weights_sha256") is None
-
-
-def provenance_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
-    """Why entries of ``new`` may not share a store with those of ``old``, None when they may."""
-    for name in PROVENANCE_COMPAT_FIELDS:
-        if old.get(name) != new.get(name):
-            return describe_mismatch(old, new)
-    return weights_mismatch(old, new)
-
-
-def matching_provenance(
-    known: Mapping[str, Mapping[str, Any]], new: Mapping[str, Any]
-) -> str | None:
-    """The id of a record in ``known`` whose entries ``new``'s may share (its own id first)."""
-    pid = provenance_id(new)
-    candidates = [pid, *(k for k in known if k != pid)]
-    return next(
-        (k for k in candidates if k in known and provenance_mismatch(known[k], new) is None), None
-    )
-
-
-def refuse_other_setup(
-    path: Path | str, known: Mapping[str, Mapping[str, Any]], new: Mapping[str, Any]
-) -> None:
-    """Raise the one-line error for logging ``new`` into the store at ``path`` holding ``known``
-    (none of which ``new`` matches)."""
-    old = next(iter(known.values()))
-    mismatch = provenance_mismatch(old, new) or describe_mismatch(old, new)
-    if mismatch.startswith(WEIGHTS_FIELDS):
-        raise StoreError(
-            f"store {path} was written with other weights of model {_short(old.get('model'))}: "
-            f"{mismatch}",
-            "log into a new --lmdb path, or pass --allow-mixed to keep both in one store",
-        )
-    raise StoreError(
-        f"store {path} was written by another setup: {mismatch}",
-        "log into a new --lmdb path, or pass --allow-mixed to keep both in one store",
-    )
-
-
 def check_store_provenance(path: Path, provenance: Mapping[str, Any]) -> None:
     """Refuse (:class:`StoreError`) logging under ``provenance`` into the existing store at
     ``path`` when it matches none of the store's records; read-only, so a run checks this
@@ -409,11 +328,6 @@ def check_store_provenance(path: Path, provenance: Mapping[str, Any]) -> None:
         known = store.provenance
     if known and matching_provenance(known, provenance) is None:
         refuse_other_setup(path, known, provenance)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # --- writer -----------------------------------------------------------------------------------
@@ -533,7 +447,7 @@ class ActivationStoreWriter(StoreHandle):
         """
         with ActivationStore(source) as src:
             records = src.provenance
-            _check_entry_provenance(src, records)
+            check_entry_provenance(src.path, records, src.iter_metadata())
             with self.env.begin() as txn:
                 known = _read_provenance(txn, self._dbs[2])
             for pid, record in records.items():
@@ -591,23 +505,6 @@ class ActivationStoreWriter(StoreHandle):
                     "input/output error)",
                     "free disk space and run the same command again; committed entries are kept",
                 ) from None
-
-
-def _check_entry_provenance(src: ActivationStore, records: Mapping[str, Any]) -> None:
-    """Refuse a source store whose entries point at provenance ids it does not define (a
-    merge would copy entries nobody can tell the setup of)."""
-    undefined: dict[str, str] = {}  # provenance id -> the first key pointing at it
-    for key, meta, _ in src.iter_metadata():
-        pid = str((meta or {}).get("provenance_id"))
-        if pid not in records:
-            undefined.setdefault(pid, key)
-    if undefined:
-        pid, key = next(iter(undefined.items()))
-        raise StoreError(
-            f"store {src.path} has entries whose provenance id is not among its provenance "
-            f"records ({len(undefined)} undefined id(s), e.g. {pid!r} of entry {key[:16]}...)",
-            "the store is damaged or was edited by hand: merge only stores tracekit wrote",
-        )
 
 
 # --- reader -----------------------------------------------------------------------------------
