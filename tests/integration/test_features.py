@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from embedded_weights import embedded_weights
 from tolerance import assert_close_to_scale
 from tracekit.errors import ConfigError, InputError, OutputExistsError
 from tracekit.features import FeaturesConfig, csr_to_dense, extract_features
-from tracekit.storage.sentences import get_final_token_data, load_all_sentences
+from tracekit.storage.sentences import (
+    SentenceFile,
+    get_final_token_data,
+    load_all_sentences,
+    sentence_provenance,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -231,6 +238,42 @@ def test_resume_skips_finished_sentences_and_refuses_other_settings(
     assert (redo.written, redo.skipped) == (4, 0)
     assert load(out / "sentence_000000.npz")["average_l0s"].tolist() == [24.0]
     assert not list(out.glob(".tmp-*"))
+
+
+def test_files_record_the_weights_and_a_resume_with_other_weights_is_refused(
+    files, tmp_path, embedded_model, caplog
+):
+    out = tmp_path / "out"
+    cfg = FeaturesConfig(sentences=files["sentences"], output=out, layers="1")
+    extract_features(cfg, loaded=embedded_model)
+    weights = embedded_weights()
+    for path in sorted(out.glob("sentence_*.npz")):
+        assert sentence_provenance(SentenceFile(path)) == {"model": embedded_model.name, **weights}
+    manifest_path = out / "features.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert {k: manifest["settings"][k] for k in weights} == weights
+
+    # the folder says other weights of the same model id (another checkpoint or quantization)
+    (out / "sentence_000002.npz").unlink()
+    other = {**manifest, "settings": {**manifest["settings"], "weights_sha256": "f" * 64}}
+    manifest_path.write_text(json.dumps(other))
+    with pytest.raises(OutputExistsError) as refused:
+        extract_features(cfg, loaded=embedded_model)
+    assert refused.value.message == (
+        f"{out} holds features made with other weights of model '{embedded_model.name}': "
+        f"weights_sha256 '{'f' * 64}' (features.json) != '{weights['weights_sha256']}' (this run)"
+    )
+    assert "--force" in refused.value.hint and not (out / "sentence_000002.npz").exists()
+
+    # a folder from a tracekit that did not record the weights: resumed, with one notice
+    settings = {k: v for k, v in manifest["settings"].items() if k not in weights}
+    manifest_path.write_text(json.dumps({**manifest, "settings": settings}))
+    with caplog.at_level("WARNING", logger="tracekit"):
+        result = extract_features(cfg, loaded=embedded_model)
+    assert (result.written, result.skipped) == (1, 3)
+    notices = [r.getMessage() for r in caplog.records]
+    assert len(notices) == 1 and "does not record which weights" in notices[0]
+    assert json.loads(manifest_path.read_text())["settings"] == manifest["settings"]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(cli, files, tmp_path, embedded_model):

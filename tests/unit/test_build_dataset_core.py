@@ -233,3 +233,42 @@ def test_reads_files_from_the_extract_features_writer(tmp_path: Path, storage: s
     np.testing.assert_array_equal(data.hidden_states[0], arrays["hidden_states"][1:, -1])
     assert data.target_activations[0] == acts[2, -1, 3]
     assert data.labels.tolist() == [2] and data.average_l0 == 9.0 and data.sae_width == ex.SAE_WIDTH
+
+
+def test_sentence_files_record_the_weights_and_older_files_still_read(tmp_path: Path):
+    from tracekit.storage.sentences import sentence_provenance, write_sentence_file
+
+    arrays = ex.sentence_arrays(np.random.default_rng(3), label=1, n_fragments=2, layers=[0, 2])
+    common = {
+        "embeddings": arrays["embeddings"],
+        "hidden_states": arrays["hidden_states"],
+        "layers": [0, 2],
+        "label": 1,
+        "sentence": "a b",
+        "tokens": ["a", "b"],
+        "model": "org/m",
+    }
+    write_sentence_file(
+        tmp_path / "sentence_000000.npz",
+        **common,
+        weights={"model": "org/m", "quantization": "gptq 4-bit", "weights_sha256": "ab" * 32},
+    )
+    write_sentence_file(  # a plain model whose hash is unknown
+        tmp_path / "sentence_000001.npz",
+        **common,
+        weights={"quantization": None, "weights_sha256": None},
+    )
+    # as an older tracekit wrote it: the model id, no weights fields
+    with np.load(tmp_path / "sentence_000001.npz", allow_pickle=False) as data:
+        older = {k: data[k] for k in data.files if k not in ("quantization", "weights_sha256")}
+    np.savez(tmp_path / "sentence_000002.npz", **older)
+    files = tracekit.load_all_sentences(tmp_path)
+    assert [sentence_provenance(f) for f in files] == [
+        {"model": "org/m", "quantization": "gptq 4-bit", "weights_sha256": "ab" * 32},
+        {"model": "org/m", "quantization": None, "weights_sha256": None},
+        {"model": "org/m"},
+    ]
+    data = tracekit.get_final_token_data(files, layers=[2])
+    expected = arrays["hidden_states"][1, -1]
+    for row in range(3):
+        np.testing.assert_array_equal(data.hidden_states[row, 0], expected)

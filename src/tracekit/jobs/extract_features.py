@@ -255,21 +255,45 @@ def _prepare_output(output: Path, settings: dict[str, Any], force: bool) -> None
             previous = json.loads(manifest.read_text(encoding="utf-8")).get("settings")
         except (OSError, ValueError, AttributeError):
             previous = None
-        if previous != settings:
-            changed = sorted(
-                key
-                for key in set(settings) | set(previous or {})
-                if (previous or {}).get(key) != settings.get(key)
-            )
-            raise OutputExistsError(
-                f"{output} holds features made with other settings "
-                f"(differs in: {', '.join(changed) or 'unreadable manifest'})",
-                "pass --force to redo them, or choose another --output",
-            )
+        _check_previous_settings(output, previous, settings)
     elif existing:
         raise OutputExistsError(
             f"{output} already holds {len(existing)} sentence files from an unknown run",
             "pass --force to replace them, or choose another --output",
+        )
+
+
+def _check_previous_settings(output: Path, previous: Any, settings: dict[str, Any]) -> None:
+    """Refuse to resume into ``output`` whose manifest records ``previous`` settings other than
+    ``settings``: other options, or other weights of the model. A manifest without the weights
+    (an older tracekit's) resumes, with one notice."""
+    from tracekit.models.weights import WEIGHTS_FIELDS, weights_mismatch, weights_unrecorded
+
+    previous = previous if isinstance(previous, dict) else {}
+    changed = sorted(
+        key
+        for key in set(settings) | set(previous)
+        if key not in WEIGHTS_FIELDS and previous.get(key) != settings.get(key)
+    )
+    if changed or not previous:
+        raise OutputExistsError(
+            f"{output} holds features made with other settings "
+            f"(differs in: {', '.join(changed) or 'unreadable manifest'})",
+            "pass --force to redo them, or choose another --output",
+        )
+    mismatch = weights_mismatch(previous, settings, where=MANIFEST_NAME)
+    if mismatch is not None:
+        raise OutputExistsError(
+            f"{output} holds features made with other weights of model "
+            f"{settings.get('model')!r}: {mismatch}",
+            "pass --force to redo them, or choose another --output",
+        )
+    if weights_unrecorded(previous) and not weights_unrecorded(settings):
+        logger.warning(
+            "%s does not record which weights of %s its features were made with (an older "
+            "tracekit, or an unknown hash): resuming without that check",
+            output,
+            settings.get("model"),
         )
 
 
@@ -428,6 +452,7 @@ def _write_batch(run: _Run, batch: _Batch, writer: _FileWriter) -> int:
             sentence=run.sentences.texts[index],
             tokens=_token_strings(run.loaded.tokenizer, item),
             model=run.loaded.name,
+            weights=run.loaded.provenance(),
             sae=run.sae_meta,
             activations=None if acts_np is None else acts_np[:, rows],
             sparse=sparse,

@@ -21,7 +21,9 @@ Written: one atomic ``.npz`` per sentence, no object arrays. Seed-compatible arr
 ``embeddings``, ``hidden_states``, ``layers``, ``activations`` (dense layout), ``average_l0s``,
 ``concept_strength_label``, ``is_final_token``; tracekit additions: ``sae_width``,
 ``sae_storage``, ``sae_format``, ``sae_layers`` (the release's numbers), ``sentence``,
-``tokens``, ``model``, and in the sparse layout ``act_values``/``act_indices``/``act_indptr``/
+``tokens``, ``model`` with its ``quantization`` and ``weights_sha256`` (strings, ``""`` for
+none; files written before tracekit recorded the weights lack them: :func:`sentence_provenance`
+reads all three), and in the sparse layout ``act_values``/``act_indices``/``act_indptr``/
 ``act_shape`` (CSR over rows ``layer_pos * n_fragments + fragment``) instead of ``activations``.
 """
 
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tracekit.errors import InputError, UnsafeInputError
+from tracekit.models.weights import WEIGHTS_FIELDS
 from tracekit.storage.atomic import save_npz
 from tracekit.storage.npy import read_npy_header
 
@@ -252,6 +255,17 @@ class SentenceFile(Mapping[str, "np.ndarray"]):
                 "a per-sentence field holds a single value",
             )
         return value.reshape(()).item()
+
+
+def sentence_provenance(sentence: SentenceFile) -> dict[str, str | None]:
+    """The file's ``model`` with its ``quantization`` and ``weights_sha256`` (None: not
+    quantized, or unknown); a field the file lacks (written before tracekit recorded it, or
+    by the seed) is left out."""
+    recorded: dict[str, str | None] = {}
+    for name in ("model", *WEIGHTS_FIELDS):
+        if name in sentence:
+            recorded[name] = str(sentence.scalar(name)) or None
+    return recorded
 
 
 def sentence_index(path: Path) -> int:
@@ -708,11 +722,14 @@ def write_sentence_file(
     sentence: str,
     tokens: list[str],
     model: str,
+    weights: Mapping[str, str | None] | None = None,
     sae: SaeMeta | None = None,
     activations: np.ndarray | None = None,
     sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> None:
-    """Write one sentence file atomically in the layout above."""
+    """Write one sentence file atomically in the layout above; ``weights`` are the model's
+    ``quantization`` and ``weights_sha256`` (:mod:`tracekit.models.weights`), each stored as a
+    string like ``model`` (``""``: none)."""
     import numpy as np
 
     n_fragments = embeddings.shape[0]
@@ -727,6 +744,7 @@ def write_sentence_file(
         "sentence": np.str_(sentence),
         "tokens": np.asarray(tokens, dtype=str),
         "model": np.str_(model),
+        **{name: np.str_((weights or {}).get(name) or "") for name in WEIGHTS_FIELDS},
     }
     if sae is not None:
         if sae.average_l0s is not None:
