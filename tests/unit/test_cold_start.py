@@ -46,3 +46,16 @@ def test_a_short_job_generates_what_the_reference_does():
     assert out.response_ids == ref.response_ids
     assert_close_to_scale(out.pooled[Pooling.response_avg], ref.pooled[Pooling.response_avg])
     assert torch.isfinite(out.pooled[Pooling.response_avg]).all()
+
+
+def test_autos_wrapper_reports_the_fast_engines_setup():
+    """``auto`` wraps the fast engine: the job's report of compile and capture time reads
+    the wrapper, which must pass the fast engine's numbers on (it reported none)."""
+    from tracekit.engines.cuda.engine import SETUP_PARTS
+
+    loaded = random_llama("tiny")
+    engine = CudaEngine(loaded, use_graphs=False, compile=False)
+    wrapped = FallbackEngine(engine)
+    wrapped.generate([[5, 17, 99]], GenerationParams(max_new_tokens=2, temperature=0))
+    assert set(wrapped.setup_parts) == set(SETUP_PARTS)
+    assert wrapped.setup_parts == engine.setup_parts

@@ -287,6 +287,12 @@ class FallbackEngine:
         plan = getattr(self.fast, "plan_job", None)
         return bool(plan(rows, max_new_tokens, batch_size)) if plan is not None else False
 
+    @property
+    def setup_parts(self) -> dict[str, float]:
+        """The fast engine's one-time work by part (compilation, capture...), where it
+        reports any."""
+        return dict(getattr(self.fast, "setup_parts", {}))
+
     def _switch(self, exc: BaseException) -> GenerationEngine:
         logger.warning(
             "the %s engine failed on this model (%s: %s); the run falls back to the hf engine",

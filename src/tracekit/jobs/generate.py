@@ -232,12 +232,16 @@ def _generate_sweep(
     load_seconds = time.perf_counter() - load_started
     for steer in sets:
         check_fits(loaded.handles, steer.steering, loaded.name)
-    planned = [_plan_set(config, traits, judge_config, info, loaded, steer) for steer in sets]
+    # one engine for every set: the steered value is an input of its step, so the cuda
+    # engine compiles and captures the step once for the whole sweep
+    engine = create_engine(config.engine, loaded, steering=True)
+    planned = [
+        _plan_set(config, traits, judge_config, info, loaded, steer, engine) for steer in sets
+    ]
+    rows = sum(p.own_rows for p in planned)
     if on_total is not None:
-        on_total(sum(p.own_rows for p in planned))
-    results = []
-    while planned:  # a set's engine (with the device memory it holds) goes when its set is done
-        results.append(_run_set(planned.pop(0), on_batch))
+        on_total(rows)
+    results = [_run_set(p, on_batch, job_rows=rows) for p in planned]
     return GenerateResult(
         model=loaded.name,
         traits=[t for r in results for t in r.traits],
@@ -339,10 +343,12 @@ def _plan_set(
     info: ProcessInfo,
     loaded: LoadedModel | None,
     steer: SteeringSet | None = None,
+    engine: GenerationEngine | None = None,
 ) -> _PlannedSet:
     """Check and prepare the folders of one output set (the traits' own, or ``steer``'s) and
-    plan its rows, loading the model unless ``loaded`` is given: everything that can be
-    refused is refused here, before any generation."""
+    plan its rows, loading the model unless ``loaded`` is given and creating the engine
+    unless ``engine`` is given: everything that can be refused is refused here, before any
+    generation."""
     from tracekit.engines.interface import check_steering
     from tracekit.models.loading import load_model
 
@@ -373,7 +379,7 @@ def _plan_set(
         judge_config=judge_config,
         steer=steer,
     )
-    engine = create_engine(config.engine, loaded, steering=steer is not None)
+    engine = engine or create_engine(config.engine, loaded, steering=steer is not None)
     if steer is not None:
         check_steering(engine)
     # every trait is checked first, so bad state is reported before any generation
@@ -425,14 +431,20 @@ def _plan_trait(run: SetRun, trait: TraitDefinition, paths: TraitPaths) -> _Trai
     return _TraitPlan(trait, paths, todo, run_rows)
 
 
-def _run_set(planned: _PlannedSet, on_batch: BatchHook | None) -> GenerateResult:
-    """Generate a planned output set, trait by trait, and merge each trait's outputs."""
+def _run_set(
+    planned: _PlannedSet, on_batch: BatchHook | None, job_rows: int | None = None
+) -> GenerateResult:
+    """Generate a planned output set, trait by trait, and merge each trait's outputs;
+    ``job_rows``: this process's rows in the whole job the set is part of (a sweep's sets
+    share one engine), by default the set's own."""
     started = time.perf_counter()
     run, engine = planned.run, planned.engine
     batcher = Batcher(engine, run.config.batch_size)
     plan_job = getattr(engine, "plan_job", None)
     if plan_job is not None:  # the fast engine times its kernels only where the job repays it
-        plan_job(planned.own_rows, run.params.max_new_tokens, batcher.batch_size)
+        rows = planned.own_rows if job_rows is None else job_rows
+        plan_job(rows, run.params.max_new_tokens, batcher.batch_size)
+    setup_before = _setup_parts(engine)  # a shared engine's earlier sets are not this set's
     # every process starts generating together, once the slot files exist (no-op for one process)
     barrier(run.info)
     generation_started = time.perf_counter()
@@ -442,7 +454,8 @@ def _run_set(planned: _PlannedSet, on_batch: BatchHook | None) -> GenerateResult
         _generate_trait(run, plan, batcher, journal, on_batch, tally) for plan in planned.traits
     ]
     journal.close()
-    report = _process_report(run, engine, tally, planned.load_seconds, journal.wait_seconds)
+    setup = {k: v - setup_before.get(k, 0.0) for k, v in _setup_parts(engine).items()}
+    report = _process_report(run, setup, tally, planned.load_seconds, journal.wait_seconds)
     return GenerateResult(
         model=run.loaded.name,
         model_weights={k: v for k, v in run.loaded.provenance().items() if k != "model"},
@@ -536,25 +549,28 @@ def _generate_polarity(
     tally.rows += len(rows)
 
 
+def _setup_parts(engine: GenerationEngine) -> dict[str, float]:
+    """The engine's one-time work so far, by part (none for an engine that reports none)."""
+    return {name: float(sec) for name, sec in getattr(engine, "setup_parts", {}).items()}
+
+
 def _process_report(
     run: SetRun,
-    engine: GenerationEngine,
+    setup: dict[str, float],
     tally: _Tally,
     load_seconds: float,
     journal_wait_seconds: float,
 ) -> dict[str, Any]:
-    """This process's part of :attr:`GenerateResult.processes`."""
+    """This process's part of :attr:`GenerateResult.processes`; ``setup``: the engine's
+    one-time work during this set, by part."""
     return {
         "rank": run.info.rank,
         "device": _device_label(run.loaded),
         "rows": tally.rows,
         "tokens": tally.tokens,
         "engine_seconds": round(tally.engine_seconds, 3),
-        "setup_seconds": round(float(getattr(engine, "setup_seconds", 0.0)), 3),
-        "setup_parts": {
-            name: round(float(seconds), 3)
-            for name, seconds in getattr(engine, "setup_parts", {}).items()
-        },
+        "setup_seconds": round(sum(setup.values()), 3),
+        "setup_parts": {name: round(seconds, 3) for name, seconds in setup.items()},
         "load_seconds": round(load_seconds, 3),
         "merge_seconds": round(tally.merge_seconds, 3),
         "journal_wait_seconds": round(journal_wait_seconds, 3),
