@@ -268,7 +268,11 @@ def test_sentence_files_record_the_weights_and_older_files_still_read(tmp_path: 
         {"model": "org/m", "quantization": None, "weights_sha256": None},
         {"model": "org/m"},
     ]
-    data = tracekit.get_final_token_data(files, layers=[2])
+    # the plain model and the older file read together (the hash is unknown / not recorded)
+    data = tracekit.get_final_token_data(files[1:], layers=[2])
     expected = arrays["hidden_states"][1, -1]
-    for row in range(3):
+    for row in range(2):
         np.testing.assert_array_equal(data.hidden_states[row, 0], expected)
+    assert data.provenance == {"model": "org/m"} and data.provenance_partial == {"quantization": 1}
+    with pytest.raises(InputError, match="different weights: quantization 'gptq 4-bit'"):
+        tracekit.get_final_token_data(files, layers=[2])  # quantized and plain weights

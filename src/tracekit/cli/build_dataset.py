@@ -35,6 +35,11 @@ def _print_result(result: BuildDatasetResult) -> None:
         ("X", " x ".join(str(d) for d in result.x_shape)),
         ("normalization", result.norm_method),
     ]
+    if result.provenance:
+        from tracekit.models.weights import short_weights
+
+        model = result.provenance.get("model") or "model not recorded"
+        rows.append(("weights", ", ".join(filter(None, [model, short_weights(result.provenance)]))))
     if result.target_layer is not None:
         l0 = "not recorded" if result.average_l0 is None else f"{result.average_l0:g}"
         rows.append(

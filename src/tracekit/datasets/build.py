@@ -8,6 +8,9 @@ strength label). Samples are final tokens (``is_final_token``).
 Unlike the seed, normalization statistics are fitted on the training rows only when a
 train/test split is asked for, and inputs are read per file and sliced (see
 :mod:`tracekit.storage.sentences`), so peak memory stays near the size of the output.
+
+Files from other weights (``model``, ``quantization``, ``weights_sha256``) are refused before
+any large read, and the dataset records the weights its inputs came from (``meta_model``, ...).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class BuildDatasetResult:
     n_train: int | None = None
     n_test: int | None = None
     layer_numbering: str = "tracekit"
+    provenance: dict[str, str | None] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
 
@@ -76,6 +80,7 @@ class BuildDatasetResult:
             "n_train": self.n_train,
             "n_test": self.n_test,
             "layer_numbering": self.layer_numbering,
+            "provenance": self.provenance,
             "warnings": self.warnings,
             "notices": self.notices,
         }
@@ -182,6 +187,7 @@ def build_dataset(
         average_l0=data.average_l0,
         sae_width=data.sae_width,
         layer_numbering=data.numbering,
+        provenance=data.provenance,
         warnings=warnings,
         notices=notices,
     )
@@ -230,6 +236,11 @@ def _check_samples(
         )
     if config.strategy.predicts_feature:
         _check_average_l0(config, data.average_l0, warnings)
+    for name, recorded in data.provenance_partial.items():
+        warnings.append(
+            f"only {recorded} of {total} sentence files record their {name}; the others may "
+            f"come from other weights, so the dataset does not record it (no meta_{name})"
+        )
     notices: list[str] = []
     if data.numbering == SEED_NUMBERING:
         notices.append(
@@ -269,6 +280,8 @@ def _metadata(
         "sentence_indices": data.sentence_indices,
         "input_dir": str(config.input),
         "layer_numbering": data.numbering,
+        # which weights X came from; "" for quantization: not quantized, as in the inputs
+        **{name: value or "" for name, value in data.provenance.items()},
     }
     if config.strategy.predicts_feature:
         metadata["target_layer"] = config.target_layer

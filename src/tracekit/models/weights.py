@@ -19,9 +19,11 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tracekit.errors import InputError
 from tracekit.storage.atomic import atomic_open, file_lock
 
 logger = logging.getLogger(__name__)
@@ -167,3 +169,41 @@ def weights_unrecorded(record: Mapping[str, Any]) -> bool:
 
 def _quoted(value: Any) -> str:
     return repr(value) if isinstance(value, str) else json.dumps(value)
+
+
+@dataclass
+class WeightsAgreement:
+    """One model and one set of weights across many inputs: :meth:`add` each input's
+    ``model``, ``quantization`` and ``weights_sha256``; one that disagrees with the first input
+    recording the field is refused. A field an input lacks (an older tracekit's), an unknown
+    model or an unknown hash is not compared; ``quantization`` None means "not quantized"."""
+
+    inputs: str  # what the inputs are, in the message: "the sentence files"
+    hint: str  # what to do when they disagree
+    first: dict[str, tuple[Any, str]] = field(default_factory=dict)  # field: (value, input)
+    recorded: dict[str, int] = field(default_factory=dict)  # field: how many inputs record it
+    n_inputs: int = 0
+
+    def add(self, where: str, record: Mapping[str, Any]) -> None:
+        self.n_inputs += 1
+        for name in ("model", *WEIGHTS_FIELDS):
+            value = record.get(name)
+            if name not in record or (value is None and name != "quantization"):
+                continue
+            agreed, first = self.first.setdefault(name, (value, where))
+            self.recorded[name] = self.recorded.get(name, 0) + 1
+            if value != agreed:
+                shown = ["none" if v is None else repr(v) for v in (agreed, value)]
+                raise InputError(
+                    f"{self.inputs} come from different weights: {name} {shown[0]} ({first}) "
+                    f"!= {shown[1]} ({where})",
+                    self.hint,
+                )
+
+    def agreed(self) -> dict[str, Any]:
+        """The fields every input records, with their one value."""
+        return {k: v for k, (v, _) in self.first.items() if self.recorded[k] == self.n_inputs}
+
+    def partial(self) -> dict[str, int]:
+        """The fields only some inputs record: how many do (the others may differ)."""
+        return {k: n for k, n in self.recorded.items() if n < self.n_inputs}

@@ -15,7 +15,7 @@ read with a plain seek; compressed members are streamed up to the slice. Nothing
 
 :func:`get_final_token_data` gathers the final-token rows of many files into preallocated
 arrays in two passes: the first reads only headers and small arrays and validates everything
-(layers, widths, labels), the second fills the output.
+(model and weights, layers, widths, labels), the second fills the output.
 
 Written: one atomic ``.npz`` per sentence, no object arrays. Seed-compatible arrays:
 ``embeddings``, ``hidden_states``, ``layers``, ``activations`` (dense layout), ``average_l0s``,
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tracekit.errors import InputError, UnsafeInputError
-from tracekit.models.weights import WEIGHTS_FIELDS
+from tracekit.models.weights import WEIGHTS_FIELDS, WeightsAgreement
 from tracekit.storage.atomic import save_npz
 from tracekit.storage.npy import read_npy_header
 
@@ -361,6 +361,11 @@ class FinalTokenData:
     average_l0: float | None = None
     sae_width: int | None = None
     groups: np.ndarray | None = None
+    provenance: dict[str, str | None] = field(default_factory=dict)
+    """The ``model``, ``quantization`` and ``weights_sha256`` every file records (one value:
+    files that disagree are refused); quantization None: not quantized."""
+    provenance_partial: dict[str, int] = field(default_factory=dict)
+    """Fields only some files record: how many do (the others may come from other weights)."""
     n_files: int = 0
     files_without_final_token: list[Path] = field(default_factory=list)
 
@@ -441,6 +446,13 @@ class _Survey:
     embed_dim: int | None = None
     sae_width: int | None = None
     l0s: set[float] = field(default_factory=set)
+    weights: WeightsAgreement = field(
+        default_factory=lambda: WeightsAgreement(
+            "the sentence files",
+            "build from the files of one `extract features` run: put each model's (or "
+            "checkpoint's) files in their own --input folder",
+        )
+    )
 
     def plan(self, sentence: SentenceFile) -> _FilePlan:
         """Validate ``sentence`` from its headers and small arrays; say what to read from it."""
@@ -448,6 +460,8 @@ class _Survey:
 
         request = self.request
         with sentence.opened():
+            # first: other weights explain any other difference (a hidden size, ...)
+            self.weights.add(str(sentence.path), sentence_provenance(sentence))
             final_info = sentence.require("is_final_token", "marks the samples")
             finals = [int(i) for i in np.flatnonzero(sentence["is_final_token"])]
             n_frag = final_info.shape[0] if final_info.shape else 0
@@ -528,6 +542,7 @@ class _Survey:
             n_files=len(plans),
             files_without_final_token=[p.sentence.path for p in plans if not p.finals],
         )
+        data.provenance, data.provenance_partial = self.weights.agreed(), self.weights.partial()
         if request.embeddings:
             data.embeddings = np.empty((n, self.embed_dim or 0), dtype=np.float32)
         if request.hidden_states and selected:
@@ -577,7 +592,9 @@ def get_final_token_data(
     ``layers`` selects hidden-state layers (tracekit numbers; default: every layer of the first
     file); ``target=(layer, feature)`` also gathers that SAE feature's activation and the
     layer's average L0; ``group_field`` gathers a per-sentence scalar (or ``"sentence"``).
-    Everything is validated from headers before any large read; outputs are float32 and
+    Files recording another ``model``, ``quantization`` or ``weights_sha256`` than the first
+    are refused (``provenance`` holds what all record). Everything is validated from headers
+    and small arrays before any large read; outputs are float32 and
     preallocated, so peak memory is about the size of the result. ``on_file(i)`` is called
     after each file of the filling pass.
     """
