@@ -165,6 +165,10 @@ def test_cli_dense_and_sparse_sae_files_match_numpy_and_build_dataset(cli, files
     with np.load(out, allow_pickle=False) as ds:
         np.testing.assert_array_equal(ds["y"], picked[0].target_activations)
         assert ds["X"].shape == (len(SENTENCES), HIDDEN)
+        # the dataset says which weights it came from: those extract features recorded
+        for name in ("model", "quantization", "weights_sha256"):
+            assert str(ds[f"meta_{name}"]) == str(d[name])
+        assert len(str(ds["meta_weights_sha256"])) == 64
 
 
 def test_saelens_topk_and_readme_walkthrough_without_sae(cli, files, tmp_path, embedded_model):
