@@ -124,6 +124,48 @@ def test_resuming_log_checks_the_weights_before_the_model_runs(cli, tmp_path: Pa
         assert len(store) == 2
 
 
+def test_log_choices_are_stored_as_plain_strings_and_a_mismatch_names_them(cli, tmp_path: Path):
+    """--sequence-mode, --dtype and --model-dtype (enums on the command line) reach the store
+    as plain strings, and a resume with another mode names both values as strings."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"prompt": "Hi?"}) + "\n")
+    store_path = tmp_path / "s.lmdb"
+    args = ["log", "--qa", qa, "--lmdb", store_path, "--layers", "1", "--max-new-tokens", "1"]
+    args += ["--device", "cpu", "--dtype", "float32", "--model-dtype", "float32"]
+    first = cli(*args, "--sequence-mode", "prompt")
+    assert first.exit_code == 0, first.output
+    with open_store(store_path) as store:
+        (record,) = store.provenance.values()
+        entry = store.get_by_prompt(format_prompt(DEFAULT_TEMPLATE, "Hi?"))
+    stored = {name: record[name] for name in ("sequence_mode", "dtype", "model_dtype")}
+    assert stored == {"sequence_mode": "prompt", "dtype": "float32", "model_dtype": "float32"}
+    assert all(type(value) is str for value in stored.values())
+    assert type(entry.metadata["sequence_mode"]) is str
+    assert entry.metadata["sequence_mode"] == "prompt"
+    assert entry.metadata["positions"]["response"] == 0
+    assert entry.arrays["layer_1"].dtype == np.float32
+    refused = cli(*args, "--sequence-mode", "response")
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "sequence_mode 'prompt' (store) != 'response' (this run)" in text
+
+
+def test_logger_given_enum_choices_records_plain_strings(embedded_model, tmp_path: Path):
+    from tracekit.config.choices import SequenceMode, StoreDtype
+
+    act_log = ActivationLogger(
+        tmp_path / "s.lmdb",
+        embedded_model,
+        layers=[3],
+        sequence_mode=SequenceMode.response,
+        dtype=StoreDtype.bfloat16,
+    )
+    values = [act_log.provenance["sequence_mode"], act_log.provenance["dtype"]]
+    values += [act_log.sequence_mode, act_log.dtype]
+    assert values == ["response", "bfloat16"] * 2
+    assert [type(value) for value in values] == [str] * 4
+
+
 @pytest.mark.parametrize(
     "placement", [("--device", "cpu"), ("--device-map", "auto")], ids=["device", "device-map"]
 )

@@ -202,3 +202,76 @@ def test_an_unknown_engine_is_refused_by_the_config(cli, tmp_path, verb):
     assert result.exit_code == 2, result.output
     assert _lines(result)[0].startswith("error: --engine: unknown engine 'fast': use auto, ")
     assert not (tmp_path / "store").exists()
+
+
+_MODEL_DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "config", "values"),
+    [
+        ("log", "--sequence-mode", "LogConfig", ["all", "prompt", "response"]),
+        ("log", "--dtype", "LogConfig", ["float16", "bfloat16", "float32"]),
+        ("log", "--model-dtype", "LogConfig", _MODEL_DTYPES),
+        ("generate", "--dtype", "GenerateConfig", _MODEL_DTYPES),
+        ("extract activations", "--dtype", "ExtractActivationsConfig", _MODEL_DTYPES),
+        ("extract features", "--dtype", "FeaturesConfig", _MODEL_DTYPES),
+        ("judge", "--dtype", "JudgeJobConfig", _MODEL_DTYPES),
+    ],
+)
+def test_dtype_and_sequence_mode_complete_refuse_and_match_the_config(
+    cli, command, option, config, values
+):
+    """TAB after the option offers its values, the parser refuses another in one line naming
+    them, and the config takes exactly those (one set, in tracekit.config.choices)."""
+    from tracekit.config.base import resolve_config
+    from tracekit.config.extract_activations import ExtractActivationsConfig
+    from tracekit.config.features import FeaturesConfig
+    from tracekit.config.generate import GenerateConfig
+    from tracekit.config.log import LogConfig
+    from tracekit.errors import ConfigError
+    from tracekit.judge import JudgeJobConfig
+
+    exe = str(Path(sys.executable).parent / "tracekit")
+    words = f"tracekit {command} {option} "
+    env = {
+        **os.environ,
+        "_TRACEKIT_COMPLETE": "complete_bash",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split())),
+    }
+    done = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.split() == values, done.stderr
+
+    result = cli(*command.split(), option, "fp8", terminal_width=200)
+    assert result.exit_code == 2
+    assert _lines(result) == [
+        f"error: {option} fp8: not one of {', '.join(values)} (see 'tracekit {command} --help')"
+    ]
+
+    cls, required = {
+        "LogConfig": (LogConfig, {"qa": "q.jsonl", "lmdb": "store"}),
+        "GenerateConfig": (GenerateConfig, {"experiment": "e", "traits": "t"}),
+        "ExtractActivationsConfig": (ExtractActivationsConfig, {"experiment": "e", "trait": "t"}),
+        "FeaturesConfig": (FeaturesConfig, {"sentences": "s.jsonl", "output": "out"}),
+        "JudgeJobConfig": (JudgeJobConfig, {"input": "r.csv"}),
+    }[config]
+    field = option.removeprefix("--").replace("-", "_")
+    for value in values:
+        resolved = getattr(resolve_config(cls, {**required, field: value}), field)
+        assert resolved == value and str(resolved) == value and f"{resolved}" == value
+    with pytest.raises(ConfigError, match=option):
+        resolve_config(cls, {**required, field: "fp8"})
+
+
+def test_every_model_dtype_name_is_a_torch_dtype():
+    """The --dtype set is what loading accepts: each name but auto is a torch dtype."""
+    import torch
+
+    from tracekit.config.choices import DtypeName
+    from tracekit.models.loading import resolve_dtype
+
+    assert resolve_dtype(DtypeName.auto, "cpu") == torch.float32
+    for name in DtypeName:
+        if name is not DtypeName.auto:
+            assert resolve_dtype(name, "cpu") == getattr(torch, name.value)

@@ -30,9 +30,10 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from tracekit.actlog.prompts import text_sha256
+from tracekit.config.choices import SequenceMode, StoreDtype
 from tracekit.models.capture import LayerTaps
 from tracekit.models.layers import LayerHandles
 from tracekit.storage.activation_store import (
@@ -47,9 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SequenceMode = Literal["all", "prompt", "response"]
-StoreDtype = Literal["float16", "bfloat16", "float32"]
-SEQUENCE_MODES = ("all", "prompt", "response")
+SEQUENCE_MODES = tuple(mode.value for mode in SequenceMode)
 
 
 def tokenizer_sha256(tokenizer: Any) -> str:
@@ -104,8 +103,8 @@ def build_provenance(
         "prompt_format_sha256": text_sha256(fmt_text),
         "generation": dict(generation) if generation is not None else None,
         "layers": list(layers),
-        "sequence_mode": sequence_mode,
-        "dtype": dtype,
+        "sequence_mode": str(sequence_mode),  # plain strings, also when given an enum
+        "dtype": str(dtype),
         "model_dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
         "created": time.time(),
         "versions": {
@@ -147,8 +146,8 @@ class ActivationLogger:
         model: Any,
         tokenizer: Any = None,
         layers: Sequence[int] | None = None,
-        sequence_mode: SequenceMode = "all",
-        dtype: StoreDtype = "float16",
+        sequence_mode: SequenceMode | str = SequenceMode.all,
+        dtype: StoreDtype | str = StoreDtype.float16,
         provenance: Mapping[str, Any] | None = None,
         allow_mixed: bool = False,
     ) -> None:
@@ -170,8 +169,8 @@ class ActivationLogger:
         self.tokenizer = tokenizer
         self.handles = loaded.handles if loaded is not None else LayerHandles.of(model)
         self.layers = tuple(layers) if layers is not None else (self.handles.n_layers - 1,)
-        self.sequence_mode = sequence_mode
-        self.dtype = dtype
+        self.sequence_mode = str(sequence_mode)  # plain strings in the entries' metadata
+        self.dtype = str(dtype)
         given = dict(provenance or {})
         weights: Mapping[str, str | None] | None = None
         if loaded is not None:

@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from tracekit.config.choices import DtypeName
+
 Config = Annotated[
     Path | None,
     typer.Option(
@@ -57,7 +59,7 @@ Json = Annotated[
     bool, typer.Option("--json", help="Print the result as JSON on stdout instead of a table.")
 ]
 Dtype = Annotated[
-    str,
+    DtypeName,
     typer.Option(
         "--dtype",
         help="Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.",

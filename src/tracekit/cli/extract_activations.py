@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tracekit.config.choices import NegRule, VectorExport, VectorMethod
+from tracekit.config.choices import DtypeName, NegRule, VectorExport, VectorMethod
 from tracekit.console import err_console, out_console
 
 from . import _options as opt
@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         trait: opt.Trait = None,
         experiments_dir: opt.ExperimentsDir = Path("experiments"),
         model: opt.Model = None,
-        dtype: opt.Dtype = "auto",
+        dtype: opt.Dtype = DtypeName.auto,
         device: opt.Device = "auto",
         device_map: opt.DeviceMap = None,
         chat_template: opt.ChatTemplate = True,

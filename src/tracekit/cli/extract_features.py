@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
+from tracekit.config.choices import DtypeName
 from tracekit.console import err_console, out_console
 
 from . import _options as opt
@@ -112,7 +113,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = "dense",
         batch_size: opt.BatchSize = 16,
-        dtype: opt.Dtype = "auto",
+        dtype: opt.Dtype = DtypeName.auto,
         device: opt.Device = "auto",
         force: opt.Force = False,
         num_processes: opt.NumProcesses = 1,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tracekit.config.choices import SteerControl, SteerPositions, SteerPrompts
+from tracekit.config.choices import DtypeName, SteerControl, SteerPositions, SteerPrompts
 from tracekit.console import out_console
 
 from . import _options as opt
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         experiments_dir: opt.ExperimentsDir = Path("experiments"),
         model: opt.Model = None,
-        dtype: opt.Dtype = "auto",
+        dtype: opt.Dtype = DtypeName.auto,
         device: opt.Device = "auto",
         device_map: opt.DeviceMap = None,
         chat_template: opt.ChatTemplate = True,

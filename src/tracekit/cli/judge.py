@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tracekit.config.choices import JudgeBackendName
+from tracekit.config.choices import DtypeName, JudgeBackendName
 from tracekit.console import err_console, out_console
 
 from . import _options as opt
@@ -135,7 +135,7 @@ def judge(
         bool, typer.Option("--allow-failures", help="Exit 0 even when some judgments failed.")
     ] = False,
     device: opt.Device = "auto",
-    dtype: opt.Dtype = "auto",
+    dtype: opt.Dtype = DtypeName.auto,
     force: opt.Force = False,
     json_output: opt.Json = False,
     config: opt.Config = None,

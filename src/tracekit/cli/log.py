@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from tracekit.config.choices import DtypeName, SequenceMode, StoreDtype
 from tracekit.console import err_console, out_console
 
 from . import _options as opt
@@ -117,26 +118,26 @@ def register(app: typer.Typer) -> None:
         question_field: opt.QuestionField = "prompt",
         layers: opt.Layers = None,
         sequence_mode: Annotated[
-            str,
+            SequenceMode,
             typer.Option(
                 "--sequence-mode",
                 help="Positions stored: all (prompt + response), prompt, or response "
                 "(response excludes the eos token).",
             ),
-        ] = "all",
+        ] = SequenceMode.all,
         dtype: Annotated[
-            str,
+            StoreDtype,
             typer.Option(
                 "--dtype", help="dtype of the stored activations: float16, bfloat16, float32."
             ),
-        ] = "float16",
+        ] = StoreDtype.float16,
         model_dtype: Annotated[
-            str,
+            DtypeName,
             typer.Option(
                 "--model-dtype",
                 help="Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
             ),
-        ] = "auto",
+        ] = DtypeName.auto,
         device: opt.Device = "auto",
         device_map: opt.DeviceMap = None,
         batch_size: opt.BatchSize = 8,

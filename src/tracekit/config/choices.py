@@ -104,3 +104,32 @@ class JudgeBackendName(StrEnum):
 
     openai = "openai"
     local = "local"
+
+
+class DtypeName(StrEnum):
+    """The dtype a model is loaded in (``--dtype``, ``log --model-dtype``); ``auto`` is bfloat16
+    on CUDA and float32 elsewhere (:func:`tracekit.models.loading.resolve_dtype`)."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class StoreDtype(StrEnum):
+    """The dtype ``log`` stores activations in (``log --dtype``)."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class SequenceMode(StrEnum):
+    """Which positions ``log`` stores (``--sequence-mode``)."""
+
+    all = "all"
+    """The real prompt tokens and the response tokens."""
+    prompt = "prompt"
+    """The real prompt tokens (padding excluded)."""
+    response = "response"
+    """The response tokens, the eos token excluded."""

@@ -8,8 +8,9 @@ from typing import Literal
 from pydantic import ValidationError, field_validator, model_validator
 
 from tracekit.config.base import TracekitConfig
+from tracekit.config.choices import DtypeName
 from tracekit.config.types import BatchSize, LayerSpec
-from tracekit.models.loading import DtypeName, ModelConfig
+from tracekit.models.loading import ModelConfig
 from tracekit.sae.layout import parse_l0_choice, parse_width
 
 SaeStorage = Literal["dense", "sparse"]
@@ -40,7 +41,7 @@ class FeaturesConfig(TracekitConfig):
     label_column: str = "concept_strength_label"
     label_range: tuple[int, int] = (0, 3)
     model: str | None = None
-    dtype: DtypeName = "auto"
+    dtype: DtypeName = DtypeName.auto
     device: str = "auto"
     layers: LayerSpec | None = None
     """tracekit layers to save; default: every layer with an SAE under ``sae``, else all."""

@@ -12,12 +12,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
 from tracekit.config.base import TracekitConfig
-from tracekit.config.choices import JudgeBackendName
+from tracekit.config.choices import DtypeName, JudgeBackendName
 from tracekit.config.types import split_commas
 
 METRICS = ("trait", "coherence")
@@ -87,7 +87,7 @@ class JudgeConfig(TracekitConfig):
     """SQLite judge cache; None: ``<tracekit cache dir>/judge/cache.sqlite``."""
     no_cache: bool = False
     device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: DtypeName = DtypeName.auto
 
     _split_metrics = field_validator("metrics", mode="before")(split_commas)
 

@@ -7,12 +7,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from tracekit.actlog.logger import SequenceMode, StoreDtype
 from tracekit.actlog.prompts import (
     DEFAULT_TEMPLATE,
     check_template,
 )
 from tracekit.config import BatchSize, LayerSpec, TracekitConfig
+from tracekit.config.choices import DtypeName, SequenceMode, StoreDtype
 from tracekit.engines.interface import check_engine_name
 
 
@@ -31,10 +31,10 @@ class LogConfig(TracekitConfig):
     question_field: str = "prompt"
     layers: LayerSpec | None = None
     """None: the model's last layer."""
-    sequence_mode: SequenceMode = "all"
-    dtype: StoreDtype = "float16"
+    sequence_mode: SequenceMode = SequenceMode.all
+    dtype: StoreDtype = StoreDtype.float16
     """dtype of the stored activations."""
-    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    model_dtype: DtypeName = DtypeName.auto
     device: str = "auto"
     device_map: Literal["auto"] | None = None
     """``auto``: spread a model too large for one device over all devices (accelerate); each

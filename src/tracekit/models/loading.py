@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import field_validator
 
 from tracekit.config.base import TracekitConfig
+from tracekit.config.choices import DtypeName
 from tracekit.errors import ModelError
 from tracekit.models.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
 from tracekit.models.layers import LayerHandles
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
-
 
 class ModelChoice(TracekitConfig):
     """Which model, and where: the fields :class:`ModelConfig` shares with the configs of
@@ -38,7 +37,7 @@ class ModelChoice(TracekitConfig):
     model: str | None = None
     """Hub id or local folder; ``None`` is the embedded SmolLM2-135M-Instruct."""
     revision: str | None = None
-    dtype: DtypeName = "auto"
+    dtype: DtypeName = DtypeName.auto
     device: str = "auto"
     device_map: Literal["auto"] | None = None
 

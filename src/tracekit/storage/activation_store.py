@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+from tracekit.config.choices import StoreDtype
 from tracekit.errors import StoreError
 from tracekit.models.weights import weights_unrecorded
 from tracekit.storage.store_provenance import (
@@ -61,7 +62,8 @@ DB_INFO = b"info"
 _PROVENANCE_PREFIX = b"provenance/"
 INITIAL_MAP_SIZE = 64 << 20
 MAX_MAP_SIZE = 1 << 44  # 16 TiB: a guard against doubling forever on a broken filesystem
-DTYPES = ("float16", "bfloat16", "float32")
+DTYPES = tuple(dtype.value for dtype in StoreDtype)
+"""The dtypes activations are stored in, as plain strings."""
 
 
 def prompt_key(prompt: str) -> str:

@@ -109,5 +109,5 @@ def check_entry_provenance(
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(str(value))
     return text if len(text) <= 80 else text[:77] + "..."
