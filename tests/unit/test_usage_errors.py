@@ -4,7 +4,9 @@ every missing option at once, exit 2; ``--help`` and TAB completion do not impor
 import os
 import subprocess
 import sys
+from enum import EnumType
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
@@ -216,12 +218,11 @@ _MODEL_DTYPES = ["auto", "float32", "bfloat16", "float16"]
         ("generate", "--dtype", "GenerateConfig", _MODEL_DTYPES),
         ("extract activations", "--dtype", "ExtractActivationsConfig", _MODEL_DTYPES),
         ("extract features", "--dtype", "FeaturesConfig", _MODEL_DTYPES),
+        ("extract features", "--sae-storage", "FeaturesConfig", ["dense", "sparse"]),
         ("judge", "--dtype", "JudgeJobConfig", _MODEL_DTYPES),
     ],
 )
-def test_dtype_and_sequence_mode_complete_refuse_and_match_the_config(
-    cli, command, option, config, values
-):
+def test_choice_options_complete_refuse_and_match_the_config(cli, command, option, config, values):
     """TAB after the option offers its values, the parser refuses another in one line naming
     them, and the config takes exactly those (one set, in tracekit.config.choices)."""
     from tracekit.config.base import resolve_config
@@ -262,6 +263,9 @@ def test_dtype_and_sequence_mode_complete_refuse_and_match_the_config(
         assert resolved == value and str(resolved) == value and f"{resolved}" == value
     with pytest.raises(ConfigError, match=option):
         resolve_config(cls, {**required, field: "fp8"})
+    annotation = cls.model_fields[field].annotation
+    enums = [t for t in (annotation, *get_args(annotation)) if isinstance(t, EnumType)]
+    assert [enums[0].__module__, [e.value for e in enums[0]]] == ["tracekit.config.choices", values]
 
 
 def test_every_model_dtype_name_is_a_torch_dtype():

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tracekit.config.choices import DtypeName
+from tracekit.config.choices import DtypeName, SaeStorage
 from tracekit.console import err_console, out_console
 
 from . import _options as opt
@@ -105,13 +105,13 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         sae_storage: Annotated[
-            Literal["dense", "sparse"],
+            SaeStorage,
             typer.Option(
                 "--sae-storage",
                 help="dense: 'activations' [layers, tokens, width] as the seed has it; sparse: "
                 "CSR indices + values (much smaller; build-dataset reads both).",
             ),
-        ] = "dense",
+        ] = SaeStorage.dense,
         batch_size: opt.BatchSize = 16,
         dtype: opt.Dtype = DtypeName.auto,
         device: opt.Device = "auto",

@@ -133,3 +133,12 @@ class SequenceMode(StrEnum):
     """The real prompt tokens (padding excluded)."""
     response = "response"
     """The response tokens, the eos token excluded."""
+
+
+class SaeStorage(StrEnum):
+    """How ``extract features`` writes SAE activations (``--sae-storage``)."""
+
+    dense = "dense"
+    """``activations`` ``[layers, tokens, width]``, as the seed has it."""
+    sparse = "sparse"
+    """CSR indices and values (much smaller; build-dataset reads both)."""

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import ValidationError, field_validator, model_validator
 
 from tracekit.config.base import TracekitConfig
-from tracekit.config.choices import DtypeName
+from tracekit.config.choices import DtypeName, SaeStorage
 from tracekit.config.types import BatchSize, LayerSpec
 from tracekit.models.loading import ModelConfig
 from tracekit.sae.layout import parse_l0_choice, parse_width
-
-SaeStorage = Literal["dense", "sparse"]
 
 
 def parse_label_range(text: str) -> tuple[int, int]:
@@ -48,7 +45,7 @@ class FeaturesConfig(TracekitConfig):
     sae: Path | None = None
     sae_width: int | None = None
     sae_l0: str | None = None
-    sae_storage: SaeStorage = "dense"
+    sae_storage: SaeStorage = SaeStorage.dense
     batch_size: BatchSize = 16
     force: bool = False
 

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 from tracekit._lazy import lazy_attributes
 
 if TYPE_CHECKING:  # the same names, for type checkers
-    from tracekit.config.features import FeaturesConfig, SaeStorage, parse_label_range
+    from tracekit.config.choices import SaeStorage
+    from tracekit.config.features import FeaturesConfig, parse_label_range
     from tracekit.jobs.extract_features import FeaturesResult, extract_features
     from tracekit.sae.csr import csr_to_dense
     from tracekit.storage.sentences import MANIFEST_NAME, sentence_file
@@ -17,7 +18,7 @@ if TYPE_CHECKING:  # the same names, for type checkers
 
 _LAZY: dict[str, str] = {
     "FeaturesConfig": "tracekit.config.features",
-    "SaeStorage": "tracekit.config.features",
+    "SaeStorage": "tracekit.config.choices",
     "parse_label_range": "tracekit.config.features",
     "MANIFEST_NAME": "tracekit.storage.sentences",
     "csr_to_dense": "tracekit.sae.csr",

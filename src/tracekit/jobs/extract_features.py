@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tracekit import __version__
+from tracekit.config.choices import SaeStorage
 from tracekit.config.features import FeaturesConfig
 from tracekit.errors import ConfigError, InputError, OutputExistsError
 from tracekit.features.inputs import Sentences, read_sentences
@@ -225,7 +226,7 @@ def _settings(
         "label_column": config.label_column,
         "n_sentences": len(sentences),
         "sentences_sha256": sentences.digest(),
-        "sae_storage": config.sae_storage if saes else None,
+        "sae_storage": config.sae_storage.value if saes else None,
         "saes": (
             [
                 {"layer": layer, "release_layer": layer - 1, **sae.describe()}
@@ -578,7 +579,7 @@ def _start_run(config: FeaturesConfig, loaded: LoadedModel | None) -> _Run:
     _check_layers(layers, loaded.n_layers, config)
     if saes is not None:
         saes = _saes_for_model(saes, loaded.hidden_size, loaded.device)
-    sae_meta = _sae_meta(saes, layers, config.sae_storage) if saes else None
+    sae_meta = _sae_meta(saes, layers, config.sae_storage.value) if saes else None
     return _Run(config, info, sentences, loaded, layers, saes, sae_meta)
 
 
@@ -616,7 +617,7 @@ def _write_features(
     capture_layers = sorted({0, *run.layers})
     # similar lengths -> little padding
     ordered = sorted(pending, key=lambda i: len(tokenized[i].ids))
-    sparse = bool(run.saes) and run.config.sae_storage == "sparse"
+    sparse = bool(run.saes) and run.config.sae_storage is SaeStorage.sparse
     written = tokens = 0
 
     def write(batch: _Batch) -> None:
