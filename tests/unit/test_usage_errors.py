@@ -220,6 +220,9 @@ _MODEL_DTYPES = ["auto", "float32", "bfloat16", "float16"]
         ("extract features", "--dtype", "FeaturesConfig", _MODEL_DTYPES),
         ("extract features", "--sae-storage", "FeaturesConfig", ["dense", "sparse"]),
         ("judge", "--dtype", "JudgeJobConfig", _MODEL_DTYPES),
+        ("log", "--device-map", "LogConfig", ["auto"]),
+        ("generate", "--device-map", "GenerateConfig", ["auto"]),
+        ("extract activations", "--device-map", "ExtractActivationsConfig", ["auto"]),
     ],
 )
 def test_choice_options_complete_refuse_and_match_the_config(cli, command, option, config, values):

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from tracekit.config.choices import DtypeName
+from tracekit.config.choices import DeviceMapName, DtypeName
 
 Config = Annotated[
     Path | None,
@@ -67,7 +67,7 @@ Dtype = Annotated[
 ]
 Device = Annotated[str, typer.Option("--device", help="Device: auto, cpu, cuda, cuda:N or mps.")]
 DeviceMap = Annotated[
-    str | None,
+    DeviceMapName | None,
     typer.Option(
         "--device-map",
         help="'auto' spreads a model too large for one device over all devices (accelerate).",

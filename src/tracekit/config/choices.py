@@ -142,3 +142,10 @@ class SaeStorage(StrEnum):
     """``activations`` ``[layers, tokens, width]``, as the seed has it."""
     sparse = "sparse"
     """CSR indices and values (much smaller; build-dataset reads both)."""
+
+
+class DeviceMapName(StrEnum):
+    """How a model is spread over devices (``--device-map``); unset: one device."""
+
+    auto = "auto"
+    """accelerate places a model too large for one device over all devices."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -12,7 +11,7 @@ from tracekit.actlog.prompts import (
     check_template,
 )
 from tracekit.config import BatchSize, LayerSpec, TracekitConfig
-from tracekit.config.choices import DtypeName, SequenceMode, StoreDtype
+from tracekit.config.choices import DeviceMapName, DtypeName, SequenceMode, StoreDtype
 from tracekit.engines.interface import check_engine_name
 
 
@@ -36,7 +35,7 @@ class LogConfig(TracekitConfig):
     """dtype of the stored activations."""
     model_dtype: DtypeName = DtypeName.auto
     device: str = "auto"
-    device_map: Literal["auto"] | None = None
+    device_map: DeviceMapName | None = None
     """``auto``: spread a model too large for one device over all devices (accelerate); each
     captured layer is copied to the host as it is computed, wherever its block sits."""
     batch_size: BatchSize = 8

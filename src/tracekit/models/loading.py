@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import field_validator
 
 from tracekit.config.base import TracekitConfig
-from tracekit.config.choices import DtypeName
+from tracekit.config.choices import DeviceMapName, DtypeName
 from tracekit.errors import ModelError
 from tracekit.models.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
 from tracekit.models.layers import LayerHandles
@@ -39,7 +39,7 @@ class ModelChoice(TracekitConfig):
     revision: str | None = None
     dtype: DtypeName = DtypeName.auto
     device: str = "auto"
-    device_map: Literal["auto"] | None = None
+    device_map: DeviceMapName | None = None
 
     @field_validator("device")
     @classmethod
@@ -225,7 +225,7 @@ def _load_model(cfg: ModelConfig) -> LoadedModel:
             "trust_remote_code": cfg.trust_remote_code,
         }
         if cfg.device_map is not None:
-            kwargs["device_map"] = cfg.device_map
+            kwargs["device_map"] = cfg.device_map.value
         with warnings.catch_warnings():  # torch's note on a pickle it is about to refuse
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
