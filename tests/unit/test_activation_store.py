@@ -135,7 +135,7 @@ def test_other_weights_of_the_same_model_are_refused_unless_mixing_is_allowed(tm
         ActivationStoreWriter(path, other)
     assert refused.value.message == (
         f"store {path} was written with other weights of model 'org/model-a': "
-        "quantization null (store) != 'gptq 4-bit' (this run)"
+        "quantization none (store) != 'gptq 4-bit' (this run)"
     )
     assert "--allow-mixed" in refused.value.hint
     with pytest.raises(StoreError, match="weights_sha256 'aaaa.*' \\(store\\) != 'bbbb"):

@@ -158,7 +158,7 @@ def weights_mismatch(
         if name == "weights_sha256" and (old[name] is None or new[name] is None):
             continue
         if old[name] != new[name]:
-            return f"{name} {_quoted(old[name])} ({where}) != {_quoted(new[name])} (this run)"
+            return f"{name} {_shown(old[name])} ({where}) != {_shown(new[name])} (this run)"
     return None
 
 
@@ -167,7 +167,11 @@ def weights_unrecorded(record: Mapping[str, Any]) -> bool:
     return record.get("weights_sha256") is None
 
 
-def _quoted(value: Any) -> str:
+def _shown(value: Any) -> str:
+    """A recorded value in a mismatch message: quoted, or ``none`` for the one None that is
+    compared (``quantization``: not quantized), the same in every message."""
+    if value is None:
+        return "none"
     return repr(value) if isinstance(value, str) else json.dumps(value)
 
 
@@ -193,10 +197,9 @@ class WeightsAgreement:
             agreed, first = self.first.setdefault(name, (value, where))
             self.recorded[name] = self.recorded.get(name, 0) + 1
             if value != agreed:
-                shown = ["none" if v is None else repr(v) for v in (agreed, value)]
                 raise InputError(
-                    f"{self.inputs} come from different weights: {name} {shown[0]} ({first}) "
-                    f"!= {shown[1]} ({where})",
+                    f"{self.inputs} come from different weights: {name} {_shown(agreed)} "
+                    f"({first}) != {_shown(value)} ({where})",
                     self.hint,
                 )
 
