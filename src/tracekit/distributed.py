@@ -145,6 +145,18 @@ def _env_world_size() -> int:
         return 1
 
 
+def main_process_by_env() -> bool:
+    """Whether this is the main process (rank 0, or not distributed), read from the launcher's
+    environment alone: unlike :func:`process_info` it joins no process group, so code that runs
+    before or outside a run's setup (a notice while reading an input file) can ask."""
+    if _env_world_size() <= 1:
+        return True
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
 def process_info() -> ProcessInfo:
     """Discover rank and world size; joins the process group on first use when distributed.
 

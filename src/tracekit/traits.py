@@ -5,7 +5,7 @@ pairs (``pos`` elicits the trait, ``neg`` suppresses it), the questions to ask, 
 ``eval_prompt`` with ``{question}`` and ``{answer}`` placeholders. persona_vectors' own files
 have no ``name`` or ``description``: read from a file, the name defaults to the file's stem (the
 trait folder's name for a ``trait_definition.json``) and the description to empty, with one
-logged notice per file.
+logged notice per file (from the main process of a data-parallel run).
 
 :func:`load_trait` resolves a name or path in this order:
 
@@ -34,6 +34,7 @@ from pydantic import (
     field_validator,
 )
 
+from tracekit.distributed import main_process_by_env
 from tracekit.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def _fill_persona_vectors_defaults(file: Path, data: dict[str, object]) -> dict[
         filled["description"] = ""
         used.append("an empty description")
     key = file.resolve()
-    if key not in _NOTICED:
+    if key not in _NOTICED and main_process_by_env():  # data-parallel: said by the main one
         _NOTICED.add(key)
         missing = " or ".join(f'"{k}"' for k in ("name", "description") if k not in data)
         logger.warning(

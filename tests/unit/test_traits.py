@@ -132,6 +132,19 @@ def test_persona_vectors_file_gets_its_stem_as_name_and_says_so_once(tmp_path, c
     ]
 
 
+def test_persona_vectors_notice_comes_from_the_main_process_only(tmp_path, caplog, monkeypatch):
+    """In a data-parallel run (torchrun's WORLD_SIZE and RANK) rank 1 reads the file quietly;
+    rank 0 says it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ranks = {"1": tmp_path / "one" / "contempt.json", "0": tmp_path / "zero" / "contempt.json"}
+    with caplog.at_level(logging.WARNING, logger="tracekit.traits"):
+        for rank, file in ranks.items():
+            monkeypatch.setenv("RANK", rank)
+            assert load_trait(write_persona_vectors_trait(file)).name == "contempt"
+    notices = [r.getMessage() for r in caplog.records if r.name == "tracekit.traits"]
+    assert [n.split(" has no ")[0] for n in notices] == [f"trait file {ranks['0']}"]
+
+
 def test_persona_vectors_trait_definition_is_named_after_its_folder(tmp_path):
     base = tmp_path / "experiments"
     write_persona_vectors_trait(base / "my_exp" / "my_trait" / "trait_definition.json")
