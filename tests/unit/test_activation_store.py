@@ -258,6 +258,16 @@ def test_log_stats_table_and_json(cli, tmp_path: Path):
     assert bad.exit_code == 1 and "activation store not found" in " ".join(bad.output.split())
 
 
+def test_log_stats_names_the_weights_and_no_missing_revision(cli, tmp_path: Path):
+    path = tmp_path / "acts.lmdb"
+    prov = {**PROV, "revision": None, "quantization": "gptq 4-bit", "weights_sha256": "ab" * 32}
+    with ActivationStoreWriter(path, prov) as writer:
+        writer.write_batch([_entry("a")])
+    out = " ".join(cli("log", "stats", path).output.replace("│", " ").split())
+    assert "model org/model-a (gptq 4-bit, sha256 abababababab), layers [1, 2]" in out, out
+    assert "revision" not in out
+
+
 def test_log_refuses_a_store_from_another_model_before_loading_it(cli, tmp_path: Path):
     path = tmp_path / "acts.lmdb"
     with ActivationStoreWriter(path, PROV) as writer:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -68,15 +68,27 @@ def _render_stats(stats: StoreStats) -> None:
         "file / map size", f"{stats.file_bytes / 1e6:,.2f} MB / {stats.map_size / 1e6:,.0f} MB"
     )
     for pid, record in stats.provenance.items():
-        gen = record.get("generation") or {}
-        table.add_row(
-            f"provenance {pid}",
-            f"model {record.get('model')} (revision {record.get('revision')}), "
-            f"layers {record.get('layers')}, sequence mode {record.get('sequence_mode')}, "
-            f"dtype {record.get('dtype')}, prompt {record.get('prompt_format')}, "
-            f"max_new_tokens {gen.get('max_new_tokens')}",
-        )
+        table.add_row(f"provenance {pid}", _provenance_line(record))
     out_console.print(table)
+
+
+def _provenance_line(record: dict[str, Any]) -> str:
+    """One store provenance record as a line: the model (its revision and weights where
+    recorded), then the settings its entries were logged with."""
+    from tracekit.models.weights import short_weights
+
+    model = f"model {record.get('model')}"
+    extras = [f"revision {record['revision']}"] if record.get("revision") else []
+    if short_weights(record):
+        extras.append(short_weights(record))
+    if extras:
+        model += f" ({'; '.join(extras)})"
+    gen = record.get("generation") or {}
+    return (
+        f"{model}, layers {record.get('layers')}, sequence mode {record.get('sequence_mode')}, "
+        f"dtype {record.get('dtype')}, prompt {record.get('prompt_format')}, "
+        f"max_new_tokens {gen.get('max_new_tokens')}"
+    )
 
 
 def register(app: typer.Typer) -> None:
