@@ -158,7 +158,9 @@ def weights_mismatch(
         if name == "weights_sha256" and (old[name] is None or new[name] is None):
             continue
         if old[name] != new[name]:
-            return f"{name} {_shown(old[name])} ({where}) != {_shown(new[name])} (this run)"
+            return (
+                f"{name} {shown_value(old[name])} ({where}) != {shown_value(new[name])} (this run)"
+            )
     return None
 
 
@@ -167,12 +169,14 @@ def weights_unrecorded(record: Mapping[str, Any]) -> bool:
     return record.get("weights_sha256") is None
 
 
-def _shown(value: Any) -> str:
-    """A recorded value in a mismatch message: quoted, or ``none`` for the one None that is
-    compared (``quantization``: not quantized), the same in every message."""
+def shown_value(value: Any, limit: int = 80) -> str:
+    """A recorded value in a mismatch message, the same in every message: a string quoted,
+    None as ``none`` (for ``quantization``: not quantized), anything else as JSON; cut to
+    ``limit`` characters."""
     if value is None:
         return "none"
-    return repr(value) if isinstance(value, str) else json.dumps(value)
+    text = repr(str(value)) if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -198,8 +202,8 @@ class WeightsAgreement:
             self.recorded[name] = self.recorded.get(name, 0) + 1
             if value != agreed:
                 raise InputError(
-                    f"{self.inputs} come from different weights: {name} {_shown(agreed)} "
-                    f"({first}) != {_shown(value)} ({where})",
+                    f"{self.inputs} come from different weights: {name} {shown_value(agreed)} "
+                    f"({first}) != {shown_value(value)} ({where})",
                     self.hint,
                 )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tracekit.errors import StoreError
-from tracekit.models.weights import WEIGHTS_FIELDS, weights_mismatch
+from tracekit.models.weights import WEIGHTS_FIELDS, shown_value, weights_mismatch
 
 PROVENANCE_COMPAT_FIELDS = (
     "model",
@@ -40,20 +40,24 @@ def provenance_id(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def describe_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """The first compatibility field that differs, as ``field 'old' != 'new'``."""
+def _field_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """The first compatibility field that differs, as ``field 'old' (store) != 'new' (this
+    run)``; None when they all agree."""
     for name in PROVENANCE_COMPAT_FIELDS:
         if old.get(name) != new.get(name):
-            return f"{name} {_short(old.get(name))} (store) != {_short(new.get(name))} (this run)"
-    return "provenance differs"
+            was, now = shown_value(old.get(name)), shown_value(new.get(name))
+            return f"{name} {was} (store) != {now} (this run)"
+    return None
+
+
+def describe_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """The first compatibility field that differs (see :func:`_field_mismatch`)."""
+    return _field_mismatch(old, new) or "provenance differs"
 
 
 def provenance_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
     """Why entries of ``new`` may not share a store with those of ``old``, None when they may."""
-    for name in PROVENANCE_COMPAT_FIELDS:
-        if old.get(name) != new.get(name):
-            return describe_mismatch(old, new)
-    return weights_mismatch(old, new)
+    return _field_mismatch(old, new) or weights_mismatch(old, new)
 
 
 def matching_provenance(
@@ -74,14 +78,13 @@ def refuse_other_setup(
     (none of which ``new`` matches)."""
     old = next(iter(known.values()))
     mismatch = provenance_mismatch(old, new) or describe_mismatch(old, new)
-    if mismatch.startswith(WEIGHTS_FIELDS):
-        raise StoreError(
-            f"store {path} was written with other weights of model {_short(old.get('model'))}: "
-            f"{mismatch}",
-            "log into a new --lmdb path, or pass --allow-mixed to keep both in one store",
-        )
+    what = (
+        f"with other weights of model {shown_value(old.get('model'))}"
+        if mismatch.startswith(WEIGHTS_FIELDS)
+        else "by another setup"
+    )
     raise StoreError(
-        f"store {path} was written by another setup: {mismatch}",
+        f"store {path} was written {what}: {mismatch}",
         "log into a new --lmdb path, or pass --allow-mixed to keep both in one store",
     )
 
@@ -106,8 +109,3 @@ def check_entry_provenance(
             f"records ({len(undefined)} undefined id(s), e.g. {pid!r} of entry {key[:16]}...)",
             "the store is damaged or was edited by hand: merge only stores tracekit wrote",
         )
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(str(value))
-    return text if len(text) <= 80 else text[:77] + "..."
