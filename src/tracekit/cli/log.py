@@ -78,9 +78,8 @@ def _provenance_line(record: dict[str, Any]) -> str:
     from tracekit.models.weights import short_weights
 
     model = f"model {record.get('model')}"
-    extras = [f"revision {record['revision']}"] if record.get("revision") else []
-    if short_weights(record):
-        extras.append(short_weights(record))
+    revision = f"revision {record['revision']}" if record.get("revision") else ""
+    extras = [part for part in (revision, short_weights(record)) if part]
     if extras:
         model += f" ({'; '.join(extras)})"
     gen = record.get("generation") or {}
