@@ -121,6 +121,12 @@ Pooling = Annotated[
         "comma-separate for several. Default: response_avg.",
     ),
 ]
+SavedPooling = Annotated[str, typer.Option("--pooling", help="Which saved activations to use.")]
+"""One pooling of the activations a trait folder holds (``{pos,neg}_POOLING.npy``)."""
+MaxNewTokens = Annotated[
+    int,
+    typer.Option("--max-new-tokens", min=1, help="Most tokens per response (each stops at eos)."),
+]
 ChatTemplate = Annotated[
     bool,
     typer.Option(

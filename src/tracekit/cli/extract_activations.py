@@ -105,9 +105,7 @@ def register(app: typer.Typer) -> None:
                 "(repeng); probe: logistic-regression weight pos vs neg, unit norm.",
             ),
         ] = VectorMethod.mean_diff,
-        pooling: Annotated[
-            str, typer.Option("--pooling", help="Which saved activations to use.")
-        ] = "response_avg",
+        pooling: opt.SavedPooling = "response_avg",
         threshold: Annotated[
             float,
             typer.Option(

@@ -39,10 +39,7 @@ def register(app: typer.Typer) -> None:
     def projections_command(
         ctx: typer.Context,
         experiment: opt.Experiment = None,
-        trait: Annotated[
-            str | None,
-            typer.Option("--trait", help="Trait whose activations are projected. Required."),
-        ] = None,
+        trait: opt.Trait = None,
         experiments_dir: opt.ExperimentsDir = Path("experiments"),
         vector: Annotated[
             Path | None,
@@ -59,9 +56,7 @@ def register(app: typer.Typer) -> None:
                 "--method", help="Picks the default --vector (vectors/{method}_{pooling}.npy)."
             ),
         ] = VectorMethod.mean_diff,
-        pooling: Annotated[
-            str, typer.Option("--pooling", help="Which saved activations to project.")
-        ] = "response_avg",
+        pooling: opt.SavedPooling = "response_avg",
         layers: opt.Layers = None,
         plot: Annotated[
             bool,

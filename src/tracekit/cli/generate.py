@@ -84,12 +84,7 @@ def register(app: typer.Typer) -> None:
         n_examples: Annotated[
             int, typer.Option("--n-examples", min=1, help="Rows per polarity.")
         ] = 100,
-        max_new_tokens: Annotated[
-            int,
-            typer.Option(
-                "--max-new-tokens", min=1, help="Most tokens per response (each stops at eos)."
-            ),
-        ] = 150,
+        max_new_tokens: opt.MaxNewTokens = 150,
         temperature: Annotated[
             float, typer.Option("--temperature", min=0.0, help="0 = greedy.")
         ] = 1.0,

@@ -152,9 +152,7 @@ def register(app: typer.Typer) -> None:
         device: opt.Device = "auto",
         device_map: opt.DeviceMap = None,
         batch_size: opt.BatchSize = 8,
-        max_new_tokens: Annotated[
-            int, typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")
-        ] = 64,
+        max_new_tokens: opt.MaxNewTokens = 64,
         engine: opt.Engine = "auto",
         allow_mixed: Annotated[
             bool,

@@ -57,10 +57,7 @@ def register(app: typer.Typer) -> None:
     def steering_command(
         ctx: typer.Context,
         experiment: opt.Experiment = None,
-        trait: Annotated[
-            str | None,
-            typer.Option("--trait", help="Trait folder inside the experiment (required)."),
-        ] = None,
+        trait: opt.Trait = None,
         experiments_dir: opt.ExperimentsDir = Path("experiments"),
         layer: Annotated[
             int | None,
