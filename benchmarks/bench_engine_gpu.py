@@ -53,7 +53,7 @@ from results import add_csv_option, write_csv
 
 from tracekit.engines.cuda.engine import CudaEngine
 from tracekit.engines.hf import HFEngine
-from tracekit.engines.interface import CaptureSpec, GenerationParams
+from tracekit.engines.interface import CaptureSpec, GenerationParams, GenerationRequest
 from tracekit.engines.pooling import Pooling
 from tracekit.models.random_model import random_llama
 
@@ -417,7 +417,7 @@ def main() -> None:
             ) -> Any:
                 pending, done = None, []
                 for _ in range(n):
-                    started = cuda_engine.start(p, params, c)
+                    started = cuda_engine.start(GenerationRequest(p, params, c))
                     if pending is not None:
                         pending.result()
                         done.append(pending)

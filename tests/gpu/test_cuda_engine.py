@@ -15,7 +15,12 @@ import torch
 
 from tracekit.engines.cuda.engine import CudaEngine
 from tracekit.engines.hf import HFEngine
-from tracekit.engines.interface import CaptureSpec, GenerationParams, resolve_engine_name
+from tracekit.engines.interface import (
+    CaptureSpec,
+    GenerationParams,
+    GenerationRequest,
+    resolve_engine_name,
+)
 from tracekit.engines.pooling import Pooling
 from tracekit.engines.teacher_forced import pooled_forward
 from tracekit.models.random_model import random_llama
@@ -89,7 +94,7 @@ def test_started_batches_queue_without_waiting_and_equal_single_calls(fp32_model
     torch.cuda.synchronize()
     torch.cuda._sleep(1_000_000_000)  # ~0.5 s of device time queued ahead of the batches
     started = time.perf_counter()
-    pending = [engine.start(p, params, capture) for p in sets]
+    pending = [engine.start(GenerationRequest(p, params, capture)) for p in sets]
     host_seconds = time.perf_counter() - started
     assert not torch.cuda.current_stream().query(), "start waited for the device"
     for one, single in zip(pending, alone, strict=True):

@@ -18,7 +18,12 @@ import torch
 from tracekit.engines.cuda.engine import CudaEngine
 from tracekit.engines.exactness import relative_error
 from tracekit.engines.hf import HFEngine
-from tracekit.engines.interface import CaptureSpec, GenerationParams, resolve_engine_name
+from tracekit.engines.interface import (
+    CaptureSpec,
+    GenerationParams,
+    GenerationRequest,
+    resolve_engine_name,
+)
 from tracekit.engines.pooling import Pooling
 from tracekit.engines.steering import Steering
 from tracekit.models.random_model import random_llama
@@ -92,7 +97,9 @@ def test_sweep_replays_one_captured_step_with_each_coefficient(fp32_model):
     assert outs[0] != outs[1]
     # batches started back to back: each value is copied in behind the previous batch's steps
     pending = [
-        engine.start(prompts, PARAMS, CAPTURE, steering=Steering(LAYER, vector, coef))
+        engine.start(
+            GenerationRequest(prompts, PARAMS, CAPTURE, steering=Steering(LAYER, vector, coef))
+        )
         for coef in (1.0, -1.0, 0.5)
     ]
     assert [one.result().response_ids for one in pending] == outs

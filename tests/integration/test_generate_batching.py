@@ -23,18 +23,18 @@ class SmallMemoryEngine(HFEngine):
     batches: list[int] = []
     pads: list[int | None] = []
 
-    def generate(self, prompts, params, capture=None, row_seeds=None, *, pad_to=None):
-        SmallMemoryEngine.batches.append(len(prompts))
-        SmallMemoryEngine.pads.append(pad_to)
-        if len(prompts) > 2:
+    def start(self, request):
+        SmallMemoryEngine.batches.append(len(request.prompts))
+        SmallMemoryEngine.pads.append(request.pad_to)
+        if len(request.prompts) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super().generate(prompts, params, capture, row_seeds)
+        return super().start(request)
 
 
 class NoMemoryEngine(HFEngine):
     """A device where not even one row fits."""
 
-    def generate(self, prompts, params, capture=None, row_seeds=None, *, pad_to=None):
+    def start(self, request):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
 
 

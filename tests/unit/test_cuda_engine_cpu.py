@@ -17,7 +17,12 @@ from tracekit.engines.cuda.decoder import FastDecoder
 from tracekit.engines.cuda.engine import CudaEngine
 from tracekit.engines.cuda.plan import DecoderPlan
 from tracekit.engines.hf import HFEngine
-from tracekit.engines.interface import CaptureSpec, GenerationParams, resolve_engine_name
+from tracekit.engines.interface import (
+    CaptureSpec,
+    GenerationParams,
+    GenerationRequest,
+    resolve_engine_name,
+)
 from tracekit.engines.pooling import Pooling
 from tracekit.engines.teacher_forced import pooled_forward
 from tracekit.errors import InputError, ModelError
@@ -164,8 +169,8 @@ def test_next_batch_started_before_the_result_is_taken_changes_nothing(tiny):
     other = [[p + 11 for p in prompt] for prompt in reversed(PROMPTS)]
     alone_a = engine.generate(PROMPTS, greedy, capture)
     alone_b = engine.generate(other, greedy, capture)
-    first = engine.start(PROMPTS, greedy, capture)
-    second = engine.start(other, greedy, capture)
+    first = engine.start(GenerationRequest(PROMPTS, greedy, capture))
+    second = engine.start(GenerationRequest(other, greedy, capture))
     assert len(engine._decoder(capture)._runners) == 1  # both ran in the same buffers
     for pending, alone in ((first, alone_a), (second, alone_b)):
         out = pending.result()
@@ -205,11 +210,11 @@ class _FailingSecondBatch(CudaEngine):
     def __init__(self, loaded):
         super().__init__(loaded, use_graphs=False, compile=False)
 
-    def start(self, *args, **kwargs):
+    def start(self, request):
         _FailingSecondBatch.started += 1
         if _FailingSecondBatch.started == 2:
             raise RuntimeError("device fell over")
-        return super().start(*args, **kwargs)
+        return super().start(request)
 
 
 def test_batch_finished_before_a_failing_one_is_written(tiny, tmp_path, monkeypatch):

@@ -47,11 +47,11 @@ class Batcher:
         are padded (by engines that pad) to the batch size, or to ``run_rows`` if fewer, so a
         run smaller than one batch is not padded and every process pads alike.
 
-        Each batch is started before the previous one's output is taken (engines with
-        ``start``, see :func:`~tracekit.engines.interface.start_generation`), so the host
+        Each batch is started before the previous one's output is taken
+        (:meth:`~tracekit.engines.interface.GenerationEngine.start`), so the host
         builds one batch's records while the device generates the next. A finished batch is
         handed to ``on_output`` before an error of the next one is raised or handled."""
-        from tracekit.engines.interface import start_generation
+        from tracekit.engines.interface import GenerationRequest
 
         pending: tuple[int, int, Any] | None = None
 
@@ -67,15 +67,10 @@ class Batcher:
             end = min(start + self.batch_size, len(prompts))
             try:
                 pad_to = min(self.batch_size, run_rows or self.batch_size)
-                launched = start_generation(
-                    self.engine,
-                    prompts[start:end],
-                    params,
-                    capture,
-                    seeds[start:end],
-                    pad_to=pad_to,
-                    steering=steering,
+                batch = GenerationRequest(
+                    prompts[start:end], params, capture, seeds[start:end], pad_to, steering
                 )
+                launched = self.engine.start(batch)
             except BaseException as exc:  # an interrupt too: the batch before is done, keep it
                 take_pending()
                 if not is_out_of_memory(exc):

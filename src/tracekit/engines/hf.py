@@ -14,16 +14,17 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tracekit.engines.interface import (
     CaptureSpec,
     FinishReason,
+    GenerationEngine,
     GenerationOutput,
     GenerationParams,
-    Prompt,
+    GenerationRequest,
+    Ready,
     encode_prompts,
     left_pad,
     position_ids_from_mask,
@@ -37,7 +38,7 @@ from tracekit.models.compat import cache_kwarg, output_cache
 if TYPE_CHECKING:
     import torch
 
-    from tracekit.engines.steering import Steering, SteeringHook
+    from tracekit.engines.steering import SteeringHook
     from tracekit.models.capture import LayerTaps
     from tracekit.models.loading import LoadedModel
 
@@ -88,7 +89,7 @@ def sample_next(
     return torch.cat(picks)
 
 
-class HFEngine:
+class HFEngine(GenerationEngine):
     """Reference :class:`~tracekit.engines.interface.GenerationEngine` (any device, any model)."""
 
     name = "hf"
@@ -107,32 +108,27 @@ class HFEngine:
         self._forward_kwargs = forward_kwargs(loaded.model)
         self._cache_key = cache_kwarg(loaded.model)
 
-    def generate(
-        self,
-        prompts: Sequence[Prompt],
-        params: GenerationParams,
-        capture: CaptureSpec | None = None,
-        row_seeds: Sequence[int] | None = None,
-        *,
-        pad_to: int | None = None,  # nothing is prepared per batch size here: ignored
-        steering: Steering | None = None,
-    ) -> GenerationOutput:
-        """See :class:`~tracekit.engines.interface.GenerationEngine`; ``steering`` adds a
-        vector to the residual stream (:mod:`tracekit.engines.steering`)."""
+    def _start(self, request: GenerationRequest) -> Ready:
+        """Run the batch to its end (``pad_to`` is ignored: nothing is prepared per batch
+        size here)."""
+        return Ready(self._run(request))
+
+    def _run(self, request: GenerationRequest) -> GenerationOutput:
         import torch
 
         from tracekit.engines.steering import SteeringHook
 
-        loaded = self.loaded
-        rows = encode_prompts(loaded.tokenizer, prompts)
+        loaded, params, capture = self.loaded, request.params, request.capture
+        rows = encode_prompts(loaded.tokenizer, request.prompts)
         if not rows:
             return GenerationOutput([], [], [], [])
         device = input_device(loaded)
         ids, mask = left_pad(rows, int(loaded.tokenizer.pad_token_id), device)
-        seeds = sampling_seeds(params, row_seeds, len(rows))
+        seeds = sampling_seeds(params, request.row_seeds, len(rows))
         # what the hooks should do with the forward call now running (set before each call)
         hook_state: dict[str, Any] = {}
         acc, taps = _capture_taps(loaded, capture, len(rows), device, hook_state)
+        steering = request.steering
         steer = SteeringHook(loaded.handles, steering) if steering is not None else None
         with torch.inference_mode(), contextlib.ExitStack() as hooks:
             if steer is not None:  # before the taps, which then see the steered stream

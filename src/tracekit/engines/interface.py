@@ -3,10 +3,10 @@
 An engine turns a batch of prompts into responses and, when asked, pooled activations captured
 *during* generation. The reference engine (:class:`tracekit.engines.hf.HFEngine`)
 is a plain PyTorch decode loop over any Hugging Face causal LM; faster engines (static KV cache,
-CUDA graphs) implement the same :class:`GenerationEngine` protocol and register a name in
-:data:`ENGINES`, so ``generate``, ``log`` and the benchmark select them with one flag. An
-engine may also offer ``start``, which returns before the device is done, so that a caller
-can queue the next batch first (:func:`start_generation`).
+CUDA graphs) subclass the same :class:`GenerationEngine` and register a name in
+:data:`ENGINES`, so ``generate``, ``log`` and the benchmark select them with one flag. Every
+engine's ``start`` takes a :class:`GenerationRequest`; an engine may return from it before the
+device is done, so that a caller can queue the next batch first.
 
 Contract every engine keeps (the tests check the reference engine against it):
 
@@ -31,9 +31,10 @@ Contract every engine keeps (the tests check the reference engine against it):
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
@@ -113,34 +114,16 @@ class GenerationOutput:
         return sum(len(ids) for ids in self.response_ids)
 
 
-@runtime_checkable
-class GenerationEngine(Protocol):
-    """A batched, padding-correct generator with optional pooled capture."""
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One batch's arguments, as :meth:`GenerationEngine.generate` takes them."""
 
-    name: str
-    loaded: LoadedModel
-
-    def generate(
-        self,
-        prompts: Sequence[Prompt],
-        params: GenerationParams,
-        capture: CaptureSpec | None = None,
-        row_seeds: Sequence[int] | None = None,
-        *,
-        pad_to: int | None = None,
-    ) -> GenerationOutput:
-        """Generate for ``prompts`` (one batch; the caller chooses the batch size).
-
-        Engines that can steer (class attribute ``supports_steering = True``) also take
-        ``steering=`` (a :class:`~tracekit.engines.steering.Steering`, or None).
-
-        ``pad_to``: the caller's batch size. An engine that prepares its steps per batch size
-        (the CUDA engine compiles, times kernels and captures graphs) may run a smaller batch
-        as this many rows, so a run's last batch reuses the prepared steps; the output still
-        has one row per prompt. Every batch of a run then has the same shape, in one process
-        or several. Engines without such a cost ignore it.
-        """
-        ...
+    prompts: Sequence[Prompt]
+    params: GenerationParams
+    capture: CaptureSpec | None = None
+    row_seeds: Sequence[int] | None = None
+    pad_to: int | None = None
+    steering: Steering | None = None
 
 
 class PendingOutput(Protocol):
@@ -151,7 +134,7 @@ class PendingOutput(Protocol):
 
 @dataclass
 class Ready:
-    """A :class:`PendingOutput` already done (engines that only have ``generate``)."""
+    """A :class:`PendingOutput` already done (engines that only run a batch to its end)."""
 
     output: GenerationOutput
 
@@ -159,34 +142,59 @@ class Ready:
         return self.output
 
 
-def start_generation(
-    engine: GenerationEngine,
-    prompts: Sequence[Prompt],
-    params: GenerationParams,
-    capture: CaptureSpec | None = None,
-    row_seeds: Sequence[int] | None = None,
-    *,
-    pad_to: int | None = None,
-    steering: Steering | None = None,
-) -> PendingOutput:
-    """Hand a batch to ``engine`` without waiting for it where the engine can.
+class GenerationEngine(ABC):
+    """A batched, padding-correct generator with optional pooled capture.
 
-    An engine may offer ``start`` (same arguments as ``generate``, returning a
-    :class:`PendingOutput`): it queues the batch's device work and returns before that work
-    ends. A caller that starts the next batch before taking this one's result keeps the device
-    busy while the host turns results into text and records (the CUDA engine does this;
-    ``tracekit generate`` runs its batches so). Engines without ``start`` run ``generate``
-    here and the result is ready at once.
+    An engine implements :meth:`_start`; :meth:`generate` and :meth:`start` take the arguments
+    and check them once for every engine. ``supports_steering``: whether the engine takes
+    ``steering=`` (a :class:`~tracekit.engines.steering.Steering`); one that does not refuses
+    it with a :class:`ConfigError`.
     """
-    extra: dict[str, Any] = {}
-    if steering is not None:  # only engines that steer take the argument
-        check_steering(engine)
-        extra["steering"] = steering
-    start = getattr(engine, "start", None)
-    if start is None:
-        return Ready(engine.generate(prompts, params, capture, row_seeds, pad_to=pad_to, **extra))
-    pending: PendingOutput = start(prompts, params, capture, row_seeds, pad_to=pad_to, **extra)
-    return pending
+
+    name: str
+    loaded: LoadedModel
+    supports_steering: bool = False
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        capture: CaptureSpec | None = None,
+        row_seeds: Sequence[int] | None = None,
+        *,
+        pad_to: int | None = None,
+        steering: Steering | None = None,
+    ) -> GenerationOutput:
+        """Generate for ``prompts`` (one batch; the caller chooses the batch size).
+
+        ``pad_to``: the caller's batch size. An engine that prepares its steps per batch size
+        (the CUDA engine compiles, times kernels and captures graphs) may run a smaller batch
+        as this many rows, so a run's last batch reuses the prepared steps; the output still
+        has one row per prompt. Every batch of a run then has the same shape, in one process
+        or several. Engines without such a cost ignore it.
+
+        ``steering`` adds a vector to the residual stream (:mod:`tracekit.engines.steering`),
+        in engines with ``supports_steering``.
+        """
+        request = GenerationRequest(prompts, params, capture, row_seeds, pad_to, steering)
+        return self.start(request).result()
+
+    def start(self, request: GenerationRequest) -> PendingOutput:
+        """Hand a batch to the engine without waiting for it where the engine can.
+
+        An engine may queue the batch's device work and return before that work ends. A
+        caller that starts the next batch before taking this one's result keeps the device
+        busy while the host turns results into text and records (the CUDA engine does this;
+        ``tracekit generate`` runs its batches so). Other engines run the batch here and
+        return it :class:`Ready`.
+        """
+        if request.steering is not None:
+            check_steering(self)
+        return self._start(request)
+
+    @abstractmethod
+    def _start(self, request: GenerationRequest) -> PendingOutput:
+        """Run or queue ``request`` (its arguments already checked)."""
 
 
 def check_steering(engine: GenerationEngine) -> None:
@@ -265,7 +273,7 @@ def falls_back(exc: BaseException) -> bool:
     return "out of memory" not in message and type(exc).__name__ != "OutOfMemoryError"
 
 
-class FallbackEngine:
+class FallbackEngine(GenerationEngine):
     """``auto``'s fast engine, with the reference engine behind it.
 
     A batch the fast engine fails on (a compilation it cannot do, a shape it does not take) is
@@ -304,72 +312,27 @@ class FallbackEngine:
         self.name = self.fallback.name
         return self.fallback
 
-    def generate(
-        self,
-        prompts: Sequence[Prompt],
-        params: GenerationParams,
-        capture: CaptureSpec | None = None,
-        row_seeds: Sequence[int] | None = None,
-        *,
-        pad_to: int | None = None,
-        steering: Steering | None = None,
-    ) -> GenerationOutput:
-        return self.start(
-            prompts, params, capture, row_seeds, pad_to=pad_to, steering=steering
-        ).result()
-
-    def start(
-        self,
-        prompts: Sequence[Prompt],
-        params: GenerationParams,
-        capture: CaptureSpec | None = None,
-        row_seeds: Sequence[int] | None = None,
-        *,
-        pad_to: int | None = None,
-        steering: Steering | None = None,
-    ) -> PendingOutput:
-        """:func:`start_generation` on the engine in use; a failure of the fast engine, when
-        starting the batch or when taking its result, reruns the batch on the reference."""
-        batch = _Batch(prompts, params, capture, row_seeds, pad_to, steering)
+    def _start(self, request: GenerationRequest) -> PendingOutput:
+        """Start ``request`` on the engine in use; a failure of the fast engine, when starting
+        the batch or when taking its result, reruns the batch on the reference."""
         if self.fallback is not None:
-            return batch.start(self.fallback)
+            return self.fallback.start(request)
         try:
-            pending = batch.start(self.fast)
+            pending = self.fast.start(request)
         except Exception as exc:
             if not falls_back(exc):
                 raise
-            return batch.start(self._switch(exc))
-        return _Guarded(self, pending, batch)
-
-
-@dataclass(frozen=True)
-class _Batch:
-    """One batch's arguments, to hand to either engine."""
-
-    prompts: Sequence[Prompt]
-    params: GenerationParams
-    capture: CaptureSpec | None
-    row_seeds: Sequence[int] | None
-    pad_to: int | None
-    steering: Steering | None
-
-    def start(self, engine: GenerationEngine) -> PendingOutput:
-        return start_generation(
-            engine,
-            self.prompts,
-            self.params,
-            self.capture,
-            self.row_seeds,
-            pad_to=self.pad_to,
-            steering=self.steering,
-        )
+            return self._switch(exc).start(request)
+        return _Guarded(self, pending, request)
 
 
 class _Guarded:
     """A fast engine's pending batch whose failure reruns it on the reference engine."""
 
-    def __init__(self, owner: FallbackEngine, pending: PendingOutput, batch: _Batch) -> None:
-        self._owner, self._pending, self._batch = owner, pending, batch
+    def __init__(
+        self, owner: FallbackEngine, pending: PendingOutput, request: GenerationRequest
+    ) -> None:
+        self._owner, self._pending, self._request = owner, pending, request
 
     def result(self) -> GenerationOutput:
         try:
@@ -379,7 +342,7 @@ class _Guarded:
                 raise
             owner = self._owner
             engine = owner.fallback if owner.fallback is not None else owner._switch(exc)
-            return self._batch.start(engine).result()
+            return engine.start(self._request).result()
 
 
 def stop_token_ids(loaded: LoadedModel) -> list[int]:

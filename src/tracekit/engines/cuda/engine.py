@@ -12,17 +12,19 @@ from tracekit.engines.cuda.arch import unsupported_reason
 from tracekit.engines.cuda.decoder import FastDecoder, LaunchedRun
 from tracekit.engines.cuda.plan import SETUP_PARTS, DecoderPlan
 from tracekit.engines.cuda.runner import settle
+from tracekit.engines.interface import (
+    CaptureSpec,
+    GenerationEngine,
+    GenerationOutput,
+    GenerationRequest,
+    Ready,
+    encode_prompts,
+    left_pad,
+    sampling_seeds,
+)
 from tracekit.errors import ModelError
 
 if TYPE_CHECKING:
-    from tracekit.engines.interface import (
-        CaptureSpec,
-        GenerationOutput,
-        GenerationParams,
-        Prompt,
-        Ready,
-    )
-    from tracekit.engines.steering import Steering
     from tracekit.models.loading import LoadedModel
 
 __all__ = ["CudaEngine", "CudaPending", "unsupported_reason"]
@@ -39,7 +41,7 @@ STEP_BANDWIDTH = 3.0e12
 H100's copy rate: the estimate is a lower bound of the decode time)."""
 
 
-class CudaEngine:
+class CudaEngine(GenerationEngine):
     """:class:`~tracekit.engines.interface.GenerationEngine` on :class:`FastDecoder`.
 
     Registered as ``"cuda"``; ``"auto"`` picks it when the model sits on a CUDA device and
@@ -134,62 +136,29 @@ class CudaEngine:
             self._decoders.clear()  # none has run a batch yet
         return timing
 
-    def generate(
-        self,
-        prompts: Sequence[Prompt],
-        params: GenerationParams,
-        capture: CaptureSpec | None = None,
-        row_seeds: Sequence[int] | None = None,
-        *,
-        pad_to: int | None = None,
-        steering: Steering | None = None,
-    ) -> GenerationOutput:
-        """See :class:`~tracekit.engines.interface.GenerationEngine`; ``steering`` adds a
-        vector to the residual stream exactly as the reference engine does
-        (:mod:`tracekit.engines.steering`)."""
-        return self.start(
-            prompts, params, capture, row_seeds, pad_to=pad_to, steering=steering
-        ).result()
-
-    def start(
-        self,
-        prompts: Sequence[Prompt],
-        params: GenerationParams,
-        capture: CaptureSpec | None = None,
-        row_seeds: Sequence[int] | None = None,
-        *,
-        pad_to: int | None = None,
-        steering: Steering | None = None,
-    ) -> CudaPending | Ready:
-        """:meth:`generate` without waiting for the device (see
-        :func:`tracekit.engines.interface.start_generation`): the batch is launched, and
-        :meth:`CudaPending.result` detokenizes it once its results are copied. Starting the
-        next batch first is safe: a batch's results are copied out of the decoder's buffers
-        before the next batch's prefill is queued."""
+    def _start(self, request: GenerationRequest) -> CudaPending | Ready:
+        """Launch the batch without waiting for the device: :meth:`CudaPending.result`
+        detokenizes it once its results are copied. Starting the next batch first is safe: a
+        batch's results are copied out of the decoder's buffers before the next batch's prefill
+        is queued. ``steering`` is applied exactly as the reference engine does."""
         import torch
 
         from tracekit.engines.hf import check_capture_layers
-        from tracekit.engines.interface import (
-            GenerationOutput,
-            Ready,
-            encode_prompts,
-            left_pad,
-            sampling_seeds,
-        )
 
-        tokenizer = self.loaded.tokenizer
-        rows = encode_prompts(tokenizer, prompts)
+        tokenizer, params, capture = self.loaded.tokenizer, request.params, request.capture
+        rows = encode_prompts(tokenizer, request.prompts)
         batch = len(rows)
         if batch == 0:
             return Ready(GenerationOutput([], [], [], []))
         if capture is not None:
             check_capture_layers(self.loaded, capture)
         dec = self._decoder(capture)
-        seeds = sampling_seeds(params, row_seeds, batch) or [0] * batch
+        seeds = sampling_seeds(params, request.row_seeds, batch) or [0] * batch
         # a short batch (a run's last one, a resumed remainder) runs at the caller's batch size,
         # so it reuses the decode step prepared for it instead of compiling, timing kernels and
         # capturing a new one; the extra rows copy row 0 (prompt and seed), so they finish with
         # it and never keep the loop running, and they are dropped below
+        pad_to = request.pad_to
         fill = max(0, pad_to - batch) if dec.plan.pad_batches and pad_to is not None else 0
         # host tensors: the decoder checks them and copies them over without waiting
         cpu = torch.device("cpu")
@@ -204,7 +173,7 @@ class CudaEngine:
                 temperature=params.temperature,
                 top_p=params.top_p,
                 seeds=seeds,
-                steering=steering,
+                steering=request.steering,
             )
         except Exception as exc:
             if is_oom(exc):  # the caller retries smaller: drop every decoder's caches too
@@ -233,7 +202,6 @@ class CudaPending:
         self._capture = capture
 
     def result(self) -> GenerationOutput:
-        from tracekit.engines.interface import GenerationOutput
         from tracekit.engines.pooling import Pooling
 
         if self._output is None:
