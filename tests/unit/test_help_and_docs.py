@@ -51,3 +51,39 @@ def test_a_changed_option_makes_the_table_stale():
     edited = page.replace("Render only the first N items", "Render the first N items", 1)
     assert edited != page
     assert _docs.render(edited) == page  # regenerating restores the app's help text
+
+
+MEANS_OTHER_THINGS = {
+    "--allow-pickle": "decode loads old generation caches; log stats and reconstruct, stores",
+    "--chat": "reconstruct takes the store's model's template when --model is not given",
+    "--dtype": "log's is the dtype of the stored activations (--model-dtype is the model's)",
+    "--engine": "extract activations runs a teacher-forced forward, not a decode loop",
+    "--experiment": "judge only looks --trait up in the experiment; it writes nothing there",
+    "--input": "build-dataset reads a folder of NPZ files; judge, one CSV/JSONL table",
+    "--judge-model": "in generate it turns judging on; judge has a default model per backend",
+    "--layer": "build-dataset's input layer; report steering's steered layer",
+    "--method": "extract vectors computes by it; extract projections picks a vectors file by it",
+    "--model": "decode filters caches by the model recorded; the others load the model",
+    "--output": "a dataset .npz, a folder of sentence files, a judged table or a PNG",
+    "--plot": "each command draws its own figure",
+    "--pooling": "poolings to capture, the one pooling to read, or the seed file's pooling",
+    "--seed": "build-dataset's train/test split; generate's sampling",
+    "--threshold": "generate counts neg < T; extract vectors applies --neg-rule",
+    "--trait": "generate and judge also take a shipped trait or a trait JSON path",
+    "--verbose": "tracekit's counts log levels (-v, -vv); reconstruct's logs its matching",
+}
+"""Option spellings that mean different things in different commands, and how. Every other
+spelling has one help text in every command that takes it (an ``opt.*`` alias of
+cli/_options.py), so the same option never reads two ways."""
+
+
+def test_an_option_spelled_alike_reads_alike_in_every_command():
+    helps: dict[str, set[str]] = {}
+    for path in every_command():
+        for param in command_at(path).params:
+            for opt in getattr(param, "opts", ()):  # (a --no- spelling shares its help)
+                if opt.startswith("--") and opt != "--help":
+                    helps.setdefault(opt, set()).add(param.help or "")
+    differing = {opt for opt, texts in helps.items() if len(texts) > 1}
+    assert sorted(differing - MEANS_OTHER_THINGS.keys()) == []  # use the opt.* alias
+    assert sorted(MEANS_OTHER_THINGS.keys() - differing) == []  # one text now: drop the entry
