@@ -3,6 +3,14 @@
 Each is an ``Annotated`` alias that a command uses as ``model: opt.Model = None`` (``from .
 import _options as opt``); the default stays in the command. Only typer and the standard
 library are imported here: ``--help`` and TAB completion read these.
+
+Typer has no option groups, so a command lists every shared alias it takes, one line each,
+as huggingface_hub's commands list ``repo_id: RepoIdArg, repo_type: RepoTypeOpt, ...``: the
+commands that work in a trait folder repeat ``--experiment/--trait/--experiments-dir``, those
+that load a model ``--model/--dtype/--device/...``. Those lines declare; the meaning lives here
+once. (Options are not generated from the pydantic configs: that would import pydantic for
+``--help``.) An option that means another thing in another command keeps its own declaration
+there; tests/unit/test_help_and_docs.py lists those.
 """
 
 from __future__ import annotations
