@@ -65,6 +65,15 @@ class SweepPoint:
     metrics: dict[str, MetricSummary]
     root: Path
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "direction": self.direction,
+            "coef": self.coef,
+            "rows": self.rows,
+            "dir": str(self.root),
+            **{m: s.to_dict() for m, s in self.metrics.items()},
+        }
+
 
 @dataclass
 class SteeringReport:
@@ -83,16 +92,7 @@ class SteeringReport:
             "layer": self.layer,
             "metrics": self.metrics,
             "steering": self.steering,
-            "points": [
-                {
-                    "direction": p.direction,
-                    "coef": p.coef,
-                    "rows": p.rows,
-                    "dir": str(p.root),
-                    **{m: s.to_dict() for m, s in p.metrics.items()},
-                }
-                for p in self.points
-            ],
+            "points": [p.to_dict() for p in self.points],
             "png": str(self.png) if self.png is not None else None,
             "notes": self.notes,
         }

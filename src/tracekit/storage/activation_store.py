@@ -31,7 +31,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -536,18 +536,7 @@ class StoreStats:
     """The store's format: tracekit's, or the seed's (:mod:`tracekit.storage.seed_store`)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "format": self.format,
-            "entries": self.entries,
-            "with_activations": self.with_activations,
-            "arrays": self.arrays,
-            "activation_bytes": self.activation_bytes,
-            "metadata_bytes": self.metadata_bytes,
-            "file_bytes": self.file_bytes,
-            "map_size": self.map_size,
-            "provenance": self.provenance,
-        }
+        return asdict(self)
 
     @classmethod
     def of_store(
