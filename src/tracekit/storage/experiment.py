@@ -32,7 +32,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from tracekit.errors import InputError, OutputExistsError
 from tracekit.storage.atomic import (
@@ -67,61 +67,53 @@ REQUIRED_COLUMNS = ("question", "prompt", "response")
 """Columns ``extract activations`` needs in a CSV that came from elsewhere."""
 
 
+class _Under:
+    """A :class:`TraitPaths` path: ``name`` under the trait root or under another of its
+    paths (``parent``, an attribute name), so the layout reads as one table."""
+
+    def __init__(self, name: str, parent: str = "root") -> None:
+        self.name, self.parent = name, parent
+
+    @overload
+    def __get__(self, paths: None, owner: type) -> _Under: ...
+    @overload
+    def __get__(self, paths: TraitPaths, owner: type | None = None) -> Path: ...
+    def __get__(self, paths: TraitPaths | None, owner: type | None = None) -> Path | _Under:
+        if paths is None:
+            return self
+        parent: Path = getattr(paths, self.parent)
+        return parent / self.name
+
+
 @dataclass(frozen=True)
 class TraitPaths:
     """Every path of one trait in one experiment."""
 
     root: Path
 
+    trait_definition = _Under("trait_definition.json")
+    metadata = _Under("metadata.json")
+    responses_dir = _Under("responses")
+    parts_dir = _Under("parts", "responses_dir")
+    run_file = _Under("run.json", "parts_dir")
+    """Settings of the run that wrote the parts (resume must use the same ones)."""
+    activations_dir = _Under("activations")
+    activation_parts_dir = _Under("parts", "activations_dir")
+    activations_metadata = _Under("metadata.json", "activations_dir")
+    vectors_dir = _Under("vectors")
+
     @classmethod
     def of(cls, experiments_dir: str | Path, experiment: str, trait: str) -> TraitPaths:
         return cls(Path(experiments_dir) / experiment / trait)
 
-    @property
-    def trait_definition(self) -> Path:
-        return self.root / "trait_definition.json"
-
-    @property
-    def metadata(self) -> Path:
-        return self.root / "metadata.json"
-
-    @property
-    def responses_dir(self) -> Path:
-        return self.root / "responses"
-
-    @property
-    def parts_dir(self) -> Path:
-        return self.responses_dir / "parts"
-
     def responses_csv(self, polarity: Polarity) -> Path:
         return self.responses_dir / f"{polarity}.csv"
-
-    @property
-    def activations_dir(self) -> Path:
-        return self.root / "activations"
-
-    @property
-    def activation_parts_dir(self) -> Path:
-        return self.activations_dir / "parts"
-
-    @property
-    def activations_metadata(self) -> Path:
-        return self.activations_dir / "metadata.json"
 
     def activation_file(self, polarity: Polarity, pooling: str, suffix: str = ".npy") -> Path:
         return self.activations_dir / f"{polarity}_{pooling}{suffix}"
 
     def ids_file(self, polarity: Polarity, pooling: str) -> Path:
         return self.activations_dir / f"{polarity}_{pooling}_ids.npy"
-
-    @property
-    def vectors_dir(self) -> Path:
-        return self.root / "vectors"
-
-    @property
-    def run_file(self) -> Path:
-        """Settings of the run that wrote the parts (resume must use the same ones)."""
-        return self.parts_dir / "run.json"
 
 
 # --- resume journal -------------------------------------------------------------------------
