@@ -208,19 +208,29 @@ def part_exact(rows: list[dict[str, Any]]) -> None:
         empty_cache()
 
 
-def part_gemma(rows: list[dict[str, Any]], bw: float, batches: dict[str, list[int]]) -> None:
+ATTENTION = {"kernel": "on", "torch": "off"}
+"""``--gemma-attention`` values: the fused Triton attention kernel, or the attention as torch
+operations inside the compiled step (``CudaEngine(fused_attention=...)``)."""
+
+
+def part_gemma(
+    rows: list[dict[str, Any]], bw: float, batches: dict[str, list[int]], attention: list[str]
+) -> None:
     for shape, sizes in batches.items():
-        gemma_rows(rows, bw, shape, sizes)  # prints each row as it is done
-        empty_cache()
+        for how in attention:
+            gemma_rows(rows, bw, shape, sizes, how)  # prints each row as it is done
+            empty_cache()
 
 
-def gemma_rows(rows: list[dict[str, Any]], bw: float, shape: str, sizes: list[int]) -> None:
+def gemma_rows(
+    rows: list[dict[str, Any]], bw: float, shape: str, sizes: list[int], attention: str
+) -> None:
     prompt, new = (64, 128) if device() == "cuda" else (8, 8)
     params = GenerationParams(max_new_tokens=new, temperature=0)
     loaded = random_gemma(shape, device=device(), dtype=half(), seed=0)
     loaded.model.generation_config.eos_token_id = None
     capture = CaptureSpec(layers=tuple(range(loaded.n_layers)), poolings=ALL_POOLINGS)
-    engine: Any = create_engine("cuda", loaded)
+    engine = CudaEngine(loaded, fused_attention=ATTENTION[attention])
     engine.stop_ids = [-1]  # every row makes `new` tokens
     vocab = loaded.model.config.get_text_config().vocab_size
     weights = step_read_bytes(loaded.model)
@@ -244,6 +254,10 @@ def gemma_rows(rows: list[dict[str, Any]], bw: float, shape: str, sizes: list[in
                 "part": "gemma",
                 "shape": shape,
                 "batch": batch,
+                # what ran: a kernel that failed its check leaves the torch attention
+                "attention": "kernel"
+                if any(r.dims.fused_attention for r in engine._decoder(capture)._runners.values())
+                else "torch",
                 "setup s": round(setup, 1),
                 "step ms": round(step * 1e3, 3),
                 "floor ms": round(floor * 1e3, 3),
@@ -323,6 +337,12 @@ def main() -> None:
         default="gemma-2-2b:32,gemma-2-9b:32,gemma-3-12b:32",
         help="shape:batch/batch,... for the gemma part",
     )
+    ap.add_argument(
+        "--gemma-attention",
+        default="kernel",
+        help="kernel and/or torch (comma-separated): the gemma part's attention, the fused "
+        "kernel or torch operations in the compiled step (both: the same shapes twice)",
+    )
     add_csv_option(ap)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (no timings)")
     args = ap.parse_args()
@@ -349,7 +369,7 @@ def main() -> None:
         ("two", part_two),
         ("exact", part_exact),
         ("cold", lambda out: part_cold(out, tuned="tuned" in parts)),
-        ("gemma", lambda out: part_gemma(out, bw, batches)),
+        ("gemma", lambda out: part_gemma(out, bw, batches, args.gemma_attention.split(","))),
     ]
     for name, run in runs:
         if name in parts or (name == "cold" and "tuned" in parts):

@@ -545,6 +545,72 @@ def test_fused_attention_kernel_matches_reference(heads, kv, head_dim, splits, b
         ), (batch, length, pdl)
 
 
+@pytest.mark.parametrize(
+    "heads,kv,splits,window,softcap,qk_norm",
+    [
+        (8, 4, 1, 40, 50.0, False),  # Gemma-2-2B (head_dim 256), a local layer's window
+        (8, 4, 4, None, 50.0, False),  # a global layer, split-K partials
+        (16, 8, 1, 40, None, True),  # Gemma-3-12B: q/k norms, no soft-cap
+        (16, 8, 2, None, 2.0, True),  # a soft-cap low enough to bend most scores
+    ],
+)
+def test_fused_attention_kernel_computes_gemma(heads, kv, splits, window, softcap, qk_norm):
+    """Gemma's attention in the fused kernel: head_dim 256, ``query_pre_attn_scalar``
+    scaling, soft-capped scores, (1 + w) q/k norms, windows; every CONFIG's cache walk."""
+    from tracekit.engines.cuda.ops import attention as cuda_attention
+    from tracekit.engines.cuda.ops import gemv as cuda_gemv
+
+    pdl = cuda_gemv.pdl_available(torch.device("cuda"))
+    for config in cuda_attention.CONFIGS:
+        for batch, length in ((1, 7), (5, 150), (3, 700)):
+            assert cuda_attention.works(
+                batch=batch,
+                length=length,
+                n_heads=heads,
+                n_kv=kv,
+                head_dim=256,
+                splits=splits,
+                has_bias=False,
+                window=window,
+                dtype=torch.bfloat16,
+                device=torch.device("cuda"),
+                pdl=pdl,
+                config=config,
+                scaling=224**-0.5,
+                softcap=softcap,
+                qk_norm_eps=1e-6 if qk_norm else None,
+            ), (config, batch, length)
+
+
+def test_gemma_kernel_check_fails_without_the_soft_cap_or_norms():
+    """The check that admits the kernel is not blind to Gemma's parts: the kernel run with a
+    soft-cap (or q/k norms) disagrees with the reference run without them."""
+    from tracekit.engines.cuda.ops import attention as cuda_attention
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    dev = torch.device("cuda")
+    batch, n_heads, n_kv, hd, length = 2, 8, 4, 256, 100
+    qkv = torch.randn(batch, (n_heads + 2 * n_kv) * hd, generator=gen).to(dev, torch.bfloat16)
+    angles = torch.rand(batch, hd, generator=gen).to(dev)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    cache = torch.randn(2, batch, n_kv, length, hd, generator=gen).to(dev, torch.bfloat16)
+    slot = torch.tensor([length - 2], device=dev)
+    pad = torch.zeros(batch, dtype=torch.long, device=dev)
+    scale = 1.0 + torch.randn(hd, generator=gen).to(dev)
+    plain = cuda_attention.AttentionShape(n_heads, n_kv, hd, 0.5, None)
+
+    def run(shape, fused):
+        fn = cuda_attention.decode_attention if fused else cuda_attention.reference
+        k, v = cache[0].clone(), cache[1].clone()
+        return fn(qkv, None, cos, sin, k, v, slot, pad, shape, q_norm=scale, k_norm=scale)
+
+    want = run(plain, False)
+    for shape in (plain._replace(softcap=1.0), plain._replace(qk_norm_eps=1e-6)):
+        got = run(shape, True)
+        assert _rel(got, want) > 0.1, shape
+        assert _rel(got, run(shape, False)) < 2e-2, shape
+
+
 def test_every_attention_configuration_matches_reference():
     from tracekit.engines.cuda.ops import attention as cuda_attention
     from tracekit.engines.cuda.ops import gemv as cuda_gemv

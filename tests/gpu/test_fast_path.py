@@ -62,6 +62,7 @@ def test_gemma_greedy_equals_reference_with_graphs(shape, batch):
     fast = getattr(engine, "fast", engine)  # auto wraps the fast engine in its fallback
     runners = list(fast._decoder(capture)._runners.values())
     assert runners and all(r.graph is not None for r in runners)  # replayed, not eager
+    assert all(r.dims.fused_attention for r in runners)  # Gemma's attention in the kernel too
     assert out.response_ids == ref.response_ids
     for pooling in ALL_POOLINGS:
         assert relative_error(out.pooled[pooling], ref.pooled[pooling]) < 1e-3, pooling

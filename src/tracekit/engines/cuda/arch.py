@@ -7,8 +7,9 @@ the decoder compiles and the runner calls (the signatures are :mod:`.llama`'s). 
 the runner and the engine never name a family: they ask :func:`architecture_for`.
 
 To add a family: write its module with an ``ARCHITECTURE`` and list the module in
-:data:`MODULES`; set ``fused_attention``/``fused_block`` only where the Triton kernels of
-:mod:`.ops` compute exactly its attention and block (Llama's).
+:data:`MODULES`; set ``fused_attention`` (with ``attention_shape``) and ``fused_block`` only
+where the Triton kernels of :mod:`.ops` compute exactly its attention (Llama's and Gemma's) and
+block (Llama's).
 """
 
 from __future__ import annotations
@@ -91,8 +92,12 @@ class Architecture:
     block_kv: Callable[..., Any]
     head: Callable[..., Any]
     embed: Callable[..., Any]
+    attention_shape: Callable[[Any, Any], Any] | None = None
+    """``(dims, layer weights)``: the :class:`~.ops.attention.AttentionShape` of the block's
+    attention, the fused kernel's constants (``None`` without ``fused_attention``)."""
     fused_attention: bool = False
-    """Whether :mod:`.ops.attention` computes this family's attention (rotary, GQA, window)."""
+    """Whether :mod:`.ops.attention` computes this family's attention (rotary, GQA, window,
+    and where ``attention_shape`` sets them Gemma's soft-cap and q/k norms)."""
     fused_block: bool = False
     """Whether :mod:`.ops.block`'s fused products compute this family's blocks."""
     swiglu: bool = False

@@ -53,6 +53,7 @@ from tracekit.engines.cuda.ops.gemv import mode_for_splits
 from tracekit.engines.cuda.plan import (
     FUSED_ATTENTION_MAX_LEN,
     NO_GEMV,
+    AttentionShape,
     BlockSplits,
     DecoderPlan,
     Dims,
@@ -247,13 +248,17 @@ class FastDecoder:
     def fused_attention_for(self, batch: int, length: int, gemv_qkv: int) -> bool:
         """Whether decode steps of ``batch`` rows over a cache of ``length`` slots use the
         fused attention kernel: ``on``/``auto`` for an architecture it computes, with fused
-        q/k/v weights and no q/k norm, where the kernel agreed with its reference on this
-        model's shape; ``auto`` only up to :data:`FUSED_ATTENTION_MAX_LEN` slots (one program
-        per row and kv head walks the whole cache: long caches want a split over the cache,
-        which it does not do)."""
+        q/k/v weights and q/k norms only where the kernel applies them (Gemma's), where the
+        kernel agreed with its reference on this model's shape (block 0's: a local layer's
+        window, at most 64 slots so the check's cache passes it); ``auto`` only up to
+        :data:`FUSED_ATTENTION_MAX_LEN` slots (one program per row and kv head walks the
+        whole cache: long caches want a split over the cache, which it does not do)."""
         mode = self.plan.fused_attention
         w = self.weights[0]
-        if mode == "off" or not self.arch.fused_attention or w.qkv is None or w.q_norm is not None:
+        if mode == "off" or not self.arch.fused_attention or w.qkv is None:
+            return False
+        shape = self._attention_shape()
+        if w.q_norm is not None and shape.qk_norm_eps is None:
             return False
         if mode == "auto" and length > FUSED_ATTENTION_MAX_LEN:
             return False
@@ -271,10 +276,13 @@ class FastDecoder:
                 head_dim=spec.head_dim,
                 splits=splits,
                 has_bias=w.qkv_bias is not None,
-                window=spec.sliding_window,
+                window=None if shape.window is None else min(shape.window, 64),
                 dtype=self.dtype,
                 device=self.device,
                 pdl=bool(self.plan.pdl),
+                scaling=shape.scaling,
+                softcap=shape.softcap,
+                qk_norm_eps=shape.qk_norm_eps,
             )
         return self._fused_ok[splits]
 
@@ -295,11 +303,8 @@ class FastDecoder:
             return self.plan.attention_config
         if not self.plan.use_graphs or not self.plan.time_kernels:
             return ops_attention.DEFAULT_CONFIG
-        spec = self.spec
         splits = ops_gemv.splits_of(gemv_qkv) if gemv_qkv >= ops_gemv.SPLIT_K2 else 1
-        shape = ops_attention.AttentionShape(
-            spec.n_heads, spec.n_kv_heads, spec.head_dim, self.dims.scaling, spec.sliding_window
-        )
+        shape = self._attention_shape()
         # timed at lengths rounded up to 64 slots: nearby shapes share one timing
         rounded = -(-length // 64) * 64
         return ops_attention.kernel_config(
@@ -312,6 +317,13 @@ class FastDecoder:
             device=self.device,
             pdl=bool(self.plan.pdl),
         )
+
+    def _attention_shape(self) -> AttentionShape:
+        """Block 0's fused attention constants (:attr:`Architecture.attention_shape`): what the
+        kernel is checked and timed with (Gemma: a local layer, its window and soft-cap)."""
+        assert self.arch.attention_shape is not None
+        shape: AttentionShape = self.arch.attention_shape(self.dims, self.weights[0])
+        return shape
 
     def step_dims(
         self, key: RunKey, gemv: GemvChoice, block: BlockSplits | None

@@ -38,9 +38,10 @@ import inspect
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from tracekit.engines.cuda.arch import Architecture, DecoderSpec, ModelTensors, text_config
-from tracekit.engines.cuda.llama import LayerWeights, project_qkv, rotate_half
+from tracekit.engines.cuda.llama import LayerWeights, project_qkv, qkv_parts, rotate_half
 from tracekit.engines.cuda.llama import collect_weights as llama_weights
 from tracekit.engines.cuda.ops.gemv import linear
+from tracekit.engines.cuda.plan import AttentionShape
 from tracekit.engines.cuda.sampling import advance
 from tracekit.engines.cuda.state import capture
 from tracekit.errors import ModelError
@@ -471,18 +472,82 @@ def last(
     use_top_p: bool,
     d: Dims,
 ) -> None:
-    """Rest of the last block, final norm, soft-capped logits, sampling and bookkeeping."""
-    assert cache is not None and bias is not None
-    h = _branch_out(h, _attend(q, cache, bias, w, d), w, d.eps, d.gemv)
+    """Rest of the last block, final norm, soft-capped logits, sampling and bookkeeping.
+
+    With ``d.fused_attention``, ``q`` is the block's attention output (``cache``/``bias``
+    unused): the fused kernel ran before this piece."""
+    if not d.fused_attention:
+        assert cache is not None and bias is not None
+        q = _attend(q, cache, bias, w, d)
+    h = _branch_out(h, q, w, d.eps, d.gemv)
     h = capture(cap, h)
     logits = head(h, final, lm_head, d.eps, d.gemv.head, d.gemv.pdl, _extra(d))
     advance(logits, st, eos_ids, pad_id, max_new, include_eos, do_sample, use_top_p, d.argmax_chunk)
 
 
+# --------------------------------------------------------------------------------------------
+# Pieces around the fused attention kernel (:mod:`.ops.attention`)
+# --------------------------------------------------------------------------------------------
+def attention_shape(d: Dims, w: LayerWeights) -> AttentionShape:
+    """The fused attention kernel's constants for block ``w``: Gemma's scaling and soft-cap,
+    the window on local layers only, the q/k norms where the block has them (Gemma-3)."""
+    extra = _extra(d)
+    return AttentionShape(
+        d.n_heads,
+        d.n_kv,
+        d.head_dim,
+        d.scaling,
+        extra.window if w.local else None,
+        extra.attn_softcap,
+        None if w.q_norm is None else d.eps,
+    )
+
+
+def _qkv_product(h: torch.Tensor, w: LayerWeights, d: Dims) -> torch.Tensor:
+    """Norm and fused q/k/v product for the fused attention kernel (which applies the q/k
+    norms and the rotary embedding)."""
+    return qkv_parts(norm(h, w.ln1, d.eps), w, d.gemv.qkv, d.gemv.pdl)
+
+
+def first_fused(
+    cur_tok: torch.Tensor,
+    table: torch.Tensor,
+    slot: torch.Tensor,
+    pad_len: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    cap0: Sink | None,
+    w0: LayerWeights,
+    d: Dims,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused-attention step: scaled embedding (captured as layer 0), this step's rotary rows
+    as ``[tables, B, head_dim]`` (one contiguous ``[B, head_dim]`` per table, as the kernel
+    reads them), block 0's q/k/v product."""
+    h = capture(cap0, embed(cur_tok, table, _extra(d)))
+    pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
+    cos = cos_table[pos].transpose(0, 1).contiguous()
+    sin = sin_table[pos].transpose(0, 1).contiguous()
+    return h, _qkv_product(h, w0, d), cos, sin
+
+
+def middle_fused(
+    h: torch.Tensor,
+    attn: torch.Tensor,
+    w: LayerWeights,
+    cap: Sink | None,
+    w_next: LayerWeights,
+    d: Dims,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused-attention step: rest of block i after its attention, block i+1's q/k/v product."""
+    h = capture(cap, _branch_out(h, attn, w, d.eps, d.gemv))
+    return h, _qkv_product(h, w_next, d)
+
+
 def _no_fused_kernels(*args: Any) -> Any:
-    """The fused-kernel step pieces: Gemma runs none (:attr:`Architecture.fused_attention` and
-    ``fused_block`` are off), so the decoder never calls these."""
-    raise ModelError("the fused attention and block kernels do not compute Gemma's blocks")
+    """The fused-block step pieces: Gemma runs none (:attr:`Architecture.fused_block` is off:
+    the block kernels gate with SiLU and have no norms after the branches), so the decoder
+    never calls these."""
+    raise ModelError("the fused block kernels do not compute Gemma's blocks")
 
 
 ARCHITECTURE = Architecture(
@@ -496,12 +561,14 @@ ARCHITECTURE = Architecture(
     first=first,
     middle=middle,
     last=last,
-    first_fused=_no_fused_kernels,
-    middle_fused=_no_fused_kernels,
+    first_fused=first_fused,
+    middle_fused=middle_fused,
     embed_norm=_no_fused_kernels,
     head_advance=_no_fused_kernels,
     block_kv=block_kv,
     head=head,
     embed=embed,
+    attention_shape=attention_shape,
+    fused_attention=True,
     hf_prefill=False,  # HF's cache keeps only the window of a local layer's keys
 )

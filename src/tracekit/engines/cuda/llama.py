@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracekit.engines.cuda.arch import Architecture, DecoderSpec, ModelTensors, text_config
 from tracekit.engines.cuda.ops.gemv import SPLIT_K2, linear, splits_of, swiglu
-from tracekit.engines.cuda.plan import NO_GEMV, Dims, GemvChoice
+from tracekit.engines.cuda.plan import NO_GEMV, AttentionShape, Dims, GemvChoice
 from tracekit.engines.cuda.sampling import advance
 from tracekit.engines.cuda.state import Caches, Sink, StepState, capture
 
@@ -401,14 +401,24 @@ def qkv_product(
     """Norm and fused q/k/v product for the fused attention kernel, bias not added: the
     product ``[B, N]``, or for a split-K mode its float32 partials ``[splits, B, N]`` (the
     kernel sums them, so no kernel here does)."""
+    return qkv_parts(rms_norm(h, w.ln1, eps), w, gemv_qkv, pdl)
+
+
+def qkv_parts(x: torch.Tensor, w: LayerWeights, gemv_qkv: int, pdl: bool) -> torch.Tensor:
+    """The fused q/k/v product of the normed ``x`` as the fused attention kernel reads it:
+    ``[B, N]``, or for a split-K mode the float32 partials ``[splits, B, N]``."""
     import torch
 
     assert w.qkv is not None
-    x = rms_norm(h, w.ln1, eps)
     if gemv_qkv >= SPLIT_K2:
         parts: torch.Tensor = torch.ops.tracekit.gemv_splitk(x, w.qkv, splits_of(gemv_qkv), pdl)
         return parts
     return linear(x, w.qkv, gemv_qkv, pdl)
+
+
+def attention_shape(d: Dims, w: LayerWeights) -> AttentionShape:
+    """The fused attention kernel's constants for block ``w``: the same for every block."""
+    return AttentionShape(d.n_heads, d.n_kv, d.head_dim, d.scaling, d.window)
 
 
 def prelude(
@@ -699,6 +709,7 @@ ARCHITECTURE = Architecture(
     block_kv=block_kv,
     head=head,
     embed=embed,
+    attention_shape=attention_shape,
     fused_attention=True,
     fused_block=True,
     swiglu=True,

@@ -272,6 +272,21 @@ class BlockSplits(NamedTuple):
     down: int
 
 
+class AttentionShape(NamedTuple):
+    """The fused attention kernel's constants (:mod:`.ops.attention` specialises on them)."""
+
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    scaling: float
+    window: int | None
+    softcap: float | None = None
+    """Gemma-2's attention logit soft-cap; ``None``: scores not capped."""
+    qk_norm_eps: float | None = None
+    """Set: q and k heads normalised (Gemma's (1 + w) RMSNorm, this epsilon) before the
+    rotary embedding; their float32 scales are :func:`decode_attention`'s ``q_norm``/``k_norm``."""
+
+
 class Dims(NamedTuple):
     """Python constants the step functions specialise on (one compilation per value set)."""
 

@@ -360,16 +360,23 @@ class Runner:
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        """Block ``i``'s attention through the fused kernel: rotary, KV write, attention."""
-        from tracekit.engines.cuda.ops.attention import AttentionShape, decode_attention
+        """Block ``i``'s attention through the fused kernel: rotary, KV write, attention.
+        ``cos``/``sin``: ``[B, head_dim]``, or ``[tables, B, head_dim]`` where the blocks
+        use several rotary tables (each block's ``rope`` picks one)."""
+        from tracekit.engines.cuda.ops.attention import decode_attention
 
-        d, st = self.dims, self.st
-        shape = AttentionShape(d.n_heads, d.n_kv, d.head_dim, d.scaling, d.window)
+        d, st, m = self.dims, self.st, self.m
+        w = m.weights[i]
+        assert m.arch.attention_shape is not None
+        shape = m.arch.attention_shape(d, w)
+        if cos.dim() == 3:
+            cos, sin = cos[w.rope], sin[w.rope]
         k_cache, v_cache = self.k_cache[i], self.v_cache[i]
         pdl, config = d.gemv.pdl, self.attn_config
         return decode_attention(
-            qkv, bias, cos, sin, k_cache, v_cache, st.slot, st.pad_len, shape, pdl, config
-        )
+            qkv, bias, cos, sin, k_cache, v_cache, st.slot, st.pad_len, shape, pdl, config,
+            w.q_norm, w.k_norm,
+        )  # fmt: skip
 
     def _last(
         self, h: torch.Tensor, q: torch.Tensor, cache: Caches | None, bias: torch.Tensor | None

@@ -33,6 +33,24 @@ def _load_sum(  # pragma: no cover - GPU or interpreter
 
 
 @triton.jit
+def _head_norm(x, r, w_ptr, cols, mask, dtype: tl.constexpr):  # pragma: no cover - GPU
+    """Gemma's per-head RMSNorm of ``x`` (float32) by the rows' ``1/rms`` ``r`` and the
+    float32 scale ``1 + w`` at ``cols``: scaled in float32, rounded once to ``dtype``."""
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return (x * r * w).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _softcap(s, CAP: tl.constexpr):  # pragma: no cover - GPU or interpreter
+    """``CAP * tanh(s / CAP)`` (``tanh`` through ``exp``: the same in float32, and Triton's
+    language has no tanh of its own); ``s`` unchanged where ``CAP`` is 0."""
+    if CAP > 0:
+        t = tl.exp(2.0 * s / CAP)
+        s = CAP * (1.0 - 2.0 / (t + 1.0))
+    return s
+
+
+@triton.jit
 def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
     qkv_ptr,
     bias_ptr,
@@ -43,10 +61,13 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
     slot_ptr,
     pad_ptr,
     out_ptr,
+    qn_ptr,
+    kn_ptr,
     stride_s,
     L,
     B,
     scaling,
+    eps,
     S: tl.constexpr,
     H: tl.constexpr,
     KV: tl.constexpr,
@@ -55,6 +76,8 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    QK_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
     USE_PDL: tl.constexpr = False,
@@ -85,12 +108,20 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
                   dtype)  # fmt: skip
     q_r = _load_sum(qkv_ptr, bias_ptr, row, q_base + d_rot[None, :], q_mask, stride_s, S,
                     HAS_BIAS, dtype)  # fmt: skip
+    if QK_NORM:  # Gemma-3: each head normalised before the rotary embedding
+        r = tl.rsqrt(tl.sum(q * q, axis=1) / D + eps)[:, None]
+        q_r = _head_norm(q_r, r, qn_ptr, d_rot[None, :], d_ok[None, :], dtype)
+        q = _head_norm(q, r, qn_ptr, d[None, :], d_ok[None, :], dtype)
     q = (q * cos[None, :] + sign[None, :] * q_r * sin[None, :]).to(dtype)
     # the new key (rotated) and value
     k_base = H * D + kvh * D
     k = _load_sum(qkv_ptr, bias_ptr, row, k_base + d, d_ok, stride_s, S, HAS_BIAS, dtype)
     k_r = _load_sum(qkv_ptr, bias_ptr, row, k_base + d_rot, d_ok, stride_s, S, HAS_BIAS,
                     dtype)  # fmt: skip
+    if QK_NORM:
+        r_k = tl.rsqrt(tl.sum(k * k, axis=0) / D + eps)
+        k_r = _head_norm(k_r, r_k, kn_ptr, d_rot, d_ok, dtype)
+        k = _head_norm(k, r_k, kn_ptr, d, d_ok, dtype)
     k = (k * cos + sign * k_r * sin).to(dtype)
     v_base = (H + KV) * D + kvh * D
     v = _load_sum(qkv_ptr, bias_ptr, row, v_base + d, d_ok, stride_s, S, HAS_BIAS, dtype)
@@ -119,7 +150,7 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
             s = tl.dot(q, tl.trans(kb), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(kb))
-        s = tl.where(j_ok[None, :], s * scaling, float("-inf"))
+        s = tl.where(j_ok[None, :], _softcap(s * scaling, SOFTCAP), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -132,7 +163,8 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
         acc = acc * alpha[:, None] + pv
         m = m_new
     # the new token itself, from registers
-    s_cur = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scaling
+    s_cur = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1)
+    s_cur = _softcap(s_cur * scaling, SOFTCAP)
     m_new = tl.maximum(m, s_cur)
     alpha = tl.exp(m - m_new)
     p_cur = tl.exp(s_cur - m_new)

@@ -13,6 +13,11 @@ an H200 for a few KB of work. This kernel does all of it in one launch, one prog
 4. attends over the row's valid cache slots (from ``pad_len`` up to ``slot``, within the sliding
    window if any) with an online softmax, the new token included.
 
+Gemma's attention is the same with two more constants: scores soft-capped (``cap *
+tanh(s / cap)``, Gemma-2) after the scaling, and each query and key head normalised by its
+(1 + w) RMSNorm before the rotary embedding (Gemma-3's q/k norms: scaled in float32, rounded
+once, as HF's ``Gemma3RMSNorm``).
+
 The grouped query heads of a kv head share one program and one read of its keys and values.
 Rounding follows the reference step: q, k and v are rounded to the model dtype after the
 product and after the rotary embedding, scores and sums are float32.
@@ -26,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from tracekit.engines.cuda.ops.gemv import (
     fastest_kept,
@@ -35,6 +40,7 @@ from tracekit.engines.cuda.ops.gemv import (
     sum_partials,
     time_candidates,
 )
+from tracekit.engines.cuda.plan import AttentionShape
 
 if TYPE_CHECKING:
     import torch
@@ -42,16 +48,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _STATE: dict[str, Any] = {}
-
-
-class AttentionShape(NamedTuple):
-    """The attention's shape constants (the kernel specialises on them)."""
-
-    n_heads: int
-    n_kv: int
-    head_dim: int
-    scaling: float
-    window: int | None
 
 
 def _build() -> Any:
@@ -100,6 +96,8 @@ def decode_attention(
     shape: AttentionShape,
     pdl: bool = False,
     config: tuple[int, int, int] | None = None,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output ``[batch, n_heads * head_dim]`` of one decode step (see the module
     docstring); writes the new key and value into ``k_cache``/``v_cache`` at ``slot``.
@@ -110,7 +108,9 @@ def decode_attention(
     (``N = (n_heads + 2 * n_kv) * head_dim``); ``cos``/``sin``: this step's rotary rows
     ``[batch, head_dim]``; caches ``[batch, n_kv, length, head_dim]``; ``slot``: int64 ``[1]``;
     ``pad_len``: int64 ``[batch]`` (first valid slot of each row); ``config``: one of
-    :data:`CONFIGS` (:func:`kernel_config`), :data:`DEFAULT_CONFIG` when ``None``.
+    :data:`CONFIGS` (:func:`kernel_config`), :data:`DEFAULT_CONFIG` when ``None``;
+    ``q_norm``/``k_norm``: float32 ``[head_dim]`` scales (``1 + w``), wanted where
+    ``shape.qk_norm_eps`` is set.
     """
     import torch
 
@@ -118,7 +118,9 @@ def decode_attention(
     if kernel is None:
         raise RuntimeError("the fused decode attention needs Triton")
     triton = _STATE["triton"]
-    n_heads, n_kv, head_dim, scaling, window = shape
+    n_heads, n_kv, head_dim, scaling, window, softcap, qk_eps = shape
+    if qk_eps is not None and (q_norm is None or k_norm is None):
+        raise ValueError("a shape with q/k norms needs their q_norm and k_norm scales")
     parts = qkv if qkv.dim() == 3 else qkv.unsqueeze(0)
     parts = parts.contiguous()
     batch, _, length, _ = k_cache.shape
@@ -135,10 +137,13 @@ def decode_attention(
         slot,
         pad_len,
         out,
+        out if q_norm is None else q_norm,
+        out if k_norm is None else k_norm,
         parts.stride(0),
         length,
         batch,
         float(scaling),
+        float(qk_eps or 0.0),
         S=parts.shape[0],
         H=n_heads,
         KV=n_kv,
@@ -146,6 +151,8 @@ def decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         WINDOW=int(window or 0),
+        SOFTCAP=float(softcap or 0.0),
+        QK_NORM=qk_eps is not None,
         HAS_BIAS=bias is not None,
         IEEE=k_cache.dtype == torch.float32,
         BLOCK_N=block_n,
@@ -166,13 +173,16 @@ def reference(
     slot: torch.Tensor,
     pad_len: torch.Tensor,
     shape: AttentionShape,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`decode_attention` in plain torch (the same arithmetic as the unfused step)."""
     import torch
 
+    from tracekit.engines.cuda.gemma import norm, softcap
     from tracekit.engines.cuda.llama import rotate_half
 
-    n_heads, n_kv, head_dim, scaling, window = shape
+    n_heads, n_kv, head_dim, scaling, window, cap, qk_eps = shape
     dtype = k_cache.dtype
     x = (sum_partials(qkv) if qkv.dim() == 3 else qkv).to(dtype)
     if bias is not None:
@@ -182,6 +192,9 @@ def reference(
     q = q.reshape(batch, n_heads, head_dim)
     k = k.reshape(batch, n_kv, head_dim)
     v = v.reshape(batch, n_kv, head_dim)
+    if qk_eps is not None:
+        assert q_norm is not None and k_norm is not None
+        q, k = norm(q, q_norm, qk_eps), norm(k, k_norm, qk_eps)
     c, s = cos[:, None, :], sin[:, None, :]
     q = q * c + rotate_half(q) * s
     k = k * c + rotate_half(k) * s
@@ -194,7 +207,7 @@ def reference(
     bias_mask = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
     bias_mask = bias_mask.masked_fill(~valid, float("-inf"))
     qg = q.reshape(batch, n_kv, n_heads // n_kv, head_dim)
-    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scaling
+    scores = softcap(torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scaling, cap)
     probs = torch.softmax(scores + bias_mask[:, None, None, :], dim=-1).to(dtype)
     return torch.matmul(probs, v_cache).reshape(batch, n_heads * head_dim)
 
@@ -213,9 +226,14 @@ def works(
     device: torch.device,
     pdl: bool = False,
     config: tuple[int, int, int] | None = None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    qk_norm_eps: float | None = None,
 ) -> bool:
     """Run the kernel once on random inputs of this shape against :func:`reference`: outputs
-    and cache writes within the dtype's rounding. ``False`` (logged) on any failure."""
+    and cache writes within the dtype's rounding. ``False`` (logged) on any failure.
+    ``scaling``: the scores' (``head_dim ** -0.5`` when ``None``); ``softcap``,
+    ``qk_norm_eps``: as :class:`AttentionShape`'s (random q/k norm scales)."""
     import torch
 
     if not available():
@@ -234,12 +252,18 @@ def works(
     k_cache, v_cache = rand(batch, n_kv, length, head_dim), rand(batch, n_kv, length, head_dim)
     slot = torch.tensor([length - 2], dtype=torch.long, device=device)
     pad_len = torch.randint(0, max(1, length // 2), (batch,), generator=gen).to(device)
-    shape = AttentionShape(n_heads, n_kv, head_dim, head_dim**-0.5, window)
+    scale = head_dim**-0.5 if scaling is None else scaling
+    shape = AttentionShape(n_heads, n_kv, head_dim, scale, window, softcap, qk_norm_eps)
+    norms: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    if qk_norm_eps is not None:
+        norms = (1.0 + rand(head_dim, dt=torch.float32), 1.0 + rand(head_dim, dt=torch.float32))
     try:
         k1, v1 = k_cache.clone(), v_cache.clone()
-        got = decode_attention(qkv, bias, cos, sin, k1, v1, slot, pad_len, shape, pdl, config)
+        got = decode_attention(
+            qkv, bias, cos, sin, k1, v1, slot, pad_len, shape, pdl, config, *norms
+        )
         k2, v2 = k_cache.clone(), v_cache.clone()
-        want = reference(qkv, bias, cos, sin, k2, v2, slot, pad_len, shape)
+        want = reference(qkv, bias, cos, sin, k2, v2, slot, pad_len, shape, *norms)
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel
         logger.warning("fused decode attention unavailable (%s); using the unfused step", exc)
         return False
@@ -305,7 +329,8 @@ def kernel_config(
     if chosen != DEFAULT_CONFIG and not works(
         batch=min(batch, 4), length=min(length, 200), n_heads=n_heads, n_kv=n_kv,
         head_dim=head_dim, splits=splits, has_bias=False, window=shape.window, dtype=dtype,
-        device=device, pdl=pdl, config=chosen,
+        device=device, pdl=pdl, config=chosen, scaling=shape.scaling, softcap=shape.softcap,
+        qk_norm_eps=shape.qk_norm_eps,
     ):  # fmt: skip
         chosen = DEFAULT_CONFIG
     _CONFIGS[key] = chosen
@@ -336,9 +361,13 @@ def _time_configs(
     cache = torch.randn(2, batch, n_kv, length, head_dim, generator=gen).to(device, dtype)
     at = torch.tensor([min(slot, length - 1)], dtype=torch.long, device=device)
     pad_len = torch.zeros(batch, dtype=torch.long, device=device)
+    scale = torch.ones(head_dim, dtype=torch.float32, device=device)
+    norms = (None, None) if shape.qk_norm_eps is None else (scale, scale)
 
     def run(kv: torch.Tensor, config: tuple[int, int, int]) -> torch.Tensor:
-        return decode_attention(qkv, None, cos, sin, kv[0], kv[1], at, pad_len, shape, pdl, config)
+        return decode_attention(
+            qkv, None, cos, sin, kv[0], kv[1], at, pad_len, shape, pdl, config, *norms
+        )
 
     runs = {i: (lambda kv, c=c: run(kv, c)) for i, c in enumerate(CONFIGS)}
     what = f"attention configuration for {batch} rows x {length} slots"
