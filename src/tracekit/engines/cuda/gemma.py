@@ -26,10 +26,14 @@ The step functions take :mod:`.llama`'s arguments. Gemma's constants travel in
 :attr:`~tracekit.engines.cuda.arch.DecoderSpec.extra` (:class:`GemmaExtra`); each layer's kind
 (local or global) and rotary table are constants of its weights (``local``, ``rope``), so one
 compiled function serves every layer of a kind. Rotary tables are ``[positions, tables,
-head_dim]``, indexed by position like Llama's. Attention stays in torch (two products and a
-float32 softmax inside the compiled step, or SDPA over whole sequences): the fused Triton
-attention kernel has no soft-cap, no per-layer window and no q/k norm, and the fused block
-kernels gate with SiLU.
+head_dim]``, indexed by position like Llama's.
+
+A decode step's attention runs in the fused Triton kernel (:mod:`.ops.attention`: q/k norms,
+rotary embedding, KV write, soft-capped scores, the layer's window; :func:`attention_shape`
+gives it each layer's constants) where it passed its check on this model's shape, else as
+two products and a float32 softmax inside the compiled step (:func:`_attend`); whole sequences
+(prefill, teacher-forced) run SDPA, or the two products where scores are soft-capped. The fused
+block kernels are not used: they gate with SiLU and have no norms after the branches.
 """
 
 from __future__ import annotations
