@@ -556,12 +556,14 @@ def test_fused_attention_kernel_matches_reference(heads, kv, head_dim, splits, b
 )
 def test_fused_attention_kernel_computes_gemma(heads, kv, splits, window, softcap, qk_norm):
     """Gemma's attention in the fused kernel: head_dim 256, ``query_pre_attn_scalar``
-    scaling, soft-capped scores, (1 + w) q/k norms, windows; every CONFIG's cache walk."""
+    scaling, soft-capped scores, (1 + w) q/k norms, windows; short and long slot blocks.
+    (At head_dim 256 the configurations with long blocks and several stages do not fit in
+    shared memory: they fail to launch, and the timing never picks them.)"""
     from tracekit.engines.cuda.ops import attention as cuda_attention
     from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     pdl = cuda_gemv.pdl_available(torch.device("cuda"))
-    for config in cuda_attention.CONFIGS:
+    for config in ((16, 1, 3), cuda_attention.DEFAULT_CONFIG, (128, 4, 2)):
         for batch, length in ((1, 7), (5, 150), (3, 700)):
             assert cuda_attention.works(
                 batch=batch,
@@ -597,7 +599,7 @@ def test_gemma_kernel_check_fails_without_the_soft_cap_or_norms():
     slot = torch.tensor([length - 2], device=dev)
     pad = torch.zeros(batch, dtype=torch.long, device=dev)
     scale = 1.0 + torch.randn(hd, generator=gen).to(dev)
-    plain = cuda_attention.AttentionShape(n_heads, n_kv, hd, 0.5, None)
+    plain = cuda_attention.AttentionShape(n_heads, n_kv, hd, 224**-0.5, None)
 
     def run(shape, fused):
         fn = cuda_attention.decode_attention if fused else cuda_attention.reference
@@ -605,7 +607,7 @@ def test_gemma_kernel_check_fails_without_the_soft_cap_or_norms():
         return fn(qkv, None, cos, sin, k, v, slot, pad, shape, q_norm=scale, k_norm=scale)
 
     want = run(plain, False)
-    for shape in (plain._replace(softcap=1.0), plain._replace(qk_norm_eps=1e-6)):
+    for shape in (plain._replace(softcap=0.5), plain._replace(qk_norm_eps=1e-6)):
         got = run(shape, True)
         assert _rel(got, want) > 0.1, shape
         assert _rel(got, run(shape, False)) < 2e-2, shape
