@@ -14,6 +14,9 @@ Random-init models (nothing downloaded), bf16 unless said, one table per part:
   step on the device against the floor (the bytes one step reads, untied input embedding
   excluded, plus the mean KV cache, over the copy bandwidth measured here), tokens/s against
   ``model.generate`` in the same process.
+- ``profile`` (only when asked for): the ``--gemma`` shapes' captured step replayed under
+  the profiler, its top kernels by device time per step (``--gemma-attention`` picks the
+  attention: both compare them).
 - ``cold``: a 200-row trait run (Llama-3.2-1B shape, batch 32, 128 new tokens, every layer
   captured) with no decisions file: seconds from the engine's creation to the first batch's
   results, and end to end, against ``model.generate`` over the same rows.
@@ -270,6 +273,54 @@ def gemma_rows(
         print_tables(rows[-1:])  # each batch size as soon as it is done
 
 
+def part_profile(
+    rows: list[dict[str, Any]], batches: dict[str, list[int]], attention: list[str], top: int = 12
+) -> None:
+    """Where a captured decode step's device time goes: the ``--gemma`` shapes' graph replayed
+    20 times under the profiler, the ``top`` kernels by device time per step. With programmatic
+    dependent launch a kernel's span includes its wait for the one before, so the spans add up
+    to more than the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt, new, replays = (64, 128, 20) if device() == "cuda" else (8, 8, 2)
+    params = GenerationParams(max_new_tokens=new, temperature=0)
+    for shape, sizes in batches.items():
+        loaded = random_gemma(shape, device=device(), dtype=half(), seed=0)
+        loaded.model.generation_config.eos_token_id = None
+        capture = CaptureSpec(layers=tuple(range(loaded.n_layers)), poolings=ALL_POOLINGS)
+        vocab = loaded.model.config.get_text_config().vocab_size
+        for how, batch in ((how, batch) for how in attention for batch in sizes):
+            engine = CudaEngine(loaded, fused_attention=ATTENTION[how])
+            engine.stop_ids = [-1]
+            engine.generate(random_prompts(vocab, batch, prompt, batch), params, capture)
+            (runner,) = engine._decoder(capture)._runners.values()
+            if runner.graph is None:  # off CUDA: nothing captured to replay
+                continue
+            runner.reset_dummy()
+            sync()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(replays):
+                    runner.graph.replay()
+                sync()
+            kernels = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+            for event in kernels[:top]:
+                rows.append(
+                    {
+                        "part": "profile",
+                        "shape": shape,
+                        "batch": batch,
+                        "attention": "kernel" if runner.dims.fused_attention else "torch",
+                        "kernel": event.key[:60],
+                        "us per step": round(event.device_time_total / replays, 1),
+                        "launches per step": event.count // replays,
+                    }
+                )
+            del engine, runner
+            empty_cache()
+        del loaded
+        empty_cache()
+
+
 def part_cold(rows: list[dict[str, Any]], tuned: bool) -> None:
     """A 200-row trait run on a machine without a decisions file, as ``tracekit generate``
     runs it (the engine told the job's size: too short to repay timing kernels); with
@@ -370,6 +421,7 @@ def main() -> None:
         ("exact", part_exact),
         ("cold", lambda out: part_cold(out, tuned="tuned" in parts)),
         ("gemma", lambda out: part_gemma(out, bw, batches, args.gemma_attention.split(","))),
+        ("profile", lambda out: part_profile(out, batches, args.gemma_attention.split(","))),
     ]
     for name, run in runs:
         if name in parts or (name == "cold" and "tuned" in parts):
