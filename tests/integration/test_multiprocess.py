@@ -185,6 +185,37 @@ def test_log_on_two_processes_merges_shard_stores_into_one(tmp_path: Path, two_p
             np.testing.assert_allclose(y, x, rtol=0, atol=1e-3 * np.abs(x).max())
 
 
+def test_log_on_two_processes_into_a_store_without_weights_gives_one_notice(tmp_path: Path):
+    """A store from a tracekit that recorded no weights: a data-parallel run resumes into it
+    with the notice printed once (the main process merges twice; the shards are new)."""
+    from typer.testing import CliRunner
+
+    from store_records import edit_provenance_records
+    from tracekit import open_store
+    from tracekit.cli import app
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"prompt": "Hi?"}) + "\n")
+    store = tmp_path / "old"
+    args = ["log", "--qa", str(qa), "--layers", "1", "--max-new-tokens", "1"]
+    args += ["--device", "cpu", "--batch-size", "1", "--lmdb", str(store)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    drop = ("quantization", "weights_sha256")
+    edit_provenance_records(
+        store,
+        lambda old: {k: {f: v for f, v in r.items() if f not in drop} for k, r in old.items()},
+    )
+    qa.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Hi?", "Yes?", "No?"]))
+    command = [sys.executable, "-m", "tracekit", *args, "--num-processes", "2", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-8000:]
+    assert json.loads(done.stdout)["logged"] == 2
+    assert " ".join(done.stderr.split()).count("does not record which weights") == 1
+    with open_store(store) as merged:
+        assert len(merged) == 3
+
+
 def test_a_steered_sweep_on_two_processes_equals_one(tmp_path: Path, two_processes):
     """A steering sweep (2 coefficients, neutral prompts): every set is sharded like an
     unsteered run, and its CSV, activations and recorded steering equal one process's."""

@@ -158,8 +158,8 @@ def _log_activations(cfg: LogConfig, on_batch: BatchCallback | None) -> LogResul
         counts = all_gather(info, (tally.logged, tally.batches, tally.written))
         barrier(info)  # every shard store is closed
         tally = _Tally(*(sum(c[i] for c in counts) for i in range(3)))
-        if info.is_main:
-            _merge_shard_stores(cfg, run.provenance)
+        if info.is_main:  # the first merge said whatever the store needed saying
+            _merge_shard_stores(cfg, run.provenance, weights_notice=False)
     return LogResult(
         store=str(cfg.lmdb),
         model=run.loaded.name,
@@ -324,14 +324,19 @@ def shard_store_path(store: Path, rank: int) -> Path:
     return store.with_name(f"{store.name}.rank{rank}")
 
 
-def _merge_shard_stores(cfg: LogConfig, provenance: dict[str, Any]) -> None:
-    """Copy every shard store's entries into ``cfg.lmdb`` and delete the shard stores."""
+def _merge_shard_stores(
+    cfg: LogConfig, provenance: dict[str, Any], weights_notice: bool = True
+) -> None:
+    """Copy every shard store's entries into ``cfg.lmdb`` and delete the shard stores;
+    ``weights_notice``: see :class:`ActivationStoreWriter`."""
     import shutil
 
     from tracekit.storage.activation_store import ActivationStoreWriter
 
     shards = sorted(cfg.lmdb.parent.glob(f"{cfg.lmdb.name}.rank*"))
-    with ActivationStoreWriter(cfg.lmdb, provenance, cfg.allow_mixed) as writer:
+    with ActivationStoreWriter(
+        cfg.lmdb, provenance, cfg.allow_mixed, weights_notice=weights_notice
+    ) as writer:
         for shard in shards:
             if (shard / "data.mdb").is_file():
                 copied = writer.merge_from(shard, allow_mixed=cfg.allow_mixed)

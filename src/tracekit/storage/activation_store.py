@@ -363,7 +363,9 @@ class ActivationStoreWriter(StoreHandle):
 
     Opening checks ``provenance`` against the store's records: a new setup is refused unless
     ``allow_mixed`` (then it is recorded next to the old ones). Entries carry the id of the
-    provenance they were written under (``metadata["provenance_id"]``).
+    provenance they were written under (``metadata["provenance_id"]``). Resuming under a
+    record that names no weights (an older tracekit's) logs a warning, unless
+    ``weights_notice`` is False (a caller that opened the store before and said so already).
     """
 
     def __init__(
@@ -372,6 +374,7 @@ class ActivationStoreWriter(StoreHandle):
         provenance: Mapping[str, Any],
         allow_mixed: bool = False,
         initial_map_size: int = INITIAL_MAP_SIZE,
+        weights_notice: bool = True,
     ) -> None:
         self.path = Path(path)
         _check_store_path(self.path, for_writing=True)
@@ -381,7 +384,7 @@ class ActivationStoreWriter(StoreHandle):
             self._dbs = _open_dbs(self.env, self.path, create=True)
             self.provenance = dict(provenance)
             self.provenance_id = provenance_id(self.provenance)
-            self._register_provenance(allow_mixed)
+            self._register_provenance(allow_mixed, weights_notice)
         except BaseException:
             self.env.close()
             raise
@@ -403,7 +406,7 @@ class ActivationStoreWriter(StoreHandle):
 
         self._write(put_all)
 
-    def _register_provenance(self, allow_mixed: bool) -> None:
+    def _register_provenance(self, allow_mixed: bool, weights_notice: bool) -> None:
         with self.env.begin() as txn:
             known = _read_provenance(txn, self._dbs[2])
         match = matching_provenance(known, self.provenance)
@@ -411,7 +414,11 @@ class ActivationStoreWriter(StoreHandle):
             # the setup's record, or an equal one whose id was computed another way (an older
             # tracekit's): the new entries share it
             self.provenance_id = match
-            if weights_unrecorded(known[match]) and not weights_unrecorded(self.provenance):
+            if (
+                weights_notice
+                and weights_unrecorded(known[match])
+                and not weights_unrecorded(self.provenance)
+            ):
                 logger.warning(
                     "store %s does not record which weights of %s it was written with (an "
                     "older tracekit, or an unknown hash): logging into it without that check",
