@@ -124,6 +124,37 @@ def test_resuming_log_checks_the_weights_before_the_model_runs(cli, tmp_path: Pa
         assert len(store) == 2
 
 
+def test_resuming_log_refuses_other_weights_of_a_folder_before_loading_it(
+    cli, tmp_path: Path, monkeypatch
+):
+    """A model folder's weights hash is known from its files: a store from other weights is
+    refused without loading the model (this folder's weights would not even load)."""
+    import hashlib
+
+    from tracekit.storage.activation_store import ActivationStoreWriter, PendingEntry
+
+    monkeypatch.setenv("TRACEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "model.safetensors").write_bytes(b"not loadable weights")
+    store_path = tmp_path / "s.lmdb"
+    record = {"model": str(folder), "quantization": None, "weights_sha256": "f" * 64}
+    with ActivationStoreWriter(store_path, record) as writer:
+        writer.write_batch([PendingEntry("k", {"prompt": "Hi?"})])
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"prompt": "Hi?"}) + "\n")
+    args = ["log", "--qa", qa, "--lmdb", store_path, "--model", folder, "--device", "cpu"]
+    refused = cli(*args)
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    this_run = hashlib.sha256(b"not loadable weights").hexdigest()
+    assert (
+        f"was written with other weights of model '{folder}': weights_sha256 '{'f' * 64}' "
+        f"(store) != '{this_run}' (this run)" in text
+    )
+
+
 def test_log_choices_are_stored_as_plain_strings_and_a_mismatch_names_them(cli, tmp_path: Path):
     """--sequence-mode, --dtype and --model-dtype (enums on the command line) reach the store
     as plain strings, and a resume with another mode names both values as strings."""

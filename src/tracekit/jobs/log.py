@@ -41,11 +41,12 @@ from tracekit.storage.activation_store import (
     nothing_committed,
 )
 from tracekit.storage.background import BackgroundWrites
+from tracekit.storage.store_provenance import refuse_other_setup
 
 if TYPE_CHECKING:
     from tracekit.actlog.logger import ActivationLogger
     from tracekit.engines.interface import GenerationParams
-    from tracekit.models.loading import LoadedModel
+    from tracekit.models.loading import LoadedModel, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +79,16 @@ BatchCallback = Callable[[int, int, int], None]
 ``(0, 0, total)`` before the first batch, then after each committed batch."""
 
 
-def _precheck_store(cfg: LogConfig) -> None:
-    """Refuse a store from another model before spending time on loading one."""
+def _precheck_store(cfg: LogConfig, model_config: ModelConfig) -> None:
+    """Refuse a store from another model, or from other weights of this model where they are
+    known without loading them, before spending time on loading one."""
     if cfg.allow_mixed or not cfg.lmdb.exists():
         return
     if cfg.lmdb.is_dir() and (not any(cfg.lmdb.iterdir()) or nothing_committed(cfg.lmdb)):
         return
     from tracekit.models.embedded import EMBEDDED_MODEL_NAME
+    from tracekit.models.loading import known_weights
+    from tracekit.models.weights import weights_mismatch
 
     name = cfg.model or EMBEDDED_MODEL_NAME
     with ActivationStore(cfg.lmdb) as store:
@@ -95,6 +99,11 @@ def _precheck_store(cfg: LogConfig) -> None:
             f"{describe_mismatch(records[0], {**records[0], 'model': name})}",
             "log into a new --lmdb path, or pass --allow-mixed to keep both in one store",
         )
+    same_model = {str(i): r for i, r in enumerate(records) if r.get("model") == name}
+    weights = known_weights(model_config) if same_model else {}
+    if weights and all(weights_mismatch(r, weights) for r in same_model.values()):
+        first = next(iter(same_model.values()))
+        refuse_other_setup(cfg.lmdb, same_model, {**first, **weights})
 
 
 def log_activations(cfg: LogConfig, on_batch: BatchCallback | None = None) -> LogResult:
@@ -185,8 +194,6 @@ def _start_run(cfg: LogConfig) -> _Run:
 
     info = process_info()
     qa = read_qa_jsonl(cfg.qa, cfg.question_field, cfg.skip_bad_lines)
-    if info.is_main:
-        _precheck_store(cfg)
     model_config = ModelConfig(
         model=cfg.model,
         revision=cfg.revision,
@@ -194,6 +201,8 @@ def _start_run(cfg: LogConfig) -> _Run:
         device=cfg.device,
         device_map=cfg.device_map,
     )
+    if info.is_main:
+        _precheck_store(cfg, model_config)
     loaded = load_model(process_model_config(model_config, info))
     try:
         layers = (

@@ -146,7 +146,7 @@ def resolve_dtype(dtype: DtypeName, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def _model_source(cfg: ModelConfig) -> tuple[str, str]:
+def _model_source(cfg: ModelChoice) -> tuple[str, str]:
     """(display name, path or hub id to load from)."""
     if cfg.model is None:
         return EMBEDDED_MODEL_NAME, str(embedded_model_dir())
@@ -166,6 +166,16 @@ def _model_source(cfg: ModelConfig) -> tuple[str, str]:
     if cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1:
         raise ModelError(f"model path not found: {cfg.model}", "check the --model path")
     return cfg.model, cfg.model
+
+
+def known_weights(cfg: ModelChoice) -> dict[str, str | None]:
+    """What pins down the weights of the model ``cfg`` names, as far as known before loading
+    it (:func:`tracekit.models.weights.weights_before_loading`): lets a resume refuse an
+    output from other weights without a model load."""
+    from tracekit.models.weights import weights_before_loading
+
+    _, source = _model_source(cfg)
+    return weights_before_loading(source, cfg.revision)
 
 
 @contextmanager

@@ -120,19 +120,35 @@ def quantization_of(config: Any) -> str | None:
 
 def weights_provenance(source: str, revision: str | None, config: Any) -> dict[str, str | None]:
     """``{"quantization": ..., "weights_sha256": ...}`` of a model loaded from ``source``."""
+    known = weights_before_loading(source, revision)
+    return {
+        "quantization": known["quantization"]
+        if "quantization" in known
+        else quantization_of(config),
+        "weights_sha256": known.get("weights_sha256"),
+    }
+
+
+def weights_before_loading(source: str, revision: str | None) -> dict[str, str | None]:
+    """The fields of :func:`weights_provenance` known without loading the model: both for the
+    embedded model (its folder's record of the GGUF file), ``weights_sha256`` for a folder or
+    a hub id in the local cache (the hash is remembered, so the record after the load costs
+    nothing more), ``{}`` otherwise. ``quantization`` of other models comes from the loaded
+    config."""
     from tracekit.models.embedded import embedded_source_record
 
     embedded = embedded_source_record(Path(source)) if Path(source).is_dir() else None
     if embedded is not None:
         return embedded
     folder = model_folder(source, revision)
-    sha = None
-    if folder is not None:
-        try:
-            sha = files_sha256(weight_files(folder))
-        except OSError as exc:
-            logger.warning("cannot hash the weights in %s: %s", folder, exc)
-    return {"quantization": quantization_of(config), "weights_sha256": sha}
+    if folder is None:
+        return {}
+    try:
+        sha = files_sha256(weight_files(folder))
+    except OSError as exc:
+        logger.warning("cannot hash the weights in %s: %s", folder, exc)
+        return {}
+    return {} if sha is None else {"weights_sha256": sha}
 
 
 def short_weights(provenance: dict[str, Any]) -> str:
