@@ -87,3 +87,33 @@ def test_an_option_spelled_alike_reads_alike_in_every_command():
     differing = {opt for opt, texts in helps.items() if len(texts) > 1}
     assert sorted(differing - MEANS_OTHER_THINGS.keys()) == []  # use the opt.* alias
     assert sorted(MEANS_OTHER_THINGS.keys() - differing) == []  # one text now: drop the entry
+
+
+def test_dtype_help_names_the_values_of_its_enum():
+    """The dtype options' help is built from the enums that hold the values (so a value added
+    there shows up in the help), and a model's dtype reads alike under both its spellings."""
+    from enum import StrEnum
+
+    from tracekit.cli import _options as opt
+    from tracekit.config.choices import DtypeName, StoreDtype
+
+    class Two(StrEnum):
+        a = "a"
+        b = "b"
+
+    class One(StrEnum):
+        a = "a"
+
+    assert (opt.one_of(Two), opt.one_of(One)) == ("a or b", "a")
+    assert opt.one_of(DtypeName) == "auto, float32, bfloat16 or float16"
+    model_dtype = {
+        param.help
+        for path in every_command()
+        for param in command_at(path).params
+        if "--model-dtype" in getattr(param, "opts", ())
+        or ("--dtype" in getattr(param, "opts", ()) and path != ["log"])
+    }
+    assert model_dtype == {opt.MODEL_DTYPE_HELP}
+    assert opt.one_of(DtypeName) in opt.MODEL_DTYPE_HELP
+    (store_dtype,) = [p for p in command_at(["log"]).params if "--dtype" in p.opts]
+    assert store_dtype.help == f"dtype of the stored activations: {opt.one_of(StoreDtype)}."

@@ -15,12 +15,24 @@ there; tests/unit/test_help_and_docs.py lists those.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from tracekit.config.choices import DeviceMapName, DtypeName
+
+
+def one_of(choices: type[StrEnum]) -> str:
+    """``"a, b or c"``: the values of ``choices`` for a help text, so it names what the option
+    takes (the enum is where the values live)."""
+    values = [choice.value for choice in choices]
+    return ", ".join(values[:-1]) + " or " + values[-1] if len(values) > 1 else values[0]
+
+
+MODEL_DTYPE_HELP = f"Model dtype: {one_of(DtypeName)} (auto: bf16 on GPU, fp32 on CPU)."
+"""``--dtype`` of the commands that load a model, and ``log --model-dtype``."""
 
 Config = Annotated[
     Path | None,
@@ -70,7 +82,7 @@ Dtype = Annotated[
     DtypeName,
     typer.Option(
         "--dtype",
-        help="Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.",
+        help=MODEL_DTYPE_HELP,
     ),
 ]
 Device = Annotated[str, typer.Option("--device", help="Device: auto, cpu, cuda, cuda:N or mps.")]

@@ -139,14 +139,14 @@ def register(app: typer.Typer) -> None:
         dtype: Annotated[
             StoreDtype,
             typer.Option(
-                "--dtype", help="dtype of the stored activations: float16, bfloat16, float32."
+                "--dtype", help=f"dtype of the stored activations: {opt.one_of(StoreDtype)}."
             ),
         ] = StoreDtype.float16,
         model_dtype: Annotated[
             DtypeName,
             typer.Option(
                 "--model-dtype",
-                help="Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
+                help=opt.MODEL_DTYPE_HELP,
             ),
         ] = DtypeName.auto,
         device: opt.Device = "auto",
