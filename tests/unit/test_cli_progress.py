@@ -75,3 +75,26 @@ def test_no_estimate_when_the_first_batch_was_the_whole_job(wide):
         on_total(15)
         on_batch(15, 326)
     assert "first batch:" not in captured.get()
+
+
+def test_a_new_total_mid_run_keeps_the_rate_and_time_left(wide, monkeypatch):
+    """rich's update(total=...) forgets a task's speed samples: the bar showed '- rows/s' and
+    no time left after the total moved, and the size line promised a new first estimate."""
+    import time
+
+    monkeypatch.setenv("TRACEKIT_PROGRESS", "1")  # draw the bar although stderr is captured
+    with err_console.capture() as captured, batch_progress(150) as (on_total, on_batch):
+        on_total(10)
+        on_batch(2, 300)
+        time.sleep(0.05)
+        on_batch(2, 300)
+        on_total(12)
+        time.sleep(0.05)
+        on_batch(2, 300)
+    lines = [line for line in captured.get().splitlines() if line.strip()]
+    assert lines[2] == "12 rows to run in all now (was 10)"
+    assert sum("the first batch sets the estimate" in line for line in lines) == 1
+    (bar,) = [line for line in lines if line.startswith("rows ")]
+    assert " 6/12 " in bar
+    assert "- rows/s" not in bar and " rows/s" in bar  # the speed of all 6 rows
+    assert "-:--:--" not in bar  # and a time left from it

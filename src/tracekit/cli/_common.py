@@ -198,7 +198,9 @@ def batch_progress(
     When the job's size is known (``on_total``, after every check, before the first batch) a
     line says it, with :func:`note_long_cpu_job`'s warning for a generation job on ``device``;
     after the first batch a line gives its speed and an estimate of the time left, so a slow
-    job does not look hung behind a bar at 0.
+    job does not look hung behind a bar at 0. A later ``on_total`` (the size changed mid-run)
+    moves the bar's total and keeps its timing: the rate and time left go on from the rows
+    done so far (rich's ``update(total=...)`` would forget them).
     """
     import time
 
@@ -216,6 +218,15 @@ def batch_progress(
             progress.console.print(text, highlight=False, soft_wrap=True)
 
         def on_total(total: int) -> None:
+            if state["started"]:  # a new size mid-run: same timer, same speed samples
+                task = next(task for task in progress.tasks if task.id == rows)
+                task.total = total
+                if task.completed < total:  # not finished after all: the clock runs on
+                    task.finished_time = task.finished_speed = None
+                progress.refresh()
+                say(f"{total:,} rows to run in all now (was {state['total']:,})")
+                state["total"] = total
+                return
             if device is not None and max_new_tokens is not None:
                 note_long_cpu_job(device, total, max_new_tokens)
             progress.update(rows, total=total)
