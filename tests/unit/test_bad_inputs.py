@@ -136,6 +136,15 @@ def _pickled_model(tmp: Path) -> list[str]:
     return _generate(tmp, "--model", str(folder))
 
 
+def _tokenizerless_model(tmp: Path) -> Path:
+    """A model folder with config.json and weights but no tokenizer files."""
+    folder = tmp / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(b"never read")
+    return folder
+
+
 CASES: dict[str, Case] = {
     # --- layer specs, batch sizes and other option values ----------------------------------
     "generate: layer spec '0-'": Case(lambda t: _generate(t, "--layers", "0-"), 2, "--layers"),
@@ -363,6 +372,21 @@ CASES: dict[str, Case] = {
     "generate: pickled weights in a model folder": Case(
         _pickled_model, 1, "its weights file is a pickle that holds more than tensors"
     ),
+    "log: a model folder without tokenizer files": Case(
+        lambda t: [
+            "log",
+            "--qa",
+            str(_write(t / "qa.jsonl", '{"prompt": "q"}\n')),
+            "--lmdb",
+            str(t / "store"),
+            "--model",
+            str(_tokenizerless_model(t)),
+            "--device",
+            "cpu",
+        ],
+        1,
+        "cannot load the tokenizer of model",
+    ),  # fmt: skip
 }
 
 

@@ -203,9 +203,16 @@ def load_tokenizer_only(cfg: ModelConfig) -> tuple[str, Any]:
 def load_tokenizer(source: str, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except ValueError as exc:  # e.g. a folder without tokenizer files: transformers' own words
+        raise ModelError(
+            f"cannot load the tokenizer of model '{source}': {' '.join(str(exc).split())}",
+            "a model folder needs its tokenizer files (tokenizer.json, or tokenizer_config.json "
+            "with the files it names) next to config.json",
+        ) from exc
     if tokenizer.pad_token is None:
         # Safe only because tracekit pads on the left and always passes an attention mask.
         tokenizer.pad_token = tokenizer.eos_token
