@@ -311,12 +311,14 @@ def test_a_store_killed_before_its_first_commit_counts_as_empty(tmp_path: Path):
     # a log run SIGKILLed between creating data.mdb and its first transaction (found by the
     # crash test) left a store that the next run refused as "not a tracekit activation store"
     from tracekit.jobs.log import LogConfig, _precheck_store
+    from tracekit.models.loading import ModelConfig
     from tracekit.storage.activation_store import nothing_committed
 
     path = tmp_path / "acts.lmdb"
     lmdb.open(str(path), max_dbs=4, map_size=1 << 20).close()
     assert nothing_committed(path)
-    _precheck_store(LogConfig(qa=tmp_path / "qa.jsonl", lmdb=path))  # no error: an empty store
+    config = LogConfig(qa=tmp_path / "qa.jsonl", lmdb=path)
+    _precheck_store(config, ModelConfig())  # no error: an empty store
     with ActivationStoreWriter(path, PROV) as writer:
         writer.write_batch([_entry("a")])
     assert not nothing_committed(path)
