@@ -133,3 +133,31 @@ def test_step_functions_trace_whole_under_dynamo(traced_compile):
     for pooling in ALL_POOLINGS:
         assert_close_to_scale(out.pooled[pooling], ref.pooled[pooling])
     torch._dynamo.reset()
+
+
+def test_fused_attention_step_equals_reference(tiny, monkeypatch):
+    """The decode step built around the fused attention kernel (Gemma's pieces: scaled
+    embedding, per-layer windows and soft-cap, Gemma-3's q/k norms and its two rotary tables
+    picked per layer) gives the reference engine's tokens and captures. Triton is not here, so
+    the kernel's torch reference (:func:`ops.attention.reference`, against which the kernel is
+    checked on a GPU before every use) stands in for it."""
+    from tracekit.engines.cuda.ops import attention as ops_attention
+
+    def kernel_reference(qkv, bias, cos, sin, k, v, slot, pad, shape, pdl=False, config=None,
+                         q_norm=None, k_norm=None):  # fmt: skip
+        return ops_attention.reference(qkv, bias, cos, sin, k, v, slot, pad, shape, q_norm, k_norm)
+
+    monkeypatch.setattr(ops_attention, "works", lambda **_: True)
+    monkeypatch.setattr(ops_attention, "decode_attention", kernel_reference)
+    params = GenerationParams(max_new_tokens=12, temperature=0)
+    capture = CaptureSpec(layers=(0, 1, 2, 4), poolings=ALL_POOLINGS)
+    ref = HFEngine(tiny).generate(PROMPTS, params, capture)
+    engine = CudaEngine(
+        tiny, use_graphs=False, compile=False, fuse_weights=True, fused_attention="on"
+    )
+    out = engine.generate(PROMPTS, params, capture)
+    runners = engine._decoder(capture)._runners.values()
+    assert runners and all(r.dims.fused_attention for r in runners)
+    assert out.response_ids == ref.response_ids
+    for pooling in ALL_POOLINGS:
+        assert_close_to_scale(out.pooled[pooling], ref.pooled[pooling])
