@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from attention_stand_in import use_attention_reference
 from tolerance import assert_close_to_scale
 from tracekit.engines.cuda.engine import CudaEngine
 from tracekit.engines.hf import HFEngine
@@ -87,15 +88,23 @@ def test_steered_first_and_last_layer_equal_reference(llama, layer):
         _assert_same(out, ref)
 
 
+@pytest.mark.parametrize("attention", ["torch", "kernel"])
 @pytest.mark.parametrize("positions", POSITIONS)
-def test_steered_equals_reference_gemma(gemma, positions):
-    """Gemma-2/3 (the engine's own prefill: HF's cache keeps only a window there)."""
+def test_steered_equals_reference_gemma(gemma, positions, attention, monkeypatch):
+    """Gemma-2/3 (the engine's own prefill: HF's cache keeps only a window there), with the
+    attention in torch and in the fused kernel's step (its torch reference standing in for
+    Triton, which is not here)."""
     steering = Steering(LAYER, _direction(gemma, 8.0), 1.0, positions)
     ref = HFEngine(gemma).generate(PROMPTS, GREEDY, CAPTURE, steering=steering)
     assert ref.response_ids != HFEngine(gemma).generate(PROMPTS, GREEDY).response_ids
-    out = CudaEngine(gemma, use_graphs=False, compile=False).generate(
-        PROMPTS, GREEDY, CAPTURE, steering=steering
-    )
+    fused: dict[str, object] = {}
+    if attention == "kernel":
+        use_attention_reference(monkeypatch)
+        fused = {"fuse_weights": True, "fused_attention": "on"}
+    engine = CudaEngine(gemma, use_graphs=False, compile=False, **fused)
+    out = engine.generate(PROMPTS, GREEDY, CAPTURE, steering=steering)
+    (decoder,) = engine._decoders.values()
+    assert all(r.dims.fused_attention == (attention == "kernel") for r in decoder._runners.values())
     _assert_same(out, ref)
 
 

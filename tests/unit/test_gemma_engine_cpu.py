@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attention_stand_in import use_attention_reference
 from tolerance import assert_close_to_scale
 from tracekit.engines.cuda import gemma
 from tracekit.engines.cuda.arch import unsupported_reason
@@ -141,14 +142,7 @@ def test_fused_attention_step_equals_reference(tiny, monkeypatch):
     picked per layer) gives the reference engine's tokens and captures. Triton is not here, so
     the kernel's torch reference (:func:`ops.attention.reference`, against which the kernel is
     checked on a GPU before every use) stands in for it."""
-    from tracekit.engines.cuda.ops import attention as ops_attention
-
-    def kernel_reference(qkv, bias, cos, sin, k, v, slot, pad, shape, pdl=False, config=None,
-                         q_norm=None, k_norm=None):  # fmt: skip
-        return ops_attention.reference(qkv, bias, cos, sin, k, v, slot, pad, shape, q_norm, k_norm)
-
-    monkeypatch.setattr(ops_attention, "works", lambda **_: True)
-    monkeypatch.setattr(ops_attention, "decode_attention", kernel_reference)
+    use_attention_reference(monkeypatch)
     params = GenerationParams(max_new_tokens=12, temperature=0)
     capture = CaptureSpec(layers=(0, 1, 2, 4), poolings=ALL_POOLINGS)
     ref = HFEngine(tiny).generate(PROMPTS, params, capture)
