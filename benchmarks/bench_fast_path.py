@@ -274,12 +274,17 @@ def gemma_rows(
 
 
 def part_profile(
-    rows: list[dict[str, Any]], batches: dict[str, list[int]], attention: list[str], top: int = 12
+    rows: list[dict[str, Any]],
+    batches: dict[str, list[int]],
+    attention: list[str],
+    pdl: bool,
+    top: int = 12,
 ) -> None:
     """Where a captured decode step's device time goes: the ``--gemma`` shapes' graph replayed
     20 times under the profiler, the ``top`` kernels by device time per step. With programmatic
-    dependent launch a kernel's span includes its wait for the one before, so the spans add up
-    to more than the step."""
+    dependent launch (``pdl``) a kernel's span includes its wait for the one before, so the
+    spans overlap and add up to more than the step; ``--profile-no-pdl`` gives each kernel's
+    own time (of a step a few percent slower)."""
     from torch.profiler import ProfilerActivity, profile
 
     prompt, new, replays = (64, 128, 20) if device() == "cuda" else (8, 8, 2)
@@ -290,7 +295,7 @@ def part_profile(
         capture = CaptureSpec(layers=tuple(range(loaded.n_layers)), poolings=ALL_POOLINGS)
         vocab = loaded.model.config.get_text_config().vocab_size
         for how, batch in ((how, batch) for how in attention for batch in sizes):
-            engine = CudaEngine(loaded, fused_attention=ATTENTION[how])
+            engine = CudaEngine(loaded, fused_attention=ATTENTION[how], pdl=None if pdl else False)
             engine.stop_ids = [-1]
             engine.generate(random_prompts(vocab, batch, prompt, batch), params, capture)
             (runner,) = engine._decoder(capture)._runners.values()
@@ -310,6 +315,7 @@ def part_profile(
                         "shape": shape,
                         "batch": batch,
                         "attention": "kernel" if runner.dims.fused_attention else "torch",
+                        "pdl": runner.dims.gemv.pdl,
                         "kernel": event.key[:60],
                         "us per step": round(event.device_time_total / replays, 1),
                         "launches per step": event.count // replays,
@@ -394,6 +400,12 @@ def main() -> None:
         help="kernel and/or torch (comma-separated): the gemma part's attention, the fused "
         "kernel or torch operations in the compiled step (both: the same shapes twice)",
     )
+    ap.add_argument(
+        "--profile-no-pdl",
+        action="store_true",
+        help="profile part: launch kernels without programmatic dependent launch, so each "
+        "kernel's span is its own time, not also its wait for the kernel before",
+    )
     add_csv_option(ap)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (no timings)")
     args = ap.parse_args()
@@ -421,7 +433,12 @@ def main() -> None:
         ("exact", part_exact),
         ("cold", lambda out: part_cold(out, tuned="tuned" in parts)),
         ("gemma", lambda out: part_gemma(out, bw, batches, args.gemma_attention.split(","))),
-        ("profile", lambda out: part_profile(out, batches, args.gemma_attention.split(","))),
+        (
+            "profile",
+            lambda out: part_profile(
+                out, batches, args.gemma_attention.split(","), not args.profile_no_pdl
+            ),
+        ),
     ]
     for name, run in runs:
         if name in parts or (name == "cold" and "tuned" in parts):
