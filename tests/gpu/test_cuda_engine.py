@@ -556,14 +556,15 @@ def test_fused_attention_kernel_matches_reference(heads, kv, head_dim, splits, b
 )
 def test_fused_attention_kernel_computes_gemma(heads, kv, splits, window, softcap, qk_norm):
     """Gemma's attention in the fused kernel: head_dim 256, ``query_pre_attn_scalar``
-    scaling, soft-capped scores, (1 + w) q/k norms, windows; short and long slot blocks.
+    scaling, soft-capped scores, (1 + w) q/k norms, windows; short and long slot blocks, the
+    cache walk in one program or in 8 shares.
     (At head_dim 256 the configurations with long blocks and several stages do not fit in
     shared memory: they fail to launch, and the timing never picks them.)"""
     from tracekit.engines.cuda.ops import attention as cuda_attention
     from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     pdl = cuda_gemv.pdl_available(torch.device("cuda"))
-    for config in ((16, 1, 3), cuda_attention.DEFAULT_CONFIG, (128, 4, 2)):
+    for config in ((16, 1, 3), cuda_attention.DEFAULT_CONFIG, (128, 4, 2), (64, 4, 2, 8)):
         for batch, length in ((1, 7), (5, 150), (3, 700)):
             assert cuda_attention.works(
                 batch=batch,

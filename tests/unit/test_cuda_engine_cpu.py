@@ -313,7 +313,9 @@ def test_pinned_attention_configuration_is_checked(tiny):
     assert dec.plan.attention_config == (128, 4, 2)
     assert dec.attention_config_for(8, 192, 64, 0, fused=False) is None  # no fused kernel
     assert dec.attention_config_for(8, 192, 64, 0, fused=True) == (128, 4, 2)
-    for bad in ((24, 4, 2), (8, 4, 2), (64, 0, 2)):
+    split = FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0], attention_config=(64, 4, 2, 8)))
+    assert split.attention_config_for(8, 192, 64, 0, fused=True) == (64, 4, 2, 8)
+    for bad in ((24, 4, 2), (8, 4, 2), (64, 0, 2), (64, 4, 2, 3), (64, 4, 2, 0), (64, 4)):
         with pytest.raises(ValueError, match="attention_config is .slots per block"):
             FastDecoder(tiny.model, DecoderPlan(eos_token_ids=[0], attention_config=bad))
 

@@ -251,8 +251,8 @@ class FastDecoder:
         q/k/v weights and q/k norms only where the kernel applies them (Gemma's), where the
         kernel agreed with its reference on this model's shape (block 0's: a local layer's
         window, at most 64 slots so the check's cache passes it); ``auto`` only up to
-        :data:`FUSED_ATTENTION_MAX_LEN` slots (one program per row and kv head walks the
-        whole cache: long caches want a split over the cache, which it does not do)."""
+        :data:`FUSED_ATTENTION_MAX_LEN` slots (the configurations that split the cache walk
+        into shares have not been timed on long caches yet)."""
         mode = self.plan.fused_attention
         w = self.weights[0]
         if mode == "off" or not self.arch.fused_attention or w.qkv is None:
@@ -288,7 +288,7 @@ class FastDecoder:
 
     def attention_config_for(
         self, batch: int, length: int, prompt_len: int, gemv_qkv: int, fused: bool
-    ) -> tuple[int, int, int] | None:
+    ) -> tuple[int, ...] | None:
         """The fused attention kernel's configuration for decode steps of ``batch`` rows over
         a cache of ``length`` slots after a prompt of ``prompt_len``: timed where the steps
         are captured (:func:`tracekit.engines.cuda.ops.attention.kernel_config`, at the middle
@@ -327,7 +327,7 @@ class FastDecoder:
 
     def step_dims(
         self, key: RunKey, gemv: GemvChoice, block: BlockSplits | None
-    ) -> tuple[Dims, tuple[int, int, int] | None]:
+    ) -> tuple[Dims, tuple[int, ...] | None]:
         """The step's constants at ``key``'s shape with ``gemv``'s kernels (and ``block``'s
         fused products, kept only with the fused attention kernel), and the attention
         kernel's configuration."""

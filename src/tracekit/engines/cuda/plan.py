@@ -90,7 +90,8 @@ class DecoderPlan:
     first step captured at a batch size re-decides some layers' kernels by timing whole steps,
     :mod:`tracekit.engines.cuda.tuning`), ``fused_attention`` (``auto``/``on``/``off``: rotary,
     KV write and attention in one Triton kernel), ``attention_config`` (pins that kernel's
-    (slots per block, warps, stages), one of :data:`tracekit.engines.cuda.ops.attention.CONFIGS`;
+    (slots per block, warps, stages[, shares of the cache walk]), one of
+    :data:`tracekit.engines.cuda.ops.attention.CONFIGS`;
     ``None``: timed per shape), ``pdl`` (programmatic dependent launch of the step's Triton and
     inductor kernels; ``None``: wherever available), ``fast_prefill`` (the prompt through the
     engine's own block functions instead of the HF model; ``None``: with ``compile``),
@@ -118,7 +119,7 @@ class DecoderPlan:
     gemv_modes: Mapping[str, str] | tuple[tuple[str, int], ...] = ()
     tune_steps: bool | None = None
     fused_attention: str = "auto"
-    attention_config: tuple[int, int, int] | None = None
+    attention_config: tuple[int, ...] | None = None
     pdl: bool | None = None
     fast_prefill: bool | None = None
     fused_block: bool = False
@@ -151,13 +152,22 @@ class DecoderPlan:
             raise ValueError(f"capture_ring must be 0 or more, not {self.capture_ring}")
         config = self.attention_config
         if config is not None:
-            block_n, warps, stages = config
-            if block_n < 16 or block_n & (block_n - 1) or warps < 1 or stages < 1:
+            block_n, warps, stages = (tuple(config) + (0, 0, 0))[:3]
+            splits = config[3] if len(config) == 4 else 1
+            if (
+                len(config) not in (3, 4)
+                or block_n < 16
+                or block_n & (block_n - 1)
+                or warps < 1
+                or stages < 1
+                or splits < 1
+                or splits & (splits - 1)
+            ):
                 raise ValueError(
-                    "attention_config is (slots per block: a power of 2 from 16, warps, stages),"
-                    f" not {config!r}"
+                    "attention_config is (slots per block: a power of 2 from 16, warps, stages"
+                    f"[, shares of the cache walk: a power of 2]), not {config!r}"
                 )
-            config = (int(block_n), int(warps), int(stages))
+            config = tuple(int(x) for x in config)
         modes = self.gemv_modes
         fields: dict[str, Any] = {
             # a layer list without poolings (or the reverse) captures nothing

@@ -138,7 +138,7 @@ class Runner:
         model: StepModel,
         key: RunKey,
         dims: Dims,
-        attn_config: tuple[int, int, int] | None,
+        attn_config: tuple[int, ...] | None,
     ) -> None:
         import torch
 
@@ -485,7 +485,7 @@ class Runner:
         else:
             self.step()
 
-    def set_step(self, dims: Dims, attn_config: tuple[int, int, int] | None) -> None:
+    def set_step(self, dims: Dims, attn_config: tuple[int, ...] | None) -> None:
         """Run the step with other constants (step tuning's candidates); the caller captures
         again."""
         self.dims, self.attn_config = dims, attn_config

@@ -63,6 +63,9 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
     out_ptr,
     qn_ptr,
     kn_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
     stride_s,
     L,
     B,
@@ -81,12 +84,14 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    SPLITS: tl.constexpr = 1,
 ):
     if USE_PDL:  # programmatic dependent launch: everything read here may be the last kernel's
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    part = tl.program_id(2)  # this program's share of the cache walk (SPLITS > 1)
     G: tl.constexpr = H // KV
     HALF: tl.constexpr = D // 2
     N: tl.constexpr = (H + 2 * KV) * D
@@ -129,20 +134,27 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
 
     slot = tl.load(slot_ptr)
     cache = (b * KV + kvh).to(tl.int64) * L * D
-    tl.store(k_ptr + cache + slot * D + d, k, mask=d_ok)
-    tl.store(v_ptr + cache + slot * D + d, v, mask=d_ok)
+    first = part == 0  # the first share also writes the new key and value and attends to them
+    if first:
+        tl.store(k_ptr + cache + slot * D + d, k, mask=d_ok)
+        tl.store(v_ptr + cache + slot * D + d, v, mask=d_ok)
 
     start = tl.load(pad_ptr + b)
     if WINDOW > 0:
         start = tl.maximum(start, slot - WINDOW + 1)
+    hi = slot
+    if SPLITS > 1:  # whole blocks of slots per share; the last shares may have none
+        share = tl.cdiv(tl.cdiv(slot - start, SPLITS), BLOCK_N) * BLOCK_N
+        start = start + part * share
+        hi = tl.minimum(start + share, slot)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     n = tl.arange(0, BLOCK_N)
     # earlier slots from the cache; every block starts at a valid slot, so m stays finite
-    for n0 in range(start, slot, BLOCK_N):
+    for n0 in range(start, hi, BLOCK_N):
         j = n0 + n
-        j_ok = j < slot
+        j_ok = j < hi
         kv_mask = j_ok[:, None] & d_ok[None, :]
         offs = cache + j[:, None] * D + d[None, :]
         kb = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
@@ -162,13 +174,64 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
             pv = tl.dot(p.to(dtype), vb)
         acc = acc * alpha[:, None] + pv
         m = m_new
-    # the new token itself, from registers
+    # the new token itself, from registers (the first share's)
     s_cur = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1)
     s_cur = _softcap(s_cur * scaling, SOFTCAP)
-    m_new = tl.maximum(m, s_cur)
-    alpha = tl.exp(m - m_new)
-    p_cur = tl.exp(s_cur - m_new)
-    total = total * alpha + p_cur
-    acc = acc * alpha[:, None] + p_cur[:, None] * v.to(tl.float32)[None, :]
+    if first:
+        m_new = tl.maximum(m, s_cur)
+        alpha = tl.exp(m - m_new)
+        p_cur = tl.exp(s_cur - m_new)
+        total = total * alpha + p_cur
+        acc = acc * alpha[:, None] + p_cur[:, None] * v.to(tl.float32)[None, :]
+        m = m_new
+    if SPLITS == 1:
+        out = acc / total[:, None]
+        tl.store(out_ptr + b * H * D + q_base + d[None, :], out.to(dtype), mask=q_mask)
+    else:  # this share's running max, sum and unnormalised output: combine_kernel adds them
+        at = ((b * KV + kvh) * SPLITS + part) * BLOCK_G + g
+        tl.store(part_m_ptr + at, m)
+        tl.store(part_l_ptr + at, total)
+        tl.store(part_acc_ptr + at[:, None] * BLOCK_D + d[None, :], acc)
+
+
+@triton.jit
+def combine_kernel(  # pragma: no cover - GPU or interpreter
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    out_ptr,
+    H: tl.constexpr,
+    KV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+):
+    """The attention output of one (row, kv head) from its ``SPLITS`` shares of the cache walk:
+    each share's sums rescaled to the largest running max, added, normalised. The first share
+    holds the new token, so that max is finite; a share with no slots has max ``-inf`` and
+    weighs 0."""
+    if USE_PDL:  # the shares are the kernel before this one
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    G: tl.constexpr = H // KV
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    base = (b * KV + kvh) * SPLITS
+    parts = tl.arange(0, SPLITS)
+    at = (base + parts)[:, None] * BLOCK_G + g[None, :]
+    top = tl.max(tl.load(part_m_ptr + at), axis=0)
+    total = tl.sum(tl.load(part_l_ptr + at) * tl.exp(tl.load(part_m_ptr + at) - top[None, :]), 0)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for i in tl.static_range(SPLITS):
+        rows = (base + i) * BLOCK_G + g
+        weight = tl.exp(tl.load(part_m_ptr + rows) - top)
+        acc += tl.load(part_acc_ptr + rows[:, None] * BLOCK_D + d[None, :]) * weight[:, None]
     out = acc / total[:, None]
-    tl.store(out_ptr + b * H * D + q_base + d[None, :], out.to(dtype), mask=q_mask)
+    mask = (g < G)[:, None] & (d < D)[None, :]
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    offs = b * H * D + (kvh * G + g)[:, None] * D + d[None, :]
+    tl.store(out_ptr + offs, out.to(dtype), mask=mask)

@@ -13,6 +13,11 @@ an H200 for a few KB of work. This kernel does all of it in one launch, one prog
 4. attends over the row's valid cache slots (from ``pad_len`` up to ``slot``, within the sliding
    window if any) with an online softmax, the new token included.
 
+A configuration with shares (:data:`CONFIGS`) splits step 4 over several programs per (row, kv
+head), each walking a run of whole slot blocks and storing its running max, sum and
+unnormalised output; a second kernel (``combine_kernel``) rescales and adds them. The first
+share writes the new key and value and attends to the new token.
+
 Gemma's attention is the same with two more constants: scores soft-capped (``cap *
 tanh(s / cap)``, Gemma-2) after the scaling, and each query and key head normalised by its
 (1 + w) RMSNorm before the rotary embedding (Gemma-3's q/k norms: scaled in float32, rounded
@@ -56,27 +61,33 @@ def _build() -> Any:
         return _STATE["kernel"]
     _STATE["kernel"] = None
     found = import_kernel("tracekit.engines.cuda.ops._attention_kernel", "decode_attention_kernel")
-    if found is None:
+    combine = import_kernel("tracekit.engines.cuda.ops._attention_kernel", "combine_kernel")
+    if found is None or combine is None:
         return None
     triton, decode_attention_kernel = found
     _STATE["triton"] = triton
+    _STATE["combine"] = combine[1]
     _STATE["kernel"] = decode_attention_kernel
     return decode_attention_kernel
 
 
-CONFIGS = (
+CONFIGS: tuple[tuple[int, ...], ...] = (
     (16, 1, 3), (64, 1, 1), (64, 2, 3), (64, 4, 2), (64, 4, 3),
     (128, 4, 2), (128, 4, 3), (256, 4, 3), (256, 8, 3),
+    (32, 2, 2, 4), (64, 4, 2, 4), (32, 2, 2, 8), (64, 4, 2, 8),
 )  # fmt: skip
-"""(cache slots per loop step, warps, pipeline stages) :func:`kernel_config` times. Each was
-the fastest, or within 3% of it, for some batch size and cache length on an H200, timed as the
-step runs the kernel: one program per row and kv head
+"""(cache slots per loop step, warps, pipeline stages[, shares]) :func:`kernel_config` times.
+Each of the first nine was the fastest, or within 3% of it, for some batch size and cache
+length on an H200, timed as the step runs the kernel: one program per row and kv head
 wants few warps when there are thousands of programs (batch 128) and long slot blocks when
-the cache is long."""
+the cache is long. The last four split each row's cache walk into 4 or 8 shares, one program
+each, and add the shares in a second kernel (:func:`decode_attention`): more programs where a
+small batch leaves most of the GPU idle (Gemma-2-2B at batch 8: 32 programs); they have not
+been timed on a GPU yet, and are picked only where timing finds them faster."""
 DEFAULT_CONFIG = (64, 4, 2)
 """The configuration without timing (the CPU interpreter, the correctness check)."""
 _CONFIG_TAG = f"{zlib.crc32(repr(CONFIGS).encode()):08x}"[:6]
-_CONFIGS: dict[tuple[Any, ...], tuple[int, int, int]] = {}
+_CONFIGS: dict[tuple[Any, ...], tuple[int, ...]] = {}
 
 
 def available() -> bool:
@@ -95,7 +106,7 @@ def decode_attention(
     pad_len: torch.Tensor,
     shape: AttentionShape,
     pdl: bool = False,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
     q_norm: torch.Tensor | None = None,
     k_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -126,8 +137,18 @@ def decode_attention(
     batch, _, length, _ = k_cache.shape
     out = torch.empty((batch, n_heads * head_dim), dtype=k_cache.dtype, device=k_cache.device)
     group = n_heads // n_kv
-    block_n, warps, stages = config or DEFAULT_CONFIG
-    kernel[(batch, n_kv)](
+    block_n, warps, stages, *rest = config or DEFAULT_CONFIG
+    splits = rest[0] if rest else 1
+    block_g = max(16, triton.next_power_of_2(group))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    pdl_args: dict[str, Any] = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
+    # each share's running max, sum and unnormalised output (float32), for combine_kernel
+    shares = (batch, n_kv, splits, block_g) if splits > 1 else (1,)
+    part_m = torch.empty(shares, dtype=torch.float32, device=out.device)
+    part_l = torch.empty(shares, dtype=torch.float32, device=out.device)
+    part_acc = torch.empty((*shares, block_d) if splits > 1 else (1,), dtype=torch.float32,
+                           device=out.device)  # fmt: skip
+    kernel[(batch, n_kv, splits)](
         parts,
         parts if bias is None else bias,
         cos,
@@ -139,6 +160,9 @@ def decode_attention(
         out,
         out if q_norm is None else q_norm,
         out if k_norm is None else k_norm,
+        part_m,
+        part_l,
+        part_acc,
         parts.stride(0),
         length,
         batch,
@@ -148,8 +172,8 @@ def decode_attention(
         H=n_heads,
         KV=n_kv,
         D=head_dim,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_G=block_g,
+        BLOCK_D=block_d,
         WINDOW=int(window or 0),
         SOFTCAP=float(softcap or 0.0),
         QK_NORM=qk_eps is not None,
@@ -158,8 +182,14 @@ def decode_attention(
         BLOCK_N=block_n,
         num_warps=warps,
         num_stages=stages,
-        **({"USE_PDL": True, "launch_pdl": True} if pdl else {}),
+        SPLITS=splits,
+        **pdl_args,
     )
+    if splits > 1:
+        _STATE["combine"][(batch, n_kv)](
+            part_m, part_l, part_acc, out, H=n_heads, KV=n_kv, D=head_dim, BLOCK_G=block_g,
+            BLOCK_D=block_d, SPLITS=splits, num_warps=4, **pdl_args,
+        )  # fmt: skip
     return out
 
 
@@ -225,7 +255,7 @@ def works(
     dtype: torch.dtype,
     device: torch.device,
     pdl: bool = False,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
     scaling: float | None = None,
     softcap: float | None = None,
     qk_norm_eps: float | None = None,
@@ -286,7 +316,7 @@ def kernel_config(
     dtype: torch.dtype,
     device: torch.device,
     pdl: bool,
-) -> tuple[int, int, int]:
+) -> tuple[int, ...]:
     """The kernel's configuration for ``batch`` rows over caches of ``length`` slots, the
     q/k/v product in ``splits`` partials: the fastest of :data:`CONFIGS` with ``slot`` valid
     slots per row (a decode step's typical one), timed once per shape and kept in the decisions
@@ -364,7 +394,7 @@ def _time_configs(
     scale = torch.ones(head_dim, dtype=torch.float32, device=device)
     norms = (None, None) if shape.qk_norm_eps is None else (scale, scale)
 
-    def run(kv: torch.Tensor, config: tuple[int, int, int]) -> torch.Tensor:
+    def run(kv: torch.Tensor, config: tuple[int, ...]) -> torch.Tensor:
         return decode_attention(
             qkv, None, cos, sin, kv[0], kv[1], at, pad_len, shape, pdl, config, *norms
         )
