@@ -51,6 +51,17 @@ def _softcap(s, CAP: tl.constexpr):  # pragma: no cover - GPU or interpreter
 
 
 @triton.jit
+def _add_token(m, total, acc, s, v):  # pragma: no cover - GPU or interpreter
+    """The online softmax's running max ``m``, sum ``total`` and output ``acc`` with one more
+    key's scores ``s`` (per query head) and its value ``v``."""
+    m_new = tl.maximum(m, s)
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new)
+    acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)[None, :]
+    return m_new, total * alpha + p, acc
+
+
+@triton.jit
 def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
     qkv_ptr,
     bias_ptr,
@@ -134,8 +145,12 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
 
     slot = tl.load(slot_ptr)
     cache = (b * KV + kvh).to(tl.int64) * L * D
-    first = part == 0  # the first share also writes the new key and value and attends to them
-    if first:
+    # the first share (the only one without SPLITS) writes the new key and value and attends
+    # to them: a branch only where there are shares
+    if SPLITS == 1:  # noqa: SIM114 - a constexpr branch, then a runtime one
+        tl.store(k_ptr + cache + slot * D + d, k, mask=d_ok)
+        tl.store(v_ptr + cache + slot * D + d, v, mask=d_ok)
+    elif part == 0:
         tl.store(k_ptr + cache + slot * D + d, k, mask=d_ok)
         tl.store(v_ptr + cache + slot * D + d, v, mask=d_ok)
 
@@ -177,13 +192,10 @@ def decode_attention_kernel(  # pragma: no cover - GPU or interpreter
     # the new token itself, from registers (the first share's)
     s_cur = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1)
     s_cur = _softcap(s_cur * scaling, SOFTCAP)
-    if first:
-        m_new = tl.maximum(m, s_cur)
-        alpha = tl.exp(m - m_new)
-        p_cur = tl.exp(s_cur - m_new)
-        total = total * alpha + p_cur
-        acc = acc * alpha[:, None] + p_cur[:, None] * v.to(tl.float32)[None, :]
-        m = m_new
+    if SPLITS == 1:  # noqa: SIM114 - a constexpr branch, then a runtime one
+        m, total, acc = _add_token(m, total, acc, s_cur, v)
+    elif part == 0:
+        m, total, acc = _add_token(m, total, acc, s_cur, v)
     if SPLITS == 1:
         out = acc / total[:, None]
         tl.store(out_ptr + b * H * D + q_base + d[None, :], out.to(dtype), mask=q_mask)
