@@ -48,6 +48,12 @@ class DecoderSpec:
     """Constants of the architecture's own (hashable; e.g. soft-caps), handed to its step
     functions in :attr:`tracekit.engines.cuda.plan.Dims.extra`."""
 
+    @property
+    def block_constants(self) -> tuple[Any, ...]:
+        """The constants :attr:`Architecture.block_kv` takes after ``(h, w, cos, sin, mask)``:
+        ``(n_heads, n_kv_heads, head_dim, eps, scaling, extra)``."""
+        return (self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self.scaling, self.extra)
+
 
 @dataclass(frozen=True)
 class ModelTensors:

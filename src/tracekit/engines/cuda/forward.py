@@ -209,12 +209,7 @@ class FastForward:
                     cos,
                     sin,
                     window_mask,
-                    spec.n_heads,
-                    spec.n_kv_heads,
-                    spec.head_dim,
-                    spec.eps,
-                    spec.scaling,
-                    spec.extra,
+                    *spec.block_constants,
                 )
                 pool(i + 1, h)
         # an empty prompt (or response) has count 0: its mean is 0, as in the reference path

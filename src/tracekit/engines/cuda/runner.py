@@ -316,7 +316,7 @@ class Runner:
         and the fused attention kernel: five kernels per block."""
         from tracekit.engines.cuda.ops import block as cuda_block
 
-        m, st, key, d = self.m, self.st, self.key, self.dims
+        m, st, d = self.m, self.st, self.dims
         splits, pdl, work = d.block, d.gemv.pdl, self.work
         assert splits is not None and work is not None
         slot = st.slot
@@ -338,19 +338,7 @@ class Runner:
             cap = self.caps.get(i + 1)  # no ring here (FastDecoder.capture_ring)
             capture = None if cap is None else (cap, st.feed_weight)
             h, ss = cuda_block.residual_product(act, w.down, h, work, splits.down, capture, pdl)
-        m.fns.head_advance(
-            h,
-            m.final_norm,
-            m.lm_head,
-            st,
-            m.eos_ids,
-            self.plan.pad_id,
-            key.max_new_tokens,
-            self.plan.include_eos,
-            key.do_sample,
-            key.use_top_p,
-            d,
-        )
+        m.fns.head_advance(h, m.final_norm, m.lm_head, *self._step_end())
 
     def _attend(
         self,
@@ -381,18 +369,20 @@ class Runner:
     def _last(
         self, h: torch.Tensor, q: torch.Tensor, cache: Caches | None, bias: torch.Tensor | None
     ) -> None:
-        m, st, key = self.m, self.st, self.key
-        m.fns.last(
-            h,
-            q,
-            cache,
-            bias,
-            m.weights[-1],
-            self.sink(len(m.weights)),
-            m.final_norm,
-            m.lm_head,
-            st,
-            m.eos_ids,
+        m = self.m
+        end = self._step_end()
+        m.fns.last(h, q, cache, bias, m.weights[-1], self.sink(len(m.weights)), m.final_norm,
+                   m.lm_head, *end)  # fmt: skip
+
+    def _step_end(self) -> tuple[Any, ...]:
+        """What the end of a step (logits, sampling, per-row bookkeeping) takes after the
+        final norm and head: ``(state, eos ids, pad id, max new tokens, include eos, sampling,
+        top-p, dims)``, the last arguments of the step functions ``last`` and
+        ``head_advance``."""
+        key = self.key
+        return (
+            self.st,
+            self.m.eos_ids,
             self.plan.pad_id,
             key.max_new_tokens,
             self.plan.include_eos,
@@ -675,12 +665,7 @@ class Runner:
                 cos,
                 sin,
                 attn_mask,
-                spec.n_heads,
-                spec.n_kv_heads,
-                spec.head_dim,
-                spec.eps,
-                spec.scaling,
-                spec.extra,
+                *spec.block_constants,
             )
             self.k_cache[i][:, :, :prompt_len].copy_(keys)
             self.v_cache[i][:, :, :prompt_len].copy_(values)
