@@ -289,21 +289,10 @@ class Runner:
 
     def _step_fused(self) -> None:
         """One decode step with the fused attention kernel between the compiled pieces."""
-        m, st, d = self.m, self.st, self.dims
-        slot = st.slot
+        m, d = self.m, self.dims
         weights = m.weights
         last = len(weights) - 1
-        h, qkv, cos, sin = m.fns.first_fused(
-            st.cur_tok,
-            m.embed,
-            slot,
-            st.pad_len,
-            m.cos_table,
-            m.sin_table,
-            self.sink(0),
-            weights[0],
-            d,
-        )
+        h, qkv, cos, sin = m.fns.first_fused(*self._step_start(), weights[0], d)
         for i, w in enumerate(weights):
             attn = self._attend(i, qkv, w.qkv_bias, cos, sin)
             if i < last:
@@ -319,16 +308,7 @@ class Runner:
         m, st, d = self.m, self.st, self.dims
         splits, pdl, work = d.block, d.gemv.pdl, self.work
         assert splits is not None and work is not None
-        slot = st.slot
-        h, ss, cos, sin = m.fns.embed_norm(
-            st.cur_tok,
-            m.embed,
-            slot,
-            st.pad_len,
-            m.cos_table,
-            m.sin_table,
-            self.sink(0),
-        )
+        h, ss, cos, sin = m.fns.embed_norm(*self._step_start())
         for i, w in enumerate(m.weights):
             assert w.qkv is not None and w.gate_up is not None
             qkv = cuda_block.norm_product(h, ss, w.ln1, w.qkv, d.eps, splits.qkv, pdl)
@@ -373,6 +353,13 @@ class Runner:
         end = self._step_end()
         m.fns.last(h, q, cache, bias, m.weights[-1], self.sink(len(m.weights)), m.final_norm,
                    m.lm_head, *end)  # fmt: skip
+
+    def _step_start(self) -> tuple[Any, ...]:
+        """What the start of a step (embedding, rotary rows) takes: ``(tokens, embedding,
+        slot, left padding, cos table, sin table, layer 0's sink)``, the first arguments of
+        the step functions ``first_fused`` and ``embed_norm``."""
+        m, st = self.m, self.st
+        return (st.cur_tok, m.embed, st.slot, st.pad_len, m.cos_table, m.sin_table, self.sink(0))
 
     def _step_end(self) -> tuple[Any, ...]:
         """What the end of a step (logits, sampling, per-row bookkeeping) takes after the
