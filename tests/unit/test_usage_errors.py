@@ -282,3 +282,26 @@ def test_every_model_dtype_name_is_a_torch_dtype():
     for name in DtypeName:
         if name is not DtypeName.auto:
             assert resolve_dtype(name, "cpu") == getattr(torch, name.value)
+
+
+def test_a_hub_tokenizer_out_of_reach_is_one_clear_error():
+    """``reconstruct --chat`` loads only a tokenizer: a hub id that is neither cached nor
+    reachable gives tracekit's one-line model error, not an unexpected ``OSError`` (run
+    offline in a fresh interpreter, so nothing waits on the network)."""
+    code = (
+        "from tracekit.errors import ModelError\n"
+        "from tracekit.models.loading import ModelConfig, load_tokenizer_only\n"
+        "try:\n"
+        "    load_tokenizer_only(ModelConfig(model='nobody/no-such-model'))\n"
+        "except ModelError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "cannot load the tokenizer of model 'nobody/no-such-model'" in done.stdout

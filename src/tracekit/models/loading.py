@@ -213,6 +213,12 @@ def load_tokenizer(source: str, cfg: ModelConfig) -> Any:
             "a model folder needs its tokenizer files (tokenizer.json, or tokenizer_config.json "
             "with the files it names) next to config.json",
         ) from exc
+    except OSError as exc:  # e.g. a hub id that is not in the local cache, no network
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load the tokenizer of model '{source}': {first}",
+            "give a local model folder, or a hub id that is in the local Hugging Face cache",
+        ) from exc
     if tokenizer.pad_token is None:
         # Safe only because tracekit pads on the left and always passes an attention mask.
         tokenizer.pad_token = tokenizer.eos_token
