@@ -142,12 +142,14 @@ def decode_attention(
     block_g = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))
     pdl_args: dict[str, Any] = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
-    # each share's running max, sum and unnormalised output (float32), for combine_kernel
-    shares = (batch, n_kv, splits, block_g) if splits > 1 else (1,)
-    part_m = torch.empty(shares, dtype=torch.float32, device=out.device)
-    part_l = torch.empty(shares, dtype=torch.float32, device=out.device)
-    part_acc = torch.empty((*shares, block_d) if splits > 1 else (1,), dtype=torch.float32,
-                           device=out.device)  # fmt: skip
+    # each share's running max, sum and unnormalised output (float32), for combine_kernel;
+    # without shares the kernel stores none of them (``out`` stands in, never written as such)
+    part_m = part_l = part_acc = out
+    if splits > 1:
+        shares = (batch, n_kv, splits, block_g)
+        part_m = torch.empty(shares, dtype=torch.float32, device=out.device)
+        part_l = torch.empty(shares, dtype=torch.float32, device=out.device)
+        part_acc = torch.empty((*shares, block_d), dtype=torch.float32, device=out.device)
     kernel[(batch, n_kv, splits)](
         parts,
         parts if bias is None else bias,
