@@ -225,17 +225,23 @@ def part_gemma(
             empty_cache()
 
 
+def gemma_model(shape: str) -> tuple[Any, CaptureSpec, int]:
+    """A random-init Gemma of ``shape`` in half precision that never stops early, the capture of
+    every layer with all poolings, and its vocabulary size."""
+    loaded = random_gemma(shape, device=device(), dtype=half(), seed=0)
+    loaded.model.generation_config.eos_token_id = None
+    capture = CaptureSpec(layers=tuple(range(loaded.n_layers)), poolings=ALL_POOLINGS)
+    return loaded, capture, loaded.model.config.get_text_config().vocab_size
+
+
 def gemma_rows(
     rows: list[dict[str, Any]], bw: float, shape: str, sizes: list[int], attention: str
 ) -> None:
     prompt, new = (64, 128) if device() == "cuda" else (8, 8)
     params = GenerationParams(max_new_tokens=new, temperature=0)
-    loaded = random_gemma(shape, device=device(), dtype=half(), seed=0)
-    loaded.model.generation_config.eos_token_id = None
-    capture = CaptureSpec(layers=tuple(range(loaded.n_layers)), poolings=ALL_POOLINGS)
+    loaded, capture, vocab = gemma_model(shape)
     engine = CudaEngine(loaded, fused_attention=ATTENTION[attention])
     engine.stop_ids = [-1]  # every row makes `new` tokens
-    vocab = loaded.model.config.get_text_config().vocab_size
     weights = step_read_bytes(loaded.model)
     for batch in sizes:
         prompts = random_prompts(vocab, batch, prompt, batch)
@@ -290,10 +296,7 @@ def part_profile(
     prompt, new, replays = (64, 128, 20) if device() == "cuda" else (8, 8, 2)
     params = GenerationParams(max_new_tokens=new, temperature=0)
     for shape, sizes in batches.items():
-        loaded = random_gemma(shape, device=device(), dtype=half(), seed=0)
-        loaded.model.generation_config.eos_token_id = None
-        capture = CaptureSpec(layers=tuple(range(loaded.n_layers)), poolings=ALL_POOLINGS)
-        vocab = loaded.model.config.get_text_config().vocab_size
+        loaded, capture, vocab = gemma_model(shape)
         for how, batch in ((how, batch) for how in attention for batch in sizes):
             engine = CudaEngine(loaded, fused_attention=ATTENTION[how], pdl=None if pdl else False)
             engine.stop_ids = [-1]

@@ -533,12 +533,9 @@ def test_fused_attention_kernel_matches_reference(heads, kv, head_dim, splits, b
         assert cuda_attention.works(
             batch=batch,
             length=length,
-            n_heads=heads,
-            n_kv=kv,
-            head_dim=head_dim,
+            shape=cuda_attention.AttentionShape(heads, kv, head_dim, head_dim**-0.5, window),
             splits=splits,
             has_bias=bias,
-            window=window,
             dtype=dtype,
             device=torch.device("cuda"),
             pdl=pdl,
@@ -564,24 +561,20 @@ def test_fused_attention_kernel_computes_gemma(heads, kv, splits, window, softca
     from tracekit.engines.cuda.ops import gemv as cuda_gemv
 
     pdl = cuda_gemv.pdl_available(torch.device("cuda"))
+    eps = 1e-6 if qk_norm else None
+    shape = cuda_attention.AttentionShape(heads, kv, 256, 224**-0.5, window, softcap, eps)
     for config in ((16, 1, 3), cuda_attention.DEFAULT_CONFIG, (128, 4, 2), (64, 4, 2, 8)):
         for batch, length in ((1, 7), (5, 150), (3, 700)):
             assert cuda_attention.works(
                 batch=batch,
                 length=length,
-                n_heads=heads,
-                n_kv=kv,
-                head_dim=256,
+                shape=shape,
                 splits=splits,
                 has_bias=False,
-                window=window,
                 dtype=torch.bfloat16,
                 device=torch.device("cuda"),
                 pdl=pdl,
                 config=config,
-                scaling=224**-0.5,
-                softcap=softcap,
-                qk_norm_eps=1e-6 if qk_norm else None,
             ), (config, batch, length)
 
 
@@ -624,12 +617,9 @@ def test_every_attention_configuration_matches_reference():
             assert cuda_attention.works(
                 batch=batch,
                 length=length,
-                n_heads=32,
-                n_kv=8,
-                head_dim=64,
+                shape=cuda_attention.AttentionShape(32, 8, 64, 64**-0.5, None),
                 splits=1,
                 has_bias=False,
-                window=None,
                 dtype=torch.bfloat16,
                 device=torch.device("cuda"),
                 pdl=pdl,

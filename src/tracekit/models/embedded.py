@@ -152,7 +152,7 @@ def embedded_source_record(folder: Path) -> dict[str, str | None] | None:
         from tracekit.storage.atomic import atomic_open
 
         with file_lock(folder.parent / (folder.name + ".lock")):
-            record["gguf_sha256"] = sha256_of(find_embedded_gguf())
+            record["gguf_sha256"] = embedded_gguf_weights()["weights_sha256"]
             record.setdefault("quantization", EMBEDDED_QUANTIZATION)
             with atomic_open(marker, "w") as out:
                 out.write(json.dumps(record, indent=2) + "\n")

@@ -267,22 +267,16 @@ class FastDecoder:
 
         splits = ops_gemv.splits_of(gemv_qkv) if gemv_qkv >= ops_gemv.SPLIT_K2 else 1
         if splits not in self._fused_ok:
-            spec = self.spec
+            window = None if shape.window is None else min(shape.window, 64)
             self._fused_ok[splits] = ops_attention.works(
                 batch=min(batch, 4),
                 length=min(length, 200),
-                n_heads=spec.n_heads,
-                n_kv=spec.n_kv_heads,
-                head_dim=spec.head_dim,
+                shape=shape._replace(window=window),
                 splits=splits,
                 has_bias=w.qkv_bias is not None,
-                window=None if shape.window is None else min(shape.window, 64),
                 dtype=self.dtype,
                 device=self.device,
                 pdl=bool(self.plan.pdl),
-                scaling=shape.scaling,
-                softcap=shape.softcap,
-                qk_norm_eps=shape.qk_norm_eps,
             )
         return self._fused_ok[splits]
 

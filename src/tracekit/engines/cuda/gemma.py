@@ -42,7 +42,13 @@ import inspect
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from tracekit.engines.cuda.arch import Architecture, DecoderSpec, ModelTensors, text_config
-from tracekit.engines.cuda.llama import LayerWeights, project_qkv, qkv_parts, rotate_half
+from tracekit.engines.cuda.llama import (
+    LayerWeights,
+    project_qkv,
+    qkv_parts,
+    rope_rows,
+    rotate_half,
+)
 from tracekit.engines.cuda.llama import collect_weights as llama_weights
 from tracekit.engines.cuda.ops.gemv import linear
 from tracekit.engines.cuda.plan import AttentionShape
@@ -422,10 +428,8 @@ def first(
     additive masks ``[2, B, slots]`` (global, local) and block 0 up to its attention input."""
     import torch
 
-    h = embed(cur_tok, table, _extra(d))
-    h = capture(cap0, h)
-    pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
-    cos, sin = cos_table[pos], sin_table[pos]
+    h = capture(cap0, embed(cur_tok, table, _extra(d)))
+    cos, sin = rope_rows(slot, pad_len, cos_table, sin_table)
     valid = (slot_range[None, :] >= pad_len[:, None]) & (slot_range[None, :] <= slot)
     window = _extra(d).window
     near = valid if window is None else valid & (slot_range[None, :] > slot - window)
@@ -528,9 +532,8 @@ def first_fused(
     as ``[tables, B, head_dim]`` (one contiguous ``[B, head_dim]`` per table, as the kernel
     reads them), block 0's q/k/v product."""
     h = capture(cap0, embed(cur_tok, table, _extra(d)))
-    pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
-    cos = cos_table[pos].transpose(0, 1).contiguous()
-    sin = sin_table[pos].transpose(0, 1).contiguous()
+    cos, sin = rope_rows(slot, pad_len, cos_table, sin_table)
+    cos, sin = cos.transpose(0, 1).contiguous(), sin.transpose(0, 1).contiguous()
     return h, _qkv_product(h, w0, d), cos, sin
 
 

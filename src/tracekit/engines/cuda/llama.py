@@ -456,10 +456,17 @@ def embed_step(
     """Embedding of this step's tokens (captured as layer 0) and its rotary rows."""
     import torch.nn.functional as F
 
-    h = F.embedding(cur_tok, embed)
-    pos = (slot - pad_len).clamp(min=0)  # rotary position = index among the row's real tokens
-    h = capture(cap0, h)
-    return h, cos_table[pos], sin_table[pos]
+    h = capture(cap0, F.embedding(cur_tok, embed))
+    return h, *rope_rows(slot, pad_len, cos_table, sin_table)
+
+
+def rope_rows(
+    slot: torch.Tensor, pad_len: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's rows of the rotary tables: each row's position is its index among its real
+    tokens (the cache slot less its left padding)."""
+    pos = (slot - pad_len).clamp(min=0)
+    return cos_table[pos], sin_table[pos]
 
 
 def rope_tables(

@@ -152,11 +152,9 @@ class DecoderPlan:
             raise ValueError(f"capture_ring must be 0 or more, not {self.capture_ring}")
         config = self.attention_config
         if config is not None:
-            block_n, warps, stages = (tuple(config) + (0, 0, 0))[:3]
-            splits = config[3] if len(config) == 4 else 1
+            block_n, warps, stages, splits = (*config, 1)[:4] if len(config) in (3, 4) else (0,) * 4
             if (
-                len(config) not in (3, 4)
-                or block_n < 16
+                block_n < 16
                 or block_n & (block_n - 1)
                 or warps < 1
                 or stages < 1

@@ -248,32 +248,26 @@ def works(
     *,
     batch: int,
     length: int,
-    n_heads: int,
-    n_kv: int,
-    head_dim: int,
+    shape: AttentionShape,
     splits: int,
     has_bias: bool,
-    window: int | None,
     dtype: torch.dtype,
     device: torch.device,
     pdl: bool = False,
     config: tuple[int, ...] | None = None,
-    scaling: float | None = None,
-    softcap: float | None = None,
-    qk_norm_eps: float | None = None,
 ) -> bool:
-    """Run the kernel once on random inputs of this shape against :func:`reference`: outputs
-    and cache writes within the dtype's rounding. ``False`` (logged) on any failure.
-    ``scaling``: the scores' (``head_dim ** -0.5`` when ``None``); ``softcap``,
-    ``qk_norm_eps``: as :class:`AttentionShape`'s (random q/k norm scales)."""
+    """Run the kernel once on random inputs of this shape against :func:`reference` (random
+    q/k norm scales where ``shape`` has q/k norms): outputs and cache writes within the
+    dtype's rounding. ``False`` (logged) on any failure."""
     import torch
 
     if not available():
         return False
     gen = torch.Generator(device="cpu").manual_seed(0)
+    n_heads, n_kv, head_dim = shape.n_heads, shape.n_kv, shape.head_dim
 
-    def rand(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
+    def rand(*size: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dt)
 
     width = (n_heads + 2 * n_kv) * head_dim
     qkv = rand(splits, batch, width, dt=torch.float32) if splits > 1 else rand(batch, width)
@@ -284,10 +278,8 @@ def works(
     k_cache, v_cache = rand(batch, n_kv, length, head_dim), rand(batch, n_kv, length, head_dim)
     slot = torch.tensor([length - 2], dtype=torch.long, device=device)
     pad_len = torch.randint(0, max(1, length // 2), (batch,), generator=gen).to(device)
-    scale = head_dim**-0.5 if scaling is None else scaling
-    shape = AttentionShape(n_heads, n_kv, head_dim, scale, window, softcap, qk_norm_eps)
     norms: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-    if qk_norm_eps is not None:
+    if shape.qk_norm_eps is not None:
         norms = (1.0 + rand(head_dim, dt=torch.float32), 1.0 + rand(head_dim, dt=torch.float32))
     try:
         k1, v1 = k_cache.clone(), v_cache.clone()
@@ -359,10 +351,8 @@ def kernel_config(
         return DEFAULT_CONFIG
     chosen = CONFIGS[index]
     if chosen != DEFAULT_CONFIG and not works(
-        batch=min(batch, 4), length=min(length, 200), n_heads=n_heads, n_kv=n_kv,
-        head_dim=head_dim, splits=splits, has_bias=False, window=shape.window, dtype=dtype,
-        device=device, pdl=pdl, config=chosen, scaling=shape.scaling, softcap=shape.softcap,
-        qk_norm_eps=shape.qk_norm_eps,
+        batch=min(batch, 4), length=min(length, 200), shape=shape, splits=splits,
+        has_bias=False, dtype=dtype, device=device, pdl=pdl, config=chosen,
     ):  # fmt: skip
         chosen = DEFAULT_CONFIG
     _CONFIGS[key] = chosen
